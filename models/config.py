@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from loc3r.errors import ModelError
 
-PoolMode = Literal["bilinear", "average"]
+PoolMode = Literal["bilinear", "average", "max"]
 NewlineMode = Literal["grid", "no_token"]
 Localization = Literal["trained", "untrained"]
 
@@ -109,10 +109,10 @@ class Loc3rConfig:
 
     def validate(self) -> None:
         """Reject settings the model cannot run."""
-        if self.spatial_pool_mode not in ("bilinear", "average"):
+        if self.spatial_pool_mode not in ("bilinear", "average", "max"):
             raise ModelError(
                 f"config.json: spatial_pool_mode {self.spatial_pool_mode!r} is not supported",
-                "use 'bilinear' or 'average'",
+                "use 'bilinear', 'average' or 'max'",
             )
         if self.newline_position not in ("grid", "no_token"):
             raise ModelError(

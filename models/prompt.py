@@ -1,0 +1,150 @@
+"""The LLM input layout: ChatML, the video block, LLaVA-Video's time text, situation tokens.
+
+One question's sequence is::
+
+    <|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n<|im_start|>user\\n
+    [c_1 v_1 ... v_1] ... [c_N v_N ... v_N]              one block per frame, camera first
+    \\n{time instruction}\\n                                  end of the video prefix
+    {situation}<Pos><Ori>\\n{question}<|im_end|>\\n<|im_start|>assistant\\n
+
+Everything up to the end of the time instruction depends only on the video, so its KV
+cache is reused by every question. The chunks are tokenized separately, as LLaVA does
+around ``<image>``; Qwen2's pre-tokenizer never merges a newline with what follows, so
+chunking gives the ids a single pass would.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from loc3r.errors import InputError
+from loc3r.models.tokenizer import IM_END, IM_START, ORI_TOKEN, POS_TOKEN, TextTokenizer
+
+SYSTEM_PROMPT = "You are a helpful assistant."
+
+
+def time_instruction(duration_s: float, timestamps_s: Sequence[float]) -> str:
+    """LLaVA-Video's sentence telling the LLM when the sampled frames were taken."""
+    frame_times = ",".join(f"{t:.2f}s" for t in timestamps_s)
+    return (
+        f"The video lasts for {duration_s:.2f} seconds, and {len(timestamps_s)} frames are "
+        f"uniformly sampled from it. These frames are located at {frame_times}."
+        "Please answer the following questions related to this video."
+    )
+
+
+@dataclass(frozen=True)
+class FrameSlots:
+    """Absolute positions of one frame's tokens."""
+
+    camera: int
+    vision_start: int
+    vision_end: int  # exclusive
+
+
+@dataclass(frozen=True)
+class VideoPrefix:
+    """Token ids around the video block; the frame blocks themselves are embeddings."""
+
+    head_ids: tuple[int, ...]
+    num_frames: int
+    tokens_per_frame: int  # camera token + vision tokens
+    tail_ids: tuple[int, ...]
+
+    @property
+    def video_start(self) -> int:
+        return len(self.head_ids)
+
+    @property
+    def video_end(self) -> int:
+        return self.video_start + self.num_frames * self.tokens_per_frame
+
+    @property
+    def length(self) -> int:
+        return self.video_end + len(self.tail_ids)
+
+    def frame_slots(self, frame: int) -> FrameSlots:
+        start = self.video_start + frame * self.tokens_per_frame
+        return FrameSlots(start, start + 1, start + self.tokens_per_frame)
+
+
+@dataclass(frozen=True)
+class QuestionSuffix:
+    """Token ids after the video prefix, with the offsets of ``<Pos>`` and ``<Ori>``."""
+
+    ids: tuple[int, ...]
+    pos_offset: int
+    ori_offset: int
+
+
+@dataclass(frozen=True)
+class PromptLayout:
+    """Which absolute index holds which token in one question's full sequence."""
+
+    prefix: VideoPrefix
+    suffix: QuestionSuffix
+
+    @property
+    def length(self) -> int:
+        return self.prefix.length + len(self.suffix.ids)
+
+    @property
+    def pos_index(self) -> int:
+        return self.prefix.length + self.suffix.pos_offset
+
+    @property
+    def ori_index(self) -> int:
+        return self.prefix.length + self.suffix.ori_offset
+
+    @property
+    def camera_indices(self) -> list[int]:
+        return [self.prefix.frame_slots(t).camera for t in range(self.prefix.num_frames)]
+
+
+def build_video_prefix(
+    tokenizer: TextTokenizer,
+    num_frames: int,
+    vision_tokens_per_frame: int,
+    duration_s: float,
+    timestamps_s: Sequence[float],
+) -> VideoPrefix:
+    """System turn, user header, the video block's geometry and the time instruction."""
+    if len(timestamps_s) != num_frames:
+        raise ValueError(f"{len(timestamps_s)} timestamps for {num_frames} frames")
+    head = f"{IM_START}system\n{SYSTEM_PROMPT}{IM_END}\n{IM_START}user\n"
+    tail = f"\n{time_instruction(duration_s, timestamps_s)}\n"
+    return VideoPrefix(
+        head_ids=tuple(tokenizer.encode(head)),
+        num_frames=num_frames,
+        tokens_per_frame=1 + vision_tokens_per_frame,
+        tail_ids=tuple(tokenizer.encode(tail)),
+    )
+
+
+def build_question_suffix(
+    tokenizer: TextTokenizer, question: str, situation: str | None = None
+) -> QuestionSuffix:
+    """Situation text, ``<Pos><Ori>``, the question and the assistant header."""
+    check_user_text(question, "question", allow_empty=False)
+    situation_ids = tokenizer.encode(check_user_text(situation or "", "situation"))
+    question_ids = tokenizer.encode(f"\n{question}{IM_END}\n{IM_START}assistant\n")
+    ids = [*situation_ids, tokenizer.pos_id, tokenizer.ori_id, *question_ids]
+    return QuestionSuffix(tuple(ids), len(situation_ids), len(situation_ids) + 1)
+
+
+def check_user_text(text: str, what: str, allow_empty: bool = True) -> str:
+    """Reject text the prompt cannot carry: empty questions, special tokens, bad bytes."""
+    if not allow_empty and not text.strip():
+        raise InputError(f"the {what} is empty", f"pass a non-empty {what}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InputError(f"the {what} is not valid UTF-8", f"re-encode the {what} as UTF-8") from None
+    for token in (IM_START, IM_END, POS_TOKEN, ORI_TOKEN):
+        if token in text:
+            raise InputError(
+                f"the {what} contains the reserved token {token}",
+                "remove it; the runtime inserts chat and situation tokens itself",
+            )
+    return text

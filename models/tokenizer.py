@@ -1,0 +1,87 @@
+"""Tokenizer access (a Hugging Face ``tokenizer.json``) and the tiny BPE the demo bundle uses."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from loc3r.errors import ModelError
+
+IM_START = "<|im_start|>"
+IM_END = "<|im_end|>"
+END_OF_TEXT = "<|endoftext|>"
+POS_TOKEN = "<Pos>"
+ORI_TOKEN = "<Ori>"
+# Chat and Loc3R special tokens; the first three are Qwen2's own.
+SPECIAL_TOKENS = (END_OF_TEXT, IM_START, IM_END, POS_TOKEN, ORI_TOKEN)
+
+# Qwen2's pre-tokenizer split: newlines never merge with the letters that follow them,
+# which is what lets the prompt be tokenized in separate chunks without changing ids.
+QWEN2_SPLIT_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+
+class TextTokenizer:
+    """Thin wrapper over ``tokenizers.Tokenizer`` with the ids the runtime needs."""
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self._tokenizer = tokenizer
+        self.im_start_id = self.token_id(IM_START)
+        self.im_end_id = self.token_id(IM_END)
+        self.end_of_text_id = self.token_id(END_OF_TEXT)
+        self.pos_id = self.token_id(POS_TOKEN)
+        self.ori_id = self.token_id(ORI_TOKEN)
+
+    @classmethod
+    def from_dir(cls, bundle_dir: str | Path) -> TextTokenizer:
+        path = Path(bundle_dir) / "tokenizer.json"
+        if not path.is_file():
+            raise ModelError(f"{bundle_dir} has no tokenizer.json", "re-create the bundle")
+        return cls(Tokenizer.from_file(str(path)))
+
+    def token_id(self, token: str) -> int:
+        token_id = self._tokenizer.token_to_id(token)
+        if token_id is None:
+            raise ModelError(
+                f"tokenizer has no {token} token",
+                "convert the checkpoint with loc3r-convert, which adds the Loc3R tokens",
+            )
+        return token_id
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tokenizer.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text``; special tokens written in the text are recognised."""
+        return self._tokenizer.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self._tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    def save(self, bundle_dir: str | Path) -> None:
+        self._tokenizer.save(str(Path(bundle_dir) / "tokenizer.json"))
+
+
+def train_tiny_tokenizer(lines: Iterable[str], vocab_size: int = 512) -> TextTokenizer:
+    """Train a byte-level BPE with Qwen2's pre-tokenizer on ``lines`` (deterministic)."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(QWEN2_SPLIT_PATTERN), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(lines, trainer)
+    return TextTokenizer(tokenizer)

@@ -1,0 +1,208 @@
+"""The LLaVA-Video vision path: SigLIP tower -> mlp2x_gelu projector -> 2D pool -> newlines.
+
+Per frame (so400m/14 at 384): 27x27 = 729 patch features of width 1152 from the tower's
+26th layer (the last of 27 is dropped, output taken before ``post_layernorm``), projected
+to the LLM width D, pooled with stride 2 (``bilinear`` -> 14x14, ``average`` -> 13x13),
+then laid out row by row; with ``newline_position == "grid"`` the learned
+``image_newline`` follows every row (14 x 15 = 210 tokens, or 13 x 14 = 182).
+
+Tensor names: ``tower.*`` (transformers' ``SiglipVisionModel`` names, only the used
+layers, no ``post_layernorm``, no head), ``projector.0.*``, ``projector.2.*``,
+``image_newline``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers import SiglipVisionConfig, SiglipVisionModel
+
+from loc3r.errors import ModelError
+from loc3r.models.config import Loc3rConfig, VisionConfig
+
+POOL_MODES = ("bilinear", "average", "max")
+
+
+def used_vision_layers(vision: VisionConfig, select_layer: int) -> int:
+    """How many tower layers feed the projector.
+
+    ``select_layer`` indexes the full tower's ``hidden_states`` (0 = embeddings, i = output
+    of layer i), as LLaVA's ``mm_vision_select_layer`` does: -2 on 27 layers -> 26 layers.
+    Keeping exactly these layers and reading the encoder output (before ``post_layernorm``)
+    gives the same features as LLaVA-NeXT (``del layers[-1:]``, ``hidden_states[-1]``) and
+    as transformers' llava-onevision (26-layer tower, ``vision_feature_layer=-1``).
+    """
+    total = vision.num_hidden_layers
+    used = total + 1 + select_layer if select_layer < 0 else select_layer
+    if not 1 <= used <= total:
+        raise ModelError(
+            f"config.json: vision_select_layer {select_layer} does not select a layer "
+            f"of a {total}-layer tower",
+            "use -2 (LLaVA-Video) or an index between 1 and num_hidden_layers",
+        )
+    return used
+
+
+def pooled_side(grid: int, mode: str, stride: int) -> int:
+    """Pooled rows (= columns) of a ``grid`` x ``grid`` map: ceil for bilinear, floor else."""
+    if mode not in POOL_MODES:
+        raise ModelError(f"spatial pool mode {mode!r} is not supported", f"use one of {POOL_MODES}")
+    return math.ceil(grid / stride) if mode == "bilinear" else grid // stride
+
+
+def vision_tokens_per_frame(config: Loc3rConfig) -> int:
+    """Vision tokens one frame contributes to the LLM sequence (210 for LLaVA-Video-7B)."""
+    side = pooled_side(config.vision.grid, config.spatial_pool_mode, config.spatial_pool_stride)
+    return side * (side + 1) if config.newline_position == "grid" else side * side
+
+
+def spatial_pool(features: Tensor, mode: str, stride: int) -> Tensor:
+    """Pool ``(N, g*g, D)`` square-grid features to ``(N, h, w, D)`` as LLaVA's ``get_2dPool``."""
+    n, tokens, dim = features.shape
+    grid = math.isqrt(tokens)
+    side = pooled_side(grid, mode, stride)
+    x = features.view(n, grid, grid, dim).permute(0, 3, 1, 2)
+    if mode == "bilinear":
+        x = F.interpolate(x, size=(side, side), mode="bilinear")
+    elif mode == "average":
+        x = F.avg_pool2d(x, stride)
+    else:
+        x = F.max_pool2d(x, stride)
+    return x.permute(0, 2, 3, 1)
+
+
+def layout_tokens(pooled: Tensor, newline: Tensor | None) -> Tensor:
+    """``(N, h, w, D)`` -> ``(N, h*w, D)`` row-major, or ``(N, h*(w+1), D)`` with ``newline``
+    after every row (LLaVA-Video's ``mm_newline_position == "grid"``)."""
+    n, h, w, dim = pooled.shape
+    if newline is not None:
+        pooled = torch.cat((pooled, newline.to(pooled.dtype).expand(n, h, 1, dim)), dim=2)
+    return pooled.reshape(n, -1, dim)
+
+
+def build_tower(config: Loc3rConfig) -> SiglipVisionModel:
+    """A SigLIP tower holding only the used layers and returning pre-``post_layernorm`` output."""
+    vision = config.vision
+    tower = SiglipVisionModel(
+        SiglipVisionConfig(
+            hidden_size=vision.hidden_size,
+            intermediate_size=vision.intermediate_size,
+            num_hidden_layers=used_vision_layers(vision, config.vision_select_layer),
+            num_attention_heads=vision.num_attention_heads,
+            image_size=vision.image_size,
+            patch_size=vision.patch_size,
+            layer_norm_eps=vision.layer_norm_eps,
+            hidden_act=vision.hidden_act,
+            vision_use_head=False,
+        )
+    )
+    tower.post_layernorm = nn.Identity()
+    return tower
+
+
+class VisionPath(nn.Module):
+    """SigLIP tower + mlp2x_gelu projector + spatial pooling + row newlines."""
+
+    def __init__(self, config: Loc3rConfig) -> None:
+        super().__init__()
+        self.config = config
+        width = config.llm.hidden_size
+        self.tower = build_tower(config)
+        self.projector = nn.Sequential(
+            nn.Linear(config.vision.hidden_size, width), nn.GELU(), nn.Linear(width, width)
+        )
+        self.image_newline = nn.Parameter(torch.randn(width) / math.sqrt(width))
+
+    @property
+    def tokens_per_frame(self) -> int:
+        """Vision tokens per frame after pooling and newlines."""
+        return vision_tokens_per_frame(self.config)
+
+    def features(self, pixel_values: Tensor) -> Tensor:
+        """``(N, 3, S, S)`` -> projected patch features ``(N, grid*grid, D)``, before pooling."""
+        return self.projector(self.tower(pixel_values=pixel_values).last_hidden_state)
+
+    def pool(self, features: Tensor) -> Tensor:
+        """``(N, grid*grid, D)`` -> ``(N, h, w, D)`` with the configured mode and stride."""
+        return spatial_pool(features, self.config.spatial_pool_mode, self.config.spatial_pool_stride)
+
+    def add_newlines(self, pooled: Tensor) -> Tensor:
+        """``(N, h, w, D)`` -> ``(N, tokens_per_frame, D)`` per ``newline_position``."""
+        grid_newlines = self.config.newline_position == "grid"
+        return layout_tokens(pooled, self.image_newline if grid_newlines else None)
+
+    def encode(self, pixel_values: Tensor) -> Tensor:
+        """``(N, 3, S, S)`` frames -> ``(N, tokens_per_frame, D)`` LLM input blocks."""
+        return self.add_newlines(self.pool(self.features(pixel_values)))
+
+
+_Rules = tuple[tuple[re.Pattern[str], str], ...]
+
+_HF_ONEVISION_RULES: _Rules = (
+    (re.compile(r"^(?:model\.)?vision_tower\.(?:vision_model\.)?"), "tower."),
+    (re.compile(r"^(?:model\.)?multi_modal_projector\.linear_1\."), "projector.0."),
+    (re.compile(r"^(?:model\.)?multi_modal_projector\.linear_2\."), "projector.2."),
+    (re.compile(r"^(?:model\.)?image_newline$"), "image_newline"),
+)
+_LLAVA_NEXT_RULES: _Rules = (
+    (re.compile(r"^model\.vision_tower\.vision_tower\.vision_model\."), "tower."),
+    (re.compile(r"^model\.mm_projector\."), "projector."),
+    (re.compile(r"^model\.image_newline$"), "image_newline"),
+)
+_LAYER = re.compile(r"^tower\.encoder\.layers\.(\d+)\.")
+_UNUSED_TOWER = re.compile(r"^tower\.(?:post_layernorm\.|head\.|embeddings\.position_ids$)")
+
+
+def vision_state_dict_from_hf_llava_onevision(
+    state_dict: dict[str, Tensor], keep_layers: int | None = None
+) -> dict[str, Tensor]:
+    """Our ``VisionPath`` tensors from a transformers llava-onevision state dict.
+
+    Accepts the transformers 5 names (``model.vision_tower.*``,
+    ``model.multi_modal_projector.linear_{1,2}.*``, ``model.image_newline``) and the older
+    hub names (``vision_tower.vision_model.*``, ``multi_modal_projector.*``,
+    ``image_newline``). Language-model tensors, ``post_layernorm``, the pooling head and
+    ``position_ids`` are left out, and so are encoder layers at index ``keep_layers`` or
+    above when given (the -hf checkpoints already hold only the used 26 layers).
+    """
+    return _remap(state_dict, _HF_ONEVISION_RULES, keep_layers)
+
+
+def vision_state_dict_from_llava_next(
+    state_dict: dict[str, Tensor], keep_layers: int | None = None
+) -> dict[str, Tensor]:
+    """Our ``VisionPath`` tensors from a LLaVA-NeXT (LLaVA-Video) checkpoint's state dict.
+
+    Names there: ``model.vision_tower.vision_tower.vision_model.*`` (SigLIP),
+    ``model.mm_projector.{0,2}.*``, ``model.image_newline``; the rest is the Qwen2 LLM.
+    Filtering as in :func:`vision_state_dict_from_hf_llava_onevision`; pass
+    ``keep_layers`` (see :func:`used_vision_layers`) in case the full tower was saved.
+    """
+    return _remap(state_dict, _LLAVA_NEXT_RULES, keep_layers)
+
+
+def _remap(state_dict: dict[str, Tensor], rules: _Rules, keep_layers: int | None) -> dict[str, Tensor]:
+    """Rename the vision tensors by ``rules``; drop the rest, unused tower parts and extra layers."""
+    out: dict[str, Tensor] = {}
+    for key, tensor in state_dict.items():
+        name = _rename(key, rules)
+        if name is None or _UNUSED_TOWER.match(name):
+            continue
+        layer = _LAYER.match(name)
+        if keep_layers is not None and layer and int(layer.group(1)) >= keep_layers:
+            continue
+        out[name] = tensor
+    return out
+
+
+def _rename(key: str, rules: _Rules) -> str | None:
+    """The ``VisionPath`` name of one checkpoint tensor, or None if it is not ours."""
+    for pattern, prefix in rules:
+        match = pattern.match(key)
+        if match:
+            return prefix + key[match.end():]
+    return None

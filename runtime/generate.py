@@ -1,0 +1,58 @@
+"""Token generation over any LLM that maps the last token to next-token logits."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """Greedy when ``temperature == 0``; otherwise temperature + nucleus (top-p) sampling."""
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+
+
+def pick_token(logits: Tensor, sampling: SamplingConfig, generator: torch.Generator) -> int:
+    """Choose the next token from logits (vocab,)."""
+    if sampling.temperature <= 0.0:
+        return int(torch.argmax(logits))
+    probs = torch.softmax(logits.float() / sampling.temperature, dim=-1)
+    sorted_probs, order = torch.sort(probs, descending=True)
+    keep = torch.cumsum(sorted_probs, dim=-1) - sorted_probs < sampling.top_p
+    sorted_probs = torch.where(keep, sorted_probs, torch.zeros_like(sorted_probs))
+    choice = torch.multinomial(sorted_probs / sorted_probs.sum(), 1, generator=generator)
+    return int(order[choice])
+
+
+def generate(
+    first_logits: Tensor,
+    decode_step: Callable[[int], Tensor],
+    stop_ids: set[int],
+    sampling: SamplingConfig,
+    on_token: Callable[[int], None] | None = None,
+) -> list[int]:
+    """Generate from the prompt's last logits until a stop token or ``max_new_tokens``.
+
+    The stop token is not returned; ``decode_step(token)`` feeds a token and returns the
+    next logits.
+    """
+    generator = torch.Generator().manual_seed(sampling.seed)
+    tokens: list[int] = []
+    logits = first_logits
+    while len(tokens) < sampling.max_new_tokens:
+        token = pick_token(logits, sampling, generator)
+        if token in stop_ids:
+            break
+        tokens.append(token)
+        if on_token is not None:
+            on_token(token)
+        if len(tokens) < sampling.max_new_tokens:
+            logits = decode_step(token)
+    return tokens

@@ -1,0 +1,88 @@
+"""Frame preprocessing for the two image encoders: CUT3R (camera tokens) and SigLIP (vision tokens).
+
+``cut3r_input`` reproduces CUT3R's ``load_images`` (src/dust3r/utils/image.py) on decoded
+RGB frames; ``siglip_input`` uses transformers' PIL SigLIP processor configured as
+LLaVA-Video's ``SigLipImageProcessor`` (squash to size x size, bicubic, mean = std = 0.5).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import lru_cache
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers import SiglipImageProcessorPil
+from transformers.image_utils import PILImageResampling
+
+from loc3r.errors import InputError
+
+__all__ = ["cut3r_crop_box", "cut3r_input", "siglip_input"]
+
+
+def cut3r_crop_box(width: int, height: int, patch: int = 16, square_ok: bool = False) -> tuple[int, int, int, int]:
+    """CUT3R's centre crop of a resized ``width x height`` image to multiples of ``patch``.
+
+    As in the reference: half sizes ``((2 * (W // 2)) // patch) * patch / 2`` around
+    ``(W // 2, H // 2)``; a square image is cut to 4:3 (``halfh = 3 * halfw / 4``) unless
+    ``square_ok``. Where that 4:3 height is not a multiple of ``patch`` (long side not a
+    multiple of ``4 * patch``; never at 512/16) it is floored to one, so the shape stays valid.
+    """
+    half = patch // 2
+    cx, cy = width // 2, height // 2
+    halfw, halfh = ((2 * cx) // patch) * half, ((2 * cy) // patch) * half
+    if not square_ok and width == height:
+        halfh = (3 * halfw // 4) // half * half
+    return cx - halfw, cy - halfh, cx + halfw, cy + halfh
+
+
+def cut3r_input(rgb: np.ndarray, long_side: int = 512, patch: int = 16, square_ok: bool = False) -> torch.Tensor:
+    """CUT3R input for one RGB uint8 frame (H, W, 3): a (3, H', W') float32 tensor in [-1, 1].
+
+    Long side resized to ``long_side`` (PIL LANCZOS when shrinking, BICUBIC otherwise),
+    centre-cropped to multiples of ``patch`` (``cut3r_crop_box``), then ``x / 255`` and
+    ``(x - 0.5) / 0.5`` as torchvision's ToTensor + Normalize compute it. The reference's
+    separate 224 mode (short-side resize + square crop) is not reproduced.
+    """
+    image = Image.fromarray(_check_rgb(rgb))
+    longest = max(image.size)
+    resample = Image.Resampling.LANCZOS if longest > long_side else Image.Resampling.BICUBIC
+    image = image.resize(tuple(int(round(x * long_side / longest)) for x in image.size), resample)
+    box = cut3r_crop_box(*image.size, patch=patch, square_ok=square_ok)
+    if box[2] <= box[0] or box[3] <= box[1]:
+        raise InputError(
+            f"a {rgb.shape[1]}x{rgb.shape[0]} frame is too narrow for {patch}-pixel patches at long side {long_side}",
+            "use a video with an ordinary aspect ratio",
+        )
+    pixels = torch.from_numpy(np.array(image.crop(box))).permute(2, 0, 1).contiguous()
+    return pixels.to(torch.float32).div(255).sub_(0.5).div_(0.5)
+
+
+def siglip_input(rgbs: Sequence[np.ndarray], size: int = 384) -> torch.Tensor:
+    """SigLIP input for RGB uint8 frames: (N, 3, size, size) float32 in [-1, 1]
+    (no aspect-preserving crop: frames are squashed, as LLaVA-Video does)."""
+    if not rgbs:
+        raise ValueError("siglip_input needs at least one frame")
+    images = [_check_rgb(rgb) for rgb in rgbs]
+    out = _siglip_processor(size)(images=images, return_tensors="pt", input_data_format="channels_last")
+    return out["pixel_values"]
+
+
+@lru_cache(maxsize=4)
+def _siglip_processor(size: int) -> SiglipImageProcessorPil:
+    return SiglipImageProcessorPil(
+        size={"height": size, "width": size},
+        resample=PILImageResampling.BICUBIC,
+        do_rescale=True,
+        rescale_factor=1 / 255,
+        do_normalize=True,
+        image_mean=[0.5, 0.5, 0.5],
+        image_std=[0.5, 0.5, 0.5],
+    )
+
+
+def _check_rgb(rgb: np.ndarray) -> np.ndarray:
+    if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
+        raise ValueError(f"expected an RGB uint8 array (H, W, 3), got {rgb.dtype} {rgb.shape}")
+    return rgb

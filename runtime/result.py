@@ -1,0 +1,88 @@
+"""What one question returns: the answer, the pose read from ``<Pos>/<Ori>``, timings."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Pose:
+    """Camera position on the BEV plane (metres), its uncertainty, and its heading."""
+
+    x: float
+    y: float
+    sigma: float
+    theta_rad: float
+
+    @property
+    def theta_deg(self) -> float:
+        return math.degrees(self.theta_rad)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "position": {"x": self.x, "y": self.y, "sigma": self.sigma},
+            "orientation": {"theta_rad": self.theta_rad, "theta_deg": self.theta_deg},
+        }
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """Which model answered and whether its outputs mean anything."""
+
+    model_id: str
+    checksum: str
+    random_weights: bool
+    localization: str
+    backend: str
+
+    @property
+    def warning(self) -> str | None:
+        """A sentence to show beside every output of an untrained or random model."""
+        if self.random_weights:
+            return f"model {self.model_id} has RANDOM weights: the answer and the pose are meaningless"
+        if self.localization != "trained":
+            return f"model {self.model_id} has untrained localization heads: the pose is meaningless"
+        return None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.model_id,
+            "checksum": self.checksum,
+            "random_weights": self.random_weights,
+            "localization": self.localization,
+            "backend": self.backend,
+        }
+
+
+@dataclass
+class Answer:
+    """One answered question."""
+
+    question: str
+    situation: str
+    text: str
+    token_ids: list[int]
+    pose: Pose
+    model: ModelInfo
+    video: dict[str, Any]
+    timings: dict[str, float] = field(default_factory=dict)
+    bev_points: np.ndarray | None = None  # (frames, tokens, 2) metres, when asked for
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "question": self.question,
+            "situation": self.situation,
+            "answer": self.text,
+            "answer_token_ids": self.token_ids,
+            **self.pose.to_dict(),
+            "timings": self.timings,
+            "video": self.video,
+            "model": self.model.to_dict(),
+        }
+        if self.model.warning:
+            out["warning"] = self.model.warning
+        return out

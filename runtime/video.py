@@ -1,0 +1,312 @@
+"""Video input: probe a file, sample frames uniformly (LLaVA-Video), decode them with PyAV.
+
+Frames are decoded sequentially and only the sampled ones are converted to RGB, so memory
+stays flat whatever the video length. Timestamps follow LLaVA-Video: ``index / fps``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+
+from loc3r.errors import InputError
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "Frame",
+    "FrameStream",
+    "SampledVideo",
+    "VideoInfo",
+    "VideoReadReport",
+    "iter_frames",
+    "probe_video",
+    "read_video",
+    "rotate_frame",
+    "sample_indices",
+]
+
+_FIX_OPEN = "pass a video file (mp4, mkv, mov, webm, avi)"
+_FIX_DAMAGED = "the file is damaged or truncated; re-export or re-copy it"
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    """What the container says about its first video stream.
+
+    ``width``/``height`` are the stored (coded) size; frames come out rotated by
+    ``rotation_deg`` (counter-clockwise), see ``display_size``. ``duration_s`` is
+    ``total_frames / fps`` as LLaVA-Video computes the video length.
+    ``frame_count_exact`` is False when ``total_frames`` was estimated from duration x fps.
+    """
+
+    path: Path
+    total_frames: int
+    fps: float
+    duration_s: float
+    width: int
+    height: int
+    rotation_deg: int
+    codec: str
+    frame_count_exact: bool
+
+    @property
+    def display_size(self) -> tuple[int, int]:
+        """(width, height) of the frames as yielded, after rotation."""
+        if self.rotation_deg % 180:
+            return self.height, self.width
+        return self.width, self.height
+
+
+@dataclass(frozen=True)
+class Frame:
+    """One decoded, sampled frame: its index in the video, time ``index / fps``, RGB pixels."""
+
+    index: int
+    timestamp_s: float
+    rgb: np.ndarray
+
+
+@dataclass
+class VideoReadReport:
+    """How a read went: filled in while frames are yielded, final once the stream ends."""
+
+    requested: int
+    yielded: int = 0
+    decoded_frames: int = 0
+    decode_errors: int = 0
+    complete: bool = False
+
+    @property
+    def missing(self) -> int:
+        """Sampled frames that could not be decoded (truncated or corrupt file)."""
+        return self.requested - self.yielded
+
+
+@dataclass(frozen=True)
+class SampledVideo:
+    """Uniformly sampled frames of a video, with what the LLaVA-Video prompt needs."""
+
+    frames: list[np.ndarray]
+    indices: list[int]
+    timestamps: list[float]
+    duration_s: float
+    info: VideoInfo
+    report: VideoReadReport = field(compare=False)
+
+
+def sample_indices(total_frames: int, num_frames: int) -> list[int]:
+    """LLaVA-Video uniform sampling: ``np.linspace(0, total_frames - 1, num_frames, dtype=int)``.
+
+    Policy for short videos (``total_frames < num_frames``): indices repeat, exactly as
+    linspace gives them (``sample_indices(3, 5) == [0, 0, 1, 1, 2]``), so the model always
+    sees ``num_frames`` frames and fixed-shape engines keep one input shape.
+    """
+    if total_frames < 1:
+        raise ValueError(f"total_frames must be >= 1, got {total_frames}")
+    if num_frames < 1:
+        raise ValueError(f"num_frames must be >= 1, got {num_frames}")
+    return np.linspace(0, total_frames - 1, num_frames, dtype=int).tolist()
+
+
+def rotate_frame(rgb: np.ndarray, rotation_deg: int) -> np.ndarray:
+    """Rotate pixels counter-clockwise by ``rotation_deg`` (a multiple of 90, as PyAV's
+    ``VideoFrame.rotation`` reports the display matrix) so they come out as displayed."""
+    quarter_turns = round(rotation_deg / 90) % 4
+    if quarter_turns == 0:
+        return rgb
+    return np.ascontiguousarray(np.rot90(rgb, k=quarter_turns))
+
+
+def probe_video(path: str | Path, count_frames: bool = False) -> VideoInfo:
+    """Read the stream metadata of ``path`` (decodes at most the first frame, for rotation).
+
+    Frame count: the stream's frame count (mp4/mov/avi headers) when present, else
+    ``duration x fps`` (mkv, webm, ts: flagged inexact), or a counting pass over the
+    packets (no decoding) when ``count_frames`` is set or no duration is known.
+    """
+    path = _check_path(path)
+    with _open(path) as container:
+        stream = _video_stream(container, path)
+        fps = _fps(stream, path)
+        total, exact = stream.frames, True
+        if total <= 0:
+            total, exact = _estimate_frames(container, stream, fps), False
+        if (count_frames and not exact) or total <= 0:
+            total, exact = _count_packets(path), True
+        if total <= 0:
+            raise InputError(f"{path}: no decodable video frames", _FIX_DAMAGED)
+        rotation = _first_frame_rotation(container, stream)
+        return VideoInfo(
+            path=path,
+            total_frames=total,
+            fps=fps,
+            duration_s=total / fps,
+            width=stream.width,
+            height=stream.height,
+            rotation_deg=rotation,
+            codec=stream.codec_context.name,
+            frame_count_exact=exact,
+        )
+
+
+class FrameStream(Iterator[Frame]):
+    """Iterator over the sampled frames of one video, with its ``info``, ``indices``
+    and a ``report`` that says how many sampled frames were actually decodable."""
+
+    def __init__(self, path: str | Path, num_frames: int) -> None:
+        self.info = probe_video(path, count_frames=True)
+        self.indices = sample_indices(self.info.total_frames, num_frames)
+        self.report = VideoReadReport(requested=num_frames)
+        self._frames = self._generate()
+
+    def __next__(self) -> Frame:
+        return next(self._frames)
+
+    def _generate(self) -> Iterator[Frame]:
+        info, report = self.info, self.report
+        wanted = iter(self.indices)
+        target = next(wanted, None)
+        with _open(info.path) as container:
+            stream = _video_stream(container, info.path)
+            for index, frame in enumerate(_decode(container, stream, report)):
+                report.decoded_frames = index + 1
+                if target != index:
+                    continue
+                rgb = rotate_frame(frame.to_ndarray(format="rgb24"), frame.rotation)
+                repeat = False
+                while target == index:  # short videos sample an index more than once
+                    report.yielded += 1
+                    yield Frame(index, index / info.fps, rgb.copy() if repeat else rgb)
+                    repeat = True
+                    target = next(wanted, None)
+                if target is None:
+                    break
+        report.complete = True
+        if report.yielded == 0:
+            raise InputError(f"{info.path}: no decodable video frames", _FIX_DAMAGED)
+        if report.missing:
+            log.warning(
+                "%s: only %d of %d sampled frames were decodable (file truncated or corrupt)",
+                info.path, report.yielded, report.requested,
+            )
+
+
+def iter_frames(path: str | Path, num_frames: int) -> FrameStream:
+    """Stream ``num_frames`` uniformly sampled frames of ``path`` in order, each as soon as
+    it is decoded. A truncated file yields what is decodable (see ``FrameStream.report``);
+    ``InputError`` if no frame at all could be decoded."""
+    return FrameStream(path, num_frames)
+
+
+def read_video(path: str | Path, num_frames: int) -> SampledVideo:
+    """Decode ``num_frames`` uniformly sampled frames of ``path`` into memory."""
+    stream = iter_frames(path, num_frames)
+    frames = list(stream)
+    return SampledVideo(
+        frames=[f.rgb for f in frames],
+        indices=[f.index for f in frames],
+        timestamps=[f.timestamp_s for f in frames],
+        duration_s=stream.info.duration_s,
+        info=stream.info,
+        report=stream.report,
+    )
+
+
+def _check_path(path: str | Path) -> Path:
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: no such file", "check the path to the video")
+    if path.is_dir():
+        raise InputError(f"{path}: is a directory, not a video file", "pass the path of one video file")
+    if path.stat().st_size == 0:
+        raise InputError(f"{path}: is an empty file (0 bytes)", "re-copy or re-record the video")
+    return path
+
+
+def _open(path: Path) -> av.container.InputContainer:
+    try:
+        container = av.open(str(path), mode="r")
+    except av.FFmpegError as exc:
+        raise InputError(
+            f"{path}: cannot be read as a video ({exc.strerror or exc})",
+            f"it is not a video or it is damaged; {_FIX_OPEN}",
+        ) from exc
+    fmt = container.format.name
+    if fmt == "image2" or fmt.endswith("_pipe"):
+        container.close()
+        raise InputError(f"{path}: is a still image ({fmt}), not a video", _FIX_OPEN)
+    return container
+
+
+def _video_stream(container: av.container.InputContainer, path: Path) -> av.VideoStream:
+    streams = [
+        s for s in container.streams.video
+        if not s.disposition & av.stream.Disposition.attached_pic
+    ]
+    if streams:
+        return streams[0]
+    kinds = sorted({s.type for s in container.streams})
+    if kinds == ["audio"]:
+        raise InputError(f"{path}: has only audio, no video stream", _FIX_OPEN)
+    raise InputError(f"{path}: has no video stream (streams: {', '.join(kinds) or 'none'})", _FIX_OPEN)
+
+
+def _fps(stream: av.VideoStream, path: Path) -> float:
+    rate: Fraction | None = stream.average_rate or stream.guessed_rate or stream.base_rate
+    if not rate or rate <= 0:
+        raise InputError(f"{path}: the video stream has no frame rate", "re-mux the video, e.g. to mp4")
+    return float(rate)
+
+
+def _estimate_frames(container: av.container.InputContainer, stream: av.VideoStream, fps: float) -> int:
+    if stream.duration and stream.time_base:
+        seconds = float(stream.duration * stream.time_base)
+    elif container.duration:
+        seconds = container.duration / av.time_base
+    else:
+        return 0
+    return round(seconds * fps)
+
+
+def _count_packets(path: Path) -> int:
+    with _open(path) as container:
+        stream = _video_stream(container, path)
+        count = 0
+        try:
+            for packet in container.demux(stream):
+                count += packet.size > 0
+        except av.FFmpegError:
+            pass  # truncated: count what is there
+        return count
+
+
+def _first_frame_rotation(container: av.container.InputContainer, stream: av.VideoStream) -> int:
+    try:
+        for frame in container.decode(stream):
+            return frame.rotation
+    except av.FFmpegError:
+        pass
+    return 0
+
+
+def _decode(
+    container: av.container.InputContainer, stream: av.VideoStream, report: VideoReadReport
+) -> Iterator[av.VideoFrame]:
+    """Decoded frames in presentation order; undecodable packets are counted and skipped,
+    a demuxing error (truncated file) ends the stream. Frame threading is left off: it
+    drops the frames in flight when a truncated packet fails to decode."""
+    try:
+        for packet in container.demux(stream):
+            try:
+                yield from stream.decode(packet)
+            except av.FFmpegError:
+                report.decode_errors += 1
+    except av.FFmpegError:
+        report.decode_errors += 1
