@@ -9,11 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +17,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from loc3r.errors import ModelError
+from loc3r.fileio import atomic_directory
 from loc3r.models.config import Loc3rConfig
 from loc3r.models.loc3r_model import Loc3rModel
 from loc3r.models.tokenizer import TextTokenizer
@@ -39,22 +35,6 @@ class Bundle:
     tokenizer: TextTokenizer
     model: Loc3rModel
     checksum: str
-
-
-@contextmanager
-def atomic_directory(target: str | Path) -> Iterator[Path]:
-    """Yield a temporary folder beside ``target``; it replaces ``target`` only on success."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        yield staging
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging, target)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
 
 
 def weight_files(bundle_dir: Path) -> list[Path]:

@@ -50,7 +50,7 @@ class TorchLLM:
     def prefill(self, embeds: Tensor) -> PrefillResult:
         """Append ``embeds`` (n, width) after what the cache holds."""
         out = self.model.model(
-            inputs_embeds=embeds.unsqueeze(0), past_key_values=self.cache, use_cache=True
+            inputs_embeds=embeds.unsqueeze(0), cache=self.cache, use_cache=True
         )
         hidden = out.last_hidden_state[0]
         return PrefillResult(hidden, self.model.lm_head(hidden[-1]).float())
@@ -61,7 +61,11 @@ class TorchLLM:
 
     def truncate(self, length: int) -> None:
         """Forget everything after the first ``length`` positions (e.g. back to the video)."""
-        self.cache.crop(length)
+        extra = self.cached_length - length
+        if extra < 0:
+            raise ValueError(f"cannot truncate a cache of {self.cached_length} tokens to {length}")
+        if extra:
+            self.cache.crop(-extra)
 
     def reset(self) -> None:
         self.cache = DynamicCache()

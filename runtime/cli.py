@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from loc3r.cli_support import run_cli
 from loc3r.models.tokenizer import TextTokenizer
@@ -31,9 +32,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--plot", metavar="PNG", help="write a top-down map (layout, position, sigma, heading); several questions get _2, _3... suffixes")
     parser.add_argument("--json", action="store_true", help="print one JSON object per question, nothing else")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
+
+
+def numbered_path(path: Path, number: int) -> Path:
+    """``bev.png`` for the first question, ``bev_2.png`` for the second, ..."""
+    return path if number == 1 else path.with_name(f"{path.stem}_{number}{path.suffix}")
 
 
 def positive_int(text: str) -> int:
@@ -81,11 +88,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         pipeline = Pipeline.from_pretrained(args.model, backend=args.backend)
         sampling = SamplingConfig(args.max_new_tokens, args.temperature, args.top_p, args.seed)
         encoding = pipeline.encode_video(args.video, args.frames)
-        for question in args.questions:
+        for number, question in enumerate(args.questions, start=1):
             printer = None if args.json else TokenPrinter(pipeline.bundle.tokenizer)
             if printer:
                 print(f"Q: {question}\nA: ", end="", flush=True)
-            answer = pipeline.ask(encoding, question, args.situation, sampling, on_token=printer)
+            answer = pipeline.ask(
+                encoding, question, args.situation, sampling, on_token=printer, with_bev=bool(args.plot)
+            )
+            if args.plot:
+                answer.plot(numbered_path(Path(args.plot), number))
             if args.json:
                 print(json.dumps(answer.to_dict()), flush=True)
             else:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import tempfile
 from pathlib import Path
@@ -9,7 +10,7 @@ from pathlib import Path
 import av
 import numpy as np
 
-__all__ = ["write_demo_video"]
+__all__ = ["main", "write_demo_video"]
 
 
 def write_demo_video(
@@ -83,3 +84,23 @@ def _room_panorama(width: int, height: int) -> np.ndarray:
 
 def _box(room: np.ndarray, x0: float, y0: float, x1: float, y1: float, w: int, h: int, color: tuple[int, int, int]) -> None:
     room[int(y0 * h) : int(y1 * h), int(x0 * w) : int(x1 * w)] = color
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m loc3r.runtime.demo_video PATH [--frames N] [--width W] [--height H] [--fps F]``."""
+    parser = argparse.ArgumentParser(prog="python -m loc3r.runtime.demo_video", description=main.__doc__)
+    parser.add_argument("path", type=Path, help="output video, e.g. demo.mp4")
+    parser.add_argument("--frames", type=int, default=48)
+    parser.add_argument("--width", type=int, default=320)
+    parser.add_argument("--height", type=int, default=240)
+    parser.add_argument("--fps", type=int, default=8)
+    args = parser.parse_args(argv)
+    try:
+        path = write_demo_video(args.path, args.frames, args.width, args.height, args.fps)
+    except ValueError as exc:
+        parser.error(str(exc))
+    print(path)
+
+
+if __name__ == "__main__":
+    main()

@@ -31,7 +31,7 @@ from loc3r.runtime.generate import SamplingConfig, generate
 from loc3r.runtime.preprocess import cut3r_input, siglip_input
 from loc3r.runtime.result import Answer, ModelInfo, Pose
 from loc3r.runtime.stages import CameraStage, HeadsStage, LLMStage, VisionStage
-from loc3r.runtime.video import iter_frames, probe_video
+from loc3r.runtime.video import iter_frames
 
 VISION_BATCH = 8
 
@@ -128,8 +128,7 @@ class Pipeline:
         """Decode the sampled frames and encode them as they arrive."""
         num_frames = num_frames or self.config.num_frames
         timer = StageTimer()
-        info = timer.measure("decode", probe_video, video)
-        frames = iter_frames(video, num_frames)
+        frames = timer.measure("decode", iter_frames, video, num_frames)
         camera_embeds: list[Tensor] = []
         vision_blocks: list[Tensor] = []
         pending_rgb: list[np.ndarray] = []
@@ -151,7 +150,7 @@ class Pipeline:
         vision_tokens = torch.cat(vision_blocks)
         blocks = torch.cat([torch.stack(camera_embeds).unsqueeze(1), vision_tokens], dim=1)
         return VideoEncoding(
-            str(video), num_frames, blocks, indices, timestamps, info.duration_s, timer.seconds
+            str(video), num_frames, blocks, indices, timestamps, frames.info.duration_s, timer.seconds
         )
 
     def _encode_vision(self, rgbs: list[np.ndarray]) -> Tensor:

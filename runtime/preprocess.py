@@ -26,8 +26,8 @@ def cut3r_crop_box(width: int, height: int, patch: int = 16, square_ok: bool = F
 
     As in the reference: half sizes ``((2 * (W // 2)) // patch) * patch / 2`` around
     ``(W // 2, H // 2)``; a square image is cut to 4:3 (``halfh = 3 * halfw / 4``) unless
-    ``square_ok``. Where that 4:3 height is not a multiple of ``patch`` (long side not a
-    multiple of ``4 * patch``; never at 512/16) it is floored to one, so the shape stays valid.
+    ``square_ok``. Where that 4:3 height is not a multiple of ``patch`` (``W // patch`` not a
+    multiple of 4; never at 512/16) it is floored to one, so the shape stays valid.
     """
     half = patch // 2
     cx, cy = width // 2, height // 2
@@ -62,7 +62,7 @@ def cut3r_input(rgb: np.ndarray, long_side: int = 512, patch: int = 16, square_o
 def siglip_input(rgbs: Sequence[np.ndarray], size: int = 384) -> torch.Tensor:
     """SigLIP input for RGB uint8 frames: (N, 3, size, size) float32 in [-1, 1]
     (no aspect-preserving crop: frames are squashed, as LLaVA-Video does)."""
-    if not rgbs:
+    if len(rgbs) == 0:
         raise ValueError("siglip_input needs at least one frame")
     images = [_check_rgb(rgb) for rgb in rgbs]
     out = _siglip_processor(size)(images=images, return_tensors="pt", input_data_format="channels_last")

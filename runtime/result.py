@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -71,6 +72,12 @@ class Answer:
     video: dict[str, Any]
     timings: dict[str, float] = field(default_factory=dict)
     bev_points: np.ndarray | None = None  # (frames, tokens, 2) metres, when asked for
+
+    def plot(self, path: str | Path) -> Path:
+        """Write the top-down map of this answer as a PNG (see ``loc3r.runtime.plot``)."""
+        from loc3r.runtime.plot import plot_bev
+
+        return plot_bev(self, path)
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {

@@ -7,7 +7,7 @@ stays flat whatever the video length. Timestamps follow LLaVA-Video: ``index / f
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -75,12 +75,19 @@ class Frame:
 
 @dataclass
 class VideoReadReport:
-    """How a read went: filled in while frames are yielded, final once the stream ends."""
+    """How a read went: filled in while frames are yielded, final once ``complete``.
+
+    ``decoded_frames``: frames decoded (decoding stops after the last sampled one);
+    ``decode_errors``: packets that failed to decode or demux; ``substituted``: sampled
+    indices past the real end of a stream whose header over-counted by at most a couple
+    of frames, served by the last decoded frame (with its true index and time).
+    """
 
     requested: int
     yielded: int = 0
     decoded_frames: int = 0
     decode_errors: int = 0
+    substituted: int = 0
     complete: bool = False
 
     @property
@@ -117,7 +124,8 @@ def sample_indices(total_frames: int, num_frames: int) -> list[int]:
 
 def rotate_frame(rgb: np.ndarray, rotation_deg: int) -> np.ndarray:
     """Rotate pixels counter-clockwise by ``rotation_deg`` (a multiple of 90, as PyAV's
-    ``VideoFrame.rotation`` reports the display matrix) so they come out as displayed."""
+    ``VideoFrame.rotation`` reports the display matrix; other angles snap to the nearest
+    quarter turn, mirror flags are ignored) so they come out as displayed."""
     quarter_turns = round(rotation_deg / 90) % 4
     if quarter_turns == 0:
         return rgb
@@ -169,25 +177,28 @@ class FrameStream(Iterator[Frame]):
     def __next__(self) -> Frame:
         return next(self._frames)
 
+    def close(self) -> None:
+        """Stop early and release the file (also happens when the stream is exhausted)."""
+        self._frames.close()
+
     def _generate(self) -> Iterator[Frame]:
         info, report = self.info, self.report
         wanted = iter(self.indices)
         target = next(wanted, None)
+        last: tuple[int, av.VideoFrame] | None = None
         with _open(info.path) as container:
             stream = _video_stream(container, info.path)
             for index, frame in enumerate(_decode(container, stream, report)):
                 report.decoded_frames = index + 1
-                if target != index:
-                    continue
-                rgb = rotate_frame(frame.to_ndarray(format="rgb24"), frame.rotation)
-                repeat = False
-                while target == index:  # short videos sample an index more than once
-                    report.yielded += 1
-                    yield Frame(index, index / info.fps, rgb.copy() if repeat else rgb)
-                    repeat = True
-                    target = next(wanted, None)
+                last = index, frame
+                if target == index:
+                    target = yield from self._emit(index, frame, target, wanted, until=index)
                 if target is None:
                     break
+            if target is not None and last and report.decoded_frames >= info.total_frames - _count_slack(info):
+                before = report.yielded  # the header over-counted by a frame or two: use the last one
+                yield from self._emit(*last, target, wanted, until=info.total_frames)
+                report.substituted = report.yielded - before
         report.complete = True
         if report.yielded == 0:
             raise InputError(f"{info.path}: no decodable video frames", _FIX_DAMAGED)
@@ -196,6 +207,20 @@ class FrameStream(Iterator[Frame]):
                 "%s: only %d of %d sampled frames were decodable (file truncated or corrupt)",
                 info.path, report.yielded, report.requested,
             )
+
+    def _emit(
+        self, index: int, frame: av.VideoFrame, target: int | None, wanted: Iterator[int], until: int
+    ) -> Generator[Frame, None, int | None]:
+        """Yield frame ``index`` for ``target`` and each following target up to ``until``
+        (repeated yields are copies); return the next target still to decode."""
+        rgb = rotate_frame(frame.to_ndarray(format="rgb24"), frame.rotation)
+        repeat = False
+        while target is not None and target <= until:
+            self.report.yielded += 1
+            yield Frame(index, index / self.info.fps, rgb.copy() if repeat else rgb)
+            repeat = True
+            target = next(wanted, None)
+        return target
 
 
 def iter_frames(path: str | Path, num_frames: int) -> FrameStream:
@@ -253,9 +278,11 @@ def _video_stream(container: av.container.InputContainer, path: Path) -> av.Vide
     if streams:
         return streams[0]
     kinds = sorted({s.type for s in container.streams})
+    if not kinds:
+        raise InputError(f"{path}: contains no streams", _FIX_DAMAGED)
     if kinds == ["audio"]:
         raise InputError(f"{path}: has only audio, no video stream", _FIX_OPEN)
-    raise InputError(f"{path}: has no video stream (streams: {', '.join(kinds) or 'none'})", _FIX_OPEN)
+    raise InputError(f"{path}: has no video stream (only {', '.join(kinds)})", _FIX_OPEN)
 
 
 def _fps(stream: av.VideoStream, path: Path) -> float:
@@ -273,6 +300,12 @@ def _estimate_frames(container: av.container.InputContainer, stream: av.VideoStr
     else:
         return 0
     return round(seconds * fps)
+
+
+def _count_slack(info: VideoInfo) -> int:
+    """Frames a header may over-count (edit lists, a dropped tail frame) before a short
+    stream counts as truncated rather than as a miscounted one."""
+    return max(2, info.total_frames // 100)
 
 
 def _count_packets(path: Path) -> int:

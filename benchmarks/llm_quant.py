@@ -1,0 +1,271 @@
+"""LLM quantization benchmark: weight bytes, peak RSS, prefill/decode speed, top-1 agreement.
+
+Run: ``python -m loc3r.bench.llm_quant [--out benchmarks/results]``. Every variant is
+exported from one small Qwen2 trained for a few hundred seeded steps on a synthetic
+Markov chain (so its logits are peaked, not flat), then measured in a fresh subprocess
+(so that peak RSS is that variant's alone). A last subprocess exports a synthetic ~1B
+config to measure the export's peak RSS against the model's own size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import Qwen2ForCausalLM
+
+from loc3r.models.config import LLMConfig
+from loc3r.models.llm import build_qwen2
+from loc3r.runtime.generate import SamplingConfig, generate
+from loc3r.runtime.stages import LLMStage
+
+SMALL = LLMConfig(
+    vocab_size=32000,
+    hidden_size=512,
+    intermediate_size=1408,
+    num_hidden_layers=8,
+    num_attention_heads=8,
+    num_key_value_heads=2,
+)
+ONE_B = LLMConfig(
+    vocab_size=65536,
+    hidden_size=2048,
+    intermediate_size=5632,
+    num_hidden_layers=16,
+    num_attention_heads=16,
+    num_key_value_heads=4,
+)
+
+
+def markov_sequences(vocab: int, count: int, length: int, seed: int) -> torch.Tensor:
+    """Sequences of a seeded Markov chain: each token's successor is fixed 80% of the time."""
+    gen = torch.Generator().manual_seed(seed)
+    successor = torch.randperm(vocab, generator=torch.Generator().manual_seed(1234))
+    seqs = torch.empty(count, length, dtype=torch.long)
+    seqs[:, 0] = torch.randint(0, vocab, (count,), generator=gen)
+    for t in range(1, length):
+        noise = torch.randint(0, vocab, (count,), generator=gen)
+        follow = torch.rand(count, generator=gen) < 0.8
+        seqs[:, t] = torch.where(follow, successor[seqs[:, t - 1]], noise)
+    return seqs
+
+
+def peaked_qwen2(
+    config: LLMConfig, steps: int = 300, seed: int = 0, batch: int = 16, length: int = 32
+) -> Qwen2ForCausalLM:
+    """A Qwen2 trained (Adam, seeded) on :func:`markov_sequences`: its top-1 is confident."""
+    torch.manual_seed(seed)
+    model = build_qwen2(config).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for step in range(steps):
+        ids = markov_sequences(config.vocab_size, batch, length, seed=seed * 100_003 + step)
+        loss = model(input_ids=ids, labels=ids).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model.eval()
+
+
+def greedy_agreement(
+    reference: LLMStage, candidate: LLMStage, prompts: Sequence[Sequence[int]], new_tokens: int
+) -> float:
+    """Share of steps where ``candidate``'s argmax equals ``reference``'s greedy token.
+
+    The reference generates greedily; the candidate is teacher-forced along the same tokens,
+    so one early disagreement does not count again at every later step.
+    """
+    agree = total = 0
+    greedy = SamplingConfig(max_new_tokens=new_tokens)
+    for prompt in prompts:
+        reference.reset()
+        first = reference.prefill(reference.embed(list(prompt))).last_logits
+        tokens = generate(first, reference.decode, set(), greedy)
+        candidate.reset()
+        logits = candidate.prefill(candidate.embed(list(prompt))).last_logits
+        for token in tokens:
+            agree += int(torch.argmax(logits)) == token
+            total += 1
+            logits = candidate.decode(token)
+    return agree / total
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _measure_speed(out_dir: str, prefill_tokens: int, decode_tokens: int) -> dict[str, float]:
+    """Subprocess body: load one exported variant, time a prefill and a decode run."""
+    from loc3r.export.llm_io import EMBED_TENSOR  # noqa: F401  (the runtime's only export import)
+    from loc3r.runtime.onnx_llm import OnnxLLM
+
+    base = _peak_rss_mb()
+    llm = OnnxLLM(Path(out_dir) / "decoder.onnx", Path(out_dir) / "embeddings.safetensors")
+    ids = list(range(1, prefill_tokens + 1))
+    llm.prefill(llm.embed(ids[:16]))
+    llm.reset()
+    start = time.perf_counter()
+    result = llm.prefill(llm.embed(ids))
+    prefill_s = time.perf_counter() - start
+    token = int(result.last_logits.argmax())
+    start = time.perf_counter()
+    for _ in range(decode_tokens):
+        token = int(llm.decode(token).argmax())
+    decode_s = time.perf_counter() - start
+    return {
+        "prefill_tok_s": prefill_tokens / prefill_s,
+        "decode_tok_s": decode_tokens / decode_s,
+        "peak_rss_mb": _peak_rss_mb(),
+        "rss_before_session_mb": base,
+    }
+
+
+def _export_1b(out_dir: str, quant: str) -> dict[str, float]:
+    """Subprocess body: build a random ~1B Qwen2, export it without the parity run."""
+    from loc3r.export.llm import export_llm
+
+    model = build_qwen2(ONE_B)
+    params = sum(p.numel() for p in model.parameters())
+    model_rss = _peak_rss_mb()
+    start = time.perf_counter()
+    fragment = export_llm(model, out_dir, quant, check=False)  # type: ignore[arg-type]
+    return {
+        "params": params,
+        "model_fp32_mb": params * 4 / 2**20,
+        "rss_after_build_mb": model_rss,
+        "peak_rss_mb": _peak_rss_mb(),
+        "export_s": time.perf_counter() - start,
+        "matmul_weight_bytes": fragment["matmul_weight_bytes"],
+    }
+
+
+def _in_subprocess(function: str, *args: Any) -> dict[str, Any]:
+    code = (
+        "import json, sys; from loc3r.bench import llm_quant as b; "
+        f"print(json.dumps(b.{function}(*json.loads(sys.argv[1]))))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, json.dumps(args)], capture_output=True, text=True, check=True
+    )
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _variants() -> list[dict[str, Any]]:
+    """fp32/fp16/int8/int4 as shipped, then the int4 block/symmetry and lm_head sweep."""
+    shipped = [{"quant": q} for q in ("fp32", "fp16", "int8", "int4")]
+    sweep = [
+        {"quant": "int4", "block_size": block, "symmetric": sym, "lm_head": head}
+        for block in (32, 128)
+        for sym in (True, False)
+        for head in ("int4", "int8")
+    ]
+    return shipped + [v for v in sweep if v != {"quant": "int4", **_INT4_DEFAULTS}]
+
+
+_INT4_DEFAULTS = {"block_size": 32, "symmetric": True, "lm_head": "int8"}
+
+
+def run(out: Path, steps: int, prompts: int, new_tokens: int) -> dict[str, Any]:
+    """Export and measure every variant of the small config; the 1B export RSS."""
+    from loc3r.export.llm import export_llm
+    from loc3r.runtime.onnx_llm import OnnxLLM
+
+    start = time.perf_counter()
+    model = peaked_qwen2(SMALL, steps=steps)
+    train_s = time.perf_counter() - start
+    test_prompts = markov_sequences(SMALL.vocab_size, prompts, 12, seed=99).tolist()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        reference = None
+        for variant in _variants():
+            name = "-".join(str(v) for v in variant.values())
+            folder = Path(tmp) / name
+            t0 = time.perf_counter()
+            fragment = export_llm(model, folder, **variant)
+            export_s = time.perf_counter() - t0
+            llm = OnnxLLM(folder / "decoder.onnx", folder / "embeddings.safetensors")
+            reference = reference or llm
+            row = {
+                "variant": name,
+                **fragment["quantization"],
+                "matmul_weight_bytes": fragment["matmul_weight_bytes"],
+                "export_s": export_s,
+                "max_abs_logits": fragment["parity"]["max_abs_logits"],
+                "max_abs_hidden": fragment["parity"]["max_abs_hidden"],
+                "top1_agreement": greedy_agreement(reference, llm, test_prompts, new_tokens),
+            }
+            if len(variant) == 1:
+                row.update(_in_subprocess("_measure_speed", str(folder), 512, 64))
+            rows.append(row)
+        one_b = _in_subprocess("_export_1b", str(Path(tmp) / "one_b"), "fp32")
+    fp32 = rows[0]["matmul_weight_bytes"]
+    for row in rows:
+        row["bytes_vs_fp32"] = row["matmul_weight_bytes"] / fp32
+    return {
+        "config": SMALL.__dict__,
+        "train": {"steps": steps, "seconds": train_s, "task": "Markov chain, successor p=0.8"},
+        "agreement": {"prompts": prompts, "prompt_tokens": 12, "new_tokens": new_tokens},
+        "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()},
+        "variants": rows,
+        "export_1b": one_b,
+    }
+
+
+def to_markdown(result: dict[str, Any]) -> str:
+    """The results as tables."""
+    lines = [
+        "# LLM quantization benchmark",
+        "",
+        f"Config: {result['config']}",
+        f"Training: {result['train']}; agreement: {result['agreement']}",
+        "",
+        "| variant | lm_head | bytes | vs fp32 | top-1 agree | max abs logits "
+        "| prefill tok/s | decode tok/s | peak RSS MB |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in result["variants"]:
+        speed = (
+            f"{r['prefill_tok_s']:.0f} | {r['decode_tok_s']:.1f} | {r['peak_rss_mb']:.0f}"
+            if "decode_tok_s" in r
+            else "- | - | -"
+        )
+        lines.append(
+            f"| {r['variant']} | {r['lm_head']} | {r['matmul_weight_bytes']:,} "
+            f"| {r['bytes_vs_fp32']:.3f} | {r['top1_agreement']:.3f} "
+            f"| {r['max_abs_logits']:.4f} | {speed} |"
+        )
+    b = result["export_1b"]
+    lines += [
+        "",
+        f"1B export (fp32, {b['params']:,} params = {b['model_fp32_mb']:.0f} MB): "
+        f"RSS after building the model {b['rss_after_build_mb']:.0f} MB, peak during export "
+        f"{b['peak_rss_mb']:.0f} MB, {b['export_s']:.0f} s.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--prompts", type=int, default=8)
+    parser.add_argument("--new-tokens", type=int, default=16)
+    args = parser.parse_args(argv)
+    result = run(args.out, args.steps, args.prompts, args.new_tokens)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "llm_quant.json").write_text(json.dumps(result, indent=2) + "\n")
+    (args.out / "llm_quant.md").write_text(to_markdown(result))
+
+
+if __name__ == "__main__":
+    main()

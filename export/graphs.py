@@ -1,0 +1,173 @@
+"""Each exported graph declared once: inputs, outputs, dynamic axes, parity tolerance.
+
+The export mechanics (``export/onnx_export.py``) and the runtime backends read these
+declarations; nothing else restates a graph's names or shapes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from loc3r.models.cut3r import Cut3rCameraEncoder
+from loc3r.models.heads import Loc3rHeads
+from loc3r.models.vision import VisionPath
+
+Dim = int | str  # a fixed size, or the name of a dynamic axis
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: tuple[Dim, ...]
+    dtype: str = "float32"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    """One graph's interface and how closely ONNX Runtime must match PyTorch."""
+
+    name: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    atol: float
+    rtol: float
+    # ONNX op types kept in FP32 inside FP16 TensorRT engines (overflow/precision risk)
+    fp32_ops: tuple[str, ...] = ("LayerNormalization", "Softmax", "ReduceMean", "Pow", "Sqrt", "Sin", "Cos")
+
+    @property
+    def input_names(self) -> list[str]:
+        return [t.name for t in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [t.name for t in self.outputs]
+
+    def dynamic_axes(self) -> dict[str, dict[int, str]]:
+        axes: dict[str, dict[int, str]] = {}
+        for spec in (*self.inputs, *self.outputs):
+            named = {i: d for i, d in enumerate(spec.shape) if isinstance(d, str)}
+            if named:
+                axes[spec.name] = named
+        return axes
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "inputs": [t.to_dict() for t in self.inputs],
+            "outputs": [t.to_dict() for t in self.outputs],
+            "tolerance": {"atol": self.atol, "rtol": self.rtol},
+            "fp32_ops": list(self.fp32_ops),
+        }
+
+
+class CameraStepGraph(nn.Module):
+    """One CUT3R step fused with ``f_cam``: (image, state, memory) -> (camera, state, memory).
+
+    The first frame takes another path (the learned pose token instead of a memory
+    query), chosen outside the graph: ``first_frame`` builds that graph.
+    """
+
+    def __init__(self, encoder: Cut3rCameraEncoder, heads: Loc3rHeads, first_frame: bool) -> None:
+        super().__init__()
+        self.encoder, self.heads, self.first_frame = encoder, heads, first_frame
+
+    def forward(self, image: Tensor, state: Tensor, memory: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        token, state, memory = self.encoder.step_tensors(image, state, memory, self.first_frame)
+        return self.heads.project_camera(token), state, memory
+
+
+class VisionGraph(nn.Module):
+    """Frames (N, 3, S, S) -> pooled, projected tokens with row newlines (N, V, width)."""
+
+    def __init__(self, vision: VisionPath) -> None:
+        super().__init__()
+        self.vision = vision
+
+    def forward(self, pixels: Tensor) -> Tensor:
+        return self.vision.encode(pixels)
+
+
+class PoseHeadGraph(nn.Module):
+    """``<Pos>``/``<Ori>`` states (B, width) -> xy (B, 2), sigma (B,), theta (B,)."""
+
+    def __init__(self, heads: Loc3rHeads) -> None:
+        super().__init__()
+        self.heads = heads
+
+    def forward(self, pos_state: Tensor, ori_state: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        return self.heads.pose(pos_state, ori_state)
+
+
+class BevHeadGraph(nn.Module):
+    """Vision-token states (n, width) -> BEV points (n, 2)."""
+
+    def __init__(self, heads: Loc3rHeads) -> None:
+        super().__init__()
+        self.heads = heads
+
+    def forward(self, states: Tensor) -> Tensor:
+        return self.heads.bev(states)
+
+
+def camera_step_spec(name: str, height: int, width: int, state: tuple[int, ...], memory: tuple[int, ...], llm_width: int) -> GraphSpec:
+    """``cut3r_first`` / ``cut3r_step`` at a fixed input resolution."""
+    return GraphSpec(
+        name=name,
+        inputs=(
+            TensorSpec("image", (1, 3, height, width)),
+            TensorSpec("state", (1, *state)),
+            TensorSpec("memory", (1, *memory)),
+        ),
+        outputs=(
+            TensorSpec("camera", (1, llm_width)),
+            TensorSpec("new_state", (1, *state)),
+            TensorSpec("new_memory", (1, *memory)),
+        ),
+        atol=1e-4,
+        rtol=1e-3,
+    )
+
+
+def vision_spec(image_size: int, tokens: int, llm_width: int) -> GraphSpec:
+    return GraphSpec(
+        name="vision",
+        inputs=(TensorSpec("pixels", ("frames", 3, image_size, image_size)),),
+        outputs=(TensorSpec("tokens", ("frames", tokens, llm_width)),),
+        atol=1e-4,
+        rtol=1e-3,
+    )
+
+
+def pose_head_spec(llm_width: int) -> GraphSpec:
+    return GraphSpec(
+        name="pose_head",
+        inputs=(TensorSpec("pos_state", ("batch", llm_width)), TensorSpec("ori_state", ("batch", llm_width))),
+        outputs=(TensorSpec("xy", ("batch", 2)), TensorSpec("sigma", ("batch",)), TensorSpec("theta", ("batch",))),
+        atol=1e-5,
+        rtol=1e-4,
+    )
+
+
+def bev_head_spec(llm_width: int) -> GraphSpec:
+    return GraphSpec(
+        name="bev_head",
+        inputs=(TensorSpec("states", ("tokens", llm_width)),),
+        outputs=(TensorSpec("points", ("tokens", 2)),),
+        atol=1e-5,
+        rtol=1e-4,
+    )
+
+
+def random_inputs(spec: GraphSpec, generator: torch.Generator, dynamic_sizes: dict[str, int]) -> tuple[Tensor, ...]:
+    """Fresh inputs for a parity check; dynamic axes take ``dynamic_sizes``."""
+    tensors = []
+    for tensor in spec.inputs:
+        shape = [dynamic_sizes[d] if isinstance(d, str) else d for d in tensor.shape]
+        tensors.append(torch.randn(*shape, generator=generator))
+    return tuple(tensors)

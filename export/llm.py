@@ -1,0 +1,130 @@
+"""Export the LLM: ``decoder.onnx`` (+ external data), ``embeddings.safetensors``, a manifest fragment."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+import torch
+from safetensors.torch import save_file
+from transformers import Qwen2ForCausalLM
+
+from loc3r.export.llm_graph import OPSET, export_graph
+from loc3r.export.llm_io import EMBED_TENSOR, DecoderSpec
+from loc3r.export.quantize import Quant, WeightQuant, quantize_matmuls
+from loc3r.models.config import LLMConfig
+from loc3r.runtime.onnx_llm import OnnxLLM
+
+DECODER = "decoder.onnx"
+EMBEDDINGS = "embeddings.safetensors"
+PARITY_TOKENS = 16
+
+# lm_head storage per decoder precision: int4 logits lose top-1 agreement that an int8 head
+# keeps for a quarter of the vocab matrix's fp32 bytes (see benchmarks/results/llm_quant.md).
+LM_HEAD_QUANT: dict[str, Quant] = {"fp32": "fp32", "fp16": "fp16", "int8": "int8", "int4": "int8"}
+
+
+def llm_config_of(model: Qwen2ForCausalLM) -> LLMConfig:
+    """Our ``LLMConfig`` read back from a transformers Qwen2 config."""
+    hf = model.config
+    values = {f.name: getattr(hf, f.name) for f in dataclasses.fields(LLMConfig) if hasattr(hf, f.name)}
+    rope = getattr(hf, "rope_parameters", None) or {}
+    values["rope_theta"] = rope.get("rope_theta", getattr(hf, "rope_theta", LLMConfig.rope_theta))
+    return LLMConfig(**values)
+
+
+def matmul_weight_bytes(decoder_path: str | Path) -> int:
+    """Bytes of the initializers that feed MatMul / MatMulNBits (through a Cast for fp16).
+
+    Counts the weight matrices of every decoder layer and of lm_head, with their scales and
+    zero points; not the norms, biases or graph constants, nor the embedding table.
+    """
+    model = onnx.load(str(decoder_path), load_external_data=False)
+    graph = model.graph
+    cast_source = {n.output[0]: n.input[0] for n in graph.node if n.op_type == "Cast"}
+    weights: set[str] = set()
+    for node in graph.node:
+        if node.op_type == "MatMul":
+            weights.add(cast_source.get(node.input[1], node.input[1]))
+        elif node.op_type == "MatMulNBits":
+            weights.update(name for name in node.input[1:] if name)
+    total = 0
+    for init in graph.initializer:
+        if init.name not in weights:
+            continue
+        external = {e.key: e.value for e in init.external_data}
+        total += int(external["length"]) if "length" in external else len(init.raw_data)
+    return total
+
+
+def _plan(names: list[str], layers: WeightQuant, lm_head: WeightQuant) -> dict[str, WeightQuant]:
+    return {name: lm_head if name == "lm_head.weight" else layers for name in names}
+
+
+def _parity(model: Qwen2ForCausalLM, out_dir: Path, spec: DecoderSpec) -> dict[str, Any]:
+    """One prefill of seeded token embeddings: ONNX Runtime vs the torch model."""
+    ids = torch.randint(0, spec.vocab, (PARITY_TOKENS,), generator=torch.Generator().manual_seed(0))
+    llm = OnnxLLM(out_dir / DECODER, out_dir / EMBEDDINGS)
+    embeds = model.get_input_embeddings()(ids).detach().float()
+    got = llm.prefill(embeds)
+    with torch.inference_mode():
+        hidden = model.model(inputs_embeds=embeds[None]).last_hidden_state[0].float()
+        logits = model.lm_head(hidden[-1]).float()
+    return {
+        "tokens": PARITY_TOKENS,
+        "max_abs_hidden": float((got.hidden_states - hidden).abs().max()),
+        "max_abs_logits": float((got.last_logits - logits).abs().max()),
+        "top1_match": bool(got.last_logits.argmax() == logits.argmax()),
+        "tolerance_fp32": spec.tolerance,
+    }
+
+
+def export_llm(
+    model: Qwen2ForCausalLM,
+    out_dir: str | Path,
+    quant: Quant,
+    block_size: int = 32,
+    symmetric: bool = True,
+    lm_head: Quant | None = None,
+) -> dict[str, Any]:
+    """Write the decoder graph and the fp16 embedding table; return a manifest fragment.
+
+    ``quant`` stores the decoder layers' MatMul weights; ``lm_head`` defaults to
+    ``LM_HEAD_QUANT[quant]``.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config = llm_config_of(model)
+    spec = DecoderSpec.from_config(config)
+    graph, names = export_graph(config, model.state_dict())
+    head = lm_head or LM_HEAD_QUANT[quant]
+    plan = _plan(names, WeightQuant(quant, block_size, symmetric), WeightQuant(head, block_size, symmetric))
+    quantize_matmuls(graph, plan)
+    ir.save(graph, out / DECODER, external_data=f"{DECODER}.data")
+    del graph
+    table = model.get_input_embeddings().weight.detach().to(torch.float16).contiguous()
+    save_file({EMBED_TENSOR: table}, str(out / EMBEDDINGS))
+    nbits = quant in ("int8", "int4") or head in ("int8", "int4")
+    return {
+        "decoder": {"file": DECODER, "external_data": f"{DECODER}.data", "opset": OPSET, **spec.io()},
+        "embeddings": {
+            "file": EMBEDDINGS,
+            "tensor": EMBED_TENSOR,
+            "shape": [spec.vocab, spec.width],
+            "dtype": "float16",
+        },
+        "quantization": {
+            "layers": quant,
+            "lm_head": head,
+            "method": "onnxruntime MatMulNBitsQuantizer (RTN)" if nbits else "cast",
+            "block_size": block_size if nbits else None,
+            "symmetric": symmetric if nbits else None,
+        },
+        "matmul_weight_bytes": matmul_weight_bytes(out / DECODER),
+        "parity": _parity(model, out, spec),
+        "versions": {"onnx": onnx.__version__, "onnxruntime": ort.__version__, "torch": torch.__version__},
+    }

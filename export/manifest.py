@@ -1,0 +1,92 @@
+"""``manifest.json``: what an export wrote, for which model, and how well it matched.
+
+The runtime refuses a manifest whose model checksum, precision or shapes disagree with
+the bundle it is asked to run.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from loc3r.errors import ModelError
+
+MANIFEST_FILE = "manifest.json"
+FORMAT = "loc3r-manifest"
+VERSION = 1
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A parsed manifest and the folder it describes."""
+
+    root: Path
+    data: dict[str, Any]
+
+    @property
+    def model_checksum(self) -> str:
+        return self.data["model"]["checksum"]
+
+    @property
+    def precision(self) -> str:
+        return self.data["precision"]
+
+    @property
+    def artifacts(self) -> dict[str, dict[str, Any]]:
+        return self.data["artifacts"]
+
+    def artifact_path(self, name: str) -> Path:
+        if name not in self.artifacts:
+            raise ModelError(f"manifest {self.root / MANIFEST_FILE} has no {name!r} artifact", "re-run loc3r-export")
+        return self.root / self.artifacts[name]["file"]
+
+    def input_shape(self, artifact: str, tensor: str) -> list[int | str]:
+        for spec in self.artifacts[artifact]["inputs"]:
+            if spec["name"] == tensor:
+                return spec["shape"]
+        raise ModelError(f"manifest artifact {artifact!r} has no input {tensor!r}", "re-run loc3r-export")
+
+
+def load_manifest(engines_dir: str | Path) -> Manifest:
+    """Read ``engines_dir/manifest.json``; anything unreadable is a one-line ModelError."""
+    root = Path(engines_dir)
+    path = root / MANIFEST_FILE
+    if not path.is_file():
+        raise ModelError(f"{root} has no {MANIFEST_FILE}", "pass the folder written by loc3r-export --out")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelError(f"{path} is not valid JSON ({exc})", "re-run loc3r-export") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise ModelError(f"{path} is not a loc3r manifest", "pass the folder written by loc3r-export --out")
+    if data.get("version") != VERSION:
+        raise ModelError(
+            f"{path} has manifest version {data.get('version')}, this loc3r reads {VERSION}",
+            "re-run loc3r-export with this version",
+        )
+    for key in ("model", "precision", "artifacts", "target"):
+        if key not in data:
+            raise ModelError(f"{path} lacks the {key!r} section", "re-run loc3r-export")
+    return Manifest(root, data)
+
+
+def check_manifest_matches(manifest: Manifest, model_id: str, checksum: str, expected_shapes: dict[str, dict[str, list[int | str]]]) -> None:
+    """Refuse a manifest made for another model, or whose graph shapes disagree with it."""
+    if manifest.model_checksum != checksum:
+        raise ModelError(
+            f"engines in {manifest.root} were exported from model {manifest.data['model'].get('id')} "
+            f"(checksum {manifest.model_checksum[:12]}), not from {model_id} (checksum {checksum[:12]})",
+            "re-export them from this model with loc3r-export, or pass the matching --model",
+        )
+    for artifact, tensors in expected_shapes.items():
+        if artifact not in manifest.artifacts:
+            continue
+        for tensor, shape in tensors.items():
+            found = manifest.input_shape(artifact, tensor)
+            if list(found) != list(shape):
+                raise ModelError(
+                    f"manifest {artifact}.{tensor} has shape {found}, the model needs {shape}",
+                    "re-export with loc3r-export for this model",
+                )

@@ -1,0 +1,142 @@
+"""torch -> ONNX for one declared graph, and the ONNX Runtime parity check."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from torch import Tensor, nn
+
+from loc3r.errors import InternalError
+from loc3r.export.graphs import GraphSpec
+
+OPSET = 18
+
+
+@dataclass(frozen=True)
+class ParityResult:
+    """Worst error of ONNX Runtime against PyTorch over every output and every run.
+
+    ``within_tolerance``: every element satisfied ``|got - ref| <= atol + rtol * |ref|``.
+    """
+
+    max_abs: float
+    max_rel: float
+    runs: int
+    within_tolerance: bool
+
+    def to_dict(self) -> dict[str, float | int | bool]:
+        return {"max_abs": self.max_abs, "max_rel": self.max_rel, "runs": self.runs, "within_tolerance": self.within_tolerance}
+
+
+def export_onnx(module: nn.Module, spec: GraphSpec, example: Sequence[Tensor], path: Path) -> Path:
+    """Export ``module`` at opset 18 with ``spec``'s names and dynamic axes; check the model."""
+    module.eval()
+    dynamic_shapes = {
+        t.name: {axis: torch.export.Dim(dim, min=1) for axis, dim in enumerate(t.shape) if isinstance(dim, str)} or None
+        for t in spec.inputs
+    }
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), torch.inference_mode(False):
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            module,
+            tuple(example),
+            str(path),
+            input_names=spec.input_names,
+            output_names=spec.output_names,
+            dynamic_shapes=dynamic_shapes,
+            opset_version=OPSET,
+            dynamo=True,
+            external_data=False,
+            verbose=False,
+        )
+    onnx.checker.check_model(str(path))
+    return path
+
+
+def ort_session(path: Path, providers: Sequence[str] = ("CPUExecutionProvider",)):  # noqa: ANN201
+    """An ONNX Runtime session that really runs on ``providers`` (no silent CPU fallback)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = max(1, (os.cpu_count() or 1))
+    session = ort.InferenceSession(str(path), options, providers=list(providers))
+    missing = [p for p in providers if p not in session.get_providers()]
+    if missing:
+        raise InternalError(
+            f"ONNX Runtime did not enable {', '.join(missing)} for {path.name}",
+            "install onnxruntime-gpu matching the CUDA/TensorRT on this device, or use --target cpu",
+        )
+    return session
+
+
+def compare(spec: GraphSpec, expected: Sequence[Tensor], actual: Sequence[np.ndarray]) -> ParityResult:
+    """Max absolute and relative error over a set of outputs, and the allclose verdict."""
+    max_abs = max_rel = 0.0
+    ok = True
+    for ref, got in zip(expected, actual, strict=True):
+        ref_np = ref.detach().float().numpy()
+        if ref_np.shape != got.shape:
+            raise InternalError(f"{spec.name}: ONNX output shape {got.shape} != PyTorch {ref_np.shape}")
+        diff = np.abs(ref_np - got)
+        max_abs = max(max_abs, float(diff.max(initial=0.0)))
+        max_rel = max(max_rel, float((diff / (np.abs(ref_np) + 1e-6)).max(initial=0.0)))
+        ok = ok and bool((diff <= spec.atol + spec.rtol * np.abs(ref_np)).all())
+    return ParityResult(max_abs, max_rel, 1, ok)
+
+
+def merge(results: Sequence[ParityResult]) -> ParityResult:
+    """The worst of several parity results."""
+    return ParityResult(
+        max(r.max_abs for r in results),
+        max(r.max_rel for r in results),
+        sum(r.runs for r in results),
+        all(r.within_tolerance for r in results),
+    )
+
+
+def check_parity(
+    module: nn.Module,
+    spec: GraphSpec,
+    path: Path,
+    make_inputs: Callable[[int], Sequence[Tensor]],
+    runs: int = 3,
+) -> ParityResult:
+    """Run PyTorch and ONNX Runtime on ``runs`` fresh inputs; fail if beyond tolerance."""
+    session = ort_session(path)
+    results = []
+    for run in range(runs):
+        inputs = make_inputs(run)
+        with torch.inference_mode():
+            expected = as_tuple(module(*inputs))
+        actual = session.run(spec.output_names, feeds(spec, inputs))
+        results.append(compare(spec, expected, actual))
+    return ensure_within(spec, merge(results))
+
+
+def feeds(spec: GraphSpec, inputs: Sequence[Tensor]) -> dict[str, np.ndarray]:
+    """ONNX Runtime input feed for ``inputs`` in the spec's order."""
+    return {name: t.detach().numpy() for name, t in zip(spec.input_names, inputs, strict=True)}
+
+
+def ensure_within(spec: GraphSpec, result: ParityResult) -> ParityResult:
+    """Raise if any element was beyond the spec's tolerance."""
+    if not result.within_tolerance:
+        raise InternalError(
+            f"{spec.name}: ONNX Runtime differs from PyTorch by {result.max_abs:.3g} abs / "
+            f"{result.max_rel:.3g} rel (tolerance {spec.atol:g} abs or {spec.rtol:g} rel)",
+            "this is an exporter bug; rerun with --debug and report it",
+        )
+    return result
+
+
+def as_tuple(output: Tensor | Sequence[Tensor]) -> tuple[Tensor, ...]:
+    return (output,) if isinstance(output, Tensor) else tuple(output)

@@ -1,0 +1,144 @@
+"""CUT3R camera-token encoder: ViT encoder, two-stream decoder, state and pose memory.
+
+Per frame: encode the image; the pose token is ``pose_token`` on the first frame and is
+read from the pose memory with the mean image token afterwards; the image stream
+(pose token + image tokens) and the state stream decode side by side, each attending to
+the other's previous layer; new state = ``dec_norm_state(state stream)``; the camera
+token is ``dec_norm(image stream)[:, 0]``; the memory stores (mean image token, camera
+token). At inference the reference's update/reset masks are all-true/all-false, so the
+state and memory are simply replaced.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from loc3r.errors import InputError
+from loc3r.models.cut3r.blocks import DecoderBlock, EncoderBlock, PatchEmbed
+from loc3r.models.cut3r.config import Cut3rConfig
+from loc3r.models.cut3r.memory import PoseMemory
+from loc3r.models.cut3r.rope import patch_positions, rope_tables, state_positions
+from loc3r.models.cut3r.state import Cut3rState
+
+
+class Cut3rCameraEncoder(nn.Module):
+    """The camera-token path of ``ARCroco3DStereo``; parameter names match the checkpoint."""
+
+    def __init__(self, config: Cut3rConfig) -> None:
+        super().__init__()
+        self.config = config
+        c = config
+        enc, dec = c.enc_embed_dim, c.dec_embed_dim
+        self.patch_embed = PatchEmbed(c.patch_size, enc)
+        self.enc_blocks = nn.ModuleList(
+            EncoderBlock(enc, c.enc_num_heads, c.mlp_ratio, c.norm_eps) for _ in range(c.enc_depth)
+        )
+        self.enc_norm = nn.LayerNorm(enc, eps=c.norm_eps)
+        self.decoder_embed = nn.Linear(enc, dec)
+        self.dec_blocks = nn.ModuleList(
+            DecoderBlock(dec, c.dec_num_heads, c.mlp_ratio, c.norm_eps) for _ in range(c.dec_depth)
+        )
+        self.dec_norm = nn.LayerNorm(dec, eps=c.norm_eps)
+        self.register_tokens = nn.Embedding(c.state_size, enc)
+        self.decoder_embed_state = nn.Linear(enc, dec)
+        self.dec_blocks_state = nn.ModuleList(
+            DecoderBlock(dec, c.state_dec_num_heads, c.mlp_ratio, c.norm_eps)
+            for _ in range(c.dec_depth)
+        )
+        self.dec_norm_state = nn.LayerNorm(dec, eps=c.norm_eps)
+        self.pose_token = nn.Parameter(torch.zeros(1, 1, dec))
+        self.pose_retriever = PoseMemory(c)
+        self.skipped_keys: tuple[str, ...] = ()
+
+    @property
+    def camera_dim(self) -> int:
+        """Width of the camera token (dec_embed_dim)."""
+        return self.config.dec_embed_dim
+
+    def init_state(self, batch_size: int = 1) -> Cut3rState:
+        """State before the first frame: projected register tokens and the learned memory."""
+        state = self.decoder_embed_state(self.register_tokens.weight)[None]
+        return Cut3rState(
+            state_feat=state.expand(batch_size, -1, -1),
+            memory=self.pose_retriever.mem.expand(batch_size, -1, -1),
+        )
+
+    def step(self, image: Tensor, state: Cut3rState | None = None) -> tuple[Tensor, Cut3rState]:
+        """One frame (B, 3, H, W) in [-1, 1] -> camera token (B, camera_dim) and the next state.
+
+        ``state=None`` (or a state with ``frame_index == 0``) takes the first-frame path.
+        """
+        p = self.config.patch_size
+        if image.ndim != 4 or image.shape[1] != 3 or image.shape[2] % p or image.shape[3] % p:
+            raise InputError(
+                f"CUT3R expects images (B, 3, H, W) with H, W multiples of {p}, "
+                f"got {tuple(image.shape)}",
+                "resize or crop the frames",
+            )
+        if state is None:
+            state = self.init_state(image.shape[0])
+        camera, state_feat, memory = self.step_tensors(
+            image, state.state_feat, state.memory, first_frame=state.frame_index == 0
+        )
+        return camera, Cut3rState(state_feat, memory, state.frame_index + 1)
+
+    @torch.no_grad()
+    def encode(self, frames: Tensor) -> Tensor:
+        """Frames (T, 3, H, W), one stream, in order -> camera tokens (T, camera_dim)."""
+        state = None
+        tokens = []
+        for frame in frames:
+            camera, state = self.step(frame[None], state)
+            tokens.append(camera[0])
+        return torch.stack(tokens)
+
+    def step_tensors(
+        self, image: Tensor, state_feat: Tensor, memory: Tensor, first_frame: bool
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Pure-tensor step for export: (camera token, new state_feat, new memory).
+
+        ``first_frame`` is a Python bool that picks the graph; no tensor-dependent control flow.
+        """
+        feat, pos = self._encode_image(image)
+        mean_feat = feat.mean(dim=1, keepdim=True)
+        if first_frame:
+            pose = self.pose_token.expand(feat.shape[0], -1, -1)
+        else:
+            pose = self.pose_retriever.read(mean_feat, memory)
+        img, new_state = self._decode(feat, pos, pose, state_feat)
+        camera = img[:, :1]
+        new_memory = self.pose_retriever.write(memory, mean_feat, camera)
+        return camera[:, 0], new_state, new_memory
+
+    def _encode_image(self, image: Tensor) -> tuple[Tensor, Tensor]:
+        """Encoder tokens after ``enc_norm`` (B, N, enc_dim) and their positions (N, 2)."""
+        c = self.config
+        x, h, w = self.patch_embed(image)
+        pos = patch_positions(h, w, device=x.device)
+        rope = rope_tables(pos, c.enc_embed_dim // c.enc_num_heads, c.rope_freq, torch.float16)
+        for blk in self.enc_blocks:
+            x = blk(x, rope)
+        return self.enc_norm(x), pos
+
+    def _decode(
+        self, feat: Tensor, pos: Tensor, pose: Tensor, state: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """Two-stream decoder -> (dec_norm(image stream), dec_norm_state(state stream))."""
+        c = self.config
+        img = torch.cat([pose, self.decoder_embed(feat)], dim=1)
+        img_pos = torch.cat([torch.full_like(pos[:1], -1.0), pos])
+        state_pos = state_positions(c.state_size, c.state_pe).to(pos.device)
+        img_dim = c.dec_embed_dim // c.dec_num_heads
+        state_dim = c.dec_embed_dim // c.state_dec_num_heads
+        f32 = torch.float32
+        rope_img = rope_tables(img_pos, img_dim, c.rope_freq, f32)
+        rope_state_in_img = rope_tables(state_pos, img_dim, c.rope_freq, f32)
+        rope_state = rope_tables(state_pos, state_dim, c.rope_freq, f32)
+        rope_img_in_state = rope_tables(img_pos, state_dim, c.rope_freq, f32)
+        for blk_state, blk_img in zip(self.dec_blocks_state, self.dec_blocks):
+            state, img = (
+                blk_state(state, img, rope_state, rope_img_in_state),
+                blk_img(img, state, rope_img, rope_state_in_img),
+            )
+        return self.dec_norm(img), self.dec_norm_state(state)

@@ -1,0 +1,116 @@
+"""End to end on the tiny model: video in, answer + pose out, prefix reuse, token layout."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from loc3r.runtime.cli import main
+from loc3r.runtime.demo_video import write_demo_video
+from loc3r.runtime.generate import SamplingConfig
+from loc3r.runtime.pipeline import Pipeline
+from loc3r.runtime.preprocess import cut3r_input
+from loc3r.runtime.video import read_video
+
+FRAMES = 3
+
+
+@pytest.fixture(scope="module")
+def demo_video(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_demo_video(tmp_path_factory.mktemp("video") / "demo.mp4", num_frames=24, width=160, height=120)
+
+
+@pytest.fixture(scope="module")
+def pipeline() -> Pipeline:
+    return Pipeline.from_pretrained("tiny")
+
+
+def test_frame_blocks_hold_camera_token_then_vision_tokens(pipeline: Pipeline, demo_video: Path) -> None:
+    encoding = pipeline.encode_video(demo_video, FRAMES)
+    model = pipeline.bundle.model
+    assert encoding.frame_blocks.shape == (FRAMES, 1 + 210, model.config.llm.hidden_size)
+    video = read_video(demo_video, FRAMES)
+    assert encoding.indices == video.indices
+    with torch.inference_mode():
+        images = torch.stack([cut3r_input(rgb, pipeline.config.cut3r_long_side) for rgb in video.frames])
+        camera = model.heads.project_camera(model.camera_encoder.encode(images))
+        from loc3r.runtime.preprocess import siglip_input
+
+        vision = model.vision.encode(siglip_input(video.frames))
+    torch.testing.assert_close(encoding.frame_blocks[:, 0], camera, rtol=0, atol=1e-5)
+    torch.testing.assert_close(encoding.frame_blocks[:, 1:], vision, rtol=0, atol=1e-5)
+
+
+def test_prefix_reuse_gives_the_tokens_of_a_fresh_run(pipeline: Pipeline, demo_video: Path) -> None:
+    sampling = SamplingConfig(max_new_tokens=6)
+    first = pipeline.ask(demo_video, "What is in front of me?", num_frames=FRAMES, sampling=sampling)
+    second = pipeline.ask(demo_video, "Where am I?", num_frames=FRAMES, sampling=sampling)
+    assert second.timings["prefill_video"] == 0.0
+    assert "encode_3d" in second.timings
+    fresh = Pipeline.from_pretrained("tiny").ask(demo_video, "Where am I?", num_frames=FRAMES, sampling=sampling)
+    assert second.token_ids == fresh.token_ids
+    for a, b in [(second.pose.x, fresh.pose.x), (second.pose.sigma, fresh.pose.sigma), (second.pose.theta_rad, fresh.pose.theta_rad)]:
+        assert a == pytest.approx(b, abs=1e-5)
+    # <Pos>/<Ori> precede the question: the pose depends on video and situation only
+    assert first.pose.x == pytest.approx(second.pose.x, abs=1e-6)
+    situated = pipeline.ask(demo_video, "Where am I?", "I face the door.", sampling, num_frames=FRAMES)
+    assert situated.pose.x != pytest.approx(second.pose.x, abs=1e-6)
+
+
+def test_json_output_has_answer_pose_timings_and_random_weight_flag(
+    demo_video: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main([str(demo_video), "Where am I?", "--json", "--model", "tiny", "--frames", str(FRAMES), "--max-new-tokens", "5"])
+    assert code == 0
+    out = json.loads(capsys.readouterr().out)
+    assert set(out) >= {"answer", "position", "orientation", "timings", "model", "video"}
+    assert set(out["position"]) == {"x", "y", "sigma"} and out["position"]["sigma"] > 0
+    assert out["orientation"]["theta_deg"] == pytest.approx(math.degrees(out["orientation"]["theta_rad"]))
+    assert abs(out["orientation"]["theta_rad"]) <= math.pi
+    assert out["model"]["random_weights"] is True
+    assert "RANDOM weights" in out["warning"]
+    assert out["video"]["frames"] == FRAMES
+    for stage in ("decode", "encode_3d", "encode_vision", "prefill_video", "prefill_question", "ttft_s"):
+        assert stage in out["timings"]
+
+
+def test_human_output_says_weights_are_random(demo_video: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([str(demo_video), "Where am I?", "q2", "--frames", "2", "--max-new-tokens", "3"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("position: x = ") == 2
+    assert out.count("NOTE: model loc3r-tiny-random-v1 has RANDOM weights") == 2
+
+
+def test_console_script_runs_in_a_fresh_process(demo_video: Path) -> None:
+    script = Path(sys.executable).with_name("loc3r-run")
+    result = subprocess.run(
+        [str(script), str(demo_video), "Where am I?", "--json", "--frames", "2", "--max-new-tokens", "2"],
+        capture_output=True, text=True, timeout=300, env=os.environ.copy(),
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["model"]["id"] == "loc3r-tiny-random-v1"
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["missing.mp4", "Where am I?"], "missing.mp4"),
+        (["{video}", ""], "the question is empty"),
+        (["{video}", "Where?", "--model", "/nonexistent/bundle"], "is not a loc3r bundle"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(
+    demo_video: Path, capsys: pytest.CaptureFixture[str], argv: list[str], message: str
+) -> None:
+    argv = [a.format(video=demo_video) for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("loc3r-run: error: ") and message in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
