@@ -352,7 +352,7 @@ def summary_markdown(summary: dict[str, Any]) -> str:
         lines += [f"> **Warning:** {summary['warning']}", ""]
     frames = settings["frames"] or "model default"
     lines += [
-        f"model `{settings['model']}` ({model.get('id', '?')}, checksum {model.get('checksum', '?')}), "
+        f"model `{settings['model']}` ({model.get('id', '?')}, checksum {str(model.get('checksum', '?'))[:12]}), "
         f"backend {settings['backend']}, frames {frames}, max new tokens {settings['max_new_tokens']}; "
         f"{summary['items']} items",
         "",

@@ -61,12 +61,17 @@ def markov_sequences(vocab: int, count: int, length: int, seed: int) -> torch.Te
 
 
 def peaked_qwen2(
-    config: LLMConfig, steps: int = 300, seed: int = 0, batch: int = 16, length: int = 32
+    config: LLMConfig,
+    steps: int = 300,
+    seed: int = 0,
+    batch: int = 16,
+    length: int = 32,
+    lr: float = 3e-3,
 ) -> Qwen2ForCausalLM:
     """A Qwen2 trained (Adam, seeded) on :func:`markov_sequences`: its top-1 is confident."""
     torch.manual_seed(seed)
     model = build_qwen2(config).train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     for step in range(steps):
         ids = markov_sequences(config.vocab_size, batch, length, seed=seed * 100_003 + step)
         loss = model(input_ids=ids, labels=ids).loss
@@ -105,7 +110,6 @@ def _peak_rss_mb() -> float:
 
 def _measure_speed(out_dir: str, prefill_tokens: int, decode_tokens: int) -> dict[str, float]:
     """Subprocess body: load one exported variant, time a prefill and a decode run."""
-    from loc3r.export.llm_io import EMBED_TENSOR  # noqa: F401  (the runtime's only export import)
     from loc3r.runtime.onnx_llm import OnnxLLM
 
     base = _peak_rss_mb()
@@ -174,7 +178,7 @@ def _variants() -> list[dict[str, Any]]:
 _INT4_DEFAULTS = {"block_size": 32, "symmetric": True, "lm_head": "int8"}
 
 
-def run(out: Path, steps: int, prompts: int, new_tokens: int) -> dict[str, Any]:
+def run(steps: int, prompts: int, new_tokens: int) -> dict[str, Any]:
     """Export and measure every variant of the small config; the 1B export RSS."""
     from loc3r.export.llm import export_llm
     from loc3r.runtime.onnx_llm import OnnxLLM
@@ -261,7 +265,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--new-tokens", type=int, default=16)
     args = parser.parse_args(argv)
-    result = run(args.out, args.steps, args.prompts, args.new_tokens)
+    result = run(args.steps, args.prompts, args.new_tokens)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "llm_quant.json").write_text(json.dumps(result, indent=2) + "\n")
     (args.out / "llm_quant.md").write_text(to_markdown(result))

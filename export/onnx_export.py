@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import os
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,7 +45,7 @@ def export_onnx(module: nn.Module, spec: GraphSpec, example: Sequence[Tensor], p
         t.name: {axis: torch.export.Dim(dim, min=1) for axis, dim in enumerate(t.shape) if isinstance(dim, str)} or None
         for t in spec.inputs
     }
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), torch.inference_mode(False):
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), quiet_logger("torch.onnx"):
         warnings.simplefilter("ignore")
         torch.onnx.export(
             module,
@@ -60,6 +61,18 @@ def export_onnx(module: nn.Module, spec: GraphSpec, example: Sequence[Tensor], p
         )
     onnx.checker.check_model(str(path))
     return path
+
+
+@contextlib.contextmanager
+def quiet_logger(name: str) -> Iterator[None]:
+    """Silence a library logger's warnings (the exporter's chatter) for the block."""
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def ort_session(path: Path, providers: Sequence[str] = ("CPUExecutionProvider",)):  # noqa: ANN201

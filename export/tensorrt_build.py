@@ -20,6 +20,7 @@ from typing import Any
 from loc3r.errors import InputError, ModelError
 
 ENGINE_SUFFIX = ".engine"
+MANIFEST_NAME = "manifest.json"
 
 
 @dataclass(frozen=True)
@@ -158,3 +159,46 @@ def pin_fp32_layers(network: Any, trt: Any, fp32_ops: tuple[str, ...]) -> None:
             layer.precision = trt.float32
             for j in range(layer.num_outputs):
                 layer.set_output_type(j, trt.float32)
+
+
+def dynamic_ranges(manifest: dict[str, Any], target: Any) -> dict[str, tuple[int, int, int]]:
+    """(min, opt, max) of every named axis, from the target's frame range."""
+    lo, opt, hi = target.build.vision_frames
+    vision_tokens = manifest["artifacts"]["vision"]["outputs"][0]["shape"][1]
+    return {
+        "frames": (lo, opt, hi),
+        "batch": (1, 1, 8),
+        "tokens": (vision_tokens, opt * vision_tokens, hi * vision_tokens),
+    }
+
+
+def device_build_plan(manifest: dict[str, Any], target: Any) -> dict[str, Any] | None:
+    """How the target device turns the ONNX files into engines (None for ONNX-only targets)."""
+    build = target.build
+    if build.trt_version is None or target.hardware.sm is None:
+        return None
+    sm = target.hardware.sm.removeprefix("sm_")
+    ranges = dynamic_ranges(manifest, target)
+    engines = {}
+    for name, artifact in manifest["artifacts"].items():
+        profile = resolve_profile(artifact["inputs"], ranges)
+        engine = engine_file_name(name, build.trt_version, sm)
+        engines[name] = {
+            "onnx": artifact["file"],
+            "engine": engine,
+            "profile": {k: [list(s) for s in v] for k, v in profile.shapes.items()},
+            "fp32_ops": artifact.get("fp32_ops", []),
+            "trtexec": trtexec_command(
+                Path(artifact["file"]), Path(engine), profile, build.precision == "fp16", build.workspace_mib or 1024, Path("timing.cache")
+            ),
+        }
+    return {
+        "status": "pending: engines are built on the target device",
+        "command": f"loc3r-export build --manifest {MANIFEST_NAME}",
+        "trt_version": build.trt_version,
+        "sm": sm,
+        "precision": build.precision,
+        "workspace_mib": build.workspace_mib,
+        "engines": engines,
+        "llm": "runs through onnxruntime-gpu (CUDA EP, MatMulNBits int4); no TensorRT engine",
+    }

@@ -244,9 +244,8 @@ def test_needs_a_dataset_or_compare(capsys: pytest.CaptureFixture[str]) -> None:
 # -- end to end on the tiny model -----------------------------------------------------------
 
 
-@pytest.mark.skip(reason="TEMPORARY: the pipeline fails on a 2nd question per video (lead's WIP); re-enable")
 def test_tiny_model_end_to_end_with_resume(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    pipeline_module = pytest.importorskip("loc3r.runtime.pipeline", reason="the pipeline is not finished yet")
+    from loc3r.runtime import pipeline as pipeline_module
     from loc3r.runtime.demo_video import write_demo_video
 
     write_demo_video(tmp_path / "a.mp4", num_frames=4, width=64, height=48)
