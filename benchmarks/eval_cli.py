@@ -385,3 +385,7 @@ def compare_markdown(a: dict[str, Any], b: dict[str, Any]) -> str:
             continue
         lines.append(f"| {label} | {format_value(va, kind)} | {format_value(vb, kind)} | {format_delta(va, vb, kind)} |")
     return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

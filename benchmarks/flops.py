@@ -8,9 +8,10 @@ and norm weights. Attention FLOPs do not depend on the head count (heads x head_
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from loc3r.models.config import LLMConfig, VisionConfig
+from loc3r.models.cut3r.config import Cut3rConfig
 
 
 @dataclass(frozen=True)
@@ -29,23 +30,17 @@ class Work:
 
 @dataclass(frozen=True)
 class Cut3rSizes:
-    """CUT3R (512 DPT checkpoint) as used for camera tokens; see docs/design."""
+    """CUT3R's camera path at one input size; the heads' share of a full frame's FLOPs."""
 
+    config: Cut3rConfig = field(default_factory=Cut3rConfig.real_512_dpt)
     height: int = 384
     width: int = 512
-    patch: int = 16
-    enc_width: int = 1024
-    enc_layers: int = 24
-    enc_mlp: int = 4096
-    dec_width: int = 768
-    dec_layers: int = 12  # per stream (image stream and state stream)
-    dec_mlp: int = 3072
-    state_tokens: int = 768
-    head_flop_share: float = 0.37  # DPT + pose heads' share of a full frame's FLOPs
+    head_flop_share: float = 0.37  # DPT + pose heads at 512x384 (design note)
 
     @property
     def patches(self) -> int:
-        return (self.height // self.patch) * (self.width // self.patch)
+        p = self.config.patch_size
+        return (self.height // p) * (self.width // p)
 
 
 def linear_flops(tokens: int, d_in: int, d_out: int) -> float:
@@ -97,22 +92,30 @@ def qwen2_layer(cfg: LLMConfig, n_new: int, n_past: int = 0) -> Work:
 
 
 def cut3r_frame(sizes: Cut3rSizes, with_heads: bool = False) -> Work:
-    """One CUT3R step: patch embed, ViT-L encoder, two-stream decoder (+ heads if asked).
+    """One CUT3R step: encoder, two-stream decoder, pose memory (+ heads if asked).
 
-    The image stream carries the patches plus the pose token; the state stream the state
-    tokens; each cross-attends to the other. The heads are not modelled layer by layer: their
-    FLOPs are ``head_flop_share`` of the full frame (the design note's 37% at 512x384), so
-    full = body / (1 - share). Their parameters are not counted (not run for camera tokens).
+    The image stream carries the patches plus the pose token, the state stream the state
+    tokens; each cross-attends to the other. The pose memory is read (one query over its
+    slots; frame 0 uses the pose token instead, counted anyway) and written (the slots attend
+    to the new pair). The heads are not modelled layer by layer: their FLOPs are
+    ``head_flop_share`` of the full frame, so full = body / (1 - share); their parameters are
+    not counted (they are not run for camera tokens). ``params`` includes the state
+    initialisation (register tokens, ``decoder_embed_state``), run once per video.
     """
-    n, s = sizes.patches, sizes
-    patch_dim = 3 * s.patch * s.patch
-    body = Work(linear_flops(n, patch_dim, s.enc_width), patch_dim * s.enc_width)
-    body += vit_block(n, s.enc_width, s.enc_mlp) * s.enc_layers
-    body += Work(linear_flops(n, s.enc_width, s.dec_width), s.enc_width * s.dec_width)  # decoder_embed
-    body += cross_block(n + 1, s.state_tokens, s.dec_width, s.dec_mlp) * s.dec_layers
-    body += cross_block(s.state_tokens, n + 1, s.dec_width, s.dec_mlp) * s.dec_layers
+    c, n = sizes.config, sizes.patches
+    enc, dec, mem = c.enc_embed_dim, c.dec_embed_dim, c.mem_dim
+    patch_dim = 3 * c.patch_size**2
+    body = Work(linear_flops(n, patch_dim, enc), patch_dim * enc)
+    body += vit_block(n, enc, int(enc * c.mlp_ratio)) * c.enc_depth
+    body += Work(linear_flops(n, enc, dec), enc * dec)  # decoder_embed
+    body += cross_block(n + 1, c.state_size, dec, int(dec * c.mlp_ratio)) * c.dec_depth
+    body += cross_block(c.state_size, n + 1, dec, int(dec * c.mlp_ratio)) * c.dec_depth
+    body += Work(2 * linear_flops(1, enc, dec), enc * dec + c.local_mem_size * mem)  # proj_q, slots
+    body += cross_block(1, c.local_mem_size, mem, int(mem * c.mlp_ratio)) * c.mem_depth  # read
+    body += cross_block(c.local_mem_size, 1, mem, int(mem * c.mlp_ratio)) * c.mem_depth  # write
+    body += Work(0.0, c.state_size * enc + enc * dec)  # register tokens, decoder_embed_state
     if with_heads:
-        return Work(body.flops / (1.0 - s.head_flop_share), body.params)
+        return Work(body.flops / (1.0 - sizes.head_flop_share), body.params)
     return body
 
 

@@ -175,7 +175,7 @@ def _variants() -> list[dict[str, Any]]:
     return shipped + [v for v in sweep if v != {"quant": "int4", **_INT4_DEFAULTS}]
 
 
-_INT4_DEFAULTS = {"block_size": 32, "symmetric": True, "lm_head": "int8"}
+_INT4_DEFAULTS = {"block_size": 32, "symmetric": True, "lm_head": "int4"}
 
 
 def run(steps: int, prompts: int, new_tokens: int) -> dict[str, Any]:

@@ -102,7 +102,8 @@ def _as_list(answers: str | Sequence[str]) -> list[str]:
 
 
 def exact_match(prediction: str, answers: str | Sequence[str]) -> bool:
-    """EM: the normalised prediction equals a normalised reference answer."""
+    """EM: the normalised prediction equals a normalised reference answer (LEO scores EM on
+    cleaned answers too, so EM-R - EM is exactly the containment rule)."""
     pred = normalize_answer(prediction)
     return any(pred == normalize_answer(answer) for answer in _as_list(answers))
 

@@ -10,6 +10,7 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -75,14 +76,15 @@ def quiet_logger(name: str) -> Iterator[None]:
         logger.setLevel(level)
 
 
-def ort_session(path: Path, providers: Sequence[str] = ("CPUExecutionProvider",)):  # noqa: ANN201
+def ort_session(path: Path, providers: Sequence[Any] = ("CPUExecutionProvider",)):  # noqa: ANN201
     """An ONNX Runtime session that really runs on ``providers`` (no silent CPU fallback)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = max(1, (os.cpu_count() or 1))
     session = ort.InferenceSession(str(path), options, providers=list(providers))
-    missing = [p for p in providers if p not in session.get_providers()]
+    names = [p if isinstance(p, str) else p[0] for p in providers]
+    missing = [p for p in names if p not in session.get_providers()]
     if missing:
         raise InternalError(
             f"ONNX Runtime did not enable {', '.join(missing)} for {path.name}",

@@ -7,9 +7,10 @@ sibling folder that is renamed into place when complete.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
-from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -17,24 +18,29 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from loc3r.errors import ModelError
-from loc3r.fileio import atomic_directory
+from loc3r.fileio import atomic_directory, write_json_atomic
 from loc3r.models.config import Loc3rConfig
 from loc3r.models.loc3r_model import Loc3rModel
 from loc3r.models.tokenizer import TextTokenizer
 
 WEIGHTS_FILE = "model.safetensors"
 WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
+CHECKSUM_MEMO = ".loc3r-checksum.json"
 
 
-@dataclass
 class Bundle:
-    """A loaded bundle: what the runtime needs to build its stages."""
+    """An opened bundle: config, tokenizer and checksum now; PyTorch weights on first use.
 
-    path: Path
-    config: Loc3rConfig
-    tokenizer: TextTokenizer
-    model: Loc3rModel
-    checksum: str
+    Backends that run exported graphs never touch ``model``, so a 7B bundle's weights are
+    not loaded for them.
+    """
+
+    def __init__(self, path: Path, config: Loc3rConfig, tokenizer: TextTokenizer, checksum: str, dtype: torch.dtype) -> None:
+        self.path, self.config, self.tokenizer, self.checksum, self.dtype = path, config, tokenizer, checksum, dtype
+
+    @cached_property
+    def model(self) -> Loc3rModel:
+        return load_weights(self.path, self.config).to(self.dtype)
 
 
 def weight_files(bundle_dir: Path) -> list[Path]:
@@ -50,14 +56,29 @@ def weight_files(bundle_dir: Path) -> list[Path]:
 
 
 def bundle_checksum(bundle_dir: str | Path) -> str:
-    """SHA-256 over config.json, tokenizer.json and the weight files (streamed)."""
+    """SHA-256 over config.json, tokenizer.json and the weight files (streamed).
+
+    Hashing a 7B bundle takes tens of seconds, so the result is remembered in
+    ``.loc3r-checksum.json`` beside the files, keyed by their names, sizes and mtimes.
+    """
     bundle_dir = Path(bundle_dir)
+    files = [bundle_dir / "config.json", bundle_dir / "tokenizer.json", *weight_files(bundle_dir)]
+    stamp = [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+    memo = bundle_dir / CHECKSUM_MEMO
+    try:
+        remembered = json.loads(memo.read_text(encoding="utf-8"))
+        if remembered["files"] == stamp:
+            return remembered["sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
     digest = hashlib.sha256()
-    for path in [bundle_dir / "config.json", bundle_dir / "tokenizer.json", *weight_files(bundle_dir)]:
+    for path in files:
         digest.update(path.name.encode())
         with path.open("rb") as stream:
             for block in iter(lambda: stream.read(1 << 20), b""):
                 digest.update(block)
+    with contextlib.suppress(OSError):  # a read-only bundle simply is not memoised
+        write_json_atomic(memo, {"files": stamp, "sha256": digest.hexdigest()})
     return digest.hexdigest()
 
 
@@ -75,10 +96,14 @@ def save_bundle(model: Loc3rModel, tokenizer: TextTokenizer, out_dir: str | Path
 
 
 def load_bundle(bundle_dir: str | Path, dtype: torch.dtype = torch.float32) -> Bundle:
-    """Load a bundle; missing, unexpected or mis-shaped tensors are a ModelError."""
+    """Open a bundle (config, tokenizer, checksum); weights load when ``model`` is first used."""
     bundle_dir = Path(bundle_dir)
     config = Loc3rConfig.load(bundle_dir)
-    tokenizer = TextTokenizer.from_dir(bundle_dir)
+    return Bundle(bundle_dir, config, TextTokenizer.from_dir(bundle_dir), bundle_checksum(bundle_dir), dtype)
+
+
+def load_weights(bundle_dir: Path, config: Loc3rConfig) -> Loc3rModel:
+    """The PyTorch model with the bundle's tensors; missing/unexpected/mis-shaped ones are an error."""
     model = Loc3rModel(config)
     expected = model.state_dict()
     loaded: dict[str, torch.Tensor] = {}
@@ -89,7 +114,7 @@ def load_bundle(bundle_dir: str | Path, dtype: torch.dtype = torch.float32) -> B
             raise ModelError(f"{path} is not a readable safetensors file ({exc})", "re-create the bundle") from None
     check_tensors(expected, loaded, bundle_dir)
     model.load_state_dict(loaded, strict=True)
-    return Bundle(bundle_dir, config, tokenizer, model.to(dtype), bundle_checksum(bundle_dir))
+    return model.eval()
 
 
 def check_tensors(expected: dict[str, torch.Tensor], loaded: dict[str, torch.Tensor], where: Path) -> None:

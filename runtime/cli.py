@@ -26,7 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("questions", nargs="+", metavar="QUESTION", help="one or more questions; later ones reuse the video's cache")
     parser.add_argument("--situation", default="", help="situation text placed before <Pos><Ori>")
     parser.add_argument("--model", default="tiny", help="bundle folder, or 'tiny' (built-in, random weights)")
-    parser.add_argument("--backend", default="torch", choices=["torch"], help="inference backend")
+    parser.add_argument("--backend", default="torch", choices=["torch", "onnxruntime", "tensorrt"], help="inference backend")
+    parser.add_argument("--engines", help="folder written by loc3r-export (for onnxruntime / tensorrt)")
     parser.add_argument("--frames", type=positive_int, default=None, help="frames to sample (default: the model's, 32)")
     parser.add_argument("--max-new-tokens", type=positive_int, default=64)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -85,7 +86,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     def body() -> int:
         from loc3r.runtime.pipeline import Pipeline
 
-        pipeline = Pipeline.from_pretrained(args.model, backend=args.backend)
+        pipeline = Pipeline.from_pretrained(args.model, backend=args.backend, engines=args.engines)
         sampling = SamplingConfig(args.max_new_tokens, args.temperature, args.top_p, args.seed)
         encoding = pipeline.encode_video(args.video, args.frames)
         for number, question in enumerate(args.questions, start=1):

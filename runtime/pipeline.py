@@ -34,6 +34,7 @@ from loc3r.runtime.stages import CameraStage, HeadsStage, LLMStage, VisionStage
 from loc3r.runtime.video import iter_frames
 
 VISION_BATCH = 8
+BACKENDS = ("torch", "onnxruntime", "tensorrt")
 
 
 class StageTimer:
@@ -113,14 +114,32 @@ class Pipeline:
         self._cached: CachedPrefix | None = None
 
     @classmethod
-    def from_pretrained(cls, model: str | Path = "tiny", backend: str = "torch") -> Pipeline:
-        """Load a bundle (``tiny`` or a folder) and build the stages of ``backend``."""
+    def from_pretrained(
+        cls, model: str | Path = "tiny", backend: str = "torch", engines: str | Path | None = None
+    ) -> Pipeline:
+        """Open a bundle (``tiny`` or a folder) and build the stages of ``backend``.
+
+        ``onnxruntime`` and ``tensorrt`` run the artifacts ``loc3r-export`` wrote to ``engines``.
+        """
         bundle = load_bundle(resolve_model(model))
         if backend == "torch":
             from loc3r.runtime.torch_backend import torch_stages
 
             return cls(bundle, *torch_stages(bundle), backend=backend)
-        raise InputError(f"unknown backend {backend!r}", "use --backend torch")
+        if backend not in BACKENDS:
+            raise InputError(f"unknown backend {backend!r}", f"use one of {', '.join(BACKENDS)}")
+        if engines is None:
+            raise InputError(f"--backend {backend} needs --engines DIR", "pass the folder written by loc3r-export --out")
+        from loc3r.export.manifest import load_manifest
+
+        manifest = load_manifest(engines)
+        if backend == "onnxruntime":
+            from loc3r.runtime.onnx_backend import onnx_stages
+
+            return cls(bundle, *onnx_stages(bundle, manifest), backend=backend)
+        from loc3r.runtime.tensorrt_backend import tensorrt_stages
+
+        return cls(bundle, *tensorrt_stages(bundle, manifest), backend=backend)
 
     # -- video ---------------------------------------------------------------------------
 

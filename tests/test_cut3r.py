@@ -56,7 +56,7 @@ def test_rope_handles_position_minus_one() -> None:
         assert out.shape == x.shape and torch.isfinite(out).all()
         assert torch.equal(out[:, :, 1], x[:, :, 1].to(dtype).to(torch.float32))  # position 0
     # angle = pos * inv_freq: -1 rotates by the opposite angle of +1
-    plus = apply_rope(x, rope_tables(torch.tensor([[1.0, 1.0]]).expand(3, 2), 16, 100.0, torch.float32))
+    plus = apply_rope(x, rope_tables(torch.ones(3, 2), 16, 100.0, torch.float32))
     minus = apply_rope(plus, rope_tables(-torch.ones(3, 2), 16, 100.0, torch.float32))
     torch.testing.assert_close(minus, x, atol=1e-6, rtol=0)
 

@@ -36,7 +36,9 @@ def tiny_ckpt(tmp_path: Path, tiny_sd: dict[str, torch.Tensor]) -> Path:
     return path
 
 
-def test_load_official_layout(tiny_ckpt: Path, tiny_sd: dict, caplog: pytest.LogCaptureFixture) -> None:
+def test_load_official_layout(
+    tiny_ckpt: Path, tiny_sd: dict, caplog: pytest.LogCaptureFixture
+) -> None:
     with caplog.at_level(logging.INFO, logger="loc3r.models.cut3r.checkpoint"):
         model = load_cut3r(tiny_ckpt)
     assert model.config == TINY
@@ -105,7 +107,9 @@ def test_args_as_unimportable_omegaconf_object(tmp_path: Path, tiny_sd: dict) ->
     assert load_cut3r(path).config == TINY
 
 
-def test_missing_args_falls_back_to_shapes(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_missing_args_falls_back_to_shapes(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     config = Cut3rConfig.from_dict({**TINY.to_dict(), "enc_num_heads": 2, "dec_num_heads": 2,
                                     "state_dec_num_heads": 16, "enc_embed_dim": 128})
     path = _save(tmp_path / "noargs.pth", random_state_dict(config, seed=3))
@@ -149,7 +153,8 @@ def test_dust3r_checkpoint_is_refused(tmp_path: Path) -> None:
         "dec_blocks2.0.norm1.weight": torch.zeros(8),
         "downstream_head1.proj.weight": torch.zeros(4, 8),
     }
-    path = _save(tmp_path / "dust3r.pth", {"model": sd, "args": argparse.Namespace(model="AsymmetricCroCo3DStereo()")})
+    args = argparse.Namespace(model="AsymmetricCroCo3DStereo(CroCoNet(...))")
+    path = _save(tmp_path / "dust3r.pth", {"model": sd, "args": args})
     with pytest.raises(ModelError) as err:
         load_cut3r(path)
     assert str(err.value) == (

@@ -47,7 +47,8 @@ def _check_case(name: str, tmp_path: Path) -> None:
             torch.testing.assert_close(rows_s, ref["state_rows"][t], atol=ATOL, rtol=0)
             torch.testing.assert_close(rows_m, ref["memory_rows"][t], atol=ATOL, rtol=0)
             for key, value in (("state", feat), ("memory", memory)):
-                for kind, total in (("sum", value.double().sum()), ("abs_sum", value.double().abs().sum())):
+                value = value.double()
+                for kind, total in (("sum", value.sum()), ("abs_sum", value.abs().sum())):
                     mean_err = abs(total.item() - ref[f"{key}_{kind}"][t].item()) / value.numel()
                     assert mean_err < ATOL / 10, (key, kind, t, mean_err)
 

@@ -250,7 +250,8 @@ def test_tiny_model_end_to_end_with_resume(tmp_path: Path, monkeypatch: pytest.M
 
     write_demo_video(tmp_path / "a.mp4", num_frames=4, width=64, height=48)
     write_demo_video(tmp_path / "b.mp4", num_frames=3, width=48, height=32)
-    write_lines(tmp_path / "data.jsonl", ITEMS)
+    # a.mp4 gets one question, b.mp4 three: the resumed run (from item 2) encodes b.mp4 only
+    write_lines(tmp_path / "data.jsonl", [{**item, "video": "b.mp4"} if item["id"] == "chairs" else item for item in ITEMS])
     asked: list[str] = []
     real_ask = pipeline_module.Pipeline.ask
 
@@ -263,7 +264,7 @@ def test_tiny_model_end_to_end_with_resume(tmp_path: Path, monkeypatch: pytest.M
     assert run(tmp_path, *options) == 0
     out = tmp_path / "out"
     predictions, summary = (out / "predictions.jsonl").read_text(), (out / "summary.json").read_text()
-    assert len(asked) == 4
+    assert asked == ["What is on the table?", "Which seat?", "How many chairs?", "Where is the door?"]
     assert json.loads(summary)["counts"]["position"] == 4
     assert "RANDOM weights" in (out / "summary.md").read_text()
 
@@ -271,6 +272,6 @@ def test_tiny_model_end_to_end_with_resume(tmp_path: Path, monkeypatch: pytest.M
     (out / "predictions.jsonl").write_text(first + second[: len(second) // 2])
     asked.clear()
     assert run(tmp_path, *options) == 0
-    assert len(asked) == 3
+    assert asked == ["Which seat?", "How many chairs?", "Where is the door?"]  # "cup" is not redone
     assert (out / "predictions.jsonl").read_text() == predictions
     assert (out / "summary.json").read_text() == summary

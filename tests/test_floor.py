@@ -13,11 +13,16 @@ from loc3r.bench.flops import (
     cross_block,
     cut3r_frame,
     kv_bytes_per_token,
+    llm_forward,
     qwen2_layer,
+    siglip_frame,
     vit_block,
+    vocab_params,
 )
 from loc3r.engines.targets import list_targets, load_target
-from loc3r.models.config import LLMConfig
+from loc3r.models.config import LLMConfig, VisionConfig
+
+SIGLIP_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "image_size", "patch_size")
 
 
 def test_vit_block_by_hand() -> None:
@@ -89,6 +94,28 @@ def test_floor_is_max_of_compute_and_memory() -> None:
     assert stage_floor(hw.peak_tflops * 1e12, 1.0, hw, efficiency=0.5).seconds == pytest.approx(2.0)
     with pytest.raises(ValueError):
         stage_floor(1.0, 1.0, hw, efficiency=0.0)
+
+
+def test_param_counts_match_the_real_modules() -> None:
+    """Weights (ndim >= 2) of the real-size modules, built on the meta device (no memory)."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM, SiglipVisionConfig, SiglipVisionModel
+
+    from loc3r.models.cut3r.encoder import Cut3rCameraEncoder
+
+    def weights(model: torch.nn.Module, skip: tuple[str, ...] = ()) -> int:
+        return sum(p.numel() for n, p in model.named_parameters() if p.ndim >= 2 and not any(s in n for s in skip))
+
+    vision, llm, cut3r = VisionConfig(), LLMConfig(), Cut3rSizes()
+    with torch.device("meta"):
+        siglip = SiglipVisionModel(SiglipVisionConfig(**{k: getattr(vision, k) for k in SIGLIP_FIELDS}))
+        qwen = Qwen2ForCausalLM(Qwen2Config(**dataclasses.asdict(llm)))
+        camera = Cut3rCameraEncoder(cut3r.config)
+    # SigLIP: all 27 layers and the patch conv; the position table and pooling head are not matmuls
+    assert weights(siglip, skip=("position", "head")) == siglip_frame(vision, 27).params
+    assert weights(qwen) == llm_forward(llm, 1).params + 2 * vocab_params(llm)  # + embedding, lm_head
+    # CUT3R: only pose_token and masked_token (768 each) are not counted
+    assert weights(camera) - cut3r_frame(cut3r).params == 2 * cut3r.config.dec_embed_dim
 
 
 def test_cut3r_heads_share() -> None:

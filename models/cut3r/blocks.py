@@ -92,7 +92,7 @@ class EncoderBlock(nn.Module):
 
 
 class DecoderBlock(nn.Module):
-    """Self-attention, cross-attention to a normalized other stream, MLP (DUSt3R ``DecoderBlock``)."""
+    """Self-attention, cross-attention to the normalized other stream, MLP (DUSt3R's block)."""
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float, eps: float) -> None:
         super().__init__()
@@ -105,7 +105,11 @@ class DecoderBlock(nn.Module):
         self.norm_y = nn.LayerNorm(dim, eps=eps)
 
     def forward(
-        self, x: Tensor, y: Tensor, rope_x: RopeTables | None = None, rope_y: RopeTables | None = None
+        self,
+        x: Tensor,
+        y: Tensor,
+        rope_x: RopeTables | None = None,
+        rope_y: RopeTables | None = None,
     ) -> Tensor:
         x = x + self.attn(self.norm1(x), rope_x)
         x = x + self.cross_attn(self.norm2(x), self.norm_y(y), rope_x, rope_y)

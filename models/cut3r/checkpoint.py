@@ -219,7 +219,8 @@ def load_cut3r(path: str | Path) -> Cut3rCameraEncoder:
             problems.append(f"mis-shaped {_names(bad_shape)}")
         raise ModelError(f"{path} does not fit the CUT3R camera encoder: {'; '.join(problems)}",
                          _FIX)
-    model.load_state_dict({k: sd[k].to(torch.float32, copy=True) for k in wanted}, strict=True, assign=True)
+    weights = {k: sd[k].to(torch.float32, copy=True) for k in wanted}
+    model.load_state_dict(weights, strict=True, assign=True)
     model.skipped_keys = tuple(sorted(set(sd) - set(wanted)))
     log.info("loaded CUT3R %s; skipped %d unneeded keys: %s", path, len(model.skipped_keys),
              _names(list(model.skipped_keys)))
@@ -243,7 +244,9 @@ def official_model_line(config: Cut3rConfig) -> str:
     )
 
 
-def save_official_checkpoint(state_dict: dict[str, Tensor], args_str: str, path: str | Path) -> None:
+def save_official_checkpoint(
+    state_dict: dict[str, Tensor], args_str: str, path: str | Path
+) -> None:
     """Write ``{"model": ..., "args": Namespace(model=args_str)}`` like the official files.
 
     Adds keys the camera path does not need (a fake ``downstream_head`` tensor and a

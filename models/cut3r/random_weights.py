@@ -13,7 +13,12 @@ from torch import Tensor
 
 from loc3r.models.cut3r.config import Cut3rConfig
 
-_TOKENS = ("pose_token", "register_tokens.weight", "pose_retriever.mem", "pose_retriever.masked_token")
+_TOKENS = (
+    "pose_token",
+    "register_tokens.weight",
+    "pose_retriever.mem",
+    "pose_retriever.masked_token",
+)
 
 
 def random_tensor(key: str, shape: tuple[int, ...], seed: int) -> Tensor:
