@@ -2,7 +2,7 @@
 
 Each stage's floor is ``max(FLOPs / peak, bytes / bandwidth)`` with the target's dense peak
 at its build precision and its memory bandwidth, both scaled by ``efficiency`` (1.0 = the
-floor itself; real stacks reach perhaps 0.3-0.7). Bytes are the weights a stage must read
+floor itself; a measured/floor ratio tells what a stack reaches). Bytes are the weights a stage must read
 (re-read per frame for the recurrent CUT3R step) plus the KV cache it reads and writes;
 activations are assumed to stay on chip. Memory is counted in GiB, bandwidth in GB/s.
 
@@ -69,7 +69,6 @@ class ModelSizes:
     cut3r: Cut3rSizes = field(default_factory=Cut3rSizes)
     heads: HeadsConfig = field(default_factory=HeadsConfig)
     vision_layers_used: int = 26  # select layer -2: the last of 27 layers is never run
-    camera_dim: int = 768
 
 
 @dataclass(frozen=True)
@@ -162,7 +161,7 @@ def memory_floor(target: Target, sizes: ModelSizes, work: Workload) -> dict[str,
     """Resident bytes (GiB): weights at their formats, KV cache of prompt + answer; fits?"""
     llm, act = sizes.llm, VALUE_BYTES[target.build.precision]
     vision = siglip_frame(sizes.vision, sizes.vision_layers_used).params + projector_frame(sizes.vision, llm).params
-    heads = loc3r_heads_params(llm, sizes.heads.hidden_size, sizes.heads.ori_bins, sizes.camera_dim)
+    heads = loc3r_heads_params(llm, sizes.heads.hidden_size, sizes.heads.ori_bins, sizes.cut3r.config.dec_embed_dim)
     parts = {
         "llm_gib": llm_weight_bytes(target, llm) / GIB,
         "embedding_gib": vocab_params(llm) * act / GIB,
@@ -204,6 +203,12 @@ def floor_report(
         "decode_tok_s": 1.0 / stages["decode_token"].seconds,
         "memory": memory_floor(target, sizes, work),
     }
+
+
+def all_reports(names: Sequence[str] | None = None, efficiency: float = 1.0) -> list[dict[str, Any]]:
+    """:func:`floor_report` of ``names`` (default: every shipped target, Jetsons first)."""
+    names = names or sorted(list_targets(), key=lambda n: (TABLE_ORDER + (n,)).index(n))
+    return [floor_report(name, efficiency=efficiency) for name in names]
 
 
 def paper_comparison(report: dict[str, Any], paper: PaperReference = PAPER_RTX4090) -> list[tuple[str, float, float]]:
@@ -258,7 +263,7 @@ def render_markdown(reports: Sequence[dict[str, Any]], paper_target: str = "x86-
         row(f"KV cache, {work['prompt_tokens'] + work['answer_tokens']} positions", mem("kv_gib")),
         row("**total**", lambda r: f"**{r['memory']['total_gib']:.2f}**"),
         row("usable (capacity - reserved)", mem("usable_gib")),
-        row("fits", lambda r: "yes" if r["memory"]["fits"] else "**no**"),
+        row("fits (weights + KV only; activations not counted)", lambda r: "yes" if r["memory"]["fits"] else "**no**"),
     ]
     flops = reports[0]["stages"]
     work_rows = [f"| {label} | {flops[name]['flops'] / 1e12:.4g} |" for name, label in STAGE_LABELS]
@@ -293,13 +298,15 @@ efficiency = {efficiency:g} ({efficiency_note}). FLOPs count matrix products onl
 weights every frame, SigLIP batches the {frames} frames) plus the KV cache; activations are
 assumed to stay on chip. Peaks are the dense tensor rates at the build precision (fp16 with
 fp32 accumulate on GPUs, fp32 on the CPU); the Orin figures are derived from NVIDIA's sparse
-INT8 TOPS, see `engines/*.toml`. The DPT/pose heads are not modelled layer by layer: their
-FLOPs are taken as 37% of a full CUT3R frame (design note), their weights are not counted.
+INT8 TOPS, see `engines/*.toml`. CUT3R's camera path = ViT-L encoder, two-stream decoder
+and pose-memory read/write; the DPT/pose heads are not modelled layer by layer: their FLOPs
+are taken as 37% of a full frame (design note), their weights are not counted.
 Token counts: {frames} frames x {tokens_per_frame} (camera + 14x15 vision) + {head} head +
 {tail} time-instruction + {question} question tokens (text counts are estimates).
 TTFT cold = CUT3R + SigLIP + full prefill, nothing streamed; TTFT prefix cached = prefill of
 the question only over the cached video prefix. Decode = one token at the full prompt
-context (weights + KV read per token). Memory in GiB (2^30), weights at the target's LLM
+context (weights + KV read per token). Memory in GiB (2^30; device capacities are binary,
+a "64 GB" module holds 64 GiB), weights at the target's LLM
 format, vision and CUT3R at the build precision; activations and workspaces are excluded,
 and "reserved" is an estimate of what the OS and driver keep.
 
@@ -313,8 +320,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--target", action="append", help="target name (repeatable; default: all)")
     parser.add_argument("--efficiency", type=float, default=1.0, help="fraction of peak reached (default 1.0)")
     args = parser.parse_args(argv)
-    names = args.target or sorted(list_targets(), key=lambda n: (TABLE_ORDER + (n,)).index(n))
-    reports = [floor_report(name, efficiency=args.efficiency) for name in names]
+    reports = all_reports(args.target, args.efficiency)
     if not args.markdown:
         json.dump(reports, sys.stdout, indent=2)
         sys.stdout.write("\n")

@@ -181,6 +181,7 @@ def export_graph(config: LLMConfig, state: Mapping[str, Tensor]) -> tuple[ir.Mod
         output_names=spec.output_names,
         opset_version=OPSET,
         optimize=False,
+        verbose=False,
     )
     matmul_weights = attach_weights(program.model, state)
     onnxscript.optimizer.optimize(program.model)

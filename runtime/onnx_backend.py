@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -27,10 +28,14 @@ from loc3r.runtime.stages import LLMStage
 CPU = ("CPUExecutionProvider",)
 
 
-def device_providers(cache_dir: str) -> list[Any]:
-    """TensorRT EP (FP16, engine cache) then CUDA then CPU: the order used on a device."""
+def default_providers(cache_dir: Path) -> list[Any]:
+    """On a device with onnxruntime-gpu: TensorRT EP (FP16, engine cache), CUDA, CPU; else CPU."""
+    import onnxruntime
+
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        return list(CPU)
     return [
-        ("TensorrtExecutionProvider", {"trt_fp16_enable": True, "trt_engine_cache_enable": True, "trt_engine_cache_path": cache_dir}),
+        ("TensorrtExecutionProvider", {"trt_fp16_enable": True, "trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache_dir)}),
         "CUDAExecutionProvider",
         "CPUExecutionProvider",
     ]
@@ -100,8 +105,9 @@ def expected_shapes(bundle: Bundle) -> dict[str, dict[str, list[int | str]]]:
     }
 
 
-def onnx_stages(bundle: Bundle, manifest: Manifest, providers: Sequence[Any] = CPU) -> tuple[OrtCamera, OrtVision, OrtHeads, LLMStage]:
+def onnx_stages(bundle: Bundle, manifest: Manifest, providers: Sequence[Any] | None = None) -> tuple[OrtCamera, OrtVision, OrtHeads, LLMStage]:
     """Camera, vision, heads and LLM stages over the manifest's graphs."""
+    providers = providers or default_providers(manifest.root / "ort_trt_cache")
     check_manifest_matches(manifest, bundle.config.model_id, bundle.checksum, expected_shapes(bundle))
     tokens = manifest.artifacts["vision"]["outputs"][0]["shape"][1]
     if tokens != vision_tokens_per_frame(bundle.config):
@@ -123,4 +129,6 @@ def onnx_llm(bundle: Bundle, manifest: Manifest, providers: Sequence[Any]) -> LL
     from loc3r.runtime.onnx_llm import OnnxLLM
 
     root = manifest.root / "llm"
-    return OnnxLLM(root / llm["decoder"]["file"], root / llm["embeddings"]["file"], [p if isinstance(p, str) else p[0] for p in providers])
+    # the TensorRT EP has no MatMulNBits: the decoder runs on the CUDA (or CPU) provider
+    names = [p for p in (p if isinstance(p, str) else p[0] for p in providers) if p != "TensorrtExecutionProvider"]
+    return OnnxLLM(root / llm["decoder"]["file"], root / llm["embeddings"]["file"], names)

@@ -96,6 +96,7 @@ def test_floor_is_max_of_compute_and_memory() -> None:
         stage_floor(1.0, 1.0, hw, efficiency=0.0)
 
 
+@pytest.mark.slow  # ~4 s of imports (transformers); run with -m slow
 def test_param_counts_match_the_real_modules() -> None:
     """Weights (ndim >= 2) of the real-size modules, built on the meta device (no memory)."""
     import torch

@@ -1,0 +1,124 @@
+"""loc3r-export: ONNX graphs with parity, manifest, device build plan, atomicity, refusal."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from loc3r.errors import ModelError
+from loc3r.export import cli as export_cli
+from loc3r.export import exporter
+from loc3r.export.manifest import load_manifest
+from loc3r.runtime.demo_video import write_demo_video
+from loc3r.runtime.generate import SamplingConfig
+from loc3r.runtime.pipeline import Pipeline
+
+FRAMES = 3
+
+
+@pytest.fixture(scope="module")
+def cpu_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("export") / "cpu"
+    assert export_cli.main(["--model", "tiny", "--target", "cpu", "--out", str(out), "--llm", "fp32"]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def video(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_demo_video(tmp_path_factory.mktemp("v") / "v.mp4", num_frames=16, width=160, height=120)
+
+
+def test_manifest_describes_every_artifact(cpu_export: Path) -> None:
+    manifest = load_manifest(cpu_export)
+    assert set(manifest.artifacts) == {"cut3r_first", "cut3r_step", "vision", "pose_head", "bev_head"}
+    assert manifest.data["opset"] >= 17 and manifest.precision == "fp32"
+    assert manifest.data["model"]["id"] == "loc3r-tiny-random-v1"
+    for name, artifact in manifest.artifacts.items():
+        assert (cpu_export / artifact["file"]).is_file()
+        assert artifact["parity"]["within_tolerance"] is True
+        assert artifact["parity"]["max_abs"] <= artifact["tolerance"]["atol"] + artifact["tolerance"]["rtol"] * 10
+        assert {t["name"] for t in artifact["inputs"]} and {t["name"] for t in artifact["outputs"]}
+    assert manifest.artifacts["cut3r_step"]["parity"]["runs"] == exporter.RECURRENCE_FRAMES
+    assert manifest.artifacts["vision"]["inputs"][0]["shape"] == ["frames", 3, 384, 384]
+    assert manifest.artifacts["vision"]["outputs"][0]["shape"] == ["frames", 210, 64]
+    assert manifest.artifacts["cut3r_step"]["inputs"][0]["shape"] == [1, 3, 384, 512]
+    assert manifest.data["llm"]["quantization"]["layers"] == "fp32"
+    assert set(manifest.data["tools"]) >= {"torch", "onnx", "onnxruntime"}
+    assert manifest.data["device_build"] is None  # the cpu target builds no engines
+
+
+def test_onnxruntime_backend_matches_torch(cpu_export: Path, video: Path) -> None:
+    sampling = SamplingConfig(max_new_tokens=8)
+    ref = Pipeline.from_pretrained("tiny").ask(video, "Where am I?", num_frames=FRAMES, sampling=sampling)
+    ort = Pipeline.from_pretrained("tiny", backend="onnxruntime", engines=cpu_export).ask(
+        video, "Where am I?", num_frames=FRAMES, sampling=sampling
+    )
+    assert ort.model.backend == "onnxruntime"
+    assert ort.token_ids == ref.token_ids
+    for field in ("x", "y", "sigma", "theta_rad"):
+        assert getattr(ort.pose, field) == pytest.approx(getattr(ref.pose, field), abs=1e-4)
+
+
+def test_jetson_export_plans_the_device_build(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "orin"
+    assert export_cli.main(["--target", "jetson-orin", "--out", str(out), "--llm", "none"]) == 0
+    printed = capsys.readouterr().out
+    assert "TensorRT engines are NOT built here" in printed
+    assert f"loc3r-export build --manifest {out}/manifest.json" in printed
+    manifest = load_manifest(out)
+    assert manifest.precision == "fp16"
+    plan = manifest.data["device_build"]
+    assert plan["sm"] == "87" and plan["trt_version"] == "10.3"
+    engine = plan["engines"]["vision"]
+    assert engine["engine"] == "vision_trt10.3_sm87.engine"
+    assert engine["profile"]["pixels"] == [[1, 3, 384, 384], [8, 3, 384, 384], [32, 3, 384, 384]]
+    assert "--fp16" in engine["trtexec"] and "--minShapes=pixels:1x3x384x384" in engine["trtexec"]
+    assert plan["engines"]["cut3r_step"]["profile"] == {}  # fixed shapes
+
+
+def test_build_without_tensorrt_is_a_clear_error(cpu_export: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    orin = tmp_path / "orin"
+    shutil.copytree(cpu_export, orin)
+    manifest = json.loads((orin / "manifest.json").read_text())
+    assert export_cli.main(["build", "--manifest", str(orin / "manifest.json")]) == 2
+    assert "plans no TensorRT engines" in capsys.readouterr().err
+    manifest["device_build"] = {"sm": "87", "trt_version": "10.3", "engines": {}}
+    (orin / "manifest.json").write_text(json.dumps(manifest))
+    assert export_cli.main(["build", "--manifest", str(orin / "manifest.json")]) == 2
+    err = capsys.readouterr().err
+    assert "TensorRT is not installed here" in err and "on the target device" in err
+
+
+def test_failed_export_leaves_nothing_behind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "engines"
+    out.mkdir()
+    (out / "keep.txt").write_text("previous export")
+
+    def fail(*args: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(exporter, "export_vision", fail)
+    assert export_cli.main(["--target", "cpu", "--out", str(out), "--llm", "none"]) == 1
+    assert "No space left on device" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["engines"]
+    assert (out / "keep.txt").read_text() == "previous export"
+
+
+def test_runtime_refuses_a_manifest_for_another_model(cpu_export: Path, tmp_path: Path) -> None:
+    other = tmp_path / "other"
+    shutil.copytree(cpu_export, other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest["model"]["checksum"] = "0" * 64
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ModelError, match="were exported from model .* not from loc3r-tiny-random-v1"):
+        Pipeline.from_pretrained("tiny", backend="onnxruntime", engines=other)
+
+
+@pytest.mark.parametrize("size, message", [("12x512", "multiples of 16"), ("big", "is not HxW")])
+def test_bad_cut3r_size(size: str, message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert export_cli.main(["--target", "cpu", "--out", str(tmp_path / "x"), "--cut3r-size", size]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
