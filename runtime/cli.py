@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from loc3r.cli_support import run_cli
+from loc3r.errors import InputError
 from loc3r.models.tokenizer import TextTokenizer
 from loc3r.runtime.generate import SamplingConfig
 from loc3r.runtime.result import Answer
@@ -22,26 +24,26 @@ def build_parser() -> argparse.ArgumentParser:
         description="Answer questions about a video with Loc3R-VLM; every answer carries "
         "the camera position (x, y, sigma in metres) and orientation read from <Pos>/<Ori>.",
     )
-    parser.add_argument("video", help="video file (any container/codec FFmpeg reads)")
-    parser.add_argument("questions", nargs="+", metavar="QUESTION", help="one or more questions; later ones reuse the video's cache")
+    parser.add_argument("video", nargs="?", help="video file (any container/codec FFmpeg reads); omit with --source")
+    parser.add_argument("questions", nargs="*", metavar="QUESTION", help="questions; later ones reuse the video's KV cache")
+    parser.add_argument("-i", "--interactive", action="store_true", help="read questions from stdin, one per line")
+    parser.add_argument("--source", help="live source instead of a file: camera:N, rtsp://..., or - (raw RGB24 frames on stdin)")
+    parser.add_argument("--stride", type=positive_int, default=15, help="live sources: keep every N-th frame (default 15)")
+    parser.add_argument("--frame-size", type=frame_size, metavar="WxH", help="size of raw frames on stdin (--source -)")
     parser.add_argument("--situation", default="", help="situation text placed before <Pos><Ori>")
     parser.add_argument("--model", default="tiny", help="bundle folder, or 'tiny' (built-in, random weights)")
     parser.add_argument("--backend", default="torch", choices=["torch", "onnxruntime", "tensorrt"], help="inference backend")
     parser.add_argument("--engines", help="folder written by loc3r-export (for onnxruntime / tensorrt)")
-    parser.add_argument("--frames", type=positive_int, default=None, help="frames to sample (default: the model's, 32)")
+    parser.add_argument("--frames", type=positive_int, default=None, help="frames to sample (default: the model's, 32); live: the maximum")
     parser.add_argument("--max-new-tokens", type=positive_int, default=64)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-cache", action="store_true", help="do not read or write the on-disk encoding cache")
     parser.add_argument("--plot", metavar="PNG", help="write a top-down map (layout, position, sigma, heading); several questions get _2, _3... suffixes")
     parser.add_argument("--json", action="store_true", help="print one JSON object per question, nothing else")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
-
-
-def numbered_path(path: Path, number: int) -> Path:
-    """``bev.png`` for the first question, ``bev_2.png`` for the second, ..."""
-    return path if number == 1 else path.with_name(f"{path.stem}_{number}{path.suffix}")
 
 
 def positive_int(text: str) -> int:
@@ -49,6 +51,21 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
+
+
+def frame_size(text: str) -> tuple[int, int]:
+    try:
+        width, height = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not WIDTHxHEIGHT") from None
+    if width < 1 or height < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be positive")
+    return width, height
+
+
+def numbered_path(path: Path, number: int) -> Path:
+    """``bev.png`` for the first question, ``bev_2.png`` for the second, ..."""
+    return path if number == 1 else path.with_name(f"{path.stem}_{number}{path.suffix}")
 
 
 class TokenPrinter:
@@ -80,22 +97,50 @@ def print_human(answer: Answer, streamed_chars: int) -> None:
         print(f"NOTE: {answer.model.warning}")
 
 
+def stdin_questions() -> Iterator[str]:
+    """Non-empty lines of stdin, with a prompt when it is a terminal."""
+    while True:
+        if sys.stdin.isatty():
+            print("question> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line:
+            return
+        if line.strip():
+            yield line.strip()
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    if args.source and args.video:
+        args.questions.insert(0, args.video)  # with --source, every positional is a question
+        args.video = None
+    if not args.source and not args.video:
+        raise InputError("no video given", "pass a video file, or --source for a live source")
+    if not args.questions and not args.interactive:
+        raise InputError("no question given", "pass a question after the video, or -i to type them")
+    if args.interactive and args.source == "-":
+        raise InputError("stdin cannot carry both frames and questions", "pass questions as arguments with --source -")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     def body() -> int:
-        from loc3r.runtime.pipeline import Pipeline
+        from loc3r.runtime.pipeline import Pipeline, default_cache_dir
 
-        pipeline = Pipeline.from_pretrained(args.model, backend=args.backend, engines=args.engines)
+        check_arguments(args)
+        pipeline = Pipeline.from_pretrained(
+            args.model, backend=args.backend, engines=args.engines, cache_dir=None if args.no_cache else default_cache_dir()
+        )
         sampling = SamplingConfig(args.max_new_tokens, args.temperature, args.top_p, args.seed)
-        encoding = pipeline.encode_video(args.video, args.frames)
-        for number, question in enumerate(args.questions, start=1):
+        if args.source:
+            session = open_live(pipeline, args)
+        else:
+            session = pipeline.open(args.video, args.frames, with_bev=bool(args.plot))
+        for number, question in enumerate(iter_questions(args), start=1):
             printer = None if args.json else TokenPrinter(pipeline.bundle.tokenizer)
             if printer:
                 print(f"Q: {question}\nA: ", end="", flush=True)
-            answer = pipeline.ask(
-                encoding, question, args.situation, sampling, on_token=printer, with_bev=bool(args.plot)
-            )
+            answer = session.ask(question, args.situation, sampling, on_token=printer)
             if args.plot:
                 answer.plot(numbered_path(Path(args.plot), number))
             if args.json:
@@ -105,6 +150,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
 
     return run_cli(PROG, body, args.debug)
+
+
+def iter_questions(args: argparse.Namespace) -> Iterator[str]:
+    yield from args.questions
+    if args.interactive:
+        yield from stdin_questions()
+
+
+def open_live(pipeline, args: argparse.Namespace):  # noqa: ANN001, ANN201 - Pipeline, VideoSession
+    """Feed a live source into a session: in the background with -i, else up to --frames first."""
+    from loc3r.runtime.sources import live_frames
+
+    max_frames = args.frames or pipeline.config.num_frames
+    frames = live_frames(args.source, args.stride, max_frames, args.frame_size)
+    session = pipeline.new_session(args.source, with_bev=bool(args.plot))
+    if not args.interactive:
+        for frame in frames:
+            session.add_frame(frame)
+        session.finish()
+        return session
+    threading.Thread(target=lambda: [session.add_frame(f) for f in frames], name="loc3r-live", daemon=True).start()
+    return session
 
 
 if __name__ == "__main__":

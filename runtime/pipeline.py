@@ -1,109 +1,44 @@
-"""Video in, answer and pose out: the stages stitched together, with the video prefix cached.
+"""Video in, answer and pose out: the stages stitched together.
 
-Per frame, the CUT3R step runs as soon as the frame is decoded (its state is recurrent);
-SigLIP runs on batches of decoded frames. The video prefix (system turn, frame blocks,
-time instruction) is prefilled once per video and every question reuses its KV cache.
+``Pipeline.open`` turns a video into a :class:`VideoSession`: frames are decoded in a
+background thread (bounded queue), each frame's CUT3R step runs as soon as it arrives
+(the state is recurrent), SigLIP runs on batches, and every finished frame block is
+prefilled into the LLM's KV cache at once, so when the question comes only its own
+tokens remain. Encoded videos are kept in an on-disk cache; questions on the video the
+pipeline holds reuse its KV prefix.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 import torch
-from torch import Tensor
 
 from loc3r.errors import InputError
 from loc3r.models.bundle import Bundle, load_bundle
-from loc3r.models.prompt import (
-    PromptLayout,
-    VideoPrefix,
-    build_question_suffix,
-    build_video_prefix,
-)
-from loc3r.models.tiny import resolve_model
-from loc3r.models.vision import pooled_side
-from loc3r.runtime.generate import SamplingConfig, generate
+from loc3r.models.tiny import loc3r_home, resolve_model
+from loc3r.runtime.encoding_cache import EncodingCache
+from loc3r.runtime.generate import SamplingConfig
+from loc3r.runtime.prefetch import prefetched
 from loc3r.runtime.preprocess import cut3r_input, siglip_input
-from loc3r.runtime.result import Answer, ModelInfo, Pose
-from loc3r.runtime.stages import CameraStage, HeadsStage, LLMStage, VisionStage
-from loc3r.runtime.video import iter_frames
+from loc3r.runtime.result import Answer, ModelInfo
+from loc3r.runtime.session import FrameBlocks, Stages, VideoSession
+from loc3r.runtime.video import Frame, iter_frames
 
-VISION_BATCH = 8
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
-
-
-class StageTimer:
-    """Accumulates wall-clock seconds per named stage."""
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-
-    def add(self, stage: str, seconds: float) -> None:
-        self.seconds[stage] = self.seconds.get(stage, 0.0) + seconds
-
-    def measure(self, stage: str, fn: Callable[..., Any], *args: Any) -> Any:
-        start = time.perf_counter()
-        try:
-            return fn(*args)
-        finally:
-            self.add(stage, time.perf_counter() - start)
-
-
-@dataclass
-class VideoEncoding:
-    """Every frame's block ``[camera, vision...]`` at LLM width, with the sampling facts."""
-
-    source: str
-    requested_frames: int
-    frame_blocks: Tensor  # (frames, 1 + vision tokens, width)
-    indices: list[int]
-    timestamps_s: list[float]
-    duration_s: float
-    timings: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def num_frames(self) -> int:
-        return self.frame_blocks.shape[0]
-
-    def describe(self) -> dict[str, Any]:
-        return {
-            "source": self.source,
-            "frames": self.num_frames,
-            "indices": self.indices,
-            "timestamps_s": [round(t, 3) for t in self.timestamps_s],
-            "duration_s": self.duration_s,
-        }
-
-
-@dataclass
-class CachedPrefix:
-    """The video prefix the LLM's KV cache currently holds."""
-
-    encoding: VideoEncoding
-    prefix: VideoPrefix
-    bev_points: np.ndarray | None
+PREFETCH_FRAMES = 4
 
 
 class Pipeline:
-    """Loc3R-VLM over one set of stages; ``ask`` answers a question about a video."""
+    """Loc3R-VLM over one backend's stages."""
 
-    def __init__(
-        self,
-        bundle: Bundle,
-        camera: CameraStage,
-        vision: VisionStage,
-        heads: HeadsStage,
-        llm: LLMStage,
-        backend: str,
-    ) -> None:
+    def __init__(self, bundle: Bundle, stages: Stages, backend: str, cache: EncodingCache | None = None) -> None:
         self.bundle = bundle
         self.config = bundle.config
-        self.camera, self.vision, self.heads, self.llm = camera, vision, heads, llm
+        self.stages = stages
+        self.cache = cache
         self.model_info = ModelInfo(
             model_id=bundle.config.model_id,
             checksum=bundle.checksum,
@@ -111,21 +46,28 @@ class Pipeline:
             localization=bundle.config.localization,
             backend=backend,
         )
-        self._cached: CachedPrefix | None = None
+        self._session: VideoSession | None = None
+        self._session_key: tuple[object, ...] | None = None
 
     @classmethod
     def from_pretrained(
-        cls, model: str | Path = "tiny", backend: str = "torch", engines: str | Path | None = None
+        cls,
+        model: str | Path = "tiny",
+        backend: str = "torch",
+        engines: str | Path | None = None,
+        cache_dir: str | Path | None = None,
     ) -> Pipeline:
         """Open a bundle (``tiny`` or a folder) and build the stages of ``backend``.
 
-        ``onnxruntime`` and ``tensorrt`` run the artifacts ``loc3r-export`` wrote to ``engines``.
+        ``onnxruntime`` and ``tensorrt`` run what ``loc3r-export`` wrote to ``engines``.
+        ``cache_dir`` turns on the on-disk encoding cache (e.g. ``default_cache_dir()``).
         """
         bundle = load_bundle(resolve_model(model))
+        cache = EncodingCache(Path(cache_dir)) if cache_dir else None
         if backend == "torch":
             from loc3r.runtime.torch_backend import torch_stages
 
-            return cls(bundle, *torch_stages(bundle), backend=backend)
+            return cls(bundle, Stages(*torch_stages(bundle)), backend, cache)
         if backend not in BACKENDS:
             raise InputError(f"unknown backend {backend!r}", f"use one of {', '.join(BACKENDS)}")
         if engines is None:
@@ -136,50 +78,73 @@ class Pipeline:
         if backend == "onnxruntime":
             from loc3r.runtime.onnx_backend import onnx_stages
 
-            return cls(bundle, *onnx_stages(bundle, manifest), backend=backend)
+            return cls(bundle, Stages(*onnx_stages(bundle, manifest)), backend, cache)
         from loc3r.runtime.tensorrt_backend import tensorrt_stages
 
-        return cls(bundle, *tensorrt_stages(bundle, manifest), backend=backend)
+        return cls(bundle, Stages(*tensorrt_stages(bundle, manifest)), backend, cache)
 
-    # -- video ---------------------------------------------------------------------------
+    # -- sessions -------------------------------------------------------------------------
 
-    def encode_video(self, video: str | Path, num_frames: int | None = None) -> VideoEncoding:
-        """Decode the sampled frames and encode them as they arrive."""
+    def new_session(self, source: str, with_bev: bool = False) -> VideoSession:
+        """An empty session (the LLM cache is given to it) for frames fed by the caller."""
+        self._session = VideoSession(self.bundle, self.stages, self.model_info, source, with_bev)
+        self._session_key = None
+        return self._session
+
+    def open(
+        self, video: str | Path, num_frames: int | None = None, with_bev: bool = False, streaming: bool = True
+    ) -> VideoSession:
+        """Sample ``num_frames`` of ``video``, encode them and prefill the video prefix.
+
+        ``streaming=False`` is the reference order: decode every frame, then encode, then
+        one prefill. Both give the same cache; streaming overlaps the work.
+        """
         num_frames = num_frames or self.config.num_frames
-        timer = StageTimer()
-        frames = timer.measure("decode", iter_frames, video, num_frames)
-        camera_embeds: list[Tensor] = []
-        vision_blocks: list[Tensor] = []
-        pending_rgb: list[np.ndarray] = []
-        indices: list[int] = []
-        timestamps: list[float] = []
+        key = (str(video), num_frames, with_bev)
+        if self._session is not None and self._session_key == key:
+            return self._session
+        cache_key = self._cache_key(Path(video), num_frames)
+        cached = self.cache.load(cache_key) if cache_key else None
+        session = self.new_session(str(video), with_bev)
+        if cached is not None:
+            session.add_blocks(cached.encoded)
+            session.report["encoding_cache"] = "hit"
+            session.finish(cached.duration_s)
+        else:
+            frames = iter_frames(video, num_frames)
+            if streaming:
+                for frame in prefetched(timed(frames, session.timer.add), PREFETCH_FRAMES):
+                    session.add_frame(frame)
+            else:
+                decoded = list(timed(frames, session.timer.add))
+                session.add_blocks(self.encode_frames(decoded, session))
+            session.report.update(read_report(frames))
+            session.finish(frames.info.duration_s)
+            if cache_key:
+                self.cache.store(cache_key, session.encoded, frames.info.duration_s)
+                session.report["encoding_cache"] = "stored"
+        self._session_key = key
+        return session
+
+    def encode_frames(self, frames: list[Frame], session: VideoSession) -> FrameBlocks:
+        """Encode decoded frames without touching the LLM (the reference, whole-video order)."""
+        encoded = FrameBlocks()
         state = None
-        while (frame := timer.measure("decode", next, frames, None)) is not None:
-            indices.append(frame.index)
-            timestamps.append(frame.timestamp_s)
+        cameras = []
+        for frame in frames:
             image = cut3r_input(frame.rgb, self.config.cut3r_long_side)
-            camera_embed, state = timer.measure("encode_3d", self.camera.step, image, state)
-            camera_embeds.append(camera_embed)
-            pending_rgb.append(frame.rgb)
-            if len(pending_rgb) == VISION_BATCH:
-                vision_blocks.append(timer.measure("encode_vision", self._encode_vision, pending_rgb))
-                pending_rgb = []
-        if pending_rgb:
-            vision_blocks.append(timer.measure("encode_vision", self._encode_vision, pending_rgb))
-        vision_tokens = torch.cat(vision_blocks)
-        blocks = torch.cat([torch.stack(camera_embeds).unsqueeze(1), vision_tokens], dim=1)
-        return VideoEncoding(
-            str(video), num_frames, blocks, indices, timestamps, frames.info.duration_s, timer.seconds
-        )
-
-    def _encode_vision(self, rgbs: list[np.ndarray]) -> Tensor:
-        return self.vision.encode(siglip_input(rgbs, self.config.vision.image_size))
-
-    # -- questions -----------------------------------------------------------------------
+            camera, state = session.timer.measure("encode_3d", self.stages.camera.step, image, state)
+            cameras.append(camera)
+        pixels = siglip_input([f.rgb for f in frames], self.config.vision.image_size)
+        vision = session.timer.measure("encode_vision", self.stages.vision.encode, pixels)
+        encoded.blocks = [torch.cat([c[None], v]) for c, v in zip(cameras, vision, strict=True)]
+        encoded.indices = [f.index for f in frames]
+        encoded.timestamps_s = [f.timestamp_s for f in frames]
+        return encoded
 
     def ask(
         self,
-        video: str | Path | VideoEncoding,
+        video: str | Path,
         question: str,
         situation: str | None = None,
         sampling: SamplingConfig | None = None,
@@ -187,101 +152,43 @@ class Pipeline:
         on_token: Callable[[int], None] | None = None,
         with_bev: bool = False,
     ) -> Answer:
-        """Answer ``question`` about ``video``; the pose comes from ``<Pos>``/``<Ori>``."""
-        sampling = sampling or SamplingConfig()
-        tokenizer = self.bundle.tokenizer
-        suffix = build_question_suffix(tokenizer, question, situation)
-        encoding = video if isinstance(video, VideoEncoding) else self._encoding_for(video, num_frames)
-        timings = dict(encoding.timings)
-        cached = self._prefill_video(encoding, with_bev, timings)
-        layout = PromptLayout(cached.prefix, suffix)
-        self._check_context(layout, sampling)
+        """Answer ``question`` about ``video`` (opened, or reused if it is the one held)."""
+        session = self.open(video, num_frames, with_bev)
+        return session.ask(question, situation, sampling, on_token)
 
-        asked_at = time.perf_counter()
-        result = self.llm.prefill(self.llm.embed(suffix.ids))
-        timings["prefill_question"] = time.perf_counter() - asked_at
-        xy, sigma, theta = self.heads.pose(result.hidden_states[suffix.pos_offset], result.hidden_states[suffix.ori_offset])
-        pose = Pose(float(xy[0]), float(xy[1]), float(sigma), float(theta))
-
-        token_times: list[float] = []
-
-        def record(token: int) -> None:
-            token_times.append(time.perf_counter())
-            if on_token is not None:
-                on_token(token)
-
-        stop_ids = {tokenizer.im_end_id, tokenizer.end_of_text_id}
-        tokens = generate(result.last_logits, self.llm.decode, stop_ids, sampling, record)
-        if token_times:
-            timings["ttft_s"] = token_times[0] - asked_at
-            if len(token_times) > 1:
-                timings["decode_tokens_per_s"] = (len(token_times) - 1) / (token_times[-1] - token_times[0])
-        return Answer(
-            question=question,
-            situation=situation or "",
-            text=tokenizer.decode(tokens),
-            token_ids=tokens,
-            pose=pose,
-            model=self.model_info,
-            video=encoding.describe(),
-            timings={k: round(v, 6) for k, v in timings.items()},
-            bev_points=cached.bev_points,
+    def _cache_key(self, video: Path, num_frames: int) -> str | None:
+        if self.cache is None or not video.is_file():
+            return None
+        return self.cache.key(
+            video,
+            model=self.bundle.checksum,
+            backend=self.model_info.backend,
+            frames=num_frames,
+            cut3r_long_side=self.config.cut3r_long_side,
+            vision_size=self.config.vision.image_size,
         )
 
-    def _encoding_for(self, video: str | Path, num_frames: int | None) -> VideoEncoding:
-        cached = self._cached
-        wanted = num_frames or self.config.num_frames
-        if cached and cached.encoding.source == str(video) and cached.encoding.requested_frames == wanted:
-            return cached.encoding
-        return self.encode_video(video, num_frames)
 
-    def _prefill_video(self, encoding: VideoEncoding, with_bev: bool, timings: dict[str, float]) -> CachedPrefix:
-        """Make the KV cache hold exactly ``encoding``'s prefix (reused when it already does)."""
-        cached = self._cached
-        if cached and cached.encoding is encoding and (cached.bev_points is not None or not with_bev):
-            self.llm.truncate(cached.prefix.length)
-            timings["prefill_video"] = 0.0
-            return cached
-        prefix = build_video_prefix(
-            self.bundle.tokenizer,
-            encoding.num_frames,
-            encoding.frame_blocks.shape[1] - 1,
-            encoding.duration_s,
-            encoding.timestamps_s,
-        )
-        embeds = torch.cat(
-            [
-                self.llm.embed(prefix.head_ids),
-                encoding.frame_blocks.reshape(-1, encoding.frame_blocks.shape[-1]),
-                self.llm.embed(prefix.tail_ids),
-            ]
-        )
-        self._check_length(prefix.length)
+def default_cache_dir() -> Path:
+    """``$LOC3R_HOME/cache/encodings``."""
+    return loc3r_home() / "cache" / "encodings"
+
+
+def timed(frames: Iterable[Frame], add: Callable[[str, float], None]) -> Iterable[Frame]:
+    """Yield ``frames``, adding the time spent producing each to the ``decode`` stage."""
+    iterator = iter(frames)
+    while True:
         start = time.perf_counter()
-        self.llm.reset()
-        result = self.llm.prefill(embeds)
-        timings["prefill_video"] = time.perf_counter() - start
-        bev = self._bev_points(result.hidden_states, prefix) if with_bev else None
-        self._cached = CachedPrefix(encoding, prefix, bev)
-        return self._cached
+        frame = next(iterator, None)
+        add("decode", time.perf_counter() - start)
+        if frame is None:
+            return
+        yield frame
 
-    def _bev_points(self, hidden: Tensor, prefix: VideoPrefix) -> np.ndarray:
-        """BEV (x, y) of every vision token, newline tokens left out: (frames, h*w, 2)."""
-        config = self.config
-        side = pooled_side(config.vision.grid, config.spatial_pool_mode, config.spatial_pool_stride)
-        per_row = side + int(config.newline_position == "grid")
-        blocks = hidden[prefix.video_start : prefix.video_end].reshape(prefix.num_frames, prefix.tokens_per_frame, -1)
-        vision = blocks[:, 1:].reshape(prefix.num_frames, side, per_row, -1)[:, :, :side]
-        points = self.heads.bev(vision.reshape(-1, vision.shape[-1]))
-        return points.reshape(prefix.num_frames, side * side, 2).float().numpy()
 
-    def _check_length(self, length: int) -> None:
-        limit = self.config.llm.max_position_embeddings
-        if length > limit:
-            raise InputError(
-                f"the prompt needs {length} tokens but the LLM's context is {limit}",
-                "use fewer frames (--frames) or a shorter question",
-            )
-
-    def _check_context(self, layout: PromptLayout, sampling: SamplingConfig) -> None:
-        self._check_length(layout.length + sampling.max_new_tokens)
+def read_report(frames: object) -> dict[str, object]:
+    """How many sampled frames were decodable, when fewer than asked."""
+    report = getattr(frames, "report", None)
+    if report is None or not report.missing:
+        return {}
+    return {"frames_requested": report.requested, "frames_decoded": report.yielded}

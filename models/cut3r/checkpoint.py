@@ -195,7 +195,8 @@ def load_cut3r(path: str | Path) -> Cut3rCameraEncoder:
     """Official CUT3R ``.pth`` -> camera encoder in eval mode; unneeded keys are skipped.
 
     The skipped keys (heads, ray-map encoder, masked tokens, ...) are logged at INFO and
-    kept in ``model.skipped_keys``.
+    kept in ``model.skipped_keys``. float32 parameters stay memory-mapped from the file
+    (copy-on-write), which halves peak memory: do not rewrite the file while the model lives.
     """
     path = Path(path)
     obj = _read(path)
@@ -219,8 +220,7 @@ def load_cut3r(path: str | Path) -> Cut3rCameraEncoder:
             problems.append(f"mis-shaped {_names(bad_shape)}")
         raise ModelError(f"{path} does not fit the CUT3R camera encoder: {'; '.join(problems)}",
                          _FIX)
-    weights = {k: sd[k].to(torch.float32, copy=True) for k in wanted}
-    model.load_state_dict(weights, strict=True, assign=True)
+    model.load_state_dict({k: sd[k].float() for k in wanted}, strict=True, assign=True)
     model.skipped_keys = tuple(sorted(set(sd) - set(wanted)))
     log.info("loaded CUT3R %s; skipped %d unneeded keys: %s", path, len(model.skipped_keys),
              _names(list(model.skipped_keys)))
