@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from loc3r.engines.targets import ALIASES, list_targets, load_target
@@ -24,6 +26,8 @@ def test_every_target_loads_with_sources(name: str) -> None:
     assert target.backends
     lo, opt, hi = target.build.vision_frames
     assert 1 <= lo <= opt <= hi
+    if target.build.trt_version is not None:  # goes into engine file names
+        assert re.fullmatch(r"\d+\.\d+", target.build.trt_version)
     if target.llm.weights in ("int4", "int8"):
         assert target.llm.block_size in (32, 64, 128)
 

@@ -87,7 +87,7 @@ def _read(path: Path) -> Any:
         if head == b"PK\x03\x04":
             raise ModelError(
                 f"{path} is a truncated or corrupt PyTorch checkpoint ({type(exc).__name__})",
-                "download it again",
+                f"download it again or {_FIX}",
             ) from exc
         raise ModelError(f"{path} is not a PyTorch checkpoint", _FIX) from exc
 

@@ -116,6 +116,7 @@ class Cut3rCameraEncoder(nn.Module):
         c = self.config
         x, h, w = self.patch_embed(image)
         pos = patch_positions(h, w, device=x.device)
+        # float16 tables: CroCo's encoder rounds q and k to float16 before RoPE, even in fp32
         rope = rope_tables(pos, c.enc_embed_dim // c.enc_num_heads, c.rope_freq, torch.float16)
         for blk in self.enc_blocks:
             x = blk(x, rope)

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from loc3r.models.cut3r.config import Cut3rConfig
+from loc3r.models.cut3r.encoder import Cut3rCameraEncoder
 
 _TOKENS = (
     "pose_token",
@@ -40,8 +41,6 @@ def random_tensor(key: str, shape: tuple[int, ...], seed: int) -> Tensor:
 
 def random_state_dict(config: Cut3rConfig, seed: int) -> dict[str, Tensor]:
     """Random weights for every parameter of ``Cut3rCameraEncoder(config)``."""
-    from loc3r.models.cut3r.encoder import Cut3rCameraEncoder
-
     with torch.device("meta"):
         shapes = {k: tuple(v.shape) for k, v in Cut3rCameraEncoder(config).state_dict().items()}
     return {k: random_tensor(k, shape, seed) for k, shape in shapes.items()}
