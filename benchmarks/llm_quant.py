@@ -122,10 +122,11 @@ def _peak_rss_mb() -> float:
 
 def _measure_speed(out_dir: str, prefill_tokens: int, decode_tokens: int) -> dict[str, float]:
     """Subprocess body: load one exported variant, time a prefill and a decode run."""
+    from loc3r.export.llm_io import DECODER, EMBEDDINGS
     from loc3r.runtime.onnx_llm import OnnxLLM
 
     base = _peak_rss_mb()
-    llm = OnnxLLM(Path(out_dir) / "decoder.onnx", Path(out_dir) / "embeddings.safetensors")
+    llm = OnnxLLM(Path(out_dir) / DECODER, Path(out_dir) / EMBEDDINGS)
     ids = [i % llm.table.shape[0] for i in range(1, prefill_tokens + 1)]
     llm.prefill(llm.embed(ids[:16]))
     llm.reset()
@@ -177,24 +178,25 @@ def _in_subprocess(function: str, *args: Any) -> dict[str, Any]:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def _variants() -> list[dict[str, Any]]:
-    """fp32/fp16/int8/int4 as shipped, then the int4 block/symmetry and lm_head sweep."""
-    shipped = [{"quant": q} for q in ("fp32", "fp16", "int8", "int4")]
+def _variants() -> list[tuple[dict[str, Any], bool]]:
+    """(export arguments, measure speed): the shipped precisions, int4 with int8 compute,
+    then the int4 block size / symmetry / lm_head sweep."""
+    timed = [{"quant": q} for q in ("fp32", "fp16", "int8", "int4")]
+    timed.append({"quant": "int4", "accuracy_level": 4})
     sweep = [
         {"quant": "int4", "block_size": block, "symmetric": sym, "lm_head": head}
         for block in (32, 128)
         for sym in (True, False)
         for head in ("int4", "int8")
+        if (block, sym, head) != (32, True, "int4")  # the shipped int4
     ]
-    return shipped + [v for v in sweep if v != {"quant": "int4", **_INT4_DEFAULTS}]
-
-
-_INT4_DEFAULTS = {"block_size": 32, "symmetric": True, "lm_head": "int4"}
+    return [(v, True) for v in timed] + [(v, False) for v in sweep]
 
 
 def run(steps: int, prompts: int, new_tokens: int) -> dict[str, Any]:
     """Export and measure every variant of the small config; the 1B export RSS."""
     from loc3r.export.llm import export_llm
+    from loc3r.export.llm_io import DECODER, EMBEDDINGS
     from loc3r.runtime.onnx_llm import OnnxLLM
 
     start = time.perf_counter()
@@ -204,13 +206,13 @@ def run(steps: int, prompts: int, new_tokens: int) -> dict[str, Any]:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         reference = None
-        for variant in _variants():
+        for variant, timed in _variants():
             name = "-".join(str(v) for v in variant.values())
             folder = Path(tmp) / name
             t0 = time.perf_counter()
             fragment = export_llm(model, folder, **variant)
             export_s = time.perf_counter() - t0
-            llm = OnnxLLM(folder / "decoder.onnx", folder / "embeddings.safetensors")
+            llm = OnnxLLM(folder / DECODER, folder / EMBEDDINGS)
             reference = reference or llm
             row = {
                 "variant": name,
@@ -221,7 +223,7 @@ def run(steps: int, prompts: int, new_tokens: int) -> dict[str, Any]:
                 "max_abs_hidden": fragment["parity"]["max_abs_hidden"],
                 "top1_agreement": greedy_agreement(reference, llm, test_prompts, new_tokens),
             }
-            if len(variant) == 1:
+            if timed:
                 row.update(_in_subprocess("_measure_speed", str(folder), 512, 64))
             rows.append(row)
         one_b = {q: _in_subprocess("_export_1b", str(Path(tmp) / q), q) for q in ("fp32", "int4")}

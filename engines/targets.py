@@ -7,7 +7,10 @@ directly (dense FP16 tensor TFLOPS of the Orin GPUs) are derived there in ``peak
 
 from __future__ import annotations
 
-import tomllib
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any, Literal

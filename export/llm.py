@@ -1,4 +1,4 @@
-"""Export the LLM: ``decoder.onnx`` (+ external data), ``embeddings.safetensors``, a manifest fragment."""
+"""Export the LLM: ``decoder.onnx`` (+ external data), the fp16 embedding table, a manifest part."""
 
 from __future__ import annotations
 
@@ -14,20 +14,19 @@ from safetensors.torch import save_file
 from transformers import Qwen2ForCausalLM
 
 from loc3r.export.llm_graph import OPSET, export_graph
-from loc3r.export.llm_io import EMBED_TENSOR, DecoderSpec
+from loc3r.export.llm_io import DECODER, EMBED_TENSOR, EMBEDDINGS, DecoderSpec
 from loc3r.export.quantize import Quant, WeightQuant, quantize_matmuls
 from loc3r.models.config import LLMConfig
 from loc3r.runtime.onnx_llm import OnnxLLM
 
-DECODER = "decoder.onnx"
-EMBEDDINGS = "embeddings.safetensors"
 PARITY_TOKENS = 16
 
 
 def llm_config_of(model: Qwen2ForCausalLM) -> LLMConfig:
     """Our ``LLMConfig`` read back from a transformers Qwen2 config."""
     hf = model.config
-    values = {f.name: getattr(hf, f.name) for f in dataclasses.fields(LLMConfig) if hasattr(hf, f.name)}
+    names = [f.name for f in dataclasses.fields(LLMConfig) if hasattr(hf, f.name)]
+    values = {name: getattr(hf, name) for name in names}
     rope = getattr(hf, "rope_parameters", None) or {}
     values["rope_theta"] = rope.get("rope_theta", getattr(hf, "rope_theta", LLMConfig.rope_theta))
     return LLMConfig(**values)
@@ -63,7 +62,8 @@ def _plan(names: list[str], layers: WeightQuant, lm_head: WeightQuant) -> dict[s
 
 def _parity(model: Qwen2ForCausalLM, out_dir: Path, spec: DecoderSpec) -> dict[str, Any]:
     """One prefill of seeded token embeddings: ONNX Runtime vs the torch model."""
-    ids = torch.randint(0, spec.vocab, (PARITY_TOKENS,), generator=torch.Generator().manual_seed(0))
+    seeded = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, spec.vocab, (PARITY_TOKENS,), generator=seeded)
     llm = OnnxLLM(out_dir / DECODER, out_dir / EMBEDDINGS)
     embeds = model.get_input_embeddings()(ids).detach().float()
     got = llm.prefill(embeds)
@@ -86,14 +86,15 @@ def export_llm(
     block_size: int = 32,
     symmetric: bool = True,
     lm_head: Quant | None = None,
+    accuracy_level: int | None = None,
     check: bool = True,
 ) -> dict[str, Any]:
     """Write the decoder graph and the fp16 embedding table; return a manifest fragment.
 
-    ``quant`` stores the decoder layers' MatMul weights; ``lm_head`` defaults to the same:
-    on the benchmark's trained model an int4 head keeps the int8 head's top-1 agreement,
-    and only with it does int4 stay under 0.16x the fp32 bytes (benchmarks/results/llm_quant.md). ``check`` runs one prefill through ONNX Runtime and the torch
-    model and records the differences under ``parity``.
+    ``quant`` stores the decoder layers' MatMul weights; ``lm_head`` defaults to the same
+    (why: benchmarks/results/llm_quant.md). ``accuracy_level`` is MatMulNBits' compute
+    type (None/0: fp32, 4: int8 activations, faster on CPU). ``check`` runs one prefill through ONNX Runtime
+    and the torch model and records the differences under ``parity``.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -101,8 +102,8 @@ def export_llm(
     spec = DecoderSpec.from_config(config)
     graph, names = export_graph(config, model.state_dict())
     head = lm_head or quant
-    layers = WeightQuant(quant, block_size, symmetric)
-    plan = _plan(names, layers, WeightQuant(head, block_size, symmetric))
+    layers = WeightQuant(quant, block_size, symmetric, accuracy_level)
+    plan = _plan(names, layers, WeightQuant(head, block_size, symmetric, accuracy_level))
     quantize_matmuls(graph, plan)
     ir.save(graph, out / DECODER, external_data=f"{DECODER}.data")
     del graph
@@ -110,7 +111,12 @@ def export_llm(
     save_file({EMBED_TENSOR: table}, str(out / EMBEDDINGS))
     nbits = quant in ("int8", "int4") or head in ("int8", "int4")
     return {
-        "decoder": {"file": DECODER, "external_data": f"{DECODER}.data", "opset": OPSET, **spec.io()},
+        "decoder": {
+            "file": DECODER,
+            "external_data": f"{DECODER}.data",
+            "opset": OPSET,
+            **spec.io(),
+        },
         "embeddings": {
             "file": EMBEDDINGS,
             "tensor": EMBED_TENSOR,
@@ -123,8 +129,13 @@ def export_llm(
             "method": "onnxruntime MatMulNBitsQuantizer (RTN)" if nbits else "cast",
             "block_size": block_size if nbits else None,
             "symmetric": symmetric if nbits else None,
+            "accuracy_level": accuracy_level if nbits else None,
         },
         "matmul_weight_bytes": matmul_weight_bytes(out / DECODER),
         "parity": _parity(model, out, spec) if check else None,
-        "versions": {"onnx": onnx.__version__, "onnxruntime": ort.__version__, "torch": torch.__version__},
+        "versions": {
+            "onnx": onnx.__version__,
+            "onnxruntime": ort.__version__,
+            "torch": torch.__version__,
+        },
     }

@@ -10,6 +10,8 @@ from typing import Any
 
 from loc3r.models.config import LLMConfig
 
+DECODER = "decoder.onnx"
+EMBEDDINGS = "embeddings.safetensors"
 EMBED_TENSOR = "embed_tokens"  # the tensor in embeddings.safetensors
 EMBEDS = "inputs_embeds"
 POSITIONS = "position_ids"

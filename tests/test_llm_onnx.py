@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from loc3r.errors import ModelError
-from loc3r.export.llm import DECODER, EMBEDDINGS, export_llm
+from loc3r.export.llm import export_llm
 from loc3r.export.llm_graph import export_graph
-from loc3r.export.llm_io import DecoderSpec
+from loc3r.export.llm_io import DECODER, EMBEDDINGS, DecoderSpec
 from loc3r.models.config import LLMConfig
 from loc3r.models.llm import TorchLLM, build_qwen2
 from loc3r.runtime.generate import SamplingConfig, generate

@@ -16,7 +16,8 @@ import torch
 
 from loc3r.bench.llm_quant import greedy_agreement, markov_sequences, peaked_qwen2
 from loc3r.errors import ModelError
-from loc3r.export.llm import DECODER, EMBEDDINGS, export_llm
+from loc3r.export.llm import export_llm
+from loc3r.export.llm_io import DECODER, EMBEDDINGS
 from loc3r.export.llm_torchao import quantize_torch_llm
 from loc3r.models.config import LLMConfig
 from loc3r.models.llm import TorchLLM
@@ -30,6 +31,7 @@ CONFIG = LLMConfig(
     num_attention_heads=4,
     num_key_value_heads=2,
 )
+Exports = dict[str, tuple[Path, dict]]
 PROMPTS = markov_sequences(CONFIG.vocab_size, 8, 12, seed=99).tolist()
 
 
@@ -39,7 +41,7 @@ def model() -> torch.nn.Module:
 
 
 @pytest.fixture(scope="module")
-def exports(model: torch.nn.Module, tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, dict]]:
+def exports(model: torch.nn.Module, tmp_path_factory: pytest.TempPathFactory) -> Exports:
     out = {}
     for quant in ("fp32", "fp16", "int8", "int4"):
         folder = tmp_path_factory.mktemp(f"llm_{quant}")
@@ -47,7 +49,7 @@ def exports(model: torch.nn.Module, tmp_path_factory: pytest.TempPathFactory) ->
     return out
 
 
-def _open(exports: dict[str, tuple[Path, dict]], quant: str) -> OnnxLLM:
+def _open(exports: Exports, quant: str) -> OnnxLLM:
     folder, _ = exports[quant]
     return OnnxLLM(folder / DECODER, folder / EMBEDDINGS)
 
@@ -58,7 +60,7 @@ def test_model_is_not_flat(model: torch.nn.Module) -> None:
     assert probs.max(-1).values.mean() > 0.4
 
 
-def test_int4_weight_bytes(exports: dict[str, tuple[Path, dict]]) -> None:
+def test_int4_weight_bytes(exports: Exports) -> None:
     """Counted: initializers feeding the decoder's MatMul/MatMulNBits (layers + lm_head)."""
     fp32 = exports["fp32"][1]["matmul_weight_bytes"]
     assert exports["int4"][1]["matmul_weight_bytes"] <= 0.16 * fp32
@@ -66,26 +68,27 @@ def test_int4_weight_bytes(exports: dict[str, tuple[Path, dict]]) -> None:
     assert exports["fp16"][1]["matmul_weight_bytes"] == fp32 // 2
 
 
-def test_int4_greedy_agreement(exports: dict[str, tuple[Path, dict]]) -> None:
+def test_int4_greedy_agreement(exports: Exports) -> None:
     reference = _open(exports, "fp32")
     assert greedy_agreement(reference, _open(exports, "int4"), PROMPTS, 16) >= 0.95
 
 
 # Max |logit error| at the parity probe; this model's logits span ~14 per position.
 @pytest.mark.parametrize(("quant", "tol"), [("fp16", 1e-2), ("int8", 0.1), ("int4", 1.5)])
-def test_quantized_logits_stay_close(exports: dict[str, tuple[Path, dict]], quant: str, tol: float) -> None:
+def test_quantized_logits_stay_close(exports: Exports, quant: str, tol: float) -> None:
     parity = exports[quant][1]["parity"]
     assert parity["max_abs_logits"] < tol
     assert parity["top1_match"]
 
 
 @pytest.mark.parametrize("quant", ["int8", "int4"])
-def test_every_matmul_weight_is_quantized(exports: dict[str, tuple[Path, dict]], quant: str) -> None:
+def test_every_matmul_weight_is_quantized(exports: Exports, quant: str) -> None:
     folder, fragment = exports[quant]
     graph = onnx.load(str(folder / DECODER), load_external_data=False).graph
     weights = {init.name for init in graph.initializer}
     assert not [n for n in graph.node if n.op_type == "MatMul" and n.input[1] in weights]
-    bits = [a.i for n in graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "bits"]
+    nbits = [n for n in graph.node if n.op_type == "MatMulNBits"]
+    bits = [a.i for n in nbits for a in n.attribute if a.name == "bits"]
     assert bits == [int(quant[3:])] * (7 * CONFIG.num_hidden_layers + 1)
     assert fragment["quantization"]["block_size"] == 32
 
