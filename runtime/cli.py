@@ -12,6 +12,7 @@ from pathlib import Path
 from loc3r.cli_support import run_cli
 from loc3r.errors import InputError
 from loc3r.models.tokenizer import TextTokenizer
+from loc3r.progress import terminal_output
 from loc3r.runtime.generate import SamplingConfig
 from loc3r.runtime.result import Answer
 
@@ -135,7 +136,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.source:
             session = open_live(pipeline, args)
         else:
-            session = pipeline.open(args.video, args.frames, with_bev=bool(args.plot))
+            session = pipeline.open(args.video, args.frames, with_bev=bool(args.plot), show_progress=terminal_output(args.json))
         for number, question in enumerate(iter_questions(args), start=1):
             printer = None if args.json else TokenPrinter(pipeline.bundle.tokenizer)
             if printer:

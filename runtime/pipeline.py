@@ -19,6 +19,7 @@ import torch
 from loc3r.errors import InputError
 from loc3r.models.bundle import Bundle, load_bundle
 from loc3r.models.tiny import loc3r_home, resolve_model
+from loc3r.progress import ProgressBar
 from loc3r.runtime.encoding_cache import EncodingCache
 from loc3r.runtime.generate import SamplingConfig
 from loc3r.runtime.prefetch import prefetched
@@ -92,7 +93,12 @@ class Pipeline:
         return self._session
 
     def open(
-        self, video: str | Path, num_frames: int | None = None, with_bev: bool = False, streaming: bool = True
+        self,
+        video: str | Path,
+        num_frames: int | None = None,
+        with_bev: bool = False,
+        streaming: bool = True,
+        show_progress: bool = False,
     ) -> VideoSession:
         """Sample ``num_frames`` of ``video``, encode them and prefill the video prefix.
 
@@ -112,12 +118,15 @@ class Pipeline:
             session.finish(cached.duration_s)
         else:
             frames = iter_frames(video, num_frames)
+            bar = ProgressBar(len(frames.indices), "encoding frames", show_progress)
             if streaming:
                 for frame in prefetched(timed(frames, session.timer.add), PREFETCH_FRAMES):
                     session.add_frame(frame)
+                    bar.advance()
             else:
                 decoded = list(timed(frames, session.timer.add))
                 session.add_blocks(self.encode_frames(decoded, session))
+            bar.close()
             session.report.update(read_report(frames))
             session.finish(frames.info.duration_s)
             if cache_key:

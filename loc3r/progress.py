@@ -1,0 +1,34 @@
+"""Progress bars on a terminal (tqdm), nothing when output is piped or machine-readable."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+Advance = Callable[[str], None]
+
+
+class ProgressBar:
+    """A bar that counts units of work; a no-op unless enabled."""
+
+    def __init__(self, total: int, description: str, enabled: bool) -> None:
+        self._bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total, desc=description, unit="frame", leave=False, file=sys.stderr)
+
+    def advance(self, note: str = "") -> None:
+        if self._bar is not None:
+            self._bar.update(1)
+            if note:
+                self._bar.set_postfix_str(note)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+def terminal_output(machine_readable: bool = False) -> bool:
+    """True when a person watches: stdout and stderr are terminals and no --json was asked."""
+    return not machine_readable and sys.stdout.isatty() and sys.stderr.isatty()
