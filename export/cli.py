@@ -7,7 +7,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from loc3r.cli_support import run_cli
+from loc3r.cli_support import ArgumentParser, run_cli
 from loc3r.errors import InputError
 
 PROG = "loc3r-export"
@@ -15,7 +15,7 @@ LLM_FORMATS = ("fp32", "fp16", "int8", "int4", "none")
 
 
 def export_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog=PROG,
         description="Export Loc3R-VLM for a target: ONNX graphs (CUT3R step + f_cam, vision, heads) "
         "with parity measured against PyTorch, the LLM in a quantized form, and manifest.json. "
@@ -31,7 +31,7 @@ def export_parser() -> argparse.ArgumentParser:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=f"{PROG} build", description="Build the TensorRT engines a manifest plans (on the target device).")
+    parser = ArgumentParser(prog=f"{PROG} build", description="Build the TensorRT engines a manifest plans (on the target device).")
     parser.add_argument("--manifest", required=True, help="manifest.json written by loc3r-export (or its folder)")
     parser.add_argument("--debug", action="store_true")
     return parser

@@ -16,6 +16,7 @@ from loc3r.errors import ModelError
 MANIFEST_FILE = "manifest.json"
 FORMAT = "loc3r-manifest"
 VERSION = 1
+PRECISIONS = ("fp32", "fp16")  # engines.targets.Precision
 
 
 @dataclass(frozen=True)
@@ -69,7 +70,41 @@ def load_manifest(engines_dir: str | Path) -> Manifest:
     for key in ("model", "precision", "artifacts", "target"):
         if key not in data:
             raise ModelError(f"{path} lacks the {key!r} section", "re-run loc3r-export")
+    check_sections(data, path)
     return Manifest(root, data)
+
+
+def check_sections(data: dict[str, Any], path: Path) -> None:
+    """The sections the runtime reads have the right types (a hand-edited or corrupt file
+    fails here with a ModelError, not later with a KeyError or TypeError)."""
+    problems = []
+    if not isinstance(data["model"], dict) or not isinstance(data["model"].get("checksum"), str):
+        problems.append("'model.checksum' is not a string")
+    if data["precision"] not in PRECISIONS:
+        problems.append(f"precision {data['precision']!r} is not one of {', '.join(PRECISIONS)}")
+    if not isinstance(data["target"], dict):
+        problems.append("'target' is not an object")
+    artifacts = data["artifacts"]
+    if not isinstance(artifacts, dict):
+        problems.append("'artifacts' is not an object")
+    else:
+        problems += [f"artifact {name!r} is malformed" for name, entry in artifacts.items() if not _valid_artifact(entry)]
+    if problems:
+        raise ModelError(f"{path} is corrupt: {problems[0]}", "re-run loc3r-export")
+
+
+def _valid_artifact(entry: object) -> bool:
+    """An artifact names its file and lists its inputs and outputs with names and shapes."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("file"), str):
+        return False
+    for key in ("inputs", "outputs"):
+        specs = entry.get(key)
+        if not isinstance(specs, list):
+            return False
+        for spec in specs:
+            if not isinstance(spec, dict) or not isinstance(spec.get("name"), str) or not isinstance(spec.get("shape"), list):
+                return False
+    return True
 
 
 def check_manifest_matches(manifest: Manifest, model_id: str, checksum: str, expected_shapes: dict[str, dict[str, list[int | str]]]) -> None:

@@ -1,14 +1,67 @@
-"""Shared command-line behaviour: one-line errors, exit codes, no tracebacks unless --debug."""
+"""Shared command-line behaviour: one-line errors, exit codes, no tracebacks unless --debug.
+
+Exit codes: 0 success; 2 bad usage or input (``InputError``/``ModelError``, argparse errors,
+a path the user named that cannot be written: permission denied, read-only file system);
+1 internal faults and a full disk (``InternalError``, ``ENOSPC``/``EDQUOT``, any other
+exception); 130 Ctrl-C. Every failure is one line, ``prog: error: problem: fix``.
+"""
 
 from __future__ import annotations
 
+import argparse
+import errno
+import os
 import sys
 import traceback
 from collections.abc import Callable
+from typing import NoReturn
 
-from loc3r.errors import Loc3rError
+from loc3r.errors import InputError, InternalError, Loc3rError
 
 EXIT_INTERRUPTED = 130
+EXIT_USAGE = 2
+
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+_NOT_WRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with a one-line error (``prog: error: ... (see prog --help)``), exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def os_error(exc: OSError) -> Loc3rError | None:
+    """The one-line error for a full disk or an unwritable path; None for other OSErrors.
+
+    Disk full -> exit 1 (the environment, not the input, is at fault); permission denied
+    or a read-only file system -> exit 2 (the user named a path they cannot use).
+    """
+    where = _where(exc)
+    if exc.errno in _DISK_FULL:
+        return InternalError(
+            f"the disk is full{where} ({os.strerror(exc.errno)})",
+            "free some space or write to another disk, then run again",
+        )
+    if exc.errno in _NOT_WRITABLE or isinstance(exc, PermissionError):
+        reason = os.strerror(exc.errno) if exc.errno else "permission denied"
+        return InputError(
+            f"cannot use{where or ' a path'} ({reason})",
+            "choose a folder you can write to (or fix its permissions) and run again",
+        )
+    return None
+
+
+def _where(exc: OSError) -> str:
+    """`` <path>`` of the failing call; a hidden staging file is shown as its folder."""
+    if not exc.filename:
+        return ""
+    path = os.fsdecode(exc.filename)
+    name = os.path.basename(path)
+    if name.startswith(".") and not os.path.exists(path):  # atomic writes' temporary names
+        path = os.path.dirname(path) or "."
+    return f" {path}"
 
 
 def run_cli(prog: str, body: Callable[[], int], debug: bool) -> int:
@@ -16,19 +69,32 @@ def run_cli(prog: str, body: Callable[[], int], debug: bool) -> int:
     try:
         return body()
     except Loc3rError as exc:
-        if debug:
-            traceback.print_exc()
-        print(f"{prog}: error: {exc}", file=sys.stderr)
-        return exc.exit_code
+        return _report(prog, exc, debug)
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except OSError as exc:
+        mapped = os_error(exc)
+        if mapped is not None:
+            return _report(prog, mapped, debug)
+        return _internal(prog, exc, debug)
     except Exception as exc:  # noqa: BLE001 - the last line of defence of a CLI
-        if debug:
-            traceback.print_exc()
-        detail = str(exc).splitlines()[0] if str(exc) else ""
-        print(
-            f"{prog}: internal error: {type(exc).__name__}: {detail} (rerun with --debug for the traceback)",
-            file=sys.stderr,
-        )
-        return 1
+        return _internal(prog, exc, debug)
+
+
+def _report(prog: str, exc: Loc3rError, debug: bool) -> int:
+    if debug:
+        traceback.print_exc()
+    print(f"{prog}: error: {exc}", file=sys.stderr)
+    return exc.exit_code
+
+
+def _internal(prog: str, exc: BaseException, debug: bool) -> int:
+    if debug:
+        traceback.print_exc()
+    detail = str(exc).splitlines()[0] if str(exc) else ""
+    print(
+        f"{prog}: internal error: {type(exc).__name__}: {detail} (rerun with --debug for the traceback)",
+        file=sys.stderr,
+    )
+    return 1

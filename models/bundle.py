@@ -47,8 +47,15 @@ def weight_files(bundle_dir: Path) -> list[Path]:
     """The bundle's safetensors files, in load order."""
     index = bundle_dir / WEIGHTS_INDEX_FILE
     if index.is_file():
-        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        return [bundle_dir / name for name in sorted(set(weight_map.values()))]
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            names = sorted({str(name) for name in weight_map.values()})
+        except (UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise ModelError(f"{index} is not a valid weight index ({exc})", "re-create the bundle with loc3r-convert") from None
+        missing = [name for name in names if not (bundle_dir / name).is_file()]
+        if missing:
+            raise ModelError(f"{index} lists {missing[0]}, which is missing", "re-copy the bundle with all its files")
+        return [bundle_dir / name for name in names]
     single = bundle_dir / WEIGHTS_FILE
     if single.is_file():
         return [single]

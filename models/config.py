@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from loc3r.errors import ModelError
+
+SIGNED_FIELDS = {"vision_select_layer"}  # the only integers that may be zero or negative
 
 PoolMode = Literal["bilinear", "average", "max"]
 NewlineMode = Literal["grid", "no_token"]
@@ -92,18 +95,27 @@ class Loc3rConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Loc3rConfig:
-        """Build from a parsed ``config.json``; unknown or missing sections are an error."""
+        """Build from a parsed ``config.json``; unknown or missing sections, and values of
+        the wrong type, are a ``ModelError``."""
+        if not isinstance(data, dict):
+            raise ModelError(f"config.json holds a {type(data).__name__}, not an object", "re-create the bundle")
         data = dict(data)
+        sections = {name: data.pop(name, {}) for name in ("vision", "llm", "heads")}
+        for name, section in sections.items():
+            if not isinstance(section, dict):
+                raise ModelError(f"config.json: {name!r} is not an object", "re-create the bundle")
         try:
-            vision = VisionConfig(**data.pop("vision", {}))
-            llm = LLMConfig(**data.pop("llm", {}))
-            heads = HeadsConfig(**data.pop("heads", {}))
+            vision = VisionConfig(**sections["vision"])
+            llm = LLMConfig(**sections["llm"])
+            heads = HeadsConfig(**sections["heads"])
             config = cls(vision=vision, llm=llm, heads=heads, **data)
         except TypeError as exc:
             raise ModelError(
                 f"config.json has a field this version does not know ({exc})",
                 "re-create the bundle with loc3r-convert or check the loc3r version",
             ) from None
+        for section, name in ((config, ""), (vision, "vision."), (llm, "llm."), (heads, "heads.")):
+            check_field_types(section, name)
         config.validate()
         return config
 
@@ -138,3 +150,33 @@ class Loc3rConfig:
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise ModelError(f"{path} is not valid JSON ({exc})", "re-create the bundle") from None
         return cls.from_dict(data)
+
+
+def check_field_types(section: object, prefix: str = "") -> None:
+    """Each field of a config dataclass holds its annotated type (ints >= 1 for sizes)."""
+    hints = typing.get_type_hints(type(section))
+    for f in dataclasses.fields(section):
+        value, hint = getattr(section, f.name), hints[f.name]
+        if dataclasses.is_dataclass(hint):
+            continue  # a section, checked on its own
+        if not _has_type(value, hint) or (hint is int and f.name not in SIGNED_FIELDS and value < 1):
+            wanted = _type_name(hint) if hint is not int else "an integer" if f.name in SIGNED_FIELDS else "a positive integer"
+            raise ModelError(f"config.json: {prefix}{f.name} is {value!r}, expected {wanted}", "re-create the bundle")
+
+
+def _has_type(value: object, hint: object) -> bool:
+    if typing.get_origin(hint) is Literal:
+        return any(value == choice and type(value) is type(choice) for choice in typing.get_args(hint))
+    origin = typing.get_origin(hint) or hint
+    if origin is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if origin is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, origin)  # type: ignore[arg-type]
+
+
+def _type_name(hint: object) -> str:
+    if typing.get_origin(hint) is Literal:
+        return "one of " + ", ".join(repr(c) for c in typing.get_args(hint))
+    origin = typing.get_origin(hint) or hint
+    return {float: "a number", str: "a string", bool: "true or false", dict: "an object"}.get(origin, str(hint))  # type: ignore[call-overload]

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from loc3r.cli_support import run_cli
+from loc3r.cli_support import ArgumentParser, run_cli
 from loc3r.errors import InputError
+from loc3r.models.prompt import check_user_text
 from loc3r.models.tokenizer import TextTokenizer
 from loc3r.progress import terminal_output
 from loc3r.runtime.generate import SamplingConfig
@@ -20,7 +22,7 @@ PROG = "loc3r-run"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog=PROG,
         description="Answer questions about a video with Loc3R-VLM; every answer carries "
         "the camera position (x, y, sigma in metres) and orientation read from <Pos>/<Ori>.",
@@ -48,7 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def positive_int(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
@@ -120,6 +125,20 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise InputError("no question given", "pass a question after the video, or -i to type them")
     if args.interactive and args.source == "-":
         raise InputError("stdin cannot carry both frames and questions", "pass questions as arguments with --source -")
+    for question in args.questions:  # before any model is loaded or frame decoded
+        check_user_text(question, "question", allow_empty=False)
+    check_user_text(args.situation, "situation")
+    if args.plot:
+        check_writable_folder(Path(args.plot).parent)
+
+
+def check_writable_folder(folder: Path) -> None:
+    """Refuse an output folder that cannot be written, before any work is done."""
+    existing = next((p for p in (folder, *folder.parents) if p.exists()), folder)
+    if not existing.is_dir():
+        raise InputError(f"cannot write the --plot file: {existing} is not a folder", "choose another --plot path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(f"cannot write to {existing} (permission denied)", "choose a folder you can write to for --plot")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -164,6 +183,7 @@ def open_live(pipeline, args: argparse.Namespace):  # noqa: ANN001, ANN201 - Pip
     from loc3r.runtime.sources import live_frames
 
     max_frames = args.frames or pipeline.config.num_frames
+    pipeline.check_frames_fit(max_frames)
     frames = live_frames(args.source, args.stride, max_frames, args.frame_size)
     session = pipeline.new_session(args.source, with_bev=bool(args.plot))
     if not args.interactive:

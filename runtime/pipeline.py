@@ -18,7 +18,9 @@ import torch
 
 from loc3r.errors import InputError
 from loc3r.models.bundle import Bundle, load_bundle
+from loc3r.models.prompt import build_video_prefix
 from loc3r.models.tiny import loc3r_home, resolve_model
+from loc3r.models.vision import vision_tokens_per_frame
 from loc3r.progress import ProgressBar
 from loc3r.runtime.encoding_cache import EncodingCache
 from loc3r.runtime.generate import SamplingConfig
@@ -109,6 +111,7 @@ class Pipeline:
         key = (str(video), num_frames, with_bev)
         if self._session is not None and self._session_key == key:
             return self._session
+        self.check_frames_fit(num_frames)
         cache_key = self._cache_key(Path(video), num_frames)
         cached = self.cache.load(cache_key) if cache_key else None
         session = self.new_session(str(video), with_bev)
@@ -134,6 +137,23 @@ class Pipeline:
                 session.report["encoding_cache"] = "stored"
         self._session_key = key
         return session
+
+    def check_frames_fit(self, num_frames: int) -> None:
+        """Refuse, before anything is decoded or encoded, a frame count whose video prefix
+        (``num_frames`` x tokens per frame + the text around it) fills the LLM's context."""
+        prefix = build_video_prefix(
+            self.bundle.tokenizer, num_frames, vision_tokens_per_frame(self.config), 0.0, [0.0] * num_frames
+        )
+        limit = self.config.llm.max_position_embeddings
+        if prefix.length < limit:
+            return
+        per_frame = prefix.tokens_per_frame
+        most = max((limit - 1 - (prefix.length - num_frames * per_frame)) // per_frame, 1)
+        raise InputError(
+            f"{num_frames} frames x {per_frame} tokens per frame make a {prefix.length}-token video prompt, "
+            f"but the LLM's context is {limit} tokens",
+            f"use at most {most} frames (--frames {most})",
+        )
 
     def encode_frames(self, frames: list[Frame], session: VideoSession) -> FrameBlocks:
         """Encode decoded frames without touching the LLM (the reference, whole-video order)."""

@@ -1,7 +1,15 @@
 """Video input: probe a file, sample frames uniformly (LLaVA-Video), decode them with PyAV.
 
 Frames are decoded sequentially and only the sampled ones are converted to RGB, so memory
-stays flat whatever the video length. Timestamps follow LLaVA-Video: ``index / fps``.
+stays flat whatever the video length. Timestamps follow LLaVA-Video: ``index / fps`` (for a
+variable-frame-rate video ``fps`` is the average rate, as in LLaVA-Video's decord reader).
+
+Large frames: a sampled frame whose long side exceeds ``MAX_DECODE_SIDE`` (2048) is scaled
+down to that long side (area averaging, aspect ratio kept) while it is converted to RGB,
+so a 4K or 8K frame never becomes a 25-100 MB array; both encoders shrink it much further
+anyway (CUT3R to a long side of 512, SigLIP to 384x384), so results barely move, and
+frames up to 2048 (1080p, 2K) are untouched and match the reference preprocessing
+exactly. Streams over ``MAX_DECODE_PIXELS`` (8192x8192) are refused before decoding.
 """
 
 from __future__ import annotations
@@ -25,12 +33,16 @@ __all__ = [
     "SampledVideo",
     "VideoInfo",
     "VideoReadReport",
+    "frame_to_rgb",
     "iter_frames",
     "probe_video",
     "read_video",
     "rotate_frame",
     "sample_indices",
 ]
+
+MAX_DECODE_SIDE = 2048
+MAX_DECODE_PIXELS = 8192 * 8192
 
 _FIX_OPEN = "pass a video file (mp4, mkv, mov, webm, avi)"
 _FIX_DAMAGED = "the file is damaged or truncated; re-export or re-copy it"
@@ -150,6 +162,7 @@ def probe_video(path: str | Path, count_frames: bool = False) -> VideoInfo:
             total, exact = _count_packets(path), True
         if total <= 0:
             raise InputError(f"{path}: no decodable video frames", _FIX_DAMAGED)
+        _check_frame_size(stream, path)
         rotation = _first_frame_rotation(container, stream)
         return VideoInfo(
             path=path,
@@ -213,7 +226,7 @@ class FrameStream(Iterator[Frame]):
     ) -> Generator[Frame, None, int | None]:
         """Yield frame ``index`` for ``target`` and each following target up to ``until``
         (repeated yields are copies); return the next target still to decode."""
-        rgb = rotate_frame(frame.to_ndarray(format="rgb24"), frame.rotation)
+        rgb = rotate_frame(frame_to_rgb(frame), frame.rotation)
         repeat = False
         while target is not None and target <= until:
             self.report.yielded += 1
@@ -221,6 +234,18 @@ class FrameStream(Iterator[Frame]):
             repeat = True
             target = next(wanted, None)
         return target
+
+
+def frame_to_rgb(frame: av.VideoFrame, max_side: int | None = None) -> np.ndarray:
+    """RGB24 pixels of ``frame`` (H, W, 3); a frame whose long side exceeds ``max_side``
+    (default ``MAX_DECODE_SIDE``) is scaled down to it, aspect kept, in the same conversion."""
+    max_side = MAX_DECODE_SIDE if max_side is None else max_side
+    longest = max(frame.width, frame.height)
+    if longest <= max_side:
+        return frame.to_ndarray(format="rgb24")
+    scale = max_side / longest
+    width, height = (max(1, round(side * scale)) for side in (frame.width, frame.height))
+    return frame.to_ndarray(width=width, height=height, format="rgb24", interpolation="AREA")
 
 
 def iter_frames(path: str | Path, num_frames: int) -> FrameStream:
@@ -283,6 +308,16 @@ def _video_stream(container: av.container.InputContainer, path: Path) -> av.Vide
     if kinds == ["audio"]:
         raise InputError(f"{path}: has only audio, no video stream", _FIX_OPEN)
     raise InputError(f"{path}: has no video stream (only {', '.join(kinds)})", _FIX_OPEN)
+
+
+def _check_frame_size(stream: av.VideoStream, path: Path) -> None:
+    """Refuse frames too large to decode safely (FFmpeg itself allows about 16k x 16k)."""
+    width, height = stream.width or 0, stream.height or 0
+    if width * height > MAX_DECODE_PIXELS:
+        raise InputError(
+            f"{path}: frames of {width}x{height} are larger than loc3r decodes (at most 8192x8192 pixels)",
+            "scale the video down first, e.g. ffmpeg -i IN -vf scale=1920:-2 OUT.mp4",
+        )
 
 
 def _fps(stream: av.VideoStream, path: Path) -> float:

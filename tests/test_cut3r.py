@@ -128,3 +128,28 @@ def test_batch_matches_single(tiny: Cut3rCameraEncoder) -> None:
 def test_bad_image_shape(tiny: Cut3rCameraEncoder, shape: tuple[int, ...]) -> None:
     with pytest.raises(InputError, match="multiples of 16"):
         tiny.step(torch.zeros(shape))
+
+
+class _Step(torch.nn.Module):
+    def __init__(self, model: Cut3rCameraEncoder, first_frame: bool) -> None:
+        super().__init__()
+        self.model, self.first_frame = model, first_frame
+
+    def forward(self, image: torch.Tensor, state: torch.Tensor, memory: torch.Tensor) -> tuple:
+        return self.model.step_tensors(image, state, memory, self.first_frame)
+
+
+@pytest.mark.parametrize("first_frame", [True, False])
+def test_step_tensors_exports_with_dynamic_size(
+    tiny: Cut3rCameraEncoder, first_frame: bool
+) -> None:
+    """One graph per path, any H, W multiple of 16: no data-dependent control flow."""
+    init = tiny.init_state(1)
+    args = (_frames(1, 32, 48)[0][None], init.state_feat.contiguous(), init.memory.contiguous())
+    h, w = torch.export.Dim("h", min=1, max=64), torch.export.Dim("w", min=1, max=64)
+    step = _Step(tiny, first_frame)
+    with torch.no_grad():
+        program = torch.export.export(step, args, dynamic_shapes=({2: 16 * h, 3: 16 * w}, None, None))
+        other = (_frames(1, 160, 224, seed=4), *args[1:])
+        for got, want in zip(program.module()(*other), step(*other)):
+            torch.testing.assert_close(got, want, atol=1e-6, rtol=0)

@@ -21,8 +21,7 @@ FIXTURES = Path(__file__).parent / "fixtures" / "cut3r"
 ATOL = 1e-4
 
 
-def _check_case(name: str, tmp_path: Path, frames_checked: int | None = None) -> None:
-    """Match every frame of the fixture, or only the first ``frames_checked``."""
+def _check_case(name: str, tmp_path: Path) -> None:
     with safe_open(FIXTURES / f"{name}.safetensors", "pt") as f:
         meta = f.metadata()
         ref = {k: f.get_tensor(k) for k in f.keys()}
@@ -37,7 +36,6 @@ def _check_case(name: str, tmp_path: Path, frames_checked: int | None = None) ->
     count, height, width = (int(meta[k]) for k in ("frames", "height", "width"))
     gen = torch.Generator().manual_seed(int(meta["frames_seed"]))
     frames = torch.rand((count, 3, height, width), generator=gen) * 2 - 1
-    count = frames_checked or count
     s_stride, m_stride = int(meta["state_row_stride"]), int(meta["memory_row_stride"])
     state = None
     with torch.no_grad():
@@ -60,16 +58,10 @@ def test_parity_tiny(tmp_path: Path) -> None:
     _check_case("tiny", tmp_path)
 
 
-def test_parity_real_224_linear_two_frames(tmp_path: Path) -> None:
-    """First-frame path and one memory read; kept in CI (the third frame costs ~10 s more)."""
-    _check_case("real_224_linear", tmp_path, frames_checked=2)
-
-
-@pytest.mark.slow
 def test_parity_real_224_linear(tmp_path: Path) -> None:
     _check_case("real_224_linear", tmp_path)
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # same camera-path architecture as 224; only the image size differs
 def test_parity_real_512_dpt(tmp_path: Path) -> None:
     _check_case("real_512_dpt", tmp_path)
