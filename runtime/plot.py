@@ -43,7 +43,7 @@ def plot_bev(answer: Answer, path: str | Path, size_px: int = 800) -> Path:
         arrowprops={"arrowstyle": "-|>", "color": "tab:red", "lw": 2.5},
     )
     fit_view(ax, answer, arrow)
-    ax.set_aspect("equal", adjustable="datalim")
+    ax.set_aspect("equal", adjustable="box")
     ax.set_xlabel("x (m)")
     ax.set_ylabel("y (m)")
     ax.grid(True, alpha=0.3)

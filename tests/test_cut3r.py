@@ -149,7 +149,8 @@ def test_step_tensors_exports_with_dynamic_size(
     h, w = torch.export.Dim("h", min=1, max=64), torch.export.Dim("w", min=1, max=64)
     step = _Step(tiny, first_frame)
     with torch.no_grad():
-        program = torch.export.export(step, args, dynamic_shapes=({2: 16 * h, 3: 16 * w}, None, None))
+        dynamic = ({2: 16 * h, 3: 16 * w}, None, None)
+        program = torch.export.export(step, args, dynamic_shapes=dynamic)
         other = (_frames(1, 160, 224, seed=4), *args[1:])
         for got, want in zip(program.module()(*other), step(*other)):
             torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
