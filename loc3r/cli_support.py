@@ -33,7 +33,7 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def os_error(exc: OSError) -> Loc3rError | None:
-    """The one-line error for a full disk or an unwritable path; None for other OSErrors.
+    """The one-line error for a full disk or an unusable path; None for other OSErrors.
 
     Disk full -> exit 1 (the environment, not the input, is at fault); permission denied
     or a read-only file system -> exit 2 (the user named a path they cannot use).
@@ -41,27 +41,28 @@ def os_error(exc: OSError) -> Loc3rError | None:
     where = _where(exc)
     if exc.errno in _DISK_FULL:
         return InternalError(
-            f"the disk is full{where} ({os.strerror(exc.errno)})",
-            "free some space or write to another disk, then run again",
+            f"the disk is full ({os.strerror(exc.errno)}){f' writing in {where}' if where else ''}",
+            "free some space or choose a folder on another disk, then run again",
         )
     if exc.errno in _NOT_WRITABLE or isinstance(exc, PermissionError):
-        reason = os.strerror(exc.errno) if exc.errno else "permission denied"
+        reason = os.strerror(exc.errno) if exc.errno else "Permission denied"
         return InputError(
-            f"cannot use{where or ' a path'} ({reason})",
-            "choose a folder you can write to (or fix its permissions) and run again",
+            f"cannot access {where or 'a file'} ({reason})",
+            "fix its permissions or choose another path (e.g. a folder you can write to), then run again",
         )
     return None
 
 
 def _where(exc: OSError) -> str:
-    """`` <path>`` of the failing call; a hidden staging file is shown as its folder."""
-    if not exc.filename:
+    """The path of the failing call, or its closest existing folder when it is gone (the
+    temporary names of atomic writes are removed by the time the error is shown)."""
+    if not isinstance(exc.filename, (str, bytes, os.PathLike)) or not exc.filename:
         return ""
     path = os.fsdecode(exc.filename)
-    name = os.path.basename(path)
-    if name.startswith(".") and not os.path.exists(path):  # atomic writes' temporary names
-        path = os.path.dirname(path) or "."
-    return f" {path}"
+    shown = path
+    while not os.path.exists(shown) and os.path.dirname(shown) not in ("", shown):
+        shown = os.path.dirname(shown)
+    return shown if os.path.exists(shown) else path
 
 
 def run_cli(prog: str, body: Callable[[], int], debug: bool) -> int:

@@ -145,9 +145,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     def body() -> int:
+        check_arguments(args)  # before the heavy imports: a usage error answers at once
         from loc3r.runtime.pipeline import Pipeline, default_cache_dir
 
-        check_arguments(args)
         pipeline = Pipeline.from_pretrained(
             args.model, backend=args.backend, engines=args.engines, cache_dir=None if args.no_cache else default_cache_dir()
         )

@@ -128,6 +128,8 @@ def test_batch_matches_single(tiny: Cut3rCameraEncoder) -> None:
 def test_bad_image_shape(tiny: Cut3rCameraEncoder, shape: tuple[int, ...]) -> None:
     with pytest.raises(InputError, match="multiples of 16"):
         tiny.step(torch.zeros(shape))
+    with pytest.raises(InputError, match="T>0"):
+        tiny.encode(torch.zeros(0, 3, 64, 64))
 
 
 class _Step(torch.nn.Module):

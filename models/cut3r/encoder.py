@@ -86,6 +86,8 @@ class Cut3rCameraEncoder(nn.Module):
     @torch.no_grad()
     def encode(self, frames: Tensor) -> Tensor:
         """Frames (T, 3, H, W), one stream, in order -> camera tokens (T, camera_dim)."""
+        if frames.ndim != 4 or len(frames) == 0:
+            raise InputError(f"CUT3R encode expects (T>0, 3, H, W), got {tuple(frames.shape)}")
         state = None
         tokens = []
         for frame in frames:
