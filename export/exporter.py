@@ -135,35 +135,27 @@ def artifact_entry(spec: graphs.GraphSpec, path: Path, parity: ParityResult, **e
 
 
 def export_camera(request: ExportRequest, out: Path) -> dict[str, Any]:
-    """``cut3r_first`` and ``cut3r_step`` (CUT3R step + f_cam), checked over a recurrence."""
+    """``cut3r_step`` (CUT3R step + f_cam), checked over a recurrence from the first frame."""
     model = request.bundle.model
-    encoder, heads = model.camera_encoder, model.heads
     height, width = request.cut3r_size
     with torch.no_grad():
-        init = encoder.init_state(1)
+        init = model.camera_encoder.init_state(1)
     init = Cut3rState(init.state_feat.detach().contiguous(), init.memory.detach().contiguous())
-    state_shape, memory_shape = tuple(init.state_feat.shape[1:]), tuple(init.memory.shape[1:])
-    llm_width = request.bundle.config.llm.hidden_size
-    modules, specs, paths = {}, {}, {}
-    for name, first in (("cut3r_first", True), ("cut3r_step", False)):
-        modules[name] = graphs.CameraStepGraph(encoder, heads, first_frame=first)
-        specs[name] = graphs.camera_step_spec(name, height, width, state_shape, memory_shape, llm_width)
-        example = (torch.rand(1, 3, height, width) * 2 - 1, init.state_feat, init.memory)
-        paths[name] = export_onnx(modules[name], specs[name], example, out / f"{name}.onnx")
-    save_file(
-        {"state": init.state_feat, "memory": init.memory}, str(out / CUT3R_INIT_FILE)
+    module = graphs.CameraStepGraph(model.camera_encoder, model.heads)
+    spec = graphs.camera_step_spec(
+        height, width, tuple(init.state_feat.shape[1:]), tuple(init.memory.shape[1:]), request.bundle.config.llm.hidden_size
     )
-    parity = recurrence_parity(modules, specs, paths, init, (height, width))
-    return {
-        name: artifact_entry(specs[name], paths[name], parity, initial_state=CUT3R_INIT_FILE)
-        for name in ("cut3r_first", "cut3r_step")
-    }
+    example = (torch.rand(1, 3, height, width) * 2 - 1, init.state_feat, init.memory, torch.ones(1))
+    path = export_onnx(module, spec, example, out / "cut3r_step.onnx")
+    save_file({"state": init.state_feat, "memory": init.memory}, str(out / CUT3R_INIT_FILE))
+    parity = recurrence_parity(module, spec, path, init, (height, width))
+    return {"cut3r_step": artifact_entry(spec, path, parity, initial_state=CUT3R_INIT_FILE)}
 
 
 def recurrence_parity(
-    modules: dict[str, torch.nn.Module],
-    specs: dict[str, graphs.GraphSpec],
-    paths: dict[str, Path],
+    module: torch.nn.Module,
+    spec: graphs.GraphSpec,
+    path: Path,
     init: Cut3rState,
     size: tuple[int, int],
     frames: int = RECURRENCE_FRAMES,
@@ -173,24 +165,24 @@ def recurrence_parity(
     Each side carries its own recurrent state, so drift (e.g. a wrong RoPE row) accumulates
     and shows, as it would at run time.
     """
-    sessions = {name: ort_session(path) for name, path in paths.items()}
+    session = ort_session(path)
     generator = torch.Generator().manual_seed(1234)
     torch_state, torch_memory = init.state_feat, init.memory
     ort_state, ort_memory = init.state_feat.numpy(), init.memory.numpy()
     results = []
     for frame in range(frames):
-        name = "cut3r_first" if frame == 0 else "cut3r_step"
+        first = torch.tensor([1.0 if frame == 0 else 0.0])
         image = torch.rand(1, 3, *size, generator=generator) * 2 - 1
         with torch.inference_mode():
-            expected = modules[name](image, torch_state, torch_memory)
-        actual = sessions[name].run(
-            specs[name].output_names,
-            {"image": image.numpy(), "state": ort_state, "memory": ort_memory},
+            expected = module(image, torch_state, torch_memory, first)
+        actual = session.run(
+            spec.output_names,
+            {"image": image.numpy(), "state": ort_state, "memory": ort_memory, "first_frame": first.numpy()},
         )
-        results.append(compare(specs[name], expected, actual))
+        results.append(compare(spec, expected, actual))
         _, torch_state, torch_memory = expected
         _, ort_state, ort_memory = actual
-    return ensure_within(specs["cut3r_step"], merge(results))
+    return ensure_within(spec, merge(results))
 
 
 # -- vision and heads ----------------------------------------------------------------------

@@ -67,18 +67,19 @@ class GraphSpec:
 
 
 class CameraStepGraph(nn.Module):
-    """One CUT3R step fused with ``f_cam``: (image, state, memory) -> (camera, state, memory).
+    """One CUT3R step fused with ``f_cam``: (image, state, memory, first_frame) -> (camera, state, memory).
 
-    The first frame takes another path (the learned pose token instead of a memory
-    query), chosen outside the graph: ``first_frame`` builds that graph.
+    The first frame takes the learned pose token instead of a memory query; the runtime
+    says which with ``first_frame`` (1.0 or 0.0), so one graph (one set of weights, one
+    engine) serves every frame.
     """
 
-    def __init__(self, encoder: Cut3rCameraEncoder, heads: Loc3rHeads, first_frame: bool) -> None:
+    def __init__(self, encoder: Cut3rCameraEncoder, heads: Loc3rHeads) -> None:
         super().__init__()
-        self.encoder, self.heads, self.first_frame = encoder, heads, first_frame
+        self.encoder, self.heads = encoder, heads
 
-    def forward(self, image: Tensor, state: Tensor, memory: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        token, state, memory = self.encoder.step_tensors(image, state, memory, self.first_frame)
+    def forward(self, image: Tensor, state: Tensor, memory: Tensor, first_frame: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        token, state, memory = self.encoder.step_tensors(image, state, memory, first_frame)
         return self.heads.project_camera(token), state, memory
 
 
@@ -115,14 +116,15 @@ class BevHeadGraph(nn.Module):
         return self.heads.bev(states)
 
 
-def camera_step_spec(name: str, height: int, width: int, state: tuple[int, ...], memory: tuple[int, ...], llm_width: int) -> GraphSpec:
-    """``cut3r_first`` / ``cut3r_step`` at a fixed input resolution."""
+def camera_step_spec(height: int, width: int, state: tuple[int, ...], memory: tuple[int, ...], llm_width: int) -> GraphSpec:
+    """``cut3r_step`` at a fixed input resolution."""
     return GraphSpec(
-        name=name,
+        name="cut3r_step",
         inputs=(
             TensorSpec("image", (1, 3, height, width)),
             TensorSpec("state", (1, *state)),
             TensorSpec("memory", (1, *memory)),
+            TensorSpec("first_frame", (1,)),
         ),
         outputs=(
             TensorSpec("camera", (1, llm_width)),

@@ -43,10 +43,9 @@ def default_providers(cache_dir: Path) -> list[Any]:
 
 @dataclass
 class OrtCamera:
-    """``cut3r_first`` on the first frame, ``cut3r_step`` after; the state stays in numpy."""
+    """``cut3r_step`` from the initial state on the first frame; the state stays in numpy."""
 
-    first: Any
-    step_session: Any
+    session: Any
     init_state: np.ndarray
     init_memory: np.ndarray
     size: tuple[int, int]
@@ -58,11 +57,11 @@ class OrtCamera:
                 f"the CUT3R graph was exported for {self.size[0]}x{self.size[1]} frames, this video gives {height}x{width}",
                 f"re-export with loc3r-export --cut3r-size {height}x{width}",
             )
-        session = self.first if state is None else self.step_session
         prev_state, prev_memory = (self.init_state, self.init_memory) if state is None else state
-        camera, new_state, new_memory = session.run(
+        first = np.array([1.0 if state is None else 0.0], dtype=np.float32)
+        camera, new_state, new_memory = self.session.run(
             ["camera", "new_state", "new_memory"],
-            {"image": image.unsqueeze(0).numpy(), "state": prev_state, "memory": prev_memory},
+            {"image": image.unsqueeze(0).numpy(), "state": prev_state, "memory": prev_memory, "first_frame": first},
         )
         return torch.from_numpy(camera[0]), (new_state, new_memory)
 
@@ -115,7 +114,7 @@ def onnx_stages(bundle: Bundle, manifest: Manifest, providers: Sequence[Any] | N
     session = {name: ort_session(manifest.artifact_path(name), providers) for name in manifest.artifacts}
     init = load_file(str(manifest.root / CUT3R_INIT_FILE))
     height, width = manifest.data["cut3r_size"]
-    camera = OrtCamera(session["cut3r_first"], session["cut3r_step"], init["state"], init["memory"], (height, width))
+    camera = OrtCamera(session["cut3r_step"], init["state"], init["memory"], (height, width))
     return camera, OrtVision(session["vision"]), OrtHeads(session["pose_head"], session["bev_head"]), onnx_llm(bundle, manifest, providers)
 
 

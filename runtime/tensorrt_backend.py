@@ -60,14 +60,13 @@ class TrtSession:
 
 @dataclass
 class TrtCamera:
-    first: TrtSession
-    step_session: TrtSession
+    session: TrtSession
     init: dict[str, Tensor]
 
     def step(self, image: Tensor, state: Any | None) -> tuple[Tensor, Any]:
-        session = self.first if state is None else self.step_session
         prev_state, prev_memory = (self.init["state"], self.init["memory"]) if state is None else state
-        out = session.run({"image": image.unsqueeze(0), "state": prev_state, "memory": prev_memory})
+        first = torch.tensor([1.0 if state is None else 0.0])
+        out = self.session.run({"image": image.unsqueeze(0), "state": prev_state, "memory": prev_memory, "first_frame": first})
         return out["camera"][0], (out["new_state"], out["new_memory"])
 
 
@@ -108,7 +107,7 @@ def tensorrt_stages(bundle: Bundle, manifest: Manifest) -> tuple[TrtCamera, TrtV
         check_engine_matches(manifest.root / file, trt.__version__, sm)
         sessions[name] = TrtSession(manifest.root / file)
     init = load_file(str(manifest.root / CUT3R_INIT_FILE))
-    camera = TrtCamera(sessions["cut3r_first"], sessions["cut3r_step"], init)
+    camera = TrtCamera(sessions["cut3r_step"], init)
     heads = TrtHeads(sessions["pose_head"], sessions["bev_head"])
     llm = onnx_llm(bundle, manifest, ("CUDAExecutionProvider", "CPUExecutionProvider"))
     return camera, TrtVision(sessions["vision"]), heads, llm

@@ -282,7 +282,7 @@ def _check_path(path: str | Path) -> Path:
 
 def _open(path: Path) -> av.container.InputContainer:
     try:
-        container = av.open(str(path), mode="r")
+        container = av.open(str(path), mode="r", metadata_errors="replace")  # damaged tags are not fatal
     except av.FFmpegError as exc:
         raise InputError(
             f"{path}: cannot be read as a video ({exc.strerror or exc})",
@@ -301,7 +301,13 @@ def _video_stream(container: av.container.InputContainer, path: Path) -> av.Vide
         if not s.disposition & av.stream.Disposition.attached_pic
     ]
     if streams:
-        return streams[0]
+        decodable = [s for s in streams if s.codec_context is not None]
+        if not decodable:
+            raise InputError(
+                f"{path}: its video stream has a codec this FFmpeg build cannot decode",
+                "the file is damaged, or re-encode it, e.g. to H.264",
+            )
+        return decodable[0]
     kinds = sorted({s.type for s in container.streams})
     if not kinds:
         raise InputError(f"{path}: contains no streams", _FIX_DAMAGED)

@@ -62,7 +62,10 @@ def run(capsys: pytest.CaptureFixture[str], *argv: object) -> Result:
 
 
 def export(capsys: pytest.CaptureFixture[str], *argv: object) -> Result:
-    return _call(export_cli.main, capsys, argv)
+    """``loc3r-export argv`` in-process; its progress lines (``exporting ...``) are dropped."""
+    result = _call(export_cli.main, capsys, argv)
+    result.err = "".join(line for line in result.err.splitlines(keepends=True) if not line.startswith("exporting "))
+    return result
 
 
 def _call(main, capsys: pytest.CaptureFixture[str], argv: tuple[object, ...]) -> Result:  # noqa: ANN001
@@ -631,7 +634,7 @@ def test_ctrl_c_during_run(
 @pytest.mark.parametrize(
     "error, code, line",
     [
-        (PermissionError(errno.EACCES, "Permission denied", "/root/secret.mp4"), 2, "cannot access /root/secret.mp4 (Permission denied): fix its permissions"),
+        (PermissionError(errno.EACCES, "Permission denied", __file__), 2, f"cannot access {__file__} (Permission denied): fix its permissions"),
         (OSError(errno.EROFS, "Read-only file system", "/mnt/ro/x/.out.abc"), 2, "cannot access /mnt (Read-only file system)"),
         (OSError(errno.ENOSPC, "No space left on device"), 1, "the disk is full (No space left on device): free some space"),
         (OSError(errno.EDQUOT, "Disk quota exceeded", "/home"), 1, "the disk is full (Disk quota exceeded) writing in /home"),

@@ -156,3 +156,21 @@ def test_step_tensors_exports_with_dynamic_size(
         other = (_frames(1, 160, 224, seed=4), *args[1:])
         for got, want in zip(program.module()(*other), step(*other)):
             torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+
+
+def test_tensor_first_frame_flag_selects_the_same_path_as_the_bool() -> None:
+    """The exported graph's ``first_frame`` input (1.0 / 0.0) equals the Python-bool paths."""
+    torch.manual_seed(0)
+    encoder = Cut3rCameraEncoder(Cut3rConfig.tiny()).eval()
+    image = torch.rand(1, 3, 64, 96) * 2 - 1
+    with torch.no_grad():
+        init = encoder.init_state(1)
+        _, state, memory = encoder.step_tensors(image, init.state_feat, init.memory, True)
+        for flag, path in ((1.0, True), (0.0, False)):
+            by_tensor = encoder.step_tensors(image, state, memory, torch.tensor([flag]))
+            by_bool = encoder.step_tensors(image, state, memory, path)
+            for a, b in zip(by_tensor, by_bool, strict=True):
+                torch.testing.assert_close(a, b, rtol=0, atol=0)
+        first, _, _ = encoder.step_tensors(image, state, memory, torch.tensor([1.0]))
+        later, _, _ = encoder.step_tensors(image, state, memory, torch.tensor([0.0]))
+    assert not torch.allclose(first, later)

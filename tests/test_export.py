@@ -33,7 +33,7 @@ def video(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_manifest_describes_every_artifact(cpu_export: Path) -> None:
     manifest = load_manifest(cpu_export)
-    assert set(manifest.artifacts) == {"cut3r_first", "cut3r_step", "vision", "pose_head", "bev_head"}
+    assert set(manifest.artifacts) == {"cut3r_step", "vision", "pose_head", "bev_head"}
     assert manifest.data["opset"] >= 17 and manifest.precision == "fp32"
     assert manifest.data["model"]["id"] == "loc3r-tiny-random-v1"
     for name, artifact in manifest.artifacts.items():
@@ -45,6 +45,7 @@ def test_manifest_describes_every_artifact(cpu_export: Path) -> None:
     assert manifest.artifacts["vision"]["inputs"][0]["shape"] == ["frames", 3, 384, 384]
     assert manifest.artifacts["vision"]["outputs"][0]["shape"] == ["frames", 210, 64]
     assert manifest.artifacts["cut3r_step"]["inputs"][0]["shape"] == [1, 3, 384, 512]
+    assert manifest.artifacts["cut3r_step"]["inputs"][3] == {"name": "first_frame", "shape": [1], "dtype": "float32"}
     assert manifest.data["llm"]["quantization"]["layers"] == "fp32"
     assert set(manifest.data["tools"]) >= {"torch", "onnx", "onnxruntime"}
     assert manifest.data["device_build"] is None  # the cpu target builds no engines

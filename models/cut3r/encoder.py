@@ -96,16 +96,21 @@ class Cut3rCameraEncoder(nn.Module):
         return torch.stack(tokens)
 
     def step_tensors(
-        self, image: Tensor, state_feat: Tensor, memory: Tensor, first_frame: bool
+        self, image: Tensor, state_feat: Tensor, memory: Tensor, first_frame: bool | Tensor
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Pure-tensor step for export: (camera token, new state_feat, new memory).
 
-        ``first_frame`` is a Python bool that picks the graph; no tensor-dependent control flow.
+        ``first_frame`` as a Python bool picks the path; as a (B,) tensor of 0/1 it selects
+        per item with ``where`` (one exported graph for every frame, no control flow).
         """
         feat, pos = self._encode_image(image)
         mean_feat = feat.mean(dim=1, keepdim=True)
-        if first_frame:
-            pose = self.pose_token.expand(feat.shape[0], -1, -1)
+        first_pose = self.pose_token.expand(feat.shape[0], -1, -1)
+        if isinstance(first_frame, Tensor):
+            read = self.pose_retriever.read(mean_feat, memory)
+            pose = torch.where(first_frame.reshape(-1, 1, 1) > 0.5, first_pose, read)
+        elif first_frame:
+            pose = first_pose
         else:
             pose = self.pose_retriever.read(mean_feat, memory)
         img, new_state = self._decode(feat, pos, pose, state_feat)
