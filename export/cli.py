@@ -49,7 +49,14 @@ def parse_size(text: str | None, default: tuple[int, int]) -> tuple[int, int]:
     return height, width
 
 
+def check_out(out: Path) -> None:
+    """``--out`` is replaced as a whole: it must be a folder (or not exist yet)."""
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out} is a file, not a folder", "pass a new folder for the export")
+
+
 def run_export(args: argparse.Namespace) -> int:
+    check_out(Path(args.out))
     from loc3r.engines.targets import load_target
     from loc3r.export.exporter import ExportRequest, default_cut3r_size, export_all
     from loc3r.models.bundle import load_bundle

@@ -1,9 +1,10 @@
 """Weight storage of the decoder's MatMuls: fp32, fp16, or int8/int4 blocks (``MatMulNBits``).
 
 Each weight is quantized on its own by onnxruntime's ``MatMulNBitsQuantizer`` run over a
-one-MatMul model, and the resulting ``MatMulNBits`` node replaces the MatMul in the big
-graph: only one fp32 weight is materialised at a time, so a 7B graph quantizes in the
-memory of the largest matrix plus the quantized result.
+one-MatMul model, ``COLUMNS`` output columns at a time (blocks run along K, so columns are
+independent and the packed results concatenate along N), and the resulting ``MatMulNBits``
+node replaces the MatMul in the big graph: only one fp32 weight is materialised at a time
+and the quantizer's own copies stay the size of one column slice.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ _root.setLevel(_level)
 
 Quant = Literal["fp32", "fp16", "int8", "int4"]
 MS_DOMAIN = "com.microsoft"
+COLUMNS = 4096
 
 
 @dataclass(frozen=True)
@@ -43,7 +45,18 @@ class WeightQuant:
         return {"int8": 8, "int4": 4}[self.kind]
 
 
-def _nbits_node(weight: np.ndarray, quant: WeightQuant) -> tuple[dict, dict[str, np.ndarray]]:
+def _nbits_node(weight: np.ndarray, quant: WeightQuant) -> tuple[dict, list[np.ndarray]]:
+    """MatMulNBits attributes and constant inputs (B, scales[, zero points]) for ``weight``."""
+    parts = [
+        _nbits_slice(np.ascontiguousarray(weight[:, i : i + COLUMNS]), quant)
+        for i in range(0, weight.shape[1], COLUMNS)
+    ]
+    attrs = {**parts[0][0], "N": weight.shape[1]}
+    consts = [np.concatenate(arrays) for arrays in zip(*(p[1] for p in parts), strict=True)]
+    return attrs, consts
+
+
+def _nbits_slice(weight: np.ndarray, quant: WeightQuant) -> tuple[dict, list[np.ndarray]]:
     """ORT's quantizer on ``x @ weight`` alone: MatMulNBits attributes and its constant inputs."""
     k, n = weight.shape
     w = numpy_helper.from_array(weight, "W")
@@ -72,7 +85,7 @@ def _nbits_node(weight: np.ndarray, quant: WeightQuant) -> tuple[dict, dict[str,
     (node,) = [n for n in out.graph.node if n.op_type == "MatMulNBits"]
     consts = {t.name: numpy_helper.to_array(t) for t in out.graph.initializer}
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-    return attrs, {name: consts[name] for name in node.input[1:] if name}
+    return attrs, [consts[name] for name in node.input[1:] if name]
 
 
 def _weight_user(value: ir.Value) -> ir.Node:
@@ -86,7 +99,7 @@ def _to_nbits(graph: ir.Graph, value: ir.Value, quant: WeightQuant) -> None:
     matmul = _weight_user(value)
     attrs, consts = _nbits_node(value.const_value.numpy(), quant)
     inputs = [matmul.inputs[0]]
-    for suffix, array in zip(("q", "scales", "zero_points"), consts.values(), strict=False):
+    for suffix, array in zip(("q", "scales", "zero_points"), consts, strict=False):
         const = ir.Value(name=f"{value.name}.{suffix}", const_value=ir.tensor(array))
         graph.register_initializer(const)
         inputs.append(const)

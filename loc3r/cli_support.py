@@ -3,13 +3,15 @@
 Exit codes: 0 success; 2 bad usage or input (``InputError``/``ModelError``, argparse errors,
 a path the user named that cannot be written: permission denied, read-only file system);
 1 internal faults and a full disk (``InternalError``, ``ENOSPC``/``EDQUOT``, any other
-exception); 130 Ctrl-C. Every failure is one line, ``prog: error: problem: fix``.
+exception); 130 Ctrl-C. Every failure is one line, ``prog: error: problem: fix``; loc3r's own warnings
+(a truncated video, a discarded cache entry) are ``prog: warning: ...`` lines.
 """
 
 from __future__ import annotations
 
 import argparse
 import errno
+import logging
 import os
 import sys
 import traceback
@@ -23,6 +25,7 @@ EXIT_USAGE = 2
 
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 _NOT_WRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS)
+_NOISY_LOGGERS = ("torchao", "torch.utils._pytree")
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -65,8 +68,37 @@ def _where(exc: OSError) -> str:
     return shown if os.path.exists(shown) else path
 
 
+class _WarningLine(logging.Handler):
+    """loc3r's own warnings as ``prog: warning: ...`` lines on the current stderr."""
+
+    def __init__(self, prog: str) -> None:
+        super().__init__(logging.WARNING)
+        self.prog = prog
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(f"{self.prog}: warning: {record.getMessage()}", file=sys.stderr)
+
+
+def quiet_import_noise() -> None:
+    """Silence warnings libraries log while being imported (torchao's optional CUDA kernels
+    that fail to load, torch's pytree deprecations); ``--debug`` keeps them."""
+    for name in _NOISY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def run_cli(prog: str, body: Callable[[], int], debug: bool) -> int:
     """Run ``body``; turn every failure into ``prog: error: ...`` on stderr and an exit code."""
+    if not debug:
+        quiet_import_noise()
+    warnings = _WarningLine(prog)
+    logging.getLogger("loc3r").addHandler(warnings)
+    try:
+        return _run(prog, body, debug)
+    finally:
+        logging.getLogger("loc3r").removeHandler(warnings)
+
+
+def _run(prog: str, body: Callable[[], int], debug: bool) -> int:
     try:
         return body()
     except Loc3rError as exc:

@@ -129,6 +129,8 @@ def check_arguments(args: argparse.Namespace) -> None:
         check_user_text(question, "question", allow_empty=False)
     check_user_text(args.situation, "situation")
     if args.plot:
+        if Path(args.plot).is_dir():
+            raise InputError(f"--plot {args.plot} is a folder", "pass the path of a .png file to write")
         check_writable_folder(Path(args.plot).parent)
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import errno
 import json
-import logging
 import os
 import shutil
 import subprocess
@@ -214,18 +213,17 @@ def test_unusable_video(
     assert {p.name for p in tmp_path.iterdir()} == before
 
 
-def test_truncated_mp4_answers_from_the_readable_frames(
-    long_video: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
-) -> None:
+def test_truncated_mp4_answers_from_the_readable_frames(long_video: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     cut = tmp_path / "cut.mp4"
     cut.write_bytes(long_video.read_bytes()[: long_video.stat().st_size // 2])
-    with caplog.at_level(logging.WARNING):
-        out = ok_json(run(capsys, cut, "Where am I?", "--json", "--frames", "4", "--max-new-tokens", "2", "--no-cache"))
+    result = run(capsys, cut, "Where am I?", "--json", "--frames", "4", "--max-new-tokens", "2", "--no-cache")
+    out = ok_json(result)
+    (warning,) = result.err.splitlines()
+    assert warning.startswith(f"loc3r-run: warning: {cut}: only ") and "sampled frames were decodable" in warning
     report = out["video"]
     assert report["frames_requested"] == 4 and 0 < report["frames_decoded"] < 4
     assert report["frames"] == report["frames_decoded"]
     assert report["indices"] == sample_indices(40, 4)[: report["frames_decoded"]]
-    assert "sampled frames were decodable" in caplog.text
 
 
 def test_single_frame_video(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -496,8 +494,7 @@ def test_engine_for_another_gpu_or_tensorrt(tmp_path: Path) -> None:
 
 
 def test_corrupt_encoding_cache_entry_is_recomputed(
-    tiny_dir: Path, video: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture,
+    tiny_dir: Path, video: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.setenv("LOC3R_HOME", str(tmp_path / "home"))
     argv = [video, "Where am I?", "--json", "--model", tiny_dir, "--frames", "2", "--max-new-tokens", "2"]
@@ -507,9 +504,10 @@ def test_corrupt_encoding_cache_entry_is_recomputed(
     data = bytearray(entry.read_bytes())
     data[-100:] = bytes(100)  # zero the end of the tensor bytes: the checksum no longer holds
     entry.write_bytes(bytes(data))
-    with caplog.at_level(logging.WARNING):
-        again = ok_json(run(capsys, *argv))
-    assert "is corrupt" in caplog.text and "recomputing" in caplog.text
+    result = run(capsys, *argv)
+    again = ok_json(result)
+    assert result.err.startswith(f"loc3r-run: warning: encoding cache entry {entry.name} is corrupt")
+    assert result.err.count("\n") == 1 and "discarded, recomputing" in result.err
     assert again["video"]["encoding_cache"] == "stored" and again["answer_token_ids"] == first["answer_token_ids"]
     assert_nothing_left(entry.parent, {entry.name})
 
@@ -551,11 +549,23 @@ def test_export_into_a_read_only_folder(read_only: Path, capsys: pytest.CaptureF
     assert_nothing_left(read_only, set())
 
 
+def test_export_out_is_a_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "engines").write_text("not a folder")
+    result = export(capsys, "--target", "cpu", "--out", tmp_path / "engines")
+    assert_error(result, 2, "is a file, not a folder", "pass a new folder", prog="loc3r-export")
+    assert (tmp_path / "engines").read_text() == "not a folder"
+    assert_nothing_left(tmp_path, {"engines"})
+
+
 def test_plot_into_a_read_only_folder_fails_before_any_work(
     read_only: Path, video: Path, no_model: None, capsys: pytest.CaptureFixture[str]
 ) -> None:
     result = run(capsys, video, "Where am I?", "--plot", read_only / "map.png", *FAST)
     assert_error(result, 2, f"cannot write to {read_only} (permission denied)", "choose a folder you can write to for --plot")
+
+
+def test_plot_path_is_a_folder(tmp_path: Path, video: Path, no_model: None, capsys: pytest.CaptureFixture[str]) -> None:
+    assert_error(run(capsys, video, "Where am I?", "--plot", tmp_path, *FAST), 2, "is a folder", "pass the path of a .png file")
 
 
 def test_plot_write_refused_late_is_still_one_line(

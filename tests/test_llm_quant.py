@@ -10,15 +10,18 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 import torch
 
 from loc3r.bench.llm_quant import greedy_agreement, markov_sequences, peaked_qwen2
 from loc3r.errors import ModelError
+from loc3r.export import quantize
 from loc3r.export.llm import export_llm
 from loc3r.export.llm_io import DECODER, EMBEDDINGS
 from loc3r.export.llm_torchao import quantize_torch_llm
+from loc3r.export.quantize import WeightQuant
 from loc3r.models.config import LLMConfig
 from loc3r.models.llm import TorchLLM
 from loc3r.runtime.onnx_llm import OnnxLLM
@@ -104,3 +107,14 @@ def test_torchao_int4_is_refused_on_cpu(model: torch.nn.Module) -> None:
     pytest.importorskip("torchao")
     with pytest.raises(ModelError, match="int4"):
         quantize_torch_llm(copy.deepcopy(model), "int4")
+
+
+def test_column_slices_quantize_like_the_whole(monkeypatch: pytest.MonkeyPatch) -> None:
+    weight = np.random.default_rng(0).standard_normal((96, 100)).astype(np.float32)
+    for quant in (WeightQuant("int4", 32, False), WeightQuant("int8", 32, True)):
+        whole_attrs, whole = quantize._nbits_node(weight, quant)
+        monkeypatch.setattr(quantize, "COLUMNS", 24)
+        attrs, sliced = quantize._nbits_node(weight, quant)
+        monkeypatch.undo()
+        assert attrs == whole_attrs
+        assert all(np.array_equal(a, b) for a, b in zip(whole, sliced, strict=True))

@@ -1,0 +1,277 @@
+"""``loc3r-bench``: per-stage latency and memory of our runtime against a plain PyTorch
+baseline, measured in one run and reported as ratios (JSON, markdown, PNG bar chart)."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import shlex
+import sys
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from loc3r.cli_support import ArgumentParser, run_cli
+from loc3r.errors import InputError
+
+PROG = "loc3r-bench"
+BACKEND_CHOICES = ("torch", "onnxruntime", "tensorrt")
+QUESTIONS = ("Where am I standing?", "What is in front of me?")
+DEFAULT_REPEAT = {"tiny": 5}  # other models: 2
+DEMO_VIDEO = {"num_frames": 96, "width": 640, "height": 480, "fps": 8}
+
+
+def bench_parser() -> argparse.ArgumentParser:
+    parser = ArgumentParser(prog=PROG, description=__doc__.splitlines()[0] + " " + __doc__.splitlines()[1])
+    parser.add_argument("--model", default="tiny", help="'tiny', 'small' (random, real token geometry) or a bundle folder")
+    parser.add_argument("--backend", nargs="+", choices=BACKEND_CHOICES, default=["torch"], help="optimized backends to measure")
+    parser.add_argument("--engines", help="folder written by loc3r-export (default for onnxruntime on tiny/small: export one into a temp folder)")
+    parser.add_argument("--video", help="video to run on (default: a generated 640x480 demo video, 96 frames)")
+    parser.add_argument("--frames", type=int, default=32, help="frames sampled from the video (default 32)")
+    parser.add_argument("--repeat", type=int, help="measured repeats (default 5 for tiny, 2 otherwise)")
+    parser.add_argument("--warmup", type=int, default=1, help="unmeasured runs first (default 1)")
+    parser.add_argument("--decode-tokens", type=int, default=16, help="greedy tokens timed for decode tok/s (default 16)")
+    parser.add_argument("--target", action="append", help="target profile for the roofline floor (repeatable; default cpu)")
+    parser.add_argument("--json", help="write the full result here")
+    parser.add_argument("--markdown", help="write the markdown report here")
+    parser.add_argument("--plot", help="write the PNG bar chart here")
+    parser.add_argument("--plot-size", default="1200x600", help="PNG size in pixels, WxH (default 1200x600)")
+    parser.add_argument("--debug", action="store_true")
+    return parser
+
+
+def parse_plot_size(text: str) -> tuple[int, int]:
+    try:
+        width, height = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise InputError(f"--plot-size {text!r} is not WxH", "write it like 1200x600") from None
+    if not (100 <= width <= 10000 and 100 <= height <= 10000):
+        raise InputError(f"--plot-size {text} is out of range", "use 100..10000 pixels per side")
+    return width, height
+
+
+def check_args(args: argparse.Namespace) -> None:
+    for name in ("frames", "decode_tokens"):
+        if getattr(args, name) < 1 + (name == "decode_tokens"):
+            raise InputError(f"--{name.replace('_', '-')} must be at least {1 + (name == 'decode_tokens')}", "pass a larger value")
+    if args.repeat is not None and args.repeat < 1:
+        raise InputError("--repeat must be at least 1", "pass --repeat 1 or more")
+    if args.warmup < 0:
+        raise InputError("--warmup must be 0 or more", "pass --warmup 0 to skip it")
+    parse_plot_size(args.plot_size)
+
+
+@contextlib.contextmanager
+def engines_for(args: argparse.Namespace, bundle: Any) -> Iterator[Path | None]:
+    """``--engines``, or for a preset model an export into a temporary folder, or None
+    when no exported backend was asked for."""
+    exported = [b for b in args.backend if b != "torch"]
+    if not exported:
+        yield None
+        return
+    if args.engines:
+        yield Path(args.engines)
+        return
+    from loc3r.bench.presets import PRESETS
+
+    if str(args.model) not in PRESETS:
+        raise InputError(f"--backend {exported[0]} on a bundle folder needs --engines DIR", "run loc3r-export --out DIR first")
+    from loc3r.engines.targets import load_target
+    from loc3r.export.exporter import ExportRequest, default_cut3r_size, export_all
+
+    target = load_target("cpu")
+    with tempfile.TemporaryDirectory(prefix="loc3r-bench-engines-") as tmp:
+        print(f"{PROG}: exporting {args.model} for onnxruntime into a temporary folder ...", file=sys.stderr)
+        request = ExportRequest(
+            bundle=bundle,
+            target=target,
+            out_dir=Path(tmp) / "engines",
+            cut3r_size=default_cut3r_size(bundle.config.cut3r_long_side),
+            llm_quant=target.llm.weights,
+        )
+        export_all(request, progress=lambda m: None)
+        yield request.out_dir
+
+
+@contextlib.contextmanager
+def video_for(args: argparse.Namespace) -> Iterator[Path]:
+    if args.video:
+        yield Path(args.video)
+        return
+    from loc3r.runtime.demo_video import write_demo_video
+
+    with tempfile.TemporaryDirectory(prefix="loc3r-bench-video-") as tmp:
+        yield write_demo_video(Path(tmp) / "scene.mp4", **DEMO_VIDEO)
+
+
+def run_bench(args: argparse.Namespace, command: str) -> dict[str, Any]:
+    """Warm up, then alternate baseline and optimized runs; the whole result document."""
+    from loc3r.bench.baseline import Baseline
+    from loc3r.bench.memory import RssSampler, peak_rss_mib
+    from loc3r.bench.optimized import run_optimized
+    from loc3r.bench.presets import resolve_bench_model
+    from loc3r.bench.report import machine_info
+    from loc3r.runtime.pipeline import Pipeline
+
+    repeat = args.repeat or DEFAULT_REPEAT.get(str(args.model), 2)
+    machine = machine_info()
+    model_dir = resolve_bench_model(args.model)
+    reference = Pipeline.from_pretrained(model_dir, "torch")
+    bundle = reference.bundle
+    reference.check_frames_fit(args.frames)
+    baseline = Baseline(bundle)
+    with video_for(args) as video, engines_for(args, bundle) as engines, RssSampler() as sampler:
+        pipelines = {b: reference if b == "torch" else Pipeline.from_pretrained(model_dir, b, engines) for b in args.backend}
+        size = cut3r_size(video, bundle.config.cut3r_long_side)
+        runs: dict[str, list[dict[str, float]]] = {"baseline": [], **{b: [] for b in pipelines}}
+        held = 0.0
+        for i in range(args.warmup + repeat):
+            measured = i >= args.warmup
+            print(f"{PROG}: {'run' if measured else 'warm-up'} {i + 1 - args.warmup * measured}", file=sys.stderr)
+            order = ["baseline", *pipelines]
+            for name in order if i % 2 == 0 else order[::-1]:  # alternate: load drift hits both sides
+                with sampler.phase(phase_name(name)) if measured else contextlib.nullcontext():
+                    if name == "baseline":
+                        run = baseline.run(video, args.frames, QUESTIONS, args.decode_tokens)
+                        seconds, held = run.seconds, run.frames_in_memory_mib
+                    else:
+                        seconds = run_optimized(pipelines[name], video, args.frames, QUESTIONS, args.decode_tokens)
+                if measured:
+                    runs[name].append(seconds)
+    memory = {"phases": sampler.phases, "process_peak_rss_mib": peak_rss_mib()}
+    return assemble(args, command, machine, bundle.config, runs, memory, held, baseline.describe(*size), repeat)
+
+
+def phase_name(run: str) -> str:
+    return run if run == "baseline" else f"optimized:{run}"
+
+
+def cut3r_size(video: Path, long_side: int) -> tuple[int, int]:
+    """(height, width) of the CUT3R input this video gives."""
+    from loc3r.runtime.preprocess import cut3r_input
+    from loc3r.runtime.video import iter_frames
+
+    frame = next(iter(iter_frames(video, 1)))
+    height, width = cut3r_input(frame.rgb, long_side).shape[-2:]
+    return int(height), int(width)
+
+
+def assemble(
+    args: argparse.Namespace,
+    command: str,
+    machine: dict[str, Any],
+    config: Any,
+    runs: dict[str, list[dict[str, float]]],
+    memory: dict[str, Any],
+    frames_in_memory_mib: float,
+    stand_in: dict[str, Any],
+    repeat: int,
+) -> dict[str, Any]:
+    """The JSON document: stage summaries, ratios of medians, memory, floor, provenance."""
+    from loc3r.bench import baseline as baseline_module
+    from loc3r.bench.measure import STAGES
+    from loc3r.bench.stats import ratios, summarize_runs
+
+    summaries = {name: summarize_runs(values) for name, values in runs.items()}
+    base = summaries.pop("baseline")
+
+    def side(summary: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "stages": {k: summary[k].to_dict() for k in STAGES},
+            "decode_tokens_per_s": 1.0 / summary["decode_token"].median,
+            "runs": [],
+        }
+
+    baseline_doc = side(base) | {
+        "runs": runs["baseline"],
+        "method": " ".join(baseline_module.__doc__.split()),
+        "stand_in": stand_in,
+        "frames_in_memory_mib": frames_in_memory_mib,
+    }
+    optimized = {name: side(s) | {"runs": runs[name]} for name, s in summaries.items()}
+    return {
+        "command": command,
+        "machine": machine,
+        "model": model_description(args.model, config),
+        "frames": args.frames,
+        "repeat": repeat,
+        "warmup": args.warmup,
+        "decode_tokens": args.decode_tokens,
+        "questions": list(QUESTIONS),
+        "stage_descriptions": STAGES,
+        "baseline": baseline_doc,
+        "optimized": optimized,
+        "ratios": {name: ratios(base, s) for name, s in summaries.items()},
+        "ratio_definition": "baseline median / optimized median, per stage (> 1: optimized is faster)",
+        "memory": memory,
+        "floor": floor_reports(args.target or ["cpu"], config, args.frames, stand_in),
+    }
+
+
+def model_description(name: str, config: Any) -> dict[str, Any]:
+    """Model id, random-weights flag and every size (the preset's, for ``small``)."""
+    from loc3r.models.vision import vision_tokens_per_frame
+
+    return {
+        "name": str(name),
+        "model_id": config.model_id,
+        "random_weights": config.random_weights,
+        "vision_tokens_per_frame": vision_tokens_per_frame(config),
+        "config": config.to_dict(),
+    }
+
+
+def floor_reports(targets: Sequence[str], config: Any, frames: int, stand_in: dict[str, Any]) -> list[dict[str, Any]]:
+    """``loc3r.bench.floor`` reports of the benchmarked model's sizes on ``targets``."""
+    from loc3r.bench.floor import ModelSizes, Workload, floor_report
+    from loc3r.bench.flops import Cut3rSizes
+    from loc3r.models.cut3r import Cut3rConfig
+    from loc3r.models.vision import used_vision_layers, vision_tokens_per_frame
+
+    height, width = (int(v) for v in stand_in["cut3r_input"].split("x"))
+    sizes = ModelSizes(
+        vision=config.vision,
+        llm=config.llm,
+        cut3r=Cut3rSizes(config=Cut3rConfig.from_dict(config.cut3r), height=height, width=width),
+        heads=config.heads,
+        vision_layers_used=used_vision_layers(config.vision, config.vision_select_layer),
+    )
+    work = Workload(frames=frames, tokens_per_frame=1 + vision_tokens_per_frame(config))
+    return [floor_report(target, work, sizes) for target in targets]
+
+
+def write_outputs(doc: dict[str, Any], args: argparse.Namespace) -> str:
+    """JSON, markdown and plot where asked (atomically); the markdown text."""
+    from loc3r.bench.report import render_markdown, write_plot
+    from loc3r.fileio import atomic_file, write_json_atomic
+
+    text = render_markdown(doc)
+    for path in (args.json, args.markdown, args.plot):
+        if path:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+    if args.json:
+        write_json_atomic(args.json, doc)
+    if args.markdown:
+        with atomic_file(args.markdown) as stream:
+            stream.write(text)
+    if args.plot:
+        write_plot(doc, args.plot, parse_plot_size(args.plot_size))
+    return text
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = bench_parser().parse_args(argv)
+
+    def body() -> int:
+        check_args(args)
+        doc = run_bench(args, shlex.join([PROG, *argv]))
+        print(write_outputs(doc, args))
+        return 0
+
+    return run_cli(PROG, body, args.debug)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,151 @@
+"""Memory readings: host RSS (a background sampler, per phase) and, on a GPU, device memory.
+
+RSS is read from ``/proc/self/status`` (Linux); elsewhere ``resource.getrusage`` gives the
+process peak only. Device memory comes from ``torch.cuda`` and, if importable, NVML
+(``pynvml``); both are skipped cleanly without a GPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import resource
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+STATUS = Path("/proc/self/status")
+MIB = 1024.0 * 1024.0
+
+
+def _status_kib(field: str) -> float | None:
+    try:
+        for line in STATUS.read_text(encoding="ascii").splitlines():
+            if line.startswith(field + ":"):
+                return float(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def current_rss_mib() -> float:
+    """Resident set size of this process now, MiB (the peak so far where /proc is missing)."""
+    kib = _status_kib("VmRSS")
+    return kib / 1024.0 if kib is not None else peak_rss_mib()
+
+
+def peak_rss_mib() -> float:
+    """Peak resident set size of this process so far (VmHWM), MiB."""
+    kib = _status_kib("VmHWM")
+    if kib is not None:
+        return kib / 1024.0
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return rss / MIB if sys.platform == "darwin" else rss / 1024.0
+
+
+class RssSampler:
+    """Samples RSS every ``interval_s`` in a daemon thread; ``phase(name)`` records, for the
+    code inside it, the RSS at entry and the peak reached (both MiB)."""
+
+    def __init__(self, interval_s: float = 0.005) -> None:
+        self.interval_s = interval_s
+        self.phases: dict[str, dict[str, float]] = {}
+        self._peak = 0.0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self._observe(current_rss_mib())
+
+    def _observe(self, rss: float) -> None:
+        with self._lock:
+            self._peak = max(self._peak, rss)
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        """Record ``name``'s start RSS and peak RSS (max over samples and both ends)."""
+        start = current_rss_mib()
+        with self._lock:
+            self._peak = start
+        device = DeviceMemory()
+        try:
+            yield
+        finally:
+            self._observe(current_rss_mib())
+            with self._lock:
+                peak = self._peak
+            entry = self.phases.setdefault(name, {"start_rss_mib": start, "peak_rss_mib": peak})
+            entry["peak_rss_mib"] = max(entry["peak_rss_mib"], peak)
+            entry["growth_mib"] = entry["peak_rss_mib"] - entry["start_rss_mib"]
+            gpu = device.read()
+            if gpu is not None:
+                entry.update(gpu)
+
+
+class DeviceMemory:
+    """Peak CUDA memory of one phase (torch allocator, NVML used memory); None without a GPU."""
+
+    def __init__(self) -> None:
+        self.cuda = _cuda_available()
+        if self.cuda:
+            import torch
+
+            torch.cuda.reset_peak_memory_stats()
+
+    def read(self) -> dict[str, float] | None:
+        if not self.cuda:
+            return None
+        import torch
+
+        out = {"cuda_max_allocated_mib": torch.cuda.max_memory_allocated() / MIB}
+        nvml = nvml_used_mib()
+        if nvml is not None:
+            out["nvml_used_mib"] = nvml
+        return out
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+def nvml_used_mib() -> float | None:
+    """Device 0's used memory from NVML, MiB; None when ``pynvml`` or the driver is missing."""
+    try:
+        import pynvml
+    except ImportError:
+        return None
+    try:
+        pynvml.nvmlInit()
+        try:
+            handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+            return pynvml.nvmlDeviceGetMemoryInfo(handle).used / MIB
+        finally:
+            pynvml.nvmlShutdown()
+    except pynvml.NVMLError:
+        return None
+
+
+def gpu_info() -> dict[str, Any] | None:
+    """Name and total memory of CUDA device 0, or None."""
+    if not _cuda_available():
+        return None
+    import torch
+
+    props = torch.cuda.get_device_properties(0)
+    return {"name": props.name, "total_mib": props.total_memory / MIB}

@@ -1,0 +1,193 @@
+"""The benchmark's outputs: the JSON document, its markdown table and a bar chart."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+from collections.abc import Mapping
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from loc3r.bench.measure import STAGES
+from loc3r.bench.memory import gpu_info
+from loc3r.fileio import atomic_file
+
+VERSION_PACKAGES = ("loc3r", "torch", "transformers", "onnxruntime", "numpy", "av", "tokenizers")
+RANDOM_WEIGHTS_NOTE = "The weights are RANDOM: these are timings of the architecture, not of a trained model."
+
+
+def machine_info() -> dict[str, Any]:
+    """CPU model, cores, RAM, OS, GPU (if any), package versions and the git commit."""
+    return {
+        "cpu": _cpu_model(),
+        "cores": os.cpu_count(),
+        "ram_gib": _meminfo_gib("MemTotal"),
+        "os": platform.platform(),
+        "python": platform.python_version(),
+        "gpu": gpu_info(),
+        "versions": {name: _version(name) for name in VERSION_PACKAGES},
+        "git_commit": _git_commit(),
+        "load_average_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "date_utc": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _meminfo_gib(field: str) -> float | None:
+    try:
+        for line in Path("/proc/meminfo").read_text(encoding="utf-8").splitlines():
+            if line.startswith(field + ":"):
+                return round(float(line.split()[1]) / 2**20, 2)
+    except OSError:
+        pass
+    return None
+
+
+def _version(name: str) -> str | None:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+# -- markdown ------------------------------------------------------------------------------
+
+
+def render_markdown(doc: Mapping[str, Any]) -> str:
+    """Header (command, machine, model, what the baseline is), stage table, memory, floor."""
+    m, model = doc["machine"], doc["model"]
+    backends = list(doc["optimized"])
+    lines = [
+        f"# loc3r-bench: {model['model_id']}, {doc['frames']} frames",
+        "",
+        f"Command: `{doc['command']}`  ",
+        f"Machine: {m['cpu']}, {m['cores']} cores, {m['ram_gib']} GiB RAM, {m['os']}; "
+        f"GPU: {m['gpu']['name'] if m['gpu'] else 'none'}  ",
+        "Versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items() if v) + f"; commit {m['git_commit']}  ",
+        f"Date: {m['date_utc']}; load average at start {m['load_average_at_start']}  ",
+        f"Repeats: {doc['repeat']} after {doc['warmup']} warm-up; seconds as median (min-max).",
+        "",
+        f"**{RANDOM_WEIGHTS_NOTE}**" if model["random_weights"] else "",
+        "",
+        "| stage | baseline (PyTorch reference) | " + " | ".join(backends) + " | "
+        + " | ".join(f"ratio baseline/{b}" for b in backends) + " |",
+        "|---|---|" + "---|" * (2 * len(backends)),
+    ]
+    for stage in STAGES:
+        cells = [_cell(doc["baseline"]["stages"][stage])]
+        cells += [_cell(doc["optimized"][b]["stages"][stage]) for b in backends]
+        cells += [_ratio(doc["ratios"][b].get(stage)) for b in backends]
+        lines.append(f"| {stage} | " + " | ".join(cells) + " |")
+    rates = [f"{doc['optimized'][b]['decode_tokens_per_s']:.1f}" for b in backends]
+    lines.append(f"| decode tok/s | {doc['baseline']['decode_tokens_per_s']:.1f} | " + " | ".join(rates) + " |" + " |" * len(backends))
+    lines += ["", "Stages: " + "; ".join(f"`{k}` = {v}" for k, v in STAGES.items()) + ".", ""]
+    lines += ["## Peak host memory (RSS, MiB, per phase)", "", "| phase | RSS at start | peak | growth |", "|---|---|---|---|"]
+    for phase, entry in doc["memory"]["phases"].items():
+        lines.append(f"| {phase} | {entry['start_rss_mib']:.0f} | {entry['peak_rss_mib']:.0f} | {entry['growth_mib']:.0f} |")
+    lines += [
+        "",
+        f"Process peak (VmHWM): {doc['memory']['process_peak_rss_mib']:.0f} MiB. The baseline holds every decoded frame "
+        f"({doc['baseline']['frames_in_memory_mib']:.1f} MiB of RGB) before encoding. Phases run in one process, so a "
+        "later phase's start includes what earlier ones left allocated; `growth` is peak - start.",
+        "",
+        "## Baseline",
+        "",
+        doc["baseline"]["method"],
+        "",
+        "Stand-in head: " + ", ".join(f"{k} = {v}" for k, v in doc["baseline"]["stand_in"].items()) + ".",
+    ]
+    if doc.get("floor"):
+        lines += ["", *_floor_lines(doc)]
+    return "\n".join(lines) + "\n"
+
+
+def _cell(summary: Mapping[str, float]) -> str:
+    return f"{_fmt(summary['median'])} ({_fmt(summary['min'])}-{_fmt(summary['max'])})"
+
+
+def _fmt(seconds: float) -> str:
+    return f"{seconds * 1e3:.2f} ms" if seconds < 0.1 else f"{seconds:.3f} s"
+
+
+def _ratio(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}x"
+
+
+def _floor_lines(doc: Mapping[str, Any]) -> list[str]:
+    lines = [
+        "## Roofline floor of this model on the chosen targets (`loc3r.bench.floor`)",
+        "",
+        "| target | TTFT cold floor | measured (torch) / floor | TTFT cached floor | decode tok/s floor |",
+        "|---|---|---|---|---|",
+    ]
+    measured = doc["optimized"].get("torch", next(iter(doc["optimized"].values())))["stages"]["ttft_cold"]["median"]
+    for report in doc["floor"]:
+        lines.append(
+            f"| {report['target']} | {_fmt(report['ttft_cold_s'])} | {measured / report['ttft_cold_s']:.0f}x | "
+            f"{_fmt(report['ttft_cached_s'])} | {report['decode_tok_s']:.0f} |"
+        )
+    lines += ["", "Floors are for the benchmarked model's sizes on the target's hardware profile, not on this machine."]
+    return lines
+
+
+# -- plot ----------------------------------------------------------------------------------
+
+
+def write_plot(doc: Mapping[str, Any], path: str | Path, size_px: tuple[int, int] = (1200, 600)) -> Path:
+    """Bar chart of stage medians (log seconds): baseline vs each optimized backend; atomic."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    stages = [s for s in STAGES if s != "encode_3d_per_frame"]
+    series = [("baseline (PyTorch reference)", doc["baseline"]["stages"])]
+    series += [(f"optimized: {b}", doc["optimized"][b]["stages"]) for b in doc["optimized"]]
+    dpi = 100
+    fig, ax = plt.subplots(figsize=(size_px[0] / dpi, size_px[1] / dpi), dpi=dpi)
+    x = np.arange(len(stages))
+    width = 0.8 / len(series)
+    for i, (label, values) in enumerate(series):
+        medians = [max(values[s]["median"], 1e-7) for s in stages]
+        ax.bar(x + (i - (len(series) - 1) / 2) * width, medians, width, label=label)
+    ax.set_yscale("log")
+    first = next(iter(doc["ratios"].values()), {})
+    for xi, stage in zip(x, stages):  # baseline / first optimized backend above each group
+        top = max(values[stage]["median"] for _, values in series)
+        if first.get(stage) is not None:
+            ax.annotate(f"{first[stage]:.2g}x", (xi, top), ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(x, stages, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("seconds (median, log scale)")
+    ax.set_xlabel(f"stage (label: baseline / {next(iter(doc['optimized']), '')} ratio)", fontsize=8)
+    model = doc["model"]
+    note = " - RANDOM weights" if model["random_weights"] else ""
+    ax.set_title(f"loc3r-bench: {model['model_id']}, {doc['frames']} frames{note}", fontsize=10)
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", which="major", alpha=0.3)
+    fig.subplots_adjust(bottom=0.18, left=0.08, right=0.98, top=0.92)
+    path = Path(path)
+    with atomic_file(path, "wb") as stream:
+        fig.savefig(stream, format="png", dpi=dpi)
+    plt.close(fig)
+    return path

@@ -1,0 +1,146 @@
+"""LLaVA-Video + CUT3R (+ Loc3R heads) -> our bundle, streamed tensor by tensor.
+
+Order of work: read every config and header, build the bundle config, check each tensor's
+name and shape against a ``Loc3rModel`` built on the meta device (no memory), then write
+``config.json``, ``tokenizer.json`` and the weight shards in one atomic folder. CUT3R's
+camera path is loaded by :func:`load_cut3r` (memory-mapped); LLaVA tensors are read one
+source shard at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from loc3r.errors import InputError, ModelError
+from loc3r.fileio import atomic_directory
+from loc3r.models.config import HeadsConfig, Loc3rConfig
+from loc3r.models.convert_heads import heads_config, load_heads_file, random_heads
+from loc3r.models.convert_llava import check_against, map_names, open_llava, read_settings
+from loc3r.models.convert_stream import TensorInfo, write_shards
+from loc3r.models.convert_tokenizer import loc3r_tokenizer
+from loc3r.models.cut3r import load_cut3r
+from loc3r.models.loc3r_model import Loc3rModel
+from loc3r.models.vision import used_vision_layers
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_SHARD_BYTES = 2_000_000_000
+
+
+@dataclass(frozen=True)
+class ConvertOptions:
+    """What ``loc3r-convert`` was asked to do."""
+
+    llava: Path
+    cut3r: Path
+    out: Path
+    heads: Path | None = None
+    model_id: str | None = None
+    dtype: torch.dtype | None = None  # None keeps each tensor's dtype
+    pool_mode: str | None = None  # overrides the checkpoint's (or LLaVA-Video's default)
+    vision_heads: int | None = None  # SigLIP head count for towers not in the table
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
+
+
+def expected_shapes(config: Loc3rConfig) -> dict[str, tuple[int, ...]]:
+    """Every bundle tensor's shape for ``config`` (the model is built on the meta device)."""
+    with torch.device("meta"):
+        model = Loc3rModel(config)
+    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
+
+
+def _replaceable(out: Path) -> bool:
+    """``out`` is absent, an empty folder, or a loc3r bundle (never, say, the LLaVA folder)."""
+    if not out.exists():
+        return True
+    if not out.is_dir():
+        return False
+    if not any(out.iterdir()):
+        return True
+    try:
+        data = json.loads((out / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(data, dict) and "model_id" in data and isinstance(data.get("llm"), dict)
+
+
+def _check_part(tensors: dict[str, Tensor], expected: dict[str, tuple[int, ...]], prefix: str, where: Path) -> None:
+    wanted = {n: s for n, s in expected.items() if n.startswith(prefix)}
+    shapes = {n: tuple(t.shape) for n, t in tensors.items()}
+    bad = sorted(set(wanted) ^ set(shapes)) + sorted(n for n in set(wanted) & set(shapes) if wanted[n] != shapes[n])
+    if bad:
+        detail = ", ".join(f"{n} {shapes.get(n, 'missing')} (expected {wanted.get(n, 'none')})" for n in bad[:3])
+        raise ModelError(f"{where} does not fit the bundle: {detail}", "pass a file made for this model")
+
+
+def convert(options: ConvertOptions) -> Path:
+    """Write the bundle at ``options.out`` (atomically) and return its path."""
+    if not _replaceable(options.out):
+        raise InputError(f"{options.out} exists and is not a loc3r bundle", "choose a new or empty folder for --out")
+    source = open_llava(options.llava)
+    settings = read_settings(source, options.vision_heads)
+    camera = load_cut3r(options.cut3r)
+    head_file = load_heads_file(options.heads) if options.heads else None
+    config = Loc3rConfig.from_dict(Loc3rConfig(
+        model_id=options.model_id or options.llava.resolve().name,
+        vision=settings.vision,
+        llm=settings.llm,
+        cut3r=camera.config.to_dict(),
+        heads=heads_config(head_file) if head_file else HeadsConfig(),
+        vision_select_layer=settings.vision_select_layer,
+        spatial_pool_mode=options.pool_mode or settings.spatial_pool_mode,  # type: ignore[arg-type]
+        spatial_pool_stride=settings.spatial_pool_stride,
+        newline_position=settings.newline_position,  # type: ignore[arg-type]
+        cut3r_long_side=max(camera.config.img_size),
+        localization="trained" if head_file else "untrained",
+        random_weights=False,
+    ).to_dict())  # the round trip validates every field
+    if settings.pooling_defaulted:
+        log.warning("the llava-onevision config has no pooling settings; recorded LLaVA-Video's: %s, stride %d, "
+                    "%s newlines (--pool-mode sets the mode)", config.spatial_pool_mode, config.spatial_pool_stride,
+                    config.newline_position)
+    expected = expected_shapes(config)
+    keep = used_vision_layers(config.vision, config.vision_select_layer)
+    mapping = map_names(source, keep, config.llm.tie_word_embeddings)
+    llava_expected = {n: s for n, s in expected.items() if n.startswith(("vision.", "llm."))}
+    check_against(mapping, source.shards.infos, llava_expected, source.path)
+    extra = {"camera_encoder." + n: t for n, t in camera.state_dict().items()}
+    _check_part(extra, expected, "camera_encoder.", options.cut3r)
+    heads = head_file if head_file else random_heads(config, camera.camera_dim)
+    heads = {"heads." + n: t for n, t in heads.items()}
+    _check_part(heads, expected, "heads.", options.heads or Path("random heads"))
+    extra.update(heads)
+    tokenizer = loc3r_tokenizer(source.path, config.llm.vocab_size)
+
+    by_source: dict[str, list[str]] = {}  # a source tensor may feed two (tied embeddings)
+    for name, src in mapping.items():
+        by_source.setdefault(src, []).append(name)
+
+    def cast(dtype: torch.dtype) -> torch.dtype:
+        return options.dtype if options.dtype is not None and dtype.is_floating_point else dtype
+
+    infos = {n: TensorInfo(cast(t.dtype), tuple(t.shape)) for n, t in extra.items()}
+    for src, names in by_source.items():
+        info = source.shards.infos[src]
+        infos.update({n: TensorInfo(cast(info.dtype), info.shape) for n in names})
+
+    def tensors() -> Iterator[tuple[str, Tensor]]:
+        for name, tensor in extra.items():
+            yield name, tensor.to(infos[name].dtype)
+        for src, tensor in source.shards.read(by_source):
+            for name in by_source[src]:
+                yield name, tensor.to(infos[name].dtype)
+
+    with atomic_directory(options.out) as staging:
+        (staging / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n", encoding="utf-8")
+        tokenizer.save(staging)
+        files = write_shards(staging, infos, tensors(), options.max_shard_bytes)
+    log.info("wrote %s: %d tensors in %d files", options.out, len(infos), len(files))
+    return options.out

@@ -1,0 +1,62 @@
+"""``loc3r-convert``: a published LLaVA-Video checkpoint + CUT3R ``.pth`` (+ Loc3R heads)
+into a loc3r bundle, streamed tensor by tensor."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from loc3r.cli_support import ArgumentParser, run_cli
+
+PROG = "loc3r-convert"
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog=PROG, description=__doc__)
+    parser.add_argument("--llava", type=Path, required=True,
+                        help="LLaVA-Video folder: LLaVA-NeXT layout or transformers' llava-onevision (-hf)")
+    parser.add_argument("--cut3r", type=Path, required=True, help="official CUT3R checkpoint (.pth)")
+    parser.add_argument("--loc3r-heads", type=Path,
+                        help="Loc3R heads (f_cam, f_pos, f_ori, f_bev; safetensors or .pth); "
+                             "without it the heads are random and the bundle is marked untrained")
+    parser.add_argument("--out", type=Path, required=True, help="bundle folder to write (replaced if it exists)")
+    parser.add_argument("--model-id", help="name recorded in config.json (default: the LLaVA folder's name)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), help="cast floating tensors (default: keep each tensor's dtype)")
+    parser.add_argument("--pool-mode", choices=("bilinear", "average", "max"),
+                        help="spatial pooling (default: the checkpoint's; LLaVA-Video's bilinear for -hf folders)")
+    parser.add_argument("--vision-heads", type=int,
+                        help="SigLIP attention heads, for a LLaVA-NeXT tower not in the built-in table")
+    parser.add_argument("--max-shard-mb", type=float, default=2000.0, help="largest output shard in MB (default 2000)")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.max_shard_mb <= 0:
+        parser.error("--max-shard-mb must be positive")
+    if args.vision_heads is not None and args.vision_heads < 1:
+        parser.error("--vision-heads must be positive")
+
+    def body() -> int:
+        from loc3r.models.convert_bundle import ConvertOptions, convert
+
+        out = convert(ConvertOptions(
+            llava=args.llava,
+            cut3r=args.cut3r,
+            out=args.out,
+            heads=args.loc3r_heads,
+            model_id=args.model_id,
+            dtype=DTYPES[args.dtype] if args.dtype else None,
+            pool_mode=args.pool_mode,
+            vision_heads=args.vision_heads,
+            max_shard_bytes=int(args.max_shard_mb * 1_000_000),
+        ))
+        print(out)
+        return 0
+
+    return run_cli(PROG, body, args.debug)

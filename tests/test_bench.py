@@ -1,0 +1,146 @@
+"""loc3r-bench: the result schema, ratios of medians, stats, RSS, the plot, the small preset.
+
+Nothing here asserts a duration: performance is measured by the benchmark, not by tests.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from argparse import Namespace
+from pathlib import Path
+
+import pytest
+
+from loc3r.bench.baseline import HEAD_CHANNELS, head_flops, stand_in_hidden
+from loc3r.bench.cli import assemble, main
+from loc3r.bench.measure import STAGES
+from loc3r.bench.memory import RssSampler, current_rss_mib, peak_rss_mib
+from loc3r.bench.presets import small_config, small_cut3r
+from loc3r.bench.report import machine_info, render_markdown, write_plot
+from loc3r.bench.stats import ratio, ratios, summarize, summarize_runs
+from loc3r.models.cut3r import Cut3rConfig
+from loc3r.models.tiny import tiny_config
+from loc3r.models.tokenizer import TextTokenizer
+from loc3r.models.vision import vision_tokens_per_frame
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def fake_runs(scale: float, n: int = 3) -> list[dict[str, float]]:
+    return [{stage: scale * (k + 1) * (i + 1) for k, stage in enumerate(STAGES)} for i in range(n)]
+
+
+@pytest.fixture
+def doc(tiny_tokenizer: TextTokenizer) -> dict:
+    config = tiny_config(tiny_tokenizer.vocab_size)
+    args = Namespace(model="tiny", frames=32, warmup=1, decode_tokens=8, target=["cpu"])
+    runs = {"baseline": fake_runs(3.0), "torch": fake_runs(1.0), "onnxruntime": fake_runs(0.5)}
+    memory = {"phases": {"baseline": {"start_rss_mib": 1.0, "peak_rss_mib": 2.0, "growth_mib": 1.0}}, "process_peak_rss_mib": 2.0}
+    stand_in = {"cut3r_input": "384x512"}
+    return assemble(args, "loc3r-bench --model tiny", machine_info(), config, runs, memory, 28.0, stand_in, 3)
+
+
+def test_summarize_known_values() -> None:
+    s = summarize([3.0, 1.0, 10.0, 2.0])
+    assert (s.median, s.min, s.max, s.n) == (2.5, 1.0, 10.0, 4)
+    assert summarize([5.0]).median == 5.0
+    with pytest.raises(ValueError):
+        summarize([])
+
+
+def test_ratios_of_medians() -> None:
+    base = summarize_runs([{"a": 4.0, "b": 1.0}, {"a": 6.0, "b": 3.0}, {"a": 5.0, "b": 2.0}])
+    opt = summarize_runs([{"a": 1.0, "b": 0.0}, {"a": 3.0, "b": 0.0}, {"a": 2.0, "b": 0.0}])
+    assert ratios(base, opt) == {"a": 2.5, "b": None}
+    assert ratio(6.0, 2.0) == 3.0
+
+
+def test_result_schema_and_ratios(doc: dict) -> None:
+    for side in (doc["baseline"], *doc["optimized"].values()):
+        assert set(side["stages"]) == set(STAGES)
+        for summary in side["stages"].values():
+            assert summary["min"] <= summary["median"] <= summary["max"]
+        assert side["decode_tokens_per_s"] == pytest.approx(1.0 / side["stages"]["decode_token"]["median"])
+    for backend, stage_ratios in doc["ratios"].items():
+        assert set(stage_ratios) == set(STAGES)
+        for stage, value in stage_ratios.items():
+            expected = doc["baseline"]["stages"][stage]["median"] / doc["optimized"][backend]["stages"][stage]["median"]
+            assert value == pytest.approx(expected)
+    assert doc["ratios"]["torch"]["ttft_cold"] == pytest.approx(3.0)
+    assert doc["ratios"]["onnxruntime"]["encode_3d"] == pytest.approx(6.0)
+    assert doc["model"]["random_weights"] is True
+    assert doc["machine"]["cores"] >= 1 and doc["machine"]["versions"]["torch"]
+    assert doc["floor"][0]["target"] == "cpu" and doc["floor"][0]["ttft_cold_s"] > 0
+    json.dumps(doc)  # serialisable
+    text = render_markdown(doc)
+    assert "RANDOM" in text and "ratio baseline/onnxruntime" in text
+    assert all(f"| {stage} |" in text for stage in STAGES)
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == PNG_SIGNATURE and data[12:16] == b"IHDR"
+    return struct.unpack(">II", data[16:24])
+
+
+def test_plot_is_png_of_requested_size(doc: dict, tmp_path: Path) -> None:
+    path = write_plot(doc, tmp_path / "bench.png", (640, 360))
+    assert png_size(path) == (640, 360)
+    assert [p.name for p in tmp_path.iterdir()] == ["bench.png"]  # no temporary left behind
+
+
+def test_rss_readings_are_positive() -> None:
+    assert 0 < current_rss_mib() <= peak_rss_mib()
+    with RssSampler(interval_s=0.001) as sampler, sampler.phase("alloc"):
+        block = bytearray(32 * 2**20)
+        block[::4096] = b"x" * len(block[::4096])
+    entry = sampler.phases["alloc"]
+    assert entry["start_rss_mib"] > 0 and entry["peak_rss_mib"] >= entry["start_rss_mib"]
+    assert entry["growth_mib"] == pytest.approx(entry["peak_rss_mib"] - entry["start_rss_mib"])
+
+
+def test_small_preset_has_the_real_token_geometry(tiny_tokenizer: TextTokenizer) -> None:
+    config = small_config(tiny_tokenizer.vocab_size)
+    assert config.vision.grid == 27
+    assert vision_tokens_per_frame(config) == 210
+    assert config.num_frames == 32 and config.cut3r_long_side == 512 and config.heads.ori_bins == 36
+    cut3r = Cut3rConfig.from_dict(config.cut3r)
+    assert cut3r == small_cut3r()
+    assert (cut3r.state_size, cut3r.local_mem_size) == (768, 256)
+    assert (384 // cut3r.patch_size) * (512 // cut3r.patch_size) == 768
+    assert config.random_weights
+
+
+def test_stand_in_head_matches_the_head_flops() -> None:
+    config = Cut3rConfig.tiny()
+    hidden = stand_in_hidden(config, 384, 512)
+    tokens = (384 // 16) * (512 // 16)
+    flops = 2.0 * tokens * hidden * (config.dec_embed_dim + 16**2 * HEAD_CHANNELS)
+    assert flops == pytest.approx(head_flops(config, 384, 512), rel=0.01)
+
+
+def test_cli_end_to_end_writes_every_output(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    argv = ["--model", "tiny", "--frames", "2", "--repeat", "1", "--warmup", "0", "--decode-tokens", "2",
+            "--json", str(out / "b.json"), "--markdown", str(out / "b.md"), "--plot", str(out / "b.png"), "--plot-size", "400x300"]
+    assert main(argv) == 0
+    result = json.loads((out / "b.json").read_text())
+    assert set(result["baseline"]["stages"]) == set(STAGES) == set(result["optimized"]["torch"]["stages"])
+    assert result["command"].startswith("loc3r-bench --model tiny")
+    assert result["memory"]["phases"]["baseline"]["peak_rss_mib"] > 0
+    assert png_size(out / "b.png") == (400, 300)
+    assert "RANDOM" in (out / "b.md").read_text()
+
+
+@pytest.mark.parametrize("bad", [["--frames", "0"], ["--repeat", "0"], ["--plot-size", "big"], ["--decode-tokens", "1"]])
+def test_cli_rejects_bad_arguments(bad: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--model", "tiny", *bad]) == 2
+    assert "loc3r-bench: error:" in capsys.readouterr().err
+
+
+def test_cli_rejects_unknown_backend(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--backend", "nope"])
+    assert exit_info.value.code == 2
+    assert "loc3r-bench: error:" in capsys.readouterr().err

@@ -1,0 +1,311 @@
+"""loc3r-convert on tiny checkpoints written in each published layout: bit-exact tensors,
+transformers parity of the converted model, sharding, ``.bin`` input, heads and errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    LlavaOnevisionConfig,
+    LlavaOnevisionForConditionalGeneration,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    SiglipVisionConfig,
+    SiglipVisionModel,
+)
+
+from loc3r.models.bundle import load_bundle, weight_files
+from loc3r.models.config import Loc3rConfig
+from loc3r.models.convert_cli import main
+from loc3r.models.cut3r import Cut3rConfig, official_model_line, random_state_dict, save_official_checkpoint
+from loc3r.models.heads import mlp
+from loc3r.models.tokenizer import END_OF_TEXT, IM_END, IM_START, ORI_TOKEN, POS_TOKEN, QWEN2_SPLIT_PATTERN
+
+TOL = 1e-5
+VOCAB = 320  # the tokenizer uses ~300 ids; <Pos>/<Ori> go to the spare rows
+LLM_SIZES = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+TOWER_SIZES = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                   image_size=56, patch_size=14, vision_use_head=False)  # 4x4 patches, 2 used layers
+T5_TO_T4 = (("model.vision_tower.", "vision_tower.vision_model."), ("model.multi_modal_projector.", "multi_modal_projector."),
+            ("model.image_newline", "image_newline"), ("model.language_model.", "language_model.model."),
+            ("lm_head.", "language_model.lm_head."))
+T5_TO_NEXT = (("model.vision_tower.", "model.vision_tower.vision_tower.vision_model."),
+              ("model.multi_modal_projector.linear_1.", "model.mm_projector.0."),
+              ("model.multi_modal_projector.linear_2.", "model.mm_projector.2."),
+              ("model.language_model.", "model."))
+NEXT_TO_T5 = tuple((b, a) for a, b in T5_TO_NEXT[:3]) + (("model.image_newline", "model.image_newline"), ("model.", "model.language_model."))
+T5_TO_BUNDLE = (("model.vision_tower.", "vision.tower."), ("model.multi_modal_projector.linear_1.", "vision.projector.0."),
+                ("model.multi_modal_projector.linear_2.", "vision.projector.2."), ("model.image_newline", "vision.image_newline"),
+                ("model.language_model.", "llm.model."), ("lm_head.", "llm.lm_head."))
+
+
+def rename(name: str, rules: tuple[tuple[str, str], ...]) -> str | None:
+    for old, new in rules:
+        if name.startswith(old):
+            return new + name[len(old):]
+    return None
+
+
+# --- fabricated checkpoints ---------------------------------------------------------------
+
+
+def tokenizer_without_loc3r_tokens() -> Tokenizer:
+    """A byte-level BPE with Qwen2's chat tokens but no <Pos>/<Ori> (as Qwen2's own)."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_SPLIT_PATTERN), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=[END_OF_TEXT, IM_START, IM_END],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tokenizer.train_from_iterator(["where am I standing in this room?", "the chair is left of the table"] * 20, trainer)
+    return tokenizer
+
+
+def hf_model() -> LlavaOnevisionForConditionalGeneration:
+    """A random tiny llava-onevision as the -hf checkpoints are (used layers only)."""
+    torch.manual_seed(0)
+    config = LlavaOnevisionConfig(
+        vision_config=SiglipVisionConfig(**TOWER_SIZES), text_config=Qwen2Config(**LLM_SIZES),
+        vision_feature_layer=-1, vision_feature_select_strategy="full", image_token_index=VOCAB - 2,
+        video_token_index=VOCAB - 1,
+    )
+    model = LlavaOnevisionForConditionalGeneration(config).eval()
+    with torch.no_grad():  # non-trivial norms and biases, so a misplaced tensor shows
+        for param in model.parameters():
+            param.add_(torch.randn_like(param) * 0.05)
+    return model
+
+
+def write_weights(folder: Path, state: dict[str, torch.Tensor], fmt: str, shards: int = 3) -> None:
+    """``state`` as ``shards`` safetensors or .bin files with a Hugging Face index."""
+    names = list(state)
+    per = -(-len(names) // shards)
+    stem, ext, index = (("model", "safetensors", "model.safetensors.index.json") if fmt == "safetensors"
+                        else ("pytorch_model", "bin", "pytorch_model.bin.index.json"))
+    weight_map = {}
+    for i in range(shards):
+        file = f"{stem}-{i + 1:05d}-of-{shards:05d}.{ext}"
+        part = {n: state[n].contiguous() for n in names[i * per:(i + 1) * per]}
+        save_file(part, str(folder / file)) if fmt == "safetensors" else torch.save(part, folder / file)
+        weight_map.update(dict.fromkeys(part, file))
+    (folder / index).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
+def hf_folder(root: Path, names: str, fmt: str) -> tuple[Path, LlavaOnevisionForConditionalGeneration]:
+    """An -hf checkpoint with transformers-5 (``t5``) or -4 (``t4``) tensor names."""
+    model = hf_model()
+    folder = root / f"hf-{names}-{fmt}"
+    folder.mkdir()
+    (folder / "config.json").write_text(model.config.to_json_string())
+    state = {(rename(n, T5_TO_T4) if names == "t4" else n) or n: t for n, t in model.state_dict().items()}
+    write_weights(folder, state, fmt)
+    tokenizer_without_loc3r_tokens().save(str(folder / "tokenizer.json"))
+    return folder, model
+
+
+def next_folder(root: Path, fmt: str = "safetensors") -> tuple[Path, dict[str, torch.Tensor]]:
+    """A LLaVA-NeXT checkpoint (Qwen2 config + mm_* fields); returns its state dict."""
+    model = hf_model()
+    folder = root / f"next-{fmt}"
+    folder.mkdir()
+    state = {rename(n, T5_TO_NEXT) or n: t for n, t in model.state_dict().items()}
+    config = {**{k: v for k, v in LLM_SIZES.items()}, "model_type": "llava_qwen",
+              "architectures": ["LlavaQwenForCausalLM"], "mm_vision_tower": "tiny-siglip",
+              "mm_projector_type": "mlp2x_gelu", "mm_hidden_size": 64, "mm_vision_select_layer": -2,
+              "mm_spatial_pool_mode": "bilinear", "mm_spatial_pool_stride": 2, "mm_newline_position": "grid",
+              "image_aspect_ratio": "anyres_max_9", "rope_theta": 10000.0, "tie_word_embeddings": False}
+    (folder / "config.json").write_text(json.dumps(config))
+    write_weights(folder, state, fmt)
+    tokenizer_without_loc3r_tokens().save(str(folder / "tokenizer.json"))
+    return folder, state
+
+
+@pytest.fixture(scope="module")
+def cut3r_file(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, torch.Tensor]]:
+    config = Cut3rConfig.tiny()
+    state = random_state_dict(config, seed=3)
+    path = tmp_path_factory.mktemp("cut3r") / "cut3r_tiny.pth"
+    save_official_checkpoint(state, official_model_line(config), path)
+    return path, state
+
+
+def convert(capsys: pytest.CaptureFixture[str], *args: object) -> tuple[int, str]:
+    code = main([str(a) for a in args])
+    return code, capsys.readouterr().err
+
+
+def bundle_tensors(bundle: Path) -> dict[str, torch.Tensor]:
+    return {n: t for f in weight_files(bundle) for n, t in load_file(str(f)).items()}
+
+
+def assert_bit_exact(bundle: Path, source_t5: dict[str, torch.Tensor], cut3r: dict[str, torch.Tensor]) -> None:
+    """Every bundle tensor but the heads equals its source tensor, dtype included."""
+    expected = {rename(n, T5_TO_BUNDLE): t for n, t in source_t5.items()}
+    expected.update({"camera_encoder." + n: t for n, t in cut3r.items()})
+    ours = bundle_tensors(bundle)
+    compared = [n for n in ours if not n.startswith("heads.")]
+    assert compared and all(n in expected for n in compared)
+    for name in compared:
+        assert ours[name].dtype == expected[name].dtype, name
+        assert torch.equal(ours[name], expected[name]), name
+
+
+# --- conversions --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("names", "fmt"), [("t5", "safetensors"), ("t4", "bin")])
+def test_hf_layout_round_trip_and_logits(tmp_path: Path, capsys, cut3r_file, names: str, fmt: str) -> None:
+    folder, hf = hf_folder(tmp_path, names, fmt)
+    out = tmp_path / "bundle"
+    code, err = convert(capsys, "--llava", folder, "--cut3r", cut3r_file[0], "--out", out, "--max-shard-mb", "0.05")
+    assert code == 0, err
+    assert "pooling" in err  # the LLaVA-Video defaults are announced
+    assert (out / "model.safetensors.index.json").is_file() and len(weight_files(out)) > 2
+    assert_bit_exact(out, hf.state_dict(), cut3r_file[1])
+
+    bundle = load_bundle(out)
+    config, model = bundle.config, bundle.model
+    assert (config.localization, config.random_weights) == ("untrained", False)
+    assert (config.spatial_pool_mode, config.spatial_pool_stride, config.newline_position) == ("bilinear", 2, "grid")
+    assert config.vision_select_layer == -1 and config.cut3r == Cut3rConfig.tiny().to_dict()
+    assert bundle.tokenizer.pos_id < VOCAB and bundle.tokenizer.ori_id < VOCAB
+
+    pixels = torch.rand(1, 2, 3, 56, 56, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    ids = torch.tensor([[5, 17, 3] + [hf.config.video_token_id] * (2 * 4 + 1) + [42, 8]])
+    with torch.no_grad():
+        hidden = hf.model.vision_tower(pixels[0], output_hidden_states=True).hidden_states[-1]
+        assert (model.vision.features(pixels[0]) - hf.model.multi_modal_projector(hidden)).abs().max() < TOL
+        reference = hf(input_ids=ids, pixel_values_videos=pixels).logits
+        pooled = model.vision.pool(model.vision.features(pixels[0]))
+        embeds = model.llm.get_input_embeddings()(ids)
+        embeds[0, ids[0] == hf.config.video_token_id] = torch.cat((pooled.reshape(-1, 32), model.vision.image_newline[None]))
+        logits = model.llm(inputs_embeds=embeds).logits
+    assert (logits - reference).abs().max().item() < TOL
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
+def test_llava_next_layout_round_trip_and_parity(tmp_path: Path, capsys, cut3r_file, fmt: str) -> None:
+    folder, state = next_folder(tmp_path, fmt)
+    out = tmp_path / "bundle"
+    code, err = convert(capsys, "--llava", folder, "--cut3r", cut3r_file[0], "--out", out, "--vision-heads", "2")
+    assert code == 0, err
+    assert (out / "model.safetensors").is_file() and not (out / "model.safetensors.index.json").exists()
+    t5 = {rename(n, NEXT_TO_T5) or n: t for n, t in state.items()}
+    assert_bit_exact(out, t5, cut3r_file[1])
+
+    model = load_bundle(out).model
+    assert (model.config.vision.num_hidden_layers, model.config.vision_select_layer) == (3, -2)
+    tower_prefix = "model.vision_tower.vision_tower.vision_model."
+    tower = SiglipVisionModel(SiglipVisionConfig(**TOWER_SIZES)).eval()
+    tower.load_state_dict({n[len(tower_prefix):]: t for n, t in state.items() if n.startswith(tower_prefix)})
+    projector = mlp(64, 32, 32)
+    projector.load_state_dict({n[len("model.mm_projector."):]: t for n, t in state.items() if n.startswith("model.mm_projector.")})
+    llm = Qwen2ForCausalLM(Qwen2Config(**LLM_SIZES, rope_theta=10000.0)).eval()
+    llm.load_state_dict({n: t for n, t in state.items() if n.startswith(("model.", "lm_head.")) and
+                         not n.startswith(("model.vision_tower.", "model.mm_projector.", "model.image_newline"))})
+    frames = torch.rand(2, 3, 56, 56, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    embeds = torch.randn(1, 7, 32, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        reference = projector(tower(frames, output_hidden_states=True).hidden_states[-1])
+        assert (model.vision.features(frames) - reference).abs().max() < TOL
+        assert (model.llm(inputs_embeds=embeds).logits - llm(inputs_embeds=embeds).logits).abs().max() < TOL
+
+
+def test_heads_file_marks_bundle_trained(tmp_path: Path, capsys, cut3r_file) -> None:
+    folder, _ = next_folder(tmp_path)
+    camera_dim, width = Cut3rConfig.tiny().dec_embed_dim, LLM_SIZES["hidden_size"]
+    torch.manual_seed(5)
+    heads = {"f_cam": mlp(camera_dim, width, width), "f_pos": mlp(width, 16, 3),
+             "f_ori": mlp(width, 16, 12), "f_bev": mlp(width, 16, 2)}
+    tensors = {f"heads.{m}.{n}": t for m, module in heads.items() for n, t in module.state_dict().items()}
+    save_file(tensors, str(tmp_path / "heads.safetensors"))
+    out = tmp_path / "bundle"
+    code, err = convert(capsys, "--llava", folder, "--cut3r", cut3r_file[0], "--out", out, "--vision-heads", "2",
+                        "--loc3r-heads", tmp_path / "heads.safetensors", "--dtype", "float16", "--model-id", "loc3r-test")
+    assert code == 0, err
+    config = Loc3rConfig.load(out)
+    assert (config.localization, config.model_id, config.heads.hidden_size, config.heads.ori_bins) == ("trained", "loc3r-test", 16, 12)
+    ours = bundle_tensors(out)
+    assert all(t.dtype == torch.float16 for t in ours.values() if t.is_floating_point())
+    assert all(torch.equal(ours[n], t.half()) for n, t in tensors.items())
+    assert load_bundle(out).model.heads.f_ori[2].out_features == 12
+
+
+# --- errors -------------------------------------------------------------------------------
+
+
+def assert_one_line_error(code: int, err: str, *words: str) -> None:
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("loc3r-convert: error: "), err
+    assert all(word in lines[0] for word in words), err
+
+
+def test_not_a_llava_folder(tmp_path: Path, capsys, cut3r_file) -> None:
+    out = tmp_path / "bundle"
+    assert_one_line_error(*convert(capsys, "--llava", tmp_path, "--cut3r", cut3r_file[0], "--out", out), "no config.json")
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert", "hidden_size": 8}))
+    assert_one_line_error(*convert(capsys, "--llava", tmp_path, "--cut3r", cut3r_file[0], "--out", out), "bert", "not a LLaVA-Video")
+    assert not out.exists()
+
+
+def test_truncated_shard(tmp_path: Path, capsys, cut3r_file) -> None:
+    folder, _ = next_folder(tmp_path)
+    shard = folder / "model-00002-of-00003.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-100])
+    code, err = convert(capsys, "--llava", folder, "--cut3r", cut3r_file[0], "--out", tmp_path / "b", "--vision-heads", "2")
+    assert_one_line_error(code, err, "truncated", shard.name)
+
+
+def test_missing_tensor(tmp_path: Path, capsys, cut3r_file) -> None:
+    folder, _ = next_folder(tmp_path)
+    shard = folder / "model-00003-of-00003.safetensors"
+    tensors = load_file(str(shard))
+    dropped = next(n for n in tensors if n.startswith("model.layers."))
+    save_file({n: t for n, t in tensors.items() if n != dropped}, str(shard))
+    code, err = convert(capsys, "--llava", folder, "--cut3r", cut3r_file[0], "--out", tmp_path / "b", "--vision-heads", "2")
+    assert_one_line_error(code, err, "missing tensors", dropped.replace("model.", "llm.model.", 1))
+
+
+def test_misshaped_config_and_bad_cut3r(tmp_path: Path, capsys, cut3r_file) -> None:
+    folder, _ = next_folder(tmp_path)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "intermediate_size": 48}))
+    code, err = convert(capsys, "--llava", folder, "--cut3r", cut3r_file[0], "--out", tmp_path / "b", "--vision-heads", "2")
+    assert_one_line_error(code, err, "disagree with config.json", "mlp")
+    (folder / "config.json").write_text(json.dumps(config))
+    not_pth = tmp_path / "cut3r.pth"
+    not_pth.write_text("hello")
+    code, err = convert(capsys, "--llava", folder, "--cut3r", not_pth, "--out", tmp_path / "b", "--vision-heads", "2")
+    assert_one_line_error(code, err, "not a PyTorch checkpoint")
+    code, err = convert(capsys, "--llava", folder, "--cut3r", cut3r_file[0], "--out", tmp_path / "b")
+    assert_one_line_error(code, err, "tiny-siglip", "--vision-heads")
+
+
+def test_refuses_to_replace_a_foreign_folder(tmp_path: Path, capsys, cut3r_file) -> None:
+    folder, _ = next_folder(tmp_path)
+    (tmp_path / "precious").mkdir()
+    (tmp_path / "precious" / "notes.txt").write_text("keep me")
+    code, err = convert(capsys, "--llava", folder, "--cut3r", cut3r_file[0], "--out", tmp_path / "precious", "--vision-heads", "2")
+    assert_one_line_error(code, err, "not a loc3r bundle")
+    assert (tmp_path / "precious" / "notes.txt").is_file()
+    code, err = convert(capsys, "--llava", folder, "--cut3r", cut3r_file[0], "--out", folder, "--vision-heads", "2")
+    assert_one_line_error(code, err, "not a loc3r bundle")
+    assert (folder / "model.safetensors.index.json").is_file()
+
+
+def test_pool_mode_override_and_rewrite(tmp_path: Path, capsys, cut3r_file) -> None:
+    folder, _ = hf_folder(tmp_path, "t5", "safetensors")
+    out = tmp_path / "bundle"
+    for mode in ("bilinear", "average"):  # the second run replaces the first bundle
+        code, err = convert(capsys, "--llava", folder, "--cut3r", cut3r_file[0], "--out", out, "--pool-mode", mode)
+        assert code == 0, err
+    assert Loc3rConfig.load(out).spatial_pool_mode == "average"
