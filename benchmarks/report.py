@@ -24,6 +24,7 @@ def machine_info() -> dict[str, Any]:
     return {
         "cpu": _cpu_model(),
         "cores": os.cpu_count(),
+        "torch_threads": _torch_threads(),
         "ram_gib": _meminfo_gib("MemTotal"),
         "os": platform.platform(),
         "python": platform.python_version(),
@@ -33,6 +34,12 @@ def machine_info() -> dict[str, Any]:
         "load_average_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "date_utc": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
+
+
+def _torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
 
 
 def _cpu_model() -> str:
@@ -81,7 +88,7 @@ def render_markdown(doc: Mapping[str, Any]) -> str:
         f"# loc3r-bench: {model['model_id']}, {doc['frames']} frames",
         "",
         f"Command: `{doc['command']}`  ",
-        f"Machine: {m['cpu']}, {m['cores']} cores, {m['ram_gib']} GiB RAM, {m['os']}; "
+        f"Machine: {m['cpu']}, {m['cores']} cores (torch threads {m['torch_threads']}), {m['ram_gib']} GiB RAM, {m['os']}; "
         f"GPU: {m['gpu']['name'] if m['gpu'] else 'none'}  ",
         "Versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items() if v) + f"; commit {m['git_commit']}  ",
         f"Date: {m['date_utc']}; load average at start {m['load_average_at_start']}  ",

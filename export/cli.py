@@ -50,9 +50,14 @@ def parse_size(text: str | None, default: tuple[int, int]) -> tuple[int, int]:
 
 
 def check_out(out: Path) -> None:
-    """``--out`` is replaced as a whole: it must be a folder (or not exist yet)."""
+    """``--out`` is replaced as a whole: a new folder, an empty one, or an earlier export."""
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out} is a file, not a folder", "pass a new folder for the export")
+    if out.is_dir() and any(out.iterdir()) and not (out / "manifest.json").is_file():
+        raise InputError(
+            f"--out {out} is a non-empty folder that is not a loc3r export; it would be replaced",
+            "pass a new or empty folder",
+        )
 
 
 def run_export(args: argparse.Namespace) -> int:

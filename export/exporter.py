@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import os
 import platform
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,7 +32,7 @@ from loc3r.export.onnx_export import (
     ort_session,
 )
 from loc3r.export.tensorrt_build import device_build_plan
-from loc3r.fileio import atomic_directory, write_json_atomic
+from loc3r.fileio import atomic_directory, current_umask, write_json_atomic
 from loc3r.models.bundle import Bundle
 from loc3r.models.cut3r import Cut3rState
 
@@ -148,6 +149,7 @@ def export_camera(request: ExportRequest, out: Path) -> dict[str, Any]:
     example = (torch.rand(1, 3, height, width) * 2 - 1, init.state_feat, init.memory, torch.ones(1))
     path = export_onnx(module, spec, example, out / "cut3r_step.onnx")
     save_file({"state": init.state_feat, "memory": init.memory}, str(out / CUT3R_INIT_FILE))
+    os.chmod(out / CUT3R_INIT_FILE, 0o666 & ~current_umask())  # safetensors writes 0600
     parity = recurrence_parity(module, spec, path, init, (height, width))
     return {"cut3r_step": artifact_entry(spec, path, parity, initial_state=CUT3R_INIT_FILE)}
 

@@ -121,6 +121,12 @@ class Loc3rConfig:
 
     def validate(self) -> None:
         """Reject settings the model cannot run."""
+        from loc3r.models.cut3r.config import Cut3rConfig
+
+        try:
+            Cut3rConfig.from_dict(self.cut3r)
+        except (TypeError, ValueError) as exc:
+            raise ModelError(f"config.json: the cut3r section is invalid ({exc})", "re-create the bundle") from None
         if self.spatial_pool_mode not in ("bilinear", "average", "max"):
             raise ModelError(
                 f"config.json: spatial_pool_mode {self.spatial_pool_mode!r} is not supported",

@@ -22,10 +22,10 @@ from loc3r.errors import InputError, ModelError
 from loc3r.fileio import atomic_directory
 from loc3r.models.config import HeadsConfig, Loc3rConfig
 from loc3r.models.convert_heads import heads_config, load_heads_file, random_heads
-from loc3r.models.convert_llava import check_against, map_names, open_llava, read_settings
-from loc3r.models.convert_stream import TensorInfo, write_shards
+from loc3r.models.convert_llava import LlavaSettings, check_against, map_names, open_llava, read_settings
+from loc3r.models.convert_stream import SourceShards, TensorInfo, write_shards
 from loc3r.models.convert_tokenizer import loc3r_tokenizer
-from loc3r.models.cut3r import load_cut3r
+from loc3r.models.cut3r import Cut3rConfig, load_cut3r
 from loc3r.models.loc3r_model import Loc3rModel
 from loc3r.models.vision import used_vision_layers
 
@@ -80,6 +80,25 @@ def _check_part(tensors: dict[str, Tensor], expected: dict[str, tuple[int, ...]]
         raise ModelError(f"{where} does not fit the bundle: {detail}", "pass a file made for this model")
 
 
+def bundle_config(options: ConvertOptions, settings: LlavaSettings, cut3r: Cut3rConfig, heads: HeadsConfig | None) -> Loc3rConfig:
+    """The bundle's config; ``heads`` None means random heads (``localization: untrained``)."""
+    config = Loc3rConfig(
+        model_id=options.model_id or options.llava.resolve().name,
+        vision=settings.vision,
+        llm=settings.llm,
+        cut3r=cut3r.to_dict(),
+        heads=heads or HeadsConfig(),
+        vision_select_layer=settings.vision_select_layer,
+        spatial_pool_mode=options.pool_mode or settings.spatial_pool_mode,  # type: ignore[arg-type]
+        spatial_pool_stride=settings.spatial_pool_stride,
+        newline_position=settings.newline_position,  # type: ignore[arg-type]
+        cut3r_long_side=max(cut3r.img_size),
+        localization="trained" if heads else "untrained",
+        random_weights=False,
+    )
+    return Loc3rConfig.from_dict(config.to_dict())  # the round trip validates every field
+
+
 def convert(options: ConvertOptions) -> Path:
     """Write the bundle at ``options.out`` (atomically) and return its path."""
     if not _replaceable(options.out):
@@ -88,59 +107,52 @@ def convert(options: ConvertOptions) -> Path:
     settings = read_settings(source, options.vision_heads)
     camera = load_cut3r(options.cut3r)
     head_file = load_heads_file(options.heads) if options.heads else None
-    config = Loc3rConfig.from_dict(Loc3rConfig(
-        model_id=options.model_id or options.llava.resolve().name,
-        vision=settings.vision,
-        llm=settings.llm,
-        cut3r=camera.config.to_dict(),
-        heads=heads_config(head_file) if head_file else HeadsConfig(),
-        vision_select_layer=settings.vision_select_layer,
-        spatial_pool_mode=options.pool_mode or settings.spatial_pool_mode,  # type: ignore[arg-type]
-        spatial_pool_stride=settings.spatial_pool_stride,
-        newline_position=settings.newline_position,  # type: ignore[arg-type]
-        cut3r_long_side=max(camera.config.img_size),
-        localization="trained" if head_file else "untrained",
-        random_weights=False,
-    ).to_dict())  # the round trip validates every field
+    config = bundle_config(options, settings, camera.config, heads_config(head_file) if head_file else None)
     if settings.pooling_defaulted:
         log.warning("the llava-onevision config has no pooling settings; recorded LLaVA-Video's: %s, stride %d, "
                     "%s newlines (--pool-mode sets the mode)", config.spatial_pool_mode, config.spatial_pool_stride,
                     config.newline_position)
     expected = expected_shapes(config)
-    keep = used_vision_layers(config.vision, config.vision_select_layer)
-    mapping = map_names(source, keep, config.llm.tie_word_embeddings)
-    llava_expected = {n: s for n, s in expected.items() if n.startswith(("vision.", "llm."))}
-    check_against(mapping, source.shards.infos, llava_expected, source.path)
+    mapping = map_names(source, used_vision_layers(config.vision, config.vision_select_layer), config.llm.tie_word_embeddings)
+    check_against(mapping, source.shards.infos, {n: s for n, s in expected.items() if n.startswith(("vision.", "llm."))}, source.path)
     extra = {"camera_encoder." + n: t for n, t in camera.state_dict().items()}
     _check_part(extra, expected, "camera_encoder.", options.cut3r)
-    heads = head_file if head_file else random_heads(config, camera.camera_dim)
-    heads = {"heads." + n: t for n, t in heads.items()}
+    heads = {"heads." + n: t for n, t in (head_file or random_heads(config, camera.camera_dim)).items()}
     _check_part(heads, expected, "heads.", options.heads or Path("random heads"))
     extra.update(heads)
+    del camera, head_file, heads  # the tensors live on in ``extra`` only, released one by one once written
     tokenizer = loc3r_tokenizer(source.path, config.llm.vocab_size)
+    with atomic_directory(options.out) as staging:
+        (staging / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n", encoding="utf-8")
+        tokenizer.save(staging)
+        infos, tensors = _stream(extra, source.shards, mapping, options.dtype)
+        files = write_shards(staging, infos, tensors, options.max_shard_bytes)
+    log.info("wrote %s: %d tensors in %d files", options.out, len(infos), len(files))
+    return options.out
 
+
+def _stream(
+    extra: dict[str, Tensor], shards: SourceShards, mapping: dict[str, str], dtype: torch.dtype | None
+) -> tuple[dict[str, TensorInfo], Iterator[tuple[str, Tensor]]]:
+    """The output plan (name -> dtype, shape, in write order) and the tensors in that order:
+    ``extra`` first (emptied as it goes), then the LLaVA tensors source shard by shard."""
     by_source: dict[str, list[str]] = {}  # a source tensor may feed two (tied embeddings)
     for name, src in mapping.items():
         by_source.setdefault(src, []).append(name)
 
-    def cast(dtype: torch.dtype) -> torch.dtype:
-        return options.dtype if options.dtype is not None and dtype.is_floating_point else dtype
+    def cast(original: torch.dtype) -> torch.dtype:
+        return dtype if dtype is not None and original.is_floating_point else original
 
     infos = {n: TensorInfo(cast(t.dtype), tuple(t.shape)) for n, t in extra.items()}
     for src, names in by_source.items():
-        info = source.shards.infos[src]
+        info = shards.infos[src]
         infos.update({n: TensorInfo(cast(info.dtype), info.shape) for n in names})
 
     def tensors() -> Iterator[tuple[str, Tensor]]:
-        for name, tensor in extra.items():
-            yield name, tensor.to(infos[name].dtype)
-        for src, tensor in source.shards.read(by_source):
+        for name in list(extra):
+            yield name, extra.pop(name).to(infos[name].dtype)
+        for src, tensor in shards.read(by_source):
             for name in by_source[src]:
                 yield name, tensor.to(infos[name].dtype)
 
-    with atomic_directory(options.out) as staging:
-        (staging / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n", encoding="utf-8")
-        tokenizer.save(staging)
-        files = write_shards(staging, infos, tensors(), options.max_shard_bytes)
-    log.info("wrote %s: %d tensors in %d files", options.out, len(infos), len(files))
-    return options.out
+    return infos, tensors()

@@ -41,7 +41,11 @@ class TextTokenizer:
         path = Path(bundle_dir) / "tokenizer.json"
         if not path.is_file():
             raise ModelError(f"{bundle_dir} has no tokenizer.json", "re-create the bundle")
-        return cls(Tokenizer.from_file(str(path)))
+        try:
+            tokenizer = Tokenizer.from_file(str(path))
+        except Exception as exc:  # noqa: BLE001 - tokenizers raises a bare Exception
+            raise ModelError(f"{path} is not a readable tokenizer ({str(exc).splitlines()[0]})", "re-create the bundle") from None
+        return cls(tokenizer)
 
     def token_id(self, token: str) -> int:
         token_id = self._tokenizer.token_to_id(token)

@@ -7,11 +7,11 @@ import json
 import os
 import sys
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from loc3r.cli_support import ArgumentParser, run_cli
-from loc3r.errors import InputError
+from loc3r.errors import InputError, Loc3rError
 from loc3r.models.prompt import check_user_text
 from loc3r.models.tokenizer import TextTokenizer
 from loc3r.progress import terminal_output
@@ -154,15 +154,23 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.model, backend=args.backend, engines=args.engines, cache_dir=None if args.no_cache else default_cache_dir()
         )
         sampling = SamplingConfig(args.max_new_tokens, args.temperature, args.top_p, args.seed)
+        live_errors = BackgroundErrors()
         if args.source:
-            session = open_live(pipeline, args)
+            session = open_live(pipeline, args, live_errors)
         else:
             session = pipeline.open(args.video, args.frames, with_bev=bool(args.plot), show_progress=terminal_output(args.json))
         for number, question in enumerate(iter_questions(args), start=1):
+            live_errors.raise_first()
             printer = None if args.json else TokenPrinter(pipeline.bundle.tokenizer)
             if printer:
                 print(f"Q: {question}\nA: ", end="", flush=True)
-            answer = session.ask(question, args.situation, sampling, on_token=printer)
+            try:
+                answer = session.ask(question, args.situation, sampling, on_token=printer)
+            except InputError as exc:
+                if not args.interactive:
+                    raise
+                print(f"\n{PROG}: error: {exc}", file=sys.stderr)  # ask again
+                continue
             if args.plot:
                 answer.plot(numbered_path(Path(args.plot), number))
             if args.json:
@@ -180,7 +188,24 @@ def iter_questions(args: argparse.Namespace) -> Iterator[str]:
         yield from stdin_questions()
 
 
-def open_live(pipeline, args: argparse.Namespace):  # noqa: ANN001, ANN201 - Pipeline, VideoSession
+class BackgroundErrors:
+    """Errors of the background frame feeder, re-raised in the main thread at the next question."""
+
+    def __init__(self) -> None:
+        self.errors: list[Loc3rError] = []
+
+    def run(self, feed: Callable[[], None]) -> None:
+        try:
+            feed()
+        except Loc3rError as exc:
+            self.errors.append(exc)
+
+    def raise_first(self) -> None:
+        if self.errors:
+            raise self.errors[0]
+
+
+def open_live(pipeline, args: argparse.Namespace, errors: BackgroundErrors):  # noqa: ANN001, ANN201 - Pipeline, VideoSession
     """Feed a live source into a session: in the background with -i, else up to --frames first."""
     from loc3r.runtime.sources import live_frames
 
@@ -193,7 +218,8 @@ def open_live(pipeline, args: argparse.Namespace):  # noqa: ANN001, ANN201 - Pip
             session.add_frame(frame)
         session.finish()
         return session
-    threading.Thread(target=lambda: [session.add_frame(f) for f in frames], name="loc3r-live", daemon=True).start()
+    feed = lambda: [session.add_frame(f) for f in frames]  # noqa: E731
+    threading.Thread(target=errors.run, args=(feed,), name="loc3r-live", daemon=True).start()
     return session
 
 

@@ -96,7 +96,7 @@ def test_build_without_tensorrt_is_a_clear_error(cpu_export: Path, tmp_path: Pat
 def test_failed_export_leaves_nothing_behind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "engines"
     out.mkdir()
-    (out / "keep.txt").write_text("previous export")
+    (out / "manifest.json").write_text("previous export")
 
     def fail(*args: object) -> None:
         raise OSError(28, "No space left on device")
@@ -105,7 +105,14 @@ def test_failed_export_leaves_nothing_behind(tmp_path: Path, monkeypatch: pytest
     assert export_cli.main(["--target", "cpu", "--out", str(out), "--llm", "none"]) == 1
     assert "No space left on device" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["engines"]
-    assert (out / "keep.txt").read_text() == "previous export"
+    assert (out / "manifest.json").read_text() == "previous export"
+
+
+def test_refuses_to_replace_a_folder_that_is_not_an_export(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "notes.txt").write_text("mine")
+    assert export_cli.main(["--target", "cpu", "--out", str(tmp_path)]) == 2
+    assert "is a non-empty folder that is not a loc3r export" in capsys.readouterr().err
+    assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
 def test_runtime_refuses_a_manifest_for_another_model(cpu_export: Path, tmp_path: Path) -> None:

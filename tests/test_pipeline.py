@@ -111,3 +111,16 @@ def test_bad_input_is_one_line_and_exit_2(
     err = capsys.readouterr().err
     assert err.startswith("loc3r-run: error: ") and message in err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_interactive_mode_reports_a_bad_question_and_asks_again(
+    demo_video: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import io
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("Where is <Pos> here?\n\nWhere am I?\n"))
+    assert main([str(demo_video), "-i", "--json", "--frames", "2", "--max-new-tokens", "2"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err.count("loc3r-run: error: the question contains the reserved token <Pos>") == 1
+    answers = [json.loads(line) for line in captured.out.splitlines()]
+    assert [a["question"] for a in answers] == ["Where am I?"]
