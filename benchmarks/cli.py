@@ -10,15 +10,19 @@ import sys
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from loc3r.cli_support import ArgumentParser, run_cli
 from loc3r.errors import InputError
 
+if TYPE_CHECKING:
+    from loc3r.models.bundle import Bundle
+    from loc3r.models.config import Loc3rConfig
+
 PROG = "loc3r-bench"
 BACKEND_CHOICES = ("torch", "onnxruntime", "tensorrt")
 QUESTIONS = ("Where am I standing?", "What is in front of me?")
-DEFAULT_REPEAT = {"tiny": 5}  # other models: 2
+DEFAULT_REPEAT = {"tiny": 3}  # other models: 2
 DEMO_VIDEO = {"num_frames": 96, "width": 640, "height": 480, "fps": 8}
 
 
@@ -29,7 +33,7 @@ def bench_parser() -> argparse.ArgumentParser:
     parser.add_argument("--engines", help="folder written by loc3r-export (default for onnxruntime on tiny/small: export one into a temp folder)")
     parser.add_argument("--video", help="video to run on (default: a generated 640x480 demo video, 96 frames)")
     parser.add_argument("--frames", type=int, default=32, help="frames sampled from the video (default 32)")
-    parser.add_argument("--repeat", type=int, help="measured repeats (default 5 for tiny, 2 otherwise)")
+    parser.add_argument("--repeat", type=int, help="measured repeats (default 3 for tiny, 2 otherwise)")
     parser.add_argument("--warmup", type=int, default=1, help="unmeasured runs first (default 1)")
     parser.add_argument("--decode-tokens", type=int, default=16, help="greedy tokens timed for decode tok/s (default 16)")
     parser.add_argument("--target", action="append", help="target profile for the roofline floor (repeatable; default cpu)")
@@ -52,31 +56,32 @@ def parse_plot_size(text: str) -> tuple[int, int]:
 
 
 def check_args(args: argparse.Namespace) -> None:
-    for name in ("frames", "decode_tokens"):
-        if getattr(args, name) < 1 + (name == "decode_tokens"):
-            raise InputError(f"--{name.replace('_', '-')} must be at least {1 + (name == 'decode_tokens')}", "pass a larger value")
-    if args.repeat is not None and args.repeat < 1:
-        raise InputError("--repeat must be at least 1", "pass --repeat 1 or more")
-    if args.warmup < 0:
-        raise InputError("--warmup must be 0 or more", "pass --warmup 0 to skip it")
+    """Refuse counts the benchmark cannot run with, before anything is loaded."""
+    minimum = {"frames": 1, "repeat": 1, "warmup": 0, "decode_tokens": 2}  # decode rate needs 2 tokens
+    for name, least in minimum.items():
+        value = getattr(args, name)
+        if value is not None and value < least:
+            flag = "--" + name.replace("_", "-")
+            raise InputError(f"{flag} must be at least {least}, got {value}", f"pass {flag} {least} or more")
+    if "tensorrt" in args.backend and not args.engines:
+        raise InputError("--backend tensorrt needs --engines DIR", "build the engines on the device with loc3r-export build")
     parse_plot_size(args.plot_size)
 
 
 @contextlib.contextmanager
-def engines_for(args: argparse.Namespace, bundle: Any) -> Iterator[Path | None]:
+def engines_for(args: argparse.Namespace, bundle: Bundle) -> Iterator[Path | None]:
     """``--engines``, or for a preset model an export into a temporary folder, or None
     when no exported backend was asked for."""
-    exported = [b for b in args.backend if b != "torch"]
-    if not exported:
-        yield None
-        return
     if args.engines:
         yield Path(args.engines)
+        return
+    if "onnxruntime" not in args.backend:
+        yield None
         return
     from loc3r.bench.presets import PRESETS
 
     if str(args.model) not in PRESETS:
-        raise InputError(f"--backend {exported[0]} on a bundle folder needs --engines DIR", "run loc3r-export --out DIR first")
+        raise InputError("--backend onnxruntime on a bundle folder needs --engines DIR", "run loc3r-export --out DIR first")
     from loc3r.engines.targets import load_target
     from loc3r.export.exporter import ExportRequest, default_cut3r_size, export_all
 
@@ -161,7 +166,7 @@ def assemble(
     args: argparse.Namespace,
     command: str,
     machine: dict[str, Any],
-    config: Any,
+    config: Loc3rConfig,
     runs: dict[str, list[dict[str, float]]],
     memory: dict[str, Any],
     frames_in_memory_mib: float,
@@ -176,20 +181,19 @@ def assemble(
     summaries = {name: summarize_runs(values) for name, values in runs.items()}
     base = summaries.pop("baseline")
 
-    def side(summary: dict[str, Any]) -> dict[str, Any]:
+    def side(summary: dict[str, Any], name: str) -> dict[str, Any]:
         return {
             "stages": {k: summary[k].to_dict() for k in STAGES},
             "decode_tokens_per_s": 1.0 / summary["decode_token"].median,
-            "runs": [],
+            "runs": runs[name],
         }
 
-    baseline_doc = side(base) | {
-        "runs": runs["baseline"],
+    baseline_doc = side(base, "baseline") | {
         "method": " ".join(baseline_module.__doc__.split()),
         "stand_in": stand_in,
         "frames_in_memory_mib": frames_in_memory_mib,
     }
-    optimized = {name: side(s) | {"runs": runs[name]} for name, s in summaries.items()}
+    optimized = {name: side(s, name) for name, s in summaries.items()}
     return {
         "command": command,
         "machine": machine,
@@ -209,7 +213,7 @@ def assemble(
     }
 
 
-def model_description(name: str, config: Any) -> dict[str, Any]:
+def model_description(name: str, config: Loc3rConfig) -> dict[str, Any]:
     """Model id, random-weights flag and every size (the preset's, for ``small``)."""
     from loc3r.models.vision import vision_tokens_per_frame
 
@@ -222,7 +226,7 @@ def model_description(name: str, config: Any) -> dict[str, Any]:
     }
 
 
-def floor_reports(targets: Sequence[str], config: Any, frames: int, stand_in: dict[str, Any]) -> list[dict[str, Any]]:
+def floor_reports(targets: Sequence[str], config: Loc3rConfig, frames: int, stand_in: dict[str, Any]) -> list[dict[str, Any]]:
     """``loc3r.bench.floor`` reports of the benchmarked model's sizes on ``targets``."""
     from loc3r.bench.floor import ModelSizes, Workload, floor_report
     from loc3r.bench.flops import Cut3rSizes

@@ -3,10 +3,10 @@
 Run: ``python -m loc3r.bench.convert_memory [--out benchmarks/results] [--workdir DIR]``.
 The checkpoint (SigLIP so400m tower as LLaVA-NeXT saves it, 26 layers; a Qwen2 with 1536
 width and 10 layers; bf16) is written shard by shard into 4 safetensors files, so the
-fabrication never holds more than one shard. It is converted twice in a
-subprocess, with a tiny CUT3R and with a real-size one (random weights); peak RSS is the
-child's ``VmHWM``. An import-only subprocess gives the baseline (torch + transformers), so the conversion's own share can be compared with the
-largest input file.
+fabrication never holds more than one shard. It is converted twice in a subprocess, with
+a tiny CUT3R and with a real-size one (random weights); peak RSS is the child's ``VmHWM``.
+An import-only subprocess gives the baseline (torch + transformers), so the conversion's
+own share can be compared with the largest input file.
 """
 
 from __future__ import annotations

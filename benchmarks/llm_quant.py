@@ -1,12 +1,13 @@
 """LLM quantization benchmark: weight bytes, peak RSS, prefill/decode speed, top-1 agreement.
 
 Run: ``python -m loc3r.bench.llm_quant [--out benchmarks/results]``. Every variant is
-exported from one small Qwen2 with a scaled init (all weights N(0, 0.2²), seeded: its
-next-token distribution is peaked, not flat; training this size on 2 shared cores was too
-slow), then timed in a fresh subprocess (so that peak RSS is that variant's alone).
-The tests use :func:`peaked_qwen2` (a trained tiny model) instead. A last pair of
-subprocesses exports a synthetic ~1B config to measure the export's peak RSS against the
-model's own size.
+exported from one small Qwen2 with transformers' init (std 0.02) except lm_head, drawn
+with std 0.4 so that the next-token distribution is peaked, not flat (training this size
+on 2 shared cores was too slow; scaling every weight instead makes a chaotic network where
+even fp16 flips tokens), then timed in a fresh subprocess (so that peak RSS is that
+variant's alone; best of ``REPEATS`` runs, as the machine is shared). The tests use
+:func:`peaked_qwen2` (a trained tiny model) instead. A last pair of subprocesses exports a
+synthetic ~1B config to measure the export's peak RSS against the model's own size.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import torch
 from transformers import Qwen2ForCausalLM
 
 from loc3r.models.config import LLMConfig
-from loc3r.models.llm import build_qwen2, qwen2_config
+from loc3r.models.llm import build_qwen2
 from loc3r.runtime.generate import SamplingConfig, generate
 from loc3r.runtime.stages import LLMStage
 
@@ -48,6 +49,7 @@ ONE_B = LLMConfig(
     num_key_value_heads=4,
 )
 
+REPEATS = 3
 CHAIN_TOKENS = 512  # few enough to be learnt in a few hundred short steps at any vocab size
 
 
@@ -87,12 +89,13 @@ def peaked_qwen2(
     return model.eval()
 
 
-def scaled_qwen2(config: LLMConfig, std: float, seed: int = 0) -> Qwen2ForCausalLM:
-    """A random Qwen2 whose weights are N(0, std²): std 0.2 gives peaked logits."""
+def scaled_qwen2(config: LLMConfig, head_std: float, seed: int = 0) -> Qwen2ForCausalLM:
+    """A random Qwen2 whose lm_head is N(0, head_std²): 0.4 gives peaked logits."""
     torch.manual_seed(seed)
-    hf_config = qwen2_config(config)
-    hf_config.initializer_range = std
-    return Qwen2ForCausalLM(hf_config).eval()
+    model = build_qwen2(config)
+    with torch.no_grad():
+        model.lm_head.weight.normal_(0.0, head_std)
+    return model
 
 
 def greedy_agreement(
@@ -142,15 +145,17 @@ def _measure_speed(out_dir: str, prefill_tokens: int, decode_tokens: int) -> dic
     llm = OnnxLLM(Path(out_dir) / DECODER, Path(out_dir) / EMBEDDINGS)
     ids = [i % llm.table.shape[0] for i in range(1, prefill_tokens + 1)]
     llm.prefill(llm.embed(ids[:16]))
-    llm.reset()
-    start = time.perf_counter()
-    result = llm.prefill(llm.embed(ids))
-    prefill_s = time.perf_counter() - start
-    token = int(result.last_logits.argmax())
-    start = time.perf_counter()
-    for _ in range(decode_tokens):
-        token = int(llm.decode(token).argmax())
-    decode_s = time.perf_counter() - start
+    prefill_s = decode_s = float("inf")
+    for _ in range(REPEATS):  # best of: the machine is shared
+        llm.reset()
+        start = time.perf_counter()
+        result = llm.prefill(llm.embed(ids))
+        prefill_s = min(prefill_s, time.perf_counter() - start)
+        token = int(result.last_logits.argmax())
+        start = time.perf_counter()
+        for _ in range(decode_tokens):
+            token = int(llm.decode(token).argmax())
+        decode_s = min(decode_s, time.perf_counter() - start)
     return {
         "prefill_tok_s": prefill_tokens / prefill_s,
         "decode_tok_s": decode_tokens / decode_s,
@@ -206,13 +211,13 @@ def _variants() -> list[tuple[dict[str, Any], bool]]:
     return [(v, True) for v in timed] + [(v, False) for v in sweep]
 
 
-def run(std: float, prompts: int, new_tokens: int) -> dict[str, Any]:
+def run(head_std: float, prompts: int, new_tokens: int) -> dict[str, Any]:
     """Export and measure every variant of the small config; the 1B export RSS."""
     from loc3r.export.llm import export_llm
     from loc3r.export.llm_io import DECODER, EMBEDDINGS
     from loc3r.runtime.onnx_llm import OnnxLLM
 
-    model = scaled_qwen2(SMALL, std)
+    model = scaled_qwen2(SMALL, head_std)
     test_prompts = markov_sequences(SMALL.vocab_size, prompts, 12, seed=99).tolist()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -244,7 +249,7 @@ def run(std: float, prompts: int, new_tokens: int) -> dict[str, Any]:
     return {
         "config": SMALL.__dict__,
         "model": {
-            "init": f"all weights N(0, {std}^2), seed 0",
+            "init": f"transformers' init (std 0.02), lm_head N(0, {head_std}^2), seed 0",
             "mean_top1_prob": _mean_top1_prob(model, test_prompts),
         },
         "agreement": {"prompts": prompts, "prompt_tokens": 12, "new_tokens": new_tokens},
@@ -295,11 +300,11 @@ def to_markdown(result: dict[str, Any]) -> str:
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
-    parser.add_argument("--init-std", type=float, default=0.2)
+    parser.add_argument("--head-std", type=float, default=0.4)
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--new-tokens", type=int, default=16)
     args = parser.parse_args(argv)
-    result = run(args.init_std, args.prompts, args.new_tokens)
+    result = run(args.head_std, args.prompts, args.new_tokens)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "llm_quant.json").write_text(json.dumps(result, indent=2) + "\n")
     (args.out / "llm_quant.md").write_text(to_markdown(result))

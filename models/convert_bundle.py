@@ -114,7 +114,8 @@ def convert(options: ConvertOptions) -> Path:
                     config.newline_position)
     expected = expected_shapes(config)
     mapping = map_names(source, used_vision_layers(config.vision, config.vision_select_layer), config.llm.tie_word_embeddings)
-    check_against(mapping, source.shards.infos, {n: s for n, s in expected.items() if n.startswith(("vision.", "llm."))}, source.path)
+    llava_part = {n: shape for n, shape in expected.items() if n.startswith(("vision.", "llm."))}
+    check_against(mapping, source.shards.infos, llava_part, source.path)
     extra = {"camera_encoder." + n: t for n, t in camera.state_dict().items()}
     _check_part(extra, expected, "camera_encoder.", options.cut3r)
     heads = {"heads." + n: t for n, t in (head_file or random_heads(config, camera.camera_dim)).items()}

@@ -94,12 +94,13 @@ def open_llava(folder: Path) -> LlavaSource:
         raise ModelError(f"{config_path} is not valid JSON ({exc})", _FIX) from None
     if not isinstance(config, dict):
         raise ModelError(f"{config_path} is not a JSON object", _FIX)
-    return LlavaSource(folder, detect_layout(config, config_path), config, SourceShards(weight_files(folder)))
+    return LlavaSource(folder, detect_layout(config, config_path), config, SourceShards(source_weight_files(folder)))
 
 
 def detect_layout(config: dict[str, Any], where: Path) -> Layout:
     """``hf_onevision`` for a llava-onevision config, ``llava_next`` for one with ``mm_vision_tower``."""
-    if config.get("model_type") == "llava_onevision" or "LlavaOnevisionForConditionalGeneration" in config.get("architectures", []):
+    architectures = config.get("architectures") or []
+    if config.get("model_type") == "llava_onevision" or "LlavaOnevisionForConditionalGeneration" in architectures:
         return "hf_onevision"
     if "mm_vision_tower" in config:
         return "llava_next"
@@ -109,7 +110,7 @@ def detect_layout(config: dict[str, Any], where: Path) -> Layout:
     )
 
 
-def weight_files(folder: Path) -> list[Path]:
+def source_weight_files(folder: Path) -> list[Path]:
     """The shards listed by the weight index, or the single weights file."""
     for index_name in WEIGHT_INDEXES:
         index = folder / index_name
@@ -268,7 +269,9 @@ def map_names(source: LlavaSource, keep_layers: int, tie_word_embeddings: bool) 
     return out
 
 
-def check_against(mapping: dict[str, str], infos: dict[str, TensorInfo], expected: dict[str, tuple[int, ...]], where: Path) -> None:
+def check_against(
+    mapping: dict[str, str], infos: dict[str, TensorInfo], expected: dict[str, tuple[int, ...]], where: Path
+) -> None:
     """Every expected tensor is mapped with the expected shape, and nothing else is."""
     problems = []
     unexpected = sorted(set(mapping) - set(expected))

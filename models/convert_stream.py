@@ -81,7 +81,6 @@ class SourceShards:
     """A checkpoint split over safetensors or ``.bin`` files, read one file at a time."""
 
     def __init__(self, files: list[Path]) -> None:
-        self.files = files
         self.infos: dict[str, TensorInfo] = {}
         self.file_of: dict[str, Path] = {}
         for path in files:
@@ -156,7 +155,9 @@ def _header_bytes(names: list[str], infos: dict[str, TensorInfo]) -> bytes:
     offset = 0
     for name in names:
         info = infos[name]
-        header[name] = {"dtype": DTYPE_NAMES[info.dtype], "shape": list(info.shape), "data_offsets": [offset, offset + info.nbytes]}
+        header[name] = {
+            "dtype": DTYPE_NAMES[info.dtype], "shape": list(info.shape), "data_offsets": [offset, offset + info.nbytes]
+        }
         offset += info.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)

@@ -25,7 +25,9 @@ def read_tokenizer(folder: Path) -> Tokenizer:
 
             return AutoTokenizer.from_pretrained(str(folder)).backend_tokenizer
     except Exception as exc:  # tokenizers raises plain Exception subclasses
-        raise ModelError(f"cannot read the tokenizer in {folder} ({exc})", "download the checkpoint's tokenizer files again") from None
+        raise ModelError(
+            f"cannot read the tokenizer in {folder} ({exc})", "download the checkpoint's tokenizer files again"
+        ) from None
     raise ModelError(f"{folder} has no tokenizer.json (nor vocab.json + merges.txt)", "download the checkpoint's tokenizer files")
 
 

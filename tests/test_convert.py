@@ -69,13 +69,13 @@ def tokenizer_without_loc3r_tokens() -> Tokenizer:
     return tokenizer
 
 
-def hf_model() -> LlavaOnevisionForConditionalGeneration:
+def hf_model(vocab: int = VOCAB) -> LlavaOnevisionForConditionalGeneration:
     """A random tiny llava-onevision as the -hf checkpoints are (used layers only)."""
     torch.manual_seed(0)
     config = LlavaOnevisionConfig(
-        vision_config=SiglipVisionConfig(**TOWER_SIZES), text_config=Qwen2Config(**LLM_SIZES),
-        vision_feature_layer=-1, vision_feature_select_strategy="full", image_token_index=VOCAB - 2,
-        video_token_index=VOCAB - 1,
+        vision_config=SiglipVisionConfig(**TOWER_SIZES), text_config=Qwen2Config(**{**LLM_SIZES, "vocab_size": vocab}),
+        vision_feature_layer=-1, vision_feature_select_strategy="full", image_token_index=vocab - 2,
+        video_token_index=vocab - 1,
     )
     model = LlavaOnevisionForConditionalGeneration(config).eval()
     with torch.no_grad():  # non-trivial norms and biases, so a misplaced tensor shows
@@ -111,13 +111,13 @@ def hf_folder(root: Path, names: str, fmt: str) -> tuple[Path, LlavaOnevisionFor
     return folder, model
 
 
-def next_folder(root: Path, fmt: str = "safetensors") -> tuple[Path, dict[str, torch.Tensor]]:
+def next_folder(root: Path, fmt: str = "safetensors", vocab: int = VOCAB) -> tuple[Path, dict[str, torch.Tensor]]:
     """A LLaVA-NeXT checkpoint (Qwen2 config + mm_* fields); returns its state dict."""
-    model = hf_model()
+    model = hf_model(vocab)
     folder = root / f"next-{fmt}"
     folder.mkdir()
     state = {rename(n, T5_TO_NEXT) or n: t for n, t in model.state_dict().items()}
-    config = {**{k: v for k, v in LLM_SIZES.items()}, "model_type": "llava_qwen",
+    config = {**LLM_SIZES, "vocab_size": vocab, "model_type": "llava_qwen",
               "architectures": ["LlavaQwenForCausalLM"], "mm_vision_tower": "tiny-siglip",
               "mm_projector_type": "mlp2x_gelu", "mm_hidden_size": 64, "mm_vision_select_layer": -2,
               "mm_spatial_pool_mode": "bilinear", "mm_spatial_pool_stride": 2, "mm_newline_position": "grid",
@@ -309,3 +309,9 @@ def test_pool_mode_override_and_rewrite(tmp_path: Path, capsys, cut3r_file) -> N
         code, err = convert(capsys, "--llava", folder, "--cut3r", cut3r_file[0], "--out", out, "--pool-mode", mode)
         assert code == 0, err
     assert Loc3rConfig.load(out).spatial_pool_mode == "average"
+
+
+def test_loc3r_tokens_must_fit_the_embedding(tmp_path: Path, capsys, cut3r_file) -> None:
+    folder, _ = next_folder(tmp_path, vocab=301)  # 300 tokens + <Pos> fit, <Ori> does not
+    code, err = convert(capsys, "--llava", folder, "--cut3r", cut3r_file[0], "--out", tmp_path / "b", "--vision-heads", "2")
+    assert_one_line_error(code, err, "token id 301", "301-row embedding", "<Pos>, <Ori>")
