@@ -75,7 +75,15 @@ def export_all(request: ExportRequest, progress: Progress = print) -> Manifest:
             from loc3r.export.llm import export_llm
 
             progress(f"exporting the LLM ({request.llm_quant}) ...")
-            llm = export_llm(bundle.model.llm, staging / "llm", request.llm_quant)
+            plan = request.target.llm
+            same_as_target = request.llm_quant == plan.weights
+            llm = export_llm(
+                bundle.model.llm,
+                staging / "llm",
+                request.llm_quant,
+                block_size=plan.block_size or 32,
+                lm_head=plan.lm_head if same_as_target else None,
+            )
         manifest = build_manifest(request, artifacts, llm)
         write_json_atomic(staging / MANIFEST_FILE, manifest)
     return load_manifest(request.out_dir)
