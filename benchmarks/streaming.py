@@ -47,13 +47,13 @@ def ttft_runs(model: str, video: Path, frames: int, cache_dir: Path, repeats: in
 
     streamed = []
     for i in range(repeats):
-        pipeline._session = None
+        pipeline.forget_video()
         fresh = pipeline.open(video, frames)  # frames stream in (and are prefilled) before the question
         streamed.append(fresh.ask(f"Where am I? ({i})", sampling=SAMPLING).timings["ttft_s"])
 
     cached_pipeline = Pipeline.from_pretrained(model, cache_dir=cache_dir)
     cached_pipeline.open(video, frames)  # fills the cache
-    cached_pipeline._session = None
+    cached_pipeline.forget_video()
     reopen = time.perf_counter()
     hit = cached_pipeline.open(video, frames)
     reopen_s = time.perf_counter() - reopen

@@ -1,7 +1,7 @@
 """``decoder.onnx``: a Qwen2 forward over explicit tensors, declared once and exported lean.
 
 The graph is traced from :class:`QwenDecoder` built on the meta device, so tracing holds no
-weights; :func:`attach_weights` then points every initializer at the source model's tensor
+weights; ``_attach_weights`` then points every initializer at the source model's tensor
 through a lazy tensor, which the ONNX writer materialises (transposed to ``(in, out)``) one
 at a time while it streams the external data file. Peak memory is the source model plus
 the largest single weight.
@@ -183,7 +183,7 @@ def export_graph(config: LLMConfig, state: Mapping[str, Tensor]) -> tuple[ir.Mod
         optimize=False,
         verbose=False,
     )
-    matmul_weights = attach_weights(program.model, state)
+    matmul_weights = _attach_weights(program.model, state)
     onnxscript.optimizer.optimize(program.model)
     return program.model, matmul_weights
 
@@ -194,7 +194,7 @@ def _source_array(tensor: Tensor, transpose: bool) -> ir.Tensor:
     return ir.tensor(np.asarray(array.numpy()))
 
 
-def attach_weights(graph_model: ir.Model, state: Mapping[str, Tensor]) -> list[str]:
+def _attach_weights(graph_model: ir.Model, state: Mapping[str, Tensor]) -> list[str]:
     """Point each weight initializer at ``state`` lazily; returns the MatMul weight names."""
     matmul_names = []
     for name, value in graph_model.graph.initializers.items():

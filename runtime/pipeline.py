@@ -88,6 +88,11 @@ class Pipeline:
 
     # -- sessions -------------------------------------------------------------------------
 
+    def forget_video(self) -> None:
+        """Drop the video the pipeline holds, so the next ``open`` starts afresh."""
+        self._session = None
+        self._session_key = None
+
     def new_session(self, source: str, with_bev: bool = False) -> VideoSession:
         """An empty session (the LLM cache is given to it) for frames fed by the caller."""
         self._session = VideoSession(self.bundle, self.stages, self.model_info, source, with_bev)

@@ -41,7 +41,7 @@ def assert_same_answer(a, b, atol: float = 1e-5) -> None:  # noqa: ANN001
 
 def test_streamed_and_reference_order_give_the_same_answer(pipeline: Pipeline, video: Path) -> None:
     streamed = pipeline.open(video, FRAMES, streaming=True).ask("Where am I?", sampling=SAMPLING)
-    pipeline._session = None  # force a fresh session
+    pipeline.forget_video()
     reference = pipeline.open(video, FRAMES, streaming=False).ask("Where am I?", sampling=SAMPLING)
     assert_same_answer(streamed, reference)
     assert streamed.video["indices"] == reference.video["indices"]
