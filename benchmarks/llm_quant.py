@@ -312,8 +312,11 @@ NOTES = """\
 - top-1 agree: the fp32 decoder generates 16 tokens greedily after each of 8 prompts; the
   variant is teacher-forced along them; share of steps with the same argmax.
 - max abs logits: the export's parity probe (16 seeded tokens, one prefill) vs torch fp32.
-- Speed: best of 3 on a shared 2-core machine (others' jobs ran too); peak RSS is the
-  timing subprocess's VmHWM (python + torch + onnxruntime alone were ~400 MB).
+- Speed: best of 3 on a shared 2-core machine (others' jobs ran too): a previous run gave
+  2-4x lower numbers for the same variants, so read the columns as rough ratios; peak RSS
+  is the timing subprocess's VmHWM (python + torch + onnxruntime alone were ~400 MB).
+- On this x86 CPU int4 saves memory, not time: MLAS's fp32 GEMM beats the int4 kernel at
+  prefill, and decode is about even; the time win is for bandwidth-bound devices.
 - fp16 stores weights in fp16 with a Cast in the graph: ORT's CPU provider folds the casts
   at load, so its speed and RSS are fp32's; it halves the files and is the GPU input.
 - 1B export: RSS after building the fp32 model vs the peak through tracing, quantizing and
@@ -327,8 +330,9 @@ NOTES = """\
   (asymmetric block 32 lands on 0.160x); asymmetric is `symmetric=False` away.
 - lm_head in int4 like the layers: an int8 head did not raise agreement here (the layers'
   error dominates) and costs +0.05x bytes on this vocab/width ratio.
-- Accuracy level 4: int8-weight MatMulNBits at level 0 dequantizes per call (decode
-  ~15x slower than level 4 here); for int4 level 4 decodes faster at the same agreement.
+- Accuracy level 4: int8-weight MatMulNBits at level 0 has no fast CPU kernel (decode
+  15-40x slower than level 4 across runs); for int4 level 4 decodes faster (1.2-1.5x) at
+  the same agreement.
 - The small model is random apart from its peaked head: int4 RTN agreement on it (~0.47)
   is far below the trained tiny model's (~0.97). Measure on the real checkpoint
   before shipping int4; if it falls short, int8 or a calibrated int4 (ORT's quantizer also

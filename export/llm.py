@@ -93,7 +93,7 @@ def export_llm(
 
     ``quant`` stores the decoder layers' MatMul weights; ``lm_head`` defaults to the same
     (why: benchmarks/results/llm_quant.md). ``accuracy_level`` is MatMulNBits' CPU compute
-    type: 0 computes in fp32 (8-bit weights then decode ~15x slower than at 4 on this
+    type: 0 computes in fp32 (8-bit weights then decode 15-40x slower than at 4 on this
     machine), 4 quantizes activations to int8 per block; CUDA kernels ignore it. ``check``
     runs one prefill through ONNX Runtime and the torch model and records the differences
     under ``parity``.
