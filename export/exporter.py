@@ -29,9 +29,9 @@ from loc3r.export.onnx_export import (
     ensure_within,
     export_onnx,
     merge,
-    ort_session,
 )
 from loc3r.export.tensorrt_build import device_build_plan
+from loc3r.runtime.ort import open_session
 from loc3r.fileio import atomic_directory, current_umask, write_json_atomic
 from loc3r.models.bundle import Bundle
 from loc3r.models.cut3r import Cut3rState
@@ -175,7 +175,7 @@ def recurrence_parity(
     Each side carries its own recurrent state, so drift (e.g. a wrong RoPE row) accumulates
     and shows, as it would at run time.
     """
-    session = ort_session(path)
+    session = open_session(path)
     generator = torch.Generator().manual_seed(1234)
     torch_state, torch_memory = init.state_feat, init.memory
     ort_state, ort_memory = init.state_feat.numpy(), init.memory.numpy()

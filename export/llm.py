@@ -89,7 +89,7 @@ def export_llm(
     accuracy_level: int = 4,
     check: bool = True,
 ) -> dict[str, Any]:
-    """Write the decoder graph and the fp16 embedding table; return a manifest fragment.
+    """Write the decoder graph and the embedding table (fp32 for fp32, else fp16); return a manifest fragment.
 
     ``quant`` stores the decoder layers' MatMul weights; ``lm_head`` defaults to the same
     (why: benchmarks/results/llm_quant.md). ``accuracy_level`` is MatMulNBits' CPU compute
@@ -109,7 +109,9 @@ def export_llm(
     quantize_matmuls(graph, plan)
     ir.save(graph, out / DECODER, external_data=f"{DECODER}.data")
     del graph
-    table = model.get_input_embeddings().weight.detach().to(torch.float16).contiguous()
+    # fp32 exports keep the table exact (the CPU reference target); others store it in fp16
+    table_dtype = torch.float32 if quant == "fp32" else torch.float16
+    table = model.get_input_embeddings().weight.detach().to(table_dtype).contiguous()
     save_file({EMBED_TENSOR: table}, str(out / EMBEDDINGS))
     nbits = quant in ("int8", "int4") or head in ("int8", "int4")
     return {
@@ -123,7 +125,7 @@ def export_llm(
             "file": EMBEDDINGS,
             "tensor": EMBED_TENSOR,
             "shape": [spec.vocab, spec.width],
-            "dtype": "float16",
+            "dtype": str(table_dtype).removeprefix("torch."),
         },
         "quantization": {
             "layers": quant,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import os
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from torch import Tensor, nn
 
 from loc3r.errors import InternalError
 from loc3r.export.graphs import GraphSpec
+from loc3r.runtime.ort import open_session
 
 OPSET = 18
 
@@ -76,23 +76,6 @@ def quiet_logger(name: str) -> Iterator[None]:
         logger.setLevel(level)
 
 
-def ort_session(path: Path, providers: Sequence[Any] = ("CPUExecutionProvider",)):  # noqa: ANN201
-    """An ONNX Runtime session that really runs on ``providers`` (no silent CPU fallback)."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = max(1, (os.cpu_count() or 1))
-    session = ort.InferenceSession(str(path), options, providers=list(providers))
-    names = [p if isinstance(p, str) else p[0] for p in providers]
-    missing = [p for p in names if p not in session.get_providers()]
-    if missing:
-        raise InternalError(
-            f"ONNX Runtime did not enable {', '.join(missing)} for {path.name}",
-            "install onnxruntime-gpu matching the CUDA/TensorRT on this device, or use --target cpu",
-        )
-    return session
-
-
 def compare(spec: GraphSpec, expected: Sequence[Tensor], actual: Sequence[np.ndarray]) -> ParityResult:
     """Max absolute and relative error over a set of outputs, and the allclose verdict."""
     max_abs = max_rel = 0.0
@@ -126,7 +109,7 @@ def check_parity(
     runs: int = 3,
 ) -> ParityResult:
     """Run PyTorch and ONNX Runtime on ``runs`` fresh inputs; fail if beyond tolerance."""
-    session = ort_session(path)
+    session = open_session(path)
     results = []
     for run in range(runs):
         inputs = make_inputs(run)

@@ -20,13 +20,10 @@ from torch import Tensor
 from loc3r.errors import InputError
 from loc3r.export.exporter import CUT3R_INIT_FILE
 from loc3r.export.manifest import Manifest, check_manifest_matches
-from loc3r.export.onnx_export import ort_session
+from loc3r.runtime.ort import CPU, open_session, provider_names
 from loc3r.models.bundle import Bundle
 from loc3r.models.vision import vision_tokens_per_frame
 from loc3r.runtime.stages import LLMStage
-
-CPU = ("CPUExecutionProvider",)
-
 
 def default_providers(cache_dir: Path) -> list[Any]:
     """On a device with onnxruntime-gpu: TensorRT EP (FP16, engine cache), CUDA, CPU; else CPU."""
@@ -111,7 +108,7 @@ def onnx_stages(bundle: Bundle, manifest: Manifest, providers: Sequence[Any] | N
     tokens = manifest.artifacts["vision"]["outputs"][0]["shape"][1]
     if tokens != vision_tokens_per_frame(bundle.config):
         raise InputError(f"the vision graph emits {tokens} tokens per frame, the model needs {vision_tokens_per_frame(bundle.config)}", "re-export")
-    session = {name: ort_session(manifest.artifact_path(name), providers) for name in manifest.artifacts}
+    session = {name: open_session(manifest.artifact_path(name), providers) for name in manifest.artifacts}
     init = load_file(str(manifest.root / CUT3R_INIT_FILE))
     height, width = manifest.data["cut3r_size"]
     camera = OrtCamera(session["cut3r_step"], init["state"], init["memory"], (height, width))
@@ -129,5 +126,5 @@ def onnx_llm(bundle: Bundle, manifest: Manifest, providers: Sequence[Any]) -> LL
 
     root = manifest.root / "llm"
     # the TensorRT EP has no MatMulNBits: the decoder runs on the CUDA (or CPU) provider
-    names = [p for p in (p if isinstance(p, str) else p[0] for p in providers) if p != "TensorrtExecutionProvider"]
+    names = [p for p in provider_names(providers) if p != "TensorrtExecutionProvider"]
     return OnnxLLM(root / llm["decoder"]["file"], root / llm["embeddings"]["file"], names)

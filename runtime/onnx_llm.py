@@ -22,27 +22,9 @@ from loc3r.export.llm_io import (
     present_name,
 )
 from loc3r.models.llm import PrefillResult
+from loc3r.runtime.ort import open_session
 
 _DEVICE_OF = {"CUDAExecutionProvider": "cuda", "TensorrtExecutionProvider": "cuda"}
-
-
-def open_session(
-    path: str | Path, providers: Sequence[str], threads: int | None = None
-) -> ort.InferenceSession:
-    """An ORT session that runs on every provider asked for, or a clear error."""
-    options = ort.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = threads
-    session = ort.InferenceSession(str(path), options, providers=list(providers))
-    missing = [p for p in providers if p not in session.get_providers()]
-    if missing:
-        raise ModelError(
-            f"onnxruntime could not use {missing} for {Path(path).name} "
-            f"(active: {session.get_providers()})",
-            "install the matching onnxruntime build (e.g. onnxruntime-gpu with CUDA) or ask for "
-            "CPUExecutionProvider",
-        )
-    return session
 
 
 class OnnxLLM:

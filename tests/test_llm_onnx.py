@@ -132,7 +132,8 @@ def test_missing_provider_is_refused(exported: tuple[Path, dict]) -> None:
         OnnxLLM(out / DECODER, out / EMBEDDINGS, providers=["CUDAExecutionProvider"])
 
 
-def test_embeddings_are_the_fp16_table(model: torch.nn.Module, llm: OnnxLLM) -> None:
+def test_fp32_export_keeps_the_embedding_table_exact(model: torch.nn.Module, llm: OnnxLLM, exported: tuple[Path, dict]) -> None:
     ids = [0, 1, 255]
-    expected = model.get_input_embeddings().weight[ids].detach().half().float()
+    expected = model.get_input_embeddings().weight[ids].detach()
     np.testing.assert_array_equal(llm.embed(ids).numpy(), expected.numpy())
+    assert exported[1]["embeddings"]["dtype"] == "float32"
