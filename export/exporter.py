@@ -29,6 +29,7 @@ from loc3r.export.onnx_export import (
     ensure_within,
     export_onnx,
     merge,
+    quiet_exporter,
 )
 from loc3r.export.tensorrt_build import device_build_plan
 from loc3r.runtime.ort import open_session
@@ -77,13 +78,14 @@ def export_all(request: ExportRequest, progress: Progress = print) -> Manifest:
             progress(f"exporting the LLM ({request.llm_quant}) ...")
             plan = request.target.llm
             same_as_target = request.llm_quant == plan.weights
-            llm = export_llm(
-                bundle.model.llm,
-                staging / "llm",
-                request.llm_quant,
-                block_size=plan.block_size or 32,
-                lm_head=plan.lm_head if same_as_target else None,
-            )
+            with quiet_exporter():
+                llm = export_llm(
+                    bundle.model.llm,
+                    staging / "llm",
+                    request.llm_quant,
+                    block_size=plan.block_size or 32,
+                    lm_head=plan.lm_head if same_as_target else None,
+                )
         manifest = build_manifest(request, artifacts, llm)
         write_json_atomic(staging / MANIFEST_FILE, manifest)
     return load_manifest(request.out_dir)

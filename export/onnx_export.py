@@ -46,8 +46,7 @@ def export_onnx(module: nn.Module, spec: GraphSpec, example: Sequence[Tensor], p
         t.name: {axis: torch.export.Dim(dim, min=1) for axis, dim in enumerate(t.shape) if isinstance(dim, str)} or None
         for t in spec.inputs
     }
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), quiet_logger("torch.onnx"):
-        warnings.simplefilter("ignore")
+    with quiet_exporter():
         torch.onnx.export(
             module,
             tuple(example),
@@ -62,6 +61,14 @@ def export_onnx(module: nn.Module, spec: GraphSpec, example: Sequence[Tensor], p
         )
     onnx.checker.check_model(str(path))
     return path
+
+
+@contextlib.contextmanager
+def quiet_exporter() -> Iterator[None]:
+    """Hide torch.onnx's progress prints, warnings and log chatter for the block."""
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), quiet_logger("torch.onnx"):
+        warnings.simplefilter("ignore")
+        yield
 
 
 @contextlib.contextmanager
