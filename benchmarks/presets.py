@@ -11,17 +11,11 @@ pose-memory slots, 36 orientation bins. Only widths and depths are scaled down (
 
 from __future__ import annotations
 
-from importlib import resources
 from pathlib import Path
 
-import torch
-
-from loc3r.models.bundle import save_bundle
 from loc3r.models.config import HeadsConfig, LLMConfig, Loc3rConfig, VisionConfig
 from loc3r.models.cut3r import Cut3rConfig
-from loc3r.models.loc3r_model import Loc3rModel
-from loc3r.models.tiny import loc3r_home, resolve_model
-from loc3r.models.tokenizer import train_tiny_tokenizer
+from loc3r.models.tiny import build_random_bundle, loc3r_home, resolve_model
 
 SMALL_NAME = "small"
 SMALL_VERSION = 1
@@ -70,12 +64,8 @@ def small_config(vocab_size: int) -> Loc3rConfig:
 
 
 def build_small_bundle(out_dir: str | Path, seed: int = SMALL_SEED) -> Path:
-    """Train the tiny tokenizer, initialise the small model from ``seed``, save the bundle."""
-    corpus = resources.files("loc3r").joinpath("assets/corpus.txt").read_text(encoding="utf-8")
-    tokenizer = train_tiny_tokenizer(corpus.splitlines())
-    torch.manual_seed(seed)
-    model = Loc3rModel(small_config(tokenizer.vocab_size))
-    return save_bundle(model, tokenizer, out_dir)
+    """The small preset's bundle at ``out_dir`` (tiny tokenizer, weights from ``seed``)."""
+    return build_random_bundle(out_dir, small_config, seed)
 
 
 def ensure_small_bundle() -> Path:

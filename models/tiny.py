@@ -9,6 +9,7 @@ weights are random, and everything that shows its output says so.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 
@@ -53,13 +54,18 @@ def tiny_config(vocab_size: int) -> Loc3rConfig:
     )
 
 
-def build_tiny_bundle(out_dir: str | Path, seed: int = TINY_SEED) -> Path:
-    """Train the tiny tokenizer, initialise the model from ``seed`` and save the bundle."""
+def build_random_bundle(out_dir: str | Path, make_config: Callable[[int], Loc3rConfig], seed: int) -> Path:
+    """Train the tiny tokenizer, initialise ``make_config(vocab)`` from ``seed``, save the bundle."""
     corpus = resources.files("loc3r").joinpath("assets/corpus.txt").read_text(encoding="utf-8")
     tokenizer = train_tiny_tokenizer(corpus.splitlines())
     torch.manual_seed(seed)
-    model = Loc3rModel(tiny_config(tokenizer.vocab_size))
+    model = Loc3rModel(make_config(tokenizer.vocab_size))
     return save_bundle(model, tokenizer, out_dir)
+
+
+def build_tiny_bundle(out_dir: str | Path, seed: int = TINY_SEED) -> Path:
+    """The tiny model's bundle at ``out_dir``."""
+    return build_random_bundle(out_dir, tiny_config, seed)
 
 
 def ensure_tiny_bundle() -> Path:
