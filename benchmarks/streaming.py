@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from loc3r.bench.presets import resolve_bench_model
 from loc3r.fileio import write_json_atomic
 from loc3r.runtime.demo_video import write_demo_video
 from loc3r.runtime.generate import SamplingConfig
@@ -35,7 +36,7 @@ SAMPLING = SamplingConfig(max_new_tokens=8)
 
 def ttft_runs(model: str, video: Path, frames: int, cache_dir: Path, repeats: int) -> dict[str, float]:
     """Cold, follow-up and streamed-then-asked TTFT (medians), and the cached re-open's encode."""
-    pipeline = Pipeline.from_pretrained(model)
+    pipeline = Pipeline.from_pretrained(resolve_bench_model(model))
     pipeline.open(video, 2).ask("warm up", sampling=SAMPLING)  # first-call allocations
 
     first_token: list[float] = []
@@ -51,7 +52,7 @@ def ttft_runs(model: str, video: Path, frames: int, cache_dir: Path, repeats: in
         fresh = pipeline.open(video, frames)  # frames stream in (and are prefilled) before the question
         streamed.append(fresh.ask(f"Where am I? ({i})", sampling=SAMPLING).timings["ttft_s"])
 
-    cached_pipeline = Pipeline.from_pretrained(model, cache_dir=cache_dir)
+    cached_pipeline = Pipeline.from_pretrained(resolve_bench_model(model), cache_dir=cache_dir)
     cached_pipeline.open(video, frames)  # fills the cache
     cached_pipeline.forget_video()
     reopen = time.perf_counter()
@@ -144,8 +145,9 @@ def main(argv: list[str] | None = None) -> int:
         },
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
-    write_json_atomic(out / "streaming.json", result)
-    (out / "streaming.md").write_text(markdown(result), encoding="utf-8")
+    stem = f"streaming_{args.model}" if args.model in ("tiny", "small") else "streaming"
+    write_json_atomic(out / f"{stem}.json", result)
+    (out / f"{stem}.md").write_text(markdown(result), encoding="utf-8")
     print(markdown(result))
     return 0
 
