@@ -20,6 +20,7 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
+from media import write_audio_only
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
@@ -165,18 +166,6 @@ def _truncated_to_header(d: Path, long_video: Path) -> Path:
     return path
 
 
-def _audio_only(d: Path) -> Path:
-    path = d / "sound.m4a"
-    with av.open(str(path), mode="w") as container:
-        stream = container.add_stream("aac", rate=16000)
-        for _ in range(5):
-            frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
-            frame.sample_rate = 16000
-            container.mux(stream.encode(frame))
-        container.mux(stream.encode(None))
-    return path
-
-
 def _png_as_mp4(d: Path) -> Path:
     from PIL import Image
 
@@ -198,7 +187,7 @@ def _write(d: Path, name: str, data: bytes) -> Path:
         (lambda d, v: _write(d, "empty.mp4", b""), ["is an empty file (0 bytes)", "re-copy"]),
         (lambda d, v: _write(d, "notes.mp4", b"hello\n" * 50), ["cannot be read as a video", "pass a video file"]),
         (lambda d, v: _png_as_mp4(d), ["is a still image", "pass a video file"]),
-        (lambda d, v: _audio_only(d), ["has only audio, no video stream", "pass a video file"]),
+        (lambda d, v: write_audio_only(d / "sound.m4a"), ["has only audio, no video stream", "pass a video file"]),
         (_truncated_to_header, ["no decodable video frames", "damaged or truncated"]),
     ],
     ids=["missing", "directory", "zero-bytes", "text-as-mp4", "png-as-mp4", "audio-only", "truncated-to-header"],

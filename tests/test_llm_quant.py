@@ -15,25 +15,17 @@ import onnx
 import pytest
 import torch
 
-from loc3r.bench.llm_quant import greedy_agreement, markov_sequences, peaked_qwen2
+from loc3r.bench.llm_quant import TINY, greedy_agreement, markov_sequences, peaked_qwen2
 from loc3r.errors import ModelError
 from loc3r.export import quantize
 from loc3r.export.llm import export_llm
 from loc3r.export.llm_io import DECODER, EMBEDDINGS
 from loc3r.export.llm_torchao import quantize_torch_llm
 from loc3r.export.quantize import WeightQuant
-from loc3r.models.config import LLMConfig
 from loc3r.models.llm import TorchLLM
 from loc3r.runtime.onnx_llm import OnnxLLM
 
-CONFIG = LLMConfig(
-    vocab_size=512,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-)
+CONFIG = TINY  # the benchmark's trained tiny model
 Exports = dict[str, tuple[Path, dict]]
 PROMPTS = markov_sequences(CONFIG.vocab_size, 8, 12, seed=99).tolist()
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
+from media import write_audio_only
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -333,14 +334,7 @@ def test_truncated_mp4_without_index_fails(tmp_path: Path) -> None:
 
 def _audio_only(path: Path) -> Path:
     _need("aac")
-    with av.open(str(path), mode="w") as container:
-        stream = container.add_stream("aac", rate=16000)
-        for _ in range(5):
-            frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
-            frame.sample_rate = 16000
-            container.mux(stream.encode(frame))
-        container.mux(stream.encode(None))
-    return path
+    return write_audio_only(path)
 
 
 def _file(path: Path, data: bytes) -> Path:
