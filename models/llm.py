@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from transformers import DynamicCache, Qwen2Config, Qwen2ForCausalLM
+from transformers import Qwen2Config, Qwen2ForCausalLM
+from transformers.cache_utils import Cache, DynamicLayer
 
 from loc3r.models.config import LLMConfig
 
@@ -20,6 +21,59 @@ def qwen2_config(config: LLMConfig) -> Qwen2Config:
 def build_qwen2(config: LLMConfig) -> Qwen2ForCausalLM:
     """A randomly initialised Qwen2 with our sizes."""
     return Qwen2ForCausalLM(qwen2_config(config)).eval()
+
+
+class ReservedLayer(DynamicLayer):
+    """A KV cache layer that appends into a buffer with spare room instead of concatenating.
+
+    transformers' ``DynamicLayer`` copies the whole cache on every append, so the first
+    question on a long video prefix pays for copying it; here appends write in place (the
+    buffer doubles when full) and cutting back to the prefix only moves the length.
+    """
+
+    def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
+        super().lazy_initialization(key_states, value_states)
+        self._key_buffer = self._value_buffer = None
+        self._length = 0
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args: object, **kwargs: object) -> tuple[Tensor, Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        end = self._length + key_states.shape[-2]
+        self._reserve(end, key_states, value_states)
+        self._key_buffer[..., self._length : end, :] = key_states
+        self._value_buffer[..., self._length : end, :] = value_states
+        self._set_length(end)
+        return self.keys, self.values
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove > 0:
+            raise ValueError("pass a negative number of tokens to remove")
+        if tokens_to_remove and self.is_initialized:
+            self._set_length(max(0, self._length + tokens_to_remove))
+
+    def _reserve(self, length: int, key_states: Tensor, value_states: Tensor) -> None:
+        capacity = 0 if self._key_buffer is None else self._key_buffer.shape[-2]
+        if length <= capacity:
+            return
+        size = max(length, 2 * capacity)
+        buffers = []
+        for old, like in ((self._key_buffer, key_states), (self._value_buffer, value_states)):
+            new = like.new_empty((*like.shape[:-2], size, like.shape[-1]))
+            if old is not None:
+                new[..., : self._length, :] = old[..., : self._length, :]
+            buffers.append(new)
+        self._key_buffer, self._value_buffer = buffers
+
+    def _set_length(self, length: int) -> None:
+        self._length = length
+        self.keys = self._key_buffer[..., :length, :]
+        self.values = self._value_buffer[..., :length, :]
+
+
+def reserved_cache() -> Cache:
+    """A KV cache of :class:`ReservedLayer` layers."""
+    return Cache(layer_class_to_replicate=ReservedLayer)
 
 
 @dataclass
@@ -35,7 +89,7 @@ class TorchLLM:
 
     def __init__(self, model: Qwen2ForCausalLM) -> None:
         self.model = model
-        self.cache = DynamicCache()
+        self.cache = reserved_cache()
 
     @property
     def cached_length(self) -> int:
@@ -68,4 +122,4 @@ class TorchLLM:
             self.cache.crop(-extra)
 
     def reset(self) -> None:
-        self.cache = DynamicCache()
+        self.cache = reserved_cache()
