@@ -14,7 +14,6 @@ Measured in one run, reported as ratios:
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import resource
 import statistics

@@ -11,7 +11,6 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor
 
-from loc3r.errors import ModelError
 from loc3r.export.llm_io import (
     EMBED_TENSOR,
     EMBEDS,

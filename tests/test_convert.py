@@ -24,7 +24,7 @@ from loc3r.models.config import Loc3rConfig
 from loc3r.models.convert_cli import main
 from loc3r.models.cut3r import Cut3rConfig, official_model_line, random_state_dict, save_official_checkpoint
 from loc3r.models.heads import mlp
-from loc3r.models.tokenizer import END_OF_TEXT, IM_END, IM_START, ORI_TOKEN, POS_TOKEN, QWEN2_SPLIT_PATTERN
+from loc3r.models.tokenizer import END_OF_TEXT, IM_END, IM_START, QWEN2_SPLIT_PATTERN
 
 TOL = 1e-5
 VOCAB = 320  # the tokenizer uses ~300 ids; <Pos>/<Ori> go to the spare rows
