@@ -13,9 +13,8 @@ from pathlib import Path
 from loc3r.cli_support import ArgumentParser, run_cli
 from loc3r.errors import InputError, Loc3rError
 from loc3r.models.prompt import check_user_text
-from loc3r.models.tokenizer import TextTokenizer
 from loc3r.progress import terminal_output
-from loc3r.runtime.generate import SamplingConfig
+from loc3r.runtime.generate import SamplingConfig, TextStream
 from loc3r.runtime.result import Answer
 
 PROG = "loc3r-run"
@@ -74,21 +73,14 @@ def numbered_path(path: Path, number: int) -> Path:
     return path if number == 1 else path.with_name(f"{path.stem}_{number}{path.suffix}")
 
 
-class TokenPrinter:
+class TokenPrinter(TextStream):
     """Prints generated text as it arrives, holding back incomplete UTF-8 sequences."""
 
-    def __init__(self, tokenizer: TextTokenizer) -> None:
-        self.tokenizer = tokenizer
-        self.tokens: list[int] = []
-        self.shown = 0
-
     def __call__(self, token: int) -> None:
-        self.tokens.append(token)
-        text = self.tokenizer.decode(self.tokens)
-        if not text.endswith("\ufffd"):
-            sys.stdout.write(text[self.shown :])
+        delta = self.push(token)
+        if delta:
+            sys.stdout.write(delta)
             sys.stdout.flush()
-            self.shown = len(text)
 
 
 def print_human(answer: Answer, streamed_chars: int) -> None:

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from loc3r.models.tokenizer import TextTokenizer
+
 
 @dataclass(frozen=True)
 class SamplingConfig:
@@ -56,3 +58,21 @@ def generate(
         if len(tokens) < sampling.max_new_tokens:
             logits = decode_step(token)
     return tokens
+
+
+class TextStream:
+    """The text of generated tokens as they arrive: ``push`` returns what is new, holding
+    back an incomplete UTF-8 sequence until the token that completes it."""
+
+    def __init__(self, tokenizer: TextTokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.tokens: list[int] = []
+        self.shown = 0
+
+    def push(self, token: int) -> str:
+        self.tokens.append(token)
+        text = self.tokenizer.decode(self.tokens)
+        if text.endswith("\ufffd"):
+            return ""
+        delta, self.shown = text[self.shown :], len(text)
+        return delta

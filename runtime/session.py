@@ -188,10 +188,12 @@ class VideoSession:
                     on_token(token)
 
             stop = {tokenizer.im_end_id, tokenizer.end_of_text_id}
-            tokens = generate(result.last_logits, self.stages.llm.decode, stop, sampling, record)
-            self.stages.llm.truncate(self._blocks_end if live_tail else prefix_length)
-            if live_tail:
-                self._tail_in_cache = False
+            try:  # ``on_token`` may raise to stop early (a client gone): the cache is cut back all the same
+                tokens = generate(result.last_logits, self.stages.llm.decode, stop, sampling, record)
+            finally:
+                self.stages.llm.truncate(self._blocks_end if live_tail else prefix_length)
+                if live_tail:
+                    self._tail_in_cache = False
         if token_times:
             timings["ttft_s"] = token_times[0] - asked_at
             if len(token_times) > 1:
@@ -207,6 +209,22 @@ class VideoSession:
             timings={k: round(v, 6) for k, v in timings.items()},
             bev_points=np.concatenate(self._bev) if self._bev else None,
         )
+
+    def reclaim_cache(self) -> None:
+        """Refill the LLM cache with this session's prefix after another session used it.
+
+        Sessions of one pipeline share its LLM cache; the frames stay encoded in the
+        session, so this costs one prefill of the video prefix and no decoding or encoding.
+        """
+        with self._lock:
+            llm = self.stages.llm
+            llm.reset()
+            embeds = [llm.embed(self._head_ids()), *self.encoded.blocks]
+            self._prefill_embeds("prefill_video", torch.cat(embeds))
+            self._blocks_end = llm.cached_length
+            self._tail_in_cache = False
+            if self.duration_s is not None:
+                self._ensure_tail()
 
     def describe(self) -> dict[str, object]:
         return {
