@@ -1,0 +1,56 @@
+"""What one server allows: its address, key, media folder, limits and live sources."""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from loc3r.errors import InputError
+
+MIB = 1 << 20
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """Limits and policies of one server (every default is the safe one)."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    media_dir: Path | None = None  # videos a client may name by relative path; None: uploads only
+    upload_dir: Path = Path("uploads")
+    allow_remote_urls: bool = False  # http(s) video URLs are fetched only when enabled
+    max_upload_bytes: int = 512 * MIB
+    upload_store_bytes: int = 4096 * MIB  # oldest uploads are deleted beyond this
+    max_frames: int | None = None  # None: the model's frame count
+    max_new_tokens: int = 512
+    max_body_bytes: int = 1 * MIB  # JSON requests
+    queue_size: int = 16
+    session_memory_bytes: int = 2048 * MIB
+    live_sources: dict[str, str] = field(default_factory=dict)  # name -> camera:N / rtsp://...
+    live_stride: int = 15
+    remote_timeout_s: float = 30.0
+
+    def check(self) -> None:
+        """Refuse an unsafe or impossible configuration, with the fix."""
+        if not is_loopback(self.host) and not self.api_key:
+            raise InputError(
+                f"--host {self.host} would expose the server beyond this machine without a key",
+                "pass --api-key KEY (clients then send 'Authorization: Bearer KEY'), or bind 127.0.0.1",
+            )
+        if self.media_dir is not None and not self.media_dir.is_dir():
+            raise InputError(f"--media-dir {self.media_dir} is not a folder", "pass an existing folder of videos")
+        for name in self.live_sources:
+            if not name.replace("-", "").replace("_", "").isalnum():
+                raise InputError(f"live source name {name!r} is not a simple name", "use letters, digits, - and _ (e.g. --live front=camera:0)")
+
+
+def is_loopback(host: str) -> bool:
+    """True for addresses only this machine can reach (127.0.0.0/8, ::1, localhost)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -1,0 +1,210 @@
+// loc3r-serve page: pick or upload a video, ask, watch the answer stream, see the pose on a map.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const SVG = "http://www.w3.org/2000/svg";
+const state = { model: null, history: {}, layout: {}, objectUrl: null };
+
+function headers(extra = {}) {
+  const key = $("api-key").value || sessionStorage.getItem("loc3r-key");
+  return key ? { ...extra, Authorization: `Bearer ${key}` } : extra;
+}
+
+async function api(path, options = {}) {
+  const response = await fetch(path, { ...options, headers: headers(options.headers) });
+  if (!response.ok) {
+    const body = await response.json().catch(() => ({}));
+    throw new Error(body.error ? body.error.message : `${response.status} ${response.statusText}`);
+  }
+  return response;
+}
+
+function setStatus(text, isError = false) {
+  $("status").textContent = text;
+  $("status").classList.toggle("error", isError);
+}
+
+async function loadModel() {
+  const health = await (await fetch("/health")).json();
+  state.model = health.model.id;
+  $("model").textContent = `${health.model.id} · ${health.model.backend}`;
+  $("key-box").hidden = !health.auth;
+  if (health.warning) {
+    $("banner").hidden = false;
+    $("banner").textContent = (health.model.random_weights ? "RANDOM WEIGHTS: " : "UNTRAINED HEADS: ") + health.warning;
+  }
+}
+
+async function loadVideos(select) {
+  const list = await (await api("/v1/videos")).json();
+  const box = $("videos");
+  box.replaceChildren(...list.data.map((video) => {
+    const option = document.createElement("option");
+    option.value = video.url;
+    option.textContent = video.source === "upload" ? `${video.filename} (upload)` : `${video.id} (${video.source})`;
+    return option;
+  }));
+  if (select) box.value = select;
+  await showVideo();
+}
+
+async function showVideo() {
+  const url = $("videos").value;
+  const live = url.startsWith("live:");
+  $("live-note").hidden = !live;
+  $("player").hidden = live || !url;
+  if (state.objectUrl) URL.revokeObjectURL(state.objectUrl);
+  state.objectUrl = null;
+  if (!url || live) return;
+  const path = `/v1/videos/content?url=${encodeURIComponent(url)}`;
+  if (headers().Authorization) {  // a <video src> cannot send the key: fetch the bytes instead
+    state.objectUrl = URL.createObjectURL(await (await api(path)).blob());
+    $("player").src = state.objectUrl;
+  } else {
+    $("player").src = path;
+  }
+  drawMap(url);
+}
+
+async function upload(file) {
+  const form = new FormData();
+  form.append("file", file);
+  setStatus(`uploading ${file.name}…`);
+  try {
+    const info = await (await api("/v1/videos", { method: "POST", body: form })).json();
+    setStatus(`uploaded ${file.name} (${info.frames} frames)`);
+    await loadVideos(info.url);
+  } catch (error) {
+    setStatus(error.message, true);
+  }
+}
+
+// Server-sent events of a POSTed request: fetch + a stream reader (EventSource only GETs).
+async function* events(response) {
+  const reader = response.body.getReader();
+  const decoder = new TextDecoder();
+  let buffer = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) return;
+    buffer += decoder.decode(value, { stream: true }).replace(/\r\n/g, "\n");
+    let end;
+    while ((end = buffer.indexOf("\n\n")) >= 0) {
+      const block = buffer.slice(0, end);
+      buffer = buffer.slice(end + 2);
+      const data = block.split("\n").filter((l) => l.startsWith("data:")).map((l) => l.slice(5).trim()).join("\n");
+      if (data === "[DONE]") return;
+      if (data) yield JSON.parse(data);
+    }
+  }
+}
+
+async function ask(event) {
+  event.preventDefault();
+  const url = $("videos").value;
+  const question = $("question").value.trim();
+  if (!url || !question) return;
+  $("ask").disabled = true;
+  $("answer").textContent = "";
+  setStatus("waiting for the model…");
+  const started = performance.now();
+  try {
+    const response = await api("/v1/chat/completions", {
+      method: "POST",
+      headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({
+        model: state.model,
+        stream: true,
+        max_tokens: 64,
+        messages: [{ role: "user", content: [{ type: "video_url", video_url: { url } }, { type: "text", text: question }] }],
+        loc3r: { bev: true, situation: $("situation").value },
+      }),
+    });
+    for await (const chunk of events(response)) {
+      if (chunk.error) throw new Error(chunk.error.message);
+      const delta = chunk.choices[0] && chunk.choices[0].delta;
+      if (delta && delta.content) {
+        if (!$("answer").textContent) setStatus(`first token after ${((performance.now() - started) / 1000).toFixed(2)} s`);
+        $("answer").textContent += delta.content;
+      }
+      if (chunk.loc3r) showResult(url, chunk.loc3r);
+    }
+  } catch (error) {
+    setStatus(error.message, true);
+  } finally {
+    $("ask").disabled = false;
+  }
+}
+
+function showResult(url, result) {
+  const { x, y, sigma } = result.position;
+  const theta = result.orientation.theta_rad;
+  (state.history[url] = state.history[url] || []).push({ x, y, sigma, theta });
+  if (result.bev_points) state.layout[url] = result.bev_points;
+  $("pose-text").textContent =
+    `x ${x.toFixed(2)} m   y ${y.toFixed(2)} m   σ ${sigma.toFixed(2)} m   heading ${result.orientation.theta_deg.toFixed(0)}°`;
+  const rows = { ...result.timings, queue_wait_s: result.server.queue_wait_s, server_ttft_s: result.server.ttft_s };
+  $("timings").tBodies[0].replaceChildren(...Object.entries(rows).map(([name, value]) => {
+    const row = document.createElement("tr");
+    for (const text of [name, typeof value === "number" ? value.toFixed(4) : String(value)]) {
+      row.appendChild(document.createElement("td")).textContent = text;
+    }
+    return row;
+  }));
+  setStatus(`${$("status").textContent} · video ${result.server.session} · ${result.video.frames} frames`);
+  drawMap(url);
+}
+
+function node(tag, attributes, parent) {
+  const element = document.createElementNS(SVG, tag);
+  for (const [name, value] of Object.entries(attributes)) element.setAttribute(name, value);
+  parent.appendChild(element);
+  return element;
+}
+
+// World (x right, y up, metres) to SVG (y down): y is negated everywhere.
+function drawMap(url) {
+  const layout = state.layout[url] || [];
+  const trail = state.history[url] || [];
+  const last = trail[trail.length - 1];
+  const xs = layout.map((p) => p[0]).concat(trail.flatMap((p) => [p.x - p.sigma, p.x + p.sigma]));
+  const ys = layout.map((p) => p[1]).concat(trail.flatMap((p) => [p.y - p.sigma, p.y + p.sigma]));
+  if (!xs.length) { xs.push(-2, 2); ys.push(-2, 2); }
+  const span = Math.max(Math.max(...xs) - Math.min(...xs), Math.max(...ys) - Math.min(...ys), 1);
+  const pad = 0.12 * span;
+  const left = Math.min(...xs) - pad, top = -Math.max(...ys) - pad, size = span + 2 * pad;
+  $("map").setAttribute("viewBox", `${left} ${top} ${size} ${size}`);
+
+  const grid = $("grid"), layer = $("layout"), path = $("trail"), pose = $("pose");
+  for (const group of [grid, layer, path, pose]) group.replaceChildren();
+  const step = Math.pow(10, Math.floor(Math.log10(size / 2)));
+  for (let v = Math.ceil(left / step) * step; v <= left + size; v += step) {
+    node("line", { x1: v, y1: top, x2: v, y2: top + size, "vector-effect": "non-scaling-stroke", class: Math.abs(v) < step / 2 ? "axis" : "" }, grid);
+  }
+  for (let v = Math.ceil(top / step) * step; v <= top + size; v += step) {
+    node("line", { x1: left, y1: v, x2: left + size, y2: v, "vector-effect": "non-scaling-stroke", class: Math.abs(v) < step / 2 ? "axis" : "" }, grid);
+  }
+  const dot = size / 250;
+  for (const [px, py] of layout) node("circle", { cx: px, cy: -py, r: dot }, layer);
+  if (trail.length > 1) {
+    node("polyline", { points: trail.map((p) => `${p.x},${-p.y}`).join(" "), "stroke-width": size / 400 }, path);
+    for (const p of trail.slice(0, -1)) node("circle", { cx: p.x, cy: -p.y, r: size / 120, class: "past" }, path);
+  }
+  if (!last) return;
+  node("circle", { id: "sigma-circle", cx: last.x, cy: -last.y, r: Math.max(last.sigma, 0), "stroke-width": size / 500 }, pose);
+  node("circle", { id: "position", cx: last.x, cy: -last.y, r: size / 80 }, pose);
+  node("polygon", { id: "pose-arrow", points: arrow(last.x, last.y, last.theta, Math.max(0.15 * size, last.sigma)) }, pose);
+}
+
+function arrow(x, y, theta, length) {
+  const [dx, dy, nx, ny] = [Math.cos(theta), Math.sin(theta), -Math.sin(theta), Math.cos(theta)];
+  const shaft = length * 0.05, head = length * 0.35, wing = length * 0.18, neck = length - head;
+  const at = (along, across) => `${x + dx * along + nx * across},${-(y + dy * along + ny * across)}`;
+  return [at(0, shaft), at(neck, shaft), at(neck, wing), at(length, 0), at(neck, -wing), at(neck, -shaft), at(0, -shaft)].join(" ");
+}
+
+$("videos").addEventListener("change", showVideo);
+$("upload").addEventListener("change", (event) => event.target.files[0] && upload(event.target.files[0]));
+$("ask-form").addEventListener("submit", ask);
+$("api-key").addEventListener("change", () => { sessionStorage.setItem("loc3r-key", $("api-key").value); loadVideos(); });
+loadModel().then(() => loadVideos()).then(() => drawMap($("videos").value)).catch((error) => setStatus(error.message, true));

@@ -1,0 +1,171 @@
+"""Uploaded (and, when enabled, downloaded) videos: ``vid_<24 hex>`` files in one folder.
+
+Each video is checked with ``probe_video`` before it gets an id, so a non-video is refused
+at upload time. Beside it, ``<id>.json`` records the client's file name and the size; the
+oldest videos are deleted when the folder grows past its budget.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from loc3r.errors import InputError
+from loc3r.fileio import write_json_atomic
+from loc3r.runtime.video import probe_video
+from loc3r.serve.errors import ApiError
+
+UPLOAD_ID = re.compile(r"^vid_[0-9a-f]{24}$")
+VIDEO_SUFFIXES = (".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".ts", ".mpg", ".mpeg")
+CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class UploadInfo:
+    id: str
+    filename: str
+    bytes: int
+    created_at: int
+    frames: int
+    duration_s: float
+    width: int
+    height: int
+
+    def to_dict(self) -> dict[str, object]:
+        return {"object": "video", "source": "upload", **asdict(self)}
+
+
+def too_large(limit: int) -> ApiError:
+    return ApiError(413, f"the video is larger than this server accepts ({limit // (1 << 20)} MiB)", "upload_too_large")
+
+
+class UploadStore:
+    """The upload folder: save (size-limited, probed), look up by id, list, evict the oldest."""
+
+    def __init__(self, root: Path, max_bytes: int, store_bytes: int) -> None:
+        self.root = root
+        self.max_bytes = max_bytes
+        self.store_bytes = store_bytes
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._fetched: dict[str, str] = {}  # remote URL -> id
+
+    def path(self, video_id: str) -> Path:
+        """The stored file of ``video_id``; 404 when there is none."""
+        info = self.info(video_id)
+        return self.root / (info.id + Path(info.filename).suffix.lower() if _known_suffix(info.filename) else info.id)
+
+    def info(self, video_id: str) -> UploadInfo:
+        if not UPLOAD_ID.match(video_id):
+            raise ApiError(404, f"no video {video_id!r}: ids look like vid_ followed by 24 hex digits", "video_not_found")
+        try:
+            return UploadInfo(**json.loads((self.root / f"{video_id}.json").read_text(encoding="utf-8")))
+        except (OSError, ValueError, TypeError):
+            raise ApiError(404, f"no video {video_id!r} on this server (deleted or never uploaded)", "video_not_found") from None
+
+    def list(self) -> list[UploadInfo]:
+        infos = []
+        for sidecar in self.root.glob("vid_*.json"):
+            try:
+                infos.append(self.info(sidecar.stem))
+            except ApiError:
+                continue
+        return sorted(infos, key=lambda info: info.created_at)
+
+    def save(self, source: BinaryIO, filename: str) -> UploadInfo:
+        """Copy ``source`` into the folder, probe it, and give it an id (blocking: run in a thread)."""
+        video_id = "vid_" + secrets.token_hex(12)
+        suffix = Path(filename).suffix.lower() if _known_suffix(filename) else ""
+        target = self.root / f"{video_id}{suffix}"
+        fd, tmp = tempfile.mkstemp(prefix=f".{video_id}.", suffix=suffix, dir=self.root)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                size = _copy_limited(source, out, self.max_bytes)
+            if size == 0:
+                raise ApiError(400, "the uploaded file is empty", "empty_upload", "file")
+            try:
+                probe = probe_video(tmp)
+            except InputError as exc:
+                raise ApiError(400, f"{filename or 'the upload'} is not a readable video ({exc.problem.split(': ', 1)[-1]})", "invalid_video", "file") from None
+            os.replace(tmp, target)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+        info = UploadInfo(
+            video_id, Path(filename).name or video_id, size, int(time.time()),
+            probe.total_frames, round(probe.duration_s, 3), *probe.display_size,
+        )
+        write_json_atomic(self.root / f"{video_id}.json", asdict(info))
+        self._evict(keep=video_id)
+        return info
+
+    def fetch(self, url: str, timeout_s: float) -> UploadInfo:
+        """Download a remote video once (size-limited) and keep it as an upload."""
+        with self._lock:
+            known = self._fetched.get(url)
+        if known:
+            try:
+                return self.info(known)
+            except ApiError:
+                pass
+        request = urllib.request.Request(url, headers={"User-Agent": "loc3r-serve"})
+        try:
+            with _HTTP_ONLY.open(request, timeout=timeout_s) as response:
+                length = int(response.headers.get("Content-Length") or 0)
+                if length > self.max_bytes:
+                    raise too_large(self.max_bytes)
+                info = self.save(response, Path(urllib.request.url2pathname(response.url.split("?")[0])).name)
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            raise ApiError(400, f"cannot download {url} ({getattr(exc, 'reason', exc)})", "remote_video_unavailable") from None
+        with self._lock:
+            self._fetched[url] = info.id
+        return info
+
+    def _evict(self, keep: str) -> None:
+        """Delete the oldest videos until the folder fits its budget (never ``keep``)."""
+        with self._lock:
+            infos = self.list()
+            total = sum(info.bytes for info in infos)
+            for info in infos:
+                if total <= self.store_bytes:
+                    return
+                if info.id == keep:
+                    continue
+                self.path(info.id).unlink(missing_ok=True)
+                (self.root / f"{info.id}.json").unlink(missing_ok=True)
+                total -= info.bytes
+
+
+class _HttpRedirectsOnly(urllib.request.HTTPRedirectHandler):
+    """Follow redirects to http(s) only (urllib would also follow one to ftp://)."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # noqa: ANN001, ANN201 - urllib's signature
+        if not newurl.lower().startswith(("http://", "https://")):
+            raise ApiError(403, f"{req.full_url} redirects to a non-http URL", "remote_redirect_refused")
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+_HTTP_ONLY = urllib.request.build_opener(_HttpRedirectsOnly)
+
+
+def _known_suffix(filename: str) -> bool:
+    return Path(filename).suffix.lower() in VIDEO_SUFFIXES
+
+
+def _copy_limited(source: BinaryIO, out: BinaryIO, limit: int) -> int:
+    size = 0
+    for block in iter(lambda: source.read(CHUNK), b""):
+        size += len(block)
+        if size > limit:
+            raise too_large(limit)
+        out.write(block)
+    return size

@@ -1,0 +1,255 @@
+"""The model's one worker thread: questions queue up (bounded), are answered one at a
+time, and stream their tokens back to the event loop of the request that asked.
+
+A full queue is a 429 with ``Retry-After`` (the mean time one question has taken); a
+question whose client went away is skipped, or stopped at its next token (the runtime
+cuts the KV cache back all the same). Between questions the worker feeds live sources.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import queue
+import threading
+import time
+from collections.abc import Hashable
+from dataclasses import dataclass, field
+from typing import Any
+
+from loc3r.errors import InputError, Loc3rError
+from loc3r.models.prompt import build_question_suffix, build_video_prefix
+from loc3r.models.vision import vision_tokens_per_frame
+from loc3r.runtime.generate import SamplingConfig, TextStream
+from loc3r.runtime.pipeline import Pipeline
+from loc3r.runtime.result import Answer
+from loc3r.runtime.session import VideoSession
+from loc3r.serve.errors import ApiError
+from loc3r.serve.live import LiveFeed
+from loc3r.serve.media import VideoRef
+from loc3r.serve.metrics import ServeMetrics
+from loc3r.serve.sessions import SessionStore
+from loc3r.serve.settings import ServeSettings
+
+log = logging.getLogger(__name__)
+IDLE_POLL_S = 0.05  # how often an idle worker with live sources looks for new frames
+
+
+class GenerationCancelled(Exception):
+    """Raised from the token callback when the client is gone."""
+
+
+@dataclass
+class Question:
+    """One chat completion: what to answer, and where to send tokens and the result."""
+
+    ref: VideoRef
+    text: str
+    situation: str
+    sampling: SamplingConfig
+    frames: int
+    return_bev: bool  # add the layout map's points to the response
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue[tuple[str, Any]]
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    arrived_at: float = field(default_factory=time.perf_counter)
+
+    def emit(self, kind: str, payload: Any) -> None:
+        """Hand ``("token", text) | ("done", Result) | ("error", exc)`` to the request (thread-safe)."""
+        self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, payload))
+
+    @property
+    def session_key(self) -> Hashable:
+        return self.ref.key if self.ref.live else (self.ref.key, self.frames)
+
+
+@dataclass
+class Result:
+    answer: Answer
+    video_url: str
+    prompt_tokens: int
+    server: dict[str, Any]  # queue_wait_s, ttft_s, session: opened | kept | reclaimed
+
+
+class ModelWorker:
+    """Owns the pipeline; every model call happens on its thread."""
+
+    def __init__(self, pipeline: Pipeline, settings: ServeSettings, metrics: ServeMetrics) -> None:
+        self.pipeline = pipeline
+        self.settings = settings
+        self.metrics = metrics
+        self.sessions = SessionStore(settings.session_memory_bytes)
+        self.feeds: dict[str, LiveFeed] = {}
+        self._queue: queue.Queue[Question | None] = queue.Queue(settings.queue_size)
+        self._mean_service_s = 1.0
+        self._thread = threading.Thread(target=self._run, name="loc3r-model", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        for feed in self.feeds.values():
+            feed.stop()
+        self._queue.put(None)
+        self._thread.join(timeout=30)
+
+    @property
+    def waiting(self) -> int:
+        return self._queue.qsize()
+
+    def submit(self, question: Question) -> None:
+        """Queue ``question``, or refuse it with a 429 when the queue is full."""
+        try:
+            self._queue.put_nowait(question)
+        except queue.Full:
+            self.metrics.rejected.inc()
+            retry = max(1, math.ceil(self._mean_service_s))
+            raise ApiError(
+                429, f"the server is busy ({self.settings.queue_size} questions waiting); retry in {retry} s",
+                "queue_full", headers={"Retry-After": str(retry)},
+            ) from None
+        self.metrics.queue_depth.set(self.waiting)
+
+    # -- the worker thread ----------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            try:
+                question = self._queue.get(timeout=IDLE_POLL_S if self.feeds else None)
+            except queue.Empty:
+                self._feed_live()
+                continue
+            if question is None:
+                return
+            self.metrics.queue_depth.set(self.waiting)
+            started = time.perf_counter()
+            self._serve(question)
+            self._mean_service_s = 0.8 * self._mean_service_s + 0.2 * (time.perf_counter() - started)
+
+    def _serve(self, question: Question) -> None:
+        waited = time.perf_counter() - question.arrived_at
+        self.metrics.queue_wait.observe(waited)
+        if question.cancelled.is_set():
+            self.metrics.cancelled.inc()
+            return
+        try:
+            result = self._answer(question, waited)
+        except GenerationCancelled:
+            self.metrics.cancelled.inc()
+            return
+        except ApiError as exc:
+            question.emit("error", exc)
+            return
+        except InputError as exc:
+            question.emit("error", ApiError.from_input(exc))
+            return
+        except Exception as exc:  # noqa: BLE001 - the request gets a 500; the worker goes on
+            log.exception("question failed")
+            self.sessions.resident = None  # the LLM cache may be half-written: refill before reuse
+            question.emit("error", exc)
+            return
+        finished = time.perf_counter() - question.arrived_at
+        self.metrics.duration.observe(finished)
+        self.metrics.tokens.inc(len(result.answer.token_ids))
+        question.emit("done", result)
+
+    def _answer(self, question: Question, waited: float) -> Result:
+        session, how = self._session(question)
+        text = TextStream(self.pipeline.bundle.tokenizer)
+        first_token: list[float] = []
+
+        def on_token(token: int) -> None:
+            if question.cancelled.is_set():
+                raise GenerationCancelled
+            if not first_token:
+                first_token.append(time.perf_counter())
+                self.metrics.ttft.observe(first_token[0] - question.arrived_at)
+            delta = text.push(token)
+            if delta:
+                question.emit("token", delta)
+
+        answer = session.ask(question.text, question.situation, question.sampling, on_token)
+        done = first_token[0] if first_token else time.perf_counter()  # a stop token first: the answer is empty
+        if not first_token:
+            self.metrics.ttft.observe(done - question.arrived_at)
+        server = {"queue_wait_s": round(waited, 6), "ttft_s": round(done - question.arrived_at, 6), "session": how}
+        return Result(answer, question.ref.url, self._prompt_tokens(session, question), server)
+
+    def _session(self, question: Question) -> tuple[VideoSession, str]:
+        """The question's video in the LLM cache: kept, reclaimed (refilled) or opened."""
+        key = question.session_key
+        session = self.sessions.get(key)
+        if session is not None:
+            how = "reclaimed" if self._make_resident(session) else "kept"
+        else:
+            self.sessions.resident = None  # opening a video resets the LLM cache
+            if question.ref.live:
+                session = self.pipeline.new_session(question.ref.url, with_bev=True)
+            else:
+                session = self.pipeline.open(question.ref.path, question.frames, with_bev=True)
+            self.pipeline.forget_video()  # the store, not the pipeline, keeps sessions
+            self.metrics.evictions.inc(self.sessions.add(key, session, pinned=self._live_keys()))
+            how = "opened"
+            if question.ref.live:
+                self._start_feed(question.ref.live)
+        self._update_gauges()
+        if question.ref.live:
+            self._feed_session(question.ref.live, session)
+        return session, how
+
+    # -- live sources -----------------------------------------------------------------------
+
+    def _start_feed(self, name: str) -> None:
+        self.pipeline.check_frames_fit(self.settings.max_frames)
+        self.feeds[name] = LiveFeed(name, self.settings.live_sources[name], self.settings.live_stride, self.settings.max_frames)
+
+    def _live_keys(self) -> frozenset[Hashable]:
+        return frozenset(("live", name) for name in self.feeds)
+
+    def _feed_session(self, name: str, session: VideoSession) -> None:
+        """Encode the frames that arrived; raise the source's error when it failed empty."""
+        feed = self.feeds[name]
+        frames = feed.take()
+        if frames or (feed.finished and session.duration_s is None and session.num_frames):
+            self._make_resident(session)
+            for frame in frames:
+                session.add_frame(frame)
+            if feed.finished and session.num_frames:
+                session.finish()
+        if feed.error is not None and not session.num_frames:
+            raise ApiError(502, f"live source {name}: {feed.error}", "live_source_failed")
+        if not session.num_frames:
+            raise ApiError(503, f"live source {name} has not delivered a frame yet; ask again shortly", "live_source_warming_up", headers={"Retry-After": "1"})
+
+    def _feed_live(self) -> None:
+        """Idle time: encode what live sources delivered, so questions find it done."""
+        for name, feed in self.feeds.items():
+            session = self.sessions.get(("live", name))
+            if session is None or session.duration_s is not None:
+                continue
+            try:
+                self._feed_session(name, session)
+            except (ApiError, Loc3rError):
+                continue  # reported to the next question on this source
+        self._update_gauges()
+
+    # -- bookkeeping ----------------------------------------------------------------------
+
+    def _make_resident(self, session: VideoSession) -> bool:
+        reclaimed = self.sessions.make_resident(session)
+        if reclaimed:
+            self.metrics.reclaims.inc()
+        return reclaimed
+
+    def _prompt_tokens(self, session: VideoSession, question: Question) -> int:
+        tokenizer, config = self.pipeline.bundle.tokenizer, self.pipeline.config
+        video = session.describe()
+        prefix = build_video_prefix(
+            tokenizer, len(session.encoded.blocks), vision_tokens_per_frame(config), float(video["duration_s"]), session.encoded.timestamps_s
+        )
+        return prefix.length + len(build_question_suffix(tokenizer, question.text, question.situation).ids)
+
+    def _update_gauges(self) -> None:
+        self.metrics.sessions.set(len(self.sessions))
+        self.metrics.session_bytes.set(self.sessions.total_bytes())
