@@ -160,7 +160,7 @@ def create_app(worker: ModelWorker, settings: ServeSettings, uploads: UploadStor
             seed=body.seed or 0,
         )
         loop = asyncio.get_running_loop()
-        question = Question(ref, text, body.loc3r.situation, sampling, frames, body.loc3r.bev, loop, asyncio.Queue())
+        question = Question(ref, text, body.loc3r.situation, sampling, frames, body.loc3r.bev, body.stream, loop, asyncio.Queue())
         return question, max_tokens
 
     app.include_router(api)
@@ -209,8 +209,7 @@ async def wait_for_result(question: Question, request: Request) -> Result | None
             continue
         if kind == "error":
             raise payload
-        if kind == "done":
-            return payload
+        return payload  # non-streamed questions send no token events
 
 
 def data(payload: dict[str, Any]) -> dict[str, str]:

@@ -22,7 +22,7 @@ class ServeMetrics:
         self.queue_depth = Gauge("loc3r_queue_depth", "Questions waiting for the model", registry=r)
         self.rejected = Counter("loc3r_rejected", "Questions refused because the queue was full (429)", registry=r)
         self.cancelled = Counter("loc3r_cancelled", "Questions whose client went away before the answer was complete", registry=r)
-        self.tokens = Counter("loc3r_generated_tokens", "Answer tokens generated", registry=r)
+        self.tokens = Counter("loc3r_generated_tokens", "Answer tokens generated (those of cancelled answers included)", registry=r)
         self.sessions = Gauge("loc3r_sessions", "Videos kept encoded for follow-up questions", registry=r)
         self.session_bytes = Gauge("loc3r_session_bytes", "Bytes held by the kept videos' encoded frames", registry=r)
         self.evictions = Counter("loc3r_session_evictions", "Kept videos dropped to stay within --session-memory", registry=r)

@@ -50,6 +50,7 @@ class Question:
     sampling: SamplingConfig
     frames: int
     return_bev: bool  # add the layout map's points to the response
+    streaming: bool  # send each token as it comes (else only the result)
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue[tuple[str, Any]]
     cancelled: threading.Event = field(default_factory=threading.Event)
@@ -151,7 +152,6 @@ class ModelWorker:
             return
         finished = time.perf_counter() - question.arrived_at
         self.metrics.duration.observe(finished)
-        self.metrics.tokens.inc(len(result.answer.token_ids))
         question.emit("done", result)
 
     def _answer(self, question: Question, waited: float) -> Result:
@@ -162,10 +162,11 @@ class ModelWorker:
         def on_token(token: int) -> None:
             if question.cancelled.is_set():
                 raise GenerationCancelled
+            self.metrics.tokens.inc()
             if not first_token:
                 first_token.append(time.perf_counter())
                 self.metrics.ttft.observe(first_token[0] - question.arrived_at)
-            delta = text.push(token)
+            delta = text.push(token) if question.streaming else ""
             if delta:
                 question.emit("token", delta)
 
@@ -201,11 +202,13 @@ class ModelWorker:
     # -- live sources -----------------------------------------------------------------------
 
     def _start_feed(self, name: str) -> None:
-        self.pipeline.check_frames_fit(self.settings.max_frames)
+        if name in self.feeds:
+            self.feeds[name].stop()  # its session was evicted after the source ended: read it again
         self.feeds[name] = LiveFeed(name, self.settings.live_sources[name], self.settings.live_stride, self.settings.max_frames)
 
     def _live_keys(self) -> frozenset[Hashable]:
-        return frozenset(("live", name) for name in self.feeds)
+        """Sessions of sources still delivering frames: never evicted."""
+        return frozenset(("live", name) for name, feed in self.feeds.items() if not feed.finished)
 
     def _feed_session(self, name: str, session: VideoSession) -> None:
         """Encode the frames that arrived; raise the source's error when it failed empty."""

@@ -177,7 +177,8 @@ function drawMap(url) {
 
   const grid = $("grid"), layer = $("layout"), path = $("trail"), pose = $("pose");
   for (const group of [grid, layer, path, pose]) group.replaceChildren();
-  const step = Math.pow(10, Math.floor(Math.log10(size / 2)));
+  const raw = size / 6, magnitude = Math.pow(10, Math.floor(Math.log10(raw)));
+  const step = magnitude * (raw / magnitude >= 5 ? 5 : raw / magnitude >= 2 ? 2 : 1);  // 1, 2 or 5 x 10^k: about 6 lines
   for (let v = Math.ceil(left / step) * step; v <= left + size; v += step) {
     node("line", { x1: v, y1: top, x2: v, y2: top + size, "vector-effect": "non-scaling-stroke", class: Math.abs(v) < step / 2 ? "axis" : "" }, grid);
   }
