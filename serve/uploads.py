@@ -35,7 +35,7 @@ class UploadInfo:
     id: str
     filename: str
     bytes: int
-    created_at: int
+    created_at: float  # seconds since the epoch (microseconds kept: uploads are evicted oldest first)
     frames: int
     duration_s: float
     width: int
@@ -101,7 +101,7 @@ class UploadStore:
         finally:
             Path(tmp).unlink(missing_ok=True)
         info = UploadInfo(
-            video_id, Path(filename).name or video_id, size, int(time.time()),
+            video_id, Path(filename).name or video_id, size, round(time.time(), 6),
             probe.total_frames, round(probe.duration_s, 3), *probe.display_size,
         )
         write_json_atomic(self.root / f"{video_id}.json", asdict(info))

@@ -1,0 +1,181 @@
+"""The server's parts without a model: which files a video URL may reach, remote fetches,
+upload bookkeeping, the session LRU, the settings' safety checks."""
+
+from __future__ import annotations
+
+import http.server
+import threading
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from serve_helpers import static_http
+
+from loc3r.errors import InputError
+from loc3r.runtime.demo_video import write_demo_video
+from loc3r.serve.errors import ApiError
+from loc3r.serve.media import MediaResolver
+from loc3r.serve.sessions import SessionStore
+from loc3r.serve.settings import ServeSettings, is_loopback
+from loc3r.serve.uploads import UploadStore
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
+    tmp_path = tmp_path_factory.mktemp("folders")
+    media = tmp_path / "media"
+    write_demo_video(media / "a.mp4", num_frames=4, width=32, height=32)
+    secret = write_demo_video(tmp_path / "secret" / "s.mp4", num_frames=4, width=32, height=32)
+    (media / "out.mp4").symlink_to(secret)
+    (media / "outdir").symlink_to(secret.parent, target_is_directory=True)
+    (media / "in.mp4").symlink_to(media / "a.mp4")
+    (media / "notes.txt").write_text("x")
+    return SimpleNamespace(root=tmp_path, media=media, secret=secret)
+
+
+def resolver(folders: SimpleNamespace, **settings: object) -> MediaResolver:
+    config = ServeSettings(media_dir=folders.media, upload_dir=folders.root / "up", **settings)
+    return MediaResolver(config, UploadStore(config.upload_dir, config.max_upload_bytes, config.upload_store_bytes))
+
+
+def refused(resolve: MediaResolver, url: str) -> ApiError:
+    with pytest.raises(ApiError) as caught:
+        resolve.resolve(url)
+    return caught.value
+
+
+@pytest.mark.parametrize(
+    ("url", "status", "code"),
+    [
+        ("../secret/s.mp4", 403, "path_outside_media"),
+        ("./../secret/s.mp4", 403, "path_outside_media"),
+        (str(Path("/") / "etc" / "passwd"), 403, "path_outside_media"),
+        ("out.mp4", 403, "path_outside_media"),
+        ("outdir/s.mp4", 403, "path_outside_media"),
+        ("file:///etc/passwd", 403, "url_scheme_refused"),
+        ("file:a.mp4", 403, "url_scheme_refused"),
+        ("ftp://127.0.0.1/a.mp4", 403, "url_scheme_refused"),
+        ("data:video/mp4;base64,AAAA", 403, "url_scheme_refused"),
+        ("https://127.0.0.1:9/a.mp4", 403, "remote_urls_disabled"),
+        ("a.mp4\x00.txt", 400, "invalid_video_url"),
+        ("", 400, "invalid_video_url"),
+        ("missing.mp4", 404, "video_not_found"),
+        ("%2e%2e/secret/s.mp4", 404, "video_not_found"),  # not decoded: a literal (absent) name
+        ("vid_" + "0" * 24, 404, "video_not_found"),
+        ("live:cam", 404, "live_source_not_found"),
+    ],
+)
+def test_video_urls_outside_the_allowed_folders_are_refused(folders: SimpleNamespace, url: str, status: int, code: str) -> None:
+    error = refused(resolver(folders), url)
+    assert (error.status, error.code) == (status, code)
+    assert str(folders.secret) not in error.message
+
+
+def test_media_paths_resolve_inside_the_folder(folders: SimpleNamespace) -> None:
+    resolve = resolver(folders)
+    assert resolve.resolve("a.mp4").path == (folders.media / "a.mp4").resolve()
+    assert resolve.resolve("in.mp4").path == (folders.media / "a.mp4").resolve()  # a link that stays inside
+    assert {"a.mp4", "in.mp4"} <= set(resolve.media_files()) and "out.mp4" not in set(resolve.media_files())
+
+
+def test_a_rewritten_file_is_another_video(folders: SimpleNamespace) -> None:
+    resolve = resolver(folders)
+    write_demo_video(folders.media / "sub" / "b.mp4", num_frames=4, width=32, height=32)
+    before = resolve.resolve("sub/b.mp4").key
+    write_demo_video(folders.media / "sub" / "b.mp4", num_frames=6, width=32, height=32)
+    assert resolve.resolve("sub/b.mp4").key != before
+
+
+def test_no_media_folder_means_uploads_only(tmp_path: Path) -> None:
+    config = ServeSettings(upload_dir=tmp_path / "up")
+    resolve = MediaResolver(config, UploadStore(config.upload_dir, 1 << 20, 1 << 30))
+    assert refused(resolve, "a.mp4").code == "video_not_found"
+    assert list(resolve.media_files()) == []
+
+
+def test_remote_urls_are_fetched_once_within_the_size_limit(folders: SimpleNamespace) -> None:
+    with static_http(folders.media) as base:
+        resolve = resolver(folders, allow_remote_urls=True)
+        first = resolve.resolve(f"{base}/a.mp4")
+        assert first.path.read_bytes() == (folders.media / "a.mp4").read_bytes()
+        assert resolve.resolve(f"{base}/a.mp4").key == first.key  # downloaded once
+        assert refused(resolve, f"{base}/notes.txt").code == "invalid_video"
+        assert refused(resolve, f"{base}/absent.mp4").code == "remote_video_unavailable"
+        small = resolver(folders, allow_remote_urls=True, max_upload_bytes=100)
+        assert refused(small, f"{base}/a.mp4").code == "upload_too_large"
+
+
+@pytest.mark.parametrize(
+    ("location", "code"),
+    [("ftp://127.0.0.1/v.mp4", "remote_redirect_refused"), ("file:///etc/passwd", "remote_video_unavailable")],
+)
+def test_remote_redirects_to_other_schemes_are_refused(folders: SimpleNamespace, location: str, code: str) -> None:
+    class Redirect(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            self.send_response(302)
+            self.send_header("Location", location)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Redirect)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        error = refused(resolver(folders, allow_remote_urls=True), f"http://127.0.0.1:{server.server_address[1]}/v.mp4")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert error.code == code
+
+
+def test_uploads_beyond_the_store_budget_delete_the_oldest(tmp_path: Path) -> None:
+    video = write_demo_video(tmp_path / "v.mp4", num_frames=4, width=32, height=32)
+    size = video.stat().st_size
+    store = UploadStore(tmp_path / "up", max_bytes=size, store_bytes=2 * size)
+    ids = []
+    for _ in range(3):
+        with video.open("rb") as stream:
+            ids.append(store.save(stream, "v.mp4").id)
+    assert [info.id for info in store.list()] == ids[1:]
+    with pytest.raises(ApiError, match="video_not_found|no video"):
+        store.path(ids[0])
+
+
+def fake_session(nbytes: int) -> SimpleNamespace:
+    session = SimpleNamespace(encoded=SimpleNamespace(blocks=[torch.zeros(nbytes, dtype=torch.uint8)]), reclaimed=0)
+    session.reclaim_cache = lambda: setattr(session, "reclaimed", session.reclaimed + 1)
+    return session
+
+
+def test_session_lru_is_bounded_by_bytes_and_keeps_pinned_sessions() -> None:
+    store = SessionStore(budget_bytes=300)
+    a, b, c, live = (fake_session(100) for _ in range(4))
+    store.add("live", live)
+    store.add("a", a, pinned=frozenset({"live"}))
+    store.add("b", b, pinned=frozenset({"live"}))
+    assert store.get("a") is a  # a is now more recent than b
+    assert store.add("c", c, pinned=frozenset({"live"})) == 1
+    assert store.get("b") is None and store.get("live") is live and store.get("a") is a
+    assert store.resident is c
+    assert store.make_resident(a) is True and a.reclaimed == 1
+    assert store.make_resident(a) is False and a.reclaimed == 1
+
+
+def test_a_session_over_budget_alone_is_kept_while_it_is_the_newest() -> None:
+    store = SessionStore(budget_bytes=50)
+    big = fake_session(100)
+    assert store.add("big", big) == 0 and store.get("big") is big
+
+
+@pytest.mark.parametrize(("host", "loopback"), [("127.0.0.1", True), ("127.0.0.2", True), ("::1", True), ("localhost", True),
+                                                ("0.0.0.0", False), ("192.168.1.4", False), ("::", False), ("example.org", False)])
+def test_binding_beyond_loopback_needs_a_key(host: str, loopback: bool, tmp_path: Path) -> None:
+    assert is_loopback(host) is loopback
+    if loopback:
+        ServeSettings(host=host).check()
+    else:
+        with pytest.raises(InputError, match="--api-key"):
+            ServeSettings(host=host).check()
+        ServeSettings(host=host, api_key="k").check()
