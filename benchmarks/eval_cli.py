@@ -17,7 +17,7 @@ import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import numpy as np
 
@@ -65,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-new-tokens", type=positive_int, default=64)
     parser.add_argument("--out", default=None, help="output folder (default: ./<DATA name>-eval); reusing it resumes")
     parser.add_argument("--limit", type=positive_int, default=None, help="evaluate only the first N items")
+    parser.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS", help="run on a Ray cluster (ADDRESS, or a local one); needs loc3r[ray]")
+    parser.add_argument("--ray-workers", type=positive_int, default=None, help="actors with --ray (default: one per GPU, else per CPU)")
     parser.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"), help="print metric deltas B - A of two summaries")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
@@ -117,7 +119,11 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     todo = [item for item in group_by_video(items) if item.key not in records]
     if records and todo:
         print(f"{PROG}: resuming: {len(items) - len(todo)} of {len(items)} items already in {out / PREDICTIONS}", file=sys.stderr)
-    if todo:
+    if todo and args.ray:
+        from loc3r.bench.ray_eval import answer_items_on_ray
+
+        run = answer_items_on_ray(todo, args, out, run, records)
+    elif todo:
         run = answer_items(todo, args, out, run, records)
     summary = build_summary(data, items, records, run)
     write_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
@@ -149,8 +155,7 @@ def answer_items(todo: list[Item], args: argparse.Namespace, out: Path, run: dic
             except Loc3rError as exc:
                 raise type(exc)(f"item {item.key!r} (dataset line {item.line}): {exc.problem}", exc.fix) from exc
             record = prediction_record(item, answer)
-            log.write(json.dumps(record, ensure_ascii=False) + "\n")
-            log.flush()
+            write_record(log, record)
             records[item.key] = record
     show_progress(len(todo), len(todo), "")
     return run
@@ -171,6 +176,12 @@ def prediction_record(item: Item, answer: Any) -> dict[str, Any]:
     if item.meta is not None:
         record["meta"] = item.meta
     return record
+
+
+def write_record(log: TextIO, record: dict[str, Any]) -> None:
+    """Append one prediction and flush it: an interrupted run keeps every finished item."""
+    log.write(json.dumps(record, ensure_ascii=False) + "\n")
+    log.flush()
 
 
 def show_progress(done: int, total: int, key: str) -> None:

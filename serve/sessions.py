@@ -45,6 +45,11 @@ class SessionStore:
         self.resident = session
         return self.evict(pinned | {key})
 
+    @property
+    def resident_key(self) -> Hashable | None:
+        """The key of the session whose prefix the LLM cache holds."""
+        return next((key for key, session in self._sessions.items() if session is self.resident), None)
+
     def make_resident(self, session: VideoSession) -> bool:
         """Put ``session``'s prefix in the LLM cache; True if it had to be refilled."""
         if self.resident is session:

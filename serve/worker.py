@@ -3,7 +3,9 @@ time, and stream their tokens back to the event loop of the request that asked.
 
 A full queue is a 429 with ``Retry-After`` (the mean time one question has taken); a
 question whose client went away is skipped, or stopped at its next token (the runtime
-cuts the KV cache back all the same). Between questions the worker feeds live sources.
+cuts the KV cache back all the same). Questions on the video already in the LLM cache go
+first, within a fairness bound (:class:`WaitingQuestions`). Between questions the worker
+feeds live sources.
 """
 
 from __future__ import annotations
@@ -14,8 +16,10 @@ import math
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Hashable
 from dataclasses import dataclass, field
+from itertools import islice
 from typing import Any
 
 from loc3r.errors import InputError, Loc3rError
@@ -34,6 +38,7 @@ from loc3r.serve.settings import ServeSettings
 
 log = logging.getLogger(__name__)
 IDLE_POLL_S = 0.05  # how often an idle worker with live sources looks for new frames
+MAX_PASSES = 4  # how often a question may be passed over for one on the video already in the LLM cache
 
 
 class GenerationCancelled(Exception):
@@ -55,6 +60,7 @@ class Question:
     events: asyncio.Queue[tuple[str, Any]]
     cancelled: threading.Event = field(default_factory=threading.Event)
     arrived_at: float = field(default_factory=time.perf_counter)
+    passed_over: int = 0  # questions on the cached video served before this one, though later
 
     def emit(self, kind: str, payload: Any) -> None:
         """Hand ``("token", text) | ("done", Result) | ("error", exc)`` to the request (thread-safe)."""
@@ -63,6 +69,53 @@ class Question:
     @property
     def session_key(self) -> Hashable:
         return self.ref.key if self.ref.live else (self.ref.key, self.frames)
+
+
+class WaitingQuestions:
+    """A bounded queue that serves questions on the video in the LLM cache first.
+
+    Taking the oldest question whose session is ``prefer`` saves a prefill of another
+    video's prefix per question (clients asking about different videos would otherwise
+    alternate). Fairness stays bounded: a question passed over ``max_passes`` times is
+    served next, whatever video it is on.
+    """
+
+    def __init__(self, capacity: int, max_passes: int = MAX_PASSES) -> None:
+        self.capacity, self.max_passes = capacity, max_passes
+        self._waiting: deque[Question] = deque()
+        self._ready = threading.Condition()
+        self._closed = False
+
+    def __len__(self) -> int:
+        return len(self._waiting)
+
+    def put_nowait(self, question: Question) -> None:
+        with self._ready:
+            if len(self._waiting) >= self.capacity:
+                raise queue.Full
+            self._waiting.append(question)
+            self._ready.notify()
+
+    def close(self) -> None:
+        with self._ready:
+            self._closed = True
+            self._ready.notify_all()
+
+    def get(self, prefer: Hashable | None, timeout: float | None) -> Question | None:
+        """The next question (None once closed); ``queue.Empty`` after ``timeout`` seconds."""
+        with self._ready:
+            if not self._ready.wait_for(lambda: self._waiting or self._closed, timeout):
+                raise queue.Empty
+            if self._closed:
+                return None
+            if prefer is not None and self._waiting[0].passed_over < self.max_passes:
+                for position, question in enumerate(self._waiting):
+                    if question.session_key == prefer:
+                        for earlier in islice(self._waiting, position):
+                            earlier.passed_over += 1
+                        del self._waiting[position]
+                        return question
+            return self._waiting.popleft()
 
 
 @dataclass
@@ -82,7 +135,7 @@ class ModelWorker:
         self.metrics = metrics
         self.sessions = SessionStore(settings.session_memory_bytes)
         self.feeds: dict[str, LiveFeed] = {}
-        self._queue: queue.Queue[Question | None] = queue.Queue(settings.queue_size)
+        self._queue = WaitingQuestions(settings.queue_size)
         self._mean_service_s = 1.0
         self._thread = threading.Thread(target=self._run, name="loc3r-model", daemon=True)
 
@@ -92,12 +145,12 @@ class ModelWorker:
     def stop(self) -> None:
         for feed in self.feeds.values():
             feed.stop()
-        self._queue.put(None)
+        self._queue.close()
         self._thread.join(timeout=30)
 
     @property
     def waiting(self) -> int:
-        return self._queue.qsize()
+        return len(self._queue)
 
     def submit(self, question: Question) -> None:
         """Queue ``question``, or refuse it with a 429 when the queue is full."""
@@ -117,7 +170,7 @@ class ModelWorker:
     def _run(self) -> None:
         while True:
             try:
-                question = self._queue.get(timeout=IDLE_POLL_S if self.feeds else None)
+                question = self._queue.get(self.sessions.resident_key, IDLE_POLL_S if self.feeds else None)
             except queue.Empty:
                 self._feed_live()
                 continue

@@ -4,6 +4,7 @@ upload bookkeeping, the session LRU, the settings' safety checks."""
 from __future__ import annotations
 
 import http.server
+import queue
 import threading
 from pathlib import Path
 from types import SimpleNamespace
@@ -19,6 +20,7 @@ from loc3r.serve.media import MediaResolver
 from loc3r.serve.sessions import SessionStore
 from loc3r.serve.settings import ServeSettings, is_loopback
 from loc3r.serve.uploads import UploadStore
+from loc3r.serve.worker import WaitingQuestions
 
 
 @pytest.fixture(scope="module")
@@ -179,3 +181,28 @@ def test_binding_beyond_loopback_needs_a_key(host: str, loopback: bool, tmp_path
         with pytest.raises(InputError, match="--api-key"):
             ServeSettings(host=host).check()
         ServeSettings(host=host, api_key="k").check()
+
+
+def waiting(*keys: str, max_passes: int = 2) -> WaitingQuestions:
+    line = WaitingQuestions(capacity=len(keys) + 1, max_passes=max_passes)
+    for number, key in enumerate(keys):
+        line.put_nowait(SimpleNamespace(session_key=key, passed_over=0, number=number))
+    return line
+
+
+def test_questions_on_the_cached_video_go_first_within_a_bound() -> None:
+    line = waiting("a", "b", "a", "b", "b")
+    taken = [line.get(prefer="b", timeout=0).number for _ in range(5)]
+    assert taken == [1, 3, 0, 4, 2]  # "a" (0) passed over twice, then served; then b again
+    with pytest.raises(queue.Empty):
+        line.get(prefer="b", timeout=0.01)
+
+
+def test_without_a_cached_video_the_queue_is_fifo_and_bounded() -> None:
+    line = waiting("a", "b", "c")
+    line.put_nowait(SimpleNamespace(session_key="d", passed_over=0, number=3))
+    with pytest.raises(queue.Full):
+        line.put_nowait(SimpleNamespace(session_key="e", passed_over=0, number=4))
+    assert [line.get(prefer=None, timeout=0).number for _ in range(4)] == [0, 1, 2, 3]
+    line.close()
+    assert line.get(prefer=None, timeout=None) is None
