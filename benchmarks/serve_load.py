@@ -5,11 +5,12 @@
 
 A server (in this process, on a free loopback port) answers ``clients`` threads, each asking
 ``questions`` streamed questions with the official ``openai`` client about one of ``videos``
-demo videos (so sessions are shared and the LLM cache moves between videos). First one
-client asks the same number of questions alone: the baseline of the same run. Recorded:
-client-side TTFT (request sent -> first token received), the server's queue wait and TTFT,
-p50/p99 of each, the ratios loaded/alone and follow-up/first, 429s, reclaims, and that every
-question was answered. The run is bounded: it stops at ``--deadline-s`` whatever happens.
+demo videos (so sessions are shared and the LLM cache moves between videos). Baselines of
+the same run: one client asking alone, and the same load on a server whose queue is first
+come, first served (no preference for the video in the LLM cache). Recorded: client-side
+TTFT (request sent -> first token received), the server's queue wait and TTFT, p50/p99 of
+each, the ratios, 429s, reclaims, and that every question was answered. The run is bounded:
+it stops asking at ``--deadline-s`` whatever happens.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -77,7 +78,9 @@ def ask(client: Any, video: str, question: str, frames: int, max_tokens: int, de
     raise TimeoutError(f"{video}: not answered before the deadline or after {MAX_RETRIES} retries")
 
 
-def run_clients(url: str, clients: int, questions: int, videos: list[str], frames: int, max_tokens: int, deadline: float) -> tuple[list[Outcome], list[str]]:
+def run_clients(
+    url: str, clients: int, questions: int, videos: list[str], frames: int, max_tokens: int, deadline: float
+) -> tuple[list[Outcome], list[str]]:
     """``clients`` threads x ``questions`` questions; outcomes and the errors of lost questions."""
     import openai
 
@@ -130,46 +133,95 @@ def ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
 
 
+@dataclass
+class Phase:
+    """One measured phase: who asked what, and how it went."""
+
+    outcomes: list[Outcome]
+    lost: list[str]
+    wall_s: float
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            **summarize(self.outcomes),
+            "answered": len(self.outcomes),
+            "lost": self.lost,
+            "wall_s": self.wall_s,
+            "questions_per_s": len(self.outcomes) / self.wall_s if self.wall_s else None,
+        }
+
+
+def measure(url: str, clients: int, questions: int, videos: list[str], args: argparse.Namespace, deadline: float) -> Phase:
+    start = time.perf_counter()
+    outcomes, lost = run_clients(url, clients, questions, videos, args.frames, args.max_tokens, deadline)
+    return Phase(outcomes, lost, time.perf_counter() - start)
+
+
+def first_questions(url: str, videos: list[str], args: argparse.Namespace, deadline: float) -> Phase:
+    """One question per video, one after another: each opens (decodes, encodes) its video."""
+    phases = [measure(url, 1, 1, [video], args, deadline) for video in videos]
+    return Phase([o for p in phases for o in p.outcomes], [e for p in phases for e in p.lost], sum(p.wall_s for p in phases))
+
+
+COLUMNS = ("first", "alone", "cached_first", "fifo")
+HEADINGS = {
+    "first": "first question per video",
+    "alone": "1 client",
+    "cached_first": "{clients} clients, cached video first",
+    "fifo": "{clients} clients, first come first served",
+}
+
+
 def markdown(result: dict[str, Any]) -> str:
-    alone, loaded, r = result["alone"], result["loaded"], result["ratios"]
+    phases, r, s = result["phases"], result["ratios"], result["settings"]
+
+    def cell(summary: dict[str, Any], key: str) -> str:
+        figures = summary[key]
+        return "n/a" if figures["p50"] is None else f"{figures['p50'] * 1000:.1f} / {figures['p99'] * 1000:.1f}"
 
     def row(label: str, key: str) -> str:
-        a, b = alone[key], loaded[key]
-        cell = lambda s: "n/a" if s["p50"] is None else f"{s['p50'] * 1000:.1f} / {s['p99'] * 1000:.1f}"  # noqa: E731
-        return f"| {label} | {cell(a)} | {cell(b)} |"
+        return f"| {label} | " + " | ".join(cell(phases[c], key) for c in COLUMNS) + " |"
 
     def fmt(value: float | None) -> str:
         return "n/a" if value is None else f"{value:.3f}"
 
-    s = result["settings"]
+    heads = [HEADINGS[c].format(clients=s["clients"]) for c in COLUMNS]
+    machine = result["machine"]
     lines = [
         "# loc3r-serve load test (127.0.0.1)",
         "",
         f"Command: `{result['command']}`  ",
-        f"Machine: {result['machine']['cpu']}, {result['machine']['cores']} cores, torch threads {result['machine']['torch_threads']}; "
-        f"model `{result['model']}` (RANDOM weights: timings only); {s['videos']} videos, {s['frames']} frames, "
-        f"{s['max_tokens']} tokens per answer, queue {s['queue']}.",
+        f"Machine: {machine['cpu']}, {machine['cores']} cores, torch threads {machine['torch_threads']}, load average at start "
+        f"{', '.join(f'{v:.1f}' for v in machine['load_average_at_start'] or [])}; model `{result['model']}` (RANDOM weights: "
+        f"timings only); {s['videos']} videos, {s['frames']} frames, {s['max_tokens']} tokens per answer, queue {s['queue']}.",
         "",
-        f"Answered {result['answered']} of {result['asked']} questions (lost: {len(result['lost'])}); "
-        f"{result['loaded']['retries_after_429']} retries after a 429; wall time {result['loaded_wall_s']:.1f} s with "
-        f"{s['clients']} clients ({result['answered'] / result['loaded_wall_s']:.1f} questions/s) vs {result['alone_wall_s']:.1f} s alone.",
+        "Method: one server per queue policy, in this process. Each first asks one question per video "
+        f"(opening it), then, with the cached-video-first policy only, one client asks {s['questions']} questions alone "
+        f"(the baseline), then {s['clients']} clients ask {s['questions']} streamed questions each with the `openai` "
+        f"client, client i about video i mod {s['videos']}. TTFT on the client: request sent -> first token received.",
         "",
-        f"| p50 / p99 (ms) | 1 client x {s['questions']} | {s['clients']} clients x {s['questions']} |",
-        "|---|---:|---:|",
-        row("client TTFT (sent -> first token)", "client_ttft_s"),
+        "| | " + " | ".join(heads) + " |",
+        "|---|" + "---:|" * len(COLUMNS),
+        "| questions answered / asked | " + " | ".join(f"{phases[c]['answered']} / {phases[c]['answered'] + len(phases[c]['lost'])}" for c in COLUMNS) + " |",
+        "| questions per second | " + " | ".join(fmt(phases[c]["questions_per_s"]) for c in COLUMNS) + " |",
+        "| sessions opened / kept / reclaimed | "
+        + " | ".join("{opened} / {kept} / {reclaimed}".format(**phases[c]["sessions"]) for c in COLUMNS) + " |",
+        "| **p50 / p99 (ms)** | | | | |",
+        row("client TTFT", "client_ttft_s"),
         row("server TTFT (arrival -> first token)", "server_ttft_s"),
         row("queue wait", "queue_wait_s"),
         row("whole answer", "total_s"),
-        row("server TTFT, first question on a video", "first_question_server_ttft_s"),
-        row("server TTFT, follow-up questions", "follow_up_server_ttft_s"),
         "",
-        f"Sessions under load: {loaded['sessions']} (reclaimed: the video's prefix was prefilled again after another video used the LLM cache).",
-        "",
-        "| ratio | value |",
+        "| ratio (same run) | value |",
         "|---|---:|",
-        f"| client TTFT p50, loaded / alone | {fmt(r['client_ttft_p50_loaded_over_alone'])} |",
-        f"| client TTFT p99, loaded / alone | {fmt(r['client_ttft_p99_loaded_over_alone'])} |",
-        f"| server TTFT p50, follow-up / first (alone) | {fmt(r['follow_up_over_first_alone'])} |",
+        f"| server TTFT p50, follow-up (1 client) / first question | {fmt(r['follow_up_over_first'])} |",
+        f"| client TTFT p50, {s['clients']} clients / 1 client | {fmt(r['loaded_over_alone_p50'])} |",
+        f"| client TTFT p99, {s['clients']} clients / 1 client | {fmt(r['loaded_over_alone_p99'])} |",
+        f"| client TTFT p50, first come first served / cached video first | {fmt(r['fifo_over_cached_first_p50'])} |",
+        f"| questions per second, cached video first / first come first served | {fmt(r['throughput_cached_first_over_fifo'])} |",
+        "",
+        f"Lost questions: {sum(len(phases[c]['lost']) for c in COLUMNS)}; retries after a 429: "
+        f"{sum(phases[c]['retries_after_429'] for c in COLUMNS)}.",
         "",
     ]
     return "\n".join(lines)
@@ -184,42 +236,39 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--frames", type=int, default=4)
     parser.add_argument("--max-tokens", type=int, default=8)
     parser.add_argument("--queue", type=int, default=16)
-    parser.add_argument("--deadline-s", type=float, default=600, help="stop asking after this many seconds, answered or not")
+    parser.add_argument("--deadline-s", type=float, default=900, help="stop asking after this many seconds, answered or not")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args(argv)
     deadline = time.monotonic() + args.deadline_s
     pipeline = Pipeline.from_pretrained(resolve_bench_model(args.model))
+    phases: dict[str, Phase] = {}
     with tempfile.TemporaryDirectory() as tmp:
         media = Path(tmp) / "media"
         videos = [write_demo_video(media / f"scene{i}.mp4", num_frames=24 + 4 * i, width=320, height=240).name for i in range(args.videos)]
         settings = ServeSettings(media_dir=media, upload_dir=Path(tmp) / "uploads", max_frames=args.frames, queue_size=args.queue)
-        with running(build_server(pipeline, settings)) as url:
-            start = time.perf_counter()
-            alone, lost_alone = run_clients(url, 1, args.questions, videos[:1], args.frames, args.max_tokens, deadline)
-            alone_wall = time.perf_counter() - start
-            start = time.perf_counter()
-            loaded, lost = run_clients(url, args.clients, args.questions, videos, args.frames, args.max_tokens, deadline)
-            loaded_wall = time.perf_counter() - start
-    alone_summary, loaded_summary = summarize(alone), summarize(loaded)
+        for policy, passes in (("cached_first", settings.max_passes), ("fifo", 0)):
+            with running(build_server(pipeline, replace(settings, max_passes=passes))) as url:
+                opened = first_questions(url, videos, args, deadline)
+                if policy == "cached_first":
+                    phases["first"] = opened
+                    phases["alone"] = measure(url, 1, args.questions, videos[:1], args, deadline)
+                phases[policy] = measure(url, args.clients, args.questions, videos, args, deadline)
+    summaries = {name: phase.summary() for name, phase in phases.items()}
+    p50 = {name: summary["client_ttft_s"]["p50"] for name, summary in summaries.items()}
     result = {
         "command": " ".join(["python -m loc3r.bench.serve_load", *(argv if argv is not None else sys.argv[1:])]),
         "machine": machine_info(),
         "model": args.model,
         "settings": {k: getattr(args, k) for k in ("clients", "questions", "videos", "frames", "max_tokens", "queue", "deadline_s")},
-        "asked": args.clients * args.questions,
-        "answered": len(loaded),
-        "lost": lost,
-        "lost_alone": lost_alone,
-        "alone_wall_s": alone_wall,
-        "loaded_wall_s": loaded_wall,
-        "alone": alone_summary,
-        "loaded": loaded_summary,
+        "phases": summaries,
         "ratios": {
-            "client_ttft_p50_loaded_over_alone": ratio(loaded_summary["client_ttft_s"]["p50"], alone_summary["client_ttft_s"]["p50"]),
-            "client_ttft_p99_loaded_over_alone": ratio(loaded_summary["client_ttft_s"]["p99"], alone_summary["client_ttft_s"]["p99"]),
-            "follow_up_over_first_alone": ratio(alone_summary["follow_up_server_ttft_s"]["p50"], alone_summary["first_question_server_ttft_s"]["p50"]),
+            "follow_up_over_first": ratio(summaries["alone"]["server_ttft_s"]["p50"], summaries["first"]["server_ttft_s"]["p50"]),
+            "loaded_over_alone_p50": ratio(p50["cached_first"], p50["alone"]),
+            "loaded_over_alone_p99": ratio(summaries["cached_first"]["client_ttft_s"]["p99"], summaries["alone"]["client_ttft_s"]["p99"]),
+            "fifo_over_cached_first_p50": ratio(p50["fifo"], p50["cached_first"]),
+            "throughput_cached_first_over_fifo": ratio(summaries["cached_first"]["questions_per_s"], summaries["fifo"]["questions_per_s"]),
         },
-        "outcomes": [asdict(o) for o in loaded],
+        "outcomes": {name: [asdict(o) for o in phase.outcomes] for name, phase in phases.items()},
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -227,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     write_json_atomic(out / f"{stem}.json", result)
     (out / f"{stem}.md").write_text(markdown(result), encoding="utf-8")
     print(markdown(result))
-    return 0 if not lost and not lost_alone else 1
+    return 1 if any(phase.lost for phase in phases.values()) else 0
 
 
 if __name__ == "__main__":

@@ -5,8 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -112,10 +111,7 @@ def create_app(worker: ModelWorker, settings: ServeSettings, uploads: UploadStor
     @api.get("/v1/videos/content")
     async def video_content(url: str) -> FileResponse:
         """The bytes of an uploaded or media-folder video (for the page's player)."""
-        if url.startswith(LIVE_PREFIX) or "://" in url:
-            raise ApiError(400, "only uploaded and media-folder videos have content to show", "no_content", "url")
-        ref = await run_in_threadpool(media.resolve, url)
-        return FileResponse(ref.path)
+        return FileResponse(await run_in_threadpool(media.content_path, url))
 
     @api.get("/v1/videos/{video_id}")
     async def video_info(video_id: str) -> dict[str, Any]:
@@ -151,7 +147,9 @@ def create_app(worker: ModelWorker, settings: ServeSettings, uploads: UploadStor
             raise ApiError(400, f"loc3r.frames = {frames} is over this server's limit of {settings.max_frames}", "frames_limit", "loc3r.frames")
         max_tokens = body.max_completion_tokens or body.max_tokens or min(DEFAULT_MAX_TOKENS, settings.max_new_tokens)
         if max_tokens > settings.max_new_tokens:
-            raise ApiError(400, f"max_tokens = {max_tokens} is over this server's limit of {settings.max_new_tokens}", "max_tokens_limit", "max_tokens")
+            raise ApiError(
+                400, f"max_tokens = {max_tokens} is over this server's limit of {settings.max_new_tokens}", "max_tokens_limit", "max_tokens"
+            )
         ref = await run_in_threadpool(media.resolve, url)
         sampling = SamplingConfig(
             max_new_tokens=max_tokens,

@@ -36,7 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-new-tokens", type=positive_int, default=512, help="most answer tokens a question may ask for")
     parser.add_argument("--queue", type=positive_int, default=16, help="questions that may wait for the model before 429s")
     parser.add_argument("--session-memory-mb", type=positive_int, default=2048, help="memory for videos kept encoded for follow-ups")
-    parser.add_argument("--live", action="append", default=[], metavar="NAME=SOURCE", help="a live source clients may ask about as live:NAME (camera:N, rtsp://...)")
+    parser.add_argument(
+        "--live", action="append", default=[], metavar="NAME=SOURCE", help="a live source clients may ask about as live:NAME (camera:N, rtsp://...)"
+    )
     parser.add_argument("--stride", type=positive_int, default=15, help="live sources: keep every N-th frame (default 15)")
     parser.add_argument("--no-cache", action="store_true", help="do not read or write the on-disk encoding cache")
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])

@@ -55,6 +55,16 @@ class MediaResolver:
             return self._remote(url)
         return self._media_file(url)
 
+    def content_path(self, url: str) -> Path:
+        """The file behind an upload id or a media-folder video, to serve its bytes (never
+        a download, a live source, or a media-folder file that is not named as a video)."""
+        if url.startswith(LIVE_PREFIX) or _SCHEME.match(url.strip()):
+            raise ApiError(400, "only uploaded and media-folder videos have content to show", "no_content", "url")
+        ref = self.resolve(url)
+        if ref.key[0] == "file" and ref.path.suffix.lower() not in VIDEO_SUFFIXES:
+            raise ApiError(403, f"{url!r} is not named as a video ({', '.join(VIDEO_SUFFIXES)})", "not_a_video", "url")
+        return ref.path
+
     def _live(self, name: str) -> VideoRef:
         if name not in self.settings.live_sources:
             known = ", ".join(LIVE_PREFIX + n for n in self.settings.live_sources) or "none"
@@ -81,7 +91,9 @@ class MediaResolver:
             raise ApiError(404, f"{url!r}: this server has no media folder; upload the video (POST /v1/videos)", "video_not_found", "video_url")
         relative = PurePosixPath(url)
         if relative.is_absolute() or ".." in relative.parts:
-            raise ApiError(403, f"{url!r}: name a video by its path relative to the media folder (no leading /, no ..)", "path_outside_media", "video_url")
+            raise ApiError(
+                403, f"{url!r}: name a video by its path relative to the media folder (no leading /, no ..)", "path_outside_media", "video_url"
+            )
         try:
             real = (self.media_root / relative).resolve(strict=True)
         except (OSError, RuntimeError):

@@ -98,9 +98,11 @@ def question_of(request: ChatRequest) -> tuple[str, str]:
     videos = [part.video_url.url for part in parts if part.type == "video_url" and part.video_url]
     others = sorted({part.type for part in parts} - {"text", "video_url"})
     if others:
-        raise ApiError(400, f"content parts of type {', '.join(others)} are not supported: send a video_url part and text", "unsupported_content", "messages")
+        message = f"content parts of type {', '.join(others)} are not supported: send a video_url part and text"
+        raise ApiError(400, message, "unsupported_content", "messages")
     if len(videos) != 1:
-        raise ApiError(400, f"the message has {len(videos)} video parts; send exactly one {{\"type\": \"video_url\", ...}}", "video_required", "messages")
+        message = f"the message has {len(videos)} video parts; send exactly one {{\"type\": \"video_url\", ...}}"
+        raise ApiError(400, message, "video_required", "messages")
     text = "\n".join(part.text for part in parts if part.type == "text" and part.text)
     check_user_text(text, "question", allow_empty=False)
     check_user_text(request.loc3r.situation, "situation")

@@ -27,6 +27,7 @@ class ServeSettings:
     max_new_tokens: int = 512
     max_body_bytes: int = 1 * MIB  # JSON requests
     queue_size: int = 16
+    max_passes: int = 4  # a question may be passed over this often for ones on the cached video (0: first come, first served)
     session_memory_bytes: int = 2048 * MIB
     live_sources: dict[str, str] = field(default_factory=dict)  # name -> camera:N / rtsp://...
     live_stride: int = 15

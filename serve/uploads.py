@@ -96,7 +96,8 @@ class UploadStore:
             try:
                 probe = probe_video(tmp)
             except InputError as exc:
-                raise ApiError(400, f"{filename or 'the upload'} is not a readable video ({exc.problem.split(': ', 1)[-1]})", "invalid_video", "file") from None
+                reason = exc.problem.split(": ", 1)[-1]
+                raise ApiError(400, f"{filename or 'the upload'} is not a readable video ({reason})", "invalid_video", "file") from None
             os.replace(tmp, target)
         finally:
             Path(tmp).unlink(missing_ok=True)

@@ -38,7 +38,6 @@ from loc3r.serve.settings import ServeSettings
 
 log = logging.getLogger(__name__)
 IDLE_POLL_S = 0.05  # how often an idle worker with live sources looks for new frames
-MAX_PASSES = 4  # how often a question may be passed over for one on the video already in the LLM cache
 
 
 class GenerationCancelled(Exception):
@@ -80,7 +79,7 @@ class WaitingQuestions:
     served next, whatever video it is on.
     """
 
-    def __init__(self, capacity: int, max_passes: int = MAX_PASSES) -> None:
+    def __init__(self, capacity: int, max_passes: int) -> None:
         self.capacity, self.max_passes = capacity, max_passes
         self._waiting: deque[Question] = deque()
         self._ready = threading.Condition()
@@ -135,7 +134,7 @@ class ModelWorker:
         self.metrics = metrics
         self.sessions = SessionStore(settings.session_memory_bytes)
         self.feeds: dict[str, LiveFeed] = {}
-        self._queue = WaitingQuestions(settings.queue_size)
+        self._queue = WaitingQuestions(settings.queue_size, settings.max_passes)
         self._mean_service_s = 1.0
         self._thread = threading.Thread(target=self._run, name="loc3r-model", daemon=True)
 
@@ -276,7 +275,8 @@ class ModelWorker:
         if feed.error is not None and not session.num_frames:
             raise ApiError(502, f"live source {name}: {feed.error}", "live_source_failed")
         if not session.num_frames:
-            raise ApiError(503, f"live source {name} has not delivered a frame yet; ask again shortly", "live_source_warming_up", headers={"Retry-After": "1"})
+            message = f"live source {name} has not delivered a frame yet; ask again shortly"
+            raise ApiError(503, message, "live_source_warming_up", headers={"Retry-After": "1"})
 
     def _feed_live(self) -> None:
         """Idle time: encode what live sources delivered, so questions find it done."""
@@ -288,6 +288,9 @@ class ModelWorker:
                 self._feed_session(name, session)
             except (ApiError, Loc3rError):
                 continue  # reported to the next question on this source
+            except Exception:  # noqa: BLE001 - the worker must survive a frame it cannot encode
+                log.exception("live source %s: a frame could not be encoded", name)
+                self.sessions.resident = None  # the LLM cache may be half-written
         self._update_gauges()
 
     # -- bookkeeping ----------------------------------------------------------------------

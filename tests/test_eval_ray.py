@@ -27,7 +27,9 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for v in range(VIDEOS):
         write_demo_video(root / f"v{v}.mp4", num_frames=4 + v, width=64, height=48)
         lines.append({"id": f"{v}a", "video": f"v{v}.mp4", "question": "Where am I?", "position": {"x": v * 0.3, "y": -0.2}, "orientation": 0.5})
-        lines.append({"id": f"{v}b", "video": f"v{v}.mp4", "question": "What is on the table?", "answer": "a cup", "position": {"x": 0.1, "y": v * 0.2}})
+        lines.append(
+            {"id": f"{v}b", "video": f"v{v}.mp4", "question": "What is on the table?", "answer": "a cup", "position": {"x": 0.1, "y": v * 0.2}}
+        )
     path = root / "data.jsonl"
     path.write_text("\n".join(json.dumps(line) for line in lines) + "\n", encoding="utf-8")
     return path

@@ -228,9 +228,16 @@ def test_openai_client_raises_on_a_limit(served: Served) -> None:
 )
 def test_video_urls_cannot_leave_the_media_folder(served: Served, url: str, status: int, code: str) -> None:
     assert_error(served.post(chat_body(url, "Where am I?", max_tokens=2)), status, code)
-    assert_error(httpx.get(f"{served.url}/v1/videos/content", params={"url": url}, timeout=10), *(
-        (400, "no_content") if "://" in url else (status, code)
-    ))
+    content = httpx.get(f"{served.url}/v1/videos/content", params={"url": url}, timeout=10)
+    assert_error(content, *((400, "no_content") if ":" in url else (status, code)))
+
+
+def test_only_videos_are_served_from_the_media_folder(served: Served) -> None:
+    (served.media / "notes.txt").write_text("private")
+    content = httpx.get(f"{served.url}/v1/videos/content", params={"url": "notes.txt"}, timeout=10)
+    assert_error(content, 403, "not_a_video")
+    video = httpx.get(f"{served.url}/v1/videos/content", params={"url": "sub/hall.mp4"}, timeout=10)
+    assert video.content == (served.media / "sub" / "hall.mp4").read_bytes()
 
 
 def test_listing_shows_media_videos_but_not_links_out(served: Served) -> None:

@@ -66,7 +66,8 @@ def mask(image: np.ndarray, rgb: tuple[int, int, int], tolerance: int = 12) -> n
 def ask(page, question: str) -> None:  # noqa: ANN001 - playwright's Page
     page.fill("#question", question)
     page.click("#ask")
-    page.wait_for_function("document.getElementById('ask').disabled === false && document.getElementById('answer').textContent.length > 0", timeout=120_000)
+    done = "document.getElementById('ask').disabled === false && document.getElementById('answer').textContent.length > 0"
+    page.wait_for_function(done, timeout=120_000)
 
 
 def test_page_answers_and_draws_the_pose(site: str, browser, tmp_path: Path) -> None:  # noqa: ANN001
