@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
 from collections.abc import Sequence
@@ -56,10 +57,21 @@ def live_sources(specs: Sequence[str]) -> dict[str, str]:
     return sources
 
 
+SERVE_MODULES = ("fastapi", "uvicorn", "sse_starlette", "python_multipart", "prometheus_client")
+
+
+def require_serve_extra() -> None:
+    """Refuse, with the install line, when the ``serve`` extra is missing."""
+    missing = [name for name in SERVE_MODULES if importlib.util.find_spec(name) is None]
+    if missing:
+        raise InputError(f"loc3r-serve needs {', '.join(missing)}, which is not installed", "pip install 'loc3r[serve]'")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     def body() -> int:
+        require_serve_extra()
         from loc3r.models.tiny import loc3r_home
         from loc3r.runtime.pipeline import Pipeline, default_cache_dir
         from loc3r.serve.server import build_server, serve_forever

@@ -252,6 +252,14 @@ def test_api_key_is_required_off_loopback(capsys: pytest.CaptureFixture[str]) ->
     assert err.count("\n") == 0 and "--api-key" in err
 
 
+def test_a_missing_serve_extra_is_one_line(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("loc3r.serve.cli.SERVE_MODULES", ("fastapi", "no_such_module_loc3r"))
+    assert serve_main([]) == 2
+    assert capsys.readouterr().err == (
+        "loc3r-serve: error: loc3r-serve needs no_such_module_loc3r, which is not installed: pip install 'loc3r[serve]'\n"
+    )
+
+
 def test_api_key_is_checked_when_set(tmp_path: Path) -> None:
     server = build_server(tiny_pipeline(), ServeSettings(api_key="s3cret", upload_dir=tmp_path))
     with running(server) as url:
