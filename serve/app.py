@@ -48,7 +48,7 @@ DISCONNECT_POLL_S = 0.2
 
 def create_app(worker: ModelWorker, settings: ServeSettings, uploads: UploadStore) -> FastAPI:
     """The app around a started (or to be started) worker; the caller runs it with uvicorn."""
-    app = FastAPI(title="loc3r-serve", docs_url=None, redoc_url=None, openapi_url="/openapi.json")
+    app = FastAPI(title="loc3r-serve", docs_url=None, redoc_url=None, openapi_url=None)
     metrics = worker.metrics
     media = MediaResolver(settings, uploads)
     model_info = worker.pipeline.model_info

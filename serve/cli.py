@@ -72,13 +72,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def body() -> int:
         require_serve_extra()
-        from loc3r.models.tiny import loc3r_home
         from loc3r.runtime.pipeline import Pipeline, default_cache_dir
         from loc3r.serve.server import build_server, serve_forever
 
         settings = ServeSettings(
             host=args.host, port=args.port, api_key=args.api_key, media_dir=args.media_dir,
-            upload_dir=args.upload_dir or loc3r_home() / "serve" / "uploads", allow_remote_urls=args.allow_remote_urls,
+            upload_dir=args.upload_dir, allow_remote_urls=args.allow_remote_urls,
             max_upload_bytes=args.max_upload_mb * MIB, max_new_tokens=args.max_new_tokens, queue_size=args.queue,
             session_memory_bytes=args.session_memory_mb * MIB, live_sources=live_sources(args.live), live_stride=args.stride,
             max_frames=args.max_frames,

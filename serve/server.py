@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 import uvicorn
 from fastapi import FastAPI
 
+from loc3r.models.tiny import loc3r_home
 from loc3r.runtime.pipeline import Pipeline
 from loc3r.serve.app import create_app
 from loc3r.serve.metrics import ServeMetrics
@@ -30,8 +31,11 @@ class Server:
 def build_server(pipeline: Pipeline, settings: ServeSettings) -> Server:
     """Check the settings, then wire the worker, the upload store and the app."""
     settings.check()
-    if settings.max_frames is None:
-        settings = replace(settings, max_frames=pipeline.config.num_frames)
+    settings = replace(
+        settings,
+        max_frames=settings.max_frames or pipeline.config.num_frames,
+        upload_dir=settings.upload_dir or loc3r_home() / "serve" / "uploads",
+    )
     pipeline.check_frames_fit(settings.max_frames)
     worker = ModelWorker(pipeline, settings, ServeMetrics())
     uploads = UploadStore(settings.upload_dir, settings.max_upload_bytes, settings.upload_store_bytes)

@@ -19,7 +19,7 @@ class ServeSettings:
     port: int = 8000
     api_key: str | None = None
     media_dir: Path | None = None  # videos a client may name by relative path; None: uploads only
-    upload_dir: Path = Path("uploads")
+    upload_dir: Path | None = None  # None: $LOC3R_HOME/serve/uploads
     allow_remote_urls: bool = False  # http(s) video URLs are fetched only when enabled
     max_upload_bytes: int = 512 * MIB
     upload_store_bytes: int = 4096 * MIB  # oldest uploads are deleted beyond this
