@@ -21,7 +21,7 @@ import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -268,7 +268,6 @@ def main(argv: list[str] | None = None) -> int:
             "fifo_over_cached_first_p50": ratio(p50["fifo"], p50["cached_first"]),
             "throughput_cached_first_over_fifo": ratio(summaries["cached_first"]["questions_per_s"], summaries["fifo"]["questions_per_s"]),
         },
-        "outcomes": {name: [asdict(o) for o in phase.outcomes] for name, phase in phases.items()},
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
