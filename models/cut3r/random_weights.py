@@ -7,6 +7,7 @@ applies the same weights to the reference model) agree without storing 2 GB of w
 from __future__ import annotations
 
 import zlib
+from collections.abc import Collection
 
 import torch
 from torch import Tensor
@@ -22,12 +23,12 @@ _TOKENS = (
 )
 
 
-def random_tensor(key: str, shape: tuple[int, ...], seed: int) -> Tensor:
+def random_tensor(key: str, shape: tuple[int, ...], seed: int, tokens: Collection[str] = _TOKENS) -> Tensor:
     """Deterministic float32 tensor for ``key``: LayerNorm weights near 1, small biases,
-    unit-variance learned tokens, fan-in scaled matrices."""
+    unit-variance learned tokens (the keys in ``tokens``), fan-in scaled matrices."""
     gen = torch.Generator().manual_seed((seed + zlib.crc32(key.encode())) % 2**63)
     noise = torch.randn(shape, generator=gen)
-    if key in _TOKENS:
+    if key in tokens:
         return noise
     if key.endswith(".bias"):
         return 0.02 * noise
