@@ -40,8 +40,6 @@ class VggtCameraEncoder(nn.Module):
         self.global_blocks = nn.ModuleList(Block(c.embed_dim, c.num_heads, c.mlp_ratio, NORM_EPS, qk_norm=True) for _ in range(c.depth))
         self.camera_token = nn.Parameter(torch.zeros(1, 2, 1, c.embed_dim))
         self.register_token = nn.Parameter(torch.zeros(1, 2, c.num_register_tokens, c.embed_dim))
-        self.register_buffer("mean", torch.tensor(RESNET_MEAN).reshape(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(RESNET_STD).reshape(1, 3, 1, 1), persistent=False)
         self.skipped_keys: tuple[str, ...] = ()
 
     @property
@@ -67,7 +65,8 @@ class VggtCameraEncoder(nn.Module):
         """
         c = self.config
         batch, frames, _, height, width = images.shape
-        x = (images.flatten(0, 1) - self.mean) / self.std
+        mean, std = (images.new_tensor(v).reshape(1, 3, 1, 1) for v in (RESNET_MEAN, RESNET_STD))
+        x = (images.flatten(0, 1) - mean) / std
         patches = self.patch_embed(x, pos_embed)
         tokens = torch.cat([self._special_tokens(batch, frames), patches], dim=1)
         per_frame = tokens.shape[1]
