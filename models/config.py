@@ -21,6 +21,7 @@ SIGNED_FIELDS = {"vision_select_layer"}  # the only integers that may be zero or
 PoolMode = Literal["bilinear", "average", "max"]
 NewlineMode = Literal["grid", "no_token"]
 Localization = Literal["trained", "untrained"]
+Encoder3D = Literal["cut3r", "vggt"]
 
 
 @dataclass(frozen=True)
@@ -78,7 +79,9 @@ class Loc3rConfig:
     model_id: str
     vision: VisionConfig = field(default_factory=VisionConfig)
     llm: LLMConfig = field(default_factory=LLMConfig)
+    encoder_3d: Encoder3D = "cut3r"
     cut3r: dict[str, Any] = field(default_factory=dict)
+    vggt: dict[str, Any] = field(default_factory=dict)
     heads: HeadsConfig = field(default_factory=HeadsConfig)
     vision_select_layer: int = -2
     projector_type: str = "mlp2x_gelu"
@@ -121,12 +124,12 @@ class Loc3rConfig:
 
     def validate(self) -> None:
         """Reject settings the model cannot run."""
-        from loc3r.models.cut3r.config import Cut3rConfig
+        from loc3r.models.encoder3d import encoder_config
 
         try:
-            Cut3rConfig.from_dict(self.cut3r)
+            check_field_types(encoder_config(self), f"{self.encoder_3d}.")
         except (TypeError, ValueError) as exc:
-            raise ModelError(f"config.json: the cut3r section is invalid ({exc})", "re-create the bundle") from None
+            raise ModelError(f"config.json: the {self.encoder_3d} section is invalid ({exc})", "re-create the bundle") from None
         if self.spatial_pool_mode not in ("bilinear", "average", "max"):
             raise ModelError(
                 f"config.json: spatial_pool_mode {self.spatial_pool_mode!r} is not supported",

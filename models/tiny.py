@@ -8,6 +8,7 @@ weights are random, and everything that shows its output says so.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable
 from importlib import resources
@@ -20,8 +21,10 @@ from loc3r.models.config import HeadsConfig, LLMConfig, Loc3rConfig, VisionConfi
 from loc3r.models.cut3r import Cut3rConfig
 from loc3r.models.loc3r_model import Loc3rModel
 from loc3r.models.tokenizer import train_tiny_tokenizer
+from loc3r.models.vggt import VggtConfig
 
 TINY_NAME = "tiny"
+TINY_VGGT_NAME = "tiny-vggt"
 TINY_VERSION = 1
 TINY_SEED = 0
 
@@ -54,6 +57,20 @@ def tiny_config(vocab_size: int) -> Loc3rConfig:
     )
 
 
+def tiny_vggt_config(vocab_size: int) -> Loc3rConfig:
+    """The tiny model with a tiny VGGT (whole-clip attention) as its 3D encoder."""
+    return dataclasses.replace(
+        tiny_config(vocab_size),
+        model_id=f"loc3r-tiny-vggt-random-v{TINY_VERSION}",
+        encoder_3d="vggt",
+        cut3r={},
+        vggt=VggtConfig.tiny().to_dict(),
+    )
+
+
+BUILTIN = {TINY_NAME: tiny_config, TINY_VGGT_NAME: tiny_vggt_config}
+
+
 def build_random_bundle(out_dir: str | Path, make_config: Callable[[int], Loc3rConfig], seed: int) -> Path:
     """Train the tiny tokenizer, initialise ``make_config(vocab)`` from ``seed``, save the bundle."""
     corpus = resources.files("loc3r").joinpath("assets/corpus.txt").read_text(encoding="utf-8")
@@ -63,21 +80,21 @@ def build_random_bundle(out_dir: str | Path, make_config: Callable[[int], Loc3rC
     return save_bundle(model, tokenizer, out_dir)
 
 
-def build_tiny_bundle(out_dir: str | Path, seed: int = TINY_SEED) -> Path:
-    """The tiny model's bundle at ``out_dir``."""
-    return build_random_bundle(out_dir, tiny_config, seed)
+def build_tiny_bundle(out_dir: str | Path, seed: int = TINY_SEED, name: str = TINY_NAME) -> Path:
+    """The built-in model ``name``'s bundle at ``out_dir``."""
+    return build_random_bundle(out_dir, BUILTIN[name], seed)
 
 
-def ensure_tiny_bundle() -> Path:
-    """The tiny bundle's folder, built the first time it is asked for."""
-    path = loc3r_home() / "models" / f"{TINY_NAME}-v{TINY_VERSION}"
+def ensure_tiny_bundle(name: str = TINY_NAME) -> Path:
+    """The built-in bundle's folder, built the first time it is asked for."""
+    path = loc3r_home() / "models" / f"{name}-v{TINY_VERSION}"
     if not (path / "config.json").is_file():
-        build_tiny_bundle(path)
+        build_tiny_bundle(path, name=name)
     return path
 
 
 def resolve_model(name_or_dir: str | Path) -> Path:
-    """``tiny`` -> the built-in bundle; anything else is a bundle folder."""
-    if str(name_or_dir) == TINY_NAME:
-        return ensure_tiny_bundle()
+    """``tiny`` / ``tiny-vggt`` -> the built-in bundle; anything else is a bundle folder."""
+    if str(name_or_dir) in BUILTIN:
+        return ensure_tiny_bundle(str(name_or_dir))
     return Path(name_or_dir)

@@ -2,7 +2,8 @@
 
 ``Pipeline.open`` turns a video into a :class:`VideoSession`: frames are decoded in a
 background thread (bounded queue), each frame's CUT3R step runs as soon as it arrives
-(the state is recurrent), SigLIP runs on batches, and every finished frame block is
+(the state is recurrent; a whole-clip encoder such as VGGT runs when the last frame has
+arrived), SigLIP runs on batches, and every finished frame block is
 prefilled into the LLM's KV cache at once, so when the question comes only its own
 tokens remain. Encoded videos are kept in an on-disk cache; questions on the video the
 pipeline holds reuse its KV prefix.
@@ -25,7 +26,7 @@ from loc3r.progress import ProgressBar
 from loc3r.runtime.encoding_cache import EncodingCache
 from loc3r.runtime.generate import SamplingConfig
 from loc3r.runtime.prefetch import prefetched
-from loc3r.runtime.preprocess import cut3r_input, siglip_input
+from loc3r.runtime.preprocess import camera_input, siglip_input
 from loc3r.runtime.result import Answer, ModelInfo
 from loc3r.runtime.session import FrameBlocks, Stages, VideoSession
 from loc3r.runtime.video import Frame, iter_frames
@@ -93,9 +94,13 @@ class Pipeline:
         self._session = None
         self._session_key = None
 
-    def new_session(self, source: str, with_bev: bool = False) -> VideoSession:
-        """An empty session (the LLM cache is given to it) for frames fed by the caller."""
-        self._session = VideoSession(self.bundle, self.stages, self.model_info, source, with_bev)
+    def new_session(self, source: str, with_bev: bool = False, live: bool = True) -> VideoSession:
+        """An empty session (the LLM cache is given to it) for frames fed by the caller.
+
+        ``live``: frames may keep coming after a question (a camera, a stream); a whole-clip
+        3D encoder then encodes a sliding window (``runtime/camera_feed.py``).
+        """
+        self._session = VideoSession(self.bundle, self.stages, self.model_info, source, with_bev, live)
         self._session_key = None
         return self._session
 
@@ -119,7 +124,7 @@ class Pipeline:
         self.check_frames_fit(num_frames)
         cache_key = self._cache_key(Path(video), num_frames)
         cached = self.cache.load(cache_key) if cache_key else None
-        session = self.new_session(str(video), with_bev)
+        session = self.new_session(str(video), with_bev, live=False)
         if cached is not None:
             session.add_blocks(cached.encoded)
             session.report["encoding_cache"] = "hit"
@@ -163,12 +168,8 @@ class Pipeline:
     def encode_frames(self, frames: list[Frame], session: VideoSession) -> FrameBlocks:
         """Encode decoded frames without touching the LLM (the reference, whole-video order)."""
         encoded = FrameBlocks()
-        state = None
-        cameras = []
-        for frame in frames:
-            image = cut3r_input(frame.rgb, self.config.cut3r_long_side)
-            camera, state = session.timer.measure("encode_3d", self.stages.camera.step, image, state)
-            cameras.append(camera)
+        images = torch.stack([camera_input(frame.rgb, self.config) for frame in frames])
+        cameras = session.timer.measure("encode_3d", self.stages.camera.encode, images)
         pixels = siglip_input([f.rgb for f in frames], self.config.vision.image_size)
         vision = session.timer.measure("encode_vision", self.stages.vision.encode, pixels)
         encoded.blocks = [torch.cat([c[None], v]) for c, v in zip(cameras, vision, strict=True)]

@@ -1,7 +1,8 @@
-"""Frame preprocessing for the two image encoders: CUT3R (camera tokens) and SigLIP (vision tokens).
+"""Frame preprocessing for the image encoders: CUT3R or VGGT (camera tokens) and SigLIP (vision tokens).
 
 ``cut3r_input`` reproduces CUT3R's ``load_images`` (src/dust3r/utils/image.py) on decoded
-RGB frames; ``siglip_input`` uses transformers' PIL SigLIP processor configured as
+RGB frames; ``vggt_input`` VGGT's ``load_and_preprocess_images`` (crop mode,
+vggt/utils/load_fn.py); ``camera_input`` picks the bundle's; ``siglip_input`` uses transformers' PIL SigLIP processor configured as
 LLaVA-Video's ``SigLipImageProcessor`` (squash to size x size, bicubic, mean = std = 0.5).
 """
 
@@ -17,8 +18,19 @@ from transformers import SiglipImageProcessorPil
 from transformers.image_utils import PILImageResampling
 
 from loc3r.errors import InputError
+from loc3r.models.config import Loc3rConfig
+from loc3r.models.encoder3d import encoder_config
+from loc3r.models.vggt import VggtConfig
 
-__all__ = ["cut3r_crop_box", "cut3r_input", "siglip_input"]
+__all__ = ["camera_input", "cut3r_crop_box", "cut3r_input", "siglip_input", "vggt_input"]
+
+
+def camera_input(rgb: np.ndarray, config: Loc3rConfig) -> torch.Tensor:
+    """The bundle's 3D-encoder input for one RGB uint8 frame (H, W, 3)."""
+    sizes = encoder_config(config)
+    if isinstance(sizes, VggtConfig):
+        return vggt_input(rgb, sizes.img_size, sizes.patch_size)
+    return cut3r_input(rgb, config.cut3r_long_side)
 
 
 def cut3r_crop_box(width: int, height: int, patch: int = 16, square_ok: bool = False) -> tuple[int, int, int, int]:
@@ -57,6 +69,25 @@ def cut3r_input(rgb: np.ndarray, long_side: int = 512, patch: int = 16, square_o
         )
     pixels = torch.from_numpy(np.array(image.crop(box))).permute(2, 0, 1).contiguous()
     return pixels.to(torch.float32).div(255).sub_(0.5).div_(0.5)
+
+
+def vggt_input(rgb: np.ndarray, width: int = 518, patch: int = 14) -> torch.Tensor:
+    """VGGT input for one RGB uint8 frame (H, W, 3): a (3, H', width) float32 tensor in [0, 1].
+
+    Width resized to ``width`` and height to the nearest multiple of ``patch`` keeping the
+    aspect (PIL BICUBIC), then ``x / 255``; a height above ``width`` (portrait) is
+    centre-cropped to ``width``.
+    """
+    image = Image.fromarray(_check_rgb(rgb))
+    height = round(image.height * (width / image.width) / patch) * patch
+    if height < patch:
+        raise InputError(
+            f"a {rgb.shape[1]}x{rgb.shape[0]} frame is too flat for {patch}-pixel patches at width {width}",
+            "use a video with an ordinary aspect ratio",
+        )
+    pixels = torch.from_numpy(np.array(image.resize((width, height), Image.Resampling.BICUBIC)))
+    top = max(height - width, 0) // 2
+    return pixels[top : top + width].permute(2, 0, 1).to(torch.float32).div_(255)
 
 
 def siglip_input(rgbs: Sequence[np.ndarray], size: int = 384) -> torch.Tensor:

@@ -23,7 +23,8 @@ from loc3r.models.bundle import Bundle
 from loc3r.models.prompt import VideoPrefix, build_question_suffix, build_video_prefix
 from loc3r.models.vision import pooled_side, vision_tokens_per_frame
 from loc3r.runtime.generate import SamplingConfig, generate
-from loc3r.runtime.preprocess import cut3r_input, siglip_input
+from loc3r.runtime.camera_feed import camera_feed
+from loc3r.runtime.preprocess import camera_input, siglip_input
 from loc3r.runtime.result import Answer, ModelInfo, Pose
 from loc3r.runtime.stages import CameraStage, HeadsStage, LLMStage, VisionStage
 from loc3r.runtime.video import Frame
@@ -73,7 +74,9 @@ class FrameBlocks:
 class VideoSession:
     """A video in the LLM cache; ``add_frame`` as frames arrive, ``ask`` at any time after."""
 
-    def __init__(self, bundle: Bundle, stages: Stages, model_info: ModelInfo, source: str, with_bev: bool = False) -> None:
+    def __init__(
+        self, bundle: Bundle, stages: Stages, model_info: ModelInfo, source: str, with_bev: bool = False, live: bool = True
+    ) -> None:
         self.bundle, self.stages, self.model_info = bundle, stages, model_info
         self.config = bundle.config
         self.source = source
@@ -82,8 +85,10 @@ class VideoSession:
         self.encoded = FrameBlocks()
         self.duration_s: float | None = None  # set by finish(); None while frames may come
         self.report: dict[str, object] = {}
-        self._camera_state: object | None = None
-        self._pending: list[tuple[Frame, Tensor]] = []  # frames waiting for a vision batch
+        self._camera = camera_feed(stages.camera, live, self.config.num_frames)
+        self._unseen: list[Frame] = []  # frames waiting for a vision batch
+        self._seen: list[tuple[int, float, Tensor]] = []  # (index, timestamp, vision tokens) waiting for a camera token
+        self._cameras: list[Tensor] = []  # camera embeddings of the oldest frames not yet prefilled
         self._bev: list[np.ndarray] = []
         self._lock = threading.RLock()
         self._blocks_end = 0  # cache length after the last prefilled frame block
@@ -96,16 +101,17 @@ class VideoSession:
     # -- frames ---------------------------------------------------------------------------
 
     def add_frame(self, frame: Frame) -> None:
-        """Encode one frame (CUT3R now; SigLIP in batches) and prefill finished blocks."""
+        """Encode one frame (3D encoder as its feed allows; SigLIP in batches) and prefill finished blocks."""
         with self._lock:
             if self.duration_s is not None:
                 raise InputError("the video is already complete", "open a new session for more frames")
             self._drop_tail()
-            image = cut3r_input(frame.rgb, self.config.cut3r_long_side)
-            camera, self._camera_state = self.timer.measure("encode_3d", self.stages.camera.step, image, self._camera_state)
-            self._pending.append((frame, camera))
-            if len(self._pending) >= VISION_BATCH:
-                self._flush_vision()
+            image = camera_input(frame.rgb, self.config)
+            self._cameras += self.timer.measure("encode_3d", self._camera.push, image)
+            self._unseen.append(frame)
+            if len(self._unseen) >= VISION_BATCH:
+                self._encode_vision()
+            self._prefill_ready()
 
     def add_blocks(self, encoded: FrameBlocks) -> None:
         """Prefill already-encoded frames (from the encoding cache) in one go."""
@@ -119,7 +125,7 @@ class VideoSession:
         ``duration_s`` defaults to the span of the frames' timestamps (live sources).
         """
         with self._lock:
-            self._flush_vision()
+            self._flush()
             if not self.encoded.blocks:
                 raise InputError(f"{self.source}: no frames were received", "check the video source")
             self.duration_s = self._duration() if duration_s is None else duration_s
@@ -127,17 +133,32 @@ class VideoSession:
 
     @property
     def num_frames(self) -> int:
-        return len(self.encoded.blocks) + len(self._pending)
+        return len(self.encoded.blocks) + len(self._seen) + len(self._unseen)
 
-    def _flush_vision(self) -> None:
-        if not self._pending:
+    def _flush(self) -> None:
+        """Encode every frame received so far and prefill their blocks."""
+        if self._camera.pending:
+            self._cameras += self.timer.measure("encode_3d", self._camera.flush)
+        self._encode_vision()
+        self._prefill_ready()
+
+    def _encode_vision(self) -> None:
+        if not self._unseen:
             return
-        frames = [frame for frame, _ in self._pending]
+        frames, self._unseen = self._unseen, []
         pixels = siglip_input([f.rgb for f in frames], self.config.vision.image_size)
         vision = self.timer.measure("encode_vision", self.stages.vision.encode, pixels)
-        blocks = [torch.cat([camera[None], tokens]) for (_, camera), tokens in zip(self._pending, vision, strict=True)]
-        self._pending = []
-        self._append_blocks(blocks, [f.index for f in frames], [f.timestamp_s for f in frames])
+        self._seen += [(f.index, f.timestamp_s, tokens) for f, tokens in zip(frames, vision, strict=True)]
+
+    def _prefill_ready(self) -> None:
+        """Prefill the oldest frames that have both their vision tokens and their camera embedding."""
+        ready = min(len(self._seen), len(self._cameras))
+        if not ready:
+            return
+        frames, cameras = self._seen[:ready], self._cameras[:ready]
+        self._seen, self._cameras = self._seen[ready:], self._cameras[ready:]
+        blocks = [torch.cat([camera[None], tokens]) for (_, _, tokens), camera in zip(frames, cameras, strict=True)]
+        self._append_blocks(blocks, [index for index, _, _ in frames], [stamp for _, stamp, _ in frames])
 
     def _append_blocks(self, blocks: list[Tensor], indices: list[int], timestamps: list[float]) -> None:
         if not blocks:
@@ -167,7 +188,7 @@ class VideoSession:
         with self._lock:
             asked_at = time.perf_counter()
             timings = dict(self.timer.seconds)
-            self._flush_vision()
+            self._flush()
             if not self.encoded.blocks:
                 raise InputError(f"{self.source}: no frames have been encoded yet", "wait for frames, then ask")
             tail_start = time.perf_counter()

@@ -2,19 +2,49 @@
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
+import torch
 from torch import Tensor
 
 from loc3r.models.llm import PrefillResult
 
 
 class CameraStage(Protocol):
-    """CUT3R step + ``f_cam``: one frame in, one LLM-width camera embedding out."""
+    """3D encoder + ``f_cam``: LLM-width camera embeddings, one per frame of a clip.
+
+    Every encoder encodes a whole clip; streaming ones (CUT3R) also ``step`` frame by frame
+    (see ``StreamingCameraStage``); the others (VGGT) need the clip first.
+    """
+
+    streaming: bool
+
+    def encode(self, images: Tensor) -> Tensor:
+        """One clip (T, 3, H, W), preprocessed for the encoder, in order -> (T, width)."""
+        ...
+
+
+@runtime_checkable
+class StreamingCameraStage(CameraStage, Protocol):
+    """A recurrent encoder: each frame's embedding is final when the frame arrives."""
 
     def step(self, image: Tensor, state: Any | None) -> tuple[Tensor, Any]:
-        """image (3, H, W) in [-1, 1]; state None on the first frame -> (width,), new state."""
+        """image (3, H, W); state None on the first frame -> (width,), new state."""
         ...
+
+
+class EncodeBySteps:
+    """``encode`` for streaming stages: ``step`` over the clip from the first-frame state."""
+
+    streaming = True
+
+    def encode(self: StreamingCameraStage, images: Tensor) -> Tensor:
+        state = None
+        tokens = []
+        for image in images:
+            token, state = self.step(image, state)
+            tokens.append(token)
+        return torch.stack(tokens)
 
 
 class VisionStage(Protocol):

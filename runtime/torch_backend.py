@@ -10,10 +10,13 @@ from torch import Tensor
 
 from loc3r.models.bundle import Bundle
 from loc3r.models.llm import TorchLLM
+from loc3r.runtime.stages import CameraStage, EncodeBySteps
 
 
 @dataclass
-class TorchCamera:
+class TorchCamera(EncodeBySteps):
+    """A streaming encoder (CUT3R) + f_cam."""
+
     bundle: Bundle
 
     @torch.inference_mode()
@@ -21,6 +24,19 @@ class TorchCamera:
         model = self.bundle.model
         token, state = model.camera_encoder.step(image.unsqueeze(0), state)
         return model.heads.project_camera(token)[0], state
+
+
+@dataclass
+class TorchClipCamera:
+    """A whole-clip encoder (VGGT) + f_cam."""
+
+    bundle: Bundle
+    streaming = False
+
+    @torch.inference_mode()
+    def encode(self, images: Tensor) -> Tensor:
+        model = self.bundle.model
+        return model.heads.project_camera(model.camera_encoder.encode(images))
 
 
 @dataclass
@@ -45,6 +61,7 @@ class TorchHeads:
         return self.bundle.model.heads.bev(vision_states)
 
 
-def torch_stages(bundle: Bundle) -> tuple[TorchCamera, TorchVision, TorchHeads, TorchLLM]:
+def torch_stages(bundle: Bundle) -> tuple[CameraStage, TorchVision, TorchHeads, TorchLLM]:
     """Camera, vision, heads and LLM stages over the bundle's modules."""
-    return TorchCamera(bundle), TorchVision(bundle), TorchHeads(bundle), TorchLLM(bundle.model.llm)
+    camera = TorchCamera(bundle) if bundle.model.camera_encoder.streaming else TorchClipCamera(bundle)
+    return camera, TorchVision(bundle), TorchHeads(bundle), TorchLLM(bundle.model.llm)

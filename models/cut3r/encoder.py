@@ -25,6 +25,8 @@ from loc3r.models.cut3r.state import Cut3rState
 class Cut3rCameraEncoder(nn.Module):
     """The camera-token path of ``ARCroco3DStereo``; parameter names match the checkpoint."""
 
+    streaming = True  # one frame at a time: see ``step``
+
     def __init__(self, config: Cut3rConfig) -> None:
         super().__init__()
         self.config = config

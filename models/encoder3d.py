@@ -1,0 +1,29 @@
+"""The 3D encoders a bundle can hold (``config.encoder_3d``), each giving one camera token per frame.
+
+- ``cut3r``: recurrent, streams: ``step(image, state)`` per frame as it arrives.
+- ``vggt``: attends over the whole clip: ``encode(frames)`` once the clip is complete.
+
+Both provide ``encode(frames)`` and ``camera_dim`` (``f_cam``'s input width); ``streaming``
+says whether ``step`` exists.
+"""
+
+from __future__ import annotations
+
+from loc3r.models.config import Loc3rConfig
+from loc3r.models.cut3r import Cut3rCameraEncoder, Cut3rConfig
+from loc3r.models.vggt import VggtCameraEncoder, VggtConfig
+
+CameraEncoder = Cut3rCameraEncoder | VggtCameraEncoder
+
+
+def encoder_config(config: Loc3rConfig) -> Cut3rConfig | VggtConfig:
+    """The sizes of the bundle's 3D encoder, from its section (``cut3r`` or ``vggt``)."""
+    if config.encoder_3d == "vggt":
+        return VggtConfig.from_dict(config.vggt)
+    return Cut3rConfig.from_dict(config.cut3r)
+
+
+def build_camera_encoder(config: Loc3rConfig) -> CameraEncoder:
+    """An uninitialised camera encoder of the bundle's kind and sizes."""
+    sizes = encoder_config(config)
+    return VggtCameraEncoder(sizes) if isinstance(sizes, VggtConfig) else Cut3rCameraEncoder(sizes)
