@@ -49,6 +49,7 @@ class Pipeline:
             random_weights=bundle.config.random_weights,
             localization=bundle.config.localization,
             backend=backend,
+            encoder_3d=bundle.config.encoder_3d,
         )
         self._session: VideoSession | None = None
         self._session_key: tuple[object, ...] | None = None

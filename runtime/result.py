@@ -39,6 +39,7 @@ class ModelInfo:
     random_weights: bool
     localization: str
     backend: str
+    encoder_3d: str = "cut3r"
 
     @property
     def warning(self) -> str | None:
@@ -56,6 +57,7 @@ class ModelInfo:
             "random_weights": self.random_weights,
             "localization": self.localization,
             "backend": self.backend,
+            "encoder_3d": self.encoder_3d,
         }
 
 

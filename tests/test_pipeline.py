@@ -71,7 +71,7 @@ def test_json_output_has_answer_pose_timings_and_random_weight_flag(
     assert set(out["position"]) == {"x", "y", "sigma"} and out["position"]["sigma"] > 0
     assert out["orientation"]["theta_deg"] == pytest.approx(math.degrees(out["orientation"]["theta_rad"]))
     assert abs(out["orientation"]["theta_rad"]) <= math.pi
-    assert out["model"]["random_weights"] is True
+    assert out["model"]["random_weights"] is True and out["model"]["encoder_3d"] == "cut3r"
     assert "RANDOM weights" in out["warning"]
     assert out["video"]["frames"] == FRAMES
     for stage in ("decode", "encode_3d", "encode_vision", "prefill_video", "prefill_question", "ttft_s"):

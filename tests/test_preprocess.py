@@ -1,4 +1,4 @@
-"""CUT3R and SigLIP frame preprocessing against the reference arithmetic."""
+"""CUT3R, VGGT and SigLIP frame preprocessing against the reference arithmetic."""
 
 from __future__ import annotations
 
@@ -15,10 +15,13 @@ import torch
 from PIL import Image
 
 from loc3r.errors import InputError
-from loc3r.runtime.preprocess import cut3r_crop_box, cut3r_input, siglip_input
+from loc3r.runtime.preprocess import cut3r_crop_box, cut3r_input, siglip_input, vggt_input
 
 CUT3R_MIRROR = Path("/work/.mirror/CUT3R+CUT3R/repo")
 CUT3R_IMAGE_PY = "src/dust3r/utils/image.py"
+# facebookresearch/vggt at 44b3afb, read from a fork whose only later commit edits .gitignore
+VGGT_MIRROR = (Path("/work/.mirror/xianglic+vggt/repo"), "44b3afb")
+VGGT_LOAD_FN_PY = "vggt/utils/load_fn.py"
 
 
 def _frame(h: int, w: int, seed: int = 0) -> np.ndarray:
@@ -143,6 +146,58 @@ def test_cut3r_matches_reference_function(tmp_path: Path) -> None:
     views = load_images(paths, size=512, verbose=False)
     for (h, w), view, seed in zip(SIZES, views, range(len(SIZES))):
         assert torch.equal(cut3r_input(_frame(h, w, seed=seed)), view["img"][0]), (h, w)
+
+
+# --- VGGT -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("h", "w", "expected"),
+    [(1080, 1920, (294, 518)), (480, 640, (392, 518)), (1920, 1080, (518, 518)), (518, 518, (518, 518)), (97, 131, (378, 518))],
+)
+def test_vggt_shapes(h: int, w: int, expected: tuple[int, int]) -> None:
+    assert tuple(vggt_input(_frame(h, w)).shape) == (3, *expected)
+
+
+def test_vggt_value_mapping_and_portrait_centre_crop() -> None:
+    frame = _frame(1920, 1080)
+    full = np.asarray(Image.fromarray(frame).resize((518, 924), PIL.Image.BICUBIC))  # 1920 * 518 / 1080 -> 66 rows of 14
+    expected = torch.from_numpy(full[203 : 203 + 518].copy()).permute(2, 0, 1).float() / 255
+    assert torch.equal(vggt_input(frame), expected)
+
+
+def test_vggt_other_width_and_degenerate_frames() -> None:
+    assert tuple(vggt_input(_frame(1080, 1920), width=224).shape) == (3, 126, 224)
+    with pytest.raises(InputError, match="too flat"):
+        vggt_input(np.zeros((2, 1000, 3), np.uint8))
+
+
+def _load_reference_vggt_preprocess():
+    """VGGT's own ``load_and_preprocess_images`` from the local mirror (a ToTensor stand-in for
+    torchvision's), or None when unavailable."""
+    git = shutil.which("git")
+    mirror, commit = VGGT_MIRROR
+    if git is None or not mirror.exists():
+        return None
+    result = subprocess.run([git, "-C", str(mirror), "show", f"{commit}:{VGGT_LOAD_FN_PY}"], capture_output=True, text=True)
+    if result.returncode != 0:
+        return None
+    tree = ast.parse(result.stdout)
+    wanted = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "load_and_preprocess_images"]
+    to_tensor = lambda img: torch.from_numpy(np.array(img)).permute(2, 0, 1).float().div(255)  # noqa: E731
+    namespace = {"torch": torch, "Image": PIL.Image, "TF": type("TF", (), {"ToTensor": staticmethod(lambda: to_tensor)})}
+    exec(compile(ast.Module(body=wanted, type_ignores=[]), VGGT_LOAD_FN_PY, "exec"), namespace)
+    return namespace["load_and_preprocess_images"]
+
+
+def test_vggt_matches_reference_function(tmp_path: Path) -> None:
+    preprocess = _load_reference_vggt_preprocess()
+    if preprocess is None:
+        pytest.skip("VGGT reference mirror not available")
+    for i, (h, w) in enumerate([(1080, 1920), (1920, 1080), (97, 131), (518, 518)]):
+        path = tmp_path / f"{i}.png"
+        Image.fromarray(_frame(h, w, seed=i)).save(path)
+        assert torch.equal(vggt_input(_frame(h, w, seed=i)), preprocess([str(path)])[0]), (h, w)
 
 
 # --- SigLIP -----------------------------------------------------------------------------
