@@ -1,10 +1,10 @@
-"""LLaVA-Video + CUT3R (+ Loc3R heads) -> our bundle, streamed tensor by tensor.
+"""LLaVA-Video + a 3D encoder (CUT3R or VGGT) (+ Loc3R heads) -> our bundle, streamed tensor by tensor.
 
 Order of work: read every config and header, build the bundle config, check each tensor's
 name and shape against a ``Loc3rModel`` built on the meta device (no memory), then write
-``config.json``, ``tokenizer.json`` and the weight shards in one atomic folder. CUT3R's
-camera path is loaded by :func:`load_cut3r` (memory-mapped); LLaVA tensors are read one
-source shard at a time.
+``config.json``, ``tokenizer.json`` and the weight shards in one atomic folder. The 3D
+encoder's camera path is loaded by :func:`load_cut3r` (memory-mapped) or
+:func:`load_vggt`; LLaVA tensors are read one source shard at a time.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -25,8 +26,10 @@ from loc3r.models.convert_heads import heads_config, load_heads_file, random_hea
 from loc3r.models.convert_llava import LlavaSettings, check_against, map_names, open_llava, read_settings
 from loc3r.models.convert_stream import SourceShards, TensorInfo, write_shards
 from loc3r.models.convert_tokenizer import loc3r_tokenizer
-from loc3r.models.cut3r import Cut3rConfig, load_cut3r
+from loc3r.models.cut3r import load_cut3r
+from loc3r.models.encoder3d import CameraEncoder
 from loc3r.models.loc3r_model import Loc3rModel
+from loc3r.models.vggt import load_vggt
 from loc3r.models.vision import used_vision_layers
 
 log = logging.getLogger(__name__)
@@ -39,7 +42,7 @@ class ConvertOptions:
     """What ``loc3r-convert`` was asked to do."""
 
     llava: Path
-    cut3r: Path
+    cut3r: Path | None  # the 3D encoder: exactly one of cut3r and vggt
     out: Path
     heads: Path | None = None
     model_id: str | None = None
@@ -47,6 +50,7 @@ class ConvertOptions:
     pool_mode: str | None = None  # overrides the checkpoint's (or LLaVA-Video's default)
     vision_heads: int | None = None  # SigLIP head count for towers not in the table
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
+    vggt: Path | None = None
 
 
 def expected_shapes(config: Loc3rConfig) -> dict[str, tuple[int, ...]]:
@@ -80,19 +84,30 @@ def _check_part(tensors: dict[str, Tensor], expected: dict[str, tuple[int, ...]]
         raise ModelError(f"{where} does not fit the bundle: {detail}", "pass a file made for this model")
 
 
-def bundle_config(options: ConvertOptions, settings: LlavaSettings, cut3r: Cut3rConfig, heads: HeadsConfig | None) -> Loc3rConfig:
-    """The bundle's config; ``heads`` None means random heads (``localization: untrained``)."""
+def load_camera_encoder(options: ConvertOptions) -> tuple[CameraEncoder, dict[str, Any]]:
+    """The 3D encoder named by the options and the config fields that record it."""
+    if (options.cut3r is None) == (options.vggt is None):
+        raise InputError("give exactly one 3D encoder", "pass --cut3r FILE or --vggt FILE")
+    if options.vggt is not None:
+        vggt = load_vggt(options.vggt)
+        return vggt, {"encoder_3d": "vggt", "vggt": vggt.config.to_dict()}
+    cut3r = load_cut3r(options.cut3r)
+    return cut3r, {"encoder_3d": "cut3r", "cut3r": cut3r.config.to_dict(), "cut3r_long_side": max(cut3r.config.img_size)}
+
+
+def bundle_config(options: ConvertOptions, settings: LlavaSettings, encoder: dict[str, Any], heads: HeadsConfig | None) -> Loc3rConfig:
+    """The bundle's config; ``encoder`` holds the 3D encoder's fields (``load_camera_encoder``);
+    ``heads`` None means random heads (``localization: untrained``)."""
     config = Loc3rConfig(
         model_id=options.model_id or options.llava.resolve().name,
         vision=settings.vision,
         llm=settings.llm,
-        cut3r=cut3r.to_dict(),
+        **encoder,
         heads=heads or HeadsConfig(),
         vision_select_layer=settings.vision_select_layer,
         spatial_pool_mode=options.pool_mode or settings.spatial_pool_mode,  # type: ignore[arg-type]
         spatial_pool_stride=settings.spatial_pool_stride,
         newline_position=settings.newline_position,  # type: ignore[arg-type]
-        cut3r_long_side=max(cut3r.img_size),
         localization="trained" if heads else "untrained",
         random_weights=False,
     )
@@ -105,9 +120,9 @@ def convert(options: ConvertOptions) -> Path:
         raise InputError(f"{options.out} exists and is not a loc3r bundle", "choose a new or empty folder for --out")
     source = open_llava(options.llava)
     settings = read_settings(source, options.vision_heads)
-    camera = load_cut3r(options.cut3r)
+    camera, encoder_fields = load_camera_encoder(options)
     head_file = load_heads_file(options.heads) if options.heads else None
-    config = bundle_config(options, settings, camera.config, heads_config(head_file) if head_file else None)
+    config = bundle_config(options, settings, encoder_fields, heads_config(head_file) if head_file else None)
     if settings.pooling_defaulted:
         log.warning("the llava-onevision config has no pooling settings; recorded LLaVA-Video's: %s, stride %d, "
                     "%s newlines (--pool-mode sets the mode)", config.spatial_pool_mode, config.spatial_pool_stride,
@@ -117,7 +132,7 @@ def convert(options: ConvertOptions) -> Path:
     llava_part = {n: shape for n, shape in expected.items() if n.startswith(("vision.", "llm."))}
     check_against(mapping, source.shards.infos, llava_part, source.path)
     extra = {"camera_encoder." + n: t for n, t in camera.state_dict().items()}
-    _check_part(extra, expected, "camera_encoder.", options.cut3r)
+    _check_part(extra, expected, "camera_encoder.", options.cut3r or options.vggt)
     heads = {"heads." + n: t for n, t in (head_file or random_heads(config, camera.camera_dim)).items()}
     _check_part(heads, expected, "heads.", options.heads or Path("random heads"))
     extra.update(heads)

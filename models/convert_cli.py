@@ -1,5 +1,5 @@
-"""``loc3r-convert``: a published LLaVA-Video checkpoint + CUT3R ``.pth`` (+ Loc3R heads)
-into a loc3r bundle, streamed tensor by tensor."""
+"""``loc3r-convert``: a published LLaVA-Video checkpoint + a 3D encoder (CUT3R ``.pth`` or
+VGGT) (+ Loc3R heads) into a loc3r bundle, streamed tensor by tensor."""
 
 from __future__ import annotations
 
@@ -18,7 +18,10 @@ def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog=PROG, description=__doc__)
     parser.add_argument("--llava", type=Path, required=True,
                         help="LLaVA-Video folder: LLaVA-NeXT layout or transformers' llava-onevision (-hf)")
-    parser.add_argument("--cut3r", type=Path, required=True, help="official CUT3R checkpoint (.pth)")
+    encoder = parser.add_mutually_exclusive_group(required=True)
+    encoder.add_argument("--cut3r", type=Path, help="the 3D encoder: an official CUT3R checkpoint (.pth)")
+    encoder.add_argument("--vggt", type=Path,
+                         help="the 3D encoder: VGGT's model.pt or model.safetensors (facebook/VGGT-1B), or its folder")
     parser.add_argument("--loc3r-heads", type=Path,
                         help="Loc3R heads (f_cam, f_pos, f_ori, f_bev; safetensors or .pth); "
                              "without it the heads are random and the bundle is marked untrained")
@@ -48,6 +51,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         out = convert(ConvertOptions(
             llava=args.llava,
             cut3r=args.cut3r,
+            vggt=args.vggt,
             out=args.out,
             heads=args.loc3r_heads,
             model_id=args.model_id,

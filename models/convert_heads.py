@@ -1,8 +1,8 @@
 """Loc3R head weights for a converted bundle: read from a file, or random (untrained).
 
-Expected tensors (an optional ``heads.`` prefix is accepted), with C the CUT3R camera
-token width (its ``dec_embed_dim``, 768), D the LLM width (3584), H the heads' hidden
-width and B the orientation bins (36):
+Expected tensors (an optional ``heads.`` prefix is accepted), with C the 3D encoder's
+camera token width (``camera_dim``: CUT3R's ``dec_embed_dim`` 768, VGGT-1B's 2048), D the
+LLM width (3584), H the heads' hidden width and B the orientation bins (36):
 
 ==================  ==========  ==================  ==========
 ``f_cam.0.weight``  (D, C)      ``f_cam.2.weight``  (D, D)

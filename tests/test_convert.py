@@ -315,3 +315,37 @@ def test_loc3r_tokens_must_fit_the_embedding(tmp_path: Path, capsys, cut3r_file)
     folder, _ = next_folder(tmp_path, vocab=301)  # 300 tokens + <Pos> fit, <Ori> does not
     code, err = convert(capsys, "--llava", folder, "--cut3r", cut3r_file[0], "--out", tmp_path / "b", "--vision-heads", "2")
     assert_one_line_error(code, err, "token id 301", "301-row embedding", "<Pos>, <Ori>")
+
+
+# --- VGGT as the 3D encoder ------------------------------------------------------------------
+
+
+def test_vggt_checkpoint_becomes_the_3d_encoder(tmp_path: Path, capsys) -> None:  # noqa: ANN001
+    from loc3r.models.vggt import VggtConfig, save_official_checkpoint as save_vggt
+    from loc3r.models.vggt import random_state_dict as random_vggt
+
+    folder, _ = next_folder(tmp_path)
+    vggt = random_vggt(VggtConfig.tiny(), seed=4)
+    save_vggt(vggt, tmp_path / "model.safetensors")
+    out = tmp_path / "bundle"
+    code, err = convert(capsys, "--llava", folder, "--vggt", tmp_path, "--out", out, "--vision-heads", "2")
+    assert code == 0, err
+    bundle = load_bundle(out)
+    assert bundle.config.encoder_3d == "vggt" and bundle.config.vggt == VggtConfig.tiny().to_dict()
+    tensors = bundle_tensors(out)
+    for name, tensor in vggt.items():
+        assert torch.equal(tensors["camera_encoder." + name], tensor), name
+    assert tensors["heads.f_cam.0.weight"].shape == (LLM_SIZES["hidden_size"], 2 * VggtConfig.tiny().embed_dim)
+    assert not any(n.startswith("camera_encoder.") and n.removeprefix("camera_encoder.") not in vggt for n in tensors)
+
+
+def test_exactly_one_3d_encoder(tmp_path: Path, capsys, cut3r_file) -> None:  # noqa: ANN001
+    folder, _ = next_folder(tmp_path)
+    with pytest.raises(SystemExit) as both:
+        main(["--llava", str(folder), "--cut3r", str(cut3r_file[0]), "--vggt", str(tmp_path), "--out", str(tmp_path / "b")])
+    assert both.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as neither:
+        main(["--llava", str(folder), "--out", str(tmp_path / "b")])
+    assert neither.value.code == 2 and "one of the arguments --cut3r --vggt is required" in capsys.readouterr().err
+    code, err = convert(capsys, "--llava", folder, "--vggt", cut3r_file[0], "--out", tmp_path / "b", "--vision-heads", "2")
+    assert code == 2 and "so it is not a VGGT checkpoint" in err and "Traceback" not in err

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import pytest
@@ -44,6 +45,7 @@ def test_torch_save_with_module_prefix(tmp_path: Path, tiny_sd: dict) -> None:
     ("make", "message"),
     [
         (lambda p, sd: p.write_bytes(b"not a checkpoint"), "is not a readable checkpoint"),
+        (lambda p, sd: torch.save({"model": sd, "args": argparse.Namespace(model="CUT3R")}, p), "holds Python objects besides tensors"),
         (lambda p, sd: torch.save({"model": {"decoder_embed.weight": torch.zeros(2, 2)}}, p), "is not a VGGT checkpoint"),
         (lambda p, sd: torch.save({f"aggregator.{k}": v for k, v in sd.items() if "global_blocks.1." not in k}, p), "missing global_blocks.1."),
         (lambda p, sd: torch.save({f"aggregator.{k}": v for k, v in sd.items() if k != "patch_embed.norm.weight"}, p), "missing patch_embed.norm.weight"),

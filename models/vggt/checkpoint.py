@@ -53,7 +53,10 @@ def read_aggregator(path: Path) -> dict[str, Tensor]:
         with path.open("rb") as stream:
             zipped = stream.read(4) == b"PK\x03\x04"
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipped)
-    except (SafetensorError, OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as exc:
+    except pickle.UnpicklingError:
+        problem = "holds Python objects besides tensors" if zipped else "is not a readable checkpoint"
+        raise ModelError(f"{path} {problem}, so it is not a VGGT checkpoint", _FIX) from None
+    except (SafetensorError, OSError, RuntimeError, EOFError, ValueError) as exc:
         raise ModelError(f"{path} is not a readable checkpoint ({type(exc).__name__})", f"download it again or {_FIX}") from None
     if isinstance(state, dict):
         state = state.get("model", state)
