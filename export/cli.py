@@ -17,14 +17,16 @@ LLM_FORMATS = ("fp32", "fp16", "int8", "int4", "none")
 def export_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(
         prog=PROG,
-        description="Export Loc3R-VLM for a target: ONNX graphs (CUT3R step + f_cam, vision, heads) "
+        description="Export Loc3R-VLM for a target: ONNX graphs (3D encoder + f_cam: CUT3R step or VGGT clip; vision, heads) "
         "with parity measured against PyTorch, the LLM in a quantized form, and manifest.json. "
         "TensorRT engines are built on the device: 'loc3r-export build --manifest DIR/manifest.json'.",
     )
-    parser.add_argument("--model", default="tiny", help="bundle folder, or 'tiny'")
+    parser.add_argument("--model", default="tiny", help="bundle folder, or 'tiny' / 'tiny-vggt'")
     parser.add_argument("--target", required=True, help="target profile (see engines/*.toml), e.g. jetson-orin, cpu")
     parser.add_argument("--out", required=True, help="output folder (replaced atomically)")
     parser.add_argument("--cut3r-size", metavar="HxW", help="CUT3R input size, multiples of 16 (default: 4:3 landscape at the model's long side)")
+    parser.add_argument("--vggt-size", metavar="HxW", help="VGGT input size (a VGGT bundle): W the model's img_size (518), "
+                        "H a multiple of 14 up to W, as the video's aspect gives it (default: 4:3, 392x518)")
     parser.add_argument("--llm", choices=LLM_FORMATS, help="LLM weight format (default: the target's)")
     parser.add_argument("--debug", action="store_true")
     return parser
@@ -37,15 +39,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def parse_size(text: str | None, default: tuple[int, int]) -> tuple[int, int]:
+def parse_size(text: str | None, default: tuple[int, int], flag: str = "--cut3r-size", patch: int = 16) -> tuple[int, int]:
     if text is None:
         return default
+    example = "x".join(map(str, default))
     try:
         height, width = (int(v) for v in text.lower().split("x"))
     except ValueError:
-        raise InputError(f"--cut3r-size {text!r} is not HxW", "write it like 384x512") from None
-    if height <= 0 or width <= 0 or height % 16 or width % 16:
-        raise InputError(f"--cut3r-size {text} must be positive multiples of 16", "e.g. 384x512 or 512x384")
+        raise InputError(f"{flag} {text!r} is not HxW", f"write it like {example}") from None
+    if height <= 0 or width <= 0 or height % patch or width % patch:
+        raise InputError(f"{flag} {text} must be positive multiples of {patch}", f"e.g. {example}")
+    return height, width
+
+
+def parse_vggt_size(text: str | None, bundle) -> tuple[int, int] | None:  # noqa: ANN001 - Bundle
+    """``--vggt-size`` for a VGGT bundle: frames are always ``img_size`` wide (``vggt_input``)."""
+    if bundle.config.encoder_3d != "vggt":
+        if text is not None:
+            raise InputError(f"--vggt-size is for VGGT bundles; {bundle.config.model_id} uses {bundle.config.encoder_3d}", "drop --vggt-size")
+        return None
+    from loc3r.export.exporter import default_vggt_size
+    from loc3r.models.vggt import VggtConfig
+
+    sizes = VggtConfig.from_dict(bundle.config.vggt)
+    height, width = parse_size(text, default_vggt_size(sizes.img_size, sizes.patch_size), "--vggt-size", sizes.patch_size)
+    if width != sizes.img_size or height > width:
+        raise InputError(f"--vggt-size {text}: VGGT frames are {sizes.img_size} wide and at most that high", f"e.g. 294x{sizes.img_size} for 16:9")
     return height, width
 
 
@@ -76,6 +95,7 @@ def run_export(args: argparse.Namespace) -> int:
         out_dir=Path(args.out),
         cut3r_size=parse_size(args.cut3r_size, default_cut3r_size(bundle.config.cut3r_long_side)),
         llm_quant=None if llm == "none" else llm,
+        vggt_size=parse_vggt_size(args.vggt_size, bundle),
     )
     manifest = export_all(request, progress=lambda m: print(m, file=sys.stderr))
     print(f"wrote {manifest.root} for target {target.name} ({manifest.precision})")

@@ -52,11 +52,17 @@ class ExportRequest:
     out_dir: Path
     cut3r_size: tuple[int, int]  # (height, width), multiples of 16
     llm_quant: str | None  # None: leave the LLM out (the runtime then uses the bundle's)
+    vggt_size: tuple[int, int] | None = None  # (height, width) for a VGGT bundle; None: default_vggt_size
 
 
 def default_cut3r_size(long_side: int, patch: int = 16) -> tuple[int, int]:
     """Landscape 4:3 at the configured long side, e.g. 384x512 (height x width)."""
     return (long_side * 3 // 4) // patch * patch, long_side
+
+
+def default_vggt_size(img_size: int, patch: int) -> tuple[int, int]:
+    """4:3 landscape as ``vggt_input`` makes it: width ``img_size``, height to the nearest patch (392x518)."""
+    return round(img_size * 3 / 4 / patch) * patch, img_size
 
 
 def export_all(request: ExportRequest, progress: Progress = print) -> Manifest:
@@ -65,7 +71,7 @@ def export_all(request: ExportRequest, progress: Progress = print) -> Manifest:
     with atomic_directory(request.out_dir) as staging:
         artifacts: dict[str, Any] = {}
         for name, export in (
-            ("cut3r", export_camera),
+            (bundle.config.encoder_3d, export_camera),
             ("vision", export_vision),
             ("heads", export_heads),
         ):
@@ -107,11 +113,12 @@ def build_manifest(request: ExportRequest, artifacts: dict[str, Any], llm: dict[
         "target": {"name": target.name, "description": target.description, "backends": list(target.backends)},
         "precision": target.build.precision,
         "opset": OPSET,
-        "cut3r_size": list(request.cut3r_size),
         "artifacts": artifacts,
         "llm": llm,
         "tools": tool_versions(),
     }
+    if request.bundle.config.encoder_3d == "cut3r":
+        manifest["cut3r_size"] = list(request.cut3r_size)
     manifest["device_build"] = device_build_plan(manifest, target)
     return manifest
 
@@ -146,6 +153,13 @@ def artifact_entry(spec: graphs.GraphSpec, path: Path, parity: ParityResult, **e
 
 
 def export_camera(request: ExportRequest, out: Path) -> dict[str, Any]:
+    """The bundle's 3D encoder + f_cam: ``cut3r_step`` or ``vggt_encode``."""
+    if request.bundle.config.encoder_3d == "vggt":
+        return export_vggt(request, out)
+    return export_cut3r(request, out)
+
+
+def export_cut3r(request: ExportRequest, out: Path) -> dict[str, Any]:
     """``cut3r_step`` (CUT3R step + f_cam), checked over a recurrence from the first frame."""
     model = request.bundle.model
     height, width = request.cut3r_size
@@ -195,6 +209,26 @@ def recurrence_parity(
         _, torch_state, torch_memory = expected
         _, ort_state, ort_memory = actual
     return ensure_within(spec, merge(results))
+
+
+# -- VGGT --------------------------------------------------------------------------------
+
+
+def export_vggt(request: ExportRequest, out: Path) -> dict[str, Any]:
+    """``vggt_encode`` (aggregator + f_cam over a whole clip), checked on clips of 2, 5 and 8 frames."""
+    model = request.bundle.model
+    config = model.camera_encoder.config
+    height, width = request.vggt_size or default_vggt_size(config.img_size, config.patch_size)
+    module = graphs.CameraClipGraph(model.camera_encoder, model.heads, height, width)
+    spec = graphs.camera_clip_spec(height, width, request.bundle.config.llm.hidden_size)
+    generator = torch.Generator().manual_seed(5)
+
+    def clip(frames: int) -> tuple[torch.Tensor]:
+        return (torch.rand(frames, 3, height, width, generator=generator),)
+
+    path = export_onnx(module, spec, clip(3), out / "vggt_encode.onnx")
+    parity = check_parity(module, spec, path, lambda run: clip(2 + 3 * run))
+    return {"vggt_encode": artifact_entry(spec, path, parity)}
 
 
 # -- vision and heads ----------------------------------------------------------------------

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from loc3r.models.cut3r import Cut3rCameraEncoder
 from loc3r.models.heads import Loc3rHeads
+from loc3r.models.vggt import VggtCameraEncoder
 from loc3r.models.vision import VisionPath
 
 Dim = int | str  # a fixed size, or the name of a dynamic axis
@@ -83,6 +84,28 @@ class CameraStepGraph(nn.Module):
         return self.heads.project_camera(token), state, memory
 
 
+class CameraClipGraph(nn.Module):
+    """A whole clip through VGGT's aggregator, fused with ``f_cam``: images (frames, 3, H, W)
+    in [0, 1] -> camera (frames, width); ``heads=None`` leaves the raw camera tokens.
+
+    The frame count is free; H and W are fixed, so the patch embedding's position table
+    (a bicubic, antialiased resize of the learned one) is computed here once and becomes a
+    constant of the graph.
+    """
+
+    def __init__(self, encoder: VggtCameraEncoder, heads: Loc3rHeads | None, height: int, width: int) -> None:
+        super().__init__()
+        self.encoder, self.heads = encoder, heads
+        patch = encoder.config.patch_size
+        with torch.no_grad():
+            table = encoder.patch_embed.position_embedding(height // patch, width // patch)
+        self.register_buffer("pos_embed", table.detach().clone(), persistent=False)
+
+    def forward(self, images: Tensor) -> Tensor:
+        tokens = self.encoder(images[None], self.pos_embed)[0]
+        return tokens if self.heads is None else self.heads.project_camera(tokens)
+
+
 class VisionGraph(nn.Module):
     """Frames (N, 3, S, S) -> pooled, projected tokens with row newlines (N, V, width)."""
 
@@ -131,6 +154,17 @@ def camera_step_spec(height: int, width: int, state: tuple[int, ...], memory: tu
             TensorSpec("new_state", (1, *state)),
             TensorSpec("new_memory", (1, *memory)),
         ),
+        atol=1e-4,
+        rtol=1e-3,
+    )
+
+
+def camera_clip_spec(height: int, width: int, width_out: int) -> GraphSpec:
+    """``vggt_encode`` at a fixed input resolution; ``clip_frames`` is dynamic."""
+    return GraphSpec(
+        name="vggt_encode",
+        inputs=(TensorSpec("images", ("clip_frames", 3, height, width)),),
+        outputs=(TensorSpec("camera", ("clip_frames", width_out)),),
         atol=1e-4,
         rtol=1e-3,
     )

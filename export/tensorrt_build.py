@@ -21,6 +21,9 @@ from loc3r.errors import InputError, ModelError
 
 ENGINE_SUFFIX = ".engine"
 MANIFEST_NAME = "manifest.json"
+# frames of one clip through a whole-clip 3D encoder (vggt_encode): min, opt, max. A live
+# sliding window starts with a single frame; 32 is the model's clip; 64 leaves room for --frames.
+CLIP_FRAMES = (1, 32, 64)
 
 
 @dataclass(frozen=True)
@@ -167,6 +170,7 @@ def dynamic_ranges(manifest: dict[str, Any], target: Any) -> dict[str, tuple[int
     vision_tokens = manifest["artifacts"]["vision"]["outputs"][0]["shape"][1]
     return {
         "frames": (lo, opt, hi),
+        "clip_frames": CLIP_FRAMES,
         "batch": (1, 1, 8),
         "tokens": (vision_tokens, opt * vision_tokens, hi * vision_tokens),
     }

@@ -23,7 +23,7 @@ from loc3r.export.manifest import Manifest, check_manifest_matches
 from loc3r.runtime.ort import CPU, open_session, provider_names
 from loc3r.models.bundle import Bundle
 from loc3r.models.vision import vision_tokens_per_frame
-from loc3r.runtime.stages import LLMStage
+from loc3r.runtime.stages import CameraStage, EncodeBySteps, LLMStage
 
 def default_providers(cache_dir: Path) -> list[Any]:
     """On a device with onnxruntime-gpu: TensorRT EP (FP16, engine cache), CUDA, CPU; else CPU."""
@@ -38,8 +38,18 @@ def default_providers(cache_dir: Path) -> list[Any]:
     ]
 
 
+def check_frame_size(image: Tensor, size: tuple[int, int], flag: str) -> None:
+    """Refuse frames of another size than the camera graph was exported for."""
+    if tuple(image.shape[-2:]) != size:
+        height, width = image.shape[-2:]
+        raise InputError(
+            f"the 3D-encoder graph was exported for {size[0]}x{size[1]} frames, this video gives {height}x{width}",
+            f"re-export with loc3r-export {flag} {height}x{width}",
+        )
+
+
 @dataclass
-class OrtCamera:
+class OrtCamera(EncodeBySteps):
     """``cut3r_step`` from the initial state on the first frame; the state stays in numpy."""
 
     session: Any
@@ -48,12 +58,7 @@ class OrtCamera:
     size: tuple[int, int]
 
     def step(self, image: Tensor, state: Any | None) -> tuple[Tensor, Any]:
-        if tuple(image.shape[-2:]) != self.size:
-            height, width = image.shape[-2:]
-            raise InputError(
-                f"the CUT3R graph was exported for {self.size[0]}x{self.size[1]} frames, this video gives {height}x{width}",
-                f"re-export with loc3r-export --cut3r-size {height}x{width}",
-            )
+        check_frame_size(image, self.size, "--cut3r-size")
         prev_state, prev_memory = (self.init_state, self.init_memory) if state is None else state
         first = np.array([1.0 if state is None else 0.0], dtype=np.float32)
         camera, new_state, new_memory = self.session.run(
@@ -61,6 +66,20 @@ class OrtCamera:
             {"image": image.unsqueeze(0).numpy(), "state": prev_state, "memory": prev_memory, "first_frame": first},
         )
         return torch.from_numpy(camera[0]), (new_state, new_memory)
+
+
+@dataclass
+class OrtClipCamera:
+    """``vggt_encode``: a whole clip per call (the frame count is free, the size fixed)."""
+
+    session: Any
+    size: tuple[int, int]
+    streaming = False
+
+    def encode(self, images: Tensor) -> Tensor:
+        check_frame_size(images, self.size, "--vggt-size")
+        (camera,) = self.session.run(["camera"], {"images": images.numpy()})
+        return torch.from_numpy(camera)
 
 
 @dataclass
@@ -101,7 +120,7 @@ def expected_shapes(bundle: Bundle) -> dict[str, dict[str, list[int | str]]]:
     }
 
 
-def onnx_stages(bundle: Bundle, manifest: Manifest, providers: Sequence[Any] | None = None) -> tuple[OrtCamera, OrtVision, OrtHeads, LLMStage]:
+def onnx_stages(bundle: Bundle, manifest: Manifest, providers: Sequence[Any] | None = None) -> tuple[CameraStage, OrtVision, OrtHeads, LLMStage]:
     """Camera, vision, heads and LLM stages over the manifest's graphs."""
     providers = providers or default_providers(manifest.root / "ort_trt_cache")
     check_manifest_matches(manifest, bundle.config.model_id, bundle.checksum, expected_shapes(bundle))
@@ -109,10 +128,32 @@ def onnx_stages(bundle: Bundle, manifest: Manifest, providers: Sequence[Any] | N
     if tokens != vision_tokens_per_frame(bundle.config):
         raise InputError(f"the vision graph emits {tokens} tokens per frame, the model needs {vision_tokens_per_frame(bundle.config)}", "re-export")
     session = {name: open_session(manifest.artifact_path(name), providers) for name in manifest.artifacts}
+    return ort_camera(bundle, manifest, session), OrtVision(session["vision"]), OrtHeads(session["pose_head"], session["bev_head"]), onnx_llm(bundle, manifest, providers)
+
+
+CAMERA_GRAPHS = {"cut3r": "cut3r_step", "vggt": "vggt_encode"}
+
+
+def camera_graph(bundle: Bundle, manifest: Manifest) -> str:
+    """The name of the bundle's 3D-encoder graph, which the manifest must hold."""
+    name = CAMERA_GRAPHS[bundle.config.encoder_3d]
+    manifest.artifact_path(name)  # a clear error when it is missing
+    return name
+
+
+def clip_size(manifest: Manifest) -> tuple[int, int]:
+    """(height, width) the ``vggt_encode`` graph was exported for."""
+    height, width = manifest.input_shape("vggt_encode", "images")[-2:]
+    return int(height), int(width)
+
+
+def ort_camera(bundle: Bundle, manifest: Manifest, session: dict[str, Any]) -> CameraStage:
+    """The camera stage over the manifest's 3D-encoder graph."""
+    if camera_graph(bundle, manifest) == "vggt_encode":
+        return OrtClipCamera(session["vggt_encode"], clip_size(manifest))
     init = load_file(str(manifest.root / CUT3R_INIT_FILE))
     height, width = manifest.data["cut3r_size"]
-    camera = OrtCamera(session["cut3r_step"], init["state"], init["memory"], (height, width))
-    return camera, OrtVision(session["vision"]), OrtHeads(session["pose_head"], session["bev_head"]), onnx_llm(bundle, manifest, providers)
+    return OrtCamera(session["cut3r_step"], init["state"], init["memory"], (height, width))
 
 
 def onnx_llm(bundle: Bundle, manifest: Manifest, providers: Sequence[Any]) -> LLMStage:

@@ -22,8 +22,8 @@ from loc3r.export.exporter import CUT3R_INIT_FILE
 from loc3r.export.manifest import Manifest, check_manifest_matches
 from loc3r.export.tensorrt_build import check_engine_matches, cuda_device_sm, import_tensorrt
 from loc3r.models.bundle import Bundle
-from loc3r.runtime.onnx_backend import expected_shapes, onnx_llm
-from loc3r.runtime.stages import LLMStage
+from loc3r.runtime.onnx_backend import camera_graph, check_frame_size, clip_size, expected_shapes, onnx_llm
+from loc3r.runtime.stages import CameraStage, EncodeBySteps, LLMStage
 
 
 class TrtSession:
@@ -59,7 +59,7 @@ class TrtSession:
 
 
 @dataclass
-class TrtCamera:
+class TrtCamera(EncodeBySteps):
     session: TrtSession
     init: dict[str, Tensor]
 
@@ -68,6 +68,19 @@ class TrtCamera:
         first = torch.tensor([1.0 if state is None else 0.0])
         out = self.session.run({"image": image.unsqueeze(0), "state": prev_state, "memory": prev_memory, "first_frame": first})
         return out["camera"][0], (out["new_state"], out["new_memory"])
+
+
+@dataclass
+class TrtClipCamera:
+    """``vggt_encode``: a whole clip per call (engine profile: 1..64 frames)."""
+
+    session: TrtSession
+    size: tuple[int, int]
+    streaming = False
+
+    def encode(self, images: Tensor) -> Tensor:
+        check_frame_size(images, self.size, "--vggt-size")
+        return self.session.run({"images": images})["camera"]
 
 
 @dataclass
@@ -91,7 +104,7 @@ class TrtHeads:
         return self.bev_session.run({"states": vision_states.float()})["points"]
 
 
-def tensorrt_stages(bundle: Bundle, manifest: Manifest) -> tuple[TrtCamera, TrtVision, TrtHeads, LLMStage]:
+def tensorrt_stages(bundle: Bundle, manifest: Manifest) -> tuple[CameraStage, TrtVision, TrtHeads, LLMStage]:
     """Stages over the engines the manifest lists as built on this device."""
     check_manifest_matches(manifest, bundle.config.model_id, bundle.checksum, expected_shapes(bundle))
     trt = import_tensorrt()
@@ -106,8 +119,11 @@ def tensorrt_stages(bundle: Bundle, manifest: Manifest) -> tuple[TrtCamera, TrtV
     for name, file in built["files"].items():
         check_engine_matches(manifest.root / file, trt.__version__, sm)
         sessions[name] = TrtSession(manifest.root / file)
-    init = load_file(str(manifest.root / CUT3R_INIT_FILE))
-    camera = TrtCamera(sessions["cut3r_step"], init)
+    graph = camera_graph(bundle, manifest)
+    if graph == "vggt_encode":
+        camera: CameraStage = TrtClipCamera(sessions[graph], clip_size(manifest))
+    else:
+        camera = TrtCamera(sessions[graph], load_file(str(manifest.root / CUT3R_INIT_FILE)))
     heads = TrtHeads(sessions["pose_head"], sessions["bev_head"])
     llm = onnx_llm(bundle, manifest, ("CUDAExecutionProvider", "CPUExecutionProvider"))
     return camera, TrtVision(sessions["vision"]), heads, llm
