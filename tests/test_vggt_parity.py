@@ -60,3 +60,19 @@ def test_parity_tiny_training_grid(tmp_path: Path) -> None:
 @pytest.mark.slow  # VGGT-1B widths (1024, 16 heads, 518 geometry) at two blocks per stack: ~30 s
 def test_parity_real_width(tmp_path: Path) -> None:
     _check_case("real_width", tmp_path / "model.safetensors")
+
+
+def test_onnx_runtime_parity_tiny_six_frames(tmp_path: Path) -> None:
+    """The exported ``vggt_encode`` graph (raw camera tokens, frames dynamic) against the reference."""
+    from loc3r.export.graphs import CameraClipGraph, camera_clip_spec
+    from loc3r.export.onnx_export import export_onnx
+    from loc3r.runtime.ort import open_session
+
+    config, meta, clip, expected = reference_case("tiny")
+    save_official_checkpoint(random_state_dict(config, int(meta["weight_seed"])), tmp_path / "model.pt")
+    height, width = clip.shape[-2:]
+    graph = CameraClipGraph(load_vggt(tmp_path / "model.pt"), None, height, width)
+    spec = camera_clip_spec(height, width, config.camera_dim)
+    path = export_onnx(graph, spec, (clip[:2],), tmp_path / "vggt_encode.onnx")  # traced on 2 frames, run on 6
+    (camera,) = open_session(path).run(["camera"], {"images": clip.numpy()})
+    assert_relative(torch.from_numpy(camera), expected, 1e-3)
