@@ -124,6 +124,11 @@ def run_bench(args: argparse.Namespace, command: str) -> dict[str, Any]:
     model_dir = resolve_bench_model(args.model)
     reference = Pipeline.from_pretrained(model_dir, "torch")
     bundle = reference.bundle
+    if bundle.config.encoder_3d != "cut3r":
+        raise InputError(
+            f"{PROG} models the reference CUT3R pipeline; {bundle.config.model_id} uses {bundle.config.encoder_3d}",
+            "compare 3D encoders with: python -m loc3r.bench.encoders_3d",
+        )
     reference.check_frames_fit(args.frames)
     baseline = Baseline(bundle)
     with video_for(args) as video, engines_for(args, bundle) as engines, RssSampler() as sampler:

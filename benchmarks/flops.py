@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from loc3r.models.config import LLMConfig, VisionConfig
 from loc3r.models.cut3r.config import Cut3rConfig
+from loc3r.models.vggt.config import VggtConfig
 
 
 @dataclass(frozen=True)
@@ -117,6 +118,32 @@ def cut3r_frame(sizes: Cut3rSizes, with_heads: bool = False) -> Work:
     if with_heads:
         return Work(body.flops / (1.0 - sizes.head_flop_share), body.params)
     return body
+
+
+def vggt_clip(config: VggtConfig, frames: int, height: int, width: int) -> Work:
+    """VGGT's aggregator over one clip of ``frames`` (camera-token path: no heads).
+
+    Per frame, the DINOv2 patch embedding (class + register + patch tokens) and the frame
+    blocks see the frame's own tokens; the global blocks see every token of the clip, so
+    their attention grows with the square of the frame count. ``params`` counts the weights
+    once (the clip is one batch).
+    """
+    c, p = config, config.patch_size
+    patches = (height // p) * (width // p)
+    per_frame = patches + 1 + c.num_register_tokens  # (class or camera) + registers + patches
+    mlp = int(c.embed_dim * c.mlp_ratio)
+    patch_dim = 3 * p * p
+    work = Work(linear_flops(patches, patch_dim, c.embed_dim) * frames, patch_dim * c.embed_dim)
+    work += Work(vit_block(per_frame, c.embed_dim, mlp).flops * frames, vit_block(1, c.embed_dim, mlp).params) * (
+        c.patch_embed_depth + c.depth
+    )
+    return work + vit_block(per_frame * frames, c.embed_dim, mlp) * c.depth
+
+
+def vggt_global_attention_flops(config: VggtConfig, frames: int, height: int, width: int) -> float:
+    """The part of ``vggt_clip`` spent in the global blocks' QK^T and PV (quadratic in frames)."""
+    tokens = ((height // config.patch_size) * (width // config.patch_size) + 1 + config.num_register_tokens) * frames
+    return attention_flops(tokens, tokens, config.embed_dim) * config.depth
 
 
 def siglip_frame(cfg: VisionConfig, layers_used: int) -> Work:

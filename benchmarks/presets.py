@@ -7,20 +7,25 @@ two CPU cores.
 long side (32x24 = 768 patches at 512x384) with the real 768 state tokens and 256
 pose-memory slots, 36 orientation bins. Only widths and depths are scaled down (see
 :func:`small_config`). Its weights are random (seed 0): timings only, never answers.
+``small-vggt`` is ``small`` with VGGT as its 3D encoder, scaled the same way (see
+:func:`small_vggt`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from loc3r.models.config import HeadsConfig, LLMConfig, Loc3rConfig, VisionConfig
 from loc3r.models.cut3r import Cut3rConfig
 from loc3r.models.tiny import build_random_bundle, loc3r_home, resolve_model
+from loc3r.models.vggt import VggtConfig
 
 SMALL_NAME = "small"
+SMALL_VGGT_NAME = "small-vggt"
 SMALL_VERSION = 1
 SMALL_SEED = 0
-PRESETS = ("tiny", SMALL_NAME)
+PRESETS = ("tiny", SMALL_NAME)  # what loc3r-bench exports on the fly (its baseline models CUT3R)
 
 
 def small_cut3r() -> Cut3rConfig:
@@ -38,6 +43,12 @@ def small_cut3r() -> Cut3rConfig:
         img_size=(512, 512),
         head_type="dpt",
     )
+
+
+def small_vggt() -> VggtConfig:
+    """VGGT at the real geometry (518 training size, 14-pixel patches, 4 registers) and
+    ``small_cut3r``'s scaling: width 256 (4 heads), depths 24 -> 4."""
+    return VggtConfig(embed_dim=256, depth=4, num_heads=4, patch_embed_depth=4)
 
 
 def small_config(vocab_size: int) -> Loc3rConfig:
@@ -63,21 +74,35 @@ def small_config(vocab_size: int) -> Loc3rConfig:
     )
 
 
-def build_small_bundle(out_dir: str | Path, seed: int = SMALL_SEED) -> Path:
-    """The small preset's bundle at ``out_dir`` (tiny tokenizer, weights from ``seed``)."""
-    return build_random_bundle(out_dir, small_config, seed)
+def small_vggt_config(vocab_size: int) -> Loc3rConfig:
+    """``small`` with ``small_vggt`` as the 3D encoder."""
+    return dataclasses.replace(
+        small_config(vocab_size),
+        model_id=f"loc3r-small-vggt-random-v{SMALL_VERSION}",
+        encoder_3d="vggt",
+        cut3r={},
+        vggt=small_vggt().to_dict(),
+    )
 
 
-def ensure_small_bundle() -> Path:
-    """``loc3r_home()/models/small-v1``, built the first time it is asked for."""
-    path = loc3r_home() / "models" / f"{SMALL_NAME}-v{SMALL_VERSION}"
+SMALL_MODELS = {SMALL_NAME: small_config, SMALL_VGGT_NAME: small_vggt_config}
+
+
+def build_small_bundle(out_dir: str | Path, seed: int = SMALL_SEED, name: str = SMALL_NAME) -> Path:
+    """The small preset ``name``'s bundle at ``out_dir`` (tiny tokenizer, weights from ``seed``)."""
+    return build_random_bundle(out_dir, SMALL_MODELS[name], seed)
+
+
+def ensure_small_bundle(name: str = SMALL_NAME) -> Path:
+    """``loc3r_home()/models/<name>-v1``, built the first time it is asked for."""
+    path = loc3r_home() / "models" / f"{name}-v{SMALL_VERSION}"
     if not (path / "config.json").is_file():
-        build_small_bundle(path)
+        build_small_bundle(path, name=name)
     return path
 
 
 def resolve_bench_model(name_or_dir: str | Path) -> Path:
-    """``small`` -> its bundle (built on first use); ``tiny`` or a folder as ``resolve_model``."""
-    if str(name_or_dir) == SMALL_NAME:
-        return ensure_small_bundle()
+    """``small`` / ``small-vggt`` -> its bundle (built on first use); ``tiny`` or a folder as ``resolve_model``."""
+    if str(name_or_dir) in SMALL_MODELS:
+        return ensure_small_bundle(str(name_or_dir))
     return resolve_model(name_or_dir)

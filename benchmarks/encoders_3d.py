@@ -1,0 +1,265 @@
+"""3D encoders compared: CUT3R (streams, one step per frame) vs VGGT (attends over the whole clip).
+
+    python -m loc3r.bench.encoders_3d [--frames 32] [--repeats 2] [--scaling 8 16] [--out benchmarks/results]
+
+Two parts, in one run:
+- Real size, computed: FLOPs and parameters of CUT3R's camera path (512 DPT checkpoint at
+  384x512) and VGGT-1B's aggregator (392x518: the same 4:3 frame) for 8..64 frames, and the
+  roofline floor (``floor.stage_floor``) on the Jetson AGX Orin of the work that remains
+  after the last frame arrives: CUT3R one step and the last frame blocks' prefill; VGGT the
+  whole clip and then the whole video prefix, since every frame block starts with its
+  camera token and nothing after the first one can be prefilled before VGGT has run.
+- Small presets, measured on this CPU: ``small`` (CUT3R) and ``small-vggt`` sessions (torch,
+  fp32) fed pre-decoded frames one by one as a stream would: time of each ``add_frame``, of
+  ``finish`` and of the first question's TTFT, the stage times, and the peak RSS growth per
+  session; the two alternate in order across repeats. ``--scaling`` also times each encoder
+  alone on shorter clips, to show VGGT's growth with the frame count. The measured
+  VGGT/CUT3R time ratio is set beside the FLOP ratio at the same sizes, which tells how far
+  the FLOP model (and so the real-size figures) can be trusted on a CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from loc3r.bench.floor import stage_floor
+from loc3r.bench.flops import Cut3rSizes, cut3r_frame, llm_forward, vggt_clip, vggt_global_attention_flops
+from loc3r.bench.memory import RssSampler
+from loc3r.bench.presets import SMALL_NAME, SMALL_VGGT_NAME, resolve_bench_model, small_cut3r, small_vggt
+from loc3r.bench.report import machine_info
+from loc3r.engines.targets import load_target
+from loc3r.fileio import write_json_atomic
+from loc3r.models.config import Loc3rConfig
+from loc3r.models.cut3r import Cut3rCameraEncoder, Cut3rConfig
+from loc3r.models.vggt import VggtCameraEncoder, VggtConfig
+from loc3r.models.vision import vision_tokens_per_frame
+from loc3r.runtime.demo_video import write_demo_video
+from loc3r.runtime.generate import SamplingConfig
+from loc3r.runtime.pipeline import Pipeline
+from loc3r.runtime.preprocess import camera_input
+from loc3r.runtime.session import VISION_BATCH
+from loc3r.runtime.video import Frame, iter_frames
+
+CUT3R_SIZE = (384, 512)  # 4:3 at CUT3R's 512 long side
+VGGT_SIZE = (392, 518)  # the same frame through vggt_input
+FRAME_COUNTS = (8, 16, 32, 64)
+FLOOR_TARGET = "jetson-orin-agx"
+GIGA, TERA = 1e9, 1e12
+
+
+def encoder_params(encoder: torch.nn.Module) -> int:
+    return sum(p.numel() for p in encoder.parameters())
+
+
+def real_size_costs(target_name: str = FLOOR_TARGET) -> dict[str, Any]:
+    """FLOPs, parameters and the after-the-last-frame floor of both encoders at real size."""
+    cut3r_config, vggt_config, real = Cut3rConfig.real_512_dpt(), VggtConfig(), Loc3rConfig(model_id="LLaVA-Video-7B")
+    llm, tokens_per_frame = real.llm, 1 + vision_tokens_per_frame(real)  # camera token + 210 vision tokens
+    with torch.device("meta"):
+        params = {"cut3r": encoder_params(Cut3rCameraEncoder(cut3r_config)), "vggt": encoder_params(VggtCameraEncoder(vggt_config))}
+    hw = load_target(target_name).hardware
+    step = cut3r_frame(Cut3rSizes(cut3r_config, *CUT3R_SIZE))
+    rows = []
+    for frames in FRAME_COUNTS:
+        vggt = vggt_clip(vggt_config, frames, *VGGT_SIZE)
+        prefix = frames * tokens_per_frame
+        tail = min(VISION_BATCH, frames) * tokens_per_frame  # CUT3R: the last SigLIP batch's blocks
+        cut3r_after = stage_floor(step.flops, params["cut3r"] * 2, hw).seconds
+        cut3r_after += stage_floor(llm_forward(llm, tail, prefix - tail).flops, 0.0, hw).seconds
+        vggt_after = stage_floor(vggt.flops, params["vggt"] * 2, hw).seconds
+        vggt_after += stage_floor(llm_forward(llm, prefix).flops, 0.0, hw).seconds
+        rows.append({
+            "frames": frames,
+            "cut3r_tflop": step.flops * frames / TERA,
+            "vggt_tflop": vggt.flops / TERA,
+            "vggt_global_attention_tflop": vggt_global_attention_flops(vggt_config, frames, *VGGT_SIZE) / TERA,
+            "vggt_over_cut3r": vggt.flops / (step.flops * frames),
+            "after_last_frame_floor_s": {"cut3r": cut3r_after, "vggt": vggt_after},
+        })
+    return {
+        "cut3r": {"config": "cut3r_512_dpt", "input": list(CUT3R_SIZE), "params": params["cut3r"], "fp16_weights_gib": params["cut3r"] * 2 / 2**30},
+        "vggt": {"config": "VGGT-1B aggregator", "input": list(VGGT_SIZE), "params": params["vggt"], "fp16_weights_gib": params["vggt"] * 2 / 2**30,
+                 "camera_dim": vggt_config.camera_dim},
+        "floor_target": target_name,
+        "floor_note": "compute floors at the target's dense fp16 peak; LLM prefill compute only (its weights "
+                      "are read in either case); the 8-frame SigLIP batch that both still run is left out",
+        "frames": rows,
+    }
+
+
+def decoded_frames(frames: int, workdir: Path) -> list[Frame]:
+    """``frames`` frames of a 640x480 demo video, decoded once for every session."""
+    video = write_demo_video(workdir / "scene.mp4", num_frames=96, width=640, height=480, fps=8)
+    return list(iter_frames(video, frames))
+
+
+def stream_session(pipeline: Pipeline, frames: list[Frame]) -> dict[str, float]:
+    """Feed ``frames`` one by one, finish, ask once: where the time goes."""
+    session = pipeline.new_session("bench", live=False)
+    add = []
+    for frame in frames:
+        start = time.perf_counter()
+        session.add_frame(frame)
+        add.append(time.perf_counter() - start)
+    start = time.perf_counter()
+    session.finish()
+    finish = time.perf_counter() - start
+    ttft = session.ask("Where am I?", sampling=SamplingConfig(max_new_tokens=1)).timings["ttft_s"]
+    return {
+        "add_frame_median_s": statistics.median(add),
+        "last_add_frame_s": add[-1],
+        "finish_s": finish,
+        "ttft_s": ttft,
+        "after_last_frame_s": add[-1] + finish + ttft,
+        "total_s": sum(add) + finish + ttft,
+        **{stage: session.timer.seconds.get(stage, 0.0) for stage in ("encode_3d", "encode_vision", "prefill_video")},
+    }
+
+
+def encode_alone(pipeline: Pipeline, frames: list[Frame]) -> float:
+    """Seconds for the encoder (no f_cam) over ``frames``, one clip."""
+    images = torch.stack([camera_input(f.rgb, pipeline.config) for f in frames])
+    start = time.perf_counter()
+    with torch.inference_mode():
+        pipeline.bundle.model.camera_encoder.encode(images)
+    return time.perf_counter() - start
+
+
+def measure_small(frames: int, repeats: int, scaling: list[int]) -> dict[str, Any]:
+    """Both small presets through streamed sessions (alternating order), then encoders alone."""
+    names = {"cut3r": SMALL_NAME, "vggt": SMALL_VGGT_NAME}
+    pipelines = {kind: Pipeline.from_pretrained(resolve_bench_model(name)) for kind, name in names.items()}
+    runs: dict[str, list[dict[str, float]]] = {kind: [] for kind in pipelines}
+    with tempfile.TemporaryDirectory() as tmp, RssSampler() as sampler:
+        clip = decoded_frames(max([frames, *scaling]), Path(tmp))
+        for pipeline in pipelines.values():
+            stream_session(pipeline, clip[:2])  # warm-up: first-call allocations
+        for i in range(repeats):
+            order = list(pipelines) if i % 2 == 0 else list(pipelines)[::-1]
+            for kind in order:
+                print(f"repeat {i + 1}/{repeats}: {kind}", file=sys.stderr, flush=True)
+                with sampler.phase(kind):
+                    runs[kind].append(stream_session(pipelines[kind], clip[:frames]))
+        alone = {kind: {n: encode_alone(p, clip[:n]) for n in scaling} for kind, p in pipelines.items()}
+    medians = {kind: {key: statistics.median(r[key] for r in rs) for key in rs[0]} for kind, rs in runs.items()}
+    small_flops = {
+        "cut3r": cut3r_frame(Cut3rSizes(small_cut3r(), *CUT3R_SIZE)).flops * frames,
+        "vggt": vggt_clip(small_vggt(), frames, *VGGT_SIZE).flops,
+    }
+    return {
+        "frames": frames,
+        "repeats": repeats,
+        "runs": runs,
+        "medians": medians,
+        "memory": sampler.phases,
+        "encode_alone_s": alone,
+        "flops": small_flops,
+        "gflops_per_s": {k: small_flops[k] / medians[k]["encode_3d"] / GIGA for k in small_flops},
+        "ratios": {
+            "encode_time_vggt_over_cut3r": medians["vggt"]["encode_3d"] / medians["cut3r"]["encode_3d"],
+            "flops_vggt_over_cut3r": small_flops["vggt"] / small_flops["cut3r"],
+            "after_last_frame_vggt_over_cut3r": medians["vggt"]["after_last_frame_s"] / medians["cut3r"]["after_last_frame_s"],
+        },
+    }
+
+
+def _s(seconds: float) -> str:
+    return f"{seconds * 1000:.0f} ms" if seconds < 1 else f"{seconds:.2f} s"
+
+
+def markdown(doc: dict[str, Any]) -> str:
+    real, small = doc["real_size"], doc["small"]
+    m, r = small["medians"], small["ratios"]
+    machine = doc["machine"]
+    lines = [
+        "# 3D encoders: CUT3R vs VGGT",
+        "",
+        f"Command: `{doc['command']}`  ",
+        f"Machine: {machine['cpu']}, {machine['cores']} cores, torch {machine['versions'].get('torch')} "
+        f"({machine['torch_threads']} threads), load average at start {machine['load_average_at_start']}, "
+        f"commit {machine['git_commit']}. Random weights: costs only.",
+        "",
+        "## Real size (computed)",
+        "",
+        f"CUT3R camera path ({real['cut3r']['config']}, {real['cut3r']['input'][0]}x{real['cut3r']['input'][1]}): "
+        f"{real['cut3r']['params'] / 1e6:.0f} M parameters ({real['cut3r']['fp16_weights_gib']:.2f} GiB fp16). "
+        f"VGGT ({real['vggt']['config']}, {real['vggt']['input'][0]}x{real['vggt']['input'][1]}): "
+        f"{real['vggt']['params'] / 1e6:.0f} M parameters ({real['vggt']['fp16_weights_gib']:.2f} GiB fp16), "
+        f"camera token {real['vggt']['camera_dim']}-d.",
+        "",
+        f"| frames | CUT3R TFLOP | VGGT TFLOP | of which global attention | VGGT / CUT3R | after the last frame, floor on {real['floor_target']}: CUT3R | VGGT |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in real["frames"]:
+        after = row["after_last_frame_floor_s"]
+        lines.append(
+            f"| {row['frames']} | {row['cut3r_tflop']:.1f} | {row['vggt_tflop']:.1f} | {row['vggt_global_attention_tflop']:.1f} "
+            f"| {row['vggt_over_cut3r']:.2f}x | {_s(after['cut3r'])} | {_s(after['vggt'])} |"
+        )
+    lines += [
+        "",
+        f"Floors: {real['floor_note']}.",
+        "",
+        f"## Small presets, measured ({small['frames']} frames, median of {small['repeats']})",
+        "",
+        "| | CUT3R (`small`) | VGGT (`small-vggt`) | VGGT / CUT3R |",
+        "|---|---|---|---|",
+    ]
+    for key, label in (
+        ("encode_3d", "3D encoder + f_cam, whole clip"),
+        ("add_frame_median_s", "`add_frame`, median"),
+        ("finish_s", "`finish` (end of the video)"),
+        ("ttft_s", "first question's TTFT after `finish`"),
+        ("after_last_frame_s", "**last frame -> first token**"),
+        ("total_s", "session total (frames fed back to back)"),
+        ("encode_vision", "SigLIP"),
+        ("prefill_video", "video prefill"),
+    ):
+        lines.append(f"| {label} | {_s(m['cut3r'][key])} | {_s(m['vggt'][key])} | {m['vggt'][key] / m['cut3r'][key]:.1f}x |")
+    mem = small["memory"]
+    lines += [
+        f"| peak RSS growth in a session | {mem['cut3r']['growth_mib']:.0f} MiB | {mem['vggt']['growth_mib']:.0f} MiB | |",
+        f"| encoder FLOPs | {small['flops']['cut3r'] / TERA:.2f} T | {small['flops']['vggt'] / TERA:.2f} T | {r['flops_vggt_over_cut3r']:.1f}x |",
+        f"| achieved GFLOP/s | {small['gflops_per_s']['cut3r']:.0f} | {small['gflops_per_s']['vggt']:.0f} | |",
+        "",
+    ]
+    if small["encode_alone_s"]["cut3r"]:
+        lines += ["Encoders alone (no f_cam), one clip:", "", "| frames | CUT3R | VGGT | VGGT / CUT3R |", "|---|---|---|---|"]
+        for n, seconds in small["encode_alone_s"]["cut3r"].items():
+            vggt = small["encode_alone_s"]["vggt"][n]
+            lines.append(f"| {n} | {_s(seconds)} | {_s(vggt)} | {vggt / seconds:.1f}x |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m loc3r.bench.encoders_3d", description=__doc__.splitlines()[0])
+    parser.add_argument("--frames", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--scaling", type=int, nargs="*", default=[], help="also time each encoder alone on clips of these lengths")
+    parser.add_argument("--out", default="benchmarks/results")
+    args = parser.parse_args(argv)
+    doc = {
+        "command": " ".join(["python -m loc3r.bench.encoders_3d", *(argv if argv is not None else sys.argv[1:])]),
+        "machine": machine_info(),
+        "real_size": real_size_costs(),
+        "small": measure_small(args.frames, args.repeats, args.scaling),
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / "encoders_3d.json", doc)
+    (out / "encoders_3d.md").write_text(markdown(doc), encoding="utf-8")
+    print(markdown(doc))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
