@@ -64,7 +64,8 @@ def parse_vggt_size(text: str | None, bundle) -> tuple[int, int] | None:  # noqa
     sizes = VggtConfig.from_dict(bundle.config.vggt)
     height, width = parse_size(text, default_vggt_size(sizes.img_size, sizes.patch_size), "--vggt-size", sizes.patch_size)
     if width != sizes.img_size or height > width:
-        raise InputError(f"--vggt-size {text}: VGGT frames are {sizes.img_size} wide and at most that high", f"e.g. 294x{sizes.img_size} for 16:9")
+        wide = round(sizes.img_size * 9 / 16 / sizes.patch_size) * sizes.patch_size
+        raise InputError(f"--vggt-size {text}: VGGT frames are {sizes.img_size} wide and at most that high", f"e.g. {wide}x{sizes.img_size} for 16:9")
     return height, width
 
 

@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--stride", type=positive_int, default=15, help="live sources: keep every N-th frame (default 15)")
     parser.add_argument("--frame-size", type=frame_size, metavar="WxH", help="size of raw frames on stdin (--source -)")
     parser.add_argument("--situation", default="", help="situation text placed before <Pos><Ori>")
-    parser.add_argument("--model", default="tiny", help="bundle folder, or 'tiny' (built-in, random weights)")
+    parser.add_argument("--model", default="tiny", help="bundle folder, or 'tiny' / 'tiny-vggt' (built-in, random weights; CUT3R / VGGT as the 3D encoder)")
     parser.add_argument("--backend", default="torch", choices=["torch", "onnxruntime", "tensorrt"], help="inference backend")
     parser.add_argument("--engines", help="folder written by loc3r-export (for onnxruntime / tensorrt)")
     parser.add_argument("--frames", type=positive_int, default=None, help="frames to sample (default: the model's, 32); live: the maximum")

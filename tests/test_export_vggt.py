@@ -75,7 +75,7 @@ def test_tensorrt_plan_gives_the_clip_a_frame_profile(vggt_export: Path) -> None
     [
         ("tiny", "168x224", "--vggt-size is for VGGT bundles"),
         ("tiny-vggt", "170x224", "multiples of 14"),
-        ("tiny-vggt", "168x518", "VGGT frames are 224 wide"),
+        ("tiny-vggt", "168x518", "VGGT frames are 224 wide and at most that high: e.g. 126x224 for 16:9"),
         ("tiny-vggt", "252x224", "VGGT frames are 224 wide and at most that high"),
     ],
 )
