@@ -13,11 +13,11 @@ pose-memory slots, 36 orientation bins. Only widths and depths are scaled down (
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 from loc3r.models.config import HeadsConfig, LLMConfig, Loc3rConfig, VisionConfig
 from loc3r.models.cut3r import Cut3rConfig
+from loc3r.models.encoder3d import with_vggt
 from loc3r.models.tiny import build_random_bundle, loc3r_home, resolve_model
 from loc3r.models.vggt import VggtConfig
 
@@ -76,13 +76,7 @@ def small_config(vocab_size: int) -> Loc3rConfig:
 
 def small_vggt_config(vocab_size: int) -> Loc3rConfig:
     """``small`` with ``small_vggt`` as the 3D encoder."""
-    return dataclasses.replace(
-        small_config(vocab_size),
-        model_id=f"loc3r-small-vggt-random-v{SMALL_VERSION}",
-        encoder_3d="vggt",
-        cut3r={},
-        vggt=small_vggt().to_dict(),
-    )
+    return with_vggt(small_config(vocab_size), small_vggt(), f"loc3r-small-vggt-random-v{SMALL_VERSION}")
 
 
 SMALL_MODELS = {SMALL_NAME: small_config, SMALL_VGGT_NAME: small_vggt_config}

@@ -9,6 +9,8 @@ says whether ``step`` exists.
 
 from __future__ import annotations
 
+import dataclasses
+
 from loc3r.models.config import Loc3rConfig
 from loc3r.models.cut3r import Cut3rCameraEncoder, Cut3rConfig
 from loc3r.models.vggt import VggtCameraEncoder, VggtConfig
@@ -27,3 +29,8 @@ def build_camera_encoder(config: Loc3rConfig) -> CameraEncoder:
     """An uninitialised camera encoder of the bundle's kind and sizes."""
     sizes = encoder_config(config)
     return VggtCameraEncoder(sizes) if isinstance(sizes, VggtConfig) else Cut3rCameraEncoder(sizes)
+
+
+def with_vggt(config: Loc3rConfig, vggt: VggtConfig, model_id: str) -> Loc3rConfig:
+    """``config`` with ``vggt`` as its 3D encoder instead (random-weight presets)."""
+    return dataclasses.replace(config, model_id=model_id, encoder_3d="vggt", cut3r={}, vggt=vggt.to_dict())

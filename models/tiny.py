@@ -8,7 +8,6 @@ weights are random, and everything that shows its output says so.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from collections.abc import Callable
 from importlib import resources
@@ -19,6 +18,7 @@ import torch
 from loc3r.models.bundle import save_bundle
 from loc3r.models.config import HeadsConfig, LLMConfig, Loc3rConfig, VisionConfig
 from loc3r.models.cut3r import Cut3rConfig
+from loc3r.models.encoder3d import with_vggt
 from loc3r.models.loc3r_model import Loc3rModel
 from loc3r.models.tokenizer import train_tiny_tokenizer
 from loc3r.models.vggt import VggtConfig
@@ -59,13 +59,7 @@ def tiny_config(vocab_size: int) -> Loc3rConfig:
 
 def tiny_vggt_config(vocab_size: int) -> Loc3rConfig:
     """The tiny model with a tiny VGGT (whole-clip attention) as its 3D encoder."""
-    return dataclasses.replace(
-        tiny_config(vocab_size),
-        model_id=f"loc3r-tiny-vggt-random-v{TINY_VERSION}",
-        encoder_3d="vggt",
-        cut3r={},
-        vggt=VggtConfig.tiny().to_dict(),
-    )
+    return with_vggt(tiny_config(vocab_size), VggtConfig.tiny(), f"loc3r-tiny-vggt-random-v{TINY_VERSION}")
 
 
 BUILTIN = {TINY_NAME: tiny_config, TINY_VGGT_NAME: tiny_vggt_config}

@@ -110,19 +110,24 @@ def test_cut3r_rejects_degenerate_frames() -> None:
         cut3r_input(np.zeros((10, 10), np.uint8))
 
 
-def _load_reference_load_images():
-    """CUT3R's own ``load_images`` from the local mirror (torchvision's ToTensor + Normalize
-    stand-in for ``ImgNorm``; cv2/torchvision imports dropped), or None when unavailable."""
+def _reference_functions(mirror: Path, rev: str, path: str, names: tuple[str, ...], namespace: dict) -> dict | None:
+    """The top-level functions ``names`` of ``path`` at ``rev`` in a local mirror, defined in
+    ``namespace`` (which stands in for the file's imports), or None when unavailable."""
     git = shutil.which("git")
-    if git is None or not CUT3R_MIRROR.exists():
+    if git is None or not mirror.exists():
         return None
-    result = subprocess.run(
-        [git, "-C", str(CUT3R_MIRROR), "show", f"HEAD:{CUT3R_IMAGE_PY}"], capture_output=True, text=True
-    )
+    result = subprocess.run([git, "-C", str(mirror), "show", f"{rev}:{path}"], capture_output=True, text=True)
     if result.returncode != 0:
         return None
     tree = ast.parse(result.stdout)
-    wanted = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name in ("_resize_pil_image", "load_images")]
+    wanted = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name in names]
+    exec(compile(ast.Module(body=wanted, type_ignores=[]), path, "exec"), namespace)
+    return namespace
+
+
+def _load_reference_load_images():
+    """CUT3R's own ``load_images`` from the local mirror (torchvision's ToTensor + Normalize
+    stand-in for ``ImgNorm``; cv2/torchvision imports dropped), or None when unavailable."""
     namespace = {
         "os": os,
         "np": np,
@@ -131,8 +136,8 @@ def _load_reference_load_images():
         "heif_support_enabled": False,
         "ImgNorm": lambda img: torch.from_numpy(np.array(img)).permute(2, 0, 1).float().div(255).sub(0.5).div(0.5),
     }
-    exec(compile(ast.Module(body=wanted, type_ignores=[]), CUT3R_IMAGE_PY, "exec"), namespace)
-    return namespace["load_images"]
+    found = _reference_functions(CUT3R_MIRROR, "HEAD", CUT3R_IMAGE_PY, ("_resize_pil_image", "load_images"), namespace)
+    return found and found["load_images"]
 
 
 def test_cut3r_matches_reference_function(tmp_path: Path) -> None:
@@ -175,19 +180,10 @@ def test_vggt_other_width_and_degenerate_frames() -> None:
 def _load_reference_vggt_preprocess():
     """VGGT's own ``load_and_preprocess_images`` from the local mirror (a ToTensor stand-in for
     torchvision's), or None when unavailable."""
-    git = shutil.which("git")
-    mirror, commit = VGGT_MIRROR
-    if git is None or not mirror.exists():
-        return None
-    result = subprocess.run([git, "-C", str(mirror), "show", f"{commit}:{VGGT_LOAD_FN_PY}"], capture_output=True, text=True)
-    if result.returncode != 0:
-        return None
-    tree = ast.parse(result.stdout)
-    wanted = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "load_and_preprocess_images"]
     to_tensor = lambda img: torch.from_numpy(np.array(img)).permute(2, 0, 1).float().div(255)  # noqa: E731
     namespace = {"torch": torch, "Image": PIL.Image, "TF": type("TF", (), {"ToTensor": staticmethod(lambda: to_tensor)})}
-    exec(compile(ast.Module(body=wanted, type_ignores=[]), VGGT_LOAD_FN_PY, "exec"), namespace)
-    return namespace["load_and_preprocess_images"]
+    found = _reference_functions(*VGGT_MIRROR, VGGT_LOAD_FN_PY, ("load_and_preprocess_images",), namespace)
+    return found and found["load_and_preprocess_images"]
 
 
 def test_vggt_matches_reference_function(tmp_path: Path) -> None:
