@@ -62,7 +62,7 @@ class Pipeline:
         engines: str | Path | None = None,
         cache_dir: str | Path | None = None,
     ) -> Pipeline:
-        """Open a bundle (``tiny`` or a folder) and build the stages of ``backend``.
+        """Open a bundle (``tiny``, ``tiny-vggt`` or a folder) and build the stages of ``backend``.
 
         ``onnxruntime`` and ``tensorrt`` run what ``loc3r-export`` wrote to ``engines``.
         ``cache_dir`` turns on the on-disk encoding cache (e.g. ``default_cache_dir()``).

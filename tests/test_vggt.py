@@ -86,3 +86,21 @@ def test_batched_forward_equals_per_clip_encode(tiny_model: VggtCameraEncoder) -
         batched = tiny_model(clips)
     for clip, tokens in zip(clips, batched, strict=True):
         torch.testing.assert_close(tiny_model.encode(clip), tokens, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"encoder_3d": "dust3r"}, "encoder_3d is 'dust3r', expected one of 'cut3r', 'vggt'"),
+        ({"vggt": {"depth": 0}}, "vggt.depth is 0, expected a positive integer"),
+        ({"vggt": {"embed_dim": 100, "num_heads": 3}}, "head size that is not a multiple of 4"),
+        ({"vggt": {"colour": 1}}, "unknown VGGT config fields"),
+    ],
+)
+def test_bundle_config_names_a_bad_3d_encoder_section(change: dict, message: str) -> None:
+    from loc3r.models.config import Loc3rConfig
+    from loc3r.models.tiny import tiny_vggt_config
+
+    data = {**tiny_vggt_config(300).to_dict(), **change}
+    with pytest.raises(ModelError, match=message):
+        Loc3rConfig.from_dict(data)
