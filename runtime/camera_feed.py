@@ -88,7 +88,7 @@ class ClipFeed:
 
 
 def camera_feed(stage: CameraStage, live: bool, window: int) -> CameraFeed:
-    """The feed for ``stage``: stepped when it streams, else whole-clip (sliding window when live)."""
-    if stage.streaming and isinstance(stage, StreamingCameraStage):
+    """The feed for ``stage``: stepped when it can step, else whole-clip (sliding window when live)."""
+    if isinstance(stage, StreamingCameraStage):
         return StepFeed(stage)
     return ClipFeed(stage, live, window)

@@ -74,7 +74,6 @@ class OrtClipCamera:
 
     session: Any
     size: tuple[int, int]
-    streaming = False
 
     def encode(self, images: Tensor) -> Tensor:
         check_frame_size(images, self.size, "--vggt-size")

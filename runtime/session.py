@@ -3,8 +3,9 @@
 The cache holds ``head`` (system turn + user header), then one block per frame as soon
 as the frame is encoded (incremental prefill: a block needs its camera token, which a
 whole-clip 3D encoder gives only at the end or per sliding window, see
-``runtime/camera_feed.py``), then, once the video is complete, the time instruction. A question appends its suffix, generates, and cuts the cache back, so
-the next question pays only for its own tokens. For a live source the time instruction
+``runtime/camera_feed.py``), then, once the video is complete, the time instruction. A
+question appends its suffix, generates, and cuts the cache back, so the next question
+pays only for its own tokens. For a live source the time instruction
 is added when a question arrives and cut back with it, so frames can keep coming.
 """
 

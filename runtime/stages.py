@@ -17,8 +17,6 @@ class CameraStage(Protocol):
     (see ``StreamingCameraStage``); the others (VGGT) need the clip first.
     """
 
-    streaming: bool
-
     def encode(self, images: Tensor) -> Tensor:
         """One clip (T, 3, H, W), preprocessed for the encoder, in order -> (T, width)."""
         ...
@@ -35,8 +33,6 @@ class StreamingCameraStage(CameraStage, Protocol):
 
 class EncodeBySteps:
     """``encode`` for streaming stages: ``step`` over the clip from the first-frame state."""
-
-    streaming = True
 
     def encode(self: StreamingCameraStage, images: Tensor) -> Tensor:
         state = None

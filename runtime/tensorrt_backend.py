@@ -76,7 +76,6 @@ class TrtClipCamera:
 
     session: TrtSession
     size: tuple[int, int]
-    streaming = False
 
     def encode(self, images: Tensor) -> Tensor:
         check_frame_size(images, self.size, "--vggt-size")

@@ -31,7 +31,6 @@ class TorchClipCamera:
     """A whole-clip encoder (VGGT) + f_cam."""
 
     bundle: Bundle
-    streaming = False
 
     @torch.inference_mode()
     def encode(self, images: Tensor) -> Tensor:

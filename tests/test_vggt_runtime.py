@@ -24,8 +24,6 @@ SAMPLING = SamplingConfig(max_new_tokens=5)
 class RecordingStage:
     """A whole-clip stage over a tiny random VGGT that records the clip lengths it was given."""
 
-    streaming = False
-
     def __init__(self) -> None:
         self.encoder = VggtCameraEncoder(VggtConfig.tiny())
         self.encoder.load_state_dict(random_state_dict(VggtConfig.tiny(), seed=5))
