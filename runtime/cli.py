@@ -204,7 +204,8 @@ def open_live(pipeline, args: argparse.Namespace, errors: BackgroundErrors):  # 
     max_frames = args.frames or pipeline.config.num_frames
     pipeline.check_frames_fit(max_frames)
     frames = live_frames(args.source, args.stride, max_frames, args.frame_size)
-    session = pipeline.new_session(args.source, with_bev=bool(args.plot))
+    # without -i every frame arrives before the first question: a bounded clip, not a live one
+    session = pipeline.new_session(args.source, with_bev=bool(args.plot), live=args.interactive)
     if not args.interactive:
         for frame in frames:
             session.add_frame(frame)
