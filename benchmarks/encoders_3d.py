@@ -9,13 +9,15 @@ Two parts, in one run:
   after the last frame arrives: CUT3R one step and the last frame blocks' prefill; VGGT the
   whole clip and then the whole video prefix, since every frame block starts with its
   camera token and nothing after the first one can be prefilled before VGGT has run.
-- Small presets, measured on this CPU: ``small`` (CUT3R) and ``small-vggt`` sessions (torch,
-  fp32) fed pre-decoded frames one by one as a stream would: time of each ``add_frame``, of
-  ``finish`` and of the first question's TTFT, the stage times, and the peak RSS growth per
-  session; the two alternate in order across repeats. ``--scaling`` also times each encoder
-  alone on shorter clips, to show VGGT's growth with the frame count. The measured
-  VGGT/CUT3R time ratio is set beside the FLOP ratio at the same sizes, which tells how far
-  the FLOP model (and so the real-size figures) can be trusted on a CPU.
+- Small presets, measured on this CPU in **CPU seconds** of this process (``time.process_time``)
+  with one torch thread, so that other load on a shared machine stretches wall time but not
+  the figures (wall seconds are kept in the JSON): each encoder alone on clips of
+  ``--scaling`` lengths, then ``small`` (CUT3R) and ``small-vggt`` sessions (torch, fp32) fed
+  pre-decoded frames one by one as a stream would: each ``add_frame``, ``finish``, and the
+  first question (to its first token), and the peak RSS growth per session; the two
+  alternate in order across repeats. The measured VGGT/CUT3R ratio is set beside the FLOP
+  ratio at the same sizes, which tells how far the FLOP model (and so the real-size figures)
+  carries over to a CPU.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -101,73 +104,67 @@ def decoded_frames(frames: int, workdir: Path) -> list[Frame]:
     return list(iter_frames(video, frames))
 
 
+def timed(fn: Callable[[], object]) -> tuple[float, float]:
+    """(CPU seconds, wall seconds) of ``fn()``."""
+    cpu, wall = time.process_time(), time.perf_counter()
+    fn()
+    return time.process_time() - cpu, time.perf_counter() - wall
+
+
 def stream_session(pipeline: Pipeline, frames: list[Frame]) -> dict[str, float]:
-    """Feed ``frames`` one by one, finish, ask once: where the time goes."""
+    """Feed ``frames`` one by one, finish, ask once (to the first token): CPU seconds of each part."""
     session = pipeline.new_session("bench", live=False)
-    add = []
-    for frame in frames:
-        start = time.perf_counter()
-        session.add_frame(frame)
-        add.append(time.perf_counter() - start)
-    start = time.perf_counter()
-    session.finish()
-    finish = time.perf_counter() - start
-    ttft = session.ask("Where am I?", sampling=SamplingConfig(max_new_tokens=1)).timings["ttft_s"]
-    return {
-        "add_frame_median_s": statistics.median(add),
-        "last_add_frame_s": add[-1],
-        "finish_s": finish,
-        "ttft_s": ttft,
-        "after_last_frame_s": add[-1] + finish + ttft,
-        "total_s": sum(add) + finish + ttft,
-        **{stage: session.timer.seconds.get(stage, 0.0) for stage in ("encode_3d", "encode_vision", "prefill_video")},
-    }
+    add = [timed(lambda f=frame: session.add_frame(f)) for frame in frames]
+    finish = timed(session.finish)
+    ask = timed(lambda: session.ask("Where am I?", sampling=SamplingConfig(max_new_tokens=1)))
+    parts = {"add_frame_median": [statistics.median(a[i] for a in add) for i in (0, 1)], "last_add_frame": add[-1],
+             "finish": finish, "first_question": ask,
+             "after_last_frame": [add[-1][i] + finish[i] + ask[i] for i in (0, 1)],
+             "total": [sum(a[i] for a in add) + finish[i] + ask[i] for i in (0, 1)]}
+    return {**{f"{k}_cpu_s": v[0] for k, v in parts.items()}, **{f"{k}_wall_s": v[1] for k, v in parts.items()}}
 
 
 def encode_alone(pipeline: Pipeline, frames: list[Frame]) -> float:
-    """Seconds for the encoder (no f_cam) over ``frames``, one clip."""
+    """CPU seconds of the encoder (no f_cam) over ``frames``, one clip."""
     images = torch.stack([camera_input(f.rgb, pipeline.config) for f in frames])
-    start = time.perf_counter()
     with torch.inference_mode():
-        pipeline.bundle.model.camera_encoder.encode(images)
-    return time.perf_counter() - start
+        return timed(lambda: pipeline.bundle.model.camera_encoder.encode(images))[0]
+
+
+def small_flops(frames: int) -> dict[str, float]:
+    return {
+        "cut3r": cut3r_frame(Cut3rSizes(small_cut3r(), *CUT3R_SIZE)).flops * frames,
+        "vggt": vggt_clip(small_vggt(), frames, *VGGT_SIZE).flops,
+    }
 
 
 def measure_small(frames: int, repeats: int, scaling: list[int]) -> dict[str, Any]:
-    """Both small presets through streamed sessions (alternating order), then encoders alone."""
+    """Encoders alone on clips of ``scaling`` lengths, then streamed sessions (alternating order)."""
     names = {"cut3r": SMALL_NAME, "vggt": SMALL_VGGT_NAME}
     pipelines = {kind: Pipeline.from_pretrained(resolve_bench_model(name)) for kind, name in names.items()}
     runs: dict[str, list[dict[str, float]]] = {kind: [] for kind in pipelines}
-    with tempfile.TemporaryDirectory() as tmp, RssSampler() as sampler:
+    with tempfile.TemporaryDirectory() as tmp, RssSampler(interval_s=0.05) as sampler:
         clip = decoded_frames(max([frames, *scaling]), Path(tmp))
         for pipeline in pipelines.values():
             stream_session(pipeline, clip[:2])  # warm-up: first-call allocations
+        alone = {kind: {n: encode_alone(p, clip[:n]) for n in scaling} for kind, p in pipelines.items()}
         for i in range(repeats):
             order = list(pipelines) if i % 2 == 0 else list(pipelines)[::-1]
             for kind in order:
                 print(f"repeat {i + 1}/{repeats}: {kind}", file=sys.stderr, flush=True)
                 with sampler.phase(kind):
                     runs[kind].append(stream_session(pipelines[kind], clip[:frames]))
-        alone = {kind: {n: encode_alone(p, clip[:n]) for n in scaling} for kind, p in pipelines.items()}
     medians = {kind: {key: statistics.median(r[key] for r in rs) for key in rs[0]} for kind, rs in runs.items()}
-    small_flops = {
-        "cut3r": cut3r_frame(Cut3rSizes(small_cut3r(), *CUT3R_SIZE)).flops * frames,
-        "vggt": vggt_clip(small_vggt(), frames, *VGGT_SIZE).flops,
-    }
+    flops = {n: small_flops(n) for n in scaling}
     return {
         "frames": frames,
         "repeats": repeats,
         "runs": runs,
         "medians": medians,
         "memory": sampler.phases,
-        "encode_alone_s": alone,
-        "flops": small_flops,
-        "gflops_per_s": {k: small_flops[k] / medians[k]["encode_3d"] / GIGA for k in small_flops},
-        "ratios": {
-            "encode_time_vggt_over_cut3r": medians["vggt"]["encode_3d"] / medians["cut3r"]["encode_3d"],
-            "flops_vggt_over_cut3r": small_flops["vggt"] / small_flops["cut3r"],
-            "after_last_frame_vggt_over_cut3r": medians["vggt"]["after_last_frame_s"] / medians["cut3r"]["after_last_frame_s"],
-        },
+        "encode_alone_cpu_s": alone,
+        "encode_alone_gflops_per_cpu_s": {k: {n: flops[n][k] / alone[k][n] / GIGA for n in scaling} for k in pipelines},
+        "flops": flops,
     }
 
 
@@ -177,7 +174,7 @@ def _s(seconds: float) -> str:
 
 def markdown(doc: dict[str, Any]) -> str:
     real, small = doc["real_size"], doc["small"]
-    m, r = small["medians"], small["ratios"]
+    m = small["medians"]
     machine = doc["machine"]
     lines = [
         "# 3D encoders: CUT3R vs VGGT",
@@ -208,45 +205,50 @@ def markdown(doc: dict[str, Any]) -> str:
         "",
         f"Floors: {real['floor_note']}.",
         "",
-        f"## Small presets, measured ({small['frames']} frames, median of {small['repeats']})",
+        "## Small presets, measured (CPU seconds, one thread)",
+        "",
+        "Each encoder alone (no f_cam), one clip:",
+        "",
+        "| frames | CUT3R | VGGT | VGGT / CUT3R | FLOP ratio | GFLOP per CPU-second: CUT3R | VGGT |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    alone, rate = small["encode_alone_cpu_s"], small["encode_alone_gflops_per_cpu_s"]
+    for n, cut3r in alone["cut3r"].items():
+        vggt, flops = alone["vggt"][n], small["flops"][n]
+        lines.append(
+            f"| {n} | {_s(cut3r)} | {_s(vggt)} | {vggt / cut3r:.2f}x | {flops['vggt'] / flops['cut3r']:.2f}x "
+            f"| {rate['cut3r'][n]:.0f} | {rate['vggt'][n]:.0f} |"
+        )
+    lines += [
+        "",
+        f"A session of {small['frames']} frames fed one by one (median of {small['repeats']}):",
         "",
         "| | CUT3R (`small`) | VGGT (`small-vggt`) | VGGT / CUT3R |",
         "|---|---|---|---|",
     ]
     for key, label in (
-        ("encode_3d", "3D encoder + f_cam, whole clip"),
-        ("add_frame_median_s", "`add_frame`, median"),
-        ("finish_s", "`finish` (end of the video)"),
-        ("ttft_s", "first question's TTFT after `finish`"),
-        ("after_last_frame_s", "**last frame -> first token**"),
-        ("total_s", "session total (frames fed back to back)"),
-        ("encode_vision", "SigLIP"),
-        ("prefill_video", "video prefill"),
+        ("add_frame_median", "`add_frame`, median"),
+        ("finish", "`finish` (end of the video)"),
+        ("first_question", "first question, to its first token"),
+        ("after_last_frame", "**last frame -> first token**"),
+        ("total", "session total"),
     ):
-        lines.append(f"| {label} | {_s(m['cut3r'][key])} | {_s(m['vggt'][key])} | {m['vggt'][key] / m['cut3r'][key]:.1f}x |")
+        cut3r, vggt = m["cut3r"][f"{key}_cpu_s"], m["vggt"][f"{key}_cpu_s"]
+        lines.append(f"| {label} | {_s(cut3r)} | {_s(vggt)} | {vggt / cut3r:.1f}x |")
     mem = small["memory"]
-    lines += [
-        f"| peak RSS growth in a session | {mem['cut3r']['growth_mib']:.0f} MiB | {mem['vggt']['growth_mib']:.0f} MiB | |",
-        f"| encoder FLOPs | {small['flops']['cut3r'] / TERA:.2f} T | {small['flops']['vggt'] / TERA:.2f} T | {r['flops_vggt_over_cut3r']:.1f}x |",
-        f"| achieved GFLOP/s | {small['gflops_per_s']['cut3r']:.0f} | {small['gflops_per_s']['vggt']:.0f} | |",
-        "",
-    ]
-    if small["encode_alone_s"]["cut3r"]:
-        lines += ["Encoders alone (no f_cam), one clip:", "", "| frames | CUT3R | VGGT | VGGT / CUT3R |", "|---|---|---|---|"]
-        for n, seconds in small["encode_alone_s"]["cut3r"].items():
-            vggt = small["encode_alone_s"]["vggt"][n]
-            lines.append(f"| {n} | {_s(seconds)} | {_s(vggt)} | {vggt / seconds:.1f}x |")
-        lines.append("")
+    lines += [f"| peak RSS growth in a session | {mem['cut3r']['growth_mib']:.0f} MiB | {mem['vggt']['growth_mib']:.0f} MiB | |", ""]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m loc3r.bench.encoders_3d", description=__doc__.splitlines()[0])
     parser.add_argument("--frames", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--scaling", type=int, nargs="*", default=[], help="also time each encoder alone on clips of these lengths")
+    parser.add_argument("--repeats", type=int, default=1, help="sessions per encoder (CPU seconds vary little)")
+    parser.add_argument("--scaling", type=int, nargs="+", default=[8, 16, 32], help="clip lengths to time each encoder alone on")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (CPU seconds are comparable only at 1)")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
     doc = {
         "command": " ".join(["python -m loc3r.bench.encoders_3d", *(argv if argv is not None else sys.argv[1:])]),
         "machine": machine_info(),
