@@ -619,8 +619,8 @@ def test_ctrl_c_during_run(
             raise KeyboardInterrupt
         return real(*args)
 
-    real = session_module.cut3r_input
-    monkeypatch.setattr(session_module, "cut3r_input", interrupt)
+    real = session_module.camera_input
+    monkeypatch.setattr(session_module, "camera_input", interrupt)
     result = run(capsys, video, "Where am I?", "--model", tiny_dir, "--plot", tmp_path / "out" / "map.png", "--frames", "2")
     assert result.code == 130 and result.err == "loc3r-run: interrupted\n"
     assert not (tmp_path / "out").exists()
