@@ -24,7 +24,7 @@ from loc3r.serve.settings import ServeSettings
 FRAMES = 3
 SAMPLING = SamplingConfig(max_new_tokens=6)
 MAX_UPLOAD = 300_000
-LONG_ANSWER = 400  # tokens: a question the client abandons long before its end
+LONG_ANSWER = 10_000  # tokens: a question the client abandons long before its end (even on a fast machine)
 LIVE_STRIDE, LIVE_FRAMES = 3, 4  # live sources read at most --max-frames frames
 
 
