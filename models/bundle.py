@@ -26,6 +26,7 @@ from loc3r.models.tokenizer import TextTokenizer
 WEIGHTS_FILE = "model.safetensors"
 WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
 CHECKSUM_MEMO = ".loc3r-checksum.json"
+BUNDLE_KIND = "bundle"  # the output-folder kind (loc3r.fileio) of bundles
 
 
 class Bundle:
@@ -92,7 +93,7 @@ def bundle_checksum(bundle_dir: str | Path) -> str:
 def save_bundle(model: Loc3rModel, tokenizer: TextTokenizer, out_dir: str | Path) -> Path:
     """Write ``model`` and ``tokenizer`` as a bundle at ``out_dir`` (atomically)."""
     out_dir = Path(out_dir)
-    with atomic_directory(out_dir) as staging:
+    with atomic_directory(out_dir, BUNDLE_KIND) as staging:
         (staging / "config.json").write_text(
             json.dumps(model.config.to_dict(), indent=2) + "\n", encoding="utf-8"
         )

@@ -18,8 +18,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from loc3r.errors import InputError, ModelError
-from loc3r.fileio import atomic_directory
+from loc3r.errors import ModelError
+from loc3r.fileio import atomic_directory, check_replaceable
+from loc3r.models.bundle import BUNDLE_KIND
 from loc3r.models.config import HeadsConfig, Loc3rConfig
 from loc3r.models.convert_heads import heads_config, load_heads_file, random_heads
 from loc3r.models.convert_llava import LlavaSettings, check_against, map_names, open_llava, read_settings
@@ -56,21 +57,6 @@ def expected_shapes(config: Loc3rConfig) -> dict[str, tuple[int, ...]]:
     return {name: tuple(t.shape) for name, t in model.state_dict().items()}
 
 
-def _replaceable(out: Path) -> bool:
-    """``out`` is absent, an empty folder, or a loc3r bundle (never, say, the LLaVA folder)."""
-    if not out.exists():
-        return True
-    if not out.is_dir():
-        return False
-    if not any(out.iterdir()):
-        return True
-    try:
-        data = json.loads((out / "config.json").read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return False
-    return isinstance(data, dict) and "model_id" in data and isinstance(data.get("llm"), dict)
-
-
 def _check_part(tensors: dict[str, Tensor], expected: dict[str, tuple[int, ...]], prefix: str, where: Path) -> None:
     wanted = {n: s for n, s in expected.items() if n.startswith(prefix)}
     shapes = {n: tuple(t.shape) for n, t in tensors.items()}
@@ -101,8 +87,7 @@ def bundle_config(options: ConvertOptions, settings: LlavaSettings, cut3r: Cut3r
 
 def convert(options: ConvertOptions) -> Path:
     """Write the bundle at ``options.out`` (atomically) and return its path."""
-    if not _replaceable(options.out):
-        raise InputError(f"{options.out} exists and is not a loc3r bundle", "choose a new or empty folder for --out")
+    check_replaceable(options.out, BUNDLE_KIND)  # before any work
     source = open_llava(options.llava)
     settings = read_settings(source, options.vision_heads)
     camera = load_cut3r(options.cut3r)
@@ -123,7 +108,7 @@ def convert(options: ConvertOptions) -> Path:
     extra.update(heads)
     del camera, head_file, heads  # the tensors live on in ``extra`` only, released one by one once written
     tokenizer = loc3r_tokenizer(source.path, config.llm.vocab_size)
-    with atomic_directory(options.out) as staging:
+    with atomic_directory(options.out, BUNDLE_KIND) as staging:
         (staging / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n", encoding="utf-8")
         tokenizer.save(staging)
         infos, tensors = _stream(extra, source.shards, mapping, options.dtype)

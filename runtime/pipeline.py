@@ -37,8 +37,13 @@ PREFETCH_FRAMES = 4
 class Pipeline:
     """Loc3R-VLM over one backend's stages."""
 
-    def __init__(self, bundle: Bundle, stages: Stages, backend: str, cache: EncodingCache | None = None) -> None:
+    def __init__(
+        self, bundle: Bundle, stages: Stages, backend: str, cache: EncodingCache | None = None, artifacts: str | None = None
+    ) -> None:
+        """``artifacts`` identifies what computes the stages (an export's fingerprint; the
+        bundle checksum for the torch backend): encoding-cache entries are keyed on it."""
         self.bundle = bundle
+        self.artifacts = artifacts or bundle.checksum
         self.config = bundle.config
         self.stages = stages
         self.cache = cache
@@ -81,10 +86,10 @@ class Pipeline:
         if backend == "onnxruntime":
             from loc3r.runtime.onnx_backend import onnx_stages
 
-            return cls(bundle, Stages(*onnx_stages(bundle, manifest)), backend, cache)
+            return cls(bundle, Stages(*onnx_stages(bundle, manifest)), backend, cache, manifest.fingerprint)
         from loc3r.runtime.tensorrt_backend import tensorrt_stages
 
-        return cls(bundle, Stages(*tensorrt_stages(bundle, manifest)), backend, cache)
+        return cls(bundle, Stages(*tensorrt_stages(bundle, manifest)), backend, cache, manifest.fingerprint)
 
     # -- sessions -------------------------------------------------------------------------
 
@@ -118,7 +123,8 @@ class Pipeline:
             return self._session
         self.check_frames_fit(num_frames)
         cache_key = self._cache_key(Path(video), num_frames)
-        cached = self.cache.load(cache_key) if cache_key else None
+        block_shape = (1 + vision_tokens_per_frame(self.config), self.config.llm.hidden_size)
+        cached = self.cache.load(cache_key, block_shape) if cache_key else None
         session = self.new_session(str(video), with_bev)
         if cached is not None:
             session.add_blocks(cached.encoded)
@@ -137,8 +143,7 @@ class Pipeline:
             bar.close()
             session.report.update(read_report(frames))
             session.finish(frames.info.duration_s)
-            if cache_key:
-                self.cache.store(cache_key, session.encoded, frames.info.duration_s)
+            if cache_key and self.cache.store(cache_key, session.encoded, frames.info.duration_s):
                 session.report["encoding_cache"] = "stored"
         self._session_key = key
         return session
@@ -197,6 +202,8 @@ class Pipeline:
             video,
             model=self.bundle.checksum,
             backend=self.model_info.backend,
+            artifacts=self.artifacts,
+            dtype=str(self.bundle.dtype),
             frames=num_frames,
             cut3r_long_side=self.config.cut3r_long_side,
             vision_size=self.config.vision.image_size,
