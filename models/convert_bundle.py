@@ -20,14 +20,13 @@ from torch import Tensor
 
 from loc3r.errors import ModelError
 from loc3r.fileio import atomic_directory, check_replaceable
-from loc3r.models.bundle import BUNDLE_KIND
+from loc3r.models.bundle import BUNDLE_KIND, expected_shapes
 from loc3r.models.config import HeadsConfig, Loc3rConfig
 from loc3r.models.convert_heads import heads_config, load_heads_file, random_heads
 from loc3r.models.convert_llava import LlavaSettings, check_against, map_names, open_llava, read_settings
 from loc3r.models.convert_stream import SourceShards, TensorInfo, write_shards
 from loc3r.models.convert_tokenizer import loc3r_tokenizer
 from loc3r.models.cut3r import Cut3rConfig, load_cut3r
-from loc3r.models.loc3r_model import Loc3rModel
 from loc3r.models.vision import used_vision_layers
 
 log = logging.getLogger(__name__)
@@ -48,13 +47,6 @@ class ConvertOptions:
     pool_mode: str | None = None  # overrides the checkpoint's (or LLaVA-Video's default)
     vision_heads: int | None = None  # SigLIP head count for towers not in the table
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
-
-
-def expected_shapes(config: Loc3rConfig) -> dict[str, tuple[int, ...]]:
-    """Every bundle tensor's shape for ``config`` (the model is built on the meta device)."""
-    with torch.device("meta"):
-        model = Loc3rModel(config)
-    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
 
 
 def _check_part(tensors: dict[str, Tensor], expected: dict[str, tuple[int, ...]], prefix: str, where: Path) -> None:

@@ -65,16 +65,24 @@ class TextTokenizer:
             )
         return token_id
 
+    def id_to_token(self, token_id: int) -> str | None:
+        return self._tokenizer.id_to_token(token_id)
+
     @property
     def vocab_size(self) -> int:
         return self._tokenizer.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def largest_id(self) -> int:
+        """The largest token id: the LLM's embedding needs a row for it."""
+        return max(self._tokenizer.get_vocab(with_added_tokens=True).values())
 
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text`` read as plain text: never an added or special token's id."""
         ids = self._plain.encode(text, add_special_tokens=False).ids
         control = self.control_ids.intersection(ids)
         if control:  # only a tokenizer whose ordinary vocabulary holds a control token gets here
-            token = self._tokenizer.id_to_token(min(control))
+            token = self.id_to_token(min(control))
             raise ModelError(f"the tokenizer turns plain text into its control token {token}", "re-create the bundle's tokenizer.json")
         return ids
 

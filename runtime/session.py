@@ -174,7 +174,7 @@ class VideoSession:
             live_tail = self._ensure_tail()
             timings["prefill_time_text"] = time.perf_counter() - tail_start
             prefix_length = self.stages.llm.cached_length
-            self._check_length(prefix_length + len(suffix.ids) + sampling.max_new_tokens)
+            self._check_length(prefix_length + len(suffix.ids), sampling.max_new_tokens)
             start = time.perf_counter()
             result = self.stages.llm.prefill(self.stages.llm.embed(suffix.ids))
             timings["prefill_question"] = time.perf_counter() - start
@@ -282,10 +282,16 @@ class VideoSession:
         points = self.stages.heads.bev(vision.reshape(-1, vision.shape[-1]))
         return points.reshape(frames, side * side, 2).float().numpy()
 
-    def _check_length(self, length: int) -> None:
+    def _check_length(self, length: int, max_new_tokens: int = 0) -> None:
         limit = self.config.llm.max_position_embeddings
         if length > limit:
             raise InputError(
                 f"the prompt needs {length} tokens but the LLM's context is {limit}",
                 "use fewer frames (--frames) or a shorter question",
+            )
+        if length + max_new_tokens > limit:
+            raise InputError(
+                f"the prompt needs {length} tokens and --max-new-tokens asks for {max_new_tokens} more, "
+                f"but the LLM's context is {limit}",
+                f"use at most --max-new-tokens {limit - length}, or fewer frames (--frames)",
             )

@@ -14,7 +14,7 @@ import av
 import numpy as np
 
 from loc3r.errors import InputError
-from loc3r.runtime.video import Frame, frame_to_rgb, rotate_frame
+from loc3r.runtime.video import Frame, frame_to_rgb, rotate_frame, video_stream
 
 NETWORK_SCHEMES = ("rtsp://", "rtmp://", "http://", "https://", "udp://", "tcp://", "srt://")
 
@@ -75,7 +75,7 @@ def container_frames(spec: str) -> Iterator[Frame]:
     except (av.FFmpegError, OSError) as exc:
         raise InputError(f"cannot open live source {spec} ({exc})", "check the device or URL and that it is streaming") from None
     with container:
-        stream = container.streams.video[0]
+        stream = video_stream(container, spec)
         first: float | None = None
         for index, frame in enumerate(container.decode(stream)):
             stamp = float(frame.time) if frame.time is not None else index / float(stream.average_rate or 30)
