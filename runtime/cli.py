@@ -9,7 +9,7 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
-from loc3r.cli_support import ArgumentParser, run_cli
+from loc3r.cli_support import ArgumentParser, positive_int, run_cli
 from loc3r.errors import InputError
 from loc3r.fileio import check_output_file, finite_json
 from loc3r.models.prompt import build_question_suffix, check_user_text
@@ -46,16 +46,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", action="store_true", help="print one JSON object per question, nothing else")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def frame_size(text: str) -> tuple[int, int]:

@@ -9,6 +9,8 @@ is added when a question arrives and cut back with it, so frames can keep coming
 
 from __future__ import annotations
 
+import logging
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -28,6 +30,7 @@ from loc3r.runtime.result import Answer, ModelInfo, Pose
 from loc3r.runtime.stages import CameraStage, HeadsStage, LLMStage, VisionStage
 from loc3r.runtime.video import Frame
 
+log = logging.getLogger(__name__)
 VISION_BATCH = 8
 
 
@@ -198,12 +201,15 @@ class VideoSession:
             timings["ttft_s"] = token_times[0] - asked_at
             if len(token_times) > 1:
                 timings["decode_tokens_per_s"] = (len(token_times) - 1) / (token_times[-1] - token_times[0])
+        pose = Pose(float(xy[0]), float(xy[1]), float(sigma), float(theta))
+        if not all(math.isfinite(v) for v in (pose.x, pose.y, pose.sigma, pose.theta_rad)):
+            log.warning("the model gave a non-finite pose (JSON shows null): its weights or engines may be damaged")
         return Answer(
             question=question,
             situation=situation or "",
             text=tokenizer.decode(tokens),
             token_ids=tokens,
-            pose=Pose(float(xy[0]), float(xy[1]), float(sigma), float(theta)),
+            pose=pose,
             model=self.model_info,
             video=self.describe(),
             timings={k: round(v, 6) for k, v in timings.items()},
