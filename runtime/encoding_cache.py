@@ -86,7 +86,7 @@ class EncodingCache:
                 raise ValueError("checksum mismatch")
             return _checked(json.loads(meta["entry"]), blocks, key, block_shape)
         except (SafetensorError, OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
-            log.warning("encoding cache entry %s is unusable (%s): discarded, recomputing", path.name, exc)
+            log.warning("encoding cache entry %s is corrupt (%s): discarded, recomputing", path.name, exc)
             with contextlib.suppress(OSError):
                 if path.is_file():
                     path.unlink()
