@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from loc3r.errors import InputError
@@ -23,7 +24,10 @@ def build_from_manifest(manifest_path: str | Path, progress: Callable[[str], Non
             "export for a TensorRT target, e.g. loc3r-export --target jetson-orin",
         )
     planned_sm, planned_trt = manifest.value("device_build", "sm"), manifest.value("device_build", "trt_version")
-    trt = import_tensorrt()
+    fp16 = manifest.data["device_build"].get("precision") == "fp16"
+    workspace = manifest.data["device_build"].get("workspace_mib") or 1024
+    plans = {name: planned_engine(manifest, name) for name in manifest.value("device_build", "engines", kind=dict)}
+    trt = import_tensorrt()  # every path is checked before anything is built
     sm = cuda_device_sm()
     if sm != planned_sm:
         raise InputError(
@@ -33,21 +37,18 @@ def build_from_manifest(manifest_path: str | Path, progress: Callable[[str], Non
     version = ".".join(trt.__version__.split(".")[:2])
     if version != planned_trt:
         progress(f"note: planned for TensorRT {planned_trt}, building with {trt.__version__}")
-    fp16 = manifest.value("device_build", "precision") == "fp16"
-    workspace = manifest.data["device_build"].get("workspace_mib") or 1024
     built = {}
-    for name in manifest.value("device_build", "engines", kind=dict):
-        planned_engine = manifest.value("device_build", "engines", name, "engine")
-        progress(f"building {planned_engine} ...")
-        engine_name = planned_engine.replace(f"_trt{planned_trt}_", f"_trt{version}_")
+    for name, plan in plans.items():
+        progress(f"building {plan.engine} ...")
+        engine_name = plan.engine.replace(f"_trt{planned_trt}_", f"_trt{version}_")
         build_engine(
-            manifest.file(manifest.value("device_build", "engines", name, "onnx")),
+            plan.onnx,
             contained(manifest.root, engine_name, manifest.path),
-            planned_profile(manifest, name),
+            plan.profile,
             fp16=fp16,
             workspace_mib=workspace,
             timing_cache=manifest.root / "timing.cache",
-            fp32_ops=tuple(manifest.value("device_build", "engines", name, "fp32_ops", kind=list)),
+            fp32_ops=plan.fp32_ops,
         )
         built[name] = engine_name
     claim_entries(manifest.root, [Path(name).parts[0] for name in built.values()])
@@ -59,10 +60,28 @@ def build_from_manifest(manifest_path: str | Path, progress: Callable[[str], Non
     return load_manifest(manifest.root)
 
 
-def planned_profile(manifest: Manifest, engine: str) -> Profile:
-    """The optimisation profile the manifest plans for ``engine``."""
-    shapes = manifest.value("device_build", "engines", engine, "profile", kind=dict)
+@dataclass(frozen=True)
+class PlannedEngine:
+    """One engine the manifest plans: its ONNX input, engine name, profile and FP32 ops."""
+
+    onnx: Path
+    engine: str
+    profile: Profile
+    fp32_ops: tuple[str, ...]
+
+
+def planned_engine(manifest: Manifest, name: str) -> PlannedEngine:
+    """The plan of engine ``name``, its paths checked (inside the folder, the ONNX listed)."""
+    engine = manifest.value("device_build", "engines", name, "engine")
+    contained(manifest.root, engine, manifest.path)
+    shapes = manifest.value("device_build", "engines", name, "profile", kind=dict)
     try:
-        return Profile({name: tuple(tuple(int(d) for d in s) for s in v) for name, v in shapes.items()})
+        profile = Profile({key: tuple(tuple(int(d) for d in s) for s in v) for key, v in shapes.items()})
     except (TypeError, ValueError):
-        raise manifest.corrupt(f"the profile of engine {engine!r} is malformed") from None
+        raise manifest.corrupt(f"the profile of engine {name!r} is malformed") from None
+    return PlannedEngine(
+        onnx=manifest.file(manifest.value("device_build", "engines", name, "onnx")),
+        engine=engine,
+        profile=profile,
+        fp32_ops=tuple(str(op) for op in manifest.value("device_build", "engines", name, "fp32_ops", kind=list)),
+    )

@@ -145,7 +145,7 @@ def check_replaceable(target: str | Path, kind: str, flag: str = "--out") -> Pat
             "pass a new or empty folder",
         )
     if marker["kind"] != kind:
-        raise InputError(f"{flag} {target} holds a loc3r {marker['kind']}, not a {kind}", "pass a new or empty folder")
+        raise InputError(f"{flag} {target} holds loc3r output of kind {marker['kind']!r}, not {kind!r}", "pass a new or empty folder")
     foreign = [name for name in entries if name not in marker["entries"] and not name.startswith(OWN_PREFIX)]
     if foreign:
         raise InputError(

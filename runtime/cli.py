@@ -115,7 +115,8 @@ def check_arguments(args: argparse.Namespace) -> None:
         check_user_text(question, "question", allow_empty=False)
     check_user_text(args.situation, "situation")
     if args.plot:
-        check_plot_path(Path(args.plot), args)
+        for number in range(1, max(len(args.questions), 1) + 1):
+            check_plot_path(numbered_path(Path(args.plot), number), args)
         check_writable_folder(Path(args.plot).parent)
 
 
