@@ -216,7 +216,7 @@ def _tree(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def _foreign_manifest(d: Path) -> Path:
+def _foreign_manifest(d: Path, kind: str) -> Path:
     folder = d / "out"
     (folder / "src").mkdir(parents=True)
     (folder / "manifest.json").write_text("{}")
@@ -224,8 +224,8 @@ def _foreign_manifest(d: Path) -> Path:
     return folder
 
 
-def _user_file_in_export(d: Path) -> Path:
-    folder = _marked(d / "out", "export", "manifest.json")
+def _user_file_inside(d: Path, kind: str) -> Path:
+    folder = _marked(d / "out", kind, "manifest.json")
     (folder / "notes.txt").write_text("mine")
     return folder
 
@@ -235,10 +235,10 @@ def _user_file_in_export(d: Path) -> Path:
     "make, out, fragments",
     [
         (_foreign_manifest, "out", ["is a folder loc3r did not write (it holds manifest.json); it would be replaced"]),
-        (_user_file_in_export, "out", ["holds notes.txt, which loc3r did not write; replacing the folder would delete it"]),
-        (lambda d: _marked(d / "out", "export", "manifest.json") / "x", ".", ["is the current folder or holds it"]),
-        (lambda d: _marked(d / "out", "bundle", "config.json") / "x", "..", ["is the current folder or holds it"]),
-        (lambda d: _marked(d / "out", "export", "manifest.json"), "/", ["is the root folder"]),
+        (_user_file_inside, "out", ["holds notes.txt, which loc3r did not write; replacing the folder would delete it"]),
+        (lambda d, kind: _marked(d / "out", kind, "manifest.json") / "x", ".", ["is the current folder or holds it"]),
+        (lambda d, kind: _marked(d / "out", kind, "config.json") / "x", "..", ["is the current folder or holds it"]),
+        (lambda d, kind: _marked(d / "out", kind, "manifest.json"), "/", ["is the root folder"]),
     ],
     ids=["foreign-manifest", "user-file-inside", "dot-inside-output", "parent-of-cwd", "root"],
 )
@@ -247,7 +247,7 @@ def test_an_output_folder_is_only_replaced_when_loc3r_wrote_all_of_it(
 ) -> None:
     from loc3r.models import convert_cli
 
-    made = make(tmp_path)
+    made = make(tmp_path, "export" if prog == "loc3r-export" else "bundle")
     if made.name == "x":  # run from inside the output folder
         made.mkdir()
         monkeypatch.chdir(made)
