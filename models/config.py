@@ -139,8 +139,6 @@ class Loc3rConfig:
         from loc3r.models.cut3r.config import Cut3rConfig
         from loc3r.models.vision import used_vision_layers
 
-        if not isinstance(self.cut3r, dict):
-            raise ModelError("config.json: 'cut3r' is not an object", _FIX)
         try:
             Cut3rConfig.from_dict(self.cut3r)
         except (TypeError, ValueError) as exc:
