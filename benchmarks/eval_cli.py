@@ -104,6 +104,8 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     all_items = load_dataset(data)
     items = all_items[: args.limit] if args.limit else all_items
     out = Path(args.out) if args.out else Path(f"{data.stem}-eval")
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out} is a file, not a folder", "pass a folder for the predictions and summary")
     out.mkdir(parents=True, exist_ok=True)
     settings = {"model": str(args.model), "backend": args.backend, "frames": args.frames, "max_new_tokens": args.max_new_tokens}
     run = open_run(out, settings)

@@ -801,3 +801,14 @@ def test_compare_refuses_metrics_that_are_not_numbers(value: object, tmp_path: P
     (tmp_path / "b.json").write_text(json.dumps({"metrics": {"em": value}}))
     result = cli(eval_cli.main, capsys, "--compare", tmp_path / "a.json", tmp_path / "b.json")
     assert_error(result, 2, "b.json: metric 'em' is ", "not a number", prog="loc3r-eval")
+
+
+def test_eval_out_that_is_a_file_is_one_line(video: Path, tmp_path: Path, capsys) -> None:
+    from loc3r.bench import eval_cli
+
+    shutil.copy(video, tmp_path / "v.mp4")
+    (tmp_path / "data.jsonl").write_text('{"video": "v.mp4", "question": "q"}\n')
+    (tmp_path / "out").write_text("mine")
+    result = cli(eval_cli.main, capsys, tmp_path / "data.jsonl", "--out", tmp_path / "out")
+    assert_error(result, 2, "is a file, not a folder", prog="loc3r-eval")
+    assert (tmp_path / "out").read_text() == "mine"
