@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from loc3r.errors import InputError, ModelError
@@ -58,18 +58,23 @@ def nodes(value: Any, path: tuple[Any, ...] = ()) -> Iterator[tuple[Any, ...]]:
 
 
 def mutated(data: Any, draw: st.DrawFn) -> Any:
-    """``data`` (a parsed JSON document) after one to three random edits."""
+    """``data`` (a parsed JSON document) after one to three random edits: a node replaced,
+    deleted, emptied, or (a number) nudged, so that near-valid documents come up too."""
     data = json.loads(json.dumps(data))
+    chooser = draw(st.randoms(use_true_random=False))  # uniform over the nodes (sampled_from favours the first)
     for _ in range(draw(st.integers(1, 3))):
-        path = draw(st.sampled_from(list(nodes(data))[1:]))
+        path = chooser.choice(list(nodes(data))[1:])
         parent = data
         for key in path[:-1]:
             parent = parent[key]
-        action = draw(st.sampled_from(["replace", "replace", "delete", "empty"]))
+        node = parent[path[-1]]
+        action = draw(st.sampled_from(["replace", "nudge", "delete", "empty"]))
         if action == "delete":
             del parent[path[-1]]
-        elif action == "empty" and isinstance(parent[path[-1]], (list, dict)):
-            parent[path[-1]].clear()
+        elif action == "empty" and isinstance(node, (list, dict)):
+            node.clear()
+        elif action == "nudge" and isinstance(node, (int, float)) and not isinstance(node, bool):
+            parent[path[-1]] = draw(st.sampled_from([node + 1, node - 1, node * 2, -node, node / 2]))
         else:
             parent[path[-1]] = draw(_VALUES)
     return data
@@ -101,8 +106,10 @@ def test_damaged_bundle_configs_load_or_fail_in_one_line(tiny_dir: Path, data: s
         try:
             bundle = load_bundle(folder)
             model = bundle.model
-        except (ModelError, InputError):
+        except (ModelError, InputError) as exc:
+            event(f"refused: {exc.problem.split(' is ')[0][:60]}")  # --hypothesis-show-statistics
             return
+        event("loaded")
         assert sum(p.numel() for p in model.parameters()) > 0
 
 
@@ -114,6 +121,8 @@ def test_damaged_manifests_open_or_fail_in_one_line(cpu_export: Path, data: st.D
         folder = linked_copy(cpu_export, Path(tmp) / "engines", MANIFEST_FILE, dumps(manifest))
         try:
             pipeline = Pipeline.from_pretrained("tiny", backend="onnxruntime", engines=folder)
-        except (ModelError, InputError):
+        except (ModelError, InputError) as exc:
+            event(f"refused: {exc.problem.split(':')[-1][:60]}")
             return
+        event("opened")
         assert pipeline.artifacts != pipeline.bundle.checksum  # keyed on the export's files
