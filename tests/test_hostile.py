@@ -594,13 +594,15 @@ def test_a_hostile_config_is_refused_before_allocating(case: str, tiny_dir: Path
     ids=["temp-nan", "temp-negative", "temp-tiny", "temp-inf", "top-p-0", "top-p-nan", "seed-65-bits", "seed-negative",
          "max-new-tokens", "frame-size"],
 )
-def test_bad_sampling_and_limits(argv: list[str], fragment: str, video: Path, capsys) -> None:
+def test_bad_sampling_and_limits(argv: list[str], fragment: str, video: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     result = run(capsys, video, "Where am I?", "--frames", "2", "--no-cache", *argv)
     line = assert_error(result, 2, fragment)
-    if "--max-new-tokens" in argv:
+    if "--max-new-tokens" in argv:  # the advice is exact: the session's own check at ask time accepts it
         room = int(line.rsplit("--max-new-tokens ", 1)[1])
-        ok_json(run(capsys, video, "Where am I?", "--frames", "2", "--no-cache", "--json", "--max-new-tokens", str(room),
-                    "--temperature", "0"))  # the advice holds (greedy stops early, but the check is exact)
+        monkeypatch.setattr(session_module, "generate", lambda *args, **kwargs: [])  # the random model never stops
+        ok_json(run(capsys, video, "Where am I?", "--frames", "2", "--no-cache", "--json", "--max-new-tokens", str(room)))
+        assert_error(run(capsys, video, "Where am I?", "--frames", "2", "--no-cache", "--max-new-tokens", str(room + 1)), 2,
+                     "use at most 1 frames (--frames 1) or a lower --max-new-tokens")
 
 
 def test_the_frames_advice_is_the_real_maximum(tiny_dir: Path, video: Path, tmp_path: Path, capsys) -> None:
