@@ -77,10 +77,7 @@ def load_dataset(path: str | Path) -> list[Item]:
 def parse_item(line: str, number: int, folder: Path, name: str = "dataset") -> Item:
     """One JSONL line as an ``Item``; ``folder`` anchors relative video paths."""
     where = f"{name} line {number}"
-    try:
-        raw = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise InputError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})", _FIX) from None
+    raw = parse_json_line(line, where)
     if not isinstance(raw, dict):
         raise InputError(f"{where}: must be a JSON object, got {type(raw).__name__}", _FIX)
     unknown = sorted(set(raw) - set(FIELDS))
@@ -94,7 +91,7 @@ def parse_item(line: str, number: int, folder: Path, name: str = "dataset") -> I
         return InputError(f"{where}: field {field!r} must be {must}", _FIX)
 
     video_field = raw.get("video")
-    if not isinstance(video_field, str) or not video_field.strip():
+    if not isinstance(video_field, str) or not video_field.strip() or "\x00" in video_field:
         raise fail("video", "a video file path")
     video = (folder / video_field).resolve()
     if not video.is_file():
@@ -124,8 +121,29 @@ def parse_item(line: str, number: int, folder: Path, name: str = "dataset") -> I
     )
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+def parse_json_line(line: str, where: str) -> Any:
+    """One JSON value, which must be valid Unicode text throughout (no lone surrogates:
+    they could not be written back as UTF-8) and not absurdly deep."""
+    try:
+        value = json.loads(line)
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})", _FIX) from None
+    except RecursionError:
+        raise InputError(f"{where}: nested too deeply", _FIX) from None
+    except UnicodeEncodeError as exc:
+        raise InputError(f"{where}: holds a lone surrogate ({exc.object[exc.start:exc.end]!r}), which is not text", _FIX) from None
+    return value
+
+
+def is_number(value: Any) -> bool:
+    """A finite int or float (not a bool; not an integer too large for a float)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def _options(value: Any, fail: Fail) -> dict[str, str] | None:
@@ -153,7 +171,7 @@ def _answer(value: Any, options: dict[str, str] | None, fail: Fail) -> str | lis
         if len(matches) == 1:
             return matches[0]
         raise fail("answer", f"one of the option letters {', '.join(options)} (or an option's exact text)")
-    if _is_number(value):
+    if is_number(value):
         return float(value)
     if isinstance(value, str):
         return value
@@ -165,7 +183,7 @@ def _answer(value: Any, options: dict[str, str] | None, fail: Fail) -> str | lis
 def _position(value: Any, fail: Fail) -> tuple[float, float] | None:
     if value is None:
         return None
-    if not isinstance(value, dict) or not _is_number(value.get("x")) or not _is_number(value.get("y")):
+    if not isinstance(value, dict) or not is_number(value.get("x")) or not is_number(value.get("y")):
         raise fail("position", "{x, y} numbers")
     return float(value["x"]), float(value["y"])
 
@@ -173,6 +191,6 @@ def _position(value: Any, fail: Fail) -> tuple[float, float] | None:
 def _orientation(value: Any, fail: Fail) -> float | None:
     if value is None:
         return None
-    if not _is_number(value):
+    if not is_number(value):
         raise fail("orientation", "a number (radians)")
     return float(value)

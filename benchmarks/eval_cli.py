@@ -12,9 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
@@ -22,9 +20,10 @@ from typing import Any, TextIO
 import numpy as np
 
 from loc3r.bench import metrics
-from loc3r.bench.dataset import Item, load_dataset
-from loc3r.cli_support import run_cli
+from loc3r.bench.dataset import Item, is_number, load_dataset, parse_json_line
+from loc3r.cli_support import ArgumentParser, positive_int, run_cli
 from loc3r.errors import InputError, Loc3rError
+from loc3r.fileio import finite_json, write_text_atomic
 
 PROG = "loc3r-eval"
 PREDICTIONS = "predictions.jsonl"
@@ -53,7 +52,7 @@ METRIC_ROWS = [
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog=PROG,
         description="Run Loc3R-VLM over a JSONL dataset and report localization (Acc@0.5m/1.0m, "
         "Acc@15/30deg), QA (EM, EM-R, multiple choice, MRA) and whether sigma tracks the error.",
@@ -70,13 +69,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"), help="print metric deltas B - A of two summaries")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -112,6 +104,8 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     all_items = load_dataset(data)
     items = all_items[: args.limit] if args.limit else all_items
     out = Path(args.out) if args.out else Path(f"{data.stem}-eval")
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out} is a file, not a folder", "pass a folder for the predictions and summary")
     out.mkdir(parents=True, exist_ok=True)
     settings = {"model": str(args.model), "backend": args.backend, "frames": args.frames, "max_new_tokens": args.max_new_tokens}
     run = open_run(out, settings)
@@ -126,8 +120,8 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     elif todo:
         run = answer_items(todo, args, out, run, records)
     summary = build_summary(data, items, records, run)
-    write_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
-    write_atomic(out / "summary.md", summary_markdown(summary))
+    write_text_atomic(out / "summary.json", finite_json(summary, indent=2) + "\n")
+    write_text_atomic(out / "summary.md", summary_markdown(summary))
     print(f"{PROG}: wrote {out / 'summary.json'} and {out / 'summary.md'}", file=sys.stderr)
     return summary
 
@@ -147,7 +141,7 @@ def answer_items(todo: list[Item], args: argparse.Namespace, out: Path, run: dic
     pipeline = load_pipeline(args.model, args.backend)
     run = record_model(out, run, pipeline.model_info)
     sampling = SamplingConfig(max_new_tokens=args.max_new_tokens)
-    with (out / PREDICTIONS).open("a", encoding="utf-8") as log:
+    with (out / PREDICTIONS).open("a", encoding="utf-8") as log:  # appended line by line: resumable
         for done, item in enumerate(todo):
             show_progress(done, len(todo), item.key)
             try:
@@ -180,7 +174,7 @@ def prediction_record(item: Item, answer: Any) -> dict[str, Any]:
 
 def write_record(log: TextIO, record: dict[str, Any]) -> None:
     """Append one prediction and flush it: an interrupted run keeps every finished item."""
-    log.write(json.dumps(record, ensure_ascii=False) + "\n")
+    log.write(finite_json(record, ensure_ascii=False) + "\n")
     log.flush()
 
 
@@ -200,7 +194,9 @@ def open_run(out: Path, settings: dict[str, Any]) -> dict[str, Any]:
     path = out / RUN
     if path.exists():
         run = read_json(path)
-        old = run.get("settings", {})
+        old = run.get("settings")
+        if not isinstance(old, dict) or not isinstance(run.get("model", {}), dict):
+            raise InputError(f"{path} is damaged", "delete it (the predictions stay) or pass another --out")
         for key, value in settings.items():
             if old.get(key) != value:
                 raise InputError(
@@ -209,7 +205,7 @@ def open_run(out: Path, settings: dict[str, Any]) -> dict[str, Any]:
                 )
         return run
     run = {"settings": settings}
-    write_atomic(path, json.dumps(run, indent=2) + "\n")
+    write_text_atomic(path, finite_json(run, indent=2) + "\n")
     return run
 
 
@@ -223,7 +219,7 @@ def record_model(out: Path, run: dict[str, Any], model_info: Any) -> dict[str, A
             "pass another --out for a different checkpoint",
         )
     run = {**run, "model": model, "warning": model_info.warning}
-    write_atomic(out / RUN, json.dumps(run, indent=2) + "\n")
+    write_text_atomic(out / RUN, finite_json(run, indent=2) + "\n")
     return run
 
 
@@ -245,10 +241,10 @@ def read_predictions(path: Path, items: Sequence[Item]) -> dict[str, dict[str, A
         where = f"{path} line {number}"
         fix = "delete that line (its item will be rerun) or pass another --out"
         try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            raise InputError(f"{where}: not valid JSON", fix) from None
-        if not isinstance(record, dict) or not {"key", "question", "video", "answer", "pose"} <= record.keys():
+            record = parse_json_line(line, where)
+        except InputError as exc:
+            raise InputError(exc.problem, fix) from None
+        if not is_prediction(record):
             raise InputError(f"{where}: not a loc3r-eval prediction", fix)
         item = by_key.get(record["key"])
         if item is None or item.question != record["question"] or item.video_field != record["video"]:
@@ -260,19 +256,17 @@ def read_predictions(path: Path, items: Sequence[Item]) -> dict[str, dict[str, A
     return records
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file beside ``path``, then move it into place."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+PREDICTION_TEXT = ("key", "question", "video", "answer")
+POSE_FIELDS = ("x", "y", "sigma", "theta_rad")
+
+
+def is_prediction(record: Any) -> bool:
+    """A line of predictions.jsonl as ``prediction_record`` writes it: texts, and a pose of
+    finite numbers (null where the model gave a non-finite one)."""
+    if not isinstance(record, dict) or not all(isinstance(record.get(k), str) for k in PREDICTION_TEXT):
+        return False
+    pose = record.get("pose")
+    return isinstance(pose, dict) and all(k in pose and (pose[k] is None or is_number(pose[k])) for k in POSE_FIELDS)
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -280,7 +274,7 @@ def read_json(path: Path) -> dict[str, Any]:
         value = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise InputError(f"{path} not found", "check the path") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise InputError(f"cannot read {path} ({exc})", "pass a JSON file written by loc3r-eval") from None
     if not isinstance(value, dict):
         raise InputError(f"{path} is not a JSON object", "pass a JSON file written by loc3r-eval")
@@ -296,7 +290,8 @@ def score(items: Sequence[Item], records: dict[str, dict[str, Any]]) -> tuple[di
     em, em_r, choice, mra = [], [], [], []
     for item in items:
         record = records[item.key]
-        pose, text = record["pose"], record["answer"]
+        pose = {k: math.nan if v is None else v for k, v in record["pose"].items()}  # null: a non-finite prediction
+        text = record["answer"]
         if item.position is not None:
             pred_xy.append((pose["x"], pose["y"]))
             gt_xy.append(item.position)
@@ -379,8 +374,12 @@ def summary_markdown(summary: dict[str, Any]) -> str:
 
 def read_summary(path: str) -> dict[str, Any]:
     summary = read_json(Path(path))
-    if not isinstance(summary.get("metrics"), dict):
+    metrics = summary.get("metrics")
+    if not isinstance(metrics, dict):
         raise InputError(f"{path} is not a loc3r-eval summary (no 'metrics')", "pass OUT/summary.json files")
+    for key, _, _, _ in METRIC_ROWS:
+        if metrics.get(key) is not None and not is_number(metrics[key]):
+            raise InputError(f"{path}: metric {key!r} is {metrics[key]!r}, not a number", "pass OUT/summary.json files written by loc3r-eval")
     return summary
 
 

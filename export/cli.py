@@ -69,19 +69,11 @@ def parse_vggt_size(text: str | None, bundle) -> tuple[int, int] | None:  # noqa
     return height, width
 
 
-def check_out(out: Path) -> None:
-    """``--out`` is replaced as a whole: a new folder, an empty one, or an earlier export."""
-    if out.exists() and not out.is_dir():
-        raise InputError(f"--out {out} is a file, not a folder", "pass a new folder for the export")
-    if out.is_dir() and any(out.iterdir()) and not (out / "manifest.json").is_file():
-        raise InputError(
-            f"--out {out} is a non-empty folder that is not a loc3r export; it would be replaced",
-            "pass a new or empty folder",
-        )
-
-
 def run_export(args: argparse.Namespace) -> int:
-    check_out(Path(args.out))
+    from loc3r.export.manifest import EXPORT_KIND
+    from loc3r.fileio import check_replaceable
+
+    check_replaceable(args.out, EXPORT_KIND)  # before any work; export_all checks again
     from loc3r.engines.targets import load_target
     from loc3r.export.exporter import ExportRequest, default_cut3r_size, export_all
     from loc3r.models.bundle import load_bundle

@@ -1,14 +1,13 @@
 """Export a bundle for a target: ONNX graphs with measured parity, the LLM, the manifest.
 
 Everything is written into a staging folder that replaces ``out_dir`` only when the
-whole export succeeded, so an interrupted or failing export leaves nothing half-written.
+whole export succeeded (``loc3r.fileio.atomic_directory``), so an interrupted or failing
+export leaves nothing half-written; ``write_manifest`` lists and hashes every file in it.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
-import os
 import platform
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,7 +19,7 @@ from safetensors.torch import save_file
 
 from loc3r.engines.targets import Target
 from loc3r.export import graphs
-from loc3r.export.manifest import FORMAT, MANIFEST_FILE, VERSION, Manifest, load_manifest
+from loc3r.export.manifest import EXPORT_KIND, FORMAT, MUTABLE_ENTRIES, VERSION, Manifest, load_manifest, write_manifest
 from loc3r.export.onnx_export import (
     OPSET,
     ParityResult,
@@ -33,7 +32,7 @@ from loc3r.export.onnx_export import (
 )
 from loc3r.export.tensorrt_build import device_build_plan
 from loc3r.runtime.ort import open_session
-from loc3r.fileio import atomic_directory, current_umask, write_json_atomic
+from loc3r.fileio import atomic_directory
 from loc3r.models.bundle import Bundle
 from loc3r.models.cut3r import Cut3rState
 
@@ -68,7 +67,7 @@ def default_vggt_size(img_size: int, patch: int) -> tuple[int, int]:
 def export_all(request: ExportRequest, progress: Progress = print) -> Manifest:
     """Write every artifact and ``manifest.json`` into ``request.out_dir`` atomically."""
     bundle = request.bundle
-    with atomic_directory(request.out_dir) as staging:
+    with atomic_directory(request.out_dir, EXPORT_KIND, later=MUTABLE_ENTRIES) as staging:
         artifacts: dict[str, Any] = {}
         for name, export in (
             (bundle.config.encoder_3d, export_camera),
@@ -92,8 +91,7 @@ def export_all(request: ExportRequest, progress: Progress = print) -> Manifest:
                     block_size=plan.block_size or 32,
                     lm_head=plan.lm_head if same_as_target else None,
                 )
-        manifest = build_manifest(request, artifacts, llm)
-        write_json_atomic(staging / MANIFEST_FILE, manifest)
+        write_manifest(staging, build_manifest(request, artifacts, llm))
     return load_manifest(request.out_dir)
 
 
@@ -137,16 +135,8 @@ def tool_versions() -> dict[str, str]:
     }
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def artifact_entry(spec: graphs.GraphSpec, path: Path, parity: ParityResult, **extra: Any) -> dict[str, Any]:
-    return {"file": path.name, "sha256": file_sha256(path), **spec.to_dict(), "parity": parity.to_dict(), **extra}
+    return {"file": path.name, **spec.to_dict(), "parity": parity.to_dict(), **extra}
 
 
 # -- CUT3R -------------------------------------------------------------------------------
@@ -173,7 +163,6 @@ def export_cut3r(request: ExportRequest, out: Path) -> dict[str, Any]:
     example = (torch.rand(1, 3, height, width) * 2 - 1, init.state_feat, init.memory, torch.ones(1))
     path = export_onnx(module, spec, example, out / "cut3r_step.onnx")
     save_file({"state": init.state_feat, "memory": init.memory}, str(out / CUT3R_INIT_FILE))
-    os.chmod(out / CUT3R_INIT_FILE, 0o666 & ~current_umask())  # safetensors writes 0600
     parity = recurrence_parity(module, spec, path, init, (height, width))
     return {"cut3r_step": artifact_entry(spec, path, parity, initial_state=CUT3R_INIT_FILE)}
 

@@ -1,22 +1,38 @@
 """``manifest.json``: what an export wrote, for which model, and how well it matched.
 
-The runtime refuses a manifest whose model checksum, precision or shapes disagree with
-the bundle it is asked to run.
+Every file of the export (ONNX graphs, their external data, state files, the LLM, engines
+built later) is listed under ``files`` with its size and SHA-256, written by
+:func:`write_manifest`. The runtime reaches files only through :meth:`Manifest.file`,
+which refuses a path that leaves the folder or that the manifest does not list, and
+:meth:`Manifest.verify` checks every listed file (digests memoised by size and mtime, see
+``loc3r.digest``). The runtime also refuses a manifest whose model checksum, precision or
+shapes disagree with the bundle it is asked to run.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 from dataclasses import dataclass
-from pathlib import Path
+from functools import cached_property
+from pathlib import Path, PurePosixPath
 from typing import Any
 
+from loc3r.digest import DigestMemo
 from loc3r.errors import ModelError
+from loc3r.fileio import OWN_PREFIX, finite_json, write_text_atomic
 
 MANIFEST_FILE = "manifest.json"
 FORMAT = "loc3r-manifest"
-VERSION = 1
+VERSION = 2
 PRECISIONS = ("fp32", "fp16")  # engines.targets.Precision
+EXPORT_KIND = "export"  # the output-folder kind (loc3r.fileio) of exports
+# caches that programs add to a finished export: neither listed in ``files`` nor foreign
+MUTABLE_ENTRIES = ("timing.cache", "ort_trt_cache")
+_REEXPORT = "re-run loc3r-export"
+_RECOPY = "re-copy the whole export folder, or re-run loc3r-export"
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclass(frozen=True)
@@ -25,6 +41,10 @@ class Manifest:
 
     root: Path
     data: dict[str, Any]
+
+    @property
+    def path(self) -> Path:
+        return self.root / MANIFEST_FILE
 
     @property
     def model_checksum(self) -> str:
@@ -38,59 +58,124 @@ class Manifest:
     def artifacts(self) -> dict[str, dict[str, Any]]:
         return self.data["artifacts"]
 
+    @property
+    def files(self) -> dict[str, dict[str, Any]]:
+        return self.data["files"]
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """SHA-256 over the listed files' digests: identifies what these artifacts compute."""
+        listed = {name: entry["sha256"] for name, entry in sorted(self.files.items())}
+        return hashlib.sha256(json.dumps(listed, sort_keys=True).encode()).hexdigest()
+
+    def value(self, *keys: str, kind: type | tuple[type, ...] = str) -> Any:
+        """``data[keys[0]][keys[1]]...``, which must be a ``kind``; else a one-line ModelError."""
+        value: Any = self.data
+        for key in keys:
+            value = value.get(key) if isinstance(value, dict) else None
+        if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool or value == "":
+            raise self.corrupt(f"'{'.'.join(keys)}' is missing or malformed")
+        return value
+
+    def file(self, relative: object) -> Path:
+        """The path of a listed file; anything outside the folder or not listed is refused."""
+        path = contained(self.root, relative, self.path)
+        if relative not in self.files:
+            raise self.corrupt(f"it refers to {relative!r}, which its 'files' section does not list")
+        return path
+
     def artifact_path(self, name: str) -> Path:
         if name not in self.artifacts:
-            raise ModelError(f"manifest {self.root / MANIFEST_FILE} has no {name!r} artifact", "re-run loc3r-export")
-        return self.root / self.artifacts[name]["file"]
+            raise ModelError(f"manifest {self.path} has no {name!r} artifact", _REEXPORT)
+        return self.file(self.artifacts[name]["file"])
 
-    def input_shape(self, artifact: str, tensor: str) -> list[int | str]:
-        for spec in self.artifacts[artifact]["inputs"]:
+    def tensor_shape(self, artifact: str, tensor: str) -> list[int | str]:
+        """The declared shape of an input or output of ``artifact``."""
+        for spec in self.artifacts[artifact]["inputs"] + self.artifacts[artifact]["outputs"]:
             if spec["name"] == tensor:
                 return spec["shape"]
-        raise ModelError(f"manifest artifact {artifact!r} has no input {tensor!r}", "re-run loc3r-export")
+        raise ModelError(f"manifest artifact {artifact!r} has no tensor {tensor!r}", _REEXPORT)
+
+    def verify(self) -> None:
+        """Every listed file is there, with its size and SHA-256: else a one-line ModelError."""
+        memo = DigestMemo(self.root)
+        try:
+            for relative, entry in sorted(self.files.items()):
+                path = self.file(relative)
+                if not path.is_file():
+                    raise ModelError(f"{self.root} lacks {relative}, which its manifest lists", _RECOPY)
+                size = path.stat().st_size
+                if size != entry["size"]:
+                    raise ModelError(
+                        f"{path} has {size} bytes, its manifest says {entry['size']} (truncated or replaced)", _RECOPY
+                    )
+                if memo.sha256(relative) != entry["sha256"]:
+                    raise ModelError(f"{path} does not match the sha256 in its manifest (damaged or replaced)", _RECOPY)
+        finally:
+            memo.save()
+
+    def corrupt(self, problem: str) -> ModelError:
+        return ModelError(f"{self.path} is corrupt: {problem}", _REEXPORT)
+
+
+def contained(root: Path, relative: object, where: Path) -> Path:
+    """``root / relative`` for a relative path that stays inside ``root`` (symlinks included)."""
+    if not isinstance(relative, str) or not relative or "\x00" in relative:
+        raise ModelError(f"{where} is corrupt: a file name is empty or not text ({relative!r})", _REEXPORT)
+    pure = PurePosixPath(relative)
+    path = root / pure
+    if pure.is_absolute() or ".." in pure.parts or not path.resolve().is_relative_to(root.resolve()):
+        raise ModelError(f"{where} names {relative!r}, which is outside its folder", _REEXPORT)
+    return path
 
 
 def load_manifest(engines_dir: str | Path) -> Manifest:
-    """Read ``engines_dir/manifest.json``; anything unreadable is a one-line ModelError."""
+    """Read ``engines_dir/manifest.json``; anything unreadable is a one-line ModelError.
+
+    Cheap: sections and paths are checked here, file contents by :meth:`Manifest.verify`.
+    """
     root = Path(engines_dir)
     path = root / MANIFEST_FILE
     if not path.is_file():
         raise ModelError(f"{root} has no {MANIFEST_FILE}", "pass the folder written by loc3r-export --out")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelError(f"{path} is not valid JSON ({exc})", "re-run loc3r-export") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise ModelError(f"{path} is not valid JSON ({exc})", _REEXPORT) from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise ModelError(f"{path} is not a loc3r manifest", "pass the folder written by loc3r-export --out")
     if data.get("version") != VERSION:
-        raise ModelError(
-            f"{path} has manifest version {data.get('version')}, this loc3r reads {VERSION}",
-            "re-run loc3r-export with this version",
-        )
-    for key in ("model", "precision", "artifacts", "target"):
-        if key not in data:
-            raise ModelError(f"{path} lacks the {key!r} section", "re-run loc3r-export")
-    check_sections(data, path)
-    return Manifest(root, data)
+        raise ModelError(f"{path} has manifest version {data.get('version')!r}, this loc3r reads {VERSION}", f"{_REEXPORT} with this version")
+    manifest = Manifest(root, data)
+    check_sections(manifest)
+    return manifest
 
 
-def check_sections(data: dict[str, Any], path: Path) -> None:
+def check_sections(manifest: Manifest) -> None:
     """The sections the runtime reads have the right types (a hand-edited or corrupt file
     fails here with a ModelError, not later with a KeyError or TypeError)."""
-    problems = []
-    if not isinstance(data["model"], dict) or not isinstance(data["model"].get("checksum"), str):
-        problems.append("'model.checksum' is not a string")
+    data = manifest.data
+    for key in ("model", "precision", "artifacts", "target", "files"):
+        if key not in data:
+            raise ModelError(f"{manifest.path} lacks the {key!r} section", _REEXPORT)
+    manifest.value("model", "checksum")
     if data["precision"] not in PRECISIONS:
-        problems.append(f"precision {data['precision']!r} is not one of {', '.join(PRECISIONS)}")
-    if not isinstance(data["target"], dict):
-        problems.append("'target' is not an object")
-    artifacts = data["artifacts"]
-    if not isinstance(artifacts, dict):
-        problems.append("'artifacts' is not an object")
-    else:
-        problems += [f"artifact {name!r} is malformed" for name, entry in artifacts.items() if not _valid_artifact(entry)]
-    if problems:
-        raise ModelError(f"{path} is corrupt: {problems[0]}", "re-run loc3r-export")
+        raise manifest.corrupt(f"precision {data['precision']!r} is not one of {', '.join(PRECISIONS)}")
+    manifest.value("target", kind=dict)
+    files = manifest.value("files", kind=dict)
+    for relative, entry in files.items():
+        contained(manifest.root, relative, manifest.path)
+        if not (isinstance(entry, dict) and _is_size(entry.get("size")) and _SHA256.fullmatch(str(entry.get("sha256")))):
+            raise manifest.corrupt(f"the size or sha256 of {relative!r} is malformed")
+    artifacts = manifest.value("artifacts", kind=dict)
+    for name, entry in artifacts.items():
+        if not _valid_artifact(entry):
+            raise manifest.corrupt(f"artifact {name!r} is malformed")
+        manifest.file(entry["file"])
+
+
+def _is_size(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _valid_artifact(entry: object) -> bool:
@@ -99,12 +184,33 @@ def _valid_artifact(entry: object) -> bool:
         return False
     for key in ("inputs", "outputs"):
         specs = entry.get(key)
-        if not isinstance(specs, list):
+        if not isinstance(specs, list) or not specs:
             return False
         for spec in specs:
             if not isinstance(spec, dict) or not isinstance(spec.get("name"), str) or not isinstance(spec.get("shape"), list):
                 return False
+            if not all(isinstance(d, str) and d or _is_size(d) and d > 0 for d in spec["shape"]):
+                return False
     return True
+
+
+def write_manifest(folder: Path, data: dict[str, Any]) -> Manifest:
+    """Write ``data`` as ``folder/manifest.json`` (atomically), its ``files`` section
+    completed with the size and SHA-256 of every file in ``folder`` not yet listed (loc3r's
+    hidden files and the caches in ``MUTABLE_ENTRIES`` excepted)."""
+    files = dict(data.get("files") or {})
+    memo = DigestMemo(folder)
+    for path in sorted(folder.rglob("*")):
+        relative = path.relative_to(folder).as_posix()
+        top = relative.split("/", 1)[0]
+        if relative in files or relative == MANIFEST_FILE or top.startswith(OWN_PREFIX) or top in MUTABLE_ENTRIES:
+            continue
+        if path.is_file() and not path.is_symlink():
+            files[relative] = {"size": path.stat().st_size, "sha256": memo.sha256(relative)}
+    memo.save()
+    data = {**data, "files": files}
+    write_text_atomic(folder / MANIFEST_FILE, finite_json(data, indent=2) + "\n")
+    return Manifest(folder, data)
 
 
 def check_manifest_matches(manifest: Manifest, model_id: str, checksum: str, expected_shapes: dict[str, dict[str, list[int | str]]]) -> None:
@@ -119,7 +225,7 @@ def check_manifest_matches(manifest: Manifest, model_id: str, checksum: str, exp
         if artifact not in manifest.artifacts:
             continue
         for tensor, shape in tensors.items():
-            found = manifest.input_shape(artifact, tensor)
+            found = manifest.tensor_shape(artifact, tensor)
             if list(found) != list(shape):
                 raise ModelError(
                     f"manifest {artifact}.{tensor} has shape {found}, the model needs {shape}",

@@ -3,17 +3,22 @@
 Exit codes: 0 success; 2 bad usage or input (``InputError``/``ModelError``, argparse errors,
 a path the user named that cannot be written: permission denied, read-only file system);
 1 internal faults and a full disk (``InternalError``, ``ENOSPC``/``EDQUOT``, any other
-exception); 130 Ctrl-C. Every failure is one line, ``prog: error: problem: fix``; loc3r's own warnings
-(a truncated video, a discarded cache entry) are ``prog: warning: ...`` lines.
+exception); 130 Ctrl-C, 143 SIGTERM (both raised as ``KeyboardInterrupt`` so that every
+``finally`` cleans up); 141 when the reader of stdout went away (``| head``), silently.
+Every failure is one line, ``prog: error: problem: fix``; loc3r's own warnings (a truncated
+video, a discarded cache entry) are ``prog: warning: ...`` lines.
 """
 
 from __future__ import annotations
 
 import argparse
 import errno
+import contextlib
 import logging
 import os
+import signal
 import sys
+import threading
 import traceback
 from collections.abc import Callable
 from typing import NoReturn
@@ -21,6 +26,8 @@ from typing import NoReturn
 from loc3r.errors import InputError, InternalError, Loc3rError
 
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143
+EXIT_BROKEN_PIPE = 141
 EXIT_USAGE = 2
 
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
@@ -28,11 +35,30 @@ _NOT_WRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS)
 _NOISY_LOGGERS = ("torchao", "torch.utils._pytree")
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread like Ctrl-C so that cleanup runs."""
+
+
+def _terminate(_signum: int, _frame: object) -> None:
+    raise Terminated
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse with a one-line error (``prog: error: ... (see prog --help)``), exit 2."""
 
     def error(self, message: str) -> NoReturn:
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def positive_int(text: str) -> int:
+    """argparse type: a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def os_error(exc: OSError) -> Loc3rError | None:
@@ -92,10 +118,14 @@ def run_cli(prog: str, body: Callable[[], int], debug: bool) -> int:
         quiet_import_noise()
     warnings = _WarningLine(prog)
     logging.getLogger("loc3r").addHandler(warnings)
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if in_main else None
     try:
         return _run(prog, body, debug)
     finally:
         logging.getLogger("loc3r").removeHandler(warnings)
+        if in_main:
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 def _run(prog: str, body: Callable[[], int], debug: bool) -> int:
@@ -103,9 +133,15 @@ def _run(prog: str, body: Callable[[], int], debug: bool) -> int:
         return body()
     except Loc3rError as exc:
         return _report(prog, exc, debug)
+    except Terminated:
+        print(f"{prog}: terminated", file=sys.stderr)
+        return EXIT_TERMINATED
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        _silence_stdout()
+        return EXIT_BROKEN_PIPE
     except OSError as exc:
         mapped = os_error(exc)
         if mapped is not None:
@@ -113,6 +149,14 @@ def _run(prog: str, body: Callable[[], int], debug: bool) -> int:
         return _internal(prog, exc, debug)
     except Exception as exc:  # noqa: BLE001 - the last line of defence of a CLI
         return _internal(prog, exc, debug)
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null: its reader is gone, and the flush at exit must not fail."""
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
 
 
 def _report(prog: str, exc: Loc3rError, debug: bool) -> int:

@@ -14,7 +14,7 @@ from functools import cached_property
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from loc3r.errors import ModelError
@@ -26,6 +26,7 @@ from loc3r.models.tokenizer import TextTokenizer
 WEIGHTS_FILE = "model.safetensors"
 WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
 CHECKSUM_MEMO = ".loc3r-checksum.json"
+BUNDLE_KIND = "bundle"  # the output-folder kind (loc3r.fileio) of bundles
 
 
 class Bundle:
@@ -92,7 +93,7 @@ def bundle_checksum(bundle_dir: str | Path) -> str:
 def save_bundle(model: Loc3rModel, tokenizer: TextTokenizer, out_dir: str | Path) -> Path:
     """Write ``model`` and ``tokenizer`` as a bundle at ``out_dir`` (atomically)."""
     out_dir = Path(out_dir)
-    with atomic_directory(out_dir) as staging:
+    with atomic_directory(out_dir, BUNDLE_KIND) as staging:
         (staging / "config.json").write_text(
             json.dumps(model.config.to_dict(), indent=2) + "\n", encoding="utf-8"
         )
@@ -106,32 +107,58 @@ def load_bundle(bundle_dir: str | Path, dtype: torch.dtype = torch.float32) -> B
     """Open a bundle (config, tokenizer, checksum); weights load when ``model`` is first used."""
     bundle_dir = Path(bundle_dir)
     config = Loc3rConfig.load(bundle_dir)
-    return Bundle(bundle_dir, config, TextTokenizer.from_dir(bundle_dir), bundle_checksum(bundle_dir), dtype)
+    tokenizer = TextTokenizer.from_dir(bundle_dir)
+    if tokenizer.largest_id >= config.llm.vocab_size:
+        raise ModelError(
+            f"{bundle_dir}/tokenizer.json has token id {tokenizer.largest_id} but the LLM's embedding has only "
+            f"{config.llm.vocab_size} rows; config.json and tokenizer disagree",
+            "re-create the bundle with loc3r-convert",
+        )
+    return Bundle(bundle_dir, config, tokenizer, bundle_checksum(bundle_dir), dtype)
+
+
+def expected_shapes(config: Loc3rConfig) -> dict[str, tuple[int, ...]]:
+    """Every bundle tensor's shape for ``config`` (the model is built on the meta device)."""
+    with torch.device("meta"):
+        model = Loc3rModel(config)
+    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
+
+
+def stored_shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
+    """Tensor shapes from the safetensors headers (no tensor data is read)."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for path in files:
+        try:
+            with safe_open(str(path), "pt") as stored:
+                shapes.update({name: tuple(stored.get_slice(name).get_shape()) for name in stored.keys()})  # noqa: SIM118
+        except (SafetensorError, OSError) as exc:
+            raise ModelError(f"{path} is not a readable safetensors file ({exc})", "re-create the bundle") from None
+    return shapes
 
 
 def load_weights(bundle_dir: Path, config: Loc3rConfig) -> Loc3rModel:
-    """The PyTorch model with the bundle's tensors; missing/unexpected/mis-shaped ones are an error."""
+    """The PyTorch model with the bundle's tensors. Every shape is checked against the files'
+    headers before anything is allocated, so the config cannot ask for more memory than the
+    weights on disk take; missing, unexpected or mis-shaped tensors are a ``ModelError``."""
+    files = weight_files(bundle_dir)
+    check_shapes(expected_shapes(config), stored_shapes(files), bundle_dir)
     model = Loc3rModel(config)
-    expected = model.state_dict()
     loaded: dict[str, torch.Tensor] = {}
-    for path in weight_files(bundle_dir):
+    for path in files:
         try:
             loaded.update(load_file(str(path)))
         except (SafetensorError, OSError) as exc:
             raise ModelError(f"{path} is not a readable safetensors file ({exc})", "re-create the bundle") from None
-    check_tensors(expected, loaded, bundle_dir)
     model.load_state_dict(loaded, strict=True)
     return model.eval()
 
 
-def check_tensors(expected: dict[str, torch.Tensor], loaded: dict[str, torch.Tensor], where: Path) -> None:
+def check_shapes(expected: dict[str, tuple[int, ...]], stored: dict[str, tuple[int, ...]], where: Path) -> None:
     """Name the first few missing, unexpected or mis-shaped tensors."""
-    missing = sorted(expected.keys() - loaded.keys())
-    unexpected = sorted(loaded.keys() - expected.keys())
+    missing = sorted(expected.keys() - stored.keys())
+    unexpected = sorted(stored.keys() - expected.keys())
     misshaped = [
-        f"{name} {tuple(loaded[name].shape)} != {tuple(tensor.shape)}"
-        for name, tensor in expected.items()
-        if name in loaded and loaded[name].shape != tensor.shape
+        f"{name} {stored[name]} != {shape}" for name, shape in expected.items() if name in stored and stored[name] != shape
     ]
     for kind, names in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
         if names:

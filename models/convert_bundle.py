@@ -19,8 +19,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from loc3r.errors import InputError, ModelError
-from loc3r.fileio import atomic_directory
+from loc3r.errors import ModelError
+from loc3r.fileio import atomic_directory, check_replaceable
+from loc3r.models.bundle import BUNDLE_KIND, expected_shapes
 from loc3r.models.config import HeadsConfig, Loc3rConfig
 from loc3r.models.convert_heads import heads_config, load_heads_file, random_heads
 from loc3r.models.convert_llava import LlavaSettings, check_against, map_names, open_llava, read_settings
@@ -28,7 +29,6 @@ from loc3r.models.convert_stream import SourceShards, TensorInfo, write_shards
 from loc3r.models.convert_tokenizer import loc3r_tokenizer
 from loc3r.models.cut3r import load_cut3r
 from loc3r.models.encoder3d import CameraEncoder
-from loc3r.models.loc3r_model import Loc3rModel
 from loc3r.models.vggt import load_vggt
 from loc3r.models.vision import used_vision_layers
 
@@ -51,28 +51,6 @@ class ConvertOptions:
     vision_heads: int | None = None  # SigLIP head count for towers not in the table
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
     vggt: Path | None = None
-
-
-def expected_shapes(config: Loc3rConfig) -> dict[str, tuple[int, ...]]:
-    """Every bundle tensor's shape for ``config`` (the model is built on the meta device)."""
-    with torch.device("meta"):
-        model = Loc3rModel(config)
-    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
-
-
-def _replaceable(out: Path) -> bool:
-    """``out`` is absent, an empty folder, or a loc3r bundle (never, say, the LLaVA folder)."""
-    if not out.exists():
-        return True
-    if not out.is_dir():
-        return False
-    if not any(out.iterdir()):
-        return True
-    try:
-        data = json.loads((out / "config.json").read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return False
-    return isinstance(data, dict) and "model_id" in data and isinstance(data.get("llm"), dict)
 
 
 def _check_part(tensors: dict[str, Tensor], expected: dict[str, tuple[int, ...]], prefix: str, where: Path) -> None:
@@ -116,8 +94,7 @@ def bundle_config(options: ConvertOptions, settings: LlavaSettings, encoder: dic
 
 def convert(options: ConvertOptions) -> Path:
     """Write the bundle at ``options.out`` (atomically) and return its path."""
-    if not _replaceable(options.out):
-        raise InputError(f"{options.out} exists and is not a loc3r bundle", "choose a new or empty folder for --out")
+    check_replaceable(options.out, BUNDLE_KIND)  # before any work
     source = open_llava(options.llava)
     settings = read_settings(source, options.vision_heads)
     camera, encoder_fields = load_camera_encoder(options)
@@ -138,7 +115,7 @@ def convert(options: ConvertOptions) -> Path:
     extra.update(heads)
     del camera, head_file, heads  # the tensors live on in ``extra`` only, released one by one once written
     tokenizer = loc3r_tokenizer(source.path, config.llm.vocab_size)
-    with atomic_directory(options.out) as staging:
+    with atomic_directory(options.out, BUNDLE_KIND) as staging:
         (staging / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n", encoding="utf-8")
         tokenizer.save(staging)
         infos, tensors = _stream(extra, source.shards, mapping, options.dtype)

@@ -27,6 +27,7 @@ from torch import Tensor
 
 from loc3r.errors import ModelError
 from loc3r.models.config import HeadsConfig, Loc3rConfig
+from loc3r.models.convert_stream import load_tensor_pickle
 from loc3r.models.heads import Loc3rHeads
 
 HEAD_MODULES = ("f_cam", "f_pos", "f_ori", "f_bev")
@@ -37,13 +38,13 @@ def load_heads_file(path: Path) -> dict[str, Tensor]:
     """The head tensors of ``path``, named ``f_*.{0,2}.{weight,bias}``."""
     if not path.is_file():
         raise ModelError(f"heads file {path} does not exist", _FIX)
-    try:
-        if path.suffix == ".safetensors":
+    if path.suffix == ".safetensors":
+        try:
             state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except (SafetensorError, OSError, RuntimeError, EOFError, ValueError) as exc:
-        raise ModelError(f"{path} is not a readable heads file ({type(exc).__name__})", _FIX) from None
+        except (SafetensorError, OSError) as exc:
+            raise ModelError(f"{path} is not a readable heads file ({type(exc).__name__})", _FIX) from None
+    else:
+        state = load_tensor_pickle(path, "heads file", _FIX)
     if isinstance(state, dict):
         state = state.get("model", state.get("state_dict", state))
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
 import struct
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -66,12 +68,22 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
     return infos
 
 
+def load_tensor_pickle(path: Path, what: str, fix: str, mmap: bool = False) -> Any:
+    """``torch.load`` of tensors and plain containers only (``weights_only``): a file holding
+    any other Python object is refused in one line, never loaded (that could run code)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError:
+        raise ModelError(
+            f"{path} holds Python objects besides tensors, which loc3r never loads (they could run code)", fix
+        ) from None
+    except Exception as exc:  # torch raises RuntimeError, EOFError, zipfile errors, ...
+        raise ModelError(f"{path} is not a readable {what} ({type(exc).__name__})", fix) from None
+
+
 def _load_bin(path: Path) -> dict[str, Tensor]:
     """A PyTorch ``.bin`` shard, memory-mapped, tensors only."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as exc:  # torch raises RuntimeError, pickle errors, EOFError, ...
-        raise ModelError(f"{path} is not a readable PyTorch shard ({type(exc).__name__}: {exc})", _FIX) from None
+    state = load_tensor_pickle(path, "PyTorch shard", _FIX, mmap=True)
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
         raise ModelError(f"{path} does not hold a state dict of tensors", _FIX)
     return state

@@ -14,16 +14,17 @@ log = logging.getLogger(__name__)
 
 
 def read_tokenizer(folder: Path) -> Tokenizer:
-    """``tokenizer.json`` of ``folder``, else the fast tokenizer transformers builds from
-    ``vocab.json`` + ``merges.txt`` (+ ``tokenizer_config.json``)."""
+    """``tokenizer.json`` of ``folder``, else the Qwen2 tokenizer built from ``vocab.json`` +
+    ``merges.txt`` (+ the added tokens of ``tokenizer_config.json``). Data files only: a
+    tokenizer class named by ``auto_map`` (custom code in the checkpoint) is never loaded."""
     path = folder / "tokenizer.json"
     try:
         if path.is_file():
             return Tokenizer.from_file(str(path))
         if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
-            from transformers import AutoTokenizer
+            from transformers import Qwen2Tokenizer  # a concrete class: auto_map is not consulted
 
-            return AutoTokenizer.from_pretrained(str(folder)).backend_tokenizer
+            return Qwen2Tokenizer.from_pretrained(str(folder)).backend_tokenizer
     except Exception as exc:  # tokenizers raises plain Exception subclasses
         raise ModelError(
             f"cannot read the tokenizer in {folder} ({exc})", "download the checkpoint's tokenizer files again"

@@ -11,6 +11,11 @@ Everything up to the end of the time instruction depends only on the video, so i
 cache is reused by every question. The chunks are tokenized separately, as LLaVA does
 around ``<image>``; Qwen2's pre-tokenizer never merges a newline with what follows, so
 chunking gives the ids a single pass would.
+
+Control tokens (``<|im_start|>``, ``<|im_end|>``, ``<Pos>``, ``<Ori>``) are placed by id
+between plain-text chunks, which the tokenizer reads as text only: the same ids a single
+pass over the ChatML string gives (added tokens split it at the same places), and user
+text (question, situation) can never become a control token, whatever it contains.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from loc3r.errors import InputError
-from loc3r.models.tokenizer import IM_END, IM_START, ORI_TOKEN, POS_TOKEN, TextTokenizer
+from loc3r.models.tokenizer import TextTokenizer
 
 SYSTEM_PROMPT = "You are a helpful assistant."
 
@@ -112,10 +117,11 @@ def build_video_prefix(
     """System turn, user header, the video block's geometry and the time instruction."""
     if len(timestamps_s) != num_frames:
         raise ValueError(f"{len(timestamps_s)} timestamps for {num_frames} frames")
-    head = f"{IM_START}system\n{SYSTEM_PROMPT}{IM_END}\n{IM_START}user\n"
+    t = tokenizer
+    head = token_ids(t, t.im_start_id, f"system\n{SYSTEM_PROMPT}", t.im_end_id, "\n", t.im_start_id, "user\n")
     tail = f"\n{time_instruction(duration_s, timestamps_s)}\n"
     return VideoPrefix(
-        head_ids=tuple(tokenizer.encode(head)),
+        head_ids=tuple(head),
         num_frames=num_frames,
         tokens_per_frame=1 + vision_tokens_per_frame,
         tail_ids=tuple(tokenizer.encode(tail)),
@@ -128,23 +134,27 @@ def build_question_suffix(
     """Situation text, ``<Pos><Ori>``, the question and the assistant header."""
     check_user_text(question, "question", allow_empty=False)
     situation_ids = tokenizer.encode(check_user_text(situation or "", "situation"))
-    question_ids = tokenizer.encode(f"\n{question}{IM_END}\n{IM_START}assistant\n")
+    question_ids = token_ids(tokenizer, f"\n{question}", tokenizer.im_end_id, "\n", tokenizer.im_start_id, "assistant\n")
     ids = [*situation_ids, tokenizer.pos_id, tokenizer.ori_id, *question_ids]
     return QuestionSuffix(tuple(ids), len(situation_ids), len(situation_ids) + 1)
 
 
+def token_ids(tokenizer: TextTokenizer, *parts: str | int) -> list[int]:
+    """Ids of ``parts`` in order: a ``str`` is tokenized as plain text, an ``int`` is a
+    control token's id placed as it is."""
+    ids: list[int] = []
+    for part in parts:
+        ids.extend([part] if isinstance(part, int) else tokenizer.encode(part))
+    return ids
+
+
 def check_user_text(text: str, what: str, allow_empty: bool = True) -> str:
-    """Reject text the prompt cannot carry: empty questions, special tokens, bad bytes."""
+    """Reject text the prompt cannot carry: empty questions, bad bytes. (Markup such as
+    ``<|im_end|>`` is fine: it is read as the characters it is.)"""
     if not allow_empty and not text.strip():
         raise InputError(f"the {what} is empty", f"pass a non-empty {what}")
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
         raise InputError(f"the {what} is not valid UTF-8", f"re-encode the {what} as UTF-8") from None
-    for token in (IM_START, IM_END, POS_TOKEN, ORI_TOKEN):
-        if token in text:
-            raise InputError(
-                f"the {what} contains the reserved token {token}",
-                "remove it; the runtime inserts chat and situation tokens itself",
-            )
     return text

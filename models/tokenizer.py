@@ -1,7 +1,14 @@
-"""Tokenizer access (a Hugging Face ``tokenizer.json``) and the tiny BPE the demo bundle uses."""
+"""Tokenizer access (a Hugging Face ``tokenizer.json``) and the tiny BPE the demo bundle uses.
+
+Text is always tokenized as plain text: :meth:`TextTokenizer.encode` never produces an added
+or special token (``<|im_end|>``, ``<|video_pad|>``, ``<Pos>``, ... every one the tokenizer
+has), whatever the text holds, so a question can never inject chat structure. Control
+tokens enter a prompt only by id (see ``loc3r.models.prompt``).
+"""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -30,6 +37,8 @@ class TextTokenizer:
 
     def __init__(self, tokenizer: Tokenizer) -> None:
         self._tokenizer = tokenizer
+        self._plain = plain_text_tokenizer(tokenizer)
+        self.control_ids = frozenset(tokenizer.get_added_tokens_decoder())
         self.im_start_id = self.token_id(IM_START)
         self.im_end_id = self.token_id(IM_END)
         self.end_of_text_id = self.token_id(END_OF_TEXT)
@@ -56,19 +65,43 @@ class TextTokenizer:
             )
         return token_id
 
+    def id_to_token(self, token_id: int) -> str | None:
+        return self._tokenizer.id_to_token(token_id)
+
     @property
     def vocab_size(self) -> int:
         return self._tokenizer.get_vocab_size(with_added_tokens=True)
 
+    @property
+    def largest_id(self) -> int:
+        """The largest token id: the LLM's embedding needs a row for it."""
+        return max(self._tokenizer.get_vocab(with_added_tokens=True).values())
+
     def encode(self, text: str) -> list[int]:
-        """Token ids of ``text``; special tokens written in the text are recognised."""
-        return self._tokenizer.encode(text, add_special_tokens=False).ids
+        """Token ids of ``text`` read as plain text: never an added or special token's id."""
+        ids = self._plain.encode(text, add_special_tokens=False).ids
+        control = self.control_ids.intersection(ids)
+        if control:  # only a tokenizer whose ordinary vocabulary holds a control token gets here
+            token = self.id_to_token(min(control))
+            raise ModelError(f"the tokenizer turns plain text into its control token {token}", "re-create the bundle's tokenizer.json")
+        return ids
 
     def decode(self, ids: Iterable[int]) -> str:
         return self._tokenizer.decode(list(ids), skip_special_tokens=True)
 
     def save(self, bundle_dir: str | Path) -> None:
         self._tokenizer.save(str(Path(bundle_dir) / "tokenizer.json"))
+
+
+def plain_text_tokenizer(tokenizer: Tokenizer) -> Tokenizer:
+    """A copy of ``tokenizer`` that knows no added tokens (so none is matched in text), and
+    neither pads nor truncates."""
+    data = json.loads(tokenizer.to_str())
+    data["added_tokens"] = []
+    plain = Tokenizer.from_str(json.dumps(data))
+    plain.no_padding()
+    plain.no_truncation()
+    return plain
 
 
 def train_tiny_tokenizer(lines: Iterable[str], vocab_size: int = 512) -> TextTokenizer:

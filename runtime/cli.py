@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
-from loc3r.cli_support import ArgumentParser, run_cli
-from loc3r.errors import InputError, Loc3rError
-from loc3r.models.prompt import check_user_text
+from loc3r.cli_support import ArgumentParser, positive_int, run_cli
+from loc3r.errors import InputError
+from loc3r.fileio import check_output_file, finite_json
+from loc3r.models.prompt import build_question_suffix, check_user_text
 from loc3r.progress import terminal_output
 from loc3r.runtime.generate import SamplingConfig, TextStream
 from loc3r.runtime.result import Answer
@@ -48,23 +48,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
 def frame_size(text: str) -> tuple[int, int]:
+    from loc3r.runtime.video import MAX_DECODE_PIXELS
+
     try:
         width, height = (int(v) for v in text.lower().split("x"))
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not WIDTHxHEIGHT") from None
     if width < 1 or height < 1:
         raise argparse.ArgumentTypeError(f"{text!r} must be positive")
+    if width * height > MAX_DECODE_PIXELS:
+        raise argparse.ArgumentTypeError(f"{text} is larger than loc3r reads (at most 8192x8192 pixels); scale the frames down")
     return width, height
 
 
@@ -121,9 +115,14 @@ def check_arguments(args: argparse.Namespace) -> None:
         check_user_text(question, "question", allow_empty=False)
     check_user_text(args.situation, "situation")
     if args.plot:
-        if Path(args.plot).is_dir():
-            raise InputError(f"--plot {args.plot} is a folder", "pass the path of a .png file to write")
+        for number in range(1, max(len(args.questions), 1) + 1):
+            check_plot_path(numbered_path(Path(args.plot), number), args)
         check_writable_folder(Path(args.plot).parent)
+
+
+def check_plot_path(path: Path, args: argparse.Namespace) -> None:
+    """A ``.png`` that is not the input video (checked for every numbered plot too)."""
+    check_output_file(path, "--plot", (".png",), inputs=[Path(args.video)] if args.video else [])
 
 
 def check_writable_folder(folder: Path) -> None:
@@ -140,16 +139,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def body() -> int:
         check_arguments(args)  # before the heavy imports: a usage error answers at once
+        sampling = SamplingConfig(args.max_new_tokens, args.temperature, args.top_p, args.seed)
         from loc3r.runtime.pipeline import Pipeline, default_cache_dir
+        from loc3r.runtime.video import probe_video
 
         pipeline = Pipeline.from_pretrained(
             args.model, backend=args.backend, engines=args.engines, cache_dir=None if args.no_cache else default_cache_dir()
         )
-        sampling = SamplingConfig(args.max_new_tokens, args.temperature, args.top_p, args.seed)
         live_errors = BackgroundErrors()
         if args.source:
             session = open_live(pipeline, args, live_errors)
         else:
+            check_fit(pipeline, args, args.frames or pipeline.config.num_frames, probe_video(args.video).duration_s)
             session = pipeline.open(args.video, args.frames, with_bev=bool(args.plot), show_progress=terminal_output(args.json))
         for number, question in enumerate(iter_questions(args), start=1):
             live_errors.raise_first()
@@ -164,11 +165,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"\n{PROG}: error: {exc}", file=sys.stderr)  # ask again
                 continue
             if args.plot:
+                check_plot_path(numbered_path(Path(args.plot), number), args)
                 answer.plot(numbered_path(Path(args.plot), number))
             if args.json:
-                print(json.dumps(answer.to_dict()), flush=True)
+                print(finite_json(answer.to_dict()), flush=True)
             else:
                 print_human(answer, printer.shown if printer else 0)
+        live_errors.raise_first()  # a live source that failed after the last question
         return 0
 
     return run_cli(PROG, body, args.debug)
@@ -180,16 +183,25 @@ def iter_questions(args: argparse.Namespace) -> Iterator[str]:
         yield from stdin_questions()
 
 
+def check_fit(pipeline, args: argparse.Namespace, frames: int, duration_s: float | None = None) -> None:  # noqa: ANN001 - Pipeline
+    """Refuse, before any frame is decoded, frames + questions + --max-new-tokens beyond the context."""
+    tokenizer = pipeline.bundle.tokenizer
+    question = max((len(build_question_suffix(tokenizer, q, args.situation).ids) for q in args.questions or ["?"]))
+    extra = {} if duration_s is None else {"duration_s": duration_s}
+    pipeline.check_frames_fit(frames, args.max_new_tokens, question, **extra)
+
+
 class BackgroundErrors:
-    """Errors of the background frame feeder, re-raised in the main thread at the next question."""
+    """Errors of the background frame feeder, re-raised in the main thread at the next question
+    (or at the end): any exception, so that none is lost as a thread traceback."""
 
     def __init__(self) -> None:
-        self.errors: list[Loc3rError] = []
+        self.errors: list[BaseException] = []
 
     def run(self, feed: Callable[[], None]) -> None:
         try:
             feed()
-        except Loc3rError as exc:
+        except Exception as exc:  # noqa: BLE001 - handed to the main thread, which reports it
             self.errors.append(exc)
 
     def raise_first(self) -> None:
@@ -202,7 +214,7 @@ def open_live(pipeline, args: argparse.Namespace, errors: BackgroundErrors):  # 
     from loc3r.runtime.sources import live_frames
 
     max_frames = args.frames or pipeline.config.num_frames
-    pipeline.check_frames_fit(max_frames)
+    check_fit(pipeline, args, max_frames)
     frames = live_frames(args.source, args.stride, max_frames, args.frame_size)
     # without -i every frame arrives before the first question: a bounded clip, not a live one
     session = pipeline.new_session(args.source, with_bev=bool(args.plot), live=args.interactive)

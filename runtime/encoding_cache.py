@@ -1,28 +1,37 @@
 """On-disk cache of a video's encoded frame blocks, so a second run skips decode and encode.
 
-An entry is keyed by the video's content hash, the model checksum, the backend, the
-sampling and the resolutions. It is one safetensors file written atomically; the tensor
-bytes' SHA-256 is stored in its metadata and verified on read: a corrupt entry is
-discarded with a warning and recomputed.
+An entry is keyed by the video's content hash and by what produced the blocks: the model
+checksum, the backend and its artifacts' fingerprint (an export's file digests), the dtype,
+the frame count and the resolutions. It is one safetensors file written atomically whose
+metadata holds the entry's description (key, frame indices, timestamps, duration) and a
+SHA-256 over the tensor bytes and that description; both are verified on read, with the
+shapes, so nothing in an entry is used unchecked.
+
+The cache never stops an answer: an entry that cannot be read or does not verify is
+discarded with a warning and recomputed; a cache folder that cannot be written (read-only,
+full disk, a folder where an entry should be) is reported once and the run goes on without it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save
 
 from loc3r.fileio import atomic_file
 from loc3r.runtime.session import FrameBlocks
 
 log = logging.getLogger(__name__)
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -40,8 +49,11 @@ def file_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
-def tensor_digest(tensor: torch.Tensor) -> str:
-    return hashlib.sha256(tensor.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+def entry_digest(blocks: torch.Tensor, description: str) -> str:
+    """SHA-256 over the tensor's bytes and the entry's description (its metadata)."""
+    digest = hashlib.sha256(blocks.contiguous().view(torch.uint8).numpy().tobytes())
+    digest.update(description.encode("utf-8"))
+    return digest.hexdigest()
 
 
 class EncodingCache:
@@ -49,45 +61,75 @@ class EncodingCache:
 
     def __init__(self, root: Path) -> None:
         self.root = root
+        self.writable = True
 
-    def key(self, video: Path, **settings: object) -> str:
-        """Entry name for ``video`` under ``settings`` (model checksum, backend, frames, sizes)."""
-        identity = json.dumps({"v": CACHE_VERSION, "video": file_digest(video), **settings}, sort_keys=True)
+    def key(self, video: Path, **producer: object) -> str:
+        """Entry name for ``video`` encoded by ``producer`` (model, backend, artifacts, sizes)."""
+        identity = json.dumps({"v": CACHE_VERSION, "video": file_digest(video), **producer}, sort_keys=True)
         return hashlib.sha256(identity.encode()).hexdigest()[:40]
 
     def path(self, key: str) -> Path:
         return self.root / f"{key}.safetensors"
 
-    def load(self, key: str) -> CachedVideo | None:
-        """The entry, or None when absent; a corrupt entry is removed and reported."""
+    def load(self, key: str, block_shape: tuple[int, int]) -> CachedVideo | None:
+        """The entry (blocks of ``block_shape``: tokens, width), or None when absent or unusable."""
         path = self.path(key)
-        if not path.is_file():
-            return None
         try:
-            with open(path, "rb") as stream:
-                header_len = int.from_bytes(stream.read(8), "little")
-                meta = json.loads(stream.read(header_len))["__metadata__"]
-            blocks = load_file(str(path))["blocks"]
-            if tensor_digest(blocks) != meta["sha256"]:
+            if not path.exists():
+                return None
+            if not path.is_file():
+                raise ValueError("not a file")
+            with safe_open(str(path), "pt") as entry:
+                meta = entry.metadata() or {}
+                blocks = entry.get_tensor("blocks")
+            if entry_digest(blocks, meta.get("entry", "")) != meta.get("sha256"):
                 raise ValueError("checksum mismatch")
-            encoded = FrameBlocks(list(blocks.unbind(0)), json.loads(meta["indices"]), json.loads(meta["timestamps_s"]))
-            return CachedVideo(encoded, float(meta["duration_s"]))
-        except (SafetensorError, OSError, ValueError, KeyError, TypeError) as exc:
+            return _checked(json.loads(meta["entry"]), blocks, key, block_shape)
+        except (SafetensorError, OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
             log.warning("encoding cache entry %s is corrupt (%s): discarded, recomputing", path.name, exc)
-            path.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                if path.is_file():
+                    path.unlink()
             return None
 
-    def store(self, key: str, encoded: FrameBlocks, duration_s: float) -> Path:
-        """Write the entry atomically."""
-        self.root.mkdir(parents=True, exist_ok=True)
+    def store(self, key: str, encoded: FrameBlocks, duration_s: float) -> Path | None:
+        """Write the entry atomically; None (and one warning) when the cache cannot be written."""
+        if not self.writable:
+            return None
         blocks = encoded.stacked().contiguous()
-        meta = {
-            "sha256": tensor_digest(blocks),
-            "indices": json.dumps(encoded.indices),
-            "timestamps_s": json.dumps(encoded.timestamps_s),
-            "duration_s": repr(duration_s),
-        }
+        description = json.dumps(
+            {"key": key, "indices": encoded.indices, "timestamps_s": encoded.timestamps_s, "duration_s": duration_s}
+        )
         path = self.path(key)
-        with atomic_file(path, "wb") as stream:
-            stream.write(save({"blocks": blocks}, metadata=meta))
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            with atomic_file(path, "wb") as stream:
+                stream.write(save({"blocks": blocks}, metadata={"entry": description, "sha256": entry_digest(blocks, description)}))
+        except OSError as exc:
+            self.writable = False
+            log.warning("cannot write the encoding cache in %s (%s): going on without it", self.root, exc.strerror or exc)
+            return None
         return path
+
+
+def _checked(entry: Any, blocks: torch.Tensor, key: str, block_shape: tuple[int, int]) -> CachedVideo:
+    """The cached video, once its description agrees with its key and its tensor."""
+    if not isinstance(entry, dict) or entry.get("key") != key:
+        raise ValueError("it belongs to another key")
+    indices, stamps, duration = entry.get("indices"), entry.get("timestamps_s"), entry.get("duration_s")
+    frames = blocks.shape[0] if blocks.ndim == 3 else -1
+    if tuple(blocks.shape[1:]) != tuple(block_shape) or not blocks.is_floating_point() or frames < 1:
+        raise ValueError(f"blocks of shape {tuple(blocks.shape)}, expected (frames, {block_shape[0]}, {block_shape[1]})")
+    if not (isinstance(indices, list) and isinstance(stamps, list) and len(indices) == len(stamps) == frames):
+        raise ValueError(f"its frame indices and timestamps do not describe its {frames} blocks")
+    if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in indices):
+        raise ValueError("a frame index is not a whole number >= 0")
+    if not all(_finite_number(t) and t >= 0 for t in [*stamps, duration]):
+        raise ValueError("a timestamp or the duration is not a finite number >= 0")
+    if not bool(torch.isfinite(blocks).all()):
+        raise ValueError("non-finite values in the blocks")
+    return CachedVideo(FrameBlocks(list(blocks.unbind(0)), indices, [float(t) for t in stamps]), float(duration))
+
+
+def _finite_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

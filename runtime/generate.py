@@ -2,23 +2,47 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from loc3r.errors import InputError
 from loc3r.models.tokenizer import TextTokenizer
+
+TEMPERATURE_RANGE = (0.01, 100.0)  # besides 0 (greedy): beyond it the softmax under/overflows
+SEED_LIMIT = 2**64  # torch seeds are 64-bit
 
 
 @dataclass(frozen=True)
 class SamplingConfig:
-    """Greedy when ``temperature == 0``; otherwise temperature + nucleus (top-p) sampling."""
+    """Greedy when ``temperature == 0``; otherwise temperature + nucleus (top-p) sampling.
+
+    Values are checked here (an ``InputError`` names the ``loc3r-run`` flag), so nothing
+    non-finite or out of range reaches the sampler.
+    """
 
     max_new_tokens: int = 64
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        low, high = TEMPERATURE_RANGE
+        if not _number(self.temperature) or not (self.temperature == 0 or low <= self.temperature <= high):
+            raise InputError(f"--temperature {self.temperature} is out of range", f"use 0 (greedy) or a number from {low} to {high:g}")
+        if not _number(self.top_p) or not 0 < self.top_p <= 1:
+            raise InputError(f"--top-p {self.top_p} is out of range", "use a number above 0 and at most 1 (1 keeps every token)")
+        if not isinstance(self.seed, int) or not 0 <= self.seed < SEED_LIMIT:
+            raise InputError(f"--seed {self.seed} is out of range", f"use a whole number from 0 to {SEED_LIMIT - 1}")
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise InputError(f"--max-new-tokens {self.max_new_tokens} is out of range", "use a whole number of at least 1")
+
+
+def _number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def pick_token(logits: Tensor, sampling: SamplingConfig, generator: torch.Generator) -> int:

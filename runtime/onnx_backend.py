@@ -14,16 +14,16 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.numpy import load_file
+from safetensors.torch import load_file
 from torch import Tensor
 
 from loc3r.errors import InputError
-from loc3r.export.exporter import CUT3R_INIT_FILE
 from loc3r.export.manifest import Manifest, check_manifest_matches
 from loc3r.runtime.ort import CPU, open_session, provider_names
 from loc3r.models.bundle import Bundle
 from loc3r.models.vision import vision_tokens_per_frame
 from loc3r.runtime.stages import CameraStage, EncodeBySteps, LLMStage
+
 
 def default_providers(cache_dir: Path) -> list[Any]:
     """On a device with onnxruntime-gpu: TensorRT EP (FP16, engine cache), CUDA, CPU; else CPU."""
@@ -108,25 +108,33 @@ class OrtHeads:
 
 
 def expected_shapes(bundle: Bundle) -> dict[str, dict[str, list[int | str]]]:
-    """Input shapes the bundle implies, checked against the manifest's."""
+    """Tensor shapes the bundle implies, checked against the manifest's."""
     config = bundle.config
     width = config.llm.hidden_size
     size = config.vision.image_size
     return {
-        "vision": {"pixels": ["frames", 3, size, size]},
+        "vision": {"pixels": ["frames", 3, size, size], "tokens": ["frames", vision_tokens_per_frame(config), width]},
         "pose_head": {"pos_state": ["batch", width]},
         "bev_head": {"states": ["tokens", width]},
     }
 
 
+def open_manifest(bundle: Bundle, manifest: Manifest) -> None:
+    """Refuse a manifest of another model or shape, then verify every file it lists."""
+    check_manifest_matches(manifest, bundle.config.model_id, bundle.checksum, expected_shapes(bundle))
+    manifest.verify()
+
+
+def stage_graphs(bundle: Bundle, manifest: Manifest) -> tuple[str, ...]:
+    """The graphs the stages run: the bundle's 3D encoder's, the vision tower's and the heads'."""
+    return (camera_graph(bundle, manifest), "vision", "pose_head", "bev_head")
+
+
 def onnx_stages(bundle: Bundle, manifest: Manifest, providers: Sequence[Any] | None = None) -> tuple[CameraStage, OrtVision, OrtHeads, LLMStage]:
     """Camera, vision, heads and LLM stages over the manifest's graphs."""
     providers = providers or default_providers(manifest.root / "ort_trt_cache")
-    check_manifest_matches(manifest, bundle.config.model_id, bundle.checksum, expected_shapes(bundle))
-    tokens = manifest.artifacts["vision"]["outputs"][0]["shape"][1]
-    if tokens != vision_tokens_per_frame(bundle.config):
-        raise InputError(f"the vision graph emits {tokens} tokens per frame, the model needs {vision_tokens_per_frame(bundle.config)}", "re-export")
-    session = {name: open_session(manifest.artifact_path(name), providers) for name in manifest.artifacts}
+    open_manifest(bundle, manifest)
+    session = {name: open_session(manifest.artifact_path(name), providers) for name in stage_graphs(bundle, manifest)}
     return ort_camera(bundle, manifest, session), OrtVision(session["vision"]), OrtHeads(session["pose_head"], session["bev_head"]), onnx_llm(bundle, manifest, providers)
 
 
@@ -142,29 +150,46 @@ def camera_graph(bundle: Bundle, manifest: Manifest) -> str:
 
 def clip_size(manifest: Manifest) -> tuple[int, int]:
     """(height, width) the ``vggt_encode`` graph was exported for."""
-    height, width = manifest.input_shape("vggt_encode", "images")[-2:]
-    return int(height), int(width)
+    size = list(manifest.tensor_shape("vggt_encode", "images")[-2:])
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size):
+        raise manifest.corrupt(f"the vggt_encode image size {size!r} is not [height, width]")
+    return size[0], size[1]
 
 
 def ort_camera(bundle: Bundle, manifest: Manifest, session: dict[str, Any]) -> CameraStage:
     """The camera stage over the manifest's 3D-encoder graph."""
     if camera_graph(bundle, manifest) == "vggt_encode":
         return OrtClipCamera(session["vggt_encode"], clip_size(manifest))
-    init = load_file(str(manifest.root / CUT3R_INIT_FILE))
-    height, width = manifest.data["cut3r_size"]
-    return OrtCamera(session["cut3r_step"], init["state"], init["memory"], (height, width))
+    init = initial_state(manifest)
+    return OrtCamera(session["cut3r_step"], init["state"].numpy(), init["memory"].numpy(), cut3r_size(manifest))
+
+
+def initial_state(manifest: Manifest) -> dict[str, Tensor]:
+    """CUT3R's state and memory before the first frame, as the export saved them."""
+    state = load_file(str(manifest.file(manifest.value("artifacts", "cut3r_step", "initial_state"))))
+    if set(state) != {"state", "memory"}:
+        raise manifest.corrupt("the CUT3R initial state file does not hold 'state' and 'memory'")
+    return state
+
+
+def cut3r_size(manifest: Manifest) -> tuple[int, int]:
+    """(height, width) the CUT3R step graph was exported for."""
+    size = manifest.value("cut3r_size", kind=list)
+    if len(size) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size):
+        raise manifest.corrupt(f"'cut3r_size' {size!r} is not [height, width]")
+    return size[0], size[1]
 
 
 def onnx_llm(bundle: Bundle, manifest: Manifest, providers: Sequence[Any]) -> LLMStage:
     """The exported LLM when the manifest has one, else the bundle's PyTorch LLM."""
-    llm = manifest.data.get("llm")
-    if not llm:
+    if not manifest.data.get("llm"):
         from loc3r.models.llm import TorchLLM
 
         return TorchLLM(bundle.model.llm)
     from loc3r.runtime.onnx_llm import OnnxLLM
 
-    root = manifest.root / "llm"
+    decoder = manifest.file("llm/" + manifest.value("llm", "decoder", "file"))
+    embeddings = manifest.file("llm/" + manifest.value("llm", "embeddings", "file"))
     # the TensorRT EP has no MatMulNBits: the decoder runs on the CUDA (or CPU) provider
     names = [p for p in provider_names(providers) if p != "TensorrtExecutionProvider"]
-    return OnnxLLM(root / llm["decoder"]["file"], root / llm["embeddings"]["file"], names)
+    return OnnxLLM(decoder, embeddings, names)

@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from loc3r.errors import InputError
@@ -32,14 +33,20 @@ from loc3r.runtime.session import FrameBlocks, Stages, VideoSession
 from loc3r.runtime.video import Frame, iter_frames
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
+ESTIMATED_DURATION_S = 3600.0  # timestamps of an hour-long video, when the duration is not known
 PREFETCH_FRAMES = 4
 
 
 class Pipeline:
     """Loc3R-VLM over one backend's stages."""
 
-    def __init__(self, bundle: Bundle, stages: Stages, backend: str, cache: EncodingCache | None = None) -> None:
+    def __init__(
+        self, bundle: Bundle, stages: Stages, backend: str, cache: EncodingCache | None = None, artifacts: str | None = None
+    ) -> None:
+        """``artifacts`` identifies what computes the stages (an export's fingerprint; the
+        bundle checksum for the torch backend): encoding-cache entries are keyed on it."""
         self.bundle = bundle
+        self.artifacts = artifacts or bundle.checksum
         self.config = bundle.config
         self.stages = stages
         self.cache = cache
@@ -83,10 +90,10 @@ class Pipeline:
         if backend == "onnxruntime":
             from loc3r.runtime.onnx_backend import onnx_stages
 
-            return cls(bundle, Stages(*onnx_stages(bundle, manifest)), backend, cache)
+            return cls(bundle, Stages(*onnx_stages(bundle, manifest)), backend, cache, manifest.fingerprint)
         from loc3r.runtime.tensorrt_backend import tensorrt_stages
 
-        return cls(bundle, Stages(*tensorrt_stages(bundle, manifest)), backend, cache)
+        return cls(bundle, Stages(*tensorrt_stages(bundle, manifest)), backend, cache, manifest.fingerprint)
 
     # -- sessions -------------------------------------------------------------------------
 
@@ -124,7 +131,8 @@ class Pipeline:
             return self._session
         self.check_frames_fit(num_frames)
         cache_key = self._cache_key(Path(video), num_frames)
-        cached = self.cache.load(cache_key) if cache_key else None
+        block_shape = (1 + vision_tokens_per_frame(self.config), self.config.llm.hidden_size)
+        cached = self.cache.load(cache_key, block_shape) if cache_key else None
         session = self.new_session(str(video), with_bev, live=False)
         if cached is not None:
             session.add_blocks(cached.encoded)
@@ -143,27 +151,44 @@ class Pipeline:
             bar.close()
             session.report.update(read_report(frames))
             session.finish(frames.info.duration_s)
-            if cache_key:
-                self.cache.store(cache_key, session.encoded, frames.info.duration_s)
+            if cache_key and self.cache.store(cache_key, session.encoded, frames.info.duration_s):
                 session.report["encoding_cache"] = "stored"
         self._session_key = key
         return session
 
-    def check_frames_fit(self, num_frames: int) -> None:
+    def check_frames_fit(
+        self, num_frames: int, max_new_tokens: int = 0, question_tokens: int = 0, duration_s: float = ESTIMATED_DURATION_S
+    ) -> None:
         """Refuse, before anything is decoded or encoded, a frame count whose video prefix
-        (``num_frames`` x tokens per frame + the text around it) fills the LLM's context."""
-        prefix = build_video_prefix(
-            self.bundle.tokenizer, num_frames, vision_tokens_per_frame(self.config), 0.0, [0.0] * num_frames
-        )
+        (``num_frames`` x tokens per frame + the text around it, with the timestamps of a
+        ``duration_s``-second video), the question and the answer do not fit the LLM's context;
+        the message gives the largest frame count (or ``--max-new-tokens``) that does."""
         limit = self.config.llm.max_position_embeddings
-        if prefix.length < limit:
+        other = question_tokens + max_new_tokens
+
+        def video_tokens(frames: int) -> int:
+            stamps = np.linspace(0.0, duration_s, frames).tolist()
+            return build_video_prefix(self.bundle.tokenizer, frames, vision_tokens_per_frame(self.config), duration_s, stamps).length
+
+        length = video_tokens(num_frames)
+        if length + other <= limit:
             return
-        per_frame = prefix.tokens_per_frame
-        most = max((limit - 1 - (prefix.length - num_frames * per_frame)) // per_frame, 1)
+        low, high = 0, num_frames  # video_tokens grows with the frame count: bisect the largest that fits
+        while low < high:
+            middle = (low + high + 1) // 2
+            low, high = (middle, high) if video_tokens(middle) + other <= limit else (low, middle - 1)
+        if low >= 1:
+            extra = f", and the question and answer need {other} more" if other else ""
+            raise InputError(
+                f"{num_frames} frames x {1 + vision_tokens_per_frame(self.config)} tokens per frame make a {length}-token "
+                f"video prompt{extra}, but the LLM's context is {limit} tokens",
+                f"use at most {low} frames (--frames {low})" + (" or a lower --max-new-tokens" if max_new_tokens else ""),
+            )
+        room = limit - length - question_tokens
         raise InputError(
-            f"{num_frames} frames x {per_frame} tokens per frame make a {prefix.length}-token video prompt, "
-            f"but the LLM's context is {limit} tokens",
-            f"use at most {most} frames (--frames {most})",
+            f"--max-new-tokens {max_new_tokens} does not fit: the {num_frames}-frame video prompt and the question "
+            f"already take {length + question_tokens} of the LLM's {limit} tokens",
+            f"use at most --max-new-tokens {room}" if room >= 1 else "use fewer frames (--frames) or a shorter question",
         )
 
     def encode_frames(self, frames: list[Frame], session: VideoSession) -> FrameBlocks:
@@ -199,6 +224,8 @@ class Pipeline:
             video,
             model=self.bundle.checksum,
             backend=self.model_info.backend,
+            artifacts=self.artifacts,
+            dtype=str(self.bundle.dtype),
             frames=num_frames,
             cut3r_long_side=self.config.cut3r_long_side,
             vision_size=self.config.vision.image_size,

@@ -60,7 +60,7 @@ def cut3r_input(rgb: np.ndarray, long_side: int = 512, patch: int = 16, square_o
     image = Image.fromarray(_check_rgb(rgb))
     longest = max(image.size)
     resample = Image.Resampling.LANCZOS if longest > long_side else Image.Resampling.BICUBIC
-    image = image.resize(tuple(int(round(x * long_side / longest)) for x in image.size), resample)
+    image = image.resize(tuple(max(1, round(x * long_side / longest)) for x in image.size), resample)
     box = cut3r_crop_box(*image.size, patch=patch, square_ok=square_ok)
     if box[2] <= box[0] or box[3] <= box[1]:
         raise InputError(

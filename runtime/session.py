@@ -11,6 +11,8 @@ is added when a question arrives and cut back with it, so frames can keep coming
 
 from __future__ import annotations
 
+import logging
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -31,6 +33,7 @@ from loc3r.runtime.result import Answer, ModelInfo, Pose
 from loc3r.runtime.stages import CameraStage, HeadsStage, LLMStage, VisionStage
 from loc3r.runtime.video import Frame
 
+log = logging.getLogger(__name__)
 VISION_BATCH = 8
 
 
@@ -197,7 +200,7 @@ class VideoSession:
             live_tail = self._ensure_tail()
             timings["prefill_time_text"] = time.perf_counter() - tail_start
             prefix_length = self.stages.llm.cached_length
-            self._check_length(prefix_length + len(suffix.ids) + sampling.max_new_tokens)
+            self._check_length(prefix_length + len(suffix.ids), sampling.max_new_tokens)
             start = time.perf_counter()
             result = self.stages.llm.prefill(self.stages.llm.embed(suffix.ids))
             timings["prefill_question"] = time.perf_counter() - start
@@ -221,12 +224,15 @@ class VideoSession:
             timings["ttft_s"] = token_times[0] - asked_at
             if len(token_times) > 1:
                 timings["decode_tokens_per_s"] = (len(token_times) - 1) / (token_times[-1] - token_times[0])
+        pose = Pose(float(xy[0]), float(xy[1]), float(sigma), float(theta))
+        if not all(math.isfinite(v) for v in (pose.x, pose.y, pose.sigma, pose.theta_rad)):
+            log.warning("the model gave a non-finite pose (JSON shows null): its weights or engines may be damaged")
         return Answer(
             question=question,
             situation=situation or "",
             text=tokenizer.decode(tokens),
             token_ids=tokens,
-            pose=Pose(float(xy[0]), float(xy[1]), float(sigma), float(theta)),
+            pose=pose,
             model=self.model_info,
             video=self.describe(),
             timings={k: round(v, 6) for k, v in timings.items()},
@@ -305,10 +311,16 @@ class VideoSession:
         points = self.stages.heads.bev(vision.reshape(-1, vision.shape[-1]))
         return points.reshape(frames, side * side, 2).float().numpy()
 
-    def _check_length(self, length: int) -> None:
+    def _check_length(self, length: int, max_new_tokens: int = 0) -> None:
         limit = self.config.llm.max_position_embeddings
         if length > limit:
             raise InputError(
                 f"the prompt needs {length} tokens but the LLM's context is {limit}",
                 "use fewer frames (--frames) or a shorter question",
+            )
+        if length + max_new_tokens > limit:
+            raise InputError(
+                f"the prompt needs {length} tokens and --max-new-tokens asks for {max_new_tokens} more, "
+                f"but the LLM's context is {limit}",
+                f"use at most --max-new-tokens {limit - length}, or fewer frames (--frames)",
             )

@@ -6,6 +6,7 @@ own (seconds since its first frame).
 
 from __future__ import annotations
 
+import itertools
 import sys
 from collections.abc import Iterator
 from typing import BinaryIO
@@ -14,7 +15,7 @@ import av
 import numpy as np
 
 from loc3r.errors import InputError
-from loc3r.runtime.video import Frame, frame_to_rgb, rotate_frame
+from loc3r.runtime.video import Frame, frame_to_rgb, rotate_frame, video_stream
 
 NETWORK_SCHEMES = ("rtsp://", "rtmp://", "http://", "https://", "udp://", "tcp://", "srt://")
 
@@ -26,7 +27,9 @@ def is_live_source(spec: str) -> bool:
 def live_frames(
     spec: str, stride: int, max_frames: int, frame_size: tuple[int, int] | None = None, fps: float = 30.0, stdin: BinaryIO | None = None
 ) -> Iterator[Frame]:
-    """Every ``stride``-th frame of the source, at most ``max_frames`` of them."""
+    """Every ``stride``-th frame of the source, at most ``max_frames`` of them. The source is
+    opened here, so one that cannot be opened or has no video fails at once (in the caller's
+    thread); frames are read as the iterator is consumed."""
     if stride < 1 or max_frames < 1:
         raise InputError("--stride and --frames must be at least 1", "pass positive numbers")
     if spec == "-":
@@ -35,14 +38,7 @@ def live_frames(
         frames = raw_rgb_frames(stdin or sys.stdin.buffer, frame_size, fps)
     else:
         frames = container_frames(spec)
-    taken = 0
-    for number, frame in enumerate(frames):
-        if number % stride:
-            continue
-        yield frame
-        taken += 1
-        if taken == max_frames:
-            return
+    return itertools.islice(frames, 0, stride * (max_frames - 1) + 1, stride)
 
 
 def raw_rgb_frames(stream: BinaryIO, frame_size: tuple[int, int], fps: float) -> Iterator[Frame]:
@@ -74,8 +70,17 @@ def container_frames(spec: str) -> Iterator[Frame]:
         container = av.open(url, mode="r", timeout=10.0, **options)
     except (av.FFmpegError, OSError) as exc:
         raise InputError(f"cannot open live source {spec} ({exc})", "check the device or URL and that it is streaming") from None
+    try:
+        stream = video_stream(container, spec)
+    except InputError:
+        container.close()
+        raise
+    return _decoded(container, stream)
+
+
+def _decoded(container: av.container.InputContainer, stream: av.VideoStream) -> Iterator[Frame]:
+    """The stream's frames, stamped from its first one; the container closes at the end."""
     with container:
-        stream = container.streams.video[0]
         first: float | None = None
         for index, frame in enumerate(container.decode(stream)):
             stamp = float(frame.time) if frame.time is not None else index / float(stream.average_rate or 30)

@@ -14,15 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 from torch import Tensor
 
 from loc3r.errors import ModelError
-from loc3r.export.exporter import CUT3R_INIT_FILE
-from loc3r.export.manifest import Manifest, check_manifest_matches
+from loc3r.export.manifest import Manifest
 from loc3r.export.tensorrt_build import check_engine_matches, cuda_device_sm, import_tensorrt
 from loc3r.models.bundle import Bundle
-from loc3r.runtime.onnx_backend import camera_graph, check_frame_size, clip_size, expected_shapes, onnx_llm
+from loc3r.runtime.onnx_backend import camera_graph, check_frame_size, clip_size, initial_state, onnx_llm, open_manifest, stage_graphs
 from loc3r.runtime.stages import CameraStage, EncodeBySteps, LLMStage
 
 
@@ -105,24 +103,24 @@ class TrtHeads:
 
 def tensorrt_stages(bundle: Bundle, manifest: Manifest) -> tuple[CameraStage, TrtVision, TrtHeads, LLMStage]:
     """Stages over the engines the manifest lists as built on this device."""
-    check_manifest_matches(manifest, bundle.config.model_id, bundle.checksum, expected_shapes(bundle))
+    open_manifest(bundle, manifest)
     trt = import_tensorrt()
-    built = manifest.data.get("engines")
-    if not built:
+    if not manifest.data.get("engines"):
         raise ModelError(
             f"no TensorRT engines have been built in {manifest.root}",
             f"run 'loc3r-export build --manifest {manifest.root}/manifest.json' on this device",
         )
     sm = cuda_device_sm()
     sessions = {}
-    for name, file in built["files"].items():
-        check_engine_matches(manifest.root / file, trt.__version__, sm)
-        sessions[name] = TrtSession(manifest.root / file)
+    for name in stage_graphs(bundle, manifest):
+        engine = manifest.file(manifest.value("engines", "files", name))
+        check_engine_matches(engine, trt.__version__, sm)
+        sessions[name] = TrtSession(engine)
     graph = camera_graph(bundle, manifest)
     if graph == "vggt_encode":
         camera: CameraStage = TrtClipCamera(sessions[graph], clip_size(manifest))
     else:
-        camera = TrtCamera(sessions[graph], load_file(str(manifest.root / CUT3R_INIT_FILE)))
+        camera = TrtCamera(sessions[graph], initial_state(manifest))
     heads = TrtHeads(sessions["pose_head"], sessions["bev_head"])
     llm = onnx_llm(bundle, manifest, ("CUDAExecutionProvider", "CPUExecutionProvider"))
     return camera, TrtVision(sessions["vision"]), heads, llm

@@ -15,6 +15,7 @@ exactly. Streams over ``MAX_DECODE_PIXELS`` (8192x8192) are refused before decod
 from __future__ import annotations
 
 import logging
+import stat
 from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -39,6 +40,7 @@ __all__ = [
     "read_video",
     "rotate_frame",
     "sample_indices",
+    "video_stream",
 ]
 
 MAX_DECODE_SIDE = 2048
@@ -153,7 +155,7 @@ def probe_video(path: str | Path, count_frames: bool = False) -> VideoInfo:
     """
     path = _check_path(path)
     with _open(path) as container:
-        stream = _video_stream(container, path)
+        stream = video_stream(container, path)
         fps = _fps(stream, path)
         total, exact = stream.frames, True
         if total <= 0:
@@ -200,7 +202,7 @@ class FrameStream(Iterator[Frame]):
         target = next(wanted, None)
         last: tuple[int, av.VideoFrame] | None = None
         with _open(info.path) as container:
-            stream = _video_stream(container, info.path)
+            stream = video_stream(container, info.path)
             for index, frame in enumerate(_decode(container, stream, report)):
                 report.decoded_frames = index + 1
                 last = index, frame
@@ -275,6 +277,10 @@ def _check_path(path: str | Path) -> Path:
         raise InputError(f"{path}: no such file", "check the path to the video")
     if path.is_dir():
         raise InputError(f"{path}: is a directory, not a video file", "pass the path of one video file")
+    mode = path.stat().st_mode
+    if not stat.S_ISREG(mode):
+        kind = "a FIFO" if stat.S_ISFIFO(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a regular file"
+        raise InputError(f"{path}: is {kind}, not a video file", "pass a video file; for a stream of frames use --source")
     if path.stat().st_size == 0:
         raise InputError(f"{path}: is an empty file (0 bytes)", "re-copy or re-record the video")
     return path
@@ -295,7 +301,9 @@ def _open(path: Path) -> av.container.InputContainer:
     return container
 
 
-def _video_stream(container: av.container.InputContainer, path: Path) -> av.VideoStream:
+def video_stream(container: av.container.InputContainer, path: Path | str) -> av.VideoStream:
+    """The first decodable video stream (cover art excluded), or an ``InputError`` saying
+    what the file or source holds instead."""
     streams = [
         s for s in container.streams.video
         if not s.disposition & av.stream.Disposition.attached_pic
@@ -351,7 +359,7 @@ def _count_slack(info: VideoInfo) -> int:
 
 def _count_packets(path: Path) -> int:
     with _open(path) as container:
-        stream = _video_stream(container, path)
+        stream = video_stream(container, path)
         count = 0
         try:
             for packet in container.demux(stream):

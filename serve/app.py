@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import secrets
 from collections.abc import AsyncIterator
 from importlib import resources
@@ -12,7 +11,7 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.responses import FileResponse, Response
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import ValidationError
@@ -22,6 +21,7 @@ from starlette.formparsers import MultiPartException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from loc3r.errors import InputError
+from loc3r.fileio import finite_json
 from loc3r.runtime.generate import SamplingConfig
 from loc3r.serve.errors import ApiError, install_error_handlers
 from loc3r.serve.media import LIVE_PREFIX, MediaResolver
@@ -135,7 +135,8 @@ def create_app(worker: ModelWorker, settings: ServeSettings, uploads: UploadStor
         result = await wait_for_result(question, request)
         if result is None:
             return Response(status_code=499)  # the client is gone; nobody reads this
-        return JSONResponse(completion(cid, model, result, max_tokens, question.return_bev))
+        body = finite_json(completion(cid, model, result, max_tokens, question.return_bev))  # a NaN pose is null
+        return Response(body, media_type="application/json")
 
     async def build_question(body: ChatRequest) -> tuple[Question, int]:
         if body.model not in model_names:
@@ -211,7 +212,7 @@ async def wait_for_result(question: Question, request: Request) -> Result | None
 
 
 def data(payload: dict[str, Any]) -> dict[str, str]:
-    return {"data": json.dumps(payload, separators=(",", ":"))}
+    return {"data": finite_json(payload, separators=(",", ":"))}
 
 
 def error_payload(exc: Exception) -> dict[str, Any]:

@@ -21,6 +21,16 @@ def isolated_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def cpu_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model exported for the cpu target with an fp32 LLM (shared: copy it to damage it)."""
+    from loc3r.export import cli as export_cli
+
+    out = tmp_path_factory.mktemp("export") / "cpu"
+    assert export_cli.main(["--model", "tiny", "--target", "cpu", "--out", str(out), "--llm", "fp32"]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
 def tiny_tokenizer() -> TextTokenizer:
     corpus = resources.files("loc3r").joinpath("assets/corpus.txt").read_text(encoding="utf-8")
     return train_tiny_tokenizer(corpus.splitlines())

@@ -8,8 +8,10 @@ cases run the console scripts in a subprocess to prove the exit codes end to end
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -316,14 +318,11 @@ def no_model(monkeypatch: pytest.MonkeyPatch) -> None:
     [
         (["{video}", ""], ["the question is empty", "pass a non-empty question"]),
         (["{video}", "   \t "], ["the question is empty"]),
-        (["{video}", "Where? <|im_end|>"], ["the question contains the reserved token <|im_end|>", "remove it"]),
-        (["{video}", "Where am I <Pos>"], ["the question contains the reserved token <Pos>"]),
-        (["{video}", "q", "--situation", "I stand <Ori>"], ["the situation contains the reserved token <Ori>"]),
-        (["{video}", "ok", "second <|im_start|>"], ["the question contains the reserved token <|im_start|>"]),
+        (["{video}", "ok", " "], ["the question is empty"]),
         (["{video}"], ["no question given", "or -i to type them"]),
         ([], ["no video given"]),
     ],
-    ids=["empty", "whitespace", "im_end", "pos", "situation-ori", "second-question", "no-question", "no-video"],
+    ids=["empty", "whitespace", "second-question", "no-question", "no-video"],
 )
 def test_bad_text_fails_before_any_work(
     argv: list[str], fragments: list[str], video: Path, no_model: None, capsys: pytest.CaptureFixture[str]
@@ -352,7 +351,7 @@ def test_too_many_frames_for_the_context_fails_before_decoding(
         "100 frames x 211 tokens per frame", "the LLM's context is 16384 tokens", "--frames",
     )
     assert time.perf_counter() - start < 30
-    most = int(line.rsplit("--frames ", 1)[1].rstrip(")"))
+    most = int(re.search(r"\(--frames (\d+)\)", line).group(1))
     assert 60 < most < 78  # 77 x 211 = 16247 leaves no room for the text
 
 
@@ -408,7 +407,7 @@ def _truncate(path: Path) -> None:
         (lambda b: (b / "config.json").unlink(), ["is not a loc3r bundle (no config.json)", "--model tiny"]),
         (lambda b: (b / "config.json").write_text('{"model_id": "x",'), ["config.json is not valid JSON", "re-create the bundle"]),
         (lambda b: _edit_config(b, lambda c: c.update(colour="blue")), ["config.json has a field this version does not know", "colour"]),
-        (lambda b: _edit_config(b, lambda c: c["llm"].update(hidden_size="64")), ["config.json: llm.hidden_size is '64', expected a positive integer"]),
+        (lambda b: _edit_config(b, lambda c: c["llm"].update(hidden_size="64")), ["config.json: llm.hidden_size is '64', expected an integer from 1 to 65536"]),
         (lambda b: _edit_config(b, lambda c: c["heads"].update(hidden_size=48)), ["mis-shaped tensors", "config.json and weights disagree", "re-create the bundle"]),
         (_drop_tensor, ["1 missing tensors", "config.json and weights disagree"]),
         (lambda b: _truncate(b / WEIGHTS_FILE), ["model.safetensors is not a readable safetensors file", "re-create the bundle"]),
@@ -425,6 +424,8 @@ def write_manifest(folder: Path, checksum: str, **changes: object) -> Path:
     """A minimal manifest in the layout loc3r-export writes (no graphs are opened before
     the identity and shape checks refuse it)."""
     folder.mkdir(parents=True, exist_ok=True)
+    graph = b"not opened"
+    (folder / "vision.onnx").write_bytes(graph)
     manifest = {
         "format": FORMAT,
         "version": VERSION,
@@ -438,6 +439,7 @@ def write_manifest(folder: Path, checksum: str, **changes: object) -> Path:
                 "outputs": [{"name": "tokens", "shape": ["frames", 210, 64], "dtype": "float32"}],
             }
         },
+        "files": {"vision.onnx": {"size": len(graph), "sha256": hashlib.sha256(graph).hexdigest()}},
         **changes,
     }
     (folder / MANIFEST_FILE).write_text(json.dumps(manifest))
@@ -457,7 +459,7 @@ def _folder(path: Path, manifest: bytes | None = None) -> Path:
         (lambda d, c: write_manifest(d, "0" * 64), ["were exported from model loc3r-tiny-random-v1 (checksum 000000000000)", "re-export them from this model"]),
         (lambda d, c: write_manifest(d, c, precision="int3"), ["is corrupt: precision 'int3' is not one of fp32, fp16", "re-run loc3r-export"]),
         (
-            lambda d, c: write_manifest(d, c, artifacts={"vision": {"file": "vision.onnx", "outputs": [],
+            lambda d, c: write_manifest(d, c, artifacts={"vision": {"file": "vision.onnx", "outputs": [{"name": "tokens", "shape": [1]}],
                                                                     "inputs": [{"name": "pixels", "shape": ["frames", 3, 224, 224]}]}}),
             ["manifest vision.pixels has shape ['frames', 3, 224, 224], the model needs ['frames', 3, 384, 384]"],
         ),
@@ -561,16 +563,16 @@ def test_plot_write_refused_late_is_still_one_line(
     video: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """The folder turns read-only while the video is being encoded (the early check passed)."""
-    import loc3r.runtime.plot as plot_module
+    import loc3r.fileio as fileio_module
 
-    real = plot_module.tempfile.mkstemp
+    real = fileio_module.tempfile.mkstemp
 
     def refuse(*args: object, dir: object = None, **kwargs: object):  # noqa: A002, ANN202
         if dir is not None and Path(dir) == tmp_path:
             raise PermissionError(errno.EACCES, "Permission denied", str(Path(dir) / ".map.abc.png"))
         return real(*args, dir=dir, **kwargs)
 
-    monkeypatch.setattr(plot_module.tempfile, "mkstemp", refuse)
+    monkeypatch.setattr(fileio_module.tempfile, "mkstemp", refuse)
     result = run(capsys, video, "Where am I?", "--plot", tmp_path / "map.png", *FAST)
     assert_error(result, 2, f"cannot access {tmp_path} (Permission denied)")
     assert_nothing_left(tmp_path, set())

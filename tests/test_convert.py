@@ -295,10 +295,10 @@ def test_refuses_to_replace_a_foreign_folder(tmp_path: Path, capsys, cut3r_file)
     (tmp_path / "precious").mkdir()
     (tmp_path / "precious" / "notes.txt").write_text("keep me")
     code, err = convert(capsys, "--llava", folder, "--cut3r", cut3r_file[0], "--out", tmp_path / "precious", "--vision-heads", "2")
-    assert_one_line_error(code, err, "not a loc3r bundle")
+    assert_one_line_error(code, err, "is a folder loc3r did not write (it holds notes.txt)")
     assert (tmp_path / "precious" / "notes.txt").is_file()
     code, err = convert(capsys, "--llava", folder, "--cut3r", cut3r_file[0], "--out", folder, "--vision-heads", "2")
-    assert_one_line_error(code, err, "not a loc3r bundle")
+    assert_one_line_error(code, err, "is a folder loc3r did not write")
     assert (folder / "model.safetensors.index.json").is_file()
 
 

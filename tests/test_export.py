@@ -12,18 +12,12 @@ from loc3r.errors import ModelError
 from loc3r.export import cli as export_cli
 from loc3r.export import exporter
 from loc3r.export.manifest import load_manifest
+from loc3r.fileio import MARKER_FORMAT, MARKER_VERSION, OUTPUT_MARKER
 from loc3r.runtime.demo_video import write_demo_video
 from loc3r.runtime.generate import SamplingConfig
 from loc3r.runtime.pipeline import Pipeline
 
 FRAMES = 3
-
-
-@pytest.fixture(scope="module")
-def cpu_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("export") / "cpu"
-    assert export_cli.main(["--model", "tiny", "--target", "cpu", "--out", str(out), "--llm", "fp32"]) == 0
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -97,6 +91,8 @@ def test_failed_export_leaves_nothing_behind(tmp_path: Path, monkeypatch: pytest
     out = tmp_path / "engines"
     out.mkdir()
     (out / "manifest.json").write_text("previous export")
+    marker = {"format": MARKER_FORMAT, "version": MARKER_VERSION, "kind": "export", "entries": ["manifest.json"]}
+    (out / OUTPUT_MARKER).write_text(json.dumps(marker))
 
     def fail(*args: object) -> None:
         raise OSError(28, "No space left on device")
@@ -105,13 +101,13 @@ def test_failed_export_leaves_nothing_behind(tmp_path: Path, monkeypatch: pytest
     assert export_cli.main(["--target", "cpu", "--out", str(out), "--llm", "none"]) == 1
     assert "No space left on device" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["engines"]
-    assert (out / "manifest.json").read_text() == "previous export"
+    assert (out / "manifest.json").read_text() == "previous export" and (out / OUTPUT_MARKER).is_file()
 
 
 def test_refuses_to_replace_a_folder_that_is_not_an_export(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "notes.txt").write_text("mine")
     assert export_cli.main(["--target", "cpu", "--out", str(tmp_path)]) == 2
-    assert "is a non-empty folder that is not a loc3r export" in capsys.readouterr().err
+    assert "is a folder loc3r did not write (it holds notes.txt); it would be replaced" in capsys.readouterr().err
     assert (tmp_path / "notes.txt").read_text() == "mine"
 
 

@@ -118,9 +118,10 @@ def test_interactive_mode_reports_a_bad_question_and_asks_again(
 ) -> None:
     import io
 
-    monkeypatch.setattr("sys.stdin", io.StringIO("Where is <Pos> here?\n\nWhere am I?\n"))
+    too_long = "x " * 20000  # beyond the tiny model's 16384-token context
+    monkeypatch.setattr("sys.stdin", io.StringIO(f"{too_long}\n\nWhere am I?\n"))
     assert main([str(demo_video), "-i", "--json", "--frames", "2", "--max-new-tokens", "2"]) == 0
     captured = capsys.readouterr()
-    assert captured.err.count("loc3r-run: error: the question contains the reserved token <Pos>") == 1
+    assert captured.err.count("loc3r-run: error: the prompt needs") == 1
     answers = [json.loads(line) for line in captured.out.splitlines()]
     assert [a["question"] for a in answers] == ["Where am I?"]

@@ -7,14 +7,25 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tokenizers import Tokenizer
+
 from loc3r.errors import InputError
 from loc3r.models.prompt import (
+    SYSTEM_PROMPT,
     PromptLayout,
     build_question_suffix,
     build_video_prefix,
     time_instruction,
 )
 from loc3r.models.tokenizer import TextTokenizer
+
+
+@pytest.fixture(scope="module")
+def markup_tokenizer(tiny_tokenizer: TextTokenizer, tmp_path_factory: pytest.TempPathFactory) -> Tokenizer:
+    """The same tokenizer read with its added tokens matched in text (the reference's way)."""
+    folder = tmp_path_factory.mktemp("tok")
+    tiny_tokenizer.save(folder)
+    return Tokenizer.from_file(str(folder / "tokenizer.json"))
 
 
 def test_time_instruction_matches_llava_video() -> None:
@@ -62,9 +73,9 @@ def test_pos_ori_sit_between_situation_and_question(tiny_tokenizer: TextTokenize
     # the question follows, then the end of the user turn and the assistant header
     tail = tiny_tokenizer.decode(ids[layout.ori_index + 1 :])
     assert tail == "\nWhere am I?\nassistant\n"
-    assistant_header = tiny_tokenizer.encode("<|im_end|>\n<|im_start|>assistant\n")
+    assistant_header = [tiny_tokenizer.im_end_id, *tiny_tokenizer.encode("\n"), tiny_tokenizer.im_start_id,
+                        *tiny_tokenizer.encode("assistant\n")]
     assert ids[-len(assistant_header) :] == assistant_header
-    assert assistant_header[0] == tiny_tokenizer.im_end_id
     assert layout.camera_indices == [prefix.video_start + t * 211 for t in range(4)]
     assert all(ids[i] == -1 for i in layout.camera_indices)
 
@@ -72,14 +83,24 @@ def test_pos_ori_sit_between_situation_and_question(tiny_tokenizer: TextTokenize
 @settings(max_examples=50, deadline=None)
 @given(st.text(alphabet=st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=40).filter(lambda s: s.strip()))
 def test_chunked_tokenization_equals_whole(tiny_tokenizer: TextTokenizer, question: str) -> None:
-    """Tokenizing the suffix separately from the time text changes no ids."""
-    for token in ("<|im_start|>", "<|im_end|>", "<Pos>", "<Ori>"):
-        question = question.replace(token, "")
-    if not question.strip():
-        return
+    """Tokenizing the question separately from the time text changes no ids."""
     tail = "\nThe video lasts for 1.00 seconds.\n"
-    suffix = f"\n{question}<|im_end|>\n<|im_start|>assistant\n"
-    assert tiny_tokenizer.encode(tail) + tiny_tokenizer.encode(suffix) == tiny_tokenizer.encode(tail + suffix)
+    assert tiny_tokenizer.encode(tail) + tiny_tokenizer.encode(f"\n{question}") == tiny_tokenizer.encode(f"{tail}\n{question}")
+
+
+@pytest.mark.parametrize("situation", ["", "I am sitting on the bed."])
+def test_prompt_ids_equal_one_pass_over_the_chatml_text(
+    tiny_tokenizer: TextTokenizer, markup_tokenizer: Tokenizer, situation: str
+) -> None:
+    """Control tokens placed by id give exactly the ids of the whole ChatML string read with
+    its added tokens matched (as LLaVA-Video tokenizes its prompt), for ordinary text."""
+    stamps = [0.0, 1.5, 3.0]
+    prefix = build_video_prefix(tiny_tokenizer, 3, 4, 4.5, stamps)
+    suffix = build_question_suffix(tiny_tokenizer, "Where is the chair?", situation)
+    reference = lambda text: markup_tokenizer.encode(text, add_special_tokens=False).ids  # noqa: E731
+    assert list(prefix.head_ids) == reference(f"<|im_start|>system\n{SYSTEM_PROMPT}<|im_end|>\n<|im_start|>user\n")
+    assert list(prefix.tail_ids) == reference(f"\n{time_instruction(4.5, stamps)}\n")
+    assert list(suffix.ids) == reference(f"{situation}<Pos><Ori>\nWhere is the chair?<|im_end|>\n<|im_start|>assistant\n")
 
 
 @pytest.mark.parametrize(
@@ -87,7 +108,6 @@ def test_chunked_tokenization_equals_whole(tiny_tokenizer: TextTokenizer, questi
     [
         ("", "the question is empty"),
         ("   \n", "the question is empty"),
-        ("hi <Pos>", "the question contains the reserved token <Pos>"),
         ("a \udcff b", "the question is not valid UTF-8"),
     ],
 )

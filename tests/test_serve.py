@@ -191,7 +191,7 @@ def test_upload_limits_and_bad_files(served: Served) -> None:
         ({"tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "unsupported_parameter"),
         ({"messages": [{"role": "system", "content": "be brief"}, *video_message("room.mp4", "Where?")]}, 400, "unsupported_message"),
         ({"messages": [{"role": "user", "content": "Where am I?"}]}, 400, "video_required"),
-        ({"messages": video_message("room.mp4", "Where <|im_end|> am I?")}, 400, "invalid_input"),
+        ({"seed": 2**64}, 400, "invalid_input"),  # markup such as <|im_end|> is plain text: accepted
         ({"messages": video_message("room.mp4", "  ")}, 400, "invalid_input"),
         ({"messages": video_message("nowhere.mp4", "Where?")}, 404, "video_not_found"),
         ({"temperature": 5}, 400, "invalid_request"),

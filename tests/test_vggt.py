@@ -92,7 +92,8 @@ def test_batched_forward_equals_per_clip_encode(tiny_model: VggtCameraEncoder) -
     ("change", "message"),
     [
         ({"encoder_3d": "dust3r"}, "encoder_3d is 'dust3r', expected one of 'cut3r', 'vggt'"),
-        ({"vggt": {"depth": 0}}, "vggt.depth is 0, expected a positive integer"),
+        ({"vggt": {"depth": 0}}, "vggt.depth is 0, expected an integer from 1 to 256"),
+        ({"vggt": {"rope_freq": float("nan")}}, "vggt.rope_freq is nan, expected a number above 0"),
         ({"vggt": {"embed_dim": 100, "num_heads": 3}}, "head size that is not a multiple of 4"),
         ({"vggt": {"colour": 1}}, "unknown VGGT config fields"),
     ],

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from loc3r.errors import ModelError
+from loc3r.models.config import check_field_types, limit
 
 StatePE = Literal["1d", "2d"]
 
@@ -19,25 +20,26 @@ class Cut3rConfig:
     the camera path accepts any H, W that are multiples of ``patch_size``.
     """
 
-    enc_embed_dim: int = 1024
-    enc_depth: int = 24
-    enc_num_heads: int = 16
-    dec_embed_dim: int = 768
-    dec_depth: int = 12
-    dec_num_heads: int = 12
-    state_size: int = 768
-    state_dec_num_heads: int = 16
+    enc_embed_dim: int = limit(1024, 16384)
+    enc_depth: int = limit(24, 256)
+    enc_num_heads: int = limit(16, 256)
+    dec_embed_dim: int = limit(768, 16384)
+    dec_depth: int = limit(12, 256)
+    dec_num_heads: int = limit(12, 256)
+    state_size: int = limit(768, 65536)
+    state_dec_num_heads: int = limit(16, 256)
     state_pe: StatePE = "2d"
-    local_mem_size: int = 256
-    mem_depth: int = 2
-    patch_size: int = 16
-    rope_freq: float = 100.0
-    mlp_ratio: float = 4.0
-    norm_eps: float = 1e-6
-    img_size: tuple[int, int] = (512, 512)
+    local_mem_size: int = limit(256, 65536)
+    mem_depth: int = limit(2, 64)
+    patch_size: int = limit(16, 1024)
+    rope_freq: float = limit(100.0, 1e9, least=0)
+    mlp_ratio: float = limit(4.0, 64.0, least=0)
+    norm_eps: float = limit(1e-6, 1.0, least=0)
+    img_size: tuple[int, int] = limit((512, 512), 16384)
     head_type: str = "dpt"
 
     def __post_init__(self) -> None:
+        check_field_types(self, "cut3r.")  # types and ranges first: no division by a zero below
         for dim, heads, what in (
             (self.enc_embed_dim, self.enc_num_heads, "encoder"),
             (self.dec_embed_dim, self.dec_num_heads, "decoder"),
@@ -69,8 +71,8 @@ class Cut3rConfig:
         if unknown:
             raise ModelError(f"unknown CUT3R config fields {unknown}", "remove them")
         d = dict(d)
-        if "img_size" in d:
-            d["img_size"] = tuple(int(v) for v in d["img_size"])
+        if isinstance(d.get("img_size"), list):
+            d["img_size"] = tuple(d["img_size"])
         return cls(**d)
 
     @classmethod

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from loc3r.errors import ModelError
+from loc3r.models.config import check_field_types, limit
 
 DINO_HEAD_DIM = 64  # every DINOv2 ViT (S/B/L/g) has 64-wide heads; the checkpoint does not say
 
@@ -22,17 +23,18 @@ class VggtConfig:
     width frames are resized to.
     """
 
-    embed_dim: int = 1024
-    depth: int = 24
-    num_heads: int = 16
-    patch_embed_depth: int = 24
-    mlp_ratio: float = 4.0
-    num_register_tokens: int = 4
-    patch_size: int = 14
-    img_size: int = 518
-    rope_freq: float = 100.0
+    embed_dim: int = limit(1024, 16384)
+    depth: int = limit(24, 256)
+    num_heads: int = limit(16, 256)
+    patch_embed_depth: int = limit(24, 256)
+    mlp_ratio: float = limit(4.0, 64.0, least=0)
+    num_register_tokens: int = limit(4, 256, least=0)
+    patch_size: int = limit(14, 1024)
+    img_size: int = limit(518, 16384)
+    rope_freq: float = limit(100.0, 1e9, least=0)
 
     def __post_init__(self) -> None:
+        check_field_types(self, "vggt.")  # types and ranges first: no division by a zero below
         for heads, what in ((self.num_heads, "aggregator"), (self.patch_embed_heads, "patch embedding")):
             if heads < 1 or self.embed_dim % heads or (self.embed_dim // heads) % 4:
                 raise ModelError(
