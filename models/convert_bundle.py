@@ -46,6 +46,7 @@ class ConvertOptions:
     dtype: torch.dtype | None = None  # None keeps each tensor's dtype
     pool_mode: str | None = None  # overrides the checkpoint's (or LLaVA-Video's default)
     vision_heads: int | None = None  # SigLIP head count for towers not in the table
+    vision_image_size: int | None = None  # input side for checkpoints that do not state it
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
 
 
@@ -104,7 +105,7 @@ def convert(options: ConvertOptions) -> Path:
     if not _replaceable(options.out):
         raise InputError(f"{options.out} exists and is not a loc3r bundle", "choose a new or empty folder for --out")
     source = open_llava(options.llava)
-    settings = read_settings(source, options.vision_heads)
+    settings = read_settings(source, options.vision_heads, options.vision_image_size)
     camera = load_cut3r(options.cut3r)
     head_file = load_heads_file(options.heads) if options.heads else None
     config = bundle_config(options, settings, camera.config, heads_config(head_file) if head_file else None)

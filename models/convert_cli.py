@@ -29,6 +29,9 @@ def build_parser() -> ArgumentParser:
                         help="spatial pooling (default: the checkpoint's; LLaVA-Video's bilinear for -hf folders)")
     parser.add_argument("--vision-heads", type=int,
                         help="SigLIP attention heads, for a LLaVA-NeXT tower not in the built-in table")
+    parser.add_argument("--vision-image-size", type=int,
+                        help="side in pixels frames are resized to, for a checkpoint that does not state it "
+                             "(no processor config, no 'patchP-SIZE' tower name)")
     parser.add_argument("--max-shard-mb", type=float, default=2000.0, help="largest output shard in MB (default 2000)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
@@ -39,8 +42,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.max_shard_mb <= 0:
         parser.error("--max-shard-mb must be positive")
-    if args.vision_heads is not None and args.vision_heads < 1:
-        parser.error("--vision-heads must be positive")
+    for flag, value in (("--vision-heads", args.vision_heads), ("--vision-image-size", args.vision_image_size)):
+        if value is not None and value < 1:
+            parser.error(f"{flag} must be positive")
 
     def body() -> int:
         from loc3r.models.convert_bundle import ConvertOptions, convert
@@ -54,6 +58,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             dtype=DTYPES[args.dtype] if args.dtype else None,
             pool_mode=args.pool_mode,
             vision_heads=args.vision_heads,
+            vision_image_size=args.vision_image_size,
             max_shard_bytes=int(args.max_shard_mb * 1_000_000),
         ))
         print(out)
