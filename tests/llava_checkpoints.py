@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import save_file
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import AddedToken, Tokenizer, pre_tokenizers, trainers
 from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, Qwen2Config, SiglipVisionConfig
 
 from loc3r.models.convert_cli import main
 from loc3r.models.cut3r import Cut3rConfig, official_model_line, random_state_dict, save_official_checkpoint
-from loc3r.models.tokenizer import END_OF_TEXT, IM_END, IM_START, QWEN2_SPLIT_PATTERN
+from loc3r.models.tokenizer import END_OF_TEXT, IM_END, IM_START, qwen2_tokenizer
 
 VOCAB = 320  # the tokenizer uses ~300 ids; <Pos>/<Ori> go to the spare rows
 LLM_SIZES = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -44,18 +44,47 @@ def rename(name: str, rules: tuple[tuple[str, str], ...]) -> str | None:
 # --- fabricated checkpoints ---------------------------------------------------------------
 
 
-def tokenizer_without_loc3r_tokens() -> Tokenizer:
-    """A byte-level BPE with Qwen2's chat tokens but no <Pos>/<Ori> (as Qwen2's own)."""
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(QWEN2_SPLIT_PATTERN), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=[END_OF_TEXT, IM_START, IM_END],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tokenizer.train_from_iterator(["where am I standing in this room?", "the chair is left of the table"] * 20, trainer)
+QWEN2_CHAT_TOKENS = (END_OF_TEXT, IM_START, IM_END)
+TOKENIZER_SHAPES = ("tokenizer.json", "vocab+merges")
+
+
+def tokenizer_without_loc3r_tokens(
+    corpus: list[str] | None = None, vocab_size: int = 297
+) -> Tokenizer:
+    """A byte-level BPE shaped as Qwen2's: trained vocabulary first, then its chat tokens as
+    added special tokens at the next ids; no <Pos>/<Ori> (as Qwen2's own)."""
+    tokenizer = qwen2_tokenizer()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tokenizer.train_from_iterator(corpus or ["where am I standing in this room?", "the chair is left of the table"] * 20, trainer)
+    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in QWEN2_CHAT_TOKENS])
     return tokenizer
+
+
+def write_tokenizer(folder: Path, tokenizer: Tokenizer, shape: str = "tokenizer.json") -> None:
+    """``tokenizer.json``, or the files LLaVA-NeXT checkpoints carry instead (Qwen2's slow
+    tokenizer files: vocab.json, merges.txt, tokenizer_config.json with added_tokens_decoder,
+    added_tokens.json, special_tokens_map.json)."""
+    if shape == "tokenizer.json":
+        tokenizer.save(str(folder / "tokenizer.json"))
+        return
+    data = json.loads(tokenizer.to_str())
+    model = data["model"]
+    (folder / "vocab.json").write_text(json.dumps(model["vocab"], ensure_ascii=False), encoding="utf-8")
+    merges = [" ".join(m) if isinstance(m, list) else m for m in model["merges"]]
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    added = {str(t["id"]): {k: t[k] for k in ("content", "lstrip", "normalized", "rstrip", "single_word", "special")}
+             for t in data["added_tokens"]}
+    config = {"add_prefix_space": False, "added_tokens_decoder": added, "bos_token": None, "eos_token": IM_END,
+              "pad_token": END_OF_TEXT, "additional_special_tokens": [IM_START, IM_END], "errors": "replace",
+              "model_max_length": 32768, "split_special_tokens": False, "tokenizer_class": "Qwen2Tokenizer",
+              "unk_token": None}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    (folder / "added_tokens.json").write_text(json.dumps({t["content"]: t["id"] for t in data["added_tokens"]}))
+    token = {"lstrip": False, "normalized": False, "rstrip": False, "single_word": False}
+    (folder / "special_tokens_map.json").write_text(json.dumps({
+        "additional_special_tokens": [IM_START, IM_END], "eos_token": {"content": IM_END, **token},
+        "pad_token": {"content": END_OF_TEXT, **token}}))
 
 
 def hf_model(vocab: int = VOCAB, image_size: int = 56) -> LlavaOnevisionForConditionalGeneration:
@@ -88,7 +117,7 @@ def write_weights(folder: Path, state: dict[str, torch.Tensor], fmt: str, shards
     (folder / index).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
 
 
-def hf_folder(root: Path, names: str, fmt: str) -> tuple[Path, LlavaOnevisionForConditionalGeneration]:
+def hf_folder(root: Path, names: str, fmt: str, tokenizer: str = "tokenizer.json") -> tuple[Path, LlavaOnevisionForConditionalGeneration]:
     """An -hf checkpoint with transformers-5 (``t5``) or -4 (``t4``) tensor names."""
     model = hf_model()
     folder = root / f"hf-{names}-{fmt}"
@@ -96,28 +125,30 @@ def hf_folder(root: Path, names: str, fmt: str) -> tuple[Path, LlavaOnevisionFor
     (folder / "config.json").write_text(model.config.to_json_string())
     state = {(rename(n, T5_TO_T4) if names == "t4" else n) or n: t for n, t in model.state_dict().items()}
     write_weights(folder, state, fmt)
-    tokenizer_without_loc3r_tokens().save(str(folder / "tokenizer.json"))
+    write_tokenizer(folder, tokenizer_without_loc3r_tokens(), tokenizer)
     return folder, model
 
 
 def next_folder(
-    root: Path, fmt: str = "safetensors", vocab: int = VOCAB, image_size: int = 56, tower: str | None = None
+    root: Path, fmt: str = "safetensors", vocab: int = VOCAB, image_size: int = 56, tower: str | None = None,
+    tokenizer: str = "vocab+merges",
 ) -> tuple[Path, dict[str, torch.Tensor]]:
-    """A LLaVA-NeXT checkpoint (Qwen2 config + mm_* fields); returns its state dict. Its
-    tower name states the input size, as ``siglip-so400m-patch14-384`` does."""
+    """A LLaVA-NeXT checkpoint (Qwen2 config + mm_* fields, ``model_type: llava``); returns
+    its state dict. Its tower name states the input size, as ``siglip-so400m-patch14-384``
+    does; its tokenizer is in Qwen2's slow files by default, as the published one."""
     model = hf_model(vocab, image_size)
     folder = root / f"next-{fmt}"
     folder.mkdir()
     state = {rename(n, T5_TO_NEXT) or n: t for n, t in model.state_dict().items()}
     tower = tower or f"tiny-siglip-patch14-{image_size}"
-    config = {**LLM_SIZES, "vocab_size": vocab, "model_type": "llava_qwen",
+    config = {**LLM_SIZES, "vocab_size": vocab, "model_type": "llava",
               "architectures": ["LlavaQwenForCausalLM"], "mm_vision_tower": tower,
               "mm_projector_type": "mlp2x_gelu", "mm_hidden_size": 64, "mm_vision_select_layer": -2,
               "mm_spatial_pool_mode": "bilinear", "mm_spatial_pool_stride": 2, "mm_newline_position": "grid",
               "image_aspect_ratio": "anyres_max_9", "rope_theta": 10000.0, "tie_word_embeddings": False}
     (folder / "config.json").write_text(json.dumps(config))
     write_weights(folder, state, fmt)
-    tokenizer_without_loc3r_tokens().save(str(folder / "tokenizer.json"))
+    write_tokenizer(folder, tokenizer_without_loc3r_tokens(), tokenizer)
     return folder, state
 
 
