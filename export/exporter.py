@@ -12,6 +12,7 @@ import os
 import platform
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -35,12 +36,17 @@ from loc3r.export.tensorrt_build import device_build_plan
 from loc3r.runtime.ort import open_session
 from loc3r.fileio import atomic_directory, current_umask, write_json_atomic
 from loc3r.models.bundle import Bundle
+from loc3r.models.loc3r_model import Loc3rModel
 from loc3r.models.cut3r import Cut3rState
 
 CUT3R_INIT_FILE = "cut3r_init.safetensors"
+VIDEO_END_FILE = "video_end.safetensors"  # tokens after the last frame: (k, width), k = 0 or 1
 RECURRENCE_FRAMES = 8
 
 Progress = Callable[[str], None]
+
+
+GRAPH_PARTS = ("camera_encoder", "vision", "heads")  # what the ONNX graphs hold; the LLM is exported on its own
 
 
 @dataclass(frozen=True)
@@ -52,6 +58,11 @@ class ExportRequest:
     out_dir: Path
     cut3r_size: tuple[int, int]  # (height, width), multiples of 16
     llm_quant: str | None  # None: leave the LLM out (the runtime then uses the bundle's)
+
+    @cached_property
+    def graph_model(self) -> Loc3rModel:
+        """The parts the ONNX graphs are traced from, in float32 (the LLM is not loaded)."""
+        return self.bundle.load_parts(GRAPH_PARTS, torch.float32)
 
 
 def default_cut3r_size(long_side: int, patch: int = 16) -> tuple[int, int]:
@@ -80,7 +91,7 @@ def export_all(request: ExportRequest, progress: Progress = print) -> Manifest:
             same_as_target = request.llm_quant == plan.weights
             with quiet_exporter():
                 llm = export_llm(
-                    bundle.model.llm,
+                    bundle.load_parts(("llm",), torch.float32).llm,
                     staging / "llm",
                     request.llm_quant,
                     block_size=plan.block_size or 32,
@@ -147,7 +158,7 @@ def artifact_entry(spec: graphs.GraphSpec, path: Path, parity: ParityResult, **e
 
 def export_camera(request: ExportRequest, out: Path) -> dict[str, Any]:
     """``cut3r_step`` (CUT3R step + f_cam), checked over a recurrence from the first frame."""
-    model = request.bundle.model
+    model = request.graph_model
     height, width = request.cut3r_size
     with torch.no_grad():
         init = model.camera_encoder.init_state(1)
@@ -203,17 +214,20 @@ def recurrence_parity(
 def export_vision(request: ExportRequest, out: Path) -> dict[str, Any]:
     """``vision``: frames -> pooled, projected tokens with row newlines (frames axis dynamic)."""
     config = request.bundle.config
-    module = graphs.VisionGraph(request.bundle.model.vision)
+    module = graphs.VisionGraph(request.graph_model.vision)
     spec = graphs.vision_spec(config.vision.image_size, module.vision.tokens_per_frame, config.llm.hidden_size)
     generator = torch.Generator().manual_seed(7)
     path = export_onnx(module, spec, graphs.random_inputs(spec, generator, {"frames": 2}), out / "vision.onnx")
     parity = check_parity(module, spec, path, lambda run: graphs.random_inputs(spec, generator, {"frames": 1 + run}))
-    return {"vision": artifact_entry(spec, path, parity)}
+    with torch.no_grad():
+        save_file({"tokens": module.vision.video_end().detach().float().contiguous()}, str(out / VIDEO_END_FILE))
+    os.chmod(out / VIDEO_END_FILE, 0o666 & ~current_umask())  # safetensors writes 0600
+    return {"vision": artifact_entry(spec, path, parity, video_end=VIDEO_END_FILE)}
 
 
 def export_heads(request: ExportRequest, out: Path) -> dict[str, Any]:
     """``pose_head`` (f_pos, f_ori + soft-argmax) and ``bev_head`` (f_bev)."""
-    heads = request.bundle.model.heads
+    heads = request.graph_model.heads
     width = request.bundle.config.llm.hidden_size
     generator = torch.Generator().manual_seed(11)
     entries = {}

@@ -26,7 +26,11 @@ OPSET = 18
 class ParityResult:
     """Worst error of ONNX Runtime against PyTorch over every output and every run.
 
-    ``within_tolerance``: every element satisfied ``|got - ref| <= atol + rtol * |ref|``.
+    ``within_tolerance``: every element satisfied ``|got - ref| <= atol * scale + rtol * |ref|``,
+    ``scale`` being the output's largest magnitude when above 1 (else 1): an output that has
+    grown to tens (CUT3R's recurrent memory after a few frames) carries absolute rounding
+    errors in proportion, including CroCo's float16 rounding of q and k, which can flip by
+    one float16 step between two correct implementations.
     """
 
     max_abs: float
@@ -93,7 +97,8 @@ def compare(spec: GraphSpec, expected: Sequence[Tensor], actual: Sequence[np.nda
         diff = np.abs(ref_np - got)
         max_abs = max(max_abs, float(diff.max(initial=0.0)))
         max_rel = max(max_rel, float((diff / (np.abs(ref_np) + 1e-6)).max(initial=0.0)))
-        ok = ok and bool((diff <= spec.atol + spec.rtol * np.abs(ref_np)).all())
+        scale = max(1.0, float(np.abs(ref_np).max(initial=0.0)))
+        ok = ok and bool((diff <= spec.atol * scale + spec.rtol * np.abs(ref_np)).all())
     return ParityResult(max_abs, max_rel, 1, ok)
 
 

@@ -10,17 +10,20 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+from collections.abc import Iterator, Mapping, Sequence
 from functools import cached_property
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
 
 from loc3r.errors import ModelError
 from loc3r.fileio import atomic_directory, write_json_atomic
 from loc3r.models.config import Loc3rConfig
 from loc3r.models.loc3r_model import Loc3rModel
+from loc3r.models.precision import Precision, choose_precision, weight_stats
 from loc3r.models.tokenizer import TextTokenizer
 
 WEIGHTS_FILE = "model.safetensors"
@@ -32,15 +35,26 @@ class Bundle:
     """An opened bundle: config, tokenizer and checksum now; PyTorch weights on first use.
 
     Backends that run exported graphs never touch ``model``, so a 7B bundle's weights are
-    not loaded for them.
+    not loaded for them. ``model`` is loaded in :attr:`precision` (device and dtype chosen
+    for this machine, or as ``requested``); :meth:`load_parts` loads only some parts.
     """
 
-    def __init__(self, path: Path, config: Loc3rConfig, tokenizer: TextTokenizer, checksum: str, dtype: torch.dtype) -> None:
-        self.path, self.config, self.tokenizer, self.checksum, self.dtype = path, config, tokenizer, checksum, dtype
+    def __init__(self, path: Path, config: Loc3rConfig, tokenizer: TextTokenizer, checksum: str, requested: str = "auto") -> None:
+        self.path, self.config, self.tokenizer, self.checksum, self.requested = path, config, tokenizer, checksum, requested
+
+    @cached_property
+    def precision(self) -> Precision:
+        """Device and dtype of :attr:`model`, with the reason (see ``loc3r.models.precision``)."""
+        return choose_precision(weight_stats(weight_files(self.path)), self.requested)
 
     @cached_property
     def model(self) -> Loc3rModel:
-        return load_weights(self.path, self.config).to(self.dtype)
+        return load_weights(self.path, self.config, self.precision.dtype, self.precision.device)
+
+    def load_parts(self, parts: Sequence[str], dtype: torch.dtype | None = None) -> Loc3rModel:
+        """A model with only ``parts`` (``camera_encoder``, ``vision``, ``llm``, ``heads``) loaded,
+        on the CPU in ``dtype`` (default: :attr:`precision`'s); the rest stays on the meta device."""
+        return load_weights(self.path, self.config, dtype or self.precision.dtype, torch.device("cpu"), parts)
 
 
 def weight_files(bundle_dir: Path) -> list[Path]:
@@ -102,36 +116,85 @@ def save_bundle(model: Loc3rModel, tokenizer: TextTokenizer, out_dir: str | Path
     return out_dir
 
 
-def load_bundle(bundle_dir: str | Path, dtype: torch.dtype = torch.float32) -> Bundle:
-    """Open a bundle (config, tokenizer, checksum); weights load when ``model`` is first used."""
+def load_bundle(bundle_dir: str | Path, dtype: str = "auto") -> Bundle:
+    """Open a bundle (config, tokenizer, checksum); weights load when ``model`` is first used,
+    in ``dtype`` (``auto``: chosen for this machine, see ``loc3r.models.precision``)."""
     bundle_dir = Path(bundle_dir)
     config = Loc3rConfig.load(bundle_dir)
     return Bundle(bundle_dir, config, TextTokenizer.from_dir(bundle_dir), bundle_checksum(bundle_dir), dtype)
 
 
-def load_weights(bundle_dir: Path, config: Loc3rConfig) -> Loc3rModel:
-    """The PyTorch model with the bundle's tensors; missing/unexpected/mis-shaped ones are an error."""
-    model = Loc3rModel(config)
-    expected = model.state_dict()
-    loaded: dict[str, torch.Tensor] = {}
+def load_weights(
+    bundle_dir: Path,
+    config: Loc3rConfig,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    parts: Sequence[str] | None = None,
+) -> Loc3rModel:
+    """The PyTorch model with the bundle's tensors in ``dtype`` on ``device``, streamed
+    tensor by tensor (peak: the model plus one tensor); missing, unexpected or mis-shaped
+    tensors are an error. With ``parts``, only tensors under those top-level names are
+    loaded and the rest stays on the meta device."""
+    with parameters_on_meta():
+        model = Loc3rModel(config)
+    wanted = tuple(f"{part}." for part in parts) if parts is not None else ("",)
+    expected = {n: t for n, t in model.state_dict().items() if n.startswith(wanted)}
+    shapes: dict[str, torch.Size] = {}
     for path in weight_files(bundle_dir):
         try:
-            loaded.update(load_file(str(path)))
+            with safe_open(str(path), framework="pt") as handle:
+                for name in handle.keys():  # noqa: SIM118 - safe_open has no __iter__
+                    if not name.startswith(wanted):
+                        continue
+                    tensor = handle.get_tensor(name)
+                    shapes[name] = tensor.shape
+                    if name in expected and tensor.shape == expected[name].shape:
+                        cast = dtype if tensor.is_floating_point() else tensor.dtype
+                        _assign(model, name, tensor.to(device, cast))
         except (SafetensorError, OSError) as exc:
             raise ModelError(f"{path} is not a readable safetensors file ({exc})", "re-create the bundle") from None
-    check_tensors(expected, loaded, bundle_dir)
-    model.load_state_dict(loaded, strict=True)
+    check_tensors({n: t.shape for n, t in expected.items()}, shapes, bundle_dir)
+    if torch.device(device).type != "cpu":
+        model.to(device)  # the buffers built on the CPU (rotary tables, position ids)
     return model.eval()
 
 
-def check_tensors(expected: dict[str, torch.Tensor], loaded: dict[str, torch.Tensor], where: Path) -> None:
-    """Name the first few missing, unexpected or mis-shaped tensors."""
+def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    """Put ``tensor`` in place of the parameter or buffer called ``name`` (no copy)."""
+    owner, _, leaf = name.rpartition(".")
+    module = model.get_submodule(owner)
+    if leaf in module._parameters:
+        module._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
+    else:
+        module._buffers[leaf] = tensor
+
+
+@contextlib.contextmanager
+def parameters_on_meta() -> Iterator[None]:
+    """Build modules with their parameters on the meta device (no memory, initialisers do
+    nothing) and their buffers as usual (rotary tables, position ids are computed, not stored)."""
+    register = nn.Module.register_parameter
+
+    def on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        register(module, name, param)
+        if param is not None and param.device.type != "meta":
+            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = on_meta  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register  # type: ignore[method-assign]
+
+
+def check_tensors(expected: Mapping[str, torch.Size], loaded: Mapping[str, torch.Size], where: Path) -> None:
+    """Name the first few missing, unexpected or mis-shaped tensors (names -> shapes)."""
     missing = sorted(expected.keys() - loaded.keys())
     unexpected = sorted(loaded.keys() - expected.keys())
     misshaped = [
-        f"{name} {tuple(loaded[name].shape)} != {tuple(tensor.shape)}"
-        for name, tensor in expected.items()
-        if name in loaded and loaded[name].shape != tensor.shape
+        f"{name} {tuple(loaded[name])} != {tuple(shape)}"
+        for name, shape in expected.items()
+        if name in loaded and loaded[name] != shape
     ]
     for kind, names in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
         if names:

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from loc3r.errors import InputError, ModelError
 from loc3r.fileio import atomic_directory
-from loc3r.models.config import HeadsConfig, Loc3rConfig
+from loc3r.models.config import HeadsConfig, Loc3rConfig, VideoLayout
 from loc3r.models.convert_heads import heads_config, load_heads_file, random_heads
 from loc3r.models.convert_llava import LlavaSettings, check_against, map_names, open_llava, read_settings
 from loc3r.models.convert_stream import SourceShards, TensorInfo, write_shards
@@ -47,6 +47,7 @@ class ConvertOptions:
     pool_mode: str | None = None  # overrides the checkpoint's (or LLaVA-Video's default)
     vision_heads: int | None = None  # SigLIP head count for towers not in the table
     vision_image_size: int | None = None  # input side for checkpoints that do not state it
+    video_layout: VideoLayout | None = None  # None: the checkpoint's (see convert_llava)
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
 
 
@@ -83,6 +84,11 @@ def _check_part(tensors: dict[str, Tensor], expected: dict[str, tuple[int, ...]]
 
 def bundle_config(options: ConvertOptions, settings: LlavaSettings, cut3r: Cut3rConfig, heads: HeadsConfig | None) -> Loc3rConfig:
     """The bundle's config; ``heads`` None means random heads (``localization: untrained``)."""
+    layout = options.video_layout or settings.default_layout
+    pool_mode, pool_stride, newline = settings.video_pooling(layout)
+    if options.pool_mode and layout == "onevision" and options.pool_mode != pool_mode:
+        raise InputError(f"--pool-mode {options.pool_mode} does not apply to the onevision layout, which pools {pool_mode}",
+                         "leave out --pool-mode, or pass --video-layout llava-video")
     config = Loc3rConfig(
         model_id=options.model_id or options.llava.resolve().name,
         vision=settings.vision,
@@ -90,9 +96,10 @@ def bundle_config(options: ConvertOptions, settings: LlavaSettings, cut3r: Cut3r
         cut3r=cut3r.to_dict(),
         heads=heads or HeadsConfig(),
         vision_select_layer=settings.vision_select_layer,
-        spatial_pool_mode=options.pool_mode or settings.spatial_pool_mode,  # type: ignore[arg-type]
-        spatial_pool_stride=settings.spatial_pool_stride,
-        newline_position=settings.newline_position,  # type: ignore[arg-type]
+        spatial_pool_mode=options.pool_mode or pool_mode,  # type: ignore[arg-type]
+        spatial_pool_stride=pool_stride,
+        newline_position=newline,  # type: ignore[arg-type]
+        video_layout=layout,
         cut3r_long_side=max(cut3r.img_size),
         localization="trained" if heads else "untrained",
         random_weights=False,
@@ -109,7 +116,7 @@ def convert(options: ConvertOptions) -> Path:
     camera = load_cut3r(options.cut3r)
     head_file = load_heads_file(options.heads) if options.heads else None
     config = bundle_config(options, settings, camera.config, heads_config(head_file) if head_file else None)
-    if settings.pooling_defaulted:
+    if settings.pooling_defaulted and config.video_layout == "llava-video":
         log.warning("the llava-onevision config has no pooling settings; recorded LLaVA-Video's: %s, stride %d, "
                     "%s newlines (--pool-mode sets the mode)", config.spatial_pool_mode, config.spatial_pool_stride,
                     config.newline_position)

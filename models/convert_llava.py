@@ -16,7 +16,14 @@ Two layouts are read:
   ``multi_modal_projector.*``, ``image_newline``, ``language_model.{model,lm_head}.*``) or
   transformers-5 names (``model.vision_tower.*``, ``model.multi_modal_projector.*``,
   ``model.image_newline``, ``model.language_model.*``, ``lm_head.*``). Its config has no
-  pooling settings: LLaVA-Video's (bilinear, stride 2, grid newlines) are used.
+  pooling settings.
+
+The video token layout is a recorded choice (``--video-layout``): ``llava-video`` follows
+LLaVA-NeXT's code with the checkpoint's ``mm_spatial_pool_*`` / ``mm_newline_position``
+(LLaVA-Video's bilinear, stride 2, grid newlines where a -hf config does not say);
+``onevision`` follows transformers' LlavaOnevision video path (bilinear, stride 2, one
+newline after the video). The default is the layout of the code the checkpoint was
+published for: ``llava-video`` for LLaVA-NeXT folders, ``onevision`` for -hf ones.
 
 Weights: ``model.safetensors.index.json``, ``pytorch_model.bin.index.json``, or a single
 ``model.safetensors`` / ``pytorch_model.bin``.
@@ -37,7 +44,7 @@ from torch import Tensor
 from transformers import LlavaOnevisionConfig, Qwen2Config
 
 from loc3r.errors import ModelError
-from loc3r.models.config import LLMConfig, VisionConfig
+from loc3r.models.config import ONEVISION_VIDEO, LLMConfig, VideoLayout, VisionConfig
 from loc3r.models.convert_input_size import tower_name, vision_input_size
 from loc3r.models.convert_stream import SourceShards, TensorInfo
 from loc3r.models.vision import vision_state_dict_from_hf_llava_onevision, vision_state_dict_from_llava_next
@@ -54,6 +61,7 @@ SIGLIP_HEADS: dict[str, tuple[int, int, int, int]] = {
     "siglip-base-patch16": (768, 3072, 12, 12),
 }
 LLAVA_VIDEO_POOLING = ("bilinear", 2, "grid")  # mode, stride, newline position
+DEFAULT_LAYOUT: dict[str, VideoLayout] = {"llava_next": "llava-video", "hf_onevision": "onevision"}
 _FIX = "pass a LLaVA-Video checkpoint folder (lmms-lab/LLaVA-Video-7B-Qwen2 or its -hf version)"
 _QWEN2_FIELDS = (
     "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -79,10 +87,13 @@ class LlavaSettings:
     vision: VisionConfig
     llm: LLMConfig
     vision_select_layer: int
-    spatial_pool_mode: str
-    spatial_pool_stride: int
-    newline_position: str
+    default_layout: VideoLayout
+    llava_video_pooling: tuple[str, int, str]  # mode, stride, newline position under ``llava-video``
     pooling_defaulted: bool  # the checkpoint does not say; LLaVA-Video's values are used
+
+    def video_pooling(self, layout: VideoLayout) -> tuple[str, int, str]:
+        """Pool mode, stride and newline position of ``layout`` for this checkpoint."""
+        return ONEVISION_VIDEO if layout == "onevision" else self.llava_video_pooling
 
 
 def open_llava(folder: Path) -> LlavaSource:
@@ -180,7 +191,8 @@ def _hf_settings(source: LlavaSource, image_size: int | None) -> LlavaSettings:
         layer_norm_eps=float(vc.layer_norm_eps),
         hidden_act=vc.hidden_act,
     )
-    return LlavaSettings(vision, _llm_config(hf.text_config), layer, *LLAVA_VIDEO_POOLING, pooling_defaulted=True)
+    return LlavaSettings(vision, _llm_config(hf.text_config), layer, DEFAULT_LAYOUT[source.layout], LLAVA_VIDEO_POOLING,
+                         pooling_defaulted=True)
 
 
 def _next_settings(source: LlavaSource, vision_heads: int | None, image_size: int | None) -> LlavaSettings:
@@ -189,13 +201,16 @@ def _next_settings(source: LlavaSource, vision_heads: int | None, image_size: in
     projector = config.get("mm_projector_type", "mlp2x_gelu")
     if projector != "mlp2x_gelu":
         raise ModelError(f"mm_projector_type {projector!r} is not supported", "LLaVA-Video uses 'mlp2x_gelu'")
+    newline = str(config.get("mm_newline_position", "grid"))
+    if newline == "one_token" and "unpad" not in str(config.get("mm_patch_merge_type", "flat")):
+        newline = "no_token"  # LLaVA-NeXT adds the video's newline only with an *unpad merge type
+    pooling = (str(config.get("mm_spatial_pool_mode", "bilinear")), int(config.get("mm_spatial_pool_stride", 2)), newline)
     return LlavaSettings(
         vision=_siglip_from_shapes(source, vision_heads, image_size),
         llm=_llm_config(qwen2),
         vision_select_layer=-2,
-        spatial_pool_mode=str(config.get("mm_spatial_pool_mode", "bilinear")),
-        spatial_pool_stride=int(config.get("mm_spatial_pool_stride", 2)),
-        newline_position=str(config.get("mm_newline_position", "grid")),
+        default_layout=DEFAULT_LAYOUT[source.layout],
+        llava_video_pooling=pooling,
         pooling_defaulted=False,
     )
 

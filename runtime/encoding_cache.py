@@ -80,7 +80,7 @@ class EncodingCache:
     def store(self, key: str, encoded: FrameBlocks, duration_s: float) -> Path:
         """Write the entry atomically."""
         self.root.mkdir(parents=True, exist_ok=True)
-        blocks = encoded.stacked().contiguous()
+        blocks = encoded.stacked().contiguous().cpu()
         meta = {
             "sha256": tensor_digest(blocks),
             "indices": json.dumps(encoded.indices),

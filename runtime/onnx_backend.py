@@ -17,12 +17,12 @@ import torch
 from safetensors.numpy import load_file
 from torch import Tensor
 
-from loc3r.errors import InputError
-from loc3r.export.exporter import CUT3R_INIT_FILE
+from loc3r.errors import InputError, ModelError
+from loc3r.export.exporter import CUT3R_INIT_FILE, VIDEO_END_FILE
 from loc3r.export.manifest import Manifest, check_manifest_matches
 from loc3r.runtime.ort import CPU, open_session, provider_names
 from loc3r.models.bundle import Bundle
-from loc3r.models.vision import vision_tokens_per_frame
+from loc3r.models.vision import video_end_tokens, vision_tokens_per_frame
 from loc3r.runtime.stages import LLMStage
 
 def default_providers(cache_dir: Path) -> list[Any]:
@@ -66,10 +66,14 @@ class OrtCamera:
 @dataclass
 class OrtVision:
     session: Any
+    end_tokens: Tensor  # (k, width), from the export's video_end file
 
     def encode(self, pixels: Tensor) -> Tensor:
         (tokens,) = self.session.run(["tokens"], {"pixels": pixels.numpy()})
         return torch.from_numpy(tokens)
+
+    def video_end(self) -> Tensor:
+        return self.end_tokens
 
 
 @dataclass
@@ -105,14 +109,30 @@ def onnx_stages(bundle: Bundle, manifest: Manifest, providers: Sequence[Any] | N
     """Camera, vision, heads and LLM stages over the manifest's graphs."""
     providers = providers or default_providers(manifest.root / "ort_trt_cache")
     check_manifest_matches(manifest, bundle.config.model_id, bundle.checksum, expected_shapes(bundle))
-    tokens = manifest.artifacts["vision"]["outputs"][0]["shape"][1]
-    if tokens != vision_tokens_per_frame(bundle.config):
-        raise InputError(f"the vision graph emits {tokens} tokens per frame, the model needs {vision_tokens_per_frame(bundle.config)}", "re-export")
+    end_tokens = check_vision_layout(bundle, manifest)
     session = {name: open_session(manifest.artifact_path(name), providers) for name in manifest.artifacts}
     init = load_file(str(manifest.root / CUT3R_INIT_FILE))
     height, width = manifest.data["cut3r_size"]
     camera = OrtCamera(session["cut3r_step"], init["state"], init["memory"], (height, width))
-    return camera, OrtVision(session["vision"]), OrtHeads(session["pose_head"], session["bev_head"]), onnx_llm(bundle, manifest, providers)
+    vision = OrtVision(session["vision"], end_tokens)
+    return camera, vision, OrtHeads(session["pose_head"], session["bev_head"]), onnx_llm(bundle, manifest, providers)
+
+
+def check_vision_layout(bundle: Bundle, manifest: Manifest) -> Tensor:
+    """The vision graph emits the bundle's tokens per frame; returns the video-end tokens
+    the export stored, ``(k, width)``, after checking ``k`` against the bundle's layout."""
+    config = bundle.config
+    tokens = manifest.artifacts["vision"]["outputs"][0]["shape"][1]
+    if tokens != vision_tokens_per_frame(config):
+        raise InputError(f"the vision graph emits {tokens} tokens per frame, the model needs {vision_tokens_per_frame(config)}", "re-export")
+    file = manifest.artifacts["vision"].get("video_end")
+    if file is None or not (manifest.root / file).is_file():
+        raise ModelError(f"{manifest.root} has no video-end tokens file ({VIDEO_END_FILE})", "re-export with this loc3r-export")
+    end = torch.from_numpy(load_file(str(manifest.root / file))["tokens"])
+    expected = (video_end_tokens(config), config.llm.hidden_size)
+    if tuple(end.shape) != expected:
+        raise ModelError(f"{file} holds {tuple(end.shape)} video-end tokens, the model's layout needs {expected}", "re-export")
+    return end
 
 
 def onnx_llm(bundle: Bundle, manifest: Manifest, providers: Sequence[Any]) -> LLMStage:
@@ -121,7 +141,7 @@ def onnx_llm(bundle: Bundle, manifest: Manifest, providers: Sequence[Any]) -> LL
     if not llm:
         from loc3r.models.llm import TorchLLM
 
-        return TorchLLM(bundle.model.llm)
+        return TorchLLM(bundle.load_parts(("llm",)).llm)
     from loc3r.runtime.onnx_llm import OnnxLLM
 
     root = manifest.root / "llm"

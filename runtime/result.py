@@ -39,6 +39,9 @@ class ModelInfo:
     random_weights: bool
     localization: str
     backend: str
+    dtype: str = "float32"  # what the backend computed in
+    device: str = "cpu"
+    dtype_reason: str = ""  # why that dtype (chosen for the machine, --dtype, the export's precision)
 
     @property
     def warning(self) -> str | None:
@@ -56,6 +59,9 @@ class ModelInfo:
             "random_weights": self.random_weights,
             "localization": self.localization,
             "backend": self.backend,
+            "dtype": self.dtype,
+            "device": self.device,
+            "dtype_reason": self.dtype_reason,
         }
 
 

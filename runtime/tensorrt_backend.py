@@ -22,7 +22,7 @@ from loc3r.export.exporter import CUT3R_INIT_FILE
 from loc3r.export.manifest import Manifest, check_manifest_matches
 from loc3r.export.tensorrt_build import check_engine_matches, cuda_device_sm, import_tensorrt
 from loc3r.models.bundle import Bundle
-from loc3r.runtime.onnx_backend import expected_shapes, onnx_llm
+from loc3r.runtime.onnx_backend import check_vision_layout, expected_shapes, onnx_llm
 from loc3r.runtime.stages import LLMStage
 
 
@@ -73,9 +73,13 @@ class TrtCamera:
 @dataclass
 class TrtVision:
     session: TrtSession
+    end_tokens: Tensor  # (k, width), from the export's video_end file
 
     def encode(self, pixels: Tensor) -> Tensor:
         return self.session.run({"pixels": pixels})["tokens"]
+
+    def video_end(self) -> Tensor:
+        return self.end_tokens
 
 
 @dataclass
@@ -94,6 +98,7 @@ class TrtHeads:
 def tensorrt_stages(bundle: Bundle, manifest: Manifest) -> tuple[TrtCamera, TrtVision, TrtHeads, LLMStage]:
     """Stages over the engines the manifest lists as built on this device."""
     check_manifest_matches(manifest, bundle.config.model_id, bundle.checksum, expected_shapes(bundle))
+    end_tokens = check_vision_layout(bundle, manifest)
     trt = import_tensorrt()
     built = manifest.data.get("engines")
     if not built:
@@ -110,4 +115,4 @@ def tensorrt_stages(bundle: Bundle, manifest: Manifest) -> tuple[TrtCamera, TrtV
     camera = TrtCamera(sessions["cut3r_step"], init)
     heads = TrtHeads(sessions["pose_head"], sessions["bev_head"])
     llm = onnx_llm(bundle, manifest, ("CUDAExecutionProvider", "CPUExecutionProvider"))
-    return camera, TrtVision(sessions["vision"]), heads, llm
+    return camera, TrtVision(sessions["vision"], end_tokens), heads, llm

@@ -1,4 +1,5 @@
-"""The reference backend: the PyTorch modules of a loaded bundle."""
+"""The reference backend: the PyTorch modules of a loaded bundle, on the device and in the
+dtype the bundle's :attr:`~loc3r.models.bundle.Bundle.precision` names."""
 
 from __future__ import annotations
 
@@ -12,6 +13,11 @@ from loc3r.models.bundle import Bundle
 from loc3r.models.llm import TorchLLM
 
 
+def _placed(bundle: Bundle, tensor: Tensor) -> Tensor:
+    """``tensor`` on the model's device, in its dtype."""
+    return tensor.to(bundle.precision.device, bundle.precision.dtype)
+
+
 @dataclass
 class TorchCamera:
     bundle: Bundle
@@ -19,7 +25,7 @@ class TorchCamera:
     @torch.inference_mode()
     def step(self, image: Tensor, state: Any | None) -> tuple[Tensor, Any]:
         model = self.bundle.model
-        token, state = model.camera_encoder.step(image.unsqueeze(0), state)
+        token, state = model.camera_encoder.step(_placed(self.bundle, image).unsqueeze(0), state)
         return model.heads.project_camera(token)[0], state
 
 
@@ -29,7 +35,11 @@ class TorchVision:
 
     @torch.inference_mode()
     def encode(self, pixels: Tensor) -> Tensor:
-        return self.bundle.model.vision.encode(pixels)
+        return self.bundle.model.vision.encode(_placed(self.bundle, pixels))
+
+    @torch.inference_mode()
+    def video_end(self) -> Tensor:
+        return self.bundle.model.vision.video_end()
 
 
 @dataclass

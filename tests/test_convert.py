@@ -62,14 +62,16 @@ def test_hf_layout_round_trip_and_logits(tmp_path: Path, capsys, cut3r_file, nam
     out = tmp_path / "bundle"
     code, err = convert(capsys, "--llava", folder, "--cut3r", cut3r_file[0], "--out", out, "--max-shard-mb", "0.05")
     assert code == 0, err
-    assert "pooling" in err  # the LLaVA-Video defaults are announced
+    assert "video layout onevision: bilinear pooling, stride 2, newlines one_token: 4 vision tokens per frame " \
+           "+ 1 after the video (the checkpoint's default)" in err
     assert (out / "model.safetensors.index.json").is_file() and len(weight_files(out)) > 2
     assert_bit_exact(out, hf.state_dict(), cut3r_file[1])
 
     bundle = load_bundle(out)
     config, model = bundle.config, bundle.model
     assert (config.localization, config.random_weights) == ("untrained", False)
-    assert (config.spatial_pool_mode, config.spatial_pool_stride, config.newline_position) == ("bilinear", 2, "grid")
+    assert (config.spatial_pool_mode, config.spatial_pool_stride, config.newline_position) == ("bilinear", 2, "one_token")
+    assert config.video_layout == "onevision"
     assert config.vision_select_layer == -1 and config.cut3r == Cut3rConfig.tiny().to_dict()
     assert bundle.tokenizer.pos_id < VOCAB and bundle.tokenizer.ori_id < VOCAB
 
@@ -194,9 +196,14 @@ def test_pool_mode_override_and_rewrite(tmp_path: Path, capsys, cut3r_file) -> N
     folder, _ = hf_folder(tmp_path, "t5", "safetensors")
     out = tmp_path / "bundle"
     for mode in ("bilinear", "average"):  # the second run replaces the first bundle
-        code, err = convert(capsys, "--llava", folder, "--cut3r", cut3r_file[0], "--out", out, "--pool-mode", mode)
+        code, err = convert(capsys, "--llava", folder, "--cut3r", cut3r_file[0], "--out", out, "--pool-mode", mode,
+                            "--video-layout", "llava-video")
         assert code == 0, err
-    assert Loc3rConfig.load(out).spatial_pool_mode == "average"
+        assert "pooling" in err  # LLaVA-Video's defaults (the -hf config has none) are announced
+    config = Loc3rConfig.load(out)
+    assert (config.video_layout, config.spatial_pool_mode, config.newline_position) == ("llava-video", "average", "grid")
+    code, err = convert(capsys, "--llava", folder, "--cut3r", cut3r_file[0], "--out", out, "--pool-mode", "average")
+    assert_one_line_error(code, err, "--pool-mode average does not apply to the onevision layout")
 
 
 def test_loc3r_tokens_must_fit_the_embedding(tmp_path: Path, capsys, cut3r_file) -> None:
