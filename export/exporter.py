@@ -29,6 +29,7 @@ from loc3r.export.onnx_export import (
     compare,
     ensure_within,
     export_onnx,
+    external_data_file,
     merge,
     quiet_exporter,
 )
@@ -150,7 +151,12 @@ def file_sha256(path: Path) -> str:
 
 
 def artifact_entry(spec: graphs.GraphSpec, path: Path, parity: ParityResult, **extra: Any) -> dict[str, Any]:
-    return {"file": path.name, "sha256": file_sha256(path), **spec.to_dict(), "parity": parity.to_dict(), **extra}
+    """The manifest entry of one graph: its file and external data file, each with its SHA-256."""
+    entry: dict[str, Any] = {"file": path.name, "sha256": file_sha256(path)}
+    data = external_data_file(path)
+    if data is not None:
+        entry["external_data"] = {"file": data.name, "sha256": file_sha256(data), "bytes": data.stat().st_size}
+    return {**entry, **spec.to_dict(), "parity": parity.to_dict(), **extra}
 
 
 # -- CUT3R -------------------------------------------------------------------------------

@@ -43,7 +43,11 @@ class ParityResult:
 
 
 def export_onnx(module: nn.Module, spec: GraphSpec, example: Sequence[Tensor], path: Path) -> Path:
-    """Export ``module`` at opset 18 with ``spec``'s names and dynamic axes; check the model."""
+    """Export ``module`` at opset 18 with ``spec``'s names and dynamic axes; check the model.
+
+    Weights go to ``<file>.data`` beside the graph (ONNX external data): a protobuf file
+    cannot exceed 2 GB, and CUT3R's step at 512 DPT size holds ~2.2 GB of float32 weights.
+    """
     module.eval()
     dynamic_shapes = {
         t.name: {axis: torch.export.Dim(dim, min=1) for axis, dim in enumerate(t.shape) if isinstance(dim, str)} or None
@@ -59,11 +63,20 @@ def export_onnx(module: nn.Module, spec: GraphSpec, example: Sequence[Tensor], p
             dynamic_shapes=dynamic_shapes,
             opset_version=OPSET,
             dynamo=True,
-            external_data=False,
+            external_data=True,
             verbose=False,
         )
     onnx.checker.check_model(str(path))
     return path
+
+
+def external_data_file(path: Path) -> Path | None:
+    """The external data file ``path``'s initializers point to, if any (one per graph here)."""
+    model = onnx.load(str(path), load_external_data=False)
+    locations = {e.value for init in model.graph.initializer for e in init.external_data if e.key == "location"}
+    if len(locations) > 1:
+        raise InternalError(f"{path.name} spreads its weights over {len(locations)} files", "this is an exporter bug; report it")
+    return path.parent / locations.pop() if locations else None
 
 
 @contextlib.contextmanager

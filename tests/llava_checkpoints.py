@@ -12,9 +12,10 @@ from safetensors.torch import save_file
 from tokenizers import AddedToken, Tokenizer, pre_tokenizers, trainers
 from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, Qwen2Config, SiglipVisionConfig
 
+from loc3r.bench.fabricate import QWEN2_CHAT_TOKENS, write_qwen2_tokenizer_files
 from loc3r.models.convert_cli import main
 from loc3r.models.cut3r import Cut3rConfig, official_model_line, random_state_dict, save_official_checkpoint
-from loc3r.models.tokenizer import END_OF_TEXT, IM_END, IM_START, qwen2_tokenizer
+from loc3r.models.tokenizer import qwen2_tokenizer
 
 VOCAB = 320  # the tokenizer uses ~300 ids; <Pos>/<Ori> go to the spare rows
 LLM_SIZES = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -44,7 +45,6 @@ def rename(name: str, rules: tuple[tuple[str, str], ...]) -> str | None:
 # --- fabricated checkpoints ---------------------------------------------------------------
 
 
-QWEN2_CHAT_TOKENS = (END_OF_TEXT, IM_START, IM_END)
 TOKENIZER_SHAPES = ("tokenizer.json", "vocab+merges")
 
 
@@ -69,22 +69,9 @@ def write_tokenizer(folder: Path, tokenizer: Tokenizer, shape: str = "tokenizer.
         tokenizer.save(str(folder / "tokenizer.json"))
         return
     data = json.loads(tokenizer.to_str())
-    model = data["model"]
-    (folder / "vocab.json").write_text(json.dumps(model["vocab"], ensure_ascii=False), encoding="utf-8")
-    merges = [" ".join(m) if isinstance(m, list) else m for m in model["merges"]]
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
-    added = {str(t["id"]): {k: t[k] for k in ("content", "lstrip", "normalized", "rstrip", "single_word", "special")}
-             for t in data["added_tokens"]}
-    config = {"add_prefix_space": False, "added_tokens_decoder": added, "bos_token": None, "eos_token": IM_END,
-              "pad_token": END_OF_TEXT, "additional_special_tokens": [IM_START, IM_END], "errors": "replace",
-              "model_max_length": 32768, "split_special_tokens": False, "tokenizer_class": "Qwen2Tokenizer",
-              "unk_token": None}
-    (folder / "tokenizer_config.json").write_text(json.dumps(config))
-    (folder / "added_tokens.json").write_text(json.dumps({t["content"]: t["id"] for t in data["added_tokens"]}))
-    token = {"lstrip": False, "normalized": False, "rstrip": False, "single_word": False}
-    (folder / "special_tokens_map.json").write_text(json.dumps({
-        "additional_special_tokens": [IM_START, IM_END], "eos_token": {"content": IM_END, **token},
-        "pad_token": {"content": END_OF_TEXT, **token}}))
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in data["model"]["merges"]]
+    added = [(t["content"], t["id"]) for t in data["added_tokens"]]
+    write_qwen2_tokenizer_files(folder, data["model"]["vocab"], merges, added)
 
 
 def hf_model(vocab: int = VOCAB, image_size: int = 56) -> LlavaOnevisionForConditionalGeneration:
