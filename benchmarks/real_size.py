@@ -1,0 +1,368 @@
+"""Dress rehearsal at the real model's size: fabricate, convert, export, run, and measure each phase.
+
+``python -m loc3r.bench.real_size [--llm-layers N] [--workdir DIR] [--out benchmarks/results]``
+
+With random weights in the published layouts (see ``loc3r.bench.fabricate``):
+
+1. ``write_llava``: LLaVA-Video-7B-Qwen2 in the LLaVA-NeXT layout (its config.json, Qwen2's
+   slow tokenizer files with a 151643-token BPE, bf16 safetensors shards of at most 5 GB);
+   ``--llm-layers`` keeps only the first N of Qwen2-7B's 28 layers (every width is real);
+2. ``write_cut3r``: CUT3R 512 DPT's ``.pth`` (camera path at full size);
+3. ``convert``: ``loc3r-convert``;
+4. ``export_jetson`` / ``export_cpu``: ``loc3r-export --target jetson-orin`` and
+   ``--target cpu`` (LLM ``--cpu-llm``, int4 by default: a float32 7B decoder does not fit
+   in 24 GiB to run it);
+5. ``run_onnxruntime`` / ``run_torch``: ``loc3r-run`` on a 4-frame video with both backends.
+
+Each phase runs in its own process (``loc3r.bench.child``), which reports its wall time,
+peak RSS (``VmHWM``) and bytes written; every phase must stay under ``--rss-limit-gib``.
+Every exported file is compared with the size predicted from the bundle's parameter
+counts at the stored format (until the exporter's own memory plan lands in the manifest:
+issue 15, read from ``manifest.json`` when present). Results: ``real_size.md`` + ``.json``.
+``--preset tiny`` runs the same phases on tiny widths in seconds (the script's own test).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from loc3r.bench.fabricate import LLAVA_VIDEO_7B_QWEN2, QWEN2_BPE_TOKENS, TowerSizes, write_cut3r_pth, write_llava_next
+from loc3r.bench.flops import bits_per_weight
+from loc3r.models.convert_stream import read_safetensors_header
+
+GIB = 2**30
+PREDICTION_TOLERANCE = 0.05
+QUESTION = "Where is the chair?"
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Sizes of one rehearsal: the LLaVA config, its tower, tokenizer and CUT3R variant."""
+
+    config: dict[str, Any]
+    tower: TowerSizes
+    tokenizer_size: int
+    cut3r: str  # a Cut3rConfig constructor name
+    max_shard_bytes: int
+    convert_flags: tuple[str, ...] = ()  # what loc3r-convert cannot read from the checkpoint
+
+
+PRESETS = {
+    "real": Preset(LLAVA_VIDEO_7B_QWEN2, TowerSizes(), QWEN2_BPE_TOKENS, "real_512_dpt", 5_000_000_000),
+    "tiny": Preset(
+        {**LLAVA_VIDEO_7B_QWEN2, "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
+         "num_key_value_heads": 2, "num_hidden_layers": 2, "vocab_size": 1100, "mm_hidden_size": 64,
+         "mm_vision_tower": "tiny-siglip-patch14-56"},
+        TowerSizes(hidden=64, intermediate=128, stored_layers=2, image_size=56), 1000, "tiny", 2_000_000,
+        ("--vision-heads", "2"),
+    ),
+}
+
+
+@dataclass
+class Phase:
+    """One measured phase: its command, cost, and what it wrote."""
+
+    name: str
+    command: str
+    exit: int = -1
+    wall_s: float = 0.0
+    peak_rss_bytes: int = 0
+    write_bytes: int = 0
+    output_bytes: int = 0
+    steps_s: dict[str, float] = field(default_factory=dict)  # the phase's own progress lines, timed
+    error: str = ""
+
+
+# -- phases run inside the child (loc3r.bench.child calls these with their argv) -----------
+
+
+def write_llava_main(argv: Sequence[str]) -> int:
+    """``FOLDER PRESET LAYERS``: the LLaVA-NeXT checkpoint."""
+    folder, preset, layers = Path(argv[0]), PRESETS[argv[1]], int(argv[2])
+    config = {**preset.config, "num_hidden_layers": layers}
+    write_llava_next(folder, config, preset.tower, preset.tokenizer_size, max_shard_bytes=preset.max_shard_bytes)
+    return 0
+
+
+def write_cut3r_main(argv: Sequence[str]) -> int:
+    """``PATH PRESET``: the CUT3R ``.pth``."""
+    from loc3r.models.cut3r import Cut3rConfig
+
+    write_cut3r_pth(Path(argv[0]), getattr(Cut3rConfig, PRESETS[argv[1]].cut3r)())
+    return 0
+
+
+# -- the parent ----------------------------------------------------------------------------
+
+
+def run_phase(name: str, target: str, args: Sequence[str], work: Path, outputs: Sequence[Path]) -> tuple[Phase, str]:
+    """Run ``target(args)`` in a child process; returns the phase and the child's stdout.
+
+    Lines the child prints to stderr that end in ``...`` (the tools' progress lines) are
+    timed: ``steps_s`` holds the seconds from each to the next.
+    """
+    report = work / f".{name}.json"
+    command = [sys.executable, "-m", "loc3r.bench.child", str(report), target, *args]
+    phase = Phase(name, " ".join([target, *args]))
+    start = time.perf_counter()
+    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    marks: list[tuple[str, float]] = [("start", start)]
+    errors: list[str] = []
+    assert child.stderr is not None and child.stdout is not None
+    for line in child.stderr:
+        line = line.rstrip()
+        if line.endswith("..."):
+            marks.append((line.removesuffix("...").strip(), time.perf_counter()))
+        elif line:
+            errors.append(line)
+    stdout = child.stdout.read()
+    child.wait()
+    end = time.perf_counter()
+    phase.steps_s = {label: round(nxt - at, 1) for (label, at), nxt in zip(marks, [m[1] for m in marks[1:]] + [end])}
+    if report.is_file():
+        measured = json.loads(report.read_text(encoding="utf-8"))
+        phase.exit, phase.wall_s = measured["exit"], round(measured["wall_s"], 1)
+        phase.peak_rss_bytes, phase.write_bytes = measured["peak_rss_bytes"] or 0, measured["write_bytes"] or 0
+    else:
+        phase.exit, phase.wall_s = child.returncode, round(end - start, 1)
+    if phase.exit != 0:
+        phase.error = (errors[-1] if errors else f"exit {phase.exit}")[:300]
+    phase.output_bytes = sum(tree_bytes(path) for path in outputs)
+    return phase, stdout
+
+
+def tree_bytes(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else 0
+
+
+# -- predicted artifact sizes --------------------------------------------------------------
+
+
+def bundle_parameters(bundle: Path) -> dict[str, int]:
+    """Parameter count per tensor of a bundle, from its safetensors headers."""
+    counts: dict[str, int] = {}
+    for path in sorted(bundle.glob("*.safetensors")):
+        counts.update({name: math.prod(info.shape) for name, info in read_safetensors_header(path).items()})
+    return counts
+
+
+def predicted_files(bundle: Path, manifest: dict[str, Any]) -> dict[str, int]:
+    """Bytes each exported file (graph + its external data together) should take.
+
+    Graphs store float32 weights; the LLM decoder its MatMul weights at the manifest's
+    quantization (int4/int8 with a float32 scale per block, as MatMulNBits over float32
+    activations stores them; fp16 or fp32 otherwise) and its norms and biases in float32;
+    the embedding table at the manifest's dtype.
+    """
+    params = bundle_parameters(bundle)
+
+    def total(*prefixes: str) -> int:
+        return sum(n for name, n in params.items() if name.startswith(prefixes))
+
+    width = manifest["model"]["llm_width"]
+    cut3r = manifest["artifacts"]["cut3r_step"]
+    state, memory = (math.prod(t["shape"]) for t in cut3r["inputs"] if t["name"] in ("state", "memory"))
+    out = {
+        "cut3r_step.onnx": 4 * total("camera_encoder.", "heads.f_cam."),
+        "vision.onnx": 4 * total("vision."),
+        "pose_head.onnx": 4 * total("heads.f_pos.", "heads.f_ori."),
+        "bev_head.onnx": 4 * total("heads.f_bev."),
+        cut3r["initial_state"]: 4 * (state + memory),
+    }
+    video_end = manifest["artifacts"]["vision"].get("video_end")
+    if video_end:
+        out[video_end] = 4 * width * _end_tokens(bundle)
+    llm = manifest.get("llm")
+    if llm:
+        quant = llm["quantization"]
+        block = quant["block_size"]
+        layer_weights = sum(n for name, n in params.items() if name.startswith("llm.model.layers.") and name.endswith("proj.weight"))
+        head = params.get("llm.lm_head.weight", 0)
+        small = total("llm.model.layers.", "llm.model.norm.") - layer_weights
+        decoder_bits = layer_weights * bits_per_weight(quant["layers"], block, 32) + head * bits_per_weight(quant["lm_head"], block, 32)
+        out["llm/" + llm["decoder"]["file"]] = round(decoder_bits / 8) + 4 * small
+        embed_bytes = {"float32": 4, "float16": 2}[llm["embeddings"]["dtype"]]
+        out["llm/" + llm["embeddings"]["file"]] = embed_bytes * params.get("llm.model.embed_tokens.weight", 0)
+    return out
+
+
+def _end_tokens(bundle: Path) -> int:
+    config = json.loads((bundle / "config.json").read_text(encoding="utf-8"))
+    return int(config.get("newline_position") == "one_token")
+
+
+def artifact_rows(export: Path, bundle: Path) -> list[dict[str, Any]]:
+    """Every file of an export with its size, and the prediction where one applies."""
+    manifest = json.loads((export / "manifest.json").read_text(encoding="utf-8"))
+    predicted = predicted_files(bundle, manifest)
+    rows = []
+    for path in sorted(p for p in export.rglob("*") if p.is_file() and not p.name.endswith(".data")):
+        name = path.relative_to(export).as_posix()
+        data = path.with_name(path.name + ".data")
+        actual = path.stat().st_size + (data.stat().st_size if data.is_file() else 0)
+        expected = predicted.get(name)
+        ratio = actual / expected if expected else None
+        rows.append({"file": name + (" + .data" if data.is_file() else ""), "bytes": actual, "predicted": expected,
+                     "ratio": ratio, "within": None if ratio is None else abs(ratio - 1) <= PREDICTION_TOLERANCE})
+    return rows
+
+
+# -- the rehearsal -------------------------------------------------------------------------
+
+
+def rehearse(
+    preset_name: str, layers: int, work: Path, frames: int, cpu_llm: str, max_new_tokens: int, keep: bool = False
+) -> dict[str, Any]:
+    """All phases in order, stopping at the first failure; returns the results.
+
+    Unless ``keep``, each folder is deleted once nothing later needs it (the checkpoint after
+    the conversion, the jetson export once measured), so the disk holds at most ~2 of them.
+    """
+    from loc3r.runtime.demo_video import write_demo_video
+
+    preset = PRESETS[preset_name]
+    llava, cut3r, bundle = work / "llava", work / "cut3r_512_dpt.pth", work / "bundle"
+    jetson, cpu = work / "export_jetson", work / "export_cpu"
+    video = write_demo_video(work / "video.mp4", num_frames=4 * frames, width=640, height=480)
+    run_args = [str(video), QUESTION, "--model", str(bundle), "--frames", str(frames), "--json", "--no-cache",
+                "--max-new-tokens", str(max_new_tokens)]
+    plan = [
+        ("write_llava", "loc3r.bench.real_size:write_llava_main", [str(llava), preset_name, str(layers)], [llava]),
+        ("write_cut3r", "loc3r.bench.real_size:write_cut3r_main", [str(cut3r), preset_name], [cut3r]),
+        ("convert", "loc3r.models.convert_cli:main", ["--llava", str(llava), "--cut3r", str(cut3r), "--out", str(bundle), *preset.convert_flags], [bundle]),
+        ("export_jetson", "loc3r.export.cli:main", ["--model", str(bundle), "--target", "jetson-orin", "--out", str(jetson)], [jetson]),
+        ("export_cpu", "loc3r.export.cli:main", ["--model", str(bundle), "--target", "cpu", "--out", str(cpu), "--llm", cpu_llm], [cpu]),
+        ("run_onnxruntime", "loc3r.runtime.cli:main", [*run_args, "--backend", "onnxruntime", "--engines", str(cpu)], []),
+        ("run_torch", "loc3r.runtime.cli:main", [*run_args, "--backend", "torch"], []),
+    ]
+    done_with = {"convert": [llava, cut3r], "export_jetson": [jetson]}
+    phases, answers, artifacts, sizes = [], {}, {}, {}
+    for name, target, args, outputs in plan:
+        print(f"[real_size] {name} ...", file=sys.stderr, flush=True)
+        phase, stdout = run_phase(name, target, args, work, outputs)
+        phases.append(phase)
+        print(f"[real_size] {name}: exit {phase.exit}, {phase.wall_s} s, peak RSS {phase.peak_rss_bytes / GIB:.2f} GiB",
+              file=sys.stderr, flush=True)
+        if name.startswith("run_") and phase.exit == 0:
+            answer = json.loads(stdout.strip().splitlines()[-1])
+            answers[name] = {"model": answer["model"], "timings": answer["timings"], "answer_token_ids": answer["answer_token_ids"]}
+        if phase.exit != 0:
+            break
+        if name.startswith("export_"):
+            artifacts[name.removeprefix("export_")] = artifact_rows(outputs[0], bundle)
+        if name == "convert":
+            sizes = {"checkpoint_bytes": tree_bytes(llava) + tree_bytes(cut3r), "bundle_bytes": tree_bytes(bundle)}
+        for path in [] if keep else done_with.get(name, []):
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    return {"phases": [asdict(p) for p in phases], "answers": answers, "artifacts": artifacts, **sizes}
+
+
+def machine() -> dict[str, Any]:
+    import os
+
+    import torch
+
+    memory = next((int(line.split()[1]) * 1024 for line in Path("/proc/meminfo").read_text().splitlines()
+                   if line.startswith("MemTotal:")), 0)
+    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "memory_gib": round(memory / GIB, 1),
+            "python": platform.python_version(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m loc3r.bench.real_size", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="real")
+    parser.add_argument("--llm-layers", type=int, help="Qwen2 layers to write (default: all of the preset's, 28)")
+    parser.add_argument("--frames", type=int, default=4)
+    parser.add_argument("--cpu-llm", default="int4", choices=("fp32", "fp16", "int8", "int4"),
+                        help="LLM format of the cpu export (default int4: a float32 7B decoder is ~30 GB)")
+    parser.add_argument("--max-new-tokens", type=int, default=8)
+    parser.add_argument("--rss-limit-gib", type=float, default=20.0, help="peak RSS every phase must stay under")
+    parser.add_argument("--workdir", type=Path, help="where the checkpoints, bundle and exports go (~40 GB at full depth)")
+    parser.add_argument("--keep", action="store_true", help="keep the work folder")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    args = parser.parse_args(argv)
+    preset = PRESETS[args.preset]
+    layers = args.llm_layers or preset.config["num_hidden_layers"]
+    work = Path(tempfile.mkdtemp(prefix="loc3r_real_size_", dir=args.workdir))
+    try:
+        results = rehearse(args.preset, layers, work, args.frames, args.cpu_llm, args.max_new_tokens, args.keep)
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    results.update(preset=args.preset, llm_layers=layers, full_layers=preset.config["num_hidden_layers"],
+                   frames=args.frames, cpu_llm=args.cpu_llm, rss_limit_gib=args.rss_limit_gib, machine=machine())
+    stem = "real_size" if args.preset == "real" else f"real_size_{args.preset}"
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    (args.out / f"{stem}.md").write_text(render(results), encoding="utf-8")
+    ok = all(p["exit"] == 0 and p["peak_rss_bytes"] < args.rss_limit_gib * GIB for p in results["phases"])
+    return 0 if ok and len(results["phases"]) == 7 else 1
+
+
+# -- report --------------------------------------------------------------------------------
+
+
+def render(results: dict[str, Any]) -> str:
+    """The markdown report (measured figures; the extrapolation notes are added by hand)."""
+    m = results["machine"]
+    lines = [
+        "# Dress rehearsal at real size",
+        "",
+        f"Generated by `python -m loc3r.bench.real_size --preset {results['preset']} --llm-layers {results['llm_layers']}` "
+        f"on {m['date']} ({m['cores']} cores, {m['memory_gib']} GiB, torch {m['torch']}). Random weights in the published "
+        f"layouts: every width is real; the LLM has {results['llm_layers']} of its {results['full_layers']} layers. "
+        f"Video: {results['frames']} frames of 640x480; cpu export LLM: {results['cpu_llm']}.",
+        "",
+        "## Phases",
+        "",
+        f"Each phase is one child process; peak RSS is its `VmHWM` (limit {results['rss_limit_gib']} GiB), written is "
+        "`write_bytes` of /proc/self/io, output is the size of what the phase produced.",
+        "",
+        "| phase | exit | wall s | peak RSS GiB | written GiB | output GiB | steps (s) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for p in results["phases"]:
+        steps = ", ".join(f"{k}: {v}" for k, v in p["steps_s"].items())
+        lines.append(f"| {p['name']} | {p['exit']} | {p['wall_s']} | {p['peak_rss_bytes'] / GIB:.2f} | "
+                     f"{p['write_bytes'] / GIB:.2f} | {p['output_bytes'] / GIB:.2f} | {steps} |")
+    failed = [p for p in results["phases"] if p["exit"] != 0]
+    if failed:
+        lines += ["", f"**{failed[0]['name']} failed**: `{failed[0]['error']}`"]
+    if "bundle_bytes" in results:
+        lines += ["", f"Checkpoint files {results['checkpoint_bytes'] / GIB:.2f} GiB; bundle {results['bundle_bytes'] / GIB:.2f} GiB."]
+    lines.append("")
+    for name, answer in results["answers"].items():
+        model, timings = answer["model"], answer["timings"]
+        shown = ", ".join(f"{k} {v:.2f}" for k, v in timings.items() if isinstance(v, float))
+        lines.append(f"- `{name}`: {model['dtype']} on {model['device']} ({model['dtype_reason']}); {shown}")
+    lines += ["", "## Exported files vs predicted sizes", "",
+              f"Predicted from the bundle's parameter counts at the stored format; within = {PREDICTION_TOLERANCE:.0%}.", ""]
+    for export, rows in results["artifacts"].items():
+        lines += [f"### {export}", "", "| file | MB | predicted MB | ratio | within |", "|---|---|---|---|---|"]
+        for row in rows:
+            predicted = f"{row['predicted'] / 1e6:.1f}" if row["predicted"] else "-"
+            ratio = f"{row['ratio']:.3f}" if row["ratio"] else "-"
+            within = {True: "yes", False: "**no**", None: "-"}[row["within"]]
+            lines.append(f"| {row['file']} | {row['bytes'] / 1e6:.1f} | {predicted} | {ratio} | {within} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
