@@ -41,6 +41,11 @@ def test_manifest_describes_every_artifact(cpu_export: Path) -> None:
         assert artifact["parity"]["within_tolerance"] is True
         assert artifact["parity"]["max_abs"] <= artifact["tolerance"]["atol"] + artifact["tolerance"]["rtol"] * 10
         assert {t["name"] for t in artifact["inputs"]} and {t["name"] for t in artifact["outputs"]}
+    for name in ("cut3r_step", "vision"):  # weights as ONNX external data, hashed in the manifest
+        data = manifest.artifacts[name]["external_data"]
+        assert data["file"] == manifest.artifacts[name]["file"] + ".data"
+        assert exporter.file_sha256(cpu_export / data["file"]) == data["sha256"]
+        assert (cpu_export / data["file"]).stat().st_size == data["bytes"] > (cpu_export / manifest.artifacts[name]["file"]).stat().st_size
     assert manifest.artifacts["cut3r_step"]["parity"]["runs"] == exporter.RECURRENCE_FRAMES
     assert manifest.artifacts["vision"]["inputs"][0]["shape"] == ["frames", 3, 384, 384]
     assert manifest.artifacts["vision"]["outputs"][0]["shape"] == ["frames", 210, 64]
