@@ -1,4 +1,5 @@
-"""Atomic writes: a file or folder appears whole under its final name, or not at all."""
+"""Atomic writes (a file or folder appears whole under its final name, or not at all), and
+JSON reading with one-line errors."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from loc3r.errors import ModelError
 
 
 def current_umask() -> int:
@@ -56,3 +59,14 @@ def write_json_atomic(path: str | Path, data: Any) -> None:
     with atomic_file(path) as stream:
         json.dump(data, stream, indent=2)
         stream.write("\n")
+
+
+def read_json_object(path: Path, fix: str) -> dict[str, Any]:
+    """A JSON file holding an object; anything else is a one-line ``ModelError`` ending in ``fix``."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelError(f"{path} is not valid JSON ({exc})", fix) from None
+    if not isinstance(data, dict):
+        raise ModelError(f"{path} is not a JSON object", fix)
+    return data

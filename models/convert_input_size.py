@@ -15,12 +15,12 @@ must agree:
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any
 
 from loc3r.errors import ModelError
+from loc3r.fileio import read_json_object
 
 PROCESSOR_FILES = ("preprocessor_config.json", "video_preprocessor_config.json")
 TOWER_NAME_KEYS = ("mm_vision_tower", "vision_tower")
@@ -92,12 +92,7 @@ def _stated_sizes(folder: Path, patch: int, tower: str | None, config_size: int 
 
 def _processor_size(path: Path) -> int:
     """``crop_size`` when the processor centre-crops, else ``size``."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelError(f"{path} is not valid JSON ({exc})", "download the checkpoint's processor files again") from None
-    if not isinstance(data, dict):
-        raise ModelError(f"{path} is not a JSON object", "download the checkpoint's processor files again")
+    data = read_json_object(path, "download the checkpoint's processor files again")
     key = "crop_size" if data.get("do_center_crop") and data.get("crop_size") is not None else "size"
     if data.get(key) is None:
         raise ModelError(f"{path} has no {key!r}", "download the checkpoint's processor files again")

@@ -44,6 +44,7 @@ from torch import Tensor
 from transformers import LlavaOnevisionConfig, Qwen2Config
 
 from loc3r.errors import ModelError
+from loc3r.fileio import read_json_object
 from loc3r.models.config import ONEVISION_VIDEO, LLMConfig, VideoLayout, VisionConfig
 from loc3r.models.convert_input_size import tower_name, vision_input_size
 from loc3r.models.convert_stream import SourceShards, TensorInfo
@@ -101,12 +102,7 @@ def open_llava(folder: Path) -> LlavaSource:
     config_path = folder / "config.json"
     if not folder.is_dir() or not config_path.is_file():
         raise ModelError(f"{folder} is not a LLaVA checkpoint folder (no config.json)", _FIX)
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelError(f"{config_path} is not valid JSON ({exc})", _FIX) from None
-    if not isinstance(config, dict):
-        raise ModelError(f"{config_path} is not a JSON object", _FIX)
+    config = read_json_object(config_path, _FIX)
     return LlavaSource(folder, detect_layout(config, config_path), config, SourceShards(source_weight_files(folder)))
 
 

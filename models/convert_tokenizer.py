@@ -12,7 +12,6 @@ The tokenizer is built from data files only, never from code a checkpoint ships
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ from tokenizers import AddedToken, Tokenizer
 from tokenizers.models import BPE
 
 from loc3r.errors import ModelError
+from loc3r.fileio import read_json_object
 from loc3r.models.tokenizer import ORI_TOKEN, POS_TOKEN, TextTokenizer, qwen2_tokenizer
 
 log = logging.getLogger(__name__)
@@ -153,15 +153,7 @@ def _special_contents(folder: Path) -> list[str]:
 
 def _json(path: Path) -> dict[str, Any]:
     """A JSON object file, or ``{}`` when it is absent."""
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelError(f"{path} is not valid JSON ({exc})", _FIX) from None
-    if not isinstance(data, dict):
-        raise ModelError(f"{path} is not a JSON object", _FIX)
-    return data
+    return read_json_object(path, _FIX) if path.is_file() else {}
 
 
 def loc3r_tokenizer(folder: Path, vocab_size: int) -> TextTokenizer:
