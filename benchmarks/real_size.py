@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import shutil
 import subprocess
@@ -38,9 +39,20 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from loc3r.bench.fabricate import LLAVA_VIDEO_7B_QWEN2, QWEN2_BPE_TOKENS, TowerSizes, write_cut3r_pth, write_llava_next
+import torch
+
+from loc3r.bench.fabricate import (
+    LLAVA_VIDEO_7B_QWEN2,
+    QWEN2_BPE_TOKENS,
+    TowerSizes,
+    llava_next_shapes,
+    parameter_count,
+    write_cut3r_pth,
+    write_llava_next,
+)
 from loc3r.bench.flops import bits_per_weight
 from loc3r.models.convert_stream import read_safetensors_header
+from loc3r.models.precision import WeightStats, available_memory_bytes, choose_precision
 
 GIB = 2**30
 PREDICTION_TOLERANCE = 0.05
@@ -266,17 +278,15 @@ def rehearse(
         if name.startswith("export_"):
             artifacts[name.removeprefix("export_")] = artifact_rows(outputs[0], bundle)
         if name == "convert":
-            sizes = {"checkpoint_bytes": tree_bytes(llava) + tree_bytes(cut3r), "bundle_bytes": tree_bytes(bundle)}
+            sizes = {"checkpoint_bytes": tree_bytes(llava) + tree_bytes(cut3r), "bundle_bytes": tree_bytes(bundle),
+                     "largest_source_file_bytes": max(tree_bytes(f) for f in [cut3r, *llava.glob("*.safetensors")]),
+                     "bundle_parameters": sum(bundle_parameters(bundle).values())}
         for path in [] if keep else done_with.get(name, []):
             shutil.rmtree(path) if path.is_dir() else path.unlink()
     return {"phases": [asdict(p) for p in phases], "answers": answers, "artifacts": artifacts, **sizes}
 
 
 def machine() -> dict[str, Any]:
-    import os
-
-    import torch
-
     memory = next((int(line.split()[1]) * 1024 for line in Path("/proc/meminfo").read_text().splitlines()
                    if line.startswith("MemTotal:")), 0)
     return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "memory_gib": round(memory / GIB, 1),
@@ -315,6 +325,66 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0 if ok and len(results["phases"]) == 7 else 1
 
 
+# -- extrapolation to full depth -----------------------------------------------------------
+
+LLM_TIMINGS = ("prefill_video", "prefill_question", "prefill_time_text")  # scale with the layer count
+DECODE_TIMING = "decode_tokens_per_s"
+
+
+def extrapolate(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each phase's peak RSS, wall time and disk at the preset's full depth, from what was
+    measured at ``llm_layers`` and what the phase holds per LLM parameter (``basis``)."""
+    preset = PRESETS[results["preset"]]
+    measured, full = results["llm_layers"], results["full_layers"]
+    if measured >= full:
+        return []
+
+    def shapes(layers: int) -> dict[str, tuple[int, ...]]:
+        return llava_next_shapes({**preset.config, "num_hidden_layers": layers}, preset.tower)
+
+    params_at = {n: parameter_count(shapes(n)) for n in (measured, full)}
+    extra = params_at[full] - params_at[measured]
+    layer_ratio = full / measured
+    bytes_ratio = params_at[full] / params_at[measured]
+    cpu_bits = bits_per_weight(results["cpu_llm"], 32 if results["cpu_llm"] in ("int4", "int8") else None, 32)
+    rows = []
+    for phase in results["phases"]:
+        name, rss, wall, disk = phase["name"], phase["peak_rss_bytes"], phase["wall_s"], phase["write_bytes"]
+        if name == "write_llava":
+            row = (rss, wall * bytes_ratio, disk * bytes_ratio, "one tensor at a time: the largest (the embedding) does not grow; time and bytes scale with the checkpoint")
+        elif name == "write_cut3r":
+            row = (rss, wall, disk, "does not depend on the LLM")
+        elif name == "convert":
+            grown = rss - results.get("largest_source_file_bytes", 0) + min(preset.max_shard_bytes, 2 * params_at[full])
+            row = (grown, wall * bytes_ratio, disk * bytes_ratio,
+                   "streamed: one source shard's mapped pages (5 GB shards at full depth) plus one tensor")
+        elif name.startswith("export_"):
+            llm_step = next((s for label, s in phase["steps_s"].items() if "LLM" in label), 0.0)
+            row = (rss + 4 * extra, wall + llm_step * (layer_ratio - 1), disk * bytes_ratio,
+                   "today's LLM exporter holds the float32 LLM (4 bytes per parameter): being replaced by "
+                   "onnxruntime-genai's builder (issue 15), which must stream to fit")
+        elif name == "run_onnxruntime":
+            timings = results["answers"].get(name, {}).get("timings", {})
+            llm_s = sum(timings.get(k, 0.0) for k in LLM_TIMINGS)
+            row = (rss + extra * cpu_bits / 8, wall + llm_s * (layer_ratio - 1), disk,
+                   f"the {results['cpu_llm']} decoder grows by {cpu_bits / 8:.3f} bytes per parameter; LLM prefill x {layer_ratio:.0f}")
+        elif name == "run_torch":
+            answer = results["answers"].get(name, {})
+            ran = getattr(torch, answer.get("model", {}).get("dtype", "float32"))
+            measured_total = results.get("bundle_parameters", 0)
+            chosen = choose_precision(WeightStats(measured_total + extra, torch.bfloat16), "auto", torch.device("cpu"),
+                                      available_memory_bytes(), False)
+            grown = rss + (measured_total + extra) * chosen.dtype.itemsize - measured_total * ran.itemsize
+            llm_s = sum(answer.get("timings", {}).get(k, 0.0) for k in LLM_TIMINGS)
+            row = (grown, wall + llm_s * (layer_ratio - 1), disk,
+                   f"ran in {str(ran).removeprefix('torch.')}; at full depth '{chosen.reason}'; LLM prefill x {layer_ratio:.0f}"
+                   + (" (bfloat16 on a CPU without bfloat16 units is slower than this)" if chosen.dtype != ran else ""))
+        else:
+            continue
+        rows.append({"phase": name, "peak_rss_bytes": int(row[0]), "wall_s": round(row[1], 1), "write_bytes": int(row[2]), "basis": row[3]})
+    return rows
+
+
 # -- report --------------------------------------------------------------------------------
 
 
@@ -351,6 +421,16 @@ def render(results: dict[str, Any]) -> str:
         model, timings = answer["model"], answer["timings"]
         shown = ", ".join(f"{k} {v:.2f}" for k, v in timings.items() if isinstance(v, float))
         lines.append(f"- `{name}`: {model['dtype']} on {model['device']} ({model['dtype_reason']}); {shown}")
+    rows = extrapolate(results)
+    if rows:
+        lines += ["", f"## Extrapolation to {results['full_layers']} LLM layers", "",
+                  f"From the figures above at {results['llm_layers']} layers and what each phase holds per LLM "
+                  "parameter (basis); an estimate, not a measurement.", "",
+                  "| phase | peak RSS GiB | wall s | written GiB | basis |", "|---|---|---|---|---|"]
+        for row in rows:
+            over = " **over**" if row["peak_rss_bytes"] >= results["rss_limit_gib"] * GIB else ""
+            lines.append(f"| {row['phase']} | {row['peak_rss_bytes'] / GIB:.1f}{over} | {row['wall_s']} | "
+                         f"{row['write_bytes'] / GIB:.1f} | {row['basis']} |")
     lines += ["", "## Exported files vs predicted sizes", "",
               f"Predicted from the bundle's parameter counts at the stored format; within = {PREDICTION_TOLERANCE:.0%}.", ""]
     for export, rows in results["artifacts"].items():
