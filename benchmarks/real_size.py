@@ -357,7 +357,7 @@ def extrapolate(results: dict[str, Any]) -> list[dict[str, Any]]:
         elif name == "convert":
             grown = rss - results.get("largest_source_file_bytes", 0) + min(preset.max_shard_bytes, 2 * params_at[full])
             row = (grown, wall * bytes_ratio, disk * bytes_ratio,
-                   "streamed: one source shard's mapped pages (5 GB shards at full depth) plus one tensor")
+                   f"streamed: one source shard's mapped pages (shards of {preset.max_shard_bytes / 1e9:g} GB) plus one tensor")
         elif name.startswith("export_"):
             llm_step = next((s for label, s in phase["steps_s"].items() if "LLM" in label), 0.0)
             row = (rss + 4 * extra, wall + llm_step * (layer_ratio - 1), disk * bytes_ratio,

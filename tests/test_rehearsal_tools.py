@@ -71,8 +71,9 @@ def test_child_reports_peak_rss_and_bytes_written(tmp_path: Path, code: int) -> 
 @pytest.mark.slow
 def test_rehearsal_on_tiny_widths(tmp_path: Path) -> None:
     """Every phase of the rehearsal completes and is measured (the real run: benchmarks/results)."""
-    assert real_size.main(["--preset", "tiny", "--workdir", str(tmp_path), "--out", str(tmp_path / "out")]) == 0
-    results = json.loads((tmp_path / "out" / "real_size_tiny.json").read_text())
+    out = tmp_path / "out"
+    assert real_size.main(["--preset", "tiny", "--llm-layers", "1", "--workdir", str(tmp_path), "--out", str(out)]) == 0
+    results = json.loads((out / "real_size_tiny.json").read_text())
     assert [p["name"] for p in results["phases"]] == [
         "write_llava", "write_cut3r", "convert", "export_jetson", "export_cpu", "run_onnxruntime", "run_torch"]
     assert all(p["exit"] == 0 and p["peak_rss_bytes"] > 0 and p["wall_s"] > 0 for p in results["phases"])
@@ -81,3 +82,5 @@ def test_rehearsal_on_tiny_widths(tmp_path: Path) -> None:
     assert files["llm/embeddings.safetensors"]["within"] is True
     assert set(results["answers"]) == {"run_onnxruntime", "run_torch"}
     assert list(tmp_path.glob("loc3r_real_size_*")) == []  # the work folder is removed
+    assert [row["phase"] for row in real_size.extrapolate(results)] == [p["name"] for p in results["phases"]]
+    assert "## Extrapolation to 2 LLM layers" in (out / "real_size_tiny.md").read_text()
