@@ -33,6 +33,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -50,6 +51,7 @@ from loc3r.bench.fabricate import (
     write_cut3r_pth,
     write_llava_next,
 )
+from loc3r.bench.child import proc_field
 from loc3r.bench.flops import bits_per_weight
 from loc3r.models.convert_stream import read_safetensors_header
 from loc3r.models.precision import WeightStats, available_memory_bytes, choose_precision
@@ -94,7 +96,7 @@ class Phase:
     peak_rss_bytes: int = 0
     write_bytes: int = 0
     output_bytes: int = 0
-    steps_s: dict[str, float] = field(default_factory=dict)  # the phase's own progress lines, timed
+    steps: dict[str, dict[str, float]] = field(default_factory=dict)  # progress line -> seconds, peak RSS
     error: str = ""
 
 
@@ -120,40 +122,69 @@ def write_cut3r_main(argv: Sequence[str]) -> int:
 # -- the parent ----------------------------------------------------------------------------
 
 
-def run_phase(name: str, target: str, args: Sequence[str], work: Path, outputs: Sequence[Path]) -> tuple[Phase, str]:
-    """Run ``target(args)`` in a child process; returns the phase and the child's stdout.
+class StepMonitor:
+    """A child's progress lines (stderr lines ending in ``...``) as timed steps, with the
+    child's peak RSS during each (``VmRSS`` sampled every ``interval_s``)."""
 
-    Lines the child prints to stderr that end in ``...`` (the tools' progress lines) are
-    timed: ``steps_s`` holds the seconds from each to the next.
-    """
+    def __init__(self, pid: int, interval_s: float = 0.2) -> None:
+        self.pid, self.interval_s = pid, interval_s
+        self.steps: list[list[Any]] = [["start", time.perf_counter(), 0]]  # label, start, peak RSS bytes
+        self._lock = threading.Lock()
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    def mark(self, label: str) -> None:
+        with self._lock:
+            self.steps.append([label, time.perf_counter(), 0])
+
+    def _sample(self) -> None:
+        while not self._done.wait(self.interval_s):
+            rss = proc_field(f"/proc/{self.pid}/status", "VmRSS") or 0
+            with self._lock:
+                self.steps[-1][2] = max(self.steps[-1][2], rss)
+
+    def finish(self) -> dict[str, dict[str, float]]:
+        """``{label: {"s": seconds, "peak_rss_gib": GiB}}``."""
+        self._done.set()
+        self._thread.join()
+        end = time.perf_counter()
+        ends = [step[1] for step in self.steps[1:]] + [end]
+        return {label: {"s": round(stop - begin, 1), "peak_rss_gib": round(peak / GIB, 2)}
+                for (label, begin, peak), stop in zip(self.steps, ends)}
+
+
+def run_phase(name: str, target: str, args: Sequence[str], work: Path, outputs: Sequence[Path]) -> tuple[Phase, str]:
+    """Run ``target(args)`` in a child process; returns the phase and the child's stdout."""
     report = work / f".{name}.json"
     command = [sys.executable, "-m", "loc3r.bench.child", str(report), target, *args]
     phase = Phase(name, " ".join([target, *args]))
     start = time.perf_counter()
     child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    marks: list[tuple[str, float]] = [("start", start)]
+    monitor = StepMonitor(child.pid)
+    stdout: list[str] = []
+    reader = threading.Thread(target=lambda: stdout.append(child.stdout.read()), daemon=True)  # type: ignore[union-attr]
+    reader.start()
     errors: list[str] = []
-    assert child.stderr is not None and child.stdout is not None
-    for line in child.stderr:
+    for line in child.stderr:  # type: ignore[union-attr]
         line = line.rstrip()
         if line.endswith("..."):
-            marks.append((line.removesuffix("...").strip(), time.perf_counter()))
+            monitor.mark(line.removesuffix("...").strip())
         elif line:
             errors.append(line)
-    stdout = child.stdout.read()
     child.wait()
-    end = time.perf_counter()
-    phase.steps_s = {label: round(nxt - at, 1) for (label, at), nxt in zip(marks, [m[1] for m in marks[1:]] + [end])}
+    reader.join()
+    phase.steps = monitor.finish()
     if report.is_file():
         measured = json.loads(report.read_text(encoding="utf-8"))
         phase.exit, phase.wall_s = measured["exit"], round(measured["wall_s"], 1)
         phase.peak_rss_bytes, phase.write_bytes = measured["peak_rss_bytes"] or 0, measured["write_bytes"] or 0
     else:
-        phase.exit, phase.wall_s = child.returncode, round(end - start, 1)
+        phase.exit, phase.wall_s = child.returncode, round(time.perf_counter() - start, 1)
     if phase.exit != 0:
         phase.error = (errors[-1] if errors else f"exit {phase.exit}")[:300]
     phase.output_bytes = sum(tree_bytes(path) for path in outputs)
-    return phase, stdout
+    return phase, "".join(stdout)
 
 
 def tree_bytes(path: Path) -> int:
@@ -359,7 +390,7 @@ def extrapolate(results: dict[str, Any]) -> list[dict[str, Any]]:
             row = (grown, wall * bytes_ratio, disk * bytes_ratio,
                    f"streamed: one source shard's mapped pages (shards of {preset.max_shard_bytes / 1e9:g} GB) plus one tensor")
         elif name.startswith("export_"):
-            llm_step = next((s for label, s in phase["steps_s"].items() if "LLM" in label), 0.0)
+            llm_step = next((s["s"] for label, s in phase["steps"].items() if "LLM" in label), 0.0)
             row = (rss + 4 * extra, wall + llm_step * (layer_ratio - 1), disk * bytes_ratio,
                    "today's LLM exporter holds the float32 LLM (4 bytes per parameter): being replaced by "
                    "onnxruntime-genai's builder (issue 15), which must stream to fit")
@@ -404,11 +435,11 @@ def render(results: dict[str, Any]) -> str:
         f"Each phase is one child process; peak RSS is its `VmHWM` (limit {results['rss_limit_gib']} GiB), written is "
         "`write_bytes` of /proc/self/io, output is the size of what the phase produced.",
         "",
-        "| phase | exit | wall s | peak RSS GiB | written GiB | output GiB | steps (s) |",
+        "| phase | exit | wall s | peak RSS GiB | written GiB | output GiB | steps: time, peak RSS |",
         "|---|---|---|---|---|---|---|",
     ]
     for p in results["phases"]:
-        steps = ", ".join(f"{k}: {v}" for k, v in p["steps_s"].items())
+        steps = ", ".join(f"{k}: {v['s']} s, {v['peak_rss_gib']} GiB" for k, v in p["steps"].items())
         lines.append(f"| {p['name']} | {p['exit']} | {p['wall_s']} | {p['peak_rss_bytes'] / GIB:.2f} | "
                      f"{p['write_bytes'] / GIB:.2f} | {p['output_bytes'] / GIB:.2f} | {steps} |")
     failed = [p for p in results["phases"] if p["exit"] != 0]

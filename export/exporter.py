@@ -12,7 +12,6 @@ import os
 import platform
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -47,9 +46,6 @@ RECURRENCE_FRAMES = 8
 Progress = Callable[[str], None]
 
 
-GRAPH_PARTS = ("camera_encoder", "vision", "heads")  # what the ONNX graphs hold; the LLM is exported on its own
-
-
 @dataclass(frozen=True)
 class ExportRequest:
     """What to export: the bundle, the target, the CUT3R input size and the LLM format."""
@@ -60,10 +56,10 @@ class ExportRequest:
     cut3r_size: tuple[int, int]  # (height, width), multiples of 16
     llm_quant: str | None  # None: leave the LLM out (the runtime then uses the bundle's)
 
-    @cached_property
-    def graph_model(self) -> Loc3rModel:
-        """The parts the ONNX graphs are traced from, in float32 (the LLM is not loaded)."""
-        return self.bundle.load_parts(GRAPH_PARTS, torch.float32)
+    def parts(self, *names: str) -> Loc3rModel:
+        """The bundle with only ``names`` loaded, in float32: each export loads what it traces
+        and lets it go, so the peak is one graph's weights, never the whole model."""
+        return self.bundle.load_parts(names, torch.float32)
 
 
 def default_cut3r_size(long_side: int, patch: int = 16) -> tuple[int, int]:
@@ -73,7 +69,6 @@ def default_cut3r_size(long_side: int, patch: int = 16) -> tuple[int, int]:
 
 def export_all(request: ExportRequest, progress: Progress = print) -> Manifest:
     """Write every artifact and ``manifest.json`` into ``request.out_dir`` atomically."""
-    bundle = request.bundle
     with atomic_directory(request.out_dir) as staging:
         artifacts: dict[str, Any] = {}
         for name, export in (
@@ -92,7 +87,7 @@ def export_all(request: ExportRequest, progress: Progress = print) -> Manifest:
             same_as_target = request.llm_quant == plan.weights
             with quiet_exporter():
                 llm = export_llm(
-                    bundle.load_parts(("llm",), torch.float32).llm,
+                    request.parts("llm").llm,
                     staging / "llm",
                     request.llm_quant,
                     block_size=plan.block_size or 32,
@@ -164,7 +159,7 @@ def artifact_entry(spec: graphs.GraphSpec, path: Path, parity: ParityResult, **e
 
 def export_camera(request: ExportRequest, out: Path) -> dict[str, Any]:
     """``cut3r_step`` (CUT3R step + f_cam), checked over a recurrence from the first frame."""
-    model = request.graph_model
+    model = request.parts("camera_encoder", "heads")
     height, width = request.cut3r_size
     with torch.no_grad():
         init = model.camera_encoder.init_state(1)
@@ -220,7 +215,7 @@ def recurrence_parity(
 def export_vision(request: ExportRequest, out: Path) -> dict[str, Any]:
     """``vision``: frames -> pooled, projected tokens with row newlines (frames axis dynamic)."""
     config = request.bundle.config
-    module = graphs.VisionGraph(request.graph_model.vision)
+    module = graphs.VisionGraph(request.parts("vision").vision)
     spec = graphs.vision_spec(config.vision.image_size, module.vision.tokens_per_frame, config.llm.hidden_size)
     generator = torch.Generator().manual_seed(7)
     path = export_onnx(module, spec, graphs.random_inputs(spec, generator, {"frames": 2}), out / "vision.onnx")
@@ -233,7 +228,7 @@ def export_vision(request: ExportRequest, out: Path) -> dict[str, Any]:
 
 def export_heads(request: ExportRequest, out: Path) -> dict[str, Any]:
     """``pose_head`` (f_pos, f_ori + soft-argmax) and ``bev_head`` (f_bev)."""
-    heads = request.graph_model.heads
+    heads = request.parts("heads").heads
     width = request.bundle.config.llm.hidden_size
     generator = torch.Generator().manual_seed(11)
     entries = {}
