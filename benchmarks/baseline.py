@@ -33,7 +33,7 @@ from loc3r.models.bundle import Bundle
 from loc3r.models.cut3r import Cut3rConfig
 from loc3r.models.llm import PrefillResult, TorchLLM
 from loc3r.models.prompt import build_question_suffix, build_video_prefix
-from loc3r.models.vision import vision_tokens_per_frame
+from loc3r.models.vision import video_end_tokens, vision_tokens_per_frame
 from loc3r.runtime.preprocess import cut3r_input, siglip_input
 from loc3r.runtime.torch_backend import TorchHeads
 from loc3r.runtime.video import iter_frames
@@ -128,9 +128,11 @@ class Baseline:
         pixels = siglip_input([f.rgb for f in frames], self.config.vision.image_size)
         vision, s["encode_vision"] = elapsed(lambda: model.vision.encode(pixels))
         prefix = build_video_prefix(
-            tokenizer, len(frames), vision_tokens_per_frame(self.config), stream.info.duration_s, [f.timestamp_s for f in frames]
+            tokenizer, len(frames), vision_tokens_per_frame(self.config), stream.info.duration_s,
+            [f.timestamp_s for f in frames], video_end_tokens(self.config),
         )
-        video_embeds = torch.cat([torch.cat([c[None], v]) for c, v in zip(cameras, vision, strict=True)])
+        blocks = [torch.cat([c[None], v]) for c, v in zip(cameras, vision, strict=True)]
+        video_embeds = torch.cat([*blocks, model.vision.video_end()])
         llm = TorchLLM(model.llm)
 
         def full_prompt(question: str) -> tuple[PrefillResult, int, int, float]:

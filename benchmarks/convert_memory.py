@@ -2,8 +2,8 @@
 
 Run: ``python -m loc3r.bench.convert_memory [--out benchmarks/results] [--workdir DIR]``.
 The checkpoint (SigLIP so400m tower as LLaVA-NeXT saves it, 26 layers; a Qwen2 with 1536
-width and 10 layers; bf16) is written shard by shard into 4 safetensors files, so the
-fabrication never holds more than one shard. It is converted twice in a subprocess, with
+width and 10 layers; bf16; ``loc3r.bench.fabricate``) is written tensor by tensor into 4
+safetensors files, so the fabrication never holds more than one tensor. It is converted twice in a subprocess, with
 a tiny CUT3R and with a real-size one (random weights); peak RSS is the child's ``VmHWM``.
 An import-only subprocess gives the baseline (torch + transformers), so the conversion's
 own share can be compared with the largest input file.
@@ -12,28 +12,21 @@ own share can be compared with the largest input file.
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from importlib import resources
 from pathlib import Path
 
-import torch
-from safetensors.torch import save_file
-
-from loc3r.models.cut3r import Cut3rConfig, official_model_line, random_state_dict, save_official_checkpoint
-from loc3r.models.tokenizer import train_tiny_tokenizer
+from loc3r.bench.fabricate import LLAVA_VIDEO_7B_QWEN2, TowerSizes, llava_next_shapes, parameter_count, write_cut3r_pth, write_llava_next
+from loc3r.models.cut3r import Cut3rConfig
 
 SHARDS = 4
 LIMIT = 1.5  # peak above baseline must stay below LIMIT x the largest input file
-TOWER = dict(hidden=1152, intermediate=4304, stored_layers=26, patches=729, patch=14)
 LLM = dict(vocab_size=32000, hidden_size=1536, intermediate_size=8960, num_hidden_layers=10,
-           num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=32768,
-           rope_theta=1_000_000.0, rms_norm_eps=1e-6, tie_word_embeddings=False, hidden_act="silu")
+           num_attention_heads=12, num_key_value_heads=2)
+TOKENIZER_SIZE = 31_000  # leaves rows for the chat tokens and <Pos>/<Ori>
 CONVERT = "import sys; from loc3r.models.convert_cli import main; code = main(sys.argv[1:])\nif code: sys.exit(code)"
 IMPORT_ONLY = "import loc3r.models.convert_bundle, loc3r.models.cut3r"
 # The child prints its own high-water RSS on exit (``ru_maxrss`` of a child would include
@@ -41,65 +34,16 @@ IMPORT_ONLY = "import loc3r.models.convert_bundle, loc3r.models.cut3r"
 REPORT_HWM = "\nprint(next(line for line in open('/proc/self/status') if line.startswith('VmHWM:')))"
 
 
-def checkpoint_shapes() -> dict[str, tuple[int, ...]]:
-    """Every tensor of the synthetic checkpoint, LLaVA-NeXT names, in file order."""
-    h, i, t = TOWER["hidden"], TOWER["intermediate"], "model.vision_tower.vision_tower.vision_model."
-    d, f, kv = LLM["hidden_size"], LLM["intermediate_size"], LLM["num_key_value_heads"] * LLM["hidden_size"] // LLM["num_attention_heads"]
-    shapes: dict[str, tuple[int, ...]] = {
-        t + "embeddings.patch_embedding.weight": (h, 3, TOWER["patch"], TOWER["patch"]),
-        t + "embeddings.patch_embedding.bias": (h,),
-        t + "embeddings.position_embedding.weight": (TOWER["patches"], h),
-    }
-    for n in range(TOWER["stored_layers"]):
-        p = f"{t}encoder.layers.{n}."
-        for name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj"):
-            shapes |= {p + name + ".weight": (h, h), p + name + ".bias": (h,)}
-        shapes |= {p + "mlp.fc1.weight": (i, h), p + "mlp.fc1.bias": (i,), p + "mlp.fc2.weight": (h, i), p + "mlp.fc2.bias": (h,)}
-        shapes |= {p + f"layer_norm{k}.{w}": (h,) for k in (1, 2) for w in ("weight", "bias")}
-    shapes |= {t + "post_layernorm.weight": (h,), t + "post_layernorm.bias": (h,)}
-    shapes |= {"model.mm_projector.0.weight": (d, h), "model.mm_projector.0.bias": (d,),
-               "model.mm_projector.2.weight": (d, d), "model.mm_projector.2.bias": (d,), "model.image_newline": (d,)}
-    shapes["model.embed_tokens.weight"] = (LLM["vocab_size"], d)
-    for n in range(LLM["num_hidden_layers"]):
-        p = f"model.layers.{n}."
-        shapes |= {p + "self_attn.q_proj.weight": (d, d), p + "self_attn.q_proj.bias": (d,),
-                   p + "self_attn.k_proj.weight": (kv, d), p + "self_attn.k_proj.bias": (kv,),
-                   p + "self_attn.v_proj.weight": (kv, d), p + "self_attn.v_proj.bias": (kv,),
-                   p + "self_attn.o_proj.weight": (d, d), p + "mlp.gate_proj.weight": (f, d),
-                   p + "mlp.up_proj.weight": (f, d), p + "mlp.down_proj.weight": (d, f),
-                   p + "input_layernorm.weight": (d,), p + "post_attention_layernorm.weight": (d,)}
-    shapes |= {"model.norm.weight": (d,), "lm_head.weight": (LLM["vocab_size"], d)}
-    return shapes
+def checkpoint_config() -> dict[str, object]:
+    """The synthetic checkpoint's config.json: LLaVA-Video's fields, a smaller Qwen2."""
+    return {**LLAVA_VIDEO_7B_QWEN2, **LLM}
 
 
 def fabricate(folder: Path) -> list[int]:
-    """Write the checkpoint (config, tokenizer, 4 bf16 shards + index); returns shard sizes."""
-    shapes = checkpoint_shapes()
-    total = sum(math.prod(s) for s in shapes.values()) * 2
-    groups: list[list[str]] = [[]]
-    filled = 0
-    for name, shape in shapes.items():
-        if filled >= total / SHARDS * len(groups):
-            groups.append([])
-        groups[-1].append(name)
-        filled += math.prod(shape) * 2
-    generator = torch.Generator().manual_seed(0)
-    weight_map = {}
-    for k, names in enumerate(groups, start=1):
-        file = f"model-{k:05d}-of-{len(groups):05d}.safetensors"
-        shard = {n: (torch.randn(shapes[n], generator=generator) * 0.02).to(torch.bfloat16) for n in names}
-        save_file(shard, str(folder / file), metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(names, file))
-        del shard
-    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
-    config = {**LLM, "model_type": "llava_qwen", "architectures": ["LlavaQwenForCausalLM"],
-              "mm_vision_tower": "google/siglip-so400m-patch14-384", "mm_projector_type": "mlp2x_gelu",
-              "mm_hidden_size": TOWER["hidden"], "mm_vision_select_layer": -2, "mm_spatial_pool_mode": "bilinear",
-              "mm_spatial_pool_stride": 2, "mm_newline_position": "grid", "image_aspect_ratio": "anyres_max_9"}
-    (folder / "config.json").write_text(json.dumps(config, indent=2))
-    corpus = resources.files("loc3r").joinpath("assets/corpus.txt").read_text(encoding="utf-8")
-    train_tiny_tokenizer(corpus.splitlines()).save(folder)
-    return [(folder / f).stat().st_size for f in dict.fromkeys(weight_map.values())]
+    """Write the checkpoint (config, tokenizer files, bf16 shards + index); returns shard sizes."""
+    total = parameter_count(llava_next_shapes(checkpoint_config(), TowerSizes())) * 2
+    files = write_llava_next(folder, checkpoint_config(), tokenizer_size=TOKENIZER_SIZE, max_shard_bytes=-(-total // SHARDS))
+    return [f.stat().st_size for f in files]
 
 
 def peak_rss(code: str, args: Sequence[str] = ()) -> tuple[int, float]:
@@ -118,7 +62,7 @@ CUT3R_VARIANTS = {"tiny": Cut3rConfig.tiny(), "real-size 512 DPT (random weights
 def report(shards: list[int], runs: dict[str, tuple[int, float, int, list[int]]], baseline: int) -> str:
     """Markdown; ``runs``: CUT3R variant -> (peak RSS, seconds, CUT3R file bytes, output shard bytes)."""
     mb = 1e6
-    params = sum(math.prod(s) for s in checkpoint_shapes().values())
+    params = parameter_count(llava_next_shapes(checkpoint_config(), TowerSizes()))
     lines = [
         "# loc3r-convert peak memory",
         "",
@@ -166,7 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         baseline, _ = peak_rss(IMPORT_ONLY)
         for k, (variant, config) in enumerate(CUT3R_VARIANTS.items()):
             cut3r, bundle = work / f"cut3r_{k}.pth", work / f"bundle_{k}"
-            save_official_checkpoint(random_state_dict(config, seed=0), official_model_line(config), cut3r)
+            write_cut3r_pth(cut3r, config)
             peak, seconds = peak_rss(CONVERT, ["--llava", str(work / "llava"), "--cut3r", str(cut3r), "--out", str(bundle)])
             out_files = [f.stat().st_size for f in sorted(bundle.glob("*.safetensors"))]
             runs[variant] = (peak, seconds, cut3r.stat().st_size, out_files)

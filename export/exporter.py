@@ -27,6 +27,7 @@ from loc3r.export.onnx_export import (
     compare,
     ensure_within,
     export_onnx,
+    external_data_file,
     merge,
     quiet_exporter,
 )
@@ -34,9 +35,11 @@ from loc3r.export.tensorrt_build import device_build_plan
 from loc3r.runtime.ort import open_session
 from loc3r.fileio import atomic_directory
 from loc3r.models.bundle import Bundle
+from loc3r.models.loc3r_model import Loc3rModel
 from loc3r.models.cut3r import Cut3rState
 
 CUT3R_INIT_FILE = "cut3r_init.safetensors"
+VIDEO_END_FILE = "video_end.safetensors"  # tokens after the last frame: (k, width), k = 0 or 1
 RECURRENCE_FRAMES = 8
 
 Progress = Callable[[str], None]
@@ -52,6 +55,11 @@ class ExportRequest:
     cut3r_size: tuple[int, int]  # (height, width), multiples of 16
     llm_quant: str | None  # None: leave the LLM out (the runtime then uses the bundle's)
     vggt_size: tuple[int, int] | None = None  # (height, width) for a VGGT bundle; None: default_vggt_size
+
+    def parts(self, *names: str) -> Loc3rModel:
+        """The bundle with only ``names`` loaded, in float32: each export loads what it traces
+        and lets it go, so the peak is one graph's weights, never the whole model."""
+        return self.bundle.load_parts(names, torch.float32)
 
 
 def default_cut3r_size(long_side: int, patch: int = 16) -> tuple[int, int]:
@@ -85,7 +93,7 @@ def export_all(request: ExportRequest, progress: Progress = print) -> Manifest:
             same_as_target = request.llm_quant == plan.weights
             with quiet_exporter():
                 llm = export_llm(
-                    bundle.model.llm,
+                    request.parts("llm").llm,
                     staging / "llm",
                     request.llm_quant,
                     block_size=plan.block_size or 32,
@@ -136,7 +144,13 @@ def tool_versions() -> dict[str, str]:
 
 
 def artifact_entry(spec: graphs.GraphSpec, path: Path, parity: ParityResult, **extra: Any) -> dict[str, Any]:
-    return {"file": path.name, **spec.to_dict(), "parity": parity.to_dict(), **extra}
+    """The manifest entry of one graph: its file and its external data file (both hashed in
+    the manifest's ``files`` section)."""
+    entry: dict[str, Any] = {"file": path.name}
+    data = external_data_file(path)
+    if data is not None:
+        entry["external_data"] = data.name
+    return {**entry, **spec.to_dict(), "parity": parity.to_dict(), **extra}
 
 
 # -- CUT3R -------------------------------------------------------------------------------
@@ -151,7 +165,7 @@ def export_camera(request: ExportRequest, out: Path) -> dict[str, Any]:
 
 def export_cut3r(request: ExportRequest, out: Path) -> dict[str, Any]:
     """``cut3r_step`` (CUT3R step + f_cam), checked over a recurrence from the first frame."""
-    model = request.bundle.model
+    model = request.parts("camera_encoder", "heads")
     height, width = request.cut3r_size
     with torch.no_grad():
         init = model.camera_encoder.init_state(1)
@@ -205,7 +219,7 @@ def recurrence_parity(
 
 def export_vggt(request: ExportRequest, out: Path) -> dict[str, Any]:
     """``vggt_encode`` (aggregator + f_cam over a whole clip), checked on clips of 2, 5 and 8 frames."""
-    model = request.bundle.model
+    model = request.parts("camera_encoder", "heads")
     config = model.camera_encoder.config
     height, width = request.vggt_size or default_vggt_size(config.img_size, config.patch_size)
     module = graphs.CameraClipGraph(model.camera_encoder, model.heads, height, width)
@@ -226,17 +240,19 @@ def export_vggt(request: ExportRequest, out: Path) -> dict[str, Any]:
 def export_vision(request: ExportRequest, out: Path) -> dict[str, Any]:
     """``vision``: frames -> pooled, projected tokens with row newlines (frames axis dynamic)."""
     config = request.bundle.config
-    module = graphs.VisionGraph(request.bundle.model.vision)
+    module = graphs.VisionGraph(request.parts("vision").vision)
     spec = graphs.vision_spec(config.vision.image_size, module.vision.tokens_per_frame, config.llm.hidden_size)
     generator = torch.Generator().manual_seed(7)
     path = export_onnx(module, spec, graphs.random_inputs(spec, generator, {"frames": 2}), out / "vision.onnx")
     parity = check_parity(module, spec, path, lambda run: graphs.random_inputs(spec, generator, {"frames": 1 + run}))
-    return {"vision": artifact_entry(spec, path, parity)}
+    with torch.no_grad():
+        save_file({"tokens": module.vision.video_end().detach().float().contiguous()}, str(out / VIDEO_END_FILE))
+    return {"vision": artifact_entry(spec, path, parity, video_end=VIDEO_END_FILE)}
 
 
 def export_heads(request: ExportRequest, out: Path) -> dict[str, Any]:
     """``pose_head`` (f_pos, f_ori + soft-argmax) and ``bev_head`` (f_bev)."""
-    heads = request.bundle.model.heads
+    heads = request.parts("heads").heads
     width = request.bundle.config.llm.hidden_size
     generator = torch.Generator().manual_seed(11)
     entries = {}

@@ -1,5 +1,5 @@
 """Safe output: files and folders appear whole or not at all, readable as the umask allows,
-and a folder is only ever replaced when loc3r wrote all of it.
+and a folder is only ever replaced when loc3r wrote all of it; JSON reading with one-line errors.
 
 Output folders (bundles, exports) carry a marker, ``.loc3r-output.json``, with our format,
 version, the kind of folder and the names loc3r put in it. :func:`atomic_directory` builds
@@ -26,7 +26,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from loc3r.errors import InputError
+from loc3r.errors import InputError, ModelError
 
 OUTPUT_MARKER = ".loc3r-output.json"
 MARKER_FORMAT = "loc3r-output"
@@ -262,3 +262,14 @@ def signals_deferred() -> Iterator[None]:
             signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
         if received:
             signal.raise_signal(received[0])
+
+
+def read_json_object(path: Path, fix: str) -> dict[str, Any]:
+    """A JSON file holding an object; anything else is a one-line ``ModelError`` ending in ``fix``."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise ModelError(f"{path} is not valid JSON ({exc})", fix) from None
+    if not isinstance(data, dict):
+        raise ModelError(f"{path} is not a JSON object", fix)
+    return data

@@ -10,22 +10,27 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+from collections.abc import Iterator, Mapping, Sequence
 from functools import cached_property
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
+from torch import nn
 
 from loc3r.errors import ModelError
 from loc3r.fileio import atomic_directory, write_json_atomic
 from loc3r.models.config import Loc3rConfig
+from loc3r.models.convert_stream import read_safetensors_header
 from loc3r.models.loc3r_model import Loc3rModel
+from loc3r.models.precision import Precision, choose_precision, weight_stats
 from loc3r.models.tokenizer import TextTokenizer
 
 WEIGHTS_FILE = "model.safetensors"
 WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
 CHECKSUM_MEMO = ".loc3r-checksum.json"
+REBUILD = "re-create the bundle with loc3r-convert"
 BUNDLE_KIND = "bundle"  # the output-folder kind (loc3r.fileio) of bundles
 
 
@@ -33,15 +38,26 @@ class Bundle:
     """An opened bundle: config, tokenizer and checksum now; PyTorch weights on first use.
 
     Backends that run exported graphs never touch ``model``, so a 7B bundle's weights are
-    not loaded for them.
+    not loaded for them. ``model`` is loaded in :attr:`precision` (device and dtype chosen
+    for this machine, or as ``requested``); :meth:`load_parts` loads only some parts.
     """
 
-    def __init__(self, path: Path, config: Loc3rConfig, tokenizer: TextTokenizer, checksum: str, dtype: torch.dtype) -> None:
-        self.path, self.config, self.tokenizer, self.checksum, self.dtype = path, config, tokenizer, checksum, dtype
+    def __init__(self, path: Path, config: Loc3rConfig, tokenizer: TextTokenizer, checksum: str, requested: str = "auto") -> None:
+        self.path, self.config, self.tokenizer, self.checksum, self.requested = path, config, tokenizer, checksum, requested
+
+    @cached_property
+    def precision(self) -> Precision:
+        """Device and dtype of :attr:`model`, with the reason (see ``loc3r.models.precision``)."""
+        return choose_precision(weight_stats(weight_files(self.path), REBUILD), self.requested)
 
     @cached_property
     def model(self) -> Loc3rModel:
-        return load_weights(self.path, self.config).to(self.dtype)
+        return load_weights(self.path, self.config, self.precision.dtype, self.precision.device)
+
+    def load_parts(self, parts: Sequence[str], dtype: torch.dtype | None = None) -> Loc3rModel:
+        """A model with only ``parts`` (``camera_encoder``, ``vision``, ``llm``, ``heads``) loaded,
+        on the CPU in ``dtype`` (default: :attr:`precision`'s); the rest stays on the meta device."""
+        return load_weights(self.path, self.config, dtype or self.precision.dtype, torch.device("cpu"), parts)
 
 
 def weight_files(bundle_dir: Path) -> list[Path]:
@@ -52,7 +68,7 @@ def weight_files(bundle_dir: Path) -> list[Path]:
             weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
             names = sorted({str(name) for name in weight_map.values()})
         except (UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise ModelError(f"{index} is not a valid weight index ({exc})", "re-create the bundle with loc3r-convert") from None
+            raise ModelError(f"{index} is not a valid weight index ({exc})", REBUILD) from None
         missing = [name for name in names if not (bundle_dir / name).is_file()]
         if missing:
             raise ModelError(f"{index} lists {missing[0]}, which is missing", "re-copy the bundle with all its files")
@@ -60,7 +76,7 @@ def weight_files(bundle_dir: Path) -> list[Path]:
     single = bundle_dir / WEIGHTS_FILE
     if single.is_file():
         return [single]
-    raise ModelError(f"{bundle_dir} has no {WEIGHTS_FILE}", "re-create the bundle with loc3r-convert")
+    raise ModelError(f"{bundle_dir} has no {WEIGHTS_FILE}", REBUILD)
 
 
 def bundle_checksum(bundle_dir: str | Path) -> str:
@@ -103,8 +119,9 @@ def save_bundle(model: Loc3rModel, tokenizer: TextTokenizer, out_dir: str | Path
     return out_dir
 
 
-def load_bundle(bundle_dir: str | Path, dtype: torch.dtype = torch.float32) -> Bundle:
-    """Open a bundle (config, tokenizer, checksum); weights load when ``model`` is first used."""
+def load_bundle(bundle_dir: str | Path, dtype: str = "auto") -> Bundle:
+    """Open a bundle (config, tokenizer, checksum); weights load when ``model`` is first used,
+    in ``dtype`` (``auto``: chosen for this machine, see ``loc3r.models.precision``)."""
     bundle_dir = Path(bundle_dir)
     config = Loc3rConfig.load(bundle_dir)
     tokenizer = TextTokenizer.from_dir(bundle_dir)
@@ -112,7 +129,7 @@ def load_bundle(bundle_dir: str | Path, dtype: torch.dtype = torch.float32) -> B
         raise ModelError(
             f"{bundle_dir}/tokenizer.json has token id {tokenizer.largest_id} but the LLM's embedding has only "
             f"{config.llm.vocab_size} rows; config.json and tokenizer disagree",
-            "re-create the bundle with loc3r-convert",
+            REBUILD,
         )
     return Bundle(bundle_dir, config, tokenizer, bundle_checksum(bundle_dir), dtype)
 
@@ -126,44 +143,85 @@ def expected_shapes(config: Loc3rConfig) -> dict[str, tuple[int, ...]]:
 
 def stored_shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
     """Tensor shapes from the safetensors headers (no tensor data is read)."""
-    shapes: dict[str, tuple[int, ...]] = {}
-    for path in files:
-        try:
-            with safe_open(str(path), "pt") as stored:
-                shapes.update({name: tuple(stored.get_slice(name).get_shape()) for name in stored.keys()})  # noqa: SIM118
-        except (SafetensorError, OSError) as exc:
-            raise ModelError(f"{path} is not a readable safetensors file ({exc})", "re-create the bundle") from None
-    return shapes
+    return {name: info.shape for path in files for name, info in read_safetensors_header(path, REBUILD).items()}
 
 
-def load_weights(bundle_dir: Path, config: Loc3rConfig) -> Loc3rModel:
-    """The PyTorch model with the bundle's tensors. Every shape is checked against the files'
-    headers before anything is allocated, so the config cannot ask for more memory than the
-    weights on disk take; missing, unexpected or mis-shaped tensors are a ``ModelError``."""
+def load_weights(
+    bundle_dir: Path,
+    config: Loc3rConfig,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    parts: Sequence[str] | None = None,
+) -> Loc3rModel:
+    """The PyTorch model with the bundle's tensors in ``dtype`` on ``device``, streamed
+    tensor by tensor (peak: the model plus one tensor). Every shape is checked against the
+    files' headers before any tensor is read, so the config cannot ask for more memory than
+    the weights on disk take; missing, unexpected or mis-shaped tensors are a ``ModelError``.
+    With ``parts``, only tensors under those top-level names are loaded and the rest stays
+    on the meta device."""
     files = weight_files(bundle_dir)
-    check_shapes(expected_shapes(config), stored_shapes(files), bundle_dir)
-    model = Loc3rModel(config)
-    loaded: dict[str, torch.Tensor] = {}
+    wanted = tuple(f"{part}." for part in parts) if parts is not None else ("",)
+    expected = {n: s for n, s in expected_shapes(config).items() if n.startswith(wanted)}
+    stored = {n: s for n, s in stored_shapes(files).items() if n.startswith(wanted)}
+    check_tensors(expected, stored, bundle_dir)
+    with parameters_on_meta():
+        model = Loc3rModel(config)
     for path in files:
         try:
-            loaded.update(load_file(str(path)))
+            with safe_open(str(path), framework="pt") as handle:
+                for name in handle.keys():  # noqa: SIM118 - safe_open has no __iter__
+                    if name in expected:
+                        tensor = handle.get_tensor(name)
+                        cast = dtype if tensor.is_floating_point() else tensor.dtype
+                        _assign(model, name, tensor.to(device, cast))
         except (SafetensorError, OSError) as exc:
-            raise ModelError(f"{path} is not a readable safetensors file ({exc})", "re-create the bundle") from None
-    model.load_state_dict(loaded, strict=True)
+            raise ModelError(f"{path} is not a readable safetensors file ({exc})", REBUILD) from None
+    if torch.device(device).type != "cpu":
+        model.to(device)  # the buffers built on the CPU (rotary tables, position ids)
     return model.eval()
 
 
-def check_shapes(expected: dict[str, tuple[int, ...]], stored: dict[str, tuple[int, ...]], where: Path) -> None:
-    """Name the first few missing, unexpected or mis-shaped tensors."""
-    missing = sorted(expected.keys() - stored.keys())
-    unexpected = sorted(stored.keys() - expected.keys())
+def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    """Put ``tensor`` in place of the parameter or buffer called ``name`` (no copy)."""
+    owner, _, leaf = name.rpartition(".")
+    module = model.get_submodule(owner)
+    if leaf in module._parameters:
+        module._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
+    else:
+        module._buffers[leaf] = tensor
+
+
+@contextlib.contextmanager
+def parameters_on_meta() -> Iterator[None]:
+    """Build modules with their parameters on the meta device (no memory, initialisers do
+    nothing) and their buffers as usual (rotary tables, position ids are computed, not stored)."""
+    register = nn.Module.register_parameter
+
+    def on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        register(module, name, param)
+        if param is not None and param.device.type != "meta":
+            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = on_meta  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register  # type: ignore[method-assign]
+
+
+def check_tensors(expected: Mapping[str, tuple[int, ...]], loaded: Mapping[str, tuple[int, ...]], where: Path) -> None:
+    """Name the first few missing, unexpected or mis-shaped tensors (names -> shapes)."""
+    missing = sorted(expected.keys() - loaded.keys())
+    unexpected = sorted(loaded.keys() - expected.keys())
     misshaped = [
-        f"{name} {stored[name]} != {shape}" for name, shape in expected.items() if name in stored and stored[name] != shape
+        f"{name} {tuple(loaded[name])} != {tuple(shape)}"
+        for name, shape in expected.items()
+        if name in loaded and tuple(loaded[name]) != tuple(shape)
     ]
     for kind, names in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
         if names:
             shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
             raise ModelError(
                 f"bundle {where} has {len(names)} {kind} tensors ({shown}); config.json and weights disagree",
-                "re-create the bundle with loc3r-convert",
+                REBUILD,
             )

@@ -32,7 +32,17 @@ def limit(default: Any, most: float, least: float = 1) -> Any:
     return field(default=default, metadata={"range": (least, most)})
 
 PoolMode = Literal["bilinear", "average", "max"]
-NewlineMode = Literal["grid", "no_token"]
+# LLaVA-NeXT's ``mm_newline_position``: after every pooled row, after every frame, once
+# after the whole video, or never.
+NewlineMode = Literal["grid", "frame", "one_token", "no_token"]
+NEWLINE_MODES: tuple[str, ...] = typing.get_args(NewlineMode)
+# Whose video token layout the bundle follows: LLaVA-NeXT's (the checkpoint's mm_* settings)
+# or transformers' LlavaOnevision (bilinear stride 2, 196 tokens/frame, one newline per video).
+VideoLayout = Literal["llava-video", "onevision"]
+VIDEO_LAYOUTS: tuple[str, ...] = typing.get_args(VideoLayout)
+ONEVISION_VIDEO = ("bilinear", 2, "one_token")  # pool mode, stride, newline position
+# dtypes the PyTorch model can run in (``--dtype``; "auto" chooses, see loc3r.models.precision)
+DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
 Localization = Literal["trained", "untrained"]
 Encoder3D = Literal["cut3r", "vggt"]
 
@@ -101,6 +111,7 @@ class Loc3rConfig:
     spatial_pool_mode: PoolMode = "bilinear"
     spatial_pool_stride: int = limit(2, 64)
     newline_position: NewlineMode = "grid"
+    video_layout: VideoLayout = "llava-video"
     num_frames: int = limit(32, 4096)
     cut3r_long_side: int = limit(512, 4096, least=16)
     localization: Localization = "trained"
@@ -171,10 +182,16 @@ class Loc3rConfig:
                 f"config.json: spatial_pool_mode {self.spatial_pool_mode!r} is not supported",
                 "use 'bilinear', 'average' or 'max'",
             )
-        if self.newline_position not in ("grid", "no_token"):
+        if self.newline_position not in NEWLINE_MODES:
             raise ModelError(
                 f"config.json: newline_position {self.newline_position!r} is not supported",
-                "use 'grid' or 'no_token'",
+                f"use one of {', '.join(map(repr, NEWLINE_MODES))}",
+            )
+        video = (self.spatial_pool_mode, self.spatial_pool_stride, self.newline_position)
+        if self.video_layout == "onevision" and video != ONEVISION_VIDEO:
+            raise ModelError(
+                f"config.json: video_layout 'onevision' needs pooling {ONEVISION_VIDEO}, the config has {video}",
+                "re-create the bundle with loc3r-convert --video-layout",
             )
         if self.projector_type != "mlp2x_gelu":
             raise ModelError(

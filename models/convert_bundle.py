@@ -19,10 +19,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from loc3r.errors import ModelError
+from loc3r.errors import InputError, ModelError
 from loc3r.fileio import atomic_directory, check_replaceable
 from loc3r.models.bundle import BUNDLE_KIND, expected_shapes
-from loc3r.models.config import HeadsConfig, Loc3rConfig
+from loc3r.models.config import HeadsConfig, Loc3rConfig, VideoLayout
 from loc3r.models.convert_heads import heads_config, load_heads_file, random_heads
 from loc3r.models.convert_llava import LlavaSettings, check_against, map_names, open_llava, read_settings
 from loc3r.models.convert_stream import SourceShards, TensorInfo, write_shards
@@ -49,6 +49,8 @@ class ConvertOptions:
     dtype: torch.dtype | None = None  # None keeps each tensor's dtype
     pool_mode: str | None = None  # overrides the checkpoint's (or LLaVA-Video's default)
     vision_heads: int | None = None  # SigLIP head count for towers not in the table
+    vision_image_size: int | None = None  # input side for checkpoints that do not state it
+    video_layout: VideoLayout | None = None  # None: the checkpoint's (see convert_llava)
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
     vggt: Path | None = None
 
@@ -76,6 +78,11 @@ def load_camera_encoder(options: ConvertOptions) -> tuple[CameraEncoder, dict[st
 def bundle_config(options: ConvertOptions, settings: LlavaSettings, encoder: dict[str, Any], heads: HeadsConfig | None) -> Loc3rConfig:
     """The bundle's config; ``encoder`` holds the 3D encoder's fields (``load_camera_encoder``);
     ``heads`` None means random heads (``localization: untrained``)."""
+    layout = options.video_layout or settings.default_layout
+    pool_mode, pool_stride, newline = settings.video_pooling(layout)
+    if options.pool_mode and layout == "onevision" and options.pool_mode != pool_mode:
+        raise InputError(f"--pool-mode {options.pool_mode} does not apply to the onevision layout, which pools {pool_mode}",
+                         "leave out --pool-mode, or pass --video-layout llava-video")
     config = Loc3rConfig(
         model_id=options.model_id or options.llava.resolve().name,
         vision=settings.vision,
@@ -83,9 +90,10 @@ def bundle_config(options: ConvertOptions, settings: LlavaSettings, encoder: dic
         **encoder,
         heads=heads or HeadsConfig(),
         vision_select_layer=settings.vision_select_layer,
-        spatial_pool_mode=options.pool_mode or settings.spatial_pool_mode,  # type: ignore[arg-type]
-        spatial_pool_stride=settings.spatial_pool_stride,
-        newline_position=settings.newline_position,  # type: ignore[arg-type]
+        spatial_pool_mode=options.pool_mode or pool_mode,  # type: ignore[arg-type]
+        spatial_pool_stride=pool_stride,
+        newline_position=newline,  # type: ignore[arg-type]
+        video_layout=layout,
         localization="trained" if heads else "untrained",
         random_weights=False,
     )
@@ -96,11 +104,11 @@ def convert(options: ConvertOptions) -> Path:
     """Write the bundle at ``options.out`` (atomically) and return its path."""
     check_replaceable(options.out, BUNDLE_KIND)  # before any work
     source = open_llava(options.llava)
-    settings = read_settings(source, options.vision_heads)
+    settings = read_settings(source, options.vision_heads, options.vision_image_size)
     camera, encoder_fields = load_camera_encoder(options)
     head_file = load_heads_file(options.heads) if options.heads else None
     config = bundle_config(options, settings, encoder_fields, heads_config(head_file) if head_file else None)
-    if settings.pooling_defaulted:
+    if settings.pooling_defaulted and config.video_layout == "llava-video":
         log.warning("the llava-onevision config has no pooling settings; recorded LLaVA-Video's: %s, stride %d, "
                     "%s newlines (--pool-mode sets the mode)", config.spatial_pool_mode, config.spatial_pool_stride,
                     config.newline_position)

@@ -3,12 +3,14 @@ VGGT) (+ Loc3R heads) into a loc3r bundle, streamed tensor by tensor."""
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
 from loc3r.cli_support import ArgumentParser, run_cli
+from loc3r.models.config import VIDEO_LAYOUTS, Loc3rConfig
 
 PROG = "loc3r-convert"
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -28,10 +30,19 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--out", type=Path, required=True, help="bundle folder to write (replaced if it exists)")
     parser.add_argument("--model-id", help="name recorded in config.json (default: the LLaVA folder's name)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="cast floating tensors (default: keep each tensor's dtype)")
+    parser.add_argument("--video-layout", choices=VIDEO_LAYOUTS,
+                        help="video token layout: llava-video (LLaVA-NeXT's code: the checkpoint's mm_* pooling and "
+                             "newlines, 210 tokens per frame for LLaVA-Video-7B) or onevision (transformers' "
+                             "LlavaOnevision: 196 per frame + one newline per video); default: the layout of the code "
+                             "the checkpoint is published for (llava-video for LLaVA-NeXT folders, onevision for -hf)")
     parser.add_argument("--pool-mode", choices=("bilinear", "average", "max"),
-                        help="spatial pooling (default: the checkpoint's; LLaVA-Video's bilinear for -hf folders)")
+                        help="spatial pooling under --video-layout llava-video (default: the checkpoint's; "
+                             "LLaVA-Video's bilinear for -hf folders)")
     parser.add_argument("--vision-heads", type=int,
                         help="SigLIP attention heads, for a LLaVA-NeXT tower not in the built-in table")
+    parser.add_argument("--vision-image-size", type=int,
+                        help="side in pixels frames are resized to, for a checkpoint that does not state it "
+                             "(no processor config, no 'patchP-SIZE' tower name)")
     parser.add_argument("--max-shard-mb", type=float, default=2000.0, help="largest output shard in MB (default 2000)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
@@ -42,11 +53,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.max_shard_mb <= 0:
         parser.error("--max-shard-mb must be positive")
-    if args.vision_heads is not None and args.vision_heads < 1:
-        parser.error("--vision-heads must be positive")
+    for flag, value in (("--vision-heads", args.vision_heads), ("--vision-image-size", args.vision_image_size)):
+        if value is not None and value < 1:
+            parser.error(f"{flag} must be positive")
 
     def body() -> int:
         from loc3r.models.convert_bundle import ConvertOptions, convert
+        from loc3r.models.vision import layout_summary
 
         out = convert(ConvertOptions(
             llava=args.llava,
@@ -58,8 +71,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             dtype=DTYPES[args.dtype] if args.dtype else None,
             pool_mode=args.pool_mode,
             vision_heads=args.vision_heads,
+            vision_image_size=args.vision_image_size,
+            video_layout=args.video_layout,
             max_shard_bytes=int(args.max_shard_mb * 1_000_000),
         ))
+        config = Loc3rConfig.load(out)
+        chosen = "chosen with --video-layout" if args.video_layout else "the checkpoint's default"
+        print(f"{PROG}: {layout_summary(config)} ({chosen})", file=sys.stderr)
         print(out)
         return 0
 

@@ -6,8 +6,9 @@ Two layouts are read:
   ``config.json`` is a Qwen2 config plus ``mm_*`` fields; tensors
   ``model.vision_tower.vision_tower.vision_model.*``, ``model.mm_projector.{0,2}.*``,
   ``model.image_newline``, ``model.{embed_tokens,layers,norm}.*``, ``lm_head.weight``.
-  SigLIP sizes are not in the config: widths, depth, patch and image size come from tensor
-  shapes, the head count from :data:`SIGLIP_HEADS` (by tower name) or ``vision_heads``.
+  SigLIP sizes are not in the config: widths, depth and patch come from tensor shapes, the
+  head count from :data:`SIGLIP_HEADS` (by tower name) or ``vision_heads``, the input size
+  (384 for so400m/14, not 27 x 14) from the tower name or a processor config.
   LLaVA-NeXT drops the tower's last layer and reads the output of the one before it, so
   the full depth is the table's (else the stored layers + 1) and ``vision_select_layer=-2``.
 - ``hf_onevision``: transformers' ``LlavaOnevisionForConditionalGeneration``
@@ -15,7 +16,14 @@ Two layouts are read:
   ``multi_modal_projector.*``, ``image_newline``, ``language_model.{model,lm_head}.*``) or
   transformers-5 names (``model.vision_tower.*``, ``model.multi_modal_projector.*``,
   ``model.image_newline``, ``model.language_model.*``, ``lm_head.*``). Its config has no
-  pooling settings: LLaVA-Video's (bilinear, stride 2, grid newlines) are used.
+  pooling settings.
+
+The video token layout is a recorded choice (``--video-layout``): ``llava-video`` follows
+LLaVA-NeXT's code with the checkpoint's ``mm_spatial_pool_*`` / ``mm_newline_position``
+(LLaVA-Video's bilinear, stride 2, grid newlines where a -hf config does not say);
+``onevision`` follows transformers' LlavaOnevision video path (bilinear, stride 2, one
+newline after the video). The default is the layout of the code the checkpoint was
+published for: ``llava-video`` for LLaVA-NeXT folders, ``onevision`` for -hf ones.
 
 Weights: ``model.safetensors.index.json``, ``pytorch_model.bin.index.json``, or a single
 ``model.safetensors`` / ``pytorch_model.bin``.
@@ -36,7 +44,9 @@ from torch import Tensor
 from transformers import LlavaOnevisionConfig, Qwen2Config
 
 from loc3r.errors import ModelError
-from loc3r.models.config import LLMConfig, VisionConfig
+from loc3r.fileio import read_json_object
+from loc3r.models.config import ONEVISION_VIDEO, LLMConfig, VideoLayout, VisionConfig
+from loc3r.models.convert_input_size import tower_name, vision_input_size
 from loc3r.models.convert_stream import SourceShards, TensorInfo
 from loc3r.models.vision import vision_state_dict_from_hf_llava_onevision, vision_state_dict_from_llava_next
 
@@ -52,6 +62,7 @@ SIGLIP_HEADS: dict[str, tuple[int, int, int, int]] = {
     "siglip-base-patch16": (768, 3072, 12, 12),
 }
 LLAVA_VIDEO_POOLING = ("bilinear", 2, "grid")  # mode, stride, newline position
+DEFAULT_LAYOUT: dict[str, VideoLayout] = {"llava_next": "llava-video", "hf_onevision": "onevision"}
 _FIX = "pass a LLaVA-Video checkpoint folder (lmms-lab/LLaVA-Video-7B-Qwen2 or its -hf version)"
 _QWEN2_FIELDS = (
     "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -77,10 +88,13 @@ class LlavaSettings:
     vision: VisionConfig
     llm: LLMConfig
     vision_select_layer: int
-    spatial_pool_mode: str
-    spatial_pool_stride: int
-    newline_position: str
+    default_layout: VideoLayout
+    llava_video_pooling: tuple[str, int, str]  # mode, stride, newline position under ``llava-video``
     pooling_defaulted: bool  # the checkpoint does not say; LLaVA-Video's values are used
+
+    def video_pooling(self, layout: VideoLayout) -> tuple[str, int, str]:
+        """Pool mode, stride and newline position of ``layout`` for this checkpoint."""
+        return ONEVISION_VIDEO if layout == "onevision" else self.llava_video_pooling
 
 
 def open_llava(folder: Path) -> LlavaSource:
@@ -88,12 +102,7 @@ def open_llava(folder: Path) -> LlavaSource:
     config_path = folder / "config.json"
     if not folder.is_dir() or not config_path.is_file():
         raise ModelError(f"{folder} is not a LLaVA checkpoint folder (no config.json)", _FIX)
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelError(f"{config_path} is not valid JSON ({exc})", _FIX) from None
-    if not isinstance(config, dict):
-        raise ModelError(f"{config_path} is not a JSON object", _FIX)
+    config = read_json_object(config_path, _FIX)
     return LlavaSource(folder, detect_layout(config, config_path), config, SourceShards(source_weight_files(folder)))
 
 
@@ -127,11 +136,15 @@ def source_weight_files(folder: Path) -> list[Path]:
     raise ModelError(f"{folder} has no weights ({', '.join(WEIGHT_INDEXES + WEIGHT_FILES)})", _FIX)
 
 
-def read_settings(source: LlavaSource, vision_heads: int | None = None) -> LlavaSettings:
-    """Sizes, select layer and pooling of ``source`` (pooling: LLaVA-Video's for ``hf_onevision``)."""
+def read_settings(source: LlavaSource, vision_heads: int | None = None, image_size: int | None = None) -> LlavaSettings:
+    """Sizes, select layer and pooling of ``source`` (pooling: LLaVA-Video's for ``hf_onevision``).
+
+    ``vision_heads`` and ``image_size`` are the user's word for facts a LLaVA-NeXT
+    checkpoint may not state (``--vision-heads``, ``--vision-image-size``).
+    """
     if source.layout == "hf_onevision":
-        return _hf_settings(source)
-    return _next_settings(source, vision_heads)
+        return _hf_settings(source, image_size)
+    return _next_settings(source, vision_heads, image_size)
 
 
 def _llm_config(qwen2: Qwen2Config) -> LLMConfig:
@@ -152,7 +165,7 @@ def _llm_config(qwen2: Qwen2Config) -> LLMConfig:
     )
 
 
-def _hf_settings(source: LlavaSource) -> LlavaSettings:
+def _hf_settings(source: LlavaSource, image_size: int | None) -> LlavaSettings:
     try:
         hf = LlavaOnevisionConfig.from_dict(source.config)
     except (TypeError, ValueError, KeyError) as exc:
@@ -169,27 +182,31 @@ def _hf_settings(source: LlavaSource) -> LlavaSettings:
         intermediate_size=vc.intermediate_size,
         num_hidden_layers=vc.num_hidden_layers,
         num_attention_heads=vc.num_attention_heads,
-        image_size=vc.image_size,
+        image_size=vision_input_size(source.path, vc.patch_size, None, config_size=vc.image_size, given=image_size),
         patch_size=vc.patch_size,
         layer_norm_eps=float(vc.layer_norm_eps),
         hidden_act=vc.hidden_act,
     )
-    return LlavaSettings(vision, _llm_config(hf.text_config), layer, *LLAVA_VIDEO_POOLING, pooling_defaulted=True)
+    return LlavaSettings(vision, _llm_config(hf.text_config), layer, DEFAULT_LAYOUT[source.layout], LLAVA_VIDEO_POOLING,
+                         pooling_defaulted=True)
 
 
-def _next_settings(source: LlavaSource, vision_heads: int | None) -> LlavaSettings:
+def _next_settings(source: LlavaSource, vision_heads: int | None, image_size: int | None) -> LlavaSettings:
     config = source.config
     qwen2 = Qwen2Config(**{k: config[k] for k in _QWEN2_FIELDS if k in config})
     projector = config.get("mm_projector_type", "mlp2x_gelu")
     if projector != "mlp2x_gelu":
         raise ModelError(f"mm_projector_type {projector!r} is not supported", "LLaVA-Video uses 'mlp2x_gelu'")
+    newline = str(config.get("mm_newline_position", "grid"))
+    if newline == "one_token" and "unpad" not in str(config.get("mm_patch_merge_type", "flat")):
+        newline = "no_token"  # LLaVA-NeXT adds the video's newline only with an *unpad merge type
+    pooling = (str(config.get("mm_spatial_pool_mode", "bilinear")), int(config.get("mm_spatial_pool_stride", 2)), newline)
     return LlavaSettings(
-        vision=_siglip_from_shapes(source, vision_heads),
+        vision=_siglip_from_shapes(source, vision_heads, image_size),
         llm=_llm_config(qwen2),
         vision_select_layer=-2,
-        spatial_pool_mode=str(config.get("mm_spatial_pool_mode", "bilinear")),
-        spatial_pool_stride=int(config.get("mm_spatial_pool_stride", 2)),
-        newline_position=str(config.get("mm_newline_position", "grid")),
+        default_layout=DEFAULT_LAYOUT[source.layout],
+        llava_video_pooling=pooling,
         pooling_defaulted=False,
     )
 
@@ -197,10 +214,11 @@ def _next_settings(source: LlavaSource, vision_heads: int | None) -> LlavaSettin
 _NEXT_TOWER = "model.vision_tower.vision_tower.vision_model."
 
 
-def _siglip_from_shapes(source: LlavaSource, vision_heads: int | None) -> VisionConfig:
-    """SigLIP sizes of a LLaVA-NeXT checkpoint from its tensor shapes and tower name."""
+def _siglip_from_shapes(source: LlavaSource, vision_heads: int | None, image_size: int | None) -> VisionConfig:
+    """SigLIP sizes of a LLaVA-NeXT checkpoint from its tensor shapes and tower name; the
+    input size from the checkpoint's statements (see :mod:`loc3r.models.convert_input_size`)."""
     infos = source.shards.infos
-    tower_name = str(source.config.get("mm_vision_tower", ""))
+    tower = tower_name(source.config) or ""
 
     def shape(suffix: str) -> tuple[int, ...]:
         info = infos.get(_NEXT_TOWER + suffix)
@@ -213,21 +231,24 @@ def _siglip_from_shapes(source: LlavaSource, vision_heads: int | None) -> Vision
     intermediate = shape("encoder.layers.0.mlp.fc1.weight")[0]
     layer = re.compile(re.escape(_NEXT_TOWER) + r"encoder\.layers\.(\d+)\.")
     stored = len({m.group(1) for name in infos if (m := layer.match(name))})
-    known = next((sizes for fragment, sizes in SIGLIP_HEADS.items() if fragment in tower_name), None)
+    known = next((sizes for fragment, sizes in SIGLIP_HEADS.items() if fragment in tower), None)
     if known is not None and known[:2] != (hidden, intermediate):
         raise ModelError(
-            f"vision tower {tower_name!r} should have widths {known[:2]}, the tensors have {(hidden, intermediate)}",
+            f"vision tower {tower!r} should have widths {known[:2]}, the tensors have {(hidden, intermediate)}",
             "the config and the weights disagree; download the checkpoint again",
         )
     heads = vision_heads or (known[3] if known else None)
     if heads is None:
-        raise ModelError(f"vision tower {tower_name!r} is not a known SigLIP tower (its head count is not in config.json)",
+        raise ModelError(f"vision tower {tower!r} is not a known SigLIP tower (its head count is not in config.json)",
                          "pass --vision-heads N")
     if hidden % heads:
         raise ModelError(f"vision width {hidden} is not divisible by {heads} heads", "pass the right --vision-heads")
     depth = known[2] if known else stored + 1
+    vision_config = source.config.get("vision_config")
+    stated = vision_config.get("image_size") if isinstance(vision_config, dict) else None
+    size = vision_input_size(source.path, patch, grid, tower or None, stated, image_size)
     return VisionConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=depth,
-                        num_attention_heads=heads, image_size=grid * patch, patch_size=patch)
+                        num_attention_heads=heads, image_size=size, patch_size=patch)
 
 
 def _vision_names(rename: Callable[..., dict[str, Tensor]], names: list[str], keep_layers: int) -> dict[str, str]:

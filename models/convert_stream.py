@@ -49,8 +49,9 @@ class TensorInfo:
         return math.prod(self.shape) * self.dtype.itemsize
 
 
-def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
-    """Names, dtypes and shapes of a safetensors file; a truncated or corrupt file is an error."""
+def read_safetensors_header(path: Path, fix: str = _FIX) -> dict[str, TensorInfo]:
+    """Names, dtypes and shapes of a safetensors file; a truncated or corrupt file is a
+    one-line ``ModelError`` ending in ``fix``."""
     try:
         size = path.stat().st_size
         with path.open("rb") as stream:
@@ -62,9 +63,9 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
         infos = {name: TensorInfo(SAFETENSORS_DTYPES[h["dtype"]], tuple(h["shape"])) for name, h in header.items()}
         end = max((h["data_offsets"][1] for h in header.values()), default=0)
     except (OSError, struct.error, ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise ModelError(f"{path} is not a readable safetensors file ({exc})", _FIX) from None
+        raise ModelError(f"{path} is not a readable safetensors file ({exc})", fix) from None
     if 8 + length + end > size:
-        raise ModelError(f"{path} is truncated ({size} bytes, its header needs {8 + length + end})", _FIX)
+        raise ModelError(f"{path} is truncated ({size} bytes, its header needs {8 + length + end})", fix)
     return infos
 
 

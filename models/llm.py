@@ -102,9 +102,11 @@ class TorchLLM:
 
     @torch.inference_mode()
     def prefill(self, embeds: Tensor) -> PrefillResult:
-        """Append ``embeds`` (n, width) after what the cache holds."""
+        """Append ``embeds`` (n, width) after what the cache holds (moved to the model's
+        device and dtype: other backends' stages hand in float32 CPU tensors)."""
+        table = self.model.get_input_embeddings().weight
         out = self.model.model(
-            inputs_embeds=embeds.unsqueeze(0), cache=self.cache, use_cache=True
+            inputs_embeds=embeds.to(table.device, table.dtype).unsqueeze(0), cache=self.cache, use_cache=True
         )
         hidden = out.last_hidden_state[0]
         return PrefillResult(hidden, self.model.lm_head(hidden[-1]).float())

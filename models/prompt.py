@@ -3,7 +3,8 @@
 One question's sequence is::
 
     <|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n<|im_start|>user\\n
-    [c_1 v_1 ... v_1] ... [c_N v_N ... v_N]              one block per frame, camera first
+    [c_1 v_1 ... v_1] ... [c_N v_N ... v_N] [e ...]      one block per frame, camera first;
+                                                         video-end tokens (one_token layout)
     \\n{time instruction}\\n                                  end of the video prefix
     {situation}<Pos><Ori>\\n{question}<|im_end|>\\n<|im_start|>assistant\\n
 
@@ -56,6 +57,7 @@ class VideoPrefix:
     num_frames: int
     tokens_per_frame: int  # camera token + vision tokens
     tail_ids: tuple[int, ...]
+    end_tokens: int = 0  # embeddings after the last frame block (the video's newline)
 
     @property
     def video_start(self) -> int:
@@ -63,7 +65,7 @@ class VideoPrefix:
 
     @property
     def video_end(self) -> int:
-        return self.video_start + self.num_frames * self.tokens_per_frame
+        return self.video_start + self.num_frames * self.tokens_per_frame + self.end_tokens
 
     @property
     def length(self) -> int:
@@ -113,8 +115,10 @@ def build_video_prefix(
     vision_tokens_per_frame: int,
     duration_s: float,
     timestamps_s: Sequence[float],
+    end_tokens: int = 0,
 ) -> VideoPrefix:
-    """System turn, user header, the video block's geometry and the time instruction."""
+    """System turn, user header, the video block's geometry and the time instruction;
+    ``end_tokens`` embeddings follow the last frame block (see ``vision.video_end_tokens``)."""
     if len(timestamps_s) != num_frames:
         raise ValueError(f"{len(timestamps_s)} timestamps for {num_frames} frames")
     t = tokenizer
@@ -125,6 +129,7 @@ def build_video_prefix(
         num_frames=num_frames,
         tokens_per_frame=1 + vision_tokens_per_frame,
         tail_ids=tuple(tokenizer.encode(tail)),
+        end_tokens=end_tokens,
     )
 
 

@@ -12,7 +12,7 @@ import json
 from collections.abc import Iterable
 from pathlib import Path
 
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 from loc3r.errors import ModelError
 
@@ -104,16 +104,30 @@ def plain_text_tokenizer(tokenizer: Tokenizer) -> Tokenizer:
     return plain
 
 
-def train_tiny_tokenizer(lines: Iterable[str], vocab_size: int = 512) -> TextTokenizer:
-    """Train a byte-level BPE with Qwen2's pre-tokenizer on ``lines`` (deterministic)."""
-    tokenizer = Tokenizer(models.BPE())
+def qwen2_tokenizer(vocab: dict[str, int] | None = None, merges: list[tuple[str, str]] | None = None) -> Tokenizer:
+    """Qwen2's byte-level BPE over ``vocab`` and ``merges`` (empty: to be trained), with the
+    normalizer (NFC), pre-tokenizer (split + byte level), post-processor and decoder of
+    Qwen2's ``tokenizer.json``; added tokens are the caller's."""
+    model = models.BPE(
+        vocab=vocab, merges=merges, dropout=None, unk_token=None, continuing_subword_prefix="",
+        end_of_word_suffix="", fuse_unk=False, byte_fallback=False, ignore_merges=False,
+    ) if vocab is not None else models.BPE()
+    tokenizer = Tokenizer(model)
+    tokenizer.normalizer = normalizers.NFC()
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
         [
-            pre_tokenizers.Split(Regex(QWEN2_SPLIT_PATTERN), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            pre_tokenizers.Split(Regex(QWEN2_SPLIT_PATTERN), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
         ]
     )
+    tokenizer.post_processor = processors.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)
     tokenizer.decoder = decoders.ByteLevel()
+    return tokenizer
+
+
+def train_tiny_tokenizer(lines: Iterable[str], vocab_size: int = 512) -> TextTokenizer:
+    """Train a byte-level BPE with Qwen2's pre-tokenizer on ``lines`` (deterministic)."""
+    tokenizer = qwen2_tokenizer()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         special_tokens=list(SPECIAL_TOKENS),

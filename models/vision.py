@@ -3,8 +3,10 @@
 Per frame (so400m/14 at 384): 27x27 = 729 patch features of width 1152 from the tower's
 26th layer (the last of 27 is dropped, output taken before ``post_layernorm``), projected
 to the LLM width D, pooled with stride 2 (``bilinear`` -> 14x14, ``average`` -> 13x13),
-then laid out row by row; with ``newline_position == "grid"`` the learned
-``image_newline`` follows every row (14 x 15 = 210 tokens, or 13 x 14 = 182).
+then laid out row by row. The learned ``image_newline`` goes where LLaVA-NeXT's
+``mm_newline_position`` says: ``grid`` after every row (LLaVA-Video: 14 x 15 = 210 tokens,
+or 13 x 14 = 182), ``frame`` after every frame (197), ``one_token`` once after the whole
+video (transformers' LlavaOnevision video layout: 196 per frame + 1), ``no_token`` never.
 
 Tensor names: ``tower.*`` (transformers' ``SiglipVisionModel`` names, only the used
 layers, no ``post_layernorm``, no head), ``projector.0.*``, ``projector.2.*``,
@@ -57,7 +59,30 @@ def pooled_side(grid: int, mode: str, stride: int) -> int:
 def vision_tokens_per_frame(config: Loc3rConfig) -> int:
     """Vision tokens one frame contributes to the LLM sequence (210 for LLaVA-Video-7B)."""
     side = pooled_side(config.vision.grid, config.spatial_pool_mode, config.spatial_pool_stride)
-    return side * (side + 1) if config.newline_position == "grid" else side * side
+    return len(pooled_token_offsets(side, config.newline_position)) + newlines_per_frame(side, config.newline_position)
+
+
+def newlines_per_frame(side: int, newline_position: str) -> int:
+    return {"grid": side, "frame": 1}.get(newline_position, 0)
+
+
+def video_end_tokens(config: Loc3rConfig) -> int:
+    """Tokens after the last frame block (``one_token``: the video's single newline)."""
+    return int(config.newline_position == "one_token")
+
+
+def layout_summary(config: Loc3rConfig) -> str:
+    """One line naming the video layout and its token counts, e.g. for ``loc3r-convert``."""
+    end = video_end_tokens(config)
+    return (f"video layout {config.video_layout}: {config.spatial_pool_mode} pooling, stride {config.spatial_pool_stride}, "
+            f"newlines {config.newline_position}: {vision_tokens_per_frame(config)} vision tokens per frame"
+            + (f" + {end} after the video" if end else ""))
+
+
+def pooled_token_offsets(side: int, newline_position: str) -> list[int]:
+    """Where, in one frame's vision tokens, each pooled token sits (row-major; newlines skipped)."""
+    per_row = side + int(newline_position == "grid")
+    return [row * per_row + col for row in range(side) for col in range(side)]
 
 
 def spatial_pool(features: Tensor, mode: str, stride: int) -> Tensor:
@@ -75,13 +100,18 @@ def spatial_pool(features: Tensor, mode: str, stride: int) -> Tensor:
     return x.permute(0, 2, 3, 1)
 
 
-def layout_tokens(pooled: Tensor, newline: Tensor | None) -> Tensor:
-    """``(N, h, w, D)`` -> ``(N, h*w, D)`` row-major, or ``(N, h*(w+1), D)`` with ``newline``
-    after every row (LLaVA-Video's ``mm_newline_position == "grid"``)."""
+def layout_tokens(pooled: Tensor, newline: Tensor, newline_position: str) -> Tensor:
+    """``(N, h, w, D)`` -> one frame's tokens, row-major: ``(N, h*(w+1), D)`` with ``newline``
+    after every row (``grid``), ``(N, h*w+1, D)`` after the frame (``frame``), else ``(N, h*w, D)``
+    (``one_token`` puts its newline after the video: :meth:`VisionPath.video_end`)."""
     n, h, w, dim = pooled.shape
-    if newline is not None:
-        pooled = torch.cat((pooled, newline.to(pooled.dtype).expand(n, h, 1, dim)), dim=2)
-    return pooled.reshape(n, -1, dim)
+    newline = newline.to(pooled.dtype)
+    if newline_position == "grid":
+        pooled = torch.cat((pooled, newline.expand(n, h, 1, dim)), dim=2)
+    tokens = pooled.reshape(n, -1, dim)
+    if newline_position == "frame":
+        tokens = torch.cat((tokens, newline.expand(n, 1, dim)), dim=1)
+    return tokens
 
 
 def build_tower(config: Loc3rConfig) -> SiglipVisionModel:
@@ -132,8 +162,11 @@ class VisionPath(nn.Module):
 
     def add_newlines(self, pooled: Tensor) -> Tensor:
         """``(N, h, w, D)`` -> ``(N, tokens_per_frame, D)`` per ``newline_position``."""
-        grid_newlines = self.config.newline_position == "grid"
-        return layout_tokens(pooled, self.image_newline if grid_newlines else None)
+        return layout_tokens(pooled, self.image_newline, self.config.newline_position)
+
+    def video_end(self) -> Tensor:
+        """``(k, D)``: the tokens after the last frame block (the newline for ``one_token``)."""
+        return self.image_newline.expand(video_end_tokens(self.config), -1)
 
     def encode(self, pixel_values: Tensor) -> Tensor:
         """``(N, 3, S, S)`` frames -> ``(N, tokens_per_frame, D)`` LLM input blocks."""

@@ -12,6 +12,7 @@ from pathlib import Path
 from loc3r.cli_support import ArgumentParser, positive_int, run_cli
 from loc3r.errors import InputError
 from loc3r.fileio import check_output_file, finite_json
+from loc3r.models.config import DTYPE_CHOICES
 from loc3r.models.prompt import build_question_suffix, check_user_text
 from loc3r.progress import terminal_output
 from loc3r.runtime.generate import SamplingConfig, TextStream
@@ -35,6 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--situation", default="", help="situation text placed before <Pos><Ori>")
     parser.add_argument("--model", default="tiny", help="bundle folder, or 'tiny' / 'tiny-vggt' (built-in, random weights; CUT3R / VGGT as the 3D encoder)")
     parser.add_argument("--backend", default="torch", choices=["torch", "onnxruntime", "tensorrt"], help="inference backend")
+    parser.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
+                        help="dtype of the PyTorch model (torch backend): auto = the checkpoint's on a GPU; on a CPU "
+                             "float32 when it fits in memory, else the checkpoint's 16-bit dtype (--json reports "
+                             "what ran and why)")
     parser.add_argument("--engines", help="folder written by loc3r-export (for onnxruntime / tensorrt)")
     parser.add_argument("--frames", type=positive_int, default=None, help="frames to sample (default: the model's, 32); live: the maximum")
     parser.add_argument("--max-new-tokens", type=positive_int, default=64)
@@ -144,7 +149,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from loc3r.runtime.video import probe_video
 
         pipeline = Pipeline.from_pretrained(
-            args.model, backend=args.backend, engines=args.engines, cache_dir=None if args.no_cache else default_cache_dir()
+            args.model, backend=args.backend, engines=args.engines, cache_dir=None if args.no_cache else default_cache_dir(),
+            dtype=args.dtype,
         )
         live_errors = BackgroundErrors()
         if args.source:

@@ -96,7 +96,7 @@ class EncodingCache:
         """Write the entry atomically; None (and one warning) when the cache cannot be written."""
         if not self.writable:
             return None
-        blocks = encoded.stacked().contiguous()
+        blocks = encoded.stacked().contiguous().cpu()
         description = json.dumps(
             {"key": key, "indices": encoded.indices, "timestamps_s": encoded.timestamps_s, "duration_s": duration_s}
         )

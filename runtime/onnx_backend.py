@@ -17,13 +17,12 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor
 
-from loc3r.errors import InputError
+from loc3r.errors import InputError, ModelError
 from loc3r.export.manifest import Manifest, check_manifest_matches
 from loc3r.runtime.ort import CPU, open_session, provider_names
 from loc3r.models.bundle import Bundle
-from loc3r.models.vision import vision_tokens_per_frame
+from loc3r.models.vision import video_end_tokens, vision_tokens_per_frame
 from loc3r.runtime.stages import CameraStage, EncodeBySteps, LLMStage
-
 
 def default_providers(cache_dir: Path) -> list[Any]:
     """On a device with onnxruntime-gpu: TensorRT EP (FP16, engine cache), CUDA, CPU; else CPU."""
@@ -84,10 +83,14 @@ class OrtClipCamera:
 @dataclass
 class OrtVision:
     session: Any
+    end_tokens: Tensor  # (k, width), from the export's video_end file
 
     def encode(self, pixels: Tensor) -> Tensor:
         (tokens,) = self.session.run(["tokens"], {"pixels": pixels.numpy()})
         return torch.from_numpy(tokens)
+
+    def video_end(self) -> Tensor:
+        return self.end_tokens
 
 
 @dataclass
@@ -135,7 +138,21 @@ def onnx_stages(bundle: Bundle, manifest: Manifest, providers: Sequence[Any] | N
     providers = providers or default_providers(manifest.root / "ort_trt_cache")
     open_manifest(bundle, manifest)
     session = {name: open_session(manifest.artifact_path(name), providers) for name in stage_graphs(bundle, manifest)}
-    return ort_camera(bundle, manifest, session), OrtVision(session["vision"]), OrtHeads(session["pose_head"], session["bev_head"]), onnx_llm(bundle, manifest, providers)
+    vision = OrtVision(session["vision"], video_end(bundle, manifest))
+    return ort_camera(bundle, manifest, session), vision, OrtHeads(session["pose_head"], session["bev_head"]), onnx_llm(bundle, manifest, providers)
+
+
+def video_end(bundle: Bundle, manifest: Manifest) -> Tensor:
+    """The video-end tokens the export stored, ``(k, width)``, checked against the bundle's
+    layout (``k`` is 1 for a newline after the whole video, else 0)."""
+    config = bundle.config
+    file = manifest.file(manifest.value("artifacts", "vision", "video_end"))
+    end = load_file(str(file)).get("tokens")
+    expected = (video_end_tokens(config), config.llm.hidden_size)
+    if end is None or tuple(end.shape) != expected:
+        found = None if end is None else tuple(end.shape)
+        raise ModelError(f"{file} holds video-end tokens of shape {found}, the model's layout needs {expected}", "re-export")
+    return end
 
 
 CAMERA_GRAPHS = {"cut3r": "cut3r_step", "vggt": "vggt_encode"}
@@ -185,7 +202,7 @@ def onnx_llm(bundle: Bundle, manifest: Manifest, providers: Sequence[Any]) -> LL
     if not manifest.data.get("llm"):
         from loc3r.models.llm import TorchLLM
 
-        return TorchLLM(bundle.model.llm)
+        return TorchLLM(bundle.load_parts(("llm",)).llm)
     from loc3r.runtime.onnx_llm import OnnxLLM
 
     decoder = manifest.file("llm/" + manifest.value("llm", "decoder", "file"))

@@ -19,10 +19,12 @@ import numpy as np
 import torch
 
 from loc3r.errors import InputError
+from loc3r.export.manifest import Manifest
 from loc3r.models.bundle import Bundle, load_bundle
+from loc3r.models.precision import Precision
 from loc3r.models.prompt import build_video_prefix
 from loc3r.models.tiny import loc3r_home, resolve_model
-from loc3r.models.vision import vision_tokens_per_frame
+from loc3r.models.vision import video_end_tokens, vision_tokens_per_frame
 from loc3r.progress import ProgressBar
 from loc3r.runtime.encoding_cache import EncodingCache
 from loc3r.runtime.generate import SamplingConfig
@@ -41,15 +43,23 @@ class Pipeline:
     """Loc3R-VLM over one backend's stages."""
 
     def __init__(
-        self, bundle: Bundle, stages: Stages, backend: str, cache: EncodingCache | None = None, artifacts: str | None = None
+        self,
+        bundle: Bundle,
+        stages: Stages,
+        backend: str,
+        cache: EncodingCache | None = None,
+        artifacts: str | None = None,
+        precision: Precision | None = None,
     ) -> None:
         """``artifacts`` identifies what computes the stages (an export's fingerprint; the
-        bundle checksum for the torch backend): encoding-cache entries are keyed on it."""
+        bundle checksum for the torch backend): encoding-cache entries are keyed on it.
+        ``precision``: what the stages compute in (default: the bundle's PyTorch precision)."""
         self.bundle = bundle
         self.artifacts = artifacts or bundle.checksum
         self.config = bundle.config
         self.stages = stages
         self.cache = cache
+        precision = precision or bundle.precision
         self.model_info = ModelInfo(
             model_id=bundle.config.model_id,
             checksum=bundle.checksum,
@@ -57,6 +67,9 @@ class Pipeline:
             localization=bundle.config.localization,
             backend=backend,
             encoder_3d=bundle.config.encoder_3d,
+            dtype=precision.dtype_name,
+            device=str(precision.device),
+            dtype_reason=precision.reason,
         )
         self._session: VideoSession | None = None
         self._session_key: tuple[object, ...] | None = None
@@ -68,13 +81,16 @@ class Pipeline:
         backend: str = "torch",
         engines: str | Path | None = None,
         cache_dir: str | Path | None = None,
+        dtype: str = "auto",
     ) -> Pipeline:
         """Open a bundle (``tiny``, ``tiny-vggt`` or a folder) and build the stages of ``backend``.
 
         ``onnxruntime`` and ``tensorrt`` run what ``loc3r-export`` wrote to ``engines``.
         ``cache_dir`` turns on the on-disk encoding cache (e.g. ``default_cache_dir()``).
+        ``dtype`` is the PyTorch model's (``auto``: chosen for this machine, see
+        ``loc3r.models.precision``).
         """
-        bundle = load_bundle(resolve_model(model))
+        bundle = load_bundle(resolve_model(model), dtype)
         cache = EncodingCache(Path(cache_dir)) if cache_dir else None
         if backend == "torch":
             from loc3r.runtime.torch_backend import torch_stages
@@ -90,10 +106,14 @@ class Pipeline:
         if backend == "onnxruntime":
             from loc3r.runtime.onnx_backend import onnx_stages
 
-            return cls(bundle, Stages(*onnx_stages(bundle, manifest)), backend, cache, manifest.fingerprint)
-        from loc3r.runtime.tensorrt_backend import tensorrt_stages
+            stages = Stages(*onnx_stages(bundle, manifest))
+            on_cpu = stages.vision.session.get_providers()[0] == "CPUExecutionProvider"
+        else:
+            from loc3r.runtime.tensorrt_backend import tensorrt_stages
 
-        return cls(bundle, Stages(*tensorrt_stages(bundle, manifest)), backend, cache, manifest.fingerprint)
+            stages, on_cpu = Stages(*tensorrt_stages(bundle, manifest)), False
+        device = torch.device("cpu" if on_cpu else "cuda")
+        return cls(bundle, stages, backend, cache, manifest.fingerprint, exported_precision(manifest, bundle, stages, device))
 
     # -- sessions -------------------------------------------------------------------------
 
@@ -168,7 +188,9 @@ class Pipeline:
 
         def video_tokens(frames: int) -> int:
             stamps = np.linspace(0.0, duration_s, frames).tolist()
-            return build_video_prefix(self.bundle.tokenizer, frames, vision_tokens_per_frame(self.config), duration_s, stamps).length
+            return build_video_prefix(
+                self.bundle.tokenizer, frames, vision_tokens_per_frame(self.config), duration_s, stamps, video_end_tokens(self.config)
+            ).length
 
         length = video_tokens(num_frames)
         if length + other <= limit:
@@ -225,11 +247,24 @@ class Pipeline:
             model=self.bundle.checksum,
             backend=self.model_info.backend,
             artifacts=self.artifacts,
-            dtype=str(self.bundle.dtype),
+            dtype=self.model_info.dtype,
             frames=num_frames,
             cut3r_long_side=self.config.cut3r_long_side,
             vision_size=self.config.vision.image_size,
         )
+
+
+def exported_precision(manifest: Manifest, bundle: Bundle, stages: Stages, device: torch.device) -> Precision:
+    """What exported graphs compute in: the manifest's precision, and the LLM's form."""
+    from loc3r.models.llm import TorchLLM
+
+    llm = manifest.data.get("llm")
+    if isinstance(stages.llm, TorchLLM):
+        llm_part = f"LLM in PyTorch ({bundle.precision.dtype_name}: {bundle.precision.reason})"
+    else:
+        llm_part = f"LLM weights {llm['quantization']['layers']}" if llm else "LLM exported"
+    dtype = {"fp32": torch.float32, "fp16": torch.float16}[manifest.precision]
+    return Precision(dtype, device, f"the export's precision ({manifest.precision}, manifest.json); {llm_part}")
 
 
 def default_cache_dir() -> Path:

@@ -40,6 +40,9 @@ class ModelInfo:
     localization: str
     backend: str
     encoder_3d: str = "cut3r"
+    dtype: str = "float32"  # what the backend computed in
+    device: str = "cpu"
+    dtype_reason: str = ""  # why that dtype (chosen for the machine, --dtype, the export's precision)
 
     @property
     def warning(self) -> str | None:
@@ -58,6 +61,9 @@ class ModelInfo:
             "localization": self.localization,
             "backend": self.backend,
             "encoder_3d": self.encoder_3d,
+            "dtype": self.dtype,
+            "device": self.device,
+            "dtype_reason": self.dtype_reason,
         }
 
 

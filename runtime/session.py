@@ -25,7 +25,7 @@ from torch import Tensor
 from loc3r.errors import InputError
 from loc3r.models.bundle import Bundle
 from loc3r.models.prompt import VideoPrefix, build_question_suffix, build_video_prefix
-from loc3r.models.vision import pooled_side, vision_tokens_per_frame
+from loc3r.models.vision import pooled_side, pooled_token_offsets, video_end_tokens, vision_tokens_per_frame
 from loc3r.runtime.generate import SamplingConfig, generate
 from loc3r.runtime.camera_feed import camera_feed
 from loc3r.runtime.preprocess import camera_input, siglip_input
@@ -272,7 +272,8 @@ class VideoSession:
 
     def _prefix(self) -> VideoPrefix:
         return build_video_prefix(
-            self.bundle.tokenizer, len(self.encoded.blocks), self._vision_tokens, self._duration(), self.encoded.timestamps_s
+            self.bundle.tokenizer, len(self.encoded.blocks), self._vision_tokens, self._duration(),
+            self.encoded.timestamps_s, video_end_tokens(self.config),
         )
 
     def _duration(self) -> float:
@@ -282,11 +283,14 @@ class VideoSession:
         return stamps[-1] - stamps[0] if stamps else 0.0
 
     def _ensure_tail(self) -> bool:
-        """Put the time instruction after the blocks; True if it must go again after the answer."""
+        """Put the video-end tokens and the time instruction after the blocks; True if they
+        must go again after the answer (frames may still come)."""
         if not self._tail_in_cache:
             prefix = self._prefix()
-            self._check_length(self._blocks_end + len(prefix.tail_ids))
-            self._prefill("prefill_video", prefix.tail_ids)
+            self._check_length(self._blocks_end + prefix.end_tokens + len(prefix.tail_ids))
+            video_end = self.stages.vision.video_end()
+            tail = self.stages.llm.embed(prefix.tail_ids)
+            self._prefill_embeds("prefill_video", torch.cat((video_end.to(tail.dtype), tail)))
             self._tail_in_cache = True
         return self.duration_s is None
 
@@ -305,11 +309,10 @@ class VideoSession:
         """BEV (x, y) of every vision token of ``frames`` blocks, newline tokens left out."""
         config = self.config
         side = pooled_side(config.vision.grid, config.spatial_pool_mode, config.spatial_pool_stride)
-        per_row = side + int(config.newline_position == "grid")
         vision = hidden.reshape(frames, 1 + self._vision_tokens, -1)[:, 1:]
-        vision = vision.reshape(frames, side, per_row, -1)[:, :, :side]
+        vision = vision[:, pooled_token_offsets(side, config.newline_position)]
         points = self.stages.heads.bev(vision.reshape(-1, vision.shape[-1]))
-        return points.reshape(frames, side * side, 2).float().numpy()
+        return points.reshape(frames, side * side, 2).float().cpu().numpy()
 
     def _check_length(self, length: int, max_new_tokens: int = 0) -> None:
         limit = self.config.llm.max_position_embeddings

@@ -50,6 +50,10 @@ class VisionStage(Protocol):
         """(N, 3, S, S) -> (N, tokens_per_frame, width)."""
         ...
 
+    def video_end(self) -> Tensor:
+        """(k, width): the tokens after the last frame (k = 1 for one newline per video, else 0)."""
+        ...
+
 
 class HeadsStage(Protocol):
     """``f_pos`` / ``f_ori`` (with the soft-argmax) and ``f_bev``."""

@@ -20,7 +20,7 @@ from loc3r.errors import ModelError
 from loc3r.export.manifest import Manifest
 from loc3r.export.tensorrt_build import check_engine_matches, cuda_device_sm, import_tensorrt
 from loc3r.models.bundle import Bundle
-from loc3r.runtime.onnx_backend import camera_graph, check_frame_size, clip_size, initial_state, onnx_llm, open_manifest, stage_graphs
+from loc3r.runtime.onnx_backend import camera_graph, check_frame_size, clip_size, initial_state, onnx_llm, open_manifest, stage_graphs, video_end
 from loc3r.runtime.stages import CameraStage, EncodeBySteps, LLMStage
 
 
@@ -83,9 +83,13 @@ class TrtClipCamera:
 @dataclass
 class TrtVision:
     session: TrtSession
+    end_tokens: Tensor  # (k, width), from the export's video_end file
 
     def encode(self, pixels: Tensor) -> Tensor:
         return self.session.run({"pixels": pixels})["tokens"]
+
+    def video_end(self) -> Tensor:
+        return self.end_tokens
 
 
 @dataclass
@@ -104,6 +108,7 @@ class TrtHeads:
 def tensorrt_stages(bundle: Bundle, manifest: Manifest) -> tuple[CameraStage, TrtVision, TrtHeads, LLMStage]:
     """Stages over the engines the manifest lists as built on this device."""
     open_manifest(bundle, manifest)
+    end_tokens = video_end(bundle, manifest)
     trt = import_tensorrt()
     if not manifest.data.get("engines"):
         raise ModelError(
@@ -123,4 +128,4 @@ def tensorrt_stages(bundle: Bundle, manifest: Manifest) -> tuple[CameraStage, Tr
         camera = TrtCamera(sessions[graph], initial_state(manifest))
     heads = TrtHeads(sessions["pose_head"], sessions["bev_head"])
     llm = onnx_llm(bundle, manifest, ("CUDAExecutionProvider", "CPUExecutionProvider"))
-    return camera, TrtVision(sessions["vision"]), heads, llm
+    return camera, TrtVision(sessions["vision"], end_tokens), heads, llm

@@ -1,4 +1,5 @@
-"""The reference backend: the PyTorch modules of a loaded bundle."""
+"""The reference backend: the PyTorch modules of a loaded bundle, on the device and in the
+dtype the bundle's :attr:`~loc3r.models.bundle.Bundle.precision` names."""
 
 from __future__ import annotations
 
@@ -13,6 +14,11 @@ from loc3r.models.llm import TorchLLM
 from loc3r.runtime.stages import CameraStage, EncodeBySteps
 
 
+def _placed(bundle: Bundle, tensor: Tensor) -> Tensor:
+    """``tensor`` on the model's device, in its dtype."""
+    return tensor.to(bundle.precision.device, bundle.precision.dtype)
+
+
 @dataclass
 class TorchCamera(EncodeBySteps):
     """A streaming encoder (CUT3R) + f_cam."""
@@ -22,7 +28,7 @@ class TorchCamera(EncodeBySteps):
     @torch.inference_mode()
     def step(self, image: Tensor, state: Any | None) -> tuple[Tensor, Any]:
         model = self.bundle.model
-        token, state = model.camera_encoder.step(image.unsqueeze(0), state)
+        token, state = model.camera_encoder.step(_placed(self.bundle, image).unsqueeze(0), state)
         return model.heads.project_camera(token)[0], state
 
 
@@ -44,7 +50,11 @@ class TorchVision:
 
     @torch.inference_mode()
     def encode(self, pixels: Tensor) -> Tensor:
-        return self.bundle.model.vision.encode(pixels)
+        return self.bundle.model.vision.encode(_placed(self.bundle, pixels))
+
+    @torch.inference_mode()
+    def video_end(self) -> Tensor:
+        return self.bundle.model.vision.video_end()
 
 
 @dataclass

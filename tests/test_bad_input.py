@@ -410,7 +410,7 @@ def _truncate(path: Path) -> None:
         (lambda b: _edit_config(b, lambda c: c["llm"].update(hidden_size="64")), ["config.json: llm.hidden_size is '64', expected an integer from 1 to 65536"]),
         (lambda b: _edit_config(b, lambda c: c["heads"].update(hidden_size=48)), ["mis-shaped tensors", "config.json and weights disagree", "re-create the bundle"]),
         (_drop_tensor, ["1 missing tensors", "config.json and weights disagree"]),
-        (lambda b: _truncate(b / WEIGHTS_FILE), ["model.safetensors is not a readable safetensors file", "re-create the bundle"]),
+        (lambda b: _truncate(b / WEIGHTS_FILE), ["model.safetensors is truncated", "re-create the bundle"]),
         (lambda b: (b / WEIGHTS_FILE).unlink(), ["has no model.safetensors"]),
     ],
     ids=["no-config", "invalid-json", "unknown-field", "wrong-type", "config-vs-tensors", "missing-tensor", "truncated-safetensors", "no-weights"],

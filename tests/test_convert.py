@@ -9,137 +9,33 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import (
-    LlavaOnevisionConfig,
-    LlavaOnevisionForConditionalGeneration,
-    Qwen2Config,
-    Qwen2ForCausalLM,
-    SiglipVisionConfig,
-    SiglipVisionModel,
-)
+from transformers import Qwen2Config, Qwen2ForCausalLM, SiglipVisionConfig, SiglipVisionModel
 
+from llava_checkpoints import (
+    LLM_SIZES,
+    NEXT_TO_T5,
+    T5_TO_BUNDLE,
+    TOWER_SIZES,
+    VOCAB,
+    assert_one_line_error,
+    convert,
+    hf_folder,
+    next_folder,
+    rename,
+    write_cut3r_file,
+)
 from loc3r.models.bundle import load_bundle, weight_files
-from loc3r.models.config import Loc3rConfig
 from loc3r.models.convert_cli import main
-from loc3r.models.cut3r import Cut3rConfig, official_model_line, random_state_dict, save_official_checkpoint
+from loc3r.models.config import Loc3rConfig
+from loc3r.models.cut3r import Cut3rConfig
 from loc3r.models.heads import mlp
-from loc3r.models.tokenizer import END_OF_TEXT, IM_END, IM_START, QWEN2_SPLIT_PATTERN
 
 TOL = 1e-5
-VOCAB = 320  # the tokenizer uses ~300 ids; <Pos>/<Ori> go to the spare rows
-LLM_SIZES = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
-TOWER_SIZES = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-                   image_size=56, patch_size=14, vision_use_head=False)  # 4x4 patches, 2 used layers
-T5_TO_T4 = (("model.vision_tower.", "vision_tower.vision_model."), ("model.multi_modal_projector.", "multi_modal_projector."),
-            ("model.image_newline", "image_newline"), ("model.language_model.", "language_model.model."),
-            ("lm_head.", "language_model.lm_head."))
-T5_TO_NEXT = (("model.vision_tower.", "model.vision_tower.vision_tower.vision_model."),
-              ("model.multi_modal_projector.linear_1.", "model.mm_projector.0."),
-              ("model.multi_modal_projector.linear_2.", "model.mm_projector.2."),
-              ("model.language_model.", "model."))
-NEXT_TO_T5 = tuple((b, a) for a, b in T5_TO_NEXT[:3]) + (("model.image_newline", "model.image_newline"), ("model.", "model.language_model."))
-T5_TO_BUNDLE = (("model.vision_tower.", "vision.tower."), ("model.multi_modal_projector.linear_1.", "vision.projector.0."),
-                ("model.multi_modal_projector.linear_2.", "vision.projector.2."), ("model.image_newline", "vision.image_newline"),
-                ("model.language_model.", "llm.model."), ("lm_head.", "llm.lm_head."))
-
-
-def rename(name: str, rules: tuple[tuple[str, str], ...]) -> str | None:
-    for old, new in rules:
-        if name.startswith(old):
-            return new + name[len(old):]
-    return None
-
-
-# --- fabricated checkpoints ---------------------------------------------------------------
-
-
-def tokenizer_without_loc3r_tokens() -> Tokenizer:
-    """A byte-level BPE with Qwen2's chat tokens but no <Pos>/<Ori> (as Qwen2's own)."""
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(QWEN2_SPLIT_PATTERN), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=[END_OF_TEXT, IM_START, IM_END],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tokenizer.train_from_iterator(["where am I standing in this room?", "the chair is left of the table"] * 20, trainer)
-    return tokenizer
-
-
-def hf_model(vocab: int = VOCAB) -> LlavaOnevisionForConditionalGeneration:
-    """A random tiny llava-onevision as the -hf checkpoints are (used layers only)."""
-    torch.manual_seed(0)
-    config = LlavaOnevisionConfig(
-        vision_config=SiglipVisionConfig(**TOWER_SIZES), text_config=Qwen2Config(**{**LLM_SIZES, "vocab_size": vocab}),
-        vision_feature_layer=-1, vision_feature_select_strategy="full", image_token_index=vocab - 2,
-        video_token_index=vocab - 1,
-    )
-    model = LlavaOnevisionForConditionalGeneration(config).eval()
-    with torch.no_grad():  # non-trivial norms and biases, so a misplaced tensor shows
-        for param in model.parameters():
-            param.add_(torch.randn_like(param) * 0.05)
-    return model
-
-
-def write_weights(folder: Path, state: dict[str, torch.Tensor], fmt: str, shards: int = 3) -> None:
-    """``state`` as ``shards`` safetensors or .bin files with a Hugging Face index."""
-    names = list(state)
-    per = -(-len(names) // shards)
-    stem, ext, index = (("model", "safetensors", "model.safetensors.index.json") if fmt == "safetensors"
-                        else ("pytorch_model", "bin", "pytorch_model.bin.index.json"))
-    weight_map = {}
-    for i in range(shards):
-        file = f"{stem}-{i + 1:05d}-of-{shards:05d}.{ext}"
-        part = {n: state[n].contiguous() for n in names[i * per:(i + 1) * per]}
-        save_file(part, str(folder / file)) if fmt == "safetensors" else torch.save(part, folder / file)
-        weight_map.update(dict.fromkeys(part, file))
-    (folder / index).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-
-
-def hf_folder(root: Path, names: str, fmt: str) -> tuple[Path, LlavaOnevisionForConditionalGeneration]:
-    """An -hf checkpoint with transformers-5 (``t5``) or -4 (``t4``) tensor names."""
-    model = hf_model()
-    folder = root / f"hf-{names}-{fmt}"
-    folder.mkdir()
-    (folder / "config.json").write_text(model.config.to_json_string())
-    state = {(rename(n, T5_TO_T4) if names == "t4" else n) or n: t for n, t in model.state_dict().items()}
-    write_weights(folder, state, fmt)
-    tokenizer_without_loc3r_tokens().save(str(folder / "tokenizer.json"))
-    return folder, model
-
-
-def next_folder(root: Path, fmt: str = "safetensors", vocab: int = VOCAB) -> tuple[Path, dict[str, torch.Tensor]]:
-    """A LLaVA-NeXT checkpoint (Qwen2 config + mm_* fields); returns its state dict."""
-    model = hf_model(vocab)
-    folder = root / f"next-{fmt}"
-    folder.mkdir()
-    state = {rename(n, T5_TO_NEXT) or n: t for n, t in model.state_dict().items()}
-    config = {**LLM_SIZES, "vocab_size": vocab, "model_type": "llava_qwen",
-              "architectures": ["LlavaQwenForCausalLM"], "mm_vision_tower": "tiny-siglip",
-              "mm_projector_type": "mlp2x_gelu", "mm_hidden_size": 64, "mm_vision_select_layer": -2,
-              "mm_spatial_pool_mode": "bilinear", "mm_spatial_pool_stride": 2, "mm_newline_position": "grid",
-              "image_aspect_ratio": "anyres_max_9", "rope_theta": 10000.0, "tie_word_embeddings": False}
-    (folder / "config.json").write_text(json.dumps(config))
-    write_weights(folder, state, fmt)
-    tokenizer_without_loc3r_tokens().save(str(folder / "tokenizer.json"))
-    return folder, state
 
 
 @pytest.fixture(scope="module")
 def cut3r_file(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, torch.Tensor]]:
-    config = Cut3rConfig.tiny()
-    state = random_state_dict(config, seed=3)
-    path = tmp_path_factory.mktemp("cut3r") / "cut3r_tiny.pth"
-    save_official_checkpoint(state, official_model_line(config), path)
-    return path, state
-
-
-def convert(capsys: pytest.CaptureFixture[str], *args: object) -> tuple[int, str]:
-    code = main([str(a) for a in args])
-    return code, capsys.readouterr().err
+    return write_cut3r_file(tmp_path_factory.mktemp("cut3r"))
 
 
 def bundle_tensors(bundle: Path) -> dict[str, torch.Tensor]:
@@ -167,14 +63,16 @@ def test_hf_layout_round_trip_and_logits(tmp_path: Path, capsys, cut3r_file, nam
     out = tmp_path / "bundle"
     code, err = convert(capsys, "--llava", folder, "--cut3r", cut3r_file[0], "--out", out, "--max-shard-mb", "0.05")
     assert code == 0, err
-    assert "pooling" in err  # the LLaVA-Video defaults are announced
+    assert "video layout onevision: bilinear pooling, stride 2, newlines one_token: 4 vision tokens per frame " \
+           "+ 1 after the video (the checkpoint's default)" in err
     assert (out / "model.safetensors.index.json").is_file() and len(weight_files(out)) > 2
     assert_bit_exact(out, hf.state_dict(), cut3r_file[1])
 
     bundle = load_bundle(out)
     config, model = bundle.config, bundle.model
     assert (config.localization, config.random_weights) == ("untrained", False)
-    assert (config.spatial_pool_mode, config.spatial_pool_stride, config.newline_position) == ("bilinear", 2, "grid")
+    assert (config.spatial_pool_mode, config.spatial_pool_stride, config.newline_position) == ("bilinear", 2, "one_token")
+    assert config.video_layout == "onevision"
     assert config.vision_select_layer == -1 and config.cut3r == Cut3rConfig.tiny().to_dict()
     assert bundle.tokenizer.pos_id < VOCAB and bundle.tokenizer.ori_id < VOCAB
 
@@ -242,13 +140,6 @@ def test_heads_file_marks_bundle_trained(tmp_path: Path, capsys, cut3r_file) -> 
 # --- errors -------------------------------------------------------------------------------
 
 
-def assert_one_line_error(code: int, err: str, *words: str) -> None:
-    assert code == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("loc3r-convert: error: "), err
-    assert all(word in lines[0] for word in words), err
-
-
 def test_not_a_llava_folder(tmp_path: Path, capsys, cut3r_file) -> None:
     out = tmp_path / "bundle"
     assert_one_line_error(*convert(capsys, "--llava", tmp_path, "--cut3r", cut3r_file[0], "--out", out), "no config.json")
@@ -306,9 +197,14 @@ def test_pool_mode_override_and_rewrite(tmp_path: Path, capsys, cut3r_file) -> N
     folder, _ = hf_folder(tmp_path, "t5", "safetensors")
     out = tmp_path / "bundle"
     for mode in ("bilinear", "average"):  # the second run replaces the first bundle
-        code, err = convert(capsys, "--llava", folder, "--cut3r", cut3r_file[0], "--out", out, "--pool-mode", mode)
+        code, err = convert(capsys, "--llava", folder, "--cut3r", cut3r_file[0], "--out", out, "--pool-mode", mode,
+                            "--video-layout", "llava-video")
         assert code == 0, err
-    assert Loc3rConfig.load(out).spatial_pool_mode == "average"
+        assert "pooling" in err  # LLaVA-Video's defaults (the -hf config has none) are announced
+    config = Loc3rConfig.load(out)
+    assert (config.video_layout, config.spatial_pool_mode, config.newline_position) == ("llava-video", "average", "grid")
+    code, err = convert(capsys, "--llava", folder, "--cut3r", cut3r_file[0], "--out", out, "--pool-mode", "average")
+    assert_one_line_error(code, err, "--pool-mode average does not apply to the onevision layout")
 
 
 def test_loc3r_tokens_must_fit_the_embedding(tmp_path: Path, capsys, cut3r_file) -> None:

@@ -22,7 +22,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_bad_input import FAST, Result, _call, assert_error, export, ok_json, run
-from test_convert import cut3r_file, next_folder, tokenizer_without_loc3r_tokens  # noqa: F401 - cut3r_file is a fixture
+from llava_checkpoints import next_folder, tokenizer_without_loc3r_tokens
+from test_convert import cut3r_file  # noqa: F401 - a fixture
 from tokenizers import AddedToken
 
 from loc3r import fileio
@@ -63,7 +64,7 @@ def script(name: str, *argv: object, stdin: str = "", timeout: float = 300, **kw
 def _remote_code_checkpoint(root: Path) -> tuple[Path, Path]:
     """A LLaVA folder whose tokenizer is vocab.json + merges.txt and a tokenizer_config.json
     whose ``auto_map`` names ``tokenization_evil.py``, which leaves a file behind if it runs."""
-    folder, _ = next_folder(root)
+    folder, _ = next_folder(root, tokenizer="tokenizer.json")
     data = json.loads(tokenizer_without_loc3r_tokens().to_str())
     (folder / "tokenizer.json").unlink()
     (folder / "vocab.json").write_text(json.dumps(data["model"]["vocab"]))

@@ -18,6 +18,7 @@ from loc3r.models.config import LLMConfig, Loc3rConfig, VisionConfig
 from loc3r.models.vision import (
     VisionPath,
     layout_tokens,
+    pooled_token_offsets,
     spatial_pool,
     used_vision_layers,
     vision_state_dict_from_hf_llava_onevision,
@@ -119,7 +120,7 @@ def video(config: Loc3rConfig, frames: int = 3) -> torch.Tensor:
 @pytest.mark.parametrize(
     ("mode", "newline", "tokens"),
     [("bilinear", "grid", 210), ("average", "grid", 182), ("bilinear", "no_token", 196),
-     ("average", "no_token", 169)],
+     ("average", "no_token", 169), ("bilinear", "one_token", 196), ("bilinear", "frame", 197)],
 )
 def test_tokens_per_frame_so400m(mode: str, newline: str, tokens: int) -> None:
     config = Loc3rConfig(model_id="so400m", spatial_pool_mode=mode, newline_position=newline)
@@ -129,23 +130,26 @@ def test_tokens_per_frame_so400m(mode: str, newline: str, tokens: int) -> None:
 
 
 @pytest.mark.parametrize(("mode", "side"), [("bilinear", 14), ("average", 13), ("max", 13)])
-@pytest.mark.parametrize("grid_newlines", [True, False])
-def test_pool_and_newlines_at_27x27(mode: str, side: int, grid_newlines: bool) -> None:
+@pytest.mark.parametrize("newline_position", ["grid", "frame", "one_token", "no_token"])
+def test_pool_and_newlines_at_27x27(mode: str, side: int, newline_position: str) -> None:
     features = torch.randn(2, 27 * 27, 8)
     newline = torch.full((8,), 1e4)
     pooled = spatial_pool(features, mode, 2)
     assert pooled.shape == (2, side, side, 8)
-    tokens = layout_tokens(pooled, newline if grid_newlines else None)
-    if not grid_newlines:
-        assert tokens.shape == (2, side * side, 8)
-        assert torch.equal(tokens, pooled.reshape(2, -1, 8))
-        return
-    assert tokens.shape == (2, side * (side + 1), 8)
-    rows = tokens.view(2, side, side + 1, 8)
-    assert torch.equal(rows[:, :, side], newline.expand(2, side, 8))  # one after every row
-    assert torch.equal(rows[:, :, :side], pooled)  # rows in order, columns in order
-    is_newline = (tokens == 1e4).all(-1)[0]
-    assert is_newline.nonzero().flatten().tolist() == [r * (side + 1) + side for r in range(side)]
+    tokens = layout_tokens(pooled, newline, newline_position)
+    flat = pooled.reshape(2, -1, 8)
+    if newline_position in ("one_token", "no_token"):  # one_token's newline follows the video
+        assert torch.equal(tokens, flat)
+    elif newline_position == "frame":
+        assert tokens.shape == (2, side * side + 1, 8)
+        assert torch.equal(tokens[:, :-1], flat) and torch.equal(tokens[:, -1], newline.expand(2, 8))
+    else:
+        assert tokens.shape == (2, side * (side + 1), 8)
+        rows = tokens.view(2, side, side + 1, 8)
+        assert torch.equal(rows[:, :, side], newline.expand(2, side, 8))  # one after every row
+        assert torch.equal(rows[:, :, :side], pooled)
+    offsets = pooled_token_offsets(side, newline_position)
+    assert torch.equal(tokens[:, offsets], flat)
 
 
 def test_pooling_formulas_at_27x27() -> None:

@@ -1,0 +1,479 @@
+"""Dress rehearsal at the real model's size: fabricate, convert, export, run, and measure each phase.
+
+``python -m loc3r.bench.real_size [--llm-layers N] [--workdir DIR] [--out benchmarks/results]``
+
+With random weights in the published layouts (see ``loc3r.bench.fabricate``):
+
+1. ``write_llava``: LLaVA-Video-7B-Qwen2 in the LLaVA-NeXT layout (its config.json, Qwen2's
+   slow tokenizer files with a 151643-token BPE, bf16 safetensors shards of at most 5 GB);
+   ``--llm-layers`` keeps only the first N of Qwen2-7B's 28 layers (every width is real);
+2. ``write_cut3r``: CUT3R 512 DPT's ``.pth`` (camera path at full size);
+3. ``convert``: ``loc3r-convert``;
+4. ``export_jetson`` / ``export_cpu``: ``loc3r-export --target jetson-orin`` and
+   ``--target cpu`` (LLM ``--cpu-llm``, int4 by default: a float32 7B decoder does not fit
+   in 24 GiB to run it);
+5. ``run_onnxruntime`` / ``run_torch``: ``loc3r-run`` on a 4-frame video with both backends.
+
+Each phase runs in its own process (``loc3r.bench.child``), which reports its wall time,
+peak RSS (``VmHWM``) and bytes written; every phase must stay under ``--rss-limit-gib``.
+Every exported file is compared with the size predicted from the bundle's parameter
+counts at the stored format (until the exporter's own memory plan lands in the manifest:
+issue 15, read from ``manifest.json`` when present). Results: ``real_size.md`` + ``.json``.
+``--preset tiny`` runs the same phases on tiny widths in seconds (the script's own test).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from loc3r.bench.fabricate import (
+    LLAVA_VIDEO_7B_QWEN2,
+    QWEN2_BPE_TOKENS,
+    TowerSizes,
+    llava_next_shapes,
+    parameter_count,
+    write_cut3r_pth,
+    write_llava_next,
+)
+from loc3r.bench.child import proc_field
+from loc3r.bench.flops import bits_per_weight
+from loc3r.models.convert_stream import read_safetensors_header
+from loc3r.models.precision import WeightStats, available_memory_bytes, choose_precision
+
+GIB = 2**30
+PREDICTION_TOLERANCE = 0.05
+QUESTION = "Where is the chair?"
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Sizes of one rehearsal: the LLaVA config, its tower, tokenizer and CUT3R variant."""
+
+    config: dict[str, Any]
+    tower: TowerSizes
+    tokenizer_size: int
+    cut3r: str  # a Cut3rConfig constructor name
+    max_shard_bytes: int
+    convert_flags: tuple[str, ...] = ()  # what loc3r-convert cannot read from the checkpoint
+
+
+PRESETS = {
+    "real": Preset(LLAVA_VIDEO_7B_QWEN2, TowerSizes(), QWEN2_BPE_TOKENS, "real_512_dpt", 5_000_000_000),
+    "tiny": Preset(
+        {**LLAVA_VIDEO_7B_QWEN2, "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
+         "num_key_value_heads": 2, "num_hidden_layers": 2, "vocab_size": 1100, "mm_hidden_size": 64,
+         "mm_vision_tower": "tiny-siglip-patch14-56"},
+        TowerSizes(hidden=64, intermediate=128, stored_layers=2, image_size=56), 1000, "tiny", 2_000_000,
+        ("--vision-heads", "2"),
+    ),
+}
+
+
+@dataclass
+class Phase:
+    """One measured phase: its command, cost, and what it wrote."""
+
+    name: str
+    command: str
+    exit: int = -1
+    wall_s: float = 0.0
+    peak_rss_bytes: int = 0
+    write_bytes: int = 0
+    output_bytes: int = 0
+    steps: dict[str, dict[str, float]] = field(default_factory=dict)  # progress line -> seconds, peak RSS
+    error: str = ""
+
+
+# -- phases run inside the child (loc3r.bench.child calls these with their argv) -----------
+
+
+def write_llava_main(argv: Sequence[str]) -> int:
+    """``FOLDER PRESET LAYERS``: the LLaVA-NeXT checkpoint."""
+    folder, preset, layers = Path(argv[0]), PRESETS[argv[1]], int(argv[2])
+    config = {**preset.config, "num_hidden_layers": layers}
+    write_llava_next(folder, config, preset.tower, preset.tokenizer_size, max_shard_bytes=preset.max_shard_bytes)
+    return 0
+
+
+def write_cut3r_main(argv: Sequence[str]) -> int:
+    """``PATH PRESET``: the CUT3R ``.pth``."""
+    from loc3r.models.cut3r import Cut3rConfig
+
+    write_cut3r_pth(Path(argv[0]), getattr(Cut3rConfig, PRESETS[argv[1]].cut3r)())
+    return 0
+
+
+# -- the parent ----------------------------------------------------------------------------
+
+
+class StepMonitor:
+    """A child's progress lines (stderr lines ending in ``...``) as timed steps, with the
+    child's peak RSS during each (``VmRSS`` sampled every ``interval_s``)."""
+
+    def __init__(self, pid: int, interval_s: float = 0.2) -> None:
+        self.pid, self.interval_s = pid, interval_s
+        self.steps: list[list[Any]] = [["start", time.perf_counter(), 0]]  # label, start, peak RSS bytes
+        self._lock = threading.Lock()
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    def mark(self, label: str) -> None:
+        with self._lock:
+            self.steps.append([label, time.perf_counter(), 0])
+
+    def _sample(self) -> None:
+        while not self._done.wait(self.interval_s):
+            rss = proc_field(f"/proc/{self.pid}/status", "VmRSS") or 0
+            with self._lock:
+                self.steps[-1][2] = max(self.steps[-1][2], rss)
+
+    def finish(self) -> dict[str, dict[str, float]]:
+        """``{label: {"s": seconds, "peak_rss_gib": GiB}}``."""
+        self._done.set()
+        self._thread.join()
+        end = time.perf_counter()
+        ends = [step[1] for step in self.steps[1:]] + [end]
+        return {label: {"s": round(stop - begin, 1), "peak_rss_gib": round(peak / GIB, 2)}
+                for (label, begin, peak), stop in zip(self.steps, ends)}
+
+
+def run_phase(name: str, target: str, args: Sequence[str], work: Path, outputs: Sequence[Path]) -> tuple[Phase, str]:
+    """Run ``target(args)`` in a child process; returns the phase and the child's stdout."""
+    report = work / f".{name}.json"
+    command = [sys.executable, "-m", "loc3r.bench.child", str(report), target, *args]
+    phase = Phase(name, " ".join([target, *args]))
+    start = time.perf_counter()
+    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    monitor = StepMonitor(child.pid)
+    stdout: list[str] = []
+    reader = threading.Thread(target=lambda: stdout.append(child.stdout.read()), daemon=True)  # type: ignore[union-attr]
+    reader.start()
+    errors: list[str] = []
+    for line in child.stderr:  # type: ignore[union-attr]
+        line = line.rstrip()
+        if line.endswith("..."):
+            monitor.mark(line.removesuffix("...").strip())
+        elif line:
+            errors.append(line)
+    child.wait()
+    reader.join()
+    phase.steps = monitor.finish()
+    if report.is_file():
+        measured = json.loads(report.read_text(encoding="utf-8"))
+        phase.exit, phase.wall_s = measured["exit"], round(measured["wall_s"], 1)
+        phase.peak_rss_bytes, phase.write_bytes = measured["peak_rss_bytes"] or 0, measured["write_bytes"] or 0
+    else:
+        phase.exit, phase.wall_s = child.returncode, round(time.perf_counter() - start, 1)
+    if phase.exit != 0:
+        phase.error = (errors[-1] if errors else f"exit {phase.exit}")[:300]
+    phase.output_bytes = sum(tree_bytes(path) for path in outputs)
+    return phase, "".join(stdout)
+
+
+def tree_bytes(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else 0
+
+
+# -- predicted artifact sizes --------------------------------------------------------------
+
+
+def bundle_parameters(bundle: Path) -> dict[str, int]:
+    """Parameter count per tensor of a bundle, from its safetensors headers."""
+    counts: dict[str, int] = {}
+    for path in sorted(bundle.glob("*.safetensors")):
+        counts.update({name: math.prod(info.shape) for name, info in read_safetensors_header(path).items()})
+    return counts
+
+
+def predicted_files(bundle: Path, manifest: dict[str, Any]) -> dict[str, int]:
+    """Bytes each exported file (graph + its external data together) should take.
+
+    Graphs store float32 weights; the LLM decoder its MatMul weights at the manifest's
+    quantization (int4/int8 with a float32 scale per block, as MatMulNBits over float32
+    activations stores them; fp16 or fp32 otherwise) and its norms and biases in float32;
+    the embedding table at the manifest's dtype.
+    """
+    params = bundle_parameters(bundle)
+
+    def total(*prefixes: str) -> int:
+        return sum(n for name, n in params.items() if name.startswith(prefixes))
+
+    width = manifest["model"]["llm_width"]
+    cut3r = manifest["artifacts"]["cut3r_step"]
+    state, memory = (math.prod(t["shape"]) for t in cut3r["inputs"] if t["name"] in ("state", "memory"))
+    out = {
+        "cut3r_step.onnx": 4 * total("camera_encoder.", "heads.f_cam."),
+        "vision.onnx": 4 * total("vision."),
+        "pose_head.onnx": 4 * total("heads.f_pos.", "heads.f_ori."),
+        "bev_head.onnx": 4 * total("heads.f_bev."),
+        cut3r["initial_state"]: 4 * (state + memory),
+    }
+    video_end = manifest["artifacts"]["vision"].get("video_end")
+    if video_end:
+        out[video_end] = 4 * width * _end_tokens(bundle)
+    llm = manifest.get("llm")
+    if llm:
+        quant = llm["quantization"]
+        block = quant["block_size"]
+        layer_weights = sum(n for name, n in params.items() if name.startswith("llm.model.layers.") and name.endswith("proj.weight"))
+        head = params.get("llm.lm_head.weight", 0)
+        small = total("llm.model.layers.", "llm.model.norm.") - layer_weights
+        decoder_bits = layer_weights * bits_per_weight(quant["layers"], block, 32) + head * bits_per_weight(quant["lm_head"], block, 32)
+        out["llm/" + llm["decoder"]["file"]] = round(decoder_bits / 8) + 4 * small
+        embed_bytes = {"float32": 4, "float16": 2}[llm["embeddings"]["dtype"]]
+        out["llm/" + llm["embeddings"]["file"]] = embed_bytes * params.get("llm.model.embed_tokens.weight", 0)
+    return out
+
+
+def _end_tokens(bundle: Path) -> int:
+    config = json.loads((bundle / "config.json").read_text(encoding="utf-8"))
+    return int(config.get("newline_position") == "one_token")
+
+
+def artifact_rows(export: Path, bundle: Path) -> list[dict[str, Any]]:
+    """Every file of an export with its size, and the prediction where one applies."""
+    manifest = json.loads((export / "manifest.json").read_text(encoding="utf-8"))
+    predicted = predicted_files(bundle, manifest)
+    rows = []
+    for path in sorted(p for p in export.rglob("*") if p.is_file() and not p.name.endswith(".data")):
+        name = path.relative_to(export).as_posix()
+        data = path.with_name(path.name + ".data")
+        actual = path.stat().st_size + (data.stat().st_size if data.is_file() else 0)
+        expected = predicted.get(name)
+        ratio = actual / expected if expected else None
+        rows.append({"file": name + (" + .data" if data.is_file() else ""), "bytes": actual, "predicted": expected,
+                     "ratio": ratio, "within": None if ratio is None else abs(ratio - 1) <= PREDICTION_TOLERANCE})
+    return rows
+
+
+# -- the rehearsal -------------------------------------------------------------------------
+
+
+def rehearse(
+    preset_name: str, layers: int, work: Path, frames: int, cpu_llm: str, max_new_tokens: int, keep: bool = False
+) -> dict[str, Any]:
+    """All phases in order, stopping at the first failure; returns the results.
+
+    Unless ``keep``, each folder is deleted once nothing later needs it (the checkpoint after
+    the conversion, the jetson export once measured), so the disk holds at most ~2 of them.
+    """
+    from loc3r.runtime.demo_video import write_demo_video
+
+    preset = PRESETS[preset_name]
+    llava, cut3r, bundle = work / "llava", work / "cut3r_512_dpt.pth", work / "bundle"
+    jetson, cpu = work / "export_jetson", work / "export_cpu"
+    video = write_demo_video(work / "video.mp4", num_frames=4 * frames, width=640, height=480)
+    run_args = [str(video), QUESTION, "--model", str(bundle), "--frames", str(frames), "--json", "--no-cache",
+                "--max-new-tokens", str(max_new_tokens)]
+    plan = [
+        ("write_llava", "loc3r.bench.real_size:write_llava_main", [str(llava), preset_name, str(layers)], [llava]),
+        ("write_cut3r", "loc3r.bench.real_size:write_cut3r_main", [str(cut3r), preset_name], [cut3r]),
+        ("convert", "loc3r.models.convert_cli:main", ["--llava", str(llava), "--cut3r", str(cut3r), "--out", str(bundle), *preset.convert_flags], [bundle]),
+        ("export_jetson", "loc3r.export.cli:main", ["--model", str(bundle), "--target", "jetson-orin", "--out", str(jetson)], [jetson]),
+        ("export_cpu", "loc3r.export.cli:main", ["--model", str(bundle), "--target", "cpu", "--out", str(cpu), "--llm", cpu_llm], [cpu]),
+        ("run_onnxruntime", "loc3r.runtime.cli:main", [*run_args, "--backend", "onnxruntime", "--engines", str(cpu)], []),
+        ("run_torch", "loc3r.runtime.cli:main", [*run_args, "--backend", "torch"], []),
+    ]
+    done_with = {"convert": [llava, cut3r], "export_jetson": [jetson]}
+    phases, answers, artifacts, sizes = [], {}, {}, {}
+    for name, target, args, outputs in plan:
+        print(f"[real_size] {name} ...", file=sys.stderr, flush=True)
+        phase, stdout = run_phase(name, target, args, work, outputs)
+        phases.append(phase)
+        print(f"[real_size] {name}: exit {phase.exit}, {phase.wall_s} s, peak RSS {phase.peak_rss_bytes / GIB:.2f} GiB",
+              file=sys.stderr, flush=True)
+        if name.startswith("run_") and phase.exit == 0:
+            answer = json.loads(stdout.strip().splitlines()[-1])
+            answers[name] = {"model": answer["model"], "timings": answer["timings"], "answer_token_ids": answer["answer_token_ids"]}
+        if phase.exit != 0:
+            break
+        if name.startswith("export_"):
+            artifacts[name.removeprefix("export_")] = artifact_rows(outputs[0], bundle)
+        if name == "convert":
+            sizes = {"checkpoint_bytes": tree_bytes(llava) + tree_bytes(cut3r), "bundle_bytes": tree_bytes(bundle),
+                     "largest_source_file_bytes": max(tree_bytes(f) for f in [cut3r, *llava.glob("*.safetensors")]),
+                     "bundle_parameters": sum(bundle_parameters(bundle).values())}
+        for path in [] if keep else done_with.get(name, []):
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    return {"phases": [asdict(p) for p in phases], "answers": answers, "artifacts": artifacts, **sizes}
+
+
+def machine() -> dict[str, Any]:
+    memory = next((int(line.split()[1]) * 1024 for line in Path("/proc/meminfo").read_text().splitlines()
+                   if line.startswith("MemTotal:")), 0)
+    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "memory_gib": round(memory / GIB, 1),
+            "python": platform.python_version(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m loc3r.bench.real_size", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="real")
+    parser.add_argument("--llm-layers", type=int, help="Qwen2 layers to write (default: all of the preset's, 28)")
+    parser.add_argument("--frames", type=int, default=4)
+    parser.add_argument("--cpu-llm", default="int4", choices=("fp32", "fp16", "int8", "int4"),
+                        help="LLM format of the cpu export (default int4: a float32 7B decoder is ~30 GB)")
+    parser.add_argument("--max-new-tokens", type=int, default=8)
+    parser.add_argument("--rss-limit-gib", type=float, default=20.0, help="peak RSS every phase must stay under")
+    parser.add_argument("--workdir", type=Path, help="where the checkpoints, bundle and exports go (~40 GB at full depth)")
+    parser.add_argument("--keep", action="store_true", help="keep the work folder")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    args = parser.parse_args(argv)
+    preset = PRESETS[args.preset]
+    layers = args.llm_layers or preset.config["num_hidden_layers"]
+    work = Path(tempfile.mkdtemp(prefix="loc3r_real_size_", dir=args.workdir))
+    try:
+        results = rehearse(args.preset, layers, work, args.frames, args.cpu_llm, args.max_new_tokens, args.keep)
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    results.update(preset=args.preset, llm_layers=layers, full_layers=preset.config["num_hidden_layers"],
+                   frames=args.frames, cpu_llm=args.cpu_llm, rss_limit_gib=args.rss_limit_gib, machine=machine())
+    stem = "real_size" if args.preset == "real" else f"real_size_{args.preset}"
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    (args.out / f"{stem}.md").write_text(render(results), encoding="utf-8")
+    ok = all(p["exit"] == 0 and p["peak_rss_bytes"] < args.rss_limit_gib * GIB for p in results["phases"])
+    return 0 if ok and len(results["phases"]) == 7 else 1
+
+
+# -- extrapolation to full depth -----------------------------------------------------------
+
+LLM_TIMINGS = ("prefill_video", "prefill_question", "prefill_time_text")  # scale with the layer count
+DECODE_TIMING = "decode_tokens_per_s"
+
+
+def extrapolate(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each phase's peak RSS, wall time and disk at the preset's full depth, from what was
+    measured at ``llm_layers`` and what the phase holds per LLM parameter (``basis``)."""
+    preset = PRESETS[results["preset"]]
+    measured, full = results["llm_layers"], results["full_layers"]
+    if measured >= full:
+        return []
+
+    def shapes(layers: int) -> dict[str, tuple[int, ...]]:
+        return llava_next_shapes({**preset.config, "num_hidden_layers": layers}, preset.tower)
+
+    params_at = {n: parameter_count(shapes(n)) for n in (measured, full)}
+    extra = params_at[full] - params_at[measured]
+    layer_ratio = full / measured
+    bytes_ratio = params_at[full] / params_at[measured]
+    cpu_bits = bits_per_weight(results["cpu_llm"], 32 if results["cpu_llm"] in ("int4", "int8") else None, 32)
+    rows = []
+    for phase in results["phases"]:
+        name, rss, wall, disk = phase["name"], phase["peak_rss_bytes"], phase["wall_s"], phase["write_bytes"]
+        if name == "write_llava":
+            row = (rss, wall * bytes_ratio, disk * bytes_ratio, "one tensor at a time: the largest (the embedding) does not grow; time and bytes scale with the checkpoint")
+        elif name == "write_cut3r":
+            row = (rss, wall, disk, "does not depend on the LLM")
+        elif name == "convert":
+            grown = rss - results.get("largest_source_file_bytes", 0) + min(preset.max_shard_bytes, 2 * params_at[full])
+            row = (grown, wall * bytes_ratio, disk * bytes_ratio,
+                   f"streamed: one source shard's mapped pages (shards of {preset.max_shard_bytes / 1e9:g} GB) plus one tensor")
+        elif name.startswith("export_"):
+            llm_step = next((s["s"] for label, s in phase["steps"].items() if "LLM" in label), 0.0)
+            row = (rss + 4 * extra, wall + llm_step * (layer_ratio - 1), disk * bytes_ratio,
+                   "today's LLM exporter holds the float32 LLM (4 bytes per parameter): being replaced by "
+                   "onnxruntime-genai's builder (issue 15), which must stream to fit")
+        elif name == "run_onnxruntime":
+            timings = results["answers"].get(name, {}).get("timings", {})
+            llm_s = sum(timings.get(k, 0.0) for k in LLM_TIMINGS)
+            row = (rss + extra * cpu_bits / 8, wall + llm_s * (layer_ratio - 1), disk,
+                   f"the {results['cpu_llm']} decoder grows by {cpu_bits / 8:.3f} bytes per parameter; LLM prefill x {layer_ratio:.0f}")
+        elif name == "run_torch":
+            answer = results["answers"].get(name, {})
+            ran = getattr(torch, answer.get("model", {}).get("dtype", "float32"))
+            measured_total = results.get("bundle_parameters", 0)
+            chosen = choose_precision(WeightStats(measured_total + extra, torch.bfloat16), "auto", torch.device("cpu"),
+                                      available_memory_bytes(), False)
+            grown = rss + (measured_total + extra) * chosen.dtype.itemsize - measured_total * ran.itemsize
+            llm_s = sum(answer.get("timings", {}).get(k, 0.0) for k in LLM_TIMINGS)
+            row = (grown, wall + llm_s * (layer_ratio - 1), disk,
+                   f"ran in {str(ran).removeprefix('torch.')}; at full depth '{chosen.reason}'; LLM prefill x {layer_ratio:.0f}"
+                   + (" (bfloat16 on a CPU without bfloat16 units is slower than this)" if chosen.dtype != ran else ""))
+        else:
+            continue
+        rows.append({"phase": name, "peak_rss_bytes": int(row[0]), "wall_s": round(row[1], 1), "write_bytes": int(row[2]), "basis": row[3]})
+    return rows
+
+
+# -- report --------------------------------------------------------------------------------
+
+
+def render(results: dict[str, Any]) -> str:
+    """The markdown report (measured figures; the extrapolation notes are added by hand)."""
+    m = results["machine"]
+    lines = [
+        "# Dress rehearsal at real size",
+        "",
+        f"Generated by `python -m loc3r.bench.real_size --preset {results['preset']} --llm-layers {results['llm_layers']}` "
+        f"on {m['date']} ({m['cores']} cores, {m['memory_gib']} GiB, torch {m['torch']}). Random weights in the published "
+        f"layouts: every width is real; the LLM has {results['llm_layers']} of its {results['full_layers']} layers. "
+        f"Video: {results['frames']} frames of 640x480; cpu export LLM: {results['cpu_llm']}.",
+        "",
+        "## Phases",
+        "",
+        f"Each phase is one child process; peak RSS is its `VmHWM` (limit {results['rss_limit_gib']} GiB), written is "
+        "`write_bytes` of /proc/self/io, output is the size of what the phase produced.",
+        "",
+        "| phase | exit | wall s | peak RSS GiB | written GiB | output GiB | steps: time, peak RSS |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for p in results["phases"]:
+        steps = ", ".join(f"{k}: {v['s']} s, {v['peak_rss_gib']} GiB" for k, v in p["steps"].items())
+        lines.append(f"| {p['name']} | {p['exit']} | {p['wall_s']} | {p['peak_rss_bytes'] / GIB:.2f} | "
+                     f"{p['write_bytes'] / GIB:.2f} | {p['output_bytes'] / GIB:.2f} | {steps} |")
+    failed = [p for p in results["phases"] if p["exit"] != 0]
+    if failed:
+        lines += ["", f"**{failed[0]['name']} failed**: `{failed[0]['error']}`"]
+    if "bundle_bytes" in results:
+        lines += ["", f"Checkpoint files {results['checkpoint_bytes'] / GIB:.2f} GiB; bundle {results['bundle_bytes'] / GIB:.2f} GiB."]
+    lines.append("")
+    for name, answer in results["answers"].items():
+        model, timings = answer["model"], answer["timings"]
+        shown = ", ".join(f"{k} {v:.2f}" for k, v in timings.items() if isinstance(v, float))
+        lines.append(f"- `{name}`: {model['dtype']} on {model['device']} ({model['dtype_reason']}); {shown}")
+    rows = extrapolate(results)
+    if rows:
+        lines += ["", f"## Extrapolation to {results['full_layers']} LLM layers", "",
+                  f"From the figures above at {results['llm_layers']} layers and what each phase holds per LLM "
+                  "parameter (basis); an estimate, not a measurement.", "",
+                  "| phase | peak RSS GiB | wall s | written GiB | basis |", "|---|---|---|---|---|"]
+        for row in rows:
+            over = " **over**" if row["peak_rss_bytes"] >= results["rss_limit_gib"] * GIB else ""
+            lines.append(f"| {row['phase']} | {row['peak_rss_bytes'] / GIB:.1f}{over} | {row['wall_s']} | "
+                         f"{row['write_bytes'] / GIB:.1f} | {row['basis']} |")
+    lines += ["", "## Exported files vs predicted sizes", "",
+              f"Predicted from the bundle's parameter counts at the stored format; within = {PREDICTION_TOLERANCE:.0%}.", ""]
+    for export, rows in results["artifacts"].items():
+        lines += [f"### {export}", "", "| file | MB | predicted MB | ratio | within |", "|---|---|---|---|---|"]
+        for row in rows:
+            predicted = f"{row['predicted'] / 1e6:.1f}" if row["predicted"] else "-"
+            ratio = f"{row['ratio']:.3f}" if row["ratio"] else "-"
+            within = {True: "yes", False: "**no**", None: "-"}[row["within"]]
+            lines.append(f"| {row['file']} | {row['bytes'] / 1e6:.1f} | {predicted} | {ratio} | {within} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,87 @@
+"""The dress rehearsal's tools: real-size shapes, the synthetic Qwen2 tokenizer files, the
+measured child process, and (slow) the whole rehearsal on tiny widths."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from loc3r.bench import child, real_size
+from loc3r.bench.fabricate import (
+    LLAVA_VIDEO_7B_QWEN2,
+    QWEN2_CHAT_TOKENS,
+    TowerSizes,
+    llava_next_shapes,
+    synthetic_byte_level_bpe,
+    write_qwen2_tokenizer_files,
+)
+from loc3r.models.convert_tokenizer import loc3r_tokenizer
+
+
+def test_llava_video_7b_shapes_add_up_to_the_published_sizes() -> None:
+    shapes = llava_next_shapes(LLAVA_VIDEO_7B_QWEN2, TowerSizes())
+    llm = sum(math.prod(s) for n, s in shapes.items() if n.startswith(("model.embed_tokens", "model.layers", "model.norm", "lm_head")))
+    assert llm == 7_615_616_512  # Qwen2-7B with its untied lm_head
+    assert shapes["model.vision_tower.vision_tower.vision_model.embeddings.position_embedding.weight"] == (729, 1152)
+    assert shapes["model.layers.27.self_attn.k_proj.weight"] == (512, 3584)  # 4 KV heads x 128
+    assert shapes["model.mm_projector.0.weight"] == (3584, 1152)
+    assert "model.layers.28.mlp.up_proj.weight" not in shapes
+
+
+def test_synthetic_tokenizer_files_load_as_qwen2s(tmp_path: Path) -> None:
+    vocab, merges = synthetic_byte_level_bpe(70_000)
+    assert len(vocab) == 70_000 and len(merges) == 70_000 - 256
+    added = [(token, 70_000 + k) for k, token in enumerate(QWEN2_CHAT_TOKENS)]
+    write_qwen2_tokenizer_files(tmp_path, vocab, merges, added)
+    tokenizer = loc3r_tokenizer(tmp_path, vocab_size=70_016)
+    assert (tokenizer.end_of_text_id, tokenizer.im_start_id, tokenizer.im_end_id) == (70_000, 70_001, 70_002)
+    assert (tokenizer.pos_id, tokenizer.ori_id) == (70_003, 70_004)
+    ids = tokenizer.encode("user\nWhere is the chair?")
+    assert len(ids) < 20 and tokenizer.decode(ids) == "user\nWhere is the chair?"  # merged pairs and triples
+    typed = tokenizer.encode("<|im_end|>")  # user text never becomes a control token
+    assert 70_002 not in typed and tokenizer.decode(typed) == "<|im_end|>"
+
+
+def allocate_and_write(argv: list[str]) -> int:
+    """A child phase: hold ``argv[0]`` MB, write ``argv[1]`` MB to ``argv[2]``, exit ``argv[3]``."""
+    import os
+
+    held = bytearray(int(argv[0]) * 2**20)
+    held[::4096] = b"x" * len(held[::4096])
+    with open(argv[2], "wb") as stream:
+        stream.write(os.urandom(int(argv[1]) * 2**20))
+        stream.flush()
+        os.fsync(stream.fileno())
+    return int(argv[3])
+
+
+@pytest.mark.parametrize("code", [0, 3])
+def test_child_reports_peak_rss_and_bytes_written(tmp_path: Path, code: int) -> None:
+    report = tmp_path / "report.json"
+    target = f"{__name__}:allocate_and_write"
+    assert child.main([str(report), target, "200", "30", str(tmp_path / "out.bin"), str(code)]) == code
+    measured = json.loads(report.read_text())
+    assert measured["exit"] == code and measured["wall_s"] > 0
+    assert measured["peak_rss_bytes"] >= 200 * 2**20
+    assert measured["write_bytes"] >= 30 * 2**20
+
+
+@pytest.mark.slow
+def test_rehearsal_on_tiny_widths(tmp_path: Path) -> None:
+    """Every phase of the rehearsal completes and is measured (the real run: benchmarks/results)."""
+    out = tmp_path / "out"
+    assert real_size.main(["--preset", "tiny", "--llm-layers", "1", "--workdir", str(tmp_path), "--out", str(out)]) == 0
+    results = json.loads((out / "real_size_tiny.json").read_text())
+    assert [p["name"] for p in results["phases"]] == [
+        "write_llava", "write_cut3r", "convert", "export_jetson", "export_cpu", "run_onnxruntime", "run_torch"]
+    assert all(p["exit"] == 0 and p["peak_rss_bytes"] > 0 and p["wall_s"] > 0 for p in results["phases"])
+    files = {row["file"]: row for row in results["artifacts"]["cpu"]}
+    assert files["cut3r_step.onnx + .data"]["predicted"] > 0
+    assert files["llm/embeddings.safetensors"]["within"] is True
+    assert set(results["answers"]) == {"run_onnxruntime", "run_torch"}
+    assert list(tmp_path.glob("loc3r_real_size_*")) == []  # the work folder is removed
+    assert [row["phase"] for row in real_size.extrapolate(results)] == [p["name"] for p in results["phases"]]
+    assert "## Extrapolation to 2 LLM layers" in (out / "real_size_tiny.md").read_text()
