@@ -26,6 +26,10 @@ def export_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", required=True, help="output folder (replaced atomically)")
     parser.add_argument("--cut3r-size", metavar="HxW", help="CUT3R input size, multiples of 16 (default: 4:3 landscape at the model's long side)")
     parser.add_argument("--llm", choices=LLM_FORMATS, help="LLM weight format (default: the target's)")
+    parser.add_argument(
+        "--context-tokens", type=int, metavar="N",
+        help="the LLM's context limit: its KV cache is allocated for N tokens (default: the target's max_context_tokens)",
+    )
     parser.add_argument("--debug", action="store_true")
     return parser
 
@@ -62,6 +66,8 @@ def check_out(out: Path) -> None:
 
 def run_export(args: argparse.Namespace) -> int:
     check_out(Path(args.out))
+    if args.context_tokens is not None and args.context_tokens < 1:
+        raise InputError(f"--context-tokens {args.context_tokens} must be positive", "e.g. --context-tokens 8192")
     from loc3r.engines.targets import load_target
     from loc3r.export.exporter import ExportRequest, default_cut3r_size, export_all
     from loc3r.models.bundle import load_bundle
@@ -76,15 +82,22 @@ def run_export(args: argparse.Namespace) -> int:
         out_dir=Path(args.out),
         cut3r_size=parse_size(args.cut3r_size, default_cut3r_size(bundle.config.cut3r_long_side)),
         llm_quant=None if llm == "none" else llm,
+        context_tokens=args.context_tokens,
     )
     manifest = export_all(request, progress=lambda m: print(m, file=sys.stderr))
     print(f"wrote {manifest.root} for target {target.name} ({manifest.precision})")
     for name, artifact in manifest.artifacts.items():
         parity = artifact["parity"]
         print(f"  {artifact['file']:<22} parity vs PyTorch: max abs {parity['max_abs']:.2e} over {parity['runs']} run(s)")
-    if manifest.data.get("llm"):
-        quant = manifest.data["llm"]["quantization"]
-        print(f"  llm/                   {quant['layers']} layers, lm_head {quant['lm_head']}")
+    llm_part = manifest.data.get("llm")
+    if llm_part:
+        quant, form = llm_part["quantization"], llm_part["form"]
+        print(
+            f"  llm/                   {quant['layers']} layers, lm_head {quant['lm_head']}, {form['provider']} form, "
+            f"KV {form['kv_cache']} for {llm_part['context_tokens']} tokens"
+        )
+    memory = manifest.data["memory_plan"]
+    print(f"memory plan: {memory['total_bytes'] / 2**30:.2f} GiB of {memory['budget_bytes'] / 2**30:.2f} GiB on {memory['target']}")
     if bundle.config.random_weights:
         print(f"NOTE: {bundle.config.model_id} has RANDOM weights; the artifacts are for testing the toolchain only")
     plan = manifest.data.get("device_build")

@@ -124,7 +124,12 @@ def onnx_llm(bundle: Bundle, manifest: Manifest, providers: Sequence[Any]) -> LL
         return TorchLLM(bundle.model.llm)
     from loc3r.runtime.onnx_llm import OnnxLLM
 
-    root = manifest.root / "llm"
-    # the TensorRT EP has no MatMulNBits: the decoder runs on the CUDA (or CPU) provider
+    # the TensorRT EP has no MatMulNBits / GroupQueryAttention: the decoder runs on CUDA (or CPU)
     names = [p for p in provider_names(providers) if p != "TensorrtExecutionProvider"]
-    return OnnxLLM(root / llm["decoder"]["file"], root / llm["embeddings"]["file"], names)
+    return OnnxLLM(
+        manifest.root / llm["decoder"]["file"],
+        manifest.root / llm["embeddings"]["file"],
+        capacity=llm["context_tokens"],
+        chunk_tokens=llm["prefill_chunk_tokens"],
+        providers=names,
+    )

@@ -149,14 +149,14 @@ class Pipeline:
         prefix = build_video_prefix(
             self.bundle.tokenizer, num_frames, vision_tokens_per_frame(self.config), 0.0, [0.0] * num_frames
         )
-        limit = self.config.llm.max_position_embeddings
+        limit = self.stages.llm.context_limit
         if prefix.length < limit:
             return
         per_frame = prefix.tokens_per_frame
         most = max((limit - 1 - (prefix.length - num_frames * per_frame)) // per_frame, 1)
         raise InputError(
             f"{num_frames} frames x {per_frame} tokens per frame make a {prefix.length}-token video prompt, "
-            f"but the LLM's context is {limit} tokens",
+            f"but the LLM's context limit is {limit} tokens",
             f"use at most {most} frames (--frames {most})",
         )
 

@@ -140,16 +140,22 @@ class VideoSession:
         self._append_blocks(blocks, [f.index for f in frames], [f.timestamp_s for f in frames])
 
     def _append_blocks(self, blocks: list[Tensor], indices: list[int], timestamps: list[float]) -> None:
+        """Prefill frame blocks a few at a time (as many whole frames as fit in one LLM chunk,
+        at least one), so that no more than one group's embeddings and hidden states are
+        held at once, however many frames come (e.g. a whole cached video)."""
         if not blocks:
             return
         self._check_length(self._blocks_end + len(blocks) * blocks[0].shape[0])
-        hidden = self._prefill_embeds("prefill_video", torch.cat(blocks)).hidden_states
-        if self.with_bev:
-            self._bev.append(self._bev_points(hidden, len(blocks)))
-        self.encoded.blocks.extend(blocks)
-        self.encoded.indices.extend(indices)
-        self.encoded.timestamps_s.extend(timestamps)
-        self._blocks_end = self.stages.llm.cached_length
+        group = max(1, self.stages.llm.chunk_tokens // blocks[0].shape[0])
+        for start in range(0, len(blocks), group):
+            part = blocks[start : start + group]
+            hidden = self._prefill_embeds("prefill_video", torch.cat(part)).hidden_states
+            if self.with_bev:
+                self._bev.append(self._bev_points(hidden, len(part)))
+            self.encoded.blocks.extend(part)
+            self.encoded.indices.extend(indices[start : start + group])
+            self.encoded.timestamps_s.extend(timestamps[start : start + group])
+            self._blocks_end = self.stages.llm.cached_length
 
     # -- questions ------------------------------------------------------------------------
 
@@ -283,9 +289,9 @@ class VideoSession:
         return points.reshape(frames, side * side, 2).float().numpy()
 
     def _check_length(self, length: int) -> None:
-        limit = self.config.llm.max_position_embeddings
+        limit = self.stages.llm.context_limit
         if length > limit:
             raise InputError(
-                f"the prompt needs {length} tokens but the LLM's context is {limit}",
-                "use fewer frames (--frames) or a shorter question",
+                f"the prompt needs {length} tokens but the LLM's context limit is {limit}",
+                "use fewer frames (--frames) or a shorter question, or re-export with a larger --context-tokens",
             )
