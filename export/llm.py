@@ -67,7 +67,7 @@ class LLMForm:
 
     @property
     def float_type(self) -> str:
-        return "fp32" if self.layers == "fp32" else "fp16"
+        return "fp32" if self.provider == "cpu" or self.layers == "fp32" else "fp16"
 
     @property
     def quantized(self) -> bool:
