@@ -52,6 +52,7 @@ FP32_TOLERANCE = 1e-4
 EMBED_NAME = "model.embed_tokens.weight"
 BUNDLE_PREFIX = "llm."
 LOG_TAIL = 20
+INT_FORMATS = ("int8", "int4")
 
 
 @dataclass(frozen=True)
@@ -71,11 +72,11 @@ class LLMForm:
 
     @property
     def quantized(self) -> bool:
-        return "int" in self.layers or "int" in self.lm_head
+        return self.layers in INT_FORMATS or self.lm_head in INT_FORMATS
 
 
 def llm_form(target: Target, quant: Quant) -> LLMForm:
-    """The decoder form for ``target`` with ``--llm quant`` (the target's own when equal)."""
+    """The decoder form for ``target`` with ``--llm quant`` (the target's lm_head when equal)."""
     plan = target.llm
     provider: Provider = "cuda" if target.hardware.sm else "cpu"
     if provider == "cpu" and quant == "fp16":
@@ -83,16 +84,9 @@ def llm_form(target: Target, quant: Quant) -> LLMForm:
             f"--llm fp16 has no CPU form (onnxruntime has no fp16 CPU kernels; target {target.name})",
             "use --llm fp32 (exact) or --llm int4 / int8 on the cpu target",
         )
+    form = LLMForm(provider, quant, quant, plan.block_size or 32, accuracy_level=4 if provider == "cpu" else None)
     head = plan.lm_head if quant == plan.weights else quant
-    if "int" not in head:
-        head = quant if "int" not in quant else ("fp32" if provider == "cpu" else "fp16")
-    return LLMForm(
-        provider=provider,
-        layers=quant,
-        lm_head=head,
-        block_size=plan.block_size or 32,
-        accuracy_level=4 if provider == "cpu" else None,
-    )
+    return dataclasses.replace(form, lm_head=head if head in INT_FORMATS else form.float_type)
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from loc3r.errors import ModelError
 
 MANIFEST_FILE = "manifest.json"
 FORMAT = "loc3r-manifest"
-VERSION = 1
+VERSION = 2  # 2: the LLM is the model builder's decoder (context limit, prefill chunk, memory plan)
 PRECISIONS = ("fp32", "fp16")  # engines.targets.Precision
 
 
@@ -89,6 +89,8 @@ def check_sections(data: dict[str, Any], path: Path) -> None:
         problems.append("'artifacts' is not an object")
     else:
         problems += [f"artifact {name!r} is malformed" for name, entry in artifacts.items() if not _valid_artifact(entry)]
+    if data.get("llm") is not None and not _valid_llm(data["llm"]):
+        problems.append("the 'llm' section is malformed")
     if problems:
         raise ModelError(f"{path} is corrupt: {problems[0]}", "re-run loc3r-export")
 
@@ -105,6 +107,17 @@ def _valid_artifact(entry: object) -> bool:
             if not isinstance(spec, dict) or not isinstance(spec.get("name"), str) or not isinstance(spec.get("shape"), list):
                 return False
     return True
+
+
+def _valid_llm(entry: object) -> bool:
+    """The LLM section names its files and a positive context limit and prefill chunk."""
+    if not isinstance(entry, dict):
+        return False
+    files = [entry.get(part) for part in ("decoder", "embeddings")]
+    sizes = [entry.get(key) for key in ("context_tokens", "prefill_chunk_tokens")]
+    return all(isinstance(f, dict) and isinstance(f.get("file"), str) for f in files) and all(
+        isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in sizes
+    )
 
 
 def check_manifest_matches(manifest: Manifest, model_id: str, checksum: str, expected_shapes: dict[str, dict[str, list[int | str]]]) -> None:
