@@ -287,23 +287,23 @@ def run(head_std: float, prompts: int, new_tokens: int) -> dict[str, Any]:
 NOTES = """\
 ## Reading the tables
 
-- Variant names: `<layers>-<block>-<symmetric>-<lm_head>`; `-0` is MatMulNBits accuracy
-  level 0 (fp32 compute). The shipped int8/int4 use block 32, symmetric, accuracy level 4.
-- bytes: initializers that feed MatMul / MatMulNBits (the 7 matrices of every layer and
-  lm_head, with scales and zero points); not norms, biases, graph constants, nor the fp16
-  embedding table, which lives outside the graph.
+- Every variant is the cpu form of onnxruntime-genai's model builder's decoder (fp32
+  activations and KV cache, `GroupQueryAttention`), weights quantized by onnxruntime's
+  `MatMulNBitsQuantizer` one at a time. Variant names: `<layers>-<lm_head>[-<block>-<symmetric>]-<accuracy level>`;
+  accuracy level 0 is fp32 compute, 4 is int8 compute. The cpu target's int8/int4 use block 32, symmetric, accuracy level 4.
+- bytes: initializers that feed MatMul / MatMulNBits (every layer's packed q/k/v, o, gate,
+  up, down and lm_head, with scales and zero points); not norms, biases, rotary tables, nor
+  the embedding table, which lives outside the graph.
 - top-1 agree: the fp32 decoder generates 16 tokens greedily after each of 8 prompts; the
   variant is teacher-forced along them; share of steps with the same argmax.
-- max abs logits: the export's parity probe (16 seeded tokens, one prefill) vs torch fp32.
+- max abs logits: the export's parity probe (12 + 4 seeded tokens, two prefills) vs torch fp32.
 - Speed: best of 3 on a shared 2-core machine (others' jobs ran too): a previous run gave
   2-4x lower numbers for the same variants, so read the columns as rough ratios; peak RSS
   is the timing subprocess's VmHWM (python + torch + onnxruntime alone were ~400 MB).
 - On this x86 CPU int4 saves memory, not time: MLAS's fp32 GEMM beats the int4 kernel at
   prefill, and decode is about even; the time win is for bandwidth-bound devices.
-- fp16 stores weights in fp16 with a Cast in the graph: ORT's CPU provider folds the casts
-  at load, so its speed and RSS are fp32's; it halves the files and is the GPU input.
-- 1B export: RSS after building the fp32 model vs the peak through tracing, quantizing and
-  writing; a second resident copy of the weights would add ~3.8 GB.
+- fp16 is the GPU targets' form (the builder's `cuda` form), not measured here: on the CPU
+  provider onnxruntime has no fp16 MatMul and widens the weights at load.
 
 ## Choices
 
