@@ -104,7 +104,7 @@ def build(spec: BuildSpec) -> None:
 
 def _mapped_qwen2(hf_config: Any, shards: Any, prefix: str) -> Any:
     """A ``Qwen2ForCausalLM`` whose parameters are views of the mapped files; the input
-    embedding (left out of the graph) stays on the meta device."""
+    embedding (left out of the graph) stays on the meta device unless lm_head shares it."""
     import torch
     from torch import nn
     from transformers import Qwen2ForCausalLM
@@ -112,7 +112,7 @@ def _mapped_qwen2(hf_config: Any, shards: Any, prefix: str) -> Any:
     with torch.device("meta"):
         model = Qwen2ForCausalLM(hf_config).eval()
     for name, _ in list(model.named_parameters()):
-        if name == "model.embed_tokens.weight":
+        if name == "model.embed_tokens.weight" and not hf_config.tie_word_embeddings:
             continue
         owner, _, attr = name.rpartition(".")
         setattr(model.get_submodule(owner), attr, nn.Parameter(shards.tensor(prefix + name), requires_grad=False))
