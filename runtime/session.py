@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -140,22 +140,28 @@ class VideoSession:
         self._append_blocks(blocks, [f.index for f in frames], [f.timestamp_s for f in frames])
 
     def _append_blocks(self, blocks: list[Tensor], indices: list[int], timestamps: list[float]) -> None:
-        """Prefill frame blocks a few at a time (as many whole frames as fit in one LLM chunk,
-        at least one), so that no more than one group's embeddings and hidden states are
-        held at once, however many frames come (e.g. a whole cached video)."""
         if not blocks:
             return
         self._check_length(self._blocks_end + len(blocks) * blocks[0].shape[0])
-        group = max(1, self.stages.llm.chunk_tokens // blocks[0].shape[0])
-        for start in range(0, len(blocks), group):
-            part = blocks[start : start + group]
-            hidden = self._prefill_embeds("prefill_video", torch.cat(part)).hidden_states
+        for start, part, hidden in self._prefill_blocks(blocks):
             if self.with_bev:
                 self._bev.append(self._bev_points(hidden, len(part)))
             self.encoded.blocks.extend(part)
-            self.encoded.indices.extend(indices[start : start + group])
-            self.encoded.timestamps_s.extend(timestamps[start : start + group])
+            self.encoded.indices.extend(indices[start : start + len(part)])
+            self.encoded.timestamps_s.extend(timestamps[start : start + len(part)])
             self._blocks_end = self.stages.llm.cached_length
+
+    def _prefill_blocks(self, blocks: list[Tensor]) -> Iterator[tuple[int, list[Tensor], Tensor]]:
+        """Prefill frame blocks as many whole frames at a time as fit in one LLM chunk (at
+        least one), so that no more than one group's embeddings and hidden states are held at
+        once, however many frames come (e.g. a whole cached video); yields (index of the
+        group's first frame, its blocks, their hidden states)."""
+        if not blocks:
+            return
+        group = max(1, self.stages.llm.chunk_tokens // blocks[0].shape[0])
+        for start in range(0, len(blocks), group):
+            part = blocks[start : start + group]
+            yield start, part, self._prefill_embeds("prefill_video", torch.cat(part)).hidden_states
 
     # -- questions ------------------------------------------------------------------------
 
@@ -225,8 +231,9 @@ class VideoSession:
         with self._lock:
             llm = self.stages.llm
             llm.reset()
-            embeds = [llm.embed(self._head_ids()), *self.encoded.blocks]
-            self._prefill_embeds("prefill_video", torch.cat(embeds))
+            self._prefill("prefill_video", self._head_ids())
+            for _ in self._prefill_blocks(self.encoded.blocks):
+                pass
             self._blocks_end = llm.cached_length
             self._tail_in_cache = False
             if self.duration_s is not None:
