@@ -96,6 +96,11 @@ def run_export(args: argparse.Namespace) -> int:
             f"  llm/                   {quant['layers']} layers, lm_head {quant['lm_head']}, {form['provider']} form, "
             f"KV {form['kv_cache']} for {llm_part['context_tokens']} tokens"
         )
+        parity = llm_part["parity"]
+        if parity and "skipped" in parity:
+            print(f"  llm/                   parity vs PyTorch skipped: {parity['skipped']}")
+        elif parity:
+            print(f"  llm/                   parity vs PyTorch: max abs logits {parity['max_abs_logits']:.2e}, hidden {parity['max_abs_hidden']:.2e}")
     memory = manifest.data["memory_plan"]
     print(f"memory plan: {memory['total_bytes'] / 2**30:.2f} GiB of {memory['budget_bytes'] / 2**30:.2f} GiB on {memory['target']}")
     if bundle.config.random_weights:

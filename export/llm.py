@@ -182,7 +182,7 @@ def export_llm(
             "extra_options": BUILDER_OPTIONS,
         },
         "matmul_weight_bytes": matmul_weight_bytes(decoder, out),
-        "parity": None if reference is None else decoder_parity(reference, out, form),
+        "parity": None if reference is None else decoder_parity(reference, out, form, available_memory()),
         "versions": {"onnx": onnx.__version__, "onnxruntime": ort.__version__, "torch": torch.__version__},
     }
 
@@ -253,9 +253,28 @@ def matmul_weight_bytes(model: onnx.ModelProto, folder: Path) -> int:
     return total
 
 
-def decoder_parity(reference: Qwen2ForCausalLM, folder: Path, form: LLMForm) -> dict[str, Any]:
-    """Seeded token embeddings through the decoder (two chunks) and through ``reference``."""
+def available_memory() -> int | None:
+    """``MemAvailable`` in bytes (Linux), else None."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def decoder_parity(reference: Qwen2ForCausalLM, folder: Path, form: LLMForm, available: int | None) -> dict[str, Any]:
+    """Seeded token embeddings through the decoder (two chunks) and through ``reference``.
+
+    Skipped, and said so, when loading the decoder would not fit in ``available`` bytes
+    (e.g. the 26 GiB fp32 form of a 7B model on a 24 GiB machine).
+    """
     from loc3r.runtime.onnx_llm import OnnxLLM
+
+    needed = sum(f.stat().st_size for f in folder.iterdir() if f.name.startswith(DECODER))
+    if available is not None and needed > available:
+        return {"skipped": f"loading the decoder needs {needed / 2**30:.1f} GiB, {available / 2**30:.1f} GiB is available here"}
 
     total = sum(PARITY_TOKENS)
     llm = OnnxLLM(folder / DECODER, folder / EMBEDDINGS, capacity=total, chunk_tokens=total)

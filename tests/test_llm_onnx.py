@@ -12,7 +12,7 @@ from llm_setup import LLM_CHUNK, LLM_CONTEXT
 from safetensors.torch import save_file
 
 from loc3r.errors import InputError, ModelError
-from loc3r.export.llm import FP32_TOLERANCE
+from loc3r.export.llm import FP32_TOLERANCE, LLMForm, decoder_parity
 from loc3r.export.llm_io import DECODER, EMBEDDINGS
 from loc3r.export.mapped_weights import MappedShards
 from loc3r.models.llm import TorchLLM
@@ -131,6 +131,18 @@ def test_graph_is_the_builders_edge_graph(exported: Export) -> None:
     assert outputs["hidden_states"]["shape"][-1] == 64
     assert fragment["form"] == {"provider": "cpu", "float": "fp32", "kv_cache": "float32"}
     assert fragment["parity"]["max_abs_hidden"] <= TOL and fragment["parity"]["max_abs_logits"] <= TOL
+
+
+def test_parity_probe_is_skipped_when_the_decoder_cannot_be_loaded(trained_llm: torch.nn.Module, exported: Export) -> None:
+    out, _ = exported
+    form = LLMForm("cpu", "fp32", "fp32")
+    assert decoder_parity(trained_llm, out, form, available=1 << 30)["max_abs_logits"] <= TOL
+    skipped = decoder_parity(trained_llm, out, form, available=1000)
+    assert skipped == {"skipped": f"loading the decoder needs {_decoder_bytes(out) / 2**30:.1f} GiB, 0.0 GiB is available here"}
+
+
+def _decoder_bytes(folder: Path) -> int:
+    return (folder / DECODER).stat().st_size + (folder / f"{DECODER}.data").stat().st_size
 
 
 def test_missing_provider_is_refused(exported: Export) -> None:
