@@ -32,7 +32,6 @@ from loc3r.export.onnx_export import (
     ensure_within,
     export_onnx,
     merge,
-    quiet_exporter,
 )
 from loc3r.export.tensorrt_build import device_build_plan
 from loc3r.runtime.ort import open_session

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
-import onnx
 import onnx_ir as ir
 from onnx import helper, numpy_helper
 
