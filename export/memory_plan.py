@@ -115,50 +115,67 @@ def memory_plan(
     cut3r_size: tuple[int, int],
     source: str,
 ) -> MemoryPlan:
-    """The plan for ``weights`` (see :func:`predicted_weights` / :func:`measured_weights`)."""
-    llm = config.llm
-    chunk = target.llm.prefill_chunk
-    on_gpu = target.hardware.sm is not None
+    """The plan for ``weights`` (see :func:`predicted_weights` / :func:`measured_weights`);
+    ``form`` None: no LLM exported, the runtime runs the bundle's PyTorch LLM in fp32."""
     float_type = form.float_type if form else "fp32"
-    io = FLOAT_BYTES[float_type]
-    items = [
-        PlanItem(f"weights: {name}", w.loaded, f"{w.disk} bytes on disk, loaded {'as stored' if w.loaded == w.disk else 'in fp16'}")
-        for name, w in weights.items()
-    ]
+    items = [_weights_item(name, w) for name, w in weights.items()]
     if form is None:
-        items.append(PlanItem("weights: llm (PyTorch, from the bundle)", _parameter_bytes(llm), "fp32 parameters"))
-    per_token = kv_bytes_per_token(llm, float_type)
-    items.append(
-        PlanItem(f"KV cache ({float_type}, {context_tokens} tokens)", per_token * context_tokens,
-                 "layers x 2 x kv_heads x head_dim x context x bytes, allocated at start")
+        items.append(PlanItem("weights: llm (PyTorch, from the bundle)", _parameter_bytes(config.llm), "fp32 parameters"))
+    per_token = kv_bytes_per_token(config.llm, float_type)
+    items += [
+        PlanItem(
+            f"KV cache ({float_type}, {context_tokens} tokens)",
+            per_token * context_tokens,
+            "layers x 2 x kv_heads x head_dim x context x bytes, allocated at start",
+        ),
+        _prefill_item(config.llm, target, context_tokens, FLOAT_BYTES[float_type]),
+        *_encoder_items(config, target, cut3r_size),
+        _overhead_item(target),
+    ]
+    return MemoryPlan(target.name, budget_bytes(target), context_tokens, target.llm.prefill_chunk, tuple(items), per_token, source)
+
+
+def _weights_item(name: str, weights: Weights) -> PlanItem:
+    loaded = "as stored" if weights.loaded == weights.disk else "in fp16"
+    return PlanItem(f"weights: {name}", weights.loaded, f"{weights.disk} bytes on disk, loaded {loaded}")
+
+
+def _prefill_item(llm: LLMConfig, target: Target, context: int, io: int) -> PlanItem:
+    chunk = target.llm.prefill_chunk
+    qkv = (llm.num_attention_heads + 2 * llm.num_key_value_heads) * llm.head_dim
+    layer = chunk * (4 * llm.hidden_size + qkv + 3 * llm.intermediate_size) * io
+    attention = 0 if target.hardware.sm else llm.num_attention_heads * chunk * context * 4
+    outputs = chunk * llm.hidden_size * 4 + llm.vocab_size * 4
+    return PlanItem(
+        f"LLM prefill chunk ({chunk} tokens)",
+        layer + attention + outputs,
+        "estimate: one layer's intermediates, CPU attention probabilities, outputs",
     )
-    items.append(PlanItem(f"LLM prefill chunk ({chunk} tokens)", _prefill_chunk_bytes(llm, chunk, context_tokens, io, on_gpu),
-                          "estimate: one layer's intermediates, CPU attention probabilities, outputs"))
+
+
+def _encoder_items(config: Loc3rConfig, target: Target, cut3r_size: tuple[int, int]) -> list[PlanItem]:
     act = 2 if target.build.precision == "fp16" else 4
     vision = config.vision
     frames = target.build.vision_frames[2]
-    items.append(PlanItem(f"vision batch ({frames} frames)", frames * _layer_bytes(vision.grid**2, vision.hidden_size,
-                          vision.intermediate_size, vision.num_attention_heads, act), "estimate: the largest layer"))
+    siglip = _layer_bytes(vision.grid**2, vision.hidden_size, vision.intermediate_size, vision.num_attention_heads, act)
     cut3r = Cut3rConfig.from_dict(config.cut3r)
-    patches = (cut3r_size[0] // cut3r.patch_size) * (cut3r_size[1] // cut3r.patch_size)
+    tokens = (cut3r_size[0] // cut3r.patch_size) * (cut3r_size[1] // cut3r.patch_size) + cut3r.state_size
     width = max(cut3r.enc_embed_dim, cut3r.dec_embed_dim)
-    items.append(PlanItem("CUT3R step", _layer_bytes(patches + cut3r.state_size, width, int(width * cut3r.mlp_ratio),
-                          cut3r.enc_num_heads, act), "estimate: the largest layer"))
-    items.append(PlanItem("runtime overhead", GPU_OVERHEAD if on_gpu else CPU_OVERHEAD,
-                          "assumption: CUDA context and libraries" if on_gpu else "assumption: Python, torch, onnxruntime"))
-    return MemoryPlan(target.name, budget_bytes(target), context_tokens, chunk, tuple(items), per_token, source)
+    step = _layer_bytes(tokens, width, int(width * cut3r.mlp_ratio), cut3r.enc_num_heads, act)
+    return [
+        PlanItem(f"vision batch ({frames} frames)", frames * siglip, "estimate: the largest layer"),
+        PlanItem("CUT3R step", step, "estimate: the largest layer"),
+    ]
+
+
+def _overhead_item(target: Target) -> PlanItem:
+    if target.hardware.sm:
+        return PlanItem("runtime overhead", GPU_OVERHEAD, "assumption: CUDA context and libraries")
+    return PlanItem("runtime overhead", CPU_OVERHEAD, "assumption: Python, torch, onnxruntime")
 
 
 def _layer_bytes(tokens: int, width: int, mlp: int, heads: int, bytes_per: int) -> int:
     return tokens * (4 * width + 2 * mlp) * bytes_per + heads * tokens * tokens * bytes_per
-
-
-def _prefill_chunk_bytes(llm: LLMConfig, chunk: int, context: int, io: int, on_gpu: bool) -> int:
-    qkv = (llm.num_attention_heads + 2 * llm.num_key_value_heads) * llm.head_dim
-    layer = chunk * (4 * llm.hidden_size + qkv + 3 * llm.intermediate_size) * io
-    attention = 0 if on_gpu else llm.num_attention_heads * chunk * context * 4
-    outputs = chunk * llm.hidden_size * 4 + llm.vocab_size * 4
-    return layer + attention + outputs
 
 
 def _parameter_bytes(llm: LLMConfig) -> int:
