@@ -92,10 +92,6 @@ class MemoryPlan:
             "items": [{"name": i.name, "bytes": i.bytes, "basis": i.basis} for i in self.items],
         }
 
-    def summary(self) -> str:
-        top = sorted(self.items, key=lambda i: -i.bytes)[:4]
-        parts = ", ".join(f"{i.name} {i.bytes / GIB:.2f}" for i in top)
-        return f"{self.total / GIB:.2f} GiB of {self.budget / GIB:.2f} GiB on {self.target} ({parts}, ...)"
 
 
 def budget_bytes(target: Target) -> int:
