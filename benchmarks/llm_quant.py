@@ -6,8 +6,8 @@ with std 0.4 so that the next-token distribution is peaked, not flat (training t
 on 2 shared cores was too slow; scaling every weight instead makes a chaotic network where
 even fp16 flips tokens), then timed in a fresh subprocess (so that peak RSS is that
 variant's alone; best of ``REPEATS`` runs, as the machine is shared). The tests use
-:func:`peaked_qwen2` (a trained tiny model) instead. A last pair of subprocesses exports a
-synthetic ~1B config to measure the export's peak RSS against the model's own size.
+:func:`peaked_qwen2` (a trained tiny model) instead. The export's own memory at real width
+is measured by :mod:`loc3r.bench.llm_export_memory`.
 """
 
 from __future__ import annotations
@@ -40,14 +40,6 @@ SMALL = LLMConfig(
     num_attention_heads=8,
     num_key_value_heads=2,
 )
-ONE_B = LLMConfig(
-    vocab_size=65536,
-    hidden_size=2048,
-    intermediate_size=5632,
-    num_hidden_layers=16,
-    num_attention_heads=16,
-    num_key_value_heads=4,
-)
 
 TINY = LLMConfig(
     vocab_size=512,
@@ -58,6 +50,8 @@ TINY = LLMConfig(
     num_key_value_heads=2,
 )
 REPEATS = 3
+CONTEXT = 1024  # the decoders' context limit (KV buffers) in this benchmark
+CHUNK = 512
 CHAIN_TOKENS = 512  # few enough to be learnt in a few hundred short steps at any vocab size
 
 
@@ -146,11 +140,8 @@ def _peak_rss_mb() -> float:
 
 def _measure_speed(out_dir: str, prefill_tokens: int, decode_tokens: int) -> dict[str, float]:
     """Subprocess body: load one exported variant, time a prefill and a decode run."""
-    from loc3r.export.llm_io import DECODER, EMBEDDINGS
-    from loc3r.runtime.onnx_llm import OnnxLLM
-
     base = _peak_rss_mb()
-    llm = OnnxLLM(Path(out_dir) / DECODER, Path(out_dir) / EMBEDDINGS)
+    llm = _open(Path(out_dir))
     ids = [i % llm.table.shape[0] for i in range(1, prefill_tokens + 1)]
     llm.prefill(llm.embed(ids[:16]))
     prefill_s = decode_s = float("inf")
@@ -172,25 +163,6 @@ def _measure_speed(out_dir: str, prefill_tokens: int, decode_tokens: int) -> dic
     }
 
 
-def _export_1b(out_dir: str, quant: str) -> dict[str, float]:
-    """Subprocess body: build a random ~1B Qwen2, export it without the parity run."""
-    from loc3r.export.llm import export_llm
-
-    model = build_qwen2(ONE_B)
-    params = sum(p.numel() for p in model.parameters())
-    model_rss = _peak_rss_mb()
-    start = time.perf_counter()
-    fragment = export_llm(model, out_dir, quant, check=False)  # type: ignore[arg-type]
-    return {
-        "params": params,
-        "model_fp32_mb": params * 4 / 2**20,
-        "rss_after_build_mb": model_rss,
-        "peak_rss_mb": _peak_rss_mb(),
-        "export_s": time.perf_counter() - start,
-        "matmul_weight_bytes": fragment["matmul_weight_bytes"],
-    }
-
-
 def _in_subprocess(function: str, *args: Any) -> dict[str, Any]:
     code = (
         "import json, sys; from loc3r.bench import llm_quant as b; "
@@ -205,12 +177,12 @@ def _in_subprocess(function: str, *args: Any) -> dict[str, Any]:
 
 
 def _variants() -> list[tuple[dict[str, Any], bool]]:
-    """(export arguments, measure speed): the shipped precisions, int8/int4 with fp32
-    compute (accuracy level 0), then the int4 block size / symmetry / lm_head sweep."""
-    timed = [{"quant": q} for q in ("fp32", "fp16", "int8", "int4")]
-    timed += [{"quant": q, "accuracy_level": 0} for q in ("int8", "int4")]
+    """(LLMForm arguments, measure speed): the CPU forms, int8/int4 with fp32 compute
+    (accuracy level 0), then the int4 block size / symmetry / lm_head sweep."""
+    timed = [{"layers": q, "lm_head": q, "accuracy_level": 4} for q in ("fp32", "int8", "int4")]
+    timed += [{"layers": q, "lm_head": q, "accuracy_level": 0} for q in ("int8", "int4")]
     sweep = [
-        {"quant": "int4", "block_size": block, "symmetric": sym, "lm_head": head}
+        {"layers": "int4", "lm_head": head, "block_size": block, "symmetric": sym, "accuracy_level": 4}
         for block in (32, 128)
         for sym in (True, False)
         for head in ("int4", "int8")
@@ -219,27 +191,41 @@ def _variants() -> list[tuple[dict[str, Any], bool]]:
     return [(v, True) for v in timed] + [(v, False) for v in sweep]
 
 
-def tiny_trained_agreement(prompts: int, new_tokens: int) -> dict[str, float]:
-    """int4 settings' top-1 agreement on the tests' trained tiny model (80 steps)."""
-    from loc3r.export.llm import export_llm
+def _export(model: Qwen2ForCausalLM, source: Any, folder: Path, reference: bool = True, **form: Any) -> dict[str, Any]:
+    """One CPU form of ``model`` (LLMSource ``source``) into ``folder``."""
+    from loc3r.export.llm import LLMForm, export_llm
+
+    return export_llm(source, folder, LLMForm("cpu", **form), CONTEXT, CHUNK, reference=model if reference else None)
+
+
+def _open(folder: Path) -> LLMStage:
     from loc3r.export.llm_io import DECODER, EMBEDDINGS
     from loc3r.runtime.onnx_llm import OnnxLLM
 
+    return OnnxLLM(folder / DECODER, folder / EMBEDDINGS, capacity=CONTEXT, chunk_tokens=CHUNK)
+
+
+def tiny_trained_agreement(prompts: int, new_tokens: int) -> dict[str, float]:
+    """int4 settings' top-1 agreement on the tests' trained tiny model (80 steps)."""
+    from loc3r.export.llm import LLMSource
+
     model = peaked_qwen2(TINY, steps=80, lr=1e-2, batch=8, length=24)
     test_prompts = markov_sequences(TINY.vocab_size, prompts, 12, seed=99).tolist()
+    int4 = {"layers": "int4", "lm_head": "int4", "accuracy_level": 4}
     variants = {
-        "fp32": {"quant": "fp32"},
-        "int4": {"quant": "int4"},
-        "int4-128": {"quant": "int4", "block_size": 128},
-        "int4-asym": {"quant": "int4", "symmetric": False},
-        "int4-head-int8": {"quant": "int4", "lm_head": "int8"},
-        "int8": {"quant": "int8"},
+        "fp32": {"layers": "fp32", "lm_head": "fp32"},
+        "int4": int4,
+        "int4-128": {**int4, "block_size": 128},
+        "int4-asym": {**int4, "symmetric": False},
+        "int4-head-int8": {**int4, "lm_head": "int8"},
+        "int8": {"layers": "int8", "lm_head": "int8", "accuracy_level": 4},
     }
     with tempfile.TemporaryDirectory() as tmp:
+        source = LLMSource.from_model(model, Path(tmp) / "source")
         stages = {}
-        for name, args in variants.items():
-            export_llm(model, Path(tmp) / name, check=False, **args)
-            stages[name] = OnnxLLM(Path(tmp) / name / DECODER, Path(tmp) / name / EMBEDDINGS)
+        for name, form in variants.items():
+            _export(model, source, Path(tmp) / name, reference=False, **form)
+            stages[name] = _open(Path(tmp) / name)
         reference = stages.pop("fp32")
         agreement = {
             name: greedy_agreement(reference, stage, test_prompts, new_tokens)
@@ -249,23 +235,22 @@ def tiny_trained_agreement(prompts: int, new_tokens: int) -> dict[str, float]:
 
 
 def run(head_std: float, prompts: int, new_tokens: int) -> dict[str, Any]:
-    """Export and measure every variant of the small config; the 1B export RSS."""
-    from loc3r.export.llm import export_llm
-    from loc3r.export.llm_io import DECODER, EMBEDDINGS
-    from loc3r.runtime.onnx_llm import OnnxLLM
+    """Export and measure every variant of the small config."""
+    from loc3r.export.llm import LLMSource
 
     model = scaled_qwen2(SMALL, head_std)
     test_prompts = markov_sequences(SMALL.vocab_size, prompts, 12, seed=99).tolist()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
+        source = LLMSource.from_model(model, Path(tmp) / "source")
         reference = None
         for variant, timed in _variants():
             name = "-".join(str(v) for v in variant.values())
             folder = Path(tmp) / name
             t0 = time.perf_counter()
-            fragment = export_llm(model, folder, **variant)
+            fragment = _export(model, source, folder, **variant)
             export_s = time.perf_counter() - t0
-            llm = OnnxLLM(folder / DECODER, folder / EMBEDDINGS)
+            llm = _open(folder)
             reference = reference or llm
             row = {
                 "variant": name,
@@ -279,7 +264,6 @@ def run(head_std: float, prompts: int, new_tokens: int) -> dict[str, Any]:
             if timed:
                 row.update(_in_subprocess("_measure_speed", str(folder), 512, 64))
             rows.append(row)
-        one_b = {q: _in_subprocess("_export_1b", str(Path(tmp) / q), q) for q in ("fp32", "int4")}
     fp32 = rows[0]["matmul_weight_bytes"]
     for row in rows:
         row["bytes_vs_fp32"] = row["matmul_weight_bytes"] / fp32
@@ -297,30 +281,29 @@ def run(head_std: float, prompts: int, new_tokens: int) -> dict[str, Any]:
         },
         "variants": rows,
         "tiny_trained_agreement": tiny_trained_agreement(prompts, new_tokens),
-        "export_1b": one_b,
     }
 
 
 NOTES = """\
 ## Reading the tables
 
-- Variant names: `<layers>-<block>-<symmetric>-<lm_head>`; `-0` is MatMulNBits accuracy
-  level 0 (fp32 compute). The shipped int8/int4 use block 32, symmetric, accuracy level 4.
-- bytes: initializers that feed MatMul / MatMulNBits (the 7 matrices of every layer and
-  lm_head, with scales and zero points); not norms, biases, graph constants, nor the fp16
-  embedding table, which lives outside the graph.
+- Every variant is the cpu form of onnxruntime-genai's model builder's decoder (fp32
+  activations and KV cache, `GroupQueryAttention`), weights quantized by onnxruntime's
+  `MatMulNBitsQuantizer` one at a time. Variant names: `<layers>-<lm_head>[-<block>-<symmetric>]-<accuracy level>`;
+  accuracy level 0 is fp32 compute, 4 is int8 compute. The cpu target's int8/int4 use block 32, symmetric, accuracy level 4.
+- bytes: initializers that feed MatMul / MatMulNBits (every layer's packed q/k/v, o, gate,
+  up, down and lm_head, with scales and zero points); not norms, biases, rotary tables, nor
+  the embedding table, which lives outside the graph.
 - top-1 agree: the fp32 decoder generates 16 tokens greedily after each of 8 prompts; the
   variant is teacher-forced along them; share of steps with the same argmax.
-- max abs logits: the export's parity probe (16 seeded tokens, one prefill) vs torch fp32.
+- max abs logits: the export's parity probe (12 + 4 seeded tokens, two prefills) vs torch fp32.
 - Speed: best of 3 on a shared 2-core machine (others' jobs ran too): a previous run gave
   2-4x lower numbers for the same variants, so read the columns as rough ratios; peak RSS
   is the timing subprocess's VmHWM (python + torch + onnxruntime alone were ~400 MB).
 - On this x86 CPU int4 saves memory, not time: MLAS's fp32 GEMM beats the int4 kernel at
   prefill, and decode is about even; the time win is for bandwidth-bound devices.
-- fp16 stores weights in fp16 with a Cast in the graph: ORT's CPU provider folds the casts
-  at load, so its speed and RSS are fp32's; it halves the files and is the GPU input.
-- 1B export: RSS after building the fp32 model vs the peak through tracing, quantizing and
-  writing; a second resident copy of the weights would add ~3.8 GB.
+- fp16 is the GPU targets' form (the builder's `cuda` form), not measured here: on the CPU
+  provider onnxruntime has no fp16 MatMul and widens the weights at load.
 
 ## Choices
 
@@ -366,13 +349,6 @@ def to_markdown(result: dict[str, Any]) -> str:
     tiny = result["tiny_trained_agreement"]
     lines += ["", f"Trained tiny model of the tests ({TINY.hidden_size} wide), top-1 agreement: "]
     lines += [", ".join(f"{k} {v:.3f}" for k, v in tiny.items())]
-    lines += ["", "| 1B export | params | model fp32 MB | RSS after build MB | peak RSS MB | s |"]
-    lines += ["| --- | --- | --- | --- | --- | --- |"]
-    for quant, b in result["export_1b"].items():
-        lines.append(
-            f"| {quant} | {b['params']:,} | {b['model_fp32_mb']:.0f} | "
-            f"{b['rss_after_build_mb']:.0f} | {b['peak_rss_mb']:.0f} | {b['export_s']:.0f} |"
-        )
     lines += ["", NOTES]
     return "\n".join(lines)
 

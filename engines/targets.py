@@ -62,6 +62,7 @@ class LLMQuant:
     block_size: int | None  # quantization block along the input dim; None when unquantized
     lm_head: WeightFormat
     kv_cache: WeightFormat
+    prefill_chunk: int  # tokens per prefill call: bounds the transient memory of a long prompt
     note: str
 
 
@@ -136,6 +137,7 @@ def _parse(name: str, data: dict[str, Any]) -> Target:
             block_size=llm.get("block_size"),
             lm_head=llm["lm_head"],
             kv_cache=llm["kv_cache"],
+            prefill_chunk=int(llm["prefill_chunk"]),
             note=llm["note"],
         ),
     )

@@ -28,6 +28,10 @@ def export_parser() -> argparse.ArgumentParser:
     parser.add_argument("--vggt-size", metavar="HxW", help="VGGT input size (a VGGT bundle): W the model's img_size (518), "
                         "H a multiple of 14 up to W, as the video's aspect gives it (default: 4:3, 392x518)")
     parser.add_argument("--llm", choices=LLM_FORMATS, help="LLM weight format (default: the target's)")
+    parser.add_argument(
+        "--context-tokens", type=int, metavar="N",
+        help="the LLM's context limit: its KV cache is allocated for N tokens (default: the target's max_context_tokens)",
+    )
     parser.add_argument("--debug", action="store_true")
     return parser
 
@@ -74,6 +78,8 @@ def run_export(args: argparse.Namespace) -> int:
     from loc3r.fileio import check_replaceable
 
     check_replaceable(args.out, EXPORT_KIND)  # before any work; export_all checks again
+    if args.context_tokens is not None and args.context_tokens < 1:
+        raise InputError(f"--context-tokens {args.context_tokens} must be positive", "e.g. --context-tokens 8192")
     from loc3r.engines.targets import load_target
     from loc3r.export.exporter import ExportRequest, default_cut3r_size, export_all
     from loc3r.models.bundle import load_bundle
@@ -89,15 +95,27 @@ def run_export(args: argparse.Namespace) -> int:
         cut3r_size=parse_size(args.cut3r_size, default_cut3r_size(bundle.config.cut3r_long_side)),
         llm_quant=None if llm == "none" else llm,
         vggt_size=parse_vggt_size(args.vggt_size, bundle),
+        context_tokens=args.context_tokens,
     )
     manifest = export_all(request, progress=lambda m: print(m, file=sys.stderr))
     print(f"wrote {manifest.root} for target {target.name} ({manifest.precision})")
     for name, artifact in manifest.artifacts.items():
         parity = artifact["parity"]
         print(f"  {artifact['file']:<22} parity vs PyTorch: max abs {parity['max_abs']:.2e} over {parity['runs']} run(s)")
-    if manifest.data.get("llm"):
-        quant = manifest.data["llm"]["quantization"]
-        print(f"  llm/                   {quant['layers']} layers, lm_head {quant['lm_head']}")
+    llm_part = manifest.data.get("llm")
+    if llm_part:
+        quant, form = llm_part["quantization"], llm_part["form"]
+        print(
+            f"  llm/                   {quant['layers']} layers, lm_head {quant['lm_head']}, {form['provider']} form, "
+            f"KV {form['kv_cache']} for {llm_part['context_tokens']} tokens"
+        )
+        parity = llm_part["parity"]
+        if parity and "skipped" in parity:
+            print(f"  llm/                   parity vs PyTorch skipped: {parity['skipped']}")
+        elif parity:
+            print(f"  llm/                   parity vs PyTorch: max abs logits {parity['max_abs_logits']:.2e}, hidden {parity['max_abs_hidden']:.2e}")
+    memory = manifest.data["memory_plan"]
+    print(f"memory plan: {memory['total_bytes'] / 2**30:.2f} GiB of {memory['budget_bytes'] / 2**30:.2f} GiB on {memory['target']}")
     if bundle.config.random_weights:
         print(f"NOTE: {bundle.config.model_id} has RANDOM weights; the artifacts are for testing the toolchain only")
     plan = manifest.data.get("device_build")

@@ -19,7 +19,10 @@ from safetensors.torch import save_file
 
 from loc3r.engines.targets import Target
 from loc3r.export import graphs
+from loc3r.export.llm import LLMForm, LLMSource, export_llm, llm_form
+from loc3r.export.llm_io import LLM_DIR
 from loc3r.export.manifest import EXPORT_KIND, FORMAT, MUTABLE_ENTRIES, VERSION, Manifest, load_manifest, write_manifest
+from loc3r.export.memory_plan import MemoryPlan, Weights, check_fits, measured_weights, memory_plan, predicted_weights
 from loc3r.export.onnx_export import (
     OPSET,
     ParityResult,
@@ -29,7 +32,6 @@ from loc3r.export.onnx_export import (
     export_onnx,
     external_data_file,
     merge,
-    quiet_exporter,
 )
 from loc3r.export.tensorrt_build import device_build_plan
 from loc3r.runtime.ort import open_session
@@ -37,6 +39,7 @@ from loc3r.fileio import atomic_directory
 from loc3r.models.bundle import Bundle
 from loc3r.models.loc3r_model import Loc3rModel
 from loc3r.models.cut3r import Cut3rState
+from loc3r.models.vision import vision_tokens_per_frame
 
 CUT3R_INIT_FILE = "cut3r_init.safetensors"
 VIDEO_END_FILE = "video_end.safetensors"  # tokens after the last frame: (k, width), k = 0 or 1
@@ -55,11 +58,18 @@ class ExportRequest:
     cut3r_size: tuple[int, int]  # (height, width), multiples of 16
     llm_quant: str | None  # None: leave the LLM out (the runtime then uses the bundle's)
     vggt_size: tuple[int, int] | None = None  # (height, width) for a VGGT bundle; None: default_vggt_size
+    context_tokens: int | None = None  # the LLM's context limit; None: the target's
 
     def parts(self, *names: str) -> Loc3rModel:
         """The bundle with only ``names`` loaded, in float32: each export loads what it traces
         and lets it go, so the peak is one graph's weights, never the whole model."""
         return self.bundle.load_parts(names, torch.float32)
+
+    @property
+    def context(self) -> int:
+        """The context limit: asked for (or the target's), at most the model's."""
+        asked = self.context_tokens or self.target.build.max_context_tokens
+        return min(asked, self.bundle.config.llm.max_position_embeddings)
 
 
 def default_cut3r_size(long_side: int, patch: int = 16) -> tuple[int, int]:
@@ -73,8 +83,16 @@ def default_vggt_size(img_size: int, patch: int) -> tuple[int, int]:
 
 
 def export_all(request: ExportRequest, progress: Progress = print) -> Manifest:
-    """Write every artifact and ``manifest.json`` into ``request.out_dir`` atomically."""
+    """Write every artifact and ``manifest.json`` into ``request.out_dir`` atomically.
+
+    A target the model cannot fit is refused before anything is exported (memory plan
+    predicted from the config) and again, from the written files, before the folder is
+    put in place.
+    """
     bundle = request.bundle
+    form = llm_form(request.target, request.llm_quant) if request.llm_quant else None
+    predicted = predicted_weights(bundle.config, request.target, form)
+    check_plan(request, plan_of(request, predicted, form, "predicted from config.json"))
     with atomic_directory(request.out_dir, EXPORT_KIND, later=MUTABLE_ENTRIES) as staging:
         artifacts: dict[str, Any] = {}
         for name, export in (
@@ -85,22 +103,32 @@ def export_all(request: ExportRequest, progress: Progress = print) -> Manifest:
             progress(f"exporting {name} ...")
             artifacts.update(export(request, staging))
         llm = None
-        if request.llm_quant:
-            from loc3r.export.llm import export_llm
-
-            progress(f"exporting the LLM ({request.llm_quant}) ...")
-            plan = request.target.llm
-            same_as_target = request.llm_quant == plan.weights
-            with quiet_exporter():
-                llm = export_llm(
-                    request.parts("llm").llm,
-                    staging / "llm",
-                    request.llm_quant,
-                    block_size=plan.block_size or 32,
-                    lm_head=plan.lm_head if same_as_target else None,
-                )
-        write_manifest(staging, build_manifest(request, artifacts, llm))
+        if form is not None:
+            progress(f"exporting the LLM ({request.llm_quant}, {form.provider} form) ...")
+            llm = export_llm(
+                LLMSource.from_bundle(bundle),
+                staging / LLM_DIR,
+                form,
+                request.context,
+                request.target.llm.prefill_chunk,
+                reference=bundle.load_parts(("llm",)).llm,
+            )
+        measured = plan_of(request, measured_weights(staging, artifacts, llm, request.target), form, "measured from the written files")
+        check_plan(request, measured)
+        manifest = build_manifest(request, artifacts, llm)
+        manifest["memory_plan"] = measured.to_dict()
+        manifest["memory_plan"]["predicted_weights"] = {n: w.disk for n, w in predicted.items()}
+        write_manifest(staging, manifest)
     return load_manifest(request.out_dir)
+
+
+def plan_of(request: ExportRequest, weights: dict[str, Weights], form: LLMForm | None, source: str) -> MemoryPlan:
+    return memory_plan(request.bundle.config, request.target, weights, form, request.context, request.cut3r_size, source)
+
+
+def check_plan(request: ExportRequest, plan: MemoryPlan) -> None:
+    tokens_per_frame = 1 + vision_tokens_per_frame(request.bundle.config)
+    check_fits(plan, request.bundle.config, tokens_per_frame, request.llm_quant)
 
 
 def build_manifest(request: ExportRequest, artifacts: dict[str, Any], llm: dict[str, Any] | None) -> dict[str, Any]:

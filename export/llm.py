@@ -1,25 +1,113 @@
-"""Export the LLM: ``decoder.onnx`` (+ external data), the fp16 embedding table, a manifest part."""
+"""Export the LLM: ``llm/decoder.onnx`` (+ external data), the embedding table, a manifest part.
+
+The decoder is onnxruntime-genai's model builder's graph (:mod:`loc3r.export.llm_build`, run
+in a subprocess). ``--llm`` maps onto it as follows; the float type and the KV cache follow
+the target (``cuda`` form on GPU targets, ``cpu`` form on the CPU target):
+
+==========  ==============================  ==================================
+``--llm``   GPU targets (builder ``cuda``)   cpu target (builder ``cpu``)
+==========  ==============================  ==================================
+fp32        fp32 weights, I/O and KV         fp32 weights, I/O and KV (exact)
+fp16        fp16 weights, I/O and KV         refused: no fp16 CPU kernels
+int8        MatMulNBits 8-bit, fp16 I/O, KV  MatMulNBits 8-bit, fp32 I/O and KV
+int4        MatMulNBits 4-bit, fp16 I/O, KV  MatMulNBits 4-bit, fp32 I/O and KV
+==========  ==============================  ==================================
+
+A float ``lm_head`` is kept in the graph's float type; an int one is quantized on its own
+(e.g. int8 under int4 layers). The embedding table stays outside the graph: fp32 for the
+fp32 form (the CPU reference is exact), fp16 otherwise.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+import os
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
 import onnx
-import onnx_ir as ir
 import onnxruntime as ort
 import torch
 from safetensors.torch import save_file
 from transformers import Qwen2ForCausalLM
 
-from loc3r.export.llm_graph import OPSET, export_graph
-from loc3r.export.llm_io import DECODER, EMBED_TENSOR, EMBEDDINGS, DecoderSpec
-from loc3r.export.quantize import Quant, WeightQuant, quantize_matmuls
+from loc3r.engines.targets import Target
+from loc3r.errors import InputError, InternalError
+from loc3r.fileio import current_umask
+from loc3r.export.llm_build import BUILDER_OPTIONS, BuildSpec, Provider
+from loc3r.export.llm_io import DECODER, EMBED_TENSOR, EMBEDDINGS, LLM_DIR
+from loc3r.export.mapped_weights import MappedShards
+from loc3r.export.quantize import Quant
+from loc3r.models.bundle import Bundle, weight_files
 from loc3r.models.config import LLMConfig
-from loc3r.runtime.onnx_llm import OnnxLLM
 
-PARITY_TOKENS = 16
+PARITY_TOKENS = (12, 4)  # one prefill, then a chunk on top of it
+FP32_TOLERANCE = 1e-4
+EMBED_NAME = "model.embed_tokens.weight"
+BUNDLE_PREFIX = "llm."
+LOG_TAIL = 20
+INT_FORMATS = ("int8", "int4")
+
+
+@dataclass(frozen=True)
+class LLMForm:
+    """How the decoder is built: where it runs, its weight formats and quantization blocks."""
+
+    provider: Provider
+    layers: Quant
+    lm_head: Quant
+    block_size: int = 32
+    symmetric: bool = True
+    accuracy_level: int | None = None  # MatMulNBits' CPU compute type; CUDA kernels ignore it
+
+    @property
+    def float_type(self) -> str:
+        return "fp32" if self.provider == "cpu" or self.layers == "fp32" else "fp16"
+
+    @property
+    def quantized(self) -> bool:
+        return self.layers in INT_FORMATS or self.lm_head in INT_FORMATS
+
+
+def llm_form(target: Target, quant: Quant) -> LLMForm:
+    """The decoder form for ``target`` with ``--llm quant`` (the target's lm_head when equal)."""
+    plan = target.llm
+    provider: Provider = "cuda" if target.hardware.sm else "cpu"
+    if provider == "cpu" and quant == "fp16":
+        raise InputError(
+            f"--llm fp16 has no CPU form (onnxruntime has no fp16 CPU kernels; target {target.name})",
+            "use --llm fp32 (exact) or --llm int4 / int8 on the cpu target",
+        )
+    form = LLMForm(provider, quant, quant, plan.block_size or 32, accuracy_level=4 if provider == "cpu" else None)
+    head = plan.lm_head if quant == plan.weights else quant
+    return dataclasses.replace(form, lm_head=head if head in INT_FORMATS else form.float_type)
+
+
+@dataclass(frozen=True)
+class LLMSource:
+    """Where the LLM's tensors are: safetensors files, names under ``prefix``."""
+
+    config: LLMConfig
+    files: tuple[Path, ...]
+    prefix: str
+
+    @classmethod
+    def from_bundle(cls, bundle: Bundle) -> LLMSource:
+        return cls(bundle.config.llm, tuple(weight_files(bundle.path)), BUNDLE_PREFIX)
+
+    @classmethod
+    def from_model(cls, model: Qwen2ForCausalLM, folder: Path) -> LLMSource:
+        """Write ``model``'s tensors to ``folder/llm.safetensors`` (tests and benchmarks)."""
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / "llm.safetensors"
+        save_file({name: t.detach().contiguous() for name, t in model.state_dict().items()}, str(path))
+        return cls(llm_config_of(model), (path,), "")
 
 
 def llm_config_of(model: Qwen2ForCausalLM) -> LLMConfig:
@@ -32,114 +120,177 @@ def llm_config_of(model: Qwen2ForCausalLM) -> LLMConfig:
     return LLMConfig(**values)
 
 
-def matmul_weight_bytes(decoder_path: str | Path) -> int:
-    """Bytes of the initializers that feed MatMul / MatMulNBits (through a Cast for fp16).
-
-    Counts the weight matrices of every decoder layer and of lm_head, with their scales and
-    zero points; not the norms, biases or graph constants, nor the embedding table.
-    """
-    model = onnx.load(str(decoder_path), load_external_data=False)
-    graph = model.graph
-    cast_source = {n.output[0]: n.input[0] for n in graph.node if n.op_type == "Cast"}
-    weights: set[str] = set()
-    for node in graph.node:
-        if node.op_type == "MatMul":
-            weights.add(cast_source.get(node.input[1], node.input[1]))
-        elif node.op_type == "MatMulNBits":
-            weights.update(name for name in node.input[1:] if name)
-    total = 0
-    for init in graph.initializer:
-        if init.name not in weights:
-            continue
-        external = {e.key: e.value for e in init.external_data}
-        total += int(external["length"]) if "length" in external else len(init.raw_data)
-    return total
-
-
-def _plan(names: list[str], layers: WeightQuant, lm_head: WeightQuant) -> dict[str, WeightQuant]:
-    return {name: lm_head if name == "lm_head.weight" else layers for name in names}
-
-
-def _parity(model: Qwen2ForCausalLM, out_dir: Path, spec: DecoderSpec) -> dict[str, Any]:
-    """One prefill of seeded token embeddings: ONNX Runtime vs the torch model."""
-    seeded = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, spec.vocab, (PARITY_TOKENS,), generator=seeded)
-    llm = OnnxLLM(out_dir / DECODER, out_dir / EMBEDDINGS)
-    embeds = model.get_input_embeddings()(ids).detach().float()
-    got = llm.prefill(embeds)
-    with torch.inference_mode():
-        hidden = model.model(inputs_embeds=embeds[None]).last_hidden_state[0].float()
-        logits = model.lm_head(hidden[-1]).float()
-    return {
-        "tokens": PARITY_TOKENS,
-        "max_abs_hidden": float((got.hidden_states - hidden).abs().max()),
-        "max_abs_logits": float((got.last_logits - logits).abs().max()),
-        "top1_match": bool(got.last_logits.argmax() == logits.argmax()),
-        "tolerance_fp32": spec.tolerance,
-    }
-
-
 def export_llm(
-    model: Qwen2ForCausalLM,
+    source: LLMSource,
     out_dir: str | Path,
-    quant: Quant,
-    block_size: int = 32,
-    symmetric: bool = True,
-    lm_head: Quant | None = None,
-    accuracy_level: int = 4,
-    check: bool = True,
+    form: LLMForm,
+    context_tokens: int,
+    chunk_tokens: int,
+    reference: Qwen2ForCausalLM | None = None,
 ) -> dict[str, Any]:
-    """Write the decoder graph and the embedding table (fp32 for fp32, else fp16); return a manifest fragment.
+    """Write the decoder and the embedding table into ``out_dir``; return the manifest's ``llm``.
 
-    ``quant`` stores the decoder layers' MatMul weights; ``lm_head`` defaults to the same
-    (why: benchmarks/results/llm_quant.md). ``accuracy_level`` is MatMulNBits' CPU compute
-    type: 0 computes in fp32 (8-bit weights then decode 15-40x slower than at 4 on this
-    machine), 4 quantizes activations to int8 per block; CUDA kernels ignore it. ``check``
-    runs one prefill through ONNX Runtime and the torch model and records the differences
-    under ``parity``.
+    ``reference`` (the PyTorch LLM) gets a parity probe against the written decoder: one
+    prefill of seeded token embeddings, then a chunk on top of it.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    config = llm_config_of(model)
-    spec = DecoderSpec.from_config(config)
-    graph, names = export_graph(config, model.state_dict())
-    head = lm_head or quant
-    layers = WeightQuant(quant, block_size, symmetric, accuracy_level)
-    plan = _plan(names, layers, WeightQuant(head, block_size, symmetric, accuracy_level))
-    quantize_matmuls(graph, plan)
-    ir.save(graph, out / DECODER, external_data=f"{DECODER}.data")
-    del graph
-    # fp32 exports keep the table exact (the CPU reference target); others store it in fp16
-    table_dtype = torch.float32 if quant == "fp32" else torch.float16
-    table = model.get_input_embeddings().weight.detach().to(table_dtype).contiguous()
-    save_file({EMBED_TENSOR: table}, str(out / EMBEDDINGS))
-    nbits = quant in ("int8", "int4") or head in ("int8", "int4")
+    spec = BuildSpec(
+        config=dataclasses.asdict(source.config),
+        files=[str(f) for f in source.files],
+        prefix=source.prefix,
+        out_dir=str(out),
+        provider=form.provider,
+        float_type=form.float_type,
+        layers=form.layers,
+        lm_head=form.lm_head,
+        block_size=form.block_size,
+        symmetric=form.symmetric,
+        accuracy_level=form.accuracy_level,
+    )
+    run_builder(spec)
+    table = write_embeddings(source, out / EMBEDDINGS, torch.float32 if form.float_type == "fp32" else torch.float16)
+    decoder = onnx.load(str(out / DECODER), load_external_data=False)
     return {
         "decoder": {
-            "file": DECODER,
-            "external_data": f"{DECODER}.data",
-            "opset": OPSET,
-            **spec.io(),
+            "file": f"{LLM_DIR}/{DECODER}",
+            "external_data": f"{LLM_DIR}/{DECODER}.data",
+            **graph_interface(decoder),
         },
         "embeddings": {
-            "file": EMBEDDINGS,
+            "file": f"{LLM_DIR}/{EMBEDDINGS}",
             "tensor": EMBED_TENSOR,
-            "shape": [spec.vocab, spec.width],
-            "dtype": str(table_dtype).removeprefix("torch."),
+            "shape": list(table.shape),
+            "dtype": str(table.dtype).removeprefix("torch."),
         },
+        "form": {"provider": form.provider, "float": form.float_type, "kv_cache": kv_dtype(decoder)},
         "quantization": {
-            "layers": quant,
-            "lm_head": head,
-            "method": "onnxruntime MatMulNBitsQuantizer (RTN)" if nbits else "cast",
-            "block_size": block_size if nbits else None,
-            "symmetric": symmetric if nbits else None,
-            "accuracy_level": accuracy_level if nbits else None,
+            "layers": form.layers,
+            "lm_head": form.lm_head,
+            "method": "onnxruntime MatMulNBitsQuantizer (RTN), one weight at a time" if form.quantized else None,
+            "block_size": form.block_size if form.quantized else None,
+            "symmetric": form.symmetric if form.quantized else None,
+            "accuracy_level": form.accuracy_level if form.quantized else None,
         },
-        "matmul_weight_bytes": matmul_weight_bytes(out / DECODER),
-        "parity": _parity(model, out, spec) if check else None,
-        "versions": {
-            "onnx": onnx.__version__,
-            "onnxruntime": ort.__version__,
-            "torch": torch.__version__,
+        "context_tokens": context_tokens,
+        "prefill_chunk_tokens": chunk_tokens,
+        "builder": {
+            "package": "onnxruntime-genai",
+            "version": version("onnxruntime-genai"),
+            "execution_provider": form.provider,
+            "precision": form.float_type,
+            "extra_options": BUILDER_OPTIONS,
         },
+        "matmul_weight_bytes": matmul_weight_bytes(decoder, out),
+        "parity": None if reference is None else decoder_parity(reference, out, form, available_memory()),
+        "versions": {"onnx": onnx.__version__, "onnxruntime": ort.__version__, "torch": torch.__version__},
+    }
+
+
+def run_builder(spec: BuildSpec) -> None:
+    """Run :mod:`loc3r.export.llm_build` in a subprocess; its output goes to a log kept on failure."""
+    if importlib.util.find_spec("onnxruntime_genai") is None:
+        raise InputError(
+            "exporting the LLM needs onnxruntime-genai's model builder, which is not installed",
+            "pip install 'loc3r[export]' (or pass --llm none to leave the LLM out)",
+        )
+    with tempfile.TemporaryDirectory(prefix="loc3r-llm-build-") as tmp:
+        spec_path, log_path = Path(tmp) / "spec.json", Path(tmp) / "builder.log"
+        spec.save(spec_path)
+        with log_path.open("w", encoding="utf-8") as log:
+            done = subprocess.run(
+                [sys.executable, "-m", "loc3r.export.llm_build", str(spec_path)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                check=False,
+            )
+        if done.returncode != 0:
+            tail = log_path.read_text(encoding="utf-8", errors="replace").splitlines()[-LOG_TAIL:]
+            raise InternalError(
+                f"onnxruntime-genai's model builder failed (exit {done.returncode}):\n  " + "\n  ".join(tail),
+                "report this with the lines above",
+            )
+
+
+def write_embeddings(source: LLMSource, path: Path, dtype: torch.dtype) -> torch.Tensor:
+    """The input embedding table in ``dtype``, read from the source files (one tensor)."""
+    table = MappedShards(list(source.files)).tensor(source.prefix + EMBED_NAME).to(dtype).contiguous()
+    save_file({EMBED_TENSOR: table}, str(path))
+    os.chmod(path, 0o666 & ~current_umask())  # safetensors writes 0600
+    return table
+
+
+def graph_interface(model: onnx.ModelProto) -> dict[str, list[dict[str, Any]]]:
+    """The graph's inputs and outputs: names, symbolic shapes, dtypes (a manifest fragment)."""
+
+    def entry(value: onnx.ValueInfoProto) -> dict[str, Any]:
+        tensor = value.type.tensor_type
+        shape = [d.dim_param or d.dim_value for d in tensor.shape.dim]
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type).name
+        return {"name": value.name, "shape": shape, "dtype": dtype}
+
+    return {"inputs": [entry(v) for v in model.graph.input], "outputs": [entry(v) for v in model.graph.output]}
+
+
+def kv_dtype(model: onnx.ModelProto) -> str:
+    (first,) = [v for v in model.graph.input if v.name == "past_key_values.0.key"]
+    return onnx.helper.tensor_dtype_to_np_dtype(first.type.tensor_type.elem_type).name
+
+
+def matmul_weight_bytes(model: onnx.ModelProto, folder: Path) -> int:
+    """Bytes of the initializers that feed MatMul / MatMulNBits: the weight matrices of every
+    layer and of lm_head with their scales and zero points; not the norms, biases or rotary
+    tables, nor the embedding table."""
+    graph = model.graph
+    weights = {n.input[1] for n in graph.node if n.op_type == "MatMul"}
+    weights |= {name for n in graph.node if n.op_type == "MatMulNBits" for name in n.input[1:] if name}
+    total = 0
+    for init in graph.initializer:
+        if init.name in weights:
+            external = {e.key: e.value for e in init.external_data}
+            total += int(external["length"]) if "length" in external else len(init.raw_data)
+    return total
+
+
+def available_memory() -> int | None:
+    """``MemAvailable`` in bytes (Linux), else None."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def decoder_parity(reference: Qwen2ForCausalLM, folder: Path, form: LLMForm, available: int | None) -> dict[str, Any]:
+    """Seeded token embeddings through the decoder (two chunks) and through ``reference``.
+
+    Skipped, and said so, when loading the decoder would not fit in ``available`` bytes
+    (e.g. the 26 GiB fp32 form of a 7B model on a 24 GiB machine).
+    """
+    from loc3r.runtime.onnx_llm import OnnxLLM
+
+    needed = sum(f.stat().st_size for f in folder.iterdir() if f.name.startswith(DECODER))
+    if available is not None and needed > available:
+        return {"skipped": f"loading the decoder needs {needed / 2**30:.1f} GiB, {available / 2**30:.1f} GiB is available here"}
+
+    total = sum(PARITY_TOKENS)
+    llm = OnnxLLM(folder / DECODER, folder / EMBEDDINGS, capacity=total, chunk_tokens=total)
+    ids = torch.randint(0, llm.table.shape[0], (total,), generator=torch.Generator().manual_seed(0))
+    embeds = llm.embed(ids.tolist())
+    got = [llm.prefill(part) for part in embeds.split(list(PARITY_TOKENS))]
+    hidden_got = torch.cat([g.hidden_states for g in got])
+    dtype = next(reference.parameters()).dtype
+    with torch.inference_mode():
+        states = reference.model(inputs_embeds=embeds[None].to(dtype)).last_hidden_state[0]
+        hidden, logits = states.float(), reference.lm_head(states[-1]).float()
+    return {
+        "tokens": list(PARITY_TOKENS),
+        "max_abs_hidden": float((hidden_got - hidden).abs().max()),
+        "max_abs_logits": float((got[-1].last_logits - logits).abs().max()),
+        "top1_match": bool(got[-1].last_logits.argmax() == logits.argmax()),
+        "tolerance_fp32": FP32_TOLERANCE,
+        "exact_form": form.layers == "fp32" and form.lm_head == "fp32",
     }

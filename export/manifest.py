@@ -25,7 +25,7 @@ from loc3r.fileio import OWN_PREFIX, finite_json, write_text_atomic
 
 MANIFEST_FILE = "manifest.json"
 FORMAT = "loc3r-manifest"
-VERSION = 2
+VERSION = 2  # 2: every file listed with its size and SHA-256; the LLM is the model builder's decoder (context limit, prefill chunk, memory plan)
 PRECISIONS = ("fp32", "fp16")  # engines.targets.Precision
 EXPORT_KIND = "export"  # the output-folder kind (loc3r.fileio) of exports
 # caches that programs add to a finished export: neither listed in ``files`` nor foreign
@@ -172,6 +172,8 @@ def check_sections(manifest: Manifest) -> None:
         if not _valid_artifact(entry):
             raise manifest.corrupt(f"artifact {name!r} is malformed")
         manifest.file(entry["file"])
+    if data.get("llm") is not None:
+        check_llm_section(manifest)
 
 
 def _is_size(value: object) -> bool:
@@ -211,6 +213,14 @@ def write_manifest(folder: Path, data: dict[str, Any]) -> Manifest:
     data = {**data, "files": files}
     write_text_atomic(folder / MANIFEST_FILE, finite_json(data, indent=2) + "\n")
     return Manifest(folder, data)
+def check_llm_section(manifest: Manifest) -> None:
+    """The LLM section names listed files and a positive context limit and prefill chunk."""
+    manifest.value("llm", kind=dict)
+    for part in ("decoder", "embeddings"):
+        manifest.file(manifest.value("llm", part, "file"))
+    for key in ("context_tokens", "prefill_chunk_tokens"):
+        if manifest.value("llm", key, kind=int) < 1:
+            raise manifest.corrupt(f"'llm.{key}' is not a positive number")
 
 
 def check_manifest_matches(manifest: Manifest, model_id: str, checksum: str, expected_shapes: dict[str, dict[str, list[int | str]]]) -> None:

@@ -1,20 +1,21 @@
-"""Weight storage of the decoder's MatMuls: fp32, fp16, or int8/int4 blocks (``MatMulNBits``).
+"""Weight-only int8/int4 (``MatMulNBits``) for the decoder's MatMuls, one weight at a time.
 
-Each weight is quantized on its own by onnxruntime's ``MatMulNBitsQuantizer`` run over a
-one-MatMul model, ``COLUMNS`` output columns at a time (blocks run along K, so columns are
-independent and the packed results concatenate along N), and the resulting ``MatMulNBits``
-node replaces the MatMul in the big graph: only one fp32 weight is materialised at a time
-and the quantizer's own copies stay the size of one column slice.
+Each weight is quantized on its own by onnxruntime's ``MatMulNBitsQuantizer`` (RTN, the
+quantizer onnxruntime-genai's model builder runs) over a one-MatMul model, ``COLUMNS``
+output columns at a time (blocks run along K, so columns are independent and the packed
+results concatenate along N), and the resulting ``MatMulNBits`` node replaces the MatMul in
+the graph. The builder's own pass converts the whole model to one protobuf first (a 7B
+model in fp16 is ~14 GiB more); here only one weight and its column slice are resident.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
-import onnx
 import onnx_ir as ir
 from onnx import helper, numpy_helper
 
@@ -63,8 +64,8 @@ def _nbits_slice(weight: np.ndarray, quant: WeightQuant) -> tuple[dict, list[np.
     graph = helper.make_graph(
         [helper.make_node("MatMul", ["X", "W"], ["Y"], name="mm")],
         "one_matmul",
-        [helper.make_tensor_value_info("X", onnx.TensorProto.FLOAT, [1, k])],
-        [helper.make_tensor_value_info("Y", onnx.TensorProto.FLOAT, [1, n])],
+        [helper.make_tensor_value_info("X", w.data_type, [1, k])],
+        [helper.make_tensor_value_info("Y", w.data_type, [1, n])],
         [w],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
@@ -88,53 +89,30 @@ def _nbits_slice(weight: np.ndarray, quant: WeightQuant) -> tuple[dict, list[np.
     return attrs, [consts[name] for name in node.input[1:] if name]
 
 
-def _weight_user(value: ir.Value) -> ir.Node:
-    users = [use.node for use in value.uses()]
-    if len(users) != 1 or users[0].op_type != "MatMul":
-        raise ValueError(f"{value.name} must feed exactly one MatMul, got {users}")
-    return users[0]
+def quantize_matmuls(model: ir.Model, choose: Callable[[ir.Node], WeightQuant | None], after_each: Callable[[], None]) -> int:
+    """Replace each MatMul with a constant weight by ``MatMulNBits`` where ``choose`` says so.
 
-
-def _to_nbits(graph: ir.Graph, value: ir.Value, quant: WeightQuant) -> None:
-    matmul = _weight_user(value)
-    attrs, consts = _nbits_node(value.const_value.numpy(), quant)
-    inputs = [matmul.inputs[0]]
-    for suffix, array in zip(("q", "scales", "zero_points"), consts, strict=False):
-        const = ir.Value(name=f"{value.name}.{suffix}", const_value=ir.tensor(array))
-        graph.register_initializer(const)
-        inputs.append(const)
-    new = ir.node("MatMulNBits", inputs, attrs, domain=MS_DOMAIN, name=f"{matmul.name}_nbits")
-    ir.convenience.replace_nodes_and_values(
-        graph, matmul, [matmul], [new], list(matmul.outputs), list(new.outputs)
-    )
-    graph.initializers.pop(value.name)
-
-
-def _to_fp16(graph: ir.Graph, value: ir.Value) -> None:
-    """Store the weight as fp16 and cast it back in the graph (weight-only fp16)."""
-    matmul = _weight_user(value)
-    source = value.const_value
-    half = ir.Value(
-        name=f"{value.name}.fp16",
-        const_value=ir.LazyTensor(
-            lambda: ir.tensor(source.numpy().astype(np.float16)), ir.DataType.FLOAT16, value.shape
-        ),
-    )
-    graph.initializers.pop(value.name)
-    graph.register_initializer(half)
-    cast = ir.node("Cast", [half], {"to": ir.DataType.FLOAT}, name=f"{value.name}.cast")
-    graph.insert_before(matmul, cast)
-    matmul.replace_input_with(1, cast.outputs[0])
-
-
-def quantize_matmuls(model: ir.Model, plan: dict[str, WeightQuant]) -> None:
-    """Rewrite each named MatMul weight in ``model`` to the storage ``plan`` gives it."""
+    One weight is read, quantized and dropped at a time, then ``after_each`` runs (e.g. to
+    hand the source pages back); returns how many MatMuls were replaced.
+    """
     graph = model.graph
-    for name, quant in plan.items():
-        value = graph.initializers[name]
-        if quant.kind == "fp16":
-            _to_fp16(graph, value)
-        elif quant.kind in ("int8", "int4"):
-            _to_nbits(graph, value, quant)
-    if any(q.kind in ("int8", "int4") for q in plan.values()):
-        model.opset_imports[MS_DOMAIN] = 1
+    replaced = 0
+    for matmul in [node for node in graph if node.op_type == "MatMul"]:
+        weight = matmul.inputs[1]
+        quant = choose(matmul) if weight is not None and weight.const_value is not None else None
+        if quant is None:
+            continue
+        attrs, consts = _nbits_node(weight.const_value.numpy(), quant)
+        inputs = [matmul.inputs[0]]
+        for suffix, array in zip(("q", "scales", "zero_points"), consts, strict=False):
+            const = ir.Value(name=f"{weight.name}.{suffix}", const_value=ir.tensor(array))
+            graph.register_initializer(const)
+            inputs.append(const)
+        new = ir.node("MatMulNBits", inputs, attrs, domain=MS_DOMAIN, name=f"{matmul.name}_Q{quant.bits}")
+        ir.convenience.replace_nodes_and_values(graph, matmul, [matmul], [new], list(matmul.outputs), list(new.outputs))
+        graph.initializers.pop(weight.name)
+        replaced += 1
+        after_each()
+    if replaced:
+        model.opset_imports.setdefault(MS_DOMAIN, 1)
+    return replaced

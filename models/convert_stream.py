@@ -43,6 +43,7 @@ class TensorInfo:
 
     dtype: torch.dtype
     shape: tuple[int, ...]
+    offset: int | None = None  # where the data starts in a safetensors file (bytes)
 
     @property
     def nbytes(self) -> int:
@@ -60,7 +61,10 @@ def read_safetensors_header(path: Path, fix: str = _FIX) -> dict[str, TensorInfo
                 raise ValueError("header longer than the file")
             header = json.loads(stream.read(length))
         header.pop("__metadata__", None)
-        infos = {name: TensorInfo(SAFETENSORS_DTYPES[h["dtype"]], tuple(h["shape"])) for name, h in header.items()}
+        infos = {
+            name: TensorInfo(SAFETENSORS_DTYPES[h["dtype"]], tuple(h["shape"]), 8 + length + h["data_offsets"][0])
+            for name, h in header.items()
+        }
         end = max((h["data_offsets"][1] for h in header.values()), default=0)
     except (OSError, struct.error, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise ModelError(f"{path} is not a readable safetensors file ({exc})", fix) from None

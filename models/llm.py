@@ -84,16 +84,25 @@ class PrefillResult:
     last_logits: Tensor  # (vocab,): logits of the chunk's last position
 
 
-class TorchLLM:
-    """Prefill and decode over one growing KV cache; the cache can be cut back to a prefix."""
+DEFAULT_CHUNK_TOKENS = 512
 
-    def __init__(self, model: Qwen2ForCausalLM) -> None:
+
+class TorchLLM:
+    """Prefill (``chunk_tokens`` at a time) and decode over one growing KV cache; the cache
+    can be cut back to a prefix. The context limit is the model's own."""
+
+    def __init__(self, model: Qwen2ForCausalLM, chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> None:
         self.model = model
+        self.chunk_tokens = chunk_tokens
         self.cache = reserved_cache()
 
     @property
     def cached_length(self) -> int:
         return self.cache.get_seq_length()
+
+    @property
+    def context_limit(self) -> int:
+        return self.model.config.max_position_embeddings
 
     def embed(self, ids: list[int] | tuple[int, ...]) -> Tensor:
         """Token embeddings (n, width)."""
@@ -102,14 +111,15 @@ class TorchLLM:
 
     @torch.inference_mode()
     def prefill(self, embeds: Tensor) -> PrefillResult:
-        """Append ``embeds`` (n, width) after what the cache holds (moved to the model's
-        device and dtype: other backends' stages hand in float32 CPU tensors)."""
+        """Append ``embeds`` (n, width) after what the cache holds, ``chunk_tokens`` at a time
+        (moved to the model's device and dtype: other backends' stages hand in float32 CPU tensors)."""
         table = self.model.get_input_embeddings().weight
-        out = self.model.model(
-            inputs_embeds=embeds.to(table.device, table.dtype).unsqueeze(0), cache=self.cache, use_cache=True
-        )
-        hidden = out.last_hidden_state[0]
-        return PrefillResult(hidden, self.model.lm_head(hidden[-1]).float())
+        hidden = [
+            self.model.model(inputs_embeds=chunk.unsqueeze(0), cache=self.cache, use_cache=True).last_hidden_state[0]
+            for chunk in embeds.to(table.device, table.dtype).split(self.chunk_tokens)
+        ]
+        states = torch.cat(hidden)
+        return PrefillResult(states, self.model.lm_head(states[-1]).float())
 
     def decode(self, token_id: int) -> Tensor:
         """Feed one generated token; logits (vocab,) for the next one."""

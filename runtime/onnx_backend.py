@@ -205,8 +205,13 @@ def onnx_llm(bundle: Bundle, manifest: Manifest, providers: Sequence[Any]) -> LL
         return TorchLLM(bundle.load_parts(("llm",)).llm)
     from loc3r.runtime.onnx_llm import OnnxLLM
 
-    decoder = manifest.file("llm/" + manifest.value("llm", "decoder", "file"))
-    embeddings = manifest.file("llm/" + manifest.value("llm", "embeddings", "file"))
-    # the TensorRT EP has no MatMulNBits: the decoder runs on the CUDA (or CPU) provider
+    llm = manifest.value("llm", kind=dict)
+    # the TensorRT EP has no MatMulNBits / GroupQueryAttention: the decoder runs on CUDA (or CPU)
     names = [p for p in provider_names(providers) if p != "TensorrtExecutionProvider"]
-    return OnnxLLM(decoder, embeddings, names)
+    return OnnxLLM(
+        manifest.file(manifest.value("llm", "decoder", "file")),
+        manifest.file(manifest.value("llm", "embeddings", "file")),
+        capacity=llm["context_tokens"],
+        chunk_tokens=llm["prefill_chunk_tokens"],
+        providers=names,
+    )

@@ -1,4 +1,11 @@
-"""The LLM stage over ONNX Runtime: ``decoder.onnx`` with an explicit, reusable KV cache."""
+"""The LLM stage over ONNX Runtime: the builder's decoder over one preallocated KV buffer.
+
+Every layer's key and value live in one buffer each, allocated once at the context limit
+(on the GPU for the CUDA provider) and bound with io_binding as both ``past_key_values`` and
+``present``: ``GroupQueryAttention`` writes the new positions in place, so nothing is copied
+per token, and cutting the cache back to the video prefix only moves the length. Prefill
+runs in chunks of ``chunk_tokens``, so its transient memory does not grow with the video.
+"""
 
 from __future__ import annotations
 
@@ -6,93 +13,125 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import torch
 from safetensors.torch import load_file
 from torch import Tensor
 
-from loc3r.export.llm_io import (
-    EMBED_TENSOR,
-    EMBEDS,
-    HIDDEN,
-    LOGITS,
-    POSITIONS,
-    past_name,
-    present_name,
-)
+from loc3r.errors import InputError, ModelError
+from loc3r.export.llm_io import EMBED_TENSOR, EMBEDS, HIDDEN, KV_KINDS, LOGITS, MASK, past_name, present_name
 from loc3r.models.llm import PrefillResult
-from loc3r.runtime.ort import open_session
+from loc3r.runtime.ort import CPU, open_session, provider_names
 
-_DEVICE_OF = {"CUDAExecutionProvider": "cuda", "TensorrtExecutionProvider": "cuda"}
+_GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
+_NUMPY_OF = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+
+
+def kv_geometry(decoder: str | Path) -> tuple[int, int, int]:
+    """(layers, kv heads, head dim) from the graph's ``GroupQueryAttention`` nodes."""
+    graph = onnx.load(str(decoder), load_external_data=False).graph
+    attention = [n for n in graph.node if n.op_type == "GroupQueryAttention"]
+    if not attention:
+        raise ModelError(f"{decoder} has no GroupQueryAttention node", "re-export the LLM with this loc3r")
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in attention[0].attribute}
+    (hidden,) = [o for o in graph.output if o.name == HIDDEN]
+    width = hidden.type.tensor_type.shape.dim[-1].dim_value
+    return len(attention), attrs["kv_num_heads"], width // attrs["num_heads"]
 
 
 class OnnxLLM:
-    """Prefill and decode over one growing KV cache held as ORT values; cut back to a prefix."""
+    """Chunked prefill and decode over preallocated KV buffers; cut back to a prefix by length."""
 
     def __init__(
         self,
         decoder: str | Path,
         embeddings: str | Path,
-        providers: Sequence[str] = ("CPUExecutionProvider",),
+        capacity: int,
+        chunk_tokens: int,
+        providers: Sequence[str] = CPU,
         threads: int | None = None,
     ) -> None:
         self.session = open_session(decoder, providers, threads)
         self.table = load_file(str(embeddings))[EMBED_TENSOR]
-        self.device = _DEVICE_OF.get(providers[0], "cpu")
-        names = {i.name: i for i in self.session.get_inputs()}
-        self.layers = sum(1 for name in names if name.endswith(".key"))
-        _, self.kv_heads, _, self.head_dim = names[past_name(0, "key")].shape
-        self.reset()
+        self.capacity, self.chunk_tokens = capacity, chunk_tokens
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        self._float = _NUMPY_OF[inputs[EMBEDS].type]
+        kv_float = _NUMPY_OF[inputs[past_name(0, "key")].type]
+        layers, kv_heads, head_dim = kv_geometry(decoder)
+        on_gpu = provider_names(providers)[0] in _GPU_PROVIDERS
+        self._binding = self.session.io_binding()
+        self._bind_outputs()
+        self._kv = [
+            _kv_buffer((1, kv_heads, capacity, head_dim), kv_float, on_gpu) for _ in range(layers * len(KV_KINDS))
+        ]
+        for i in range(layers):
+            for j, kind in enumerate(KV_KINDS):
+                buffer = self._kv[len(KV_KINDS) * i + j][0]
+                self._binding.bind_ortvalue_input(past_name(i, kind), buffer)
+                self._binding.bind_ortvalue_output(present_name(i, kind), buffer)
+        self._length = 0
 
     @property
     def cached_length(self) -> int:
         return self._length
 
+    @property
+    def context_limit(self) -> int:
+        return self.capacity
+
     def embed(self, ids: list[int] | tuple[int, ...]) -> Tensor:
-        """Token embeddings (n, width), float32 from the fp16 table."""
+        """Token embeddings (n, width), float32."""
         return self.table[torch.tensor(ids, dtype=torch.long)].float()
 
     def prefill(self, embeds: Tensor) -> PrefillResult:
-        """Append ``embeds`` (n, width) after what the cache holds."""
-        n = embeds.shape[0]
-        binding = self.session.io_binding()
-        binding.bind_cpu_input(EMBEDS, np.ascontiguousarray(embeds.detach().float().numpy()[None]))
-        positions = np.arange(self._length, self._length + n, dtype=np.int64)[None]
-        binding.bind_cpu_input(POSITIONS, positions)
-        for i in range(self.layers):
-            for j, kind in enumerate(("key", "value")):
-                binding.bind_ortvalue_input(past_name(i, kind), self._past[2 * i + j])
-        binding.bind_output(LOGITS, "cpu")
-        binding.bind_output(HIDDEN, "cpu")
-        for i in range(self.layers):
-            for kind in ("key", "value"):
-                binding.bind_output(present_name(i, kind), self.device)
-        self.session.run_with_iobinding(binding)
-        logits, hidden, *present = binding.get_outputs()
-        self._past = present
-        self._length += n
-        return PrefillResult(
-            torch.from_numpy(hidden.numpy()[0]), torch.from_numpy(logits.numpy())
-        )
+        """Append ``embeds`` (n, width) after what the cache holds, ``chunk_tokens`` at a time."""
+        end = self._length + embeds.shape[0]
+        if end > self.capacity:
+            raise InputError(
+                f"the prompt needs {end} tokens but the exported LLM's context limit is {self.capacity}",
+                "use fewer frames or a shorter question, or re-export with a larger --context-tokens",
+            )
+        hidden, logits = [], None
+        for chunk in embeds.detach().split(self.chunk_tokens):
+            chunk_hidden, logits = self._run(chunk)
+            hidden.append(chunk_hidden)
+        return PrefillResult(torch.cat(hidden), logits)
 
     def decode(self, token_id: int) -> Tensor:
         """Feed one generated token; logits (vocab,) for the next one."""
         return self.prefill(self.embed([token_id])).last_logits
 
     def truncate(self, length: int) -> None:
-        """Forget everything after the first ``length`` positions (e.g. back to the video)."""
-        if length >= self._length:
-            return
-        self._past = [
-            self._ort_value(np.ascontiguousarray(value.numpy()[:, :, :length]))
-            for value in self._past
-        ]
+        """Forget everything after the first ``length`` positions (only the length moves)."""
+        if length > self._length:
+            raise ValueError(f"cannot truncate a cache of {self._length} tokens to {length}")
         self._length = length
 
     def reset(self) -> None:
-        empty = np.zeros((1, self.kv_heads, 0, self.head_dim), dtype=np.float32)
-        self._past = [self._ort_value(empty) for _ in range(2 * self.layers)]
         self._length = 0
 
-    def _ort_value(self, array: np.ndarray) -> ort.OrtValue:
-        return ort.OrtValue.ortvalue_from_numpy(array, self.device)
+    def _run(self, chunk: Tensor) -> tuple[Tensor, Tensor]:
+        n = chunk.shape[0]
+        self._binding.bind_cpu_input(EMBEDS, np.ascontiguousarray(chunk.float().numpy()[None], dtype=self._float))
+        self._binding.bind_cpu_input(MASK, np.ones((1, self._length + n), dtype=np.int64))
+        self.session.run_with_iobinding(self._binding)
+        logits, hidden = self._binding.get_outputs()[:2]
+        self._bind_outputs()  # fresh ones: a bound output keeps its shape for the next run
+        self._length += n
+        return torch.from_numpy(hidden.numpy()[0]).float(), torch.from_numpy(logits.numpy()).float().reshape(-1)
+
+
+    def _bind_outputs(self) -> None:
+        """Logits and hidden states, allocated by the run on the host (bound first: outputs 0, 1)."""
+        self._binding.bind_output(LOGITS, "cpu")
+        self._binding.bind_output(HIDDEN, "cpu")
+
+
+def _kv_buffer(shape: tuple[int, ...], dtype: type, on_gpu: bool) -> tuple[ort.OrtValue, np.ndarray | None]:
+    """One KV buffer: on the GPU, or a host array touched now so that it is really resident."""
+    if on_gpu:
+        return ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, "cuda", 0), None
+    array = np.empty(shape, dtype=dtype)
+    array.fill(0)
+    return ort.OrtValue.ortvalue_from_numpy(array), array

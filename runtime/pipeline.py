@@ -183,7 +183,7 @@ class Pipeline:
         (``num_frames`` x tokens per frame + the text around it, with the timestamps of a
         ``duration_s``-second video), the question and the answer do not fit the LLM's context;
         the message gives the largest frame count (or ``--max-new-tokens``) that does."""
-        limit = self.config.llm.max_position_embeddings
+        limit = self.stages.llm.context_limit
         other = question_tokens + max_new_tokens
 
         def video_tokens(frames: int) -> int:
@@ -203,13 +203,13 @@ class Pipeline:
             extra = f", and the question and answer need {other} more" if other else ""
             raise InputError(
                 f"{num_frames} frames x {1 + vision_tokens_per_frame(self.config)} tokens per frame make a {length}-token "
-                f"video prompt{extra}, but the LLM's context is {limit} tokens",
+                f"video prompt{extra}, but the LLM's context limit is {limit} tokens",
                 f"use at most {low} frames (--frames {low})" + (" or a lower --max-new-tokens" if max_new_tokens else ""),
             )
         room = limit - length - question_tokens
         raise InputError(
             f"--max-new-tokens {max_new_tokens} does not fit: the {num_frames}-frame video prompt and the question "
-            f"already take {length + question_tokens} of the LLM's {limit} tokens",
+            f"already take {length + question_tokens} of the LLM's context limit of {limit} tokens",
             f"use at most --max-new-tokens {room}" if room >= 1 else "use fewer frames (--frames) or a shorter question",
         )
 

@@ -15,7 +15,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -169,13 +169,25 @@ class VideoSession:
         if not blocks:
             return
         self._check_length(self._blocks_end + len(blocks) * blocks[0].shape[0])
-        hidden = self._prefill_embeds("prefill_video", torch.cat(blocks)).hidden_states
-        if self.with_bev:
-            self._bev.append(self._bev_points(hidden, len(blocks)))
-        self.encoded.blocks.extend(blocks)
-        self.encoded.indices.extend(indices)
-        self.encoded.timestamps_s.extend(timestamps)
-        self._blocks_end = self.stages.llm.cached_length
+        for start, part, hidden in self._prefill_blocks(blocks):
+            if self.with_bev:
+                self._bev.append(self._bev_points(hidden, len(part)))
+            self.encoded.blocks.extend(part)
+            self.encoded.indices.extend(indices[start : start + len(part)])
+            self.encoded.timestamps_s.extend(timestamps[start : start + len(part)])
+            self._blocks_end = self.stages.llm.cached_length
+
+    def _prefill_blocks(self, blocks: list[Tensor]) -> Iterator[tuple[int, list[Tensor], Tensor]]:
+        """Prefill frame blocks as many whole frames at a time as fit in one LLM chunk (at
+        least one), so that no more than one group's embeddings and hidden states are held at
+        once, however many frames come (e.g. a whole cached video); yields (index of the
+        group's first frame, its blocks, their hidden states)."""
+        if not blocks:
+            return
+        group = max(1, self.stages.llm.chunk_tokens // blocks[0].shape[0])
+        for start in range(0, len(blocks), group):
+            part = blocks[start : start + group]
+            yield start, part, self._prefill_embeds("prefill_video", torch.cat(part)).hidden_states
 
     # -- questions ------------------------------------------------------------------------
 
@@ -248,8 +260,9 @@ class VideoSession:
         with self._lock:
             llm = self.stages.llm
             llm.reset()
-            embeds = [llm.embed(self._head_ids()), *self.encoded.blocks]
-            self._prefill_embeds("prefill_video", torch.cat(embeds))
+            self._prefill("prefill_video", self._head_ids())
+            for _ in self._prefill_blocks(self.encoded.blocks):
+                pass
             self._blocks_end = llm.cached_length
             self._tail_in_cache = False
             if self.duration_s is not None:
@@ -315,15 +328,15 @@ class VideoSession:
         return points.reshape(frames, side * side, 2).float().cpu().numpy()
 
     def _check_length(self, length: int, max_new_tokens: int = 0) -> None:
-        limit = self.config.llm.max_position_embeddings
+        limit = self.stages.llm.context_limit
         if length > limit:
             raise InputError(
-                f"the prompt needs {length} tokens but the LLM's context is {limit}",
-                "use fewer frames (--frames) or a shorter question",
+                f"the prompt needs {length} tokens but the LLM's context limit is {limit}",
+                "use fewer frames (--frames) or a shorter question, or re-export with a larger --context-tokens",
             )
         if length + max_new_tokens > limit:
             raise InputError(
                 f"the prompt needs {length} tokens and --max-new-tokens asks for {max_new_tokens} more, "
-                f"but the LLM's context is {limit}",
+                f"but the LLM's context limit is {limit}",
                 f"use at most --max-new-tokens {limit - length}, or fewer frames (--frames)",
             )

@@ -68,10 +68,19 @@ class HeadsStage(Protocol):
 
 
 class LLMStage(Protocol):
-    """Prefill/decode over one KV cache that can be cut back to a prefix."""
+    """Prefill/decode over one KV cache that can be cut back to a prefix.
+
+    ``prefill`` runs at most ``chunk_tokens`` positions per call of the model, so its
+    transient memory is bounded; the cache never holds more than ``context_limit``.
+    """
+
+    chunk_tokens: int
 
     @property
     def cached_length(self) -> int: ...
+
+    @property
+    def context_limit(self) -> int: ...
 
     def embed(self, ids: list[int] | tuple[int, ...]) -> Tensor: ...
 

@@ -348,7 +348,7 @@ def test_too_many_frames_for_the_context_fails_before_decoding(
     start = time.perf_counter()
     line = assert_error(
         run(capsys, video, "Where am I?", "--frames", "100", "--no-cache"), 2,
-        "100 frames x 211 tokens per frame", "the LLM's context is 16384 tokens", "--frames",
+        "100 frames x 211 tokens per frame", "the LLM's context limit is 16384 tokens", "--frames",
     )
     assert time.perf_counter() - start < 30
     most = int(re.search(r"\(--frames (\d+)\)", line).group(1))

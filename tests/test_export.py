@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from loc3r.errors import ModelError
+from loc3r.errors import InputError, ModelError
 from loc3r.export import cli as export_cli
 from loc3r.export import exporter
 from loc3r.export.manifest import load_manifest
+from loc3r.export.memory_plan import onnx_file_bytes
 from loc3r.fileio import MARKER_FORMAT, MARKER_VERSION, OUTPUT_MARKER
 from loc3r.runtime.demo_video import write_demo_video
 from loc3r.runtime.generate import SamplingConfig
@@ -52,6 +53,31 @@ def test_manifest_describes_every_artifact(cpu_export: Path) -> None:
     assert manifest.data["device_build"] is None  # the cpu target builds no engines
 
 
+def test_manifest_records_the_memory_plan_of_the_written_files(cpu_export: Path) -> None:
+    manifest = load_manifest(cpu_export)
+    plan = manifest.data["memory_plan"]
+    items = {i["name"]: i["bytes"] for i in plan["items"]}
+    llm = manifest.data["llm"]
+    decoder = cpu_export / llm["decoder"]["file"]
+    assert items["weights: llm decoder"] == decoder.stat().st_size + (cpu_export / llm["decoder"]["external_data"]).stat().st_size
+    assert items["weights: llm embedding table"] == (cpu_export / llm["embeddings"]["file"]).stat().st_size
+    assert items["weights: vision"] == onnx_file_bytes(cpu_export / "vision.onnx")  # graph + external data
+    assert items["KV cache (fp32, 8192 tokens)"] == 2 * 2 * 2 * 16 * 8192 * 4  # tiny: 2 layers, 2 KV heads of 16
+    assert plan["total_bytes"] == sum(items.values()) and plan["fits"] and plan["source"] == "measured from the written files"
+    assert llm["context_tokens"] == 8192 and llm["prefill_chunk_tokens"] == 512
+
+
+def test_the_context_limit_is_enforced_at_run_time(cpu_export: Path, video: Path) -> None:
+    from loc3r.runtime.onnx_llm import OnnxLLM
+
+    pipeline = Pipeline.from_pretrained("tiny", backend="onnxruntime", engines=cpu_export)
+    assert pipeline.stages.llm.context_limit == 8192
+    llm = load_manifest(cpu_export).data["llm"]
+    pipeline.stages.llm = OnnxLLM(cpu_export / llm["decoder"]["file"], cpu_export / llm["embeddings"]["file"], capacity=500, chunk_tokens=64)
+    with pytest.raises(InputError, match="context limit is 500 tokens"):
+        pipeline.ask(video, "Where am I?", num_frames=FRAMES)
+
+
 def test_onnxruntime_backend_matches_torch(cpu_export: Path, video: Path) -> None:
     sampling = SamplingConfig(max_new_tokens=8)
     ref = Pipeline.from_pretrained("tiny").ask(video, "Where am I?", num_frames=FRAMES, sampling=sampling)
@@ -66,8 +92,14 @@ def test_onnxruntime_backend_matches_torch(cpu_export: Path, video: Path) -> Non
 
 def test_jetson_export_plans_the_device_build(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "orin"
-    assert export_cli.main(["--target", "jetson-orin", "--out", str(out), "--llm", "none"]) == 0
+    assert export_cli.main(["--target", "jetson-orin", "--out", str(out), "--context-tokens", "4096"]) == 0
     printed = capsys.readouterr().out
+    assert "int4 layers, lm_head fp16, cuda form, KV float16 for 4096 tokens" in printed
+    llm = load_manifest(out).data["llm"]
+    assert llm["form"] == {"provider": "cuda", "float": "fp16", "kv_cache": "float16"} and llm["quantization"]["block_size"] == 128
+    plan = {i["name"]: i["bytes"] for i in load_manifest(out).data["memory_plan"]["items"]}
+    assert plan["KV cache (fp16, 4096 tokens)"] == 2 * 2 * 2 * 16 * 4096 * 2
+    assert plan["weights: vision"] == onnx_file_bytes(out / "vision.onnx") // 2  # an fp16 engine
     assert "TensorRT engines are NOT built here" in printed
     assert f"loc3r-export build --manifest {out}/manifest.json" in printed
     manifest = load_manifest(out)

@@ -612,7 +612,7 @@ def test_the_frames_advice_is_the_real_maximum(tiny_dir: Path, video: Path, tmp_
     config["llm"]["max_position_embeddings"] = 2048
     replace_bytes(bundle / "config.json", json.dumps(config).encode())
     argv = ["Where am I?", "--model", bundle, "--json", "--no-cache", "--max-new-tokens", "40"]
-    line = assert_error(run(capsys, video, *argv, "--frames", "20"), 2, "the LLM's context is 2048 tokens", "or a lower --max-new-tokens")
+    line = assert_error(run(capsys, video, *argv, "--frames", "20"), 2, "the LLM's context limit is 2048 tokens", "or a lower --max-new-tokens")
     most = int(line.split("(--frames ")[1].split(")")[0])
     ok_json(run(capsys, video, *argv, "--frames", str(most)))
     assert_error(run(capsys, video, *argv, "--frames", str(most + 1)), 2, f"use at most {most} frames")
@@ -623,7 +623,7 @@ def test_long_generation_is_refused_naming_the_flag_at_ask_time(video: Path, cap
 
     monkeypatch.setattr(run_module, "check_fit", lambda *args, **kwargs: None)  # only the session's own check is left
     assert_error(run(capsys, video, "Where am I?", "--frames", "2", "--no-cache", "--max-new-tokens", "16000"), 2,
-                 "and --max-new-tokens asks for 16000 more, but the LLM's context is 16384", "use at most --max-new-tokens")
+                 "and --max-new-tokens asks for 16000 more, but the LLM's context limit is 16384", "use at most --max-new-tokens")
 
 
 def _extreme_video(path: Path, width: int, height: int) -> Path:
