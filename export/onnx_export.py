@@ -9,6 +9,7 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -41,10 +42,6 @@ class ParityResult:
 def export_onnx(module: nn.Module, spec: GraphSpec, example: Sequence[Tensor], path: Path) -> Path:
     """Export ``module`` at opset 18 with ``spec``'s names and dynamic axes; check the model."""
     module.eval()
-    dynamic_shapes = {
-        t.name: {axis: torch.export.Dim(dim, min=1) for axis, dim in enumerate(t.shape) if isinstance(dim, str)} or None
-        for t in spec.inputs
-    }
     with quiet_exporter():
         torch.onnx.export(
             module,
@@ -52,14 +49,46 @@ def export_onnx(module: nn.Module, spec: GraphSpec, example: Sequence[Tensor], p
             str(path),
             input_names=spec.input_names,
             output_names=spec.output_names,
-            dynamic_shapes=dynamic_shapes,
+            dynamic_shapes=dynamic_shapes(spec),
             opset_version=OPSET,
             dynamo=True,
             external_data=False,
             verbose=False,
         )
+    name_dynamic_axes(path, spec)
     onnx.checker.check_model(str(path))
     return path
+
+
+def dynamic_shapes(spec: GraphSpec) -> dict[str, dict[int, Any] | None]:
+    """torch.export dimensions for the spec's named axes: one ``Dim`` per name (shared by
+    every tensor that has it), a multiple of the size ``axis_multiples`` gives."""
+    multiples = dict(spec.axis_multiples)
+    dims: dict[str, Any] = {}
+    for tensor in spec.inputs:
+        for dim in tensor.shape:
+            if isinstance(dim, str) and dim not in dims:
+                step = multiples.get(dim, 1)
+                dims[dim] = step * torch.export.Dim(f"{dim}_blocks", min=1) if step > 1 else torch.export.Dim(dim, min=1)
+    return {
+        t.name: {axis: dims[dim] for axis, dim in enumerate(t.shape) if isinstance(dim, str)} or None for t in spec.inputs
+    }
+
+
+def name_dynamic_axes(path: Path, spec: GraphSpec) -> None:
+    """Give the graph's inputs and outputs the spec's axis names (the exporter writes its own
+    symbols, such as ``16*height_blocks``), so the ONNX file reads as the manifest does."""
+    model = onnx.load(str(path))
+    declared = {t.name: t.shape for t in (*spec.inputs, *spec.outputs)}
+    for value in (*model.graph.input, *model.graph.output):
+        dims = value.type.tensor_type.shape.dim
+        for dim, want in zip(dims, declared[value.name], strict=True):
+            fixed = dim.dim_value if dim.HasField("dim_value") else None
+            if isinstance(want, str) and fixed is None:
+                dim.dim_param = want
+            elif fixed != want:
+                raise InternalError(f"{spec.name}: the exporter made {value.name} {fixed or dim.dim_param!r} where the spec says {want!r}")
+    onnx.save(model, str(path))
 
 
 @contextlib.contextmanager
@@ -82,12 +111,12 @@ def quiet_logger(name: str) -> Iterator[None]:
         logger.setLevel(level)
 
 
-def compare(spec: GraphSpec, expected: Sequence[Tensor], actual: Sequence[np.ndarray]) -> ParityResult:
+def compare(spec: GraphSpec, expected: Sequence[Tensor | np.ndarray], actual: Sequence[np.ndarray]) -> ParityResult:
     """Max absolute and relative error over a set of outputs, and the allclose verdict."""
     max_abs = max_rel = 0.0
     ok = True
     for ref, got in zip(expected, actual, strict=True):
-        ref_np = ref.detach().float().numpy()
+        ref_np = ref.detach().float().numpy() if isinstance(ref, Tensor) else np.asarray(ref, dtype=np.float32)
         if ref_np.shape != got.shape:
             raise InternalError(f"{spec.name}: ONNX output shape {got.shape} != PyTorch {ref_np.shape}")
         diff = np.abs(ref_np - got)

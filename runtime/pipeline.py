@@ -27,7 +27,7 @@ from loc3r.runtime.generate import SamplingConfig
 from loc3r.runtime.prefetch import prefetched
 from loc3r.runtime.preprocess import cut3r_input, siglip_input
 from loc3r.runtime.result import Answer, ModelInfo
-from loc3r.runtime.session import FrameBlocks, Stages, VideoSession
+from loc3r.runtime.session import VISION_BATCH, FrameBlocks, Stages, VideoSession, encode_cameras
 from loc3r.runtime.video import Frame, iter_frames
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
@@ -161,17 +161,17 @@ class Pipeline:
         )
 
     def encode_frames(self, frames: list[Frame], session: VideoSession) -> FrameBlocks:
-        """Encode decoded frames without touching the LLM (the reference, whole-video order)."""
+        """Encode decoded frames without touching the LLM (the reference, whole-video order;
+        the encoders take ``VISION_BATCH`` frames at a time, as when streaming)."""
         encoded = FrameBlocks()
         state = None
-        cameras = []
-        for frame in frames:
-            image = cut3r_input(frame.rgb, self.config.cut3r_long_side)
-            camera, state = session.timer.measure("encode_3d", self.stages.camera.step, image, state)
-            cameras.append(camera)
-        pixels = siglip_input([f.rgb for f in frames], self.config.vision.image_size)
-        vision = session.timer.measure("encode_vision", self.stages.vision.encode, pixels)
-        encoded.blocks = [torch.cat([c[None], v]) for c, v in zip(cameras, vision, strict=True)]
+        for start in range(0, len(frames), VISION_BATCH):
+            batch = frames[start : start + VISION_BATCH]
+            images = [cut3r_input(frame.rgb, self.config.cut3r_long_side) for frame in batch]
+            cameras, state = session.timer.measure("encode_3d", encode_cameras, self.stages.camera, images, state)
+            pixels = siglip_input([f.rgb for f in batch], self.config.vision.image_size)
+            vision = session.timer.measure("encode_vision", self.stages.vision.encode, pixels)
+            encoded.blocks += [torch.cat([c[None], v]) for c, v in zip(cameras, vision, strict=True)]
         encoded.indices = [f.index for f in frames]
         encoded.timestamps_s = [f.timestamp_s for f in frames]
         return encoded

@@ -9,6 +9,7 @@ is added when a question arrives and cut back with it, so frames can keep coming
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from collections.abc import Callable
@@ -39,6 +40,17 @@ class Stages:
     vision: VisionStage
     heads: HeadsStage
     llm: LLMStage
+
+
+def encode_cameras(camera: CameraStage, images: list[Tensor], state: object | None) -> tuple[list[Tensor], object | None]:
+    """Camera embeddings of ``images``, in order: CUT3R's encoder on each run of equal-size
+    frames at once, then its recurrent step frame by frame from ``state``."""
+    tokens = []
+    for _, run in itertools.groupby(images, key=lambda image: tuple(image.shape)):
+        for encoded in camera.encode(torch.stack(list(run))):
+            token, state = camera.step(encoded, state)
+            tokens.append(token)
+    return tokens, state
 
 
 class StageTimer:
@@ -83,7 +95,7 @@ class VideoSession:
         self.duration_s: float | None = None  # set by finish(); None while frames may come
         self.report: dict[str, object] = {}
         self._camera_state: object | None = None
-        self._pending: list[tuple[Frame, Tensor]] = []  # frames waiting for a vision batch
+        self._pending: list[tuple[Frame, Tensor]] = []  # frames (with their CUT3R input) waiting for a batch
         self._bev: list[np.ndarray] = []
         self._lock = threading.RLock()
         self._blocks_end = 0  # cache length after the last prefilled frame block
@@ -96,14 +108,13 @@ class VideoSession:
     # -- frames ---------------------------------------------------------------------------
 
     def add_frame(self, frame: Frame) -> None:
-        """Encode one frame (CUT3R now; SigLIP in batches) and prefill finished blocks."""
+        """Queue one frame; every ``VISION_BATCH`` frames, encode them (CUT3R's ViT and SigLIP
+        on the batch, CUT3R's recurrent step frame by frame) and prefill their blocks."""
         with self._lock:
             if self.duration_s is not None:
                 raise InputError("the video is already complete", "open a new session for more frames")
             self._drop_tail()
-            image = cut3r_input(frame.rgb, self.config.cut3r_long_side)
-            camera, self._camera_state = self.timer.measure("encode_3d", self.stages.camera.step, image, self._camera_state)
-            self._pending.append((frame, camera))
+            self._pending.append((frame, cut3r_input(frame.rgb, self.config.cut3r_long_side)))
             if len(self._pending) >= VISION_BATCH:
                 self._flush_vision()
 
@@ -133,10 +144,12 @@ class VideoSession:
         if not self._pending:
             return
         frames = [frame for frame, _ in self._pending]
+        images = [image for _, image in self._pending]
+        self._pending = []
+        cameras, self._camera_state = self.timer.measure("encode_3d", encode_cameras, self.stages.camera, images, self._camera_state)
         pixels = siglip_input([f.rgb for f in frames], self.config.vision.image_size)
         vision = self.timer.measure("encode_vision", self.stages.vision.encode, pixels)
-        blocks = [torch.cat([camera[None], tokens]) for (_, camera), tokens in zip(self._pending, vision, strict=True)]
-        self._pending = []
+        blocks = [torch.cat([camera[None], tokens]) for camera, tokens in zip(cameras, vision, strict=True)]
         self._append_blocks(blocks, [f.index for f in frames], [f.timestamp_s for f in frames])
 
     def _append_blocks(self, blocks: list[Tensor], indices: list[int], timestamps: list[float]) -> None:

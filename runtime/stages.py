@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 from torch import Tensor
@@ -10,10 +11,15 @@ from loc3r.models.llm import PrefillResult
 
 
 class CameraStage(Protocol):
-    """CUT3R step + ``f_cam``: one frame in, one LLM-width camera embedding out."""
+    """CUT3R + ``f_cam``: frames encoded in batches (the ViT does not depend on the state),
+    then one recurrent step per frame, in order, giving one LLM-width camera embedding."""
 
-    def step(self, image: Tensor, state: Any | None) -> tuple[Tensor, Any]:
-        """image (3, H, W) in [-1, 1]; state None on the first frame -> (width,), new state."""
+    def encode(self, images: Tensor) -> Sequence[Any]:
+        """(N, 3, H, W) in [-1, 1], one size -> one encoding per frame (the backend's own form)."""
+        ...
+
+    def step(self, encoded: Any, state: Any | None) -> tuple[Tensor, Any]:
+        """One frame's encoding; state None on the first frame -> (width,), new state."""
         ...
 
 

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor
 
 from loc3r.models.bundle import Bundle
+from loc3r.models.cut3r import Cut3rState
 from loc3r.models.llm import TorchLLM
 
 
@@ -17,10 +17,16 @@ class TorchCamera:
     bundle: Bundle
 
     @torch.inference_mode()
-    def step(self, image: Tensor, state: Any | None) -> tuple[Tensor, Any]:
+    def encode(self, images: Tensor) -> list[tuple[Tensor, Tensor]]:
+        features, positions = self.bundle.model.camera_encoder.encode_images(images)
+        return [(features[i : i + 1], positions) for i in range(len(features))]
+
+    @torch.inference_mode()
+    def step(self, encoded: tuple[Tensor, Tensor], state: Cut3rState | None) -> tuple[Tensor, Cut3rState]:
         model = self.bundle.model
-        token, state = model.camera_encoder.step(image.unsqueeze(0), state)
-        return model.heads.project_camera(token)[0], state
+        state = state or model.camera_encoder.init_state(1)
+        token, state_feat, memory = model.camera_encoder.decode_step(*encoded, state.state_feat, state.memory, state.frame_index == 0)
+        return model.heads.project_camera(token)[0], Cut3rState(state_feat, memory, state.frame_index + 1)
 
 
 @dataclass
