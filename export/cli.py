@@ -85,13 +85,19 @@ def run_export(args: argparse.Namespace) -> int:
         manifest = build_from_manifest(manifest.root, progress=lambda m: print(m, file=sys.stderr))
         print_built(manifest)
     elif plan:
-        print(
-            f"TensorRT engines are NOT built here: they are specific to the GPU (sm_{plan['sm']}) and TensorRT "
-            f"{plan['trt_version']}. Copy {manifest.root} to the device and run there:\n"
-            f"  loc3r-export build --manifest {manifest.root}/manifest.json\n"
-            f"(or the trtexec lines under device_build.engines in manifest.json)"
-        )
+        print(device_step(manifest))
     return 0
+
+
+def device_step(manifest: Manifest) -> str:
+    """What to run on the device when the engines could not be built here."""
+    plan = manifest.data["device_build"]
+    return (
+        f"TensorRT engines are NOT built here: they are specific to the GPU (planned: sm_{plan['sm']}) and the TensorRT "
+        f"version (planned: {plan['trt_version']}). Copy {manifest.root} to the device and run there:\n"
+        f"  loc3r-export build --manifest {manifest.root}/manifest.json\n"
+        f"(or the trtexec lines under device_build.engines in manifest.json)"
+    )
 
 
 def device_can_build(sm: str) -> bool:

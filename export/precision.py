@@ -58,6 +58,7 @@ def write_fp16(onnx_file: Path, spec: GraphSpec) -> Path:
     keep = [node.name for node in fp32_nodes(model, spec.fp32_ops, spec.position_inputs)]
     converted = OnnxModel(convert_float_to_float16(model, keep_io_types=True, op_block_list=list(spec.fp32_ops), node_block_list=keep))
     converted.topological_sort()  # the converter appends its input casts after their readers
+    del converted.model.graph.value_info[:]  # intermediate types it left behind are stale
     path = onnx_file.with_name(onnx_file.name.removesuffix(".onnx") + FP16_SUFFIX)
     onnx.save(converted.model, str(path))
     onnx.checker.check_model(str(path))

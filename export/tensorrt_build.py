@@ -259,15 +259,15 @@ def build_engine(trt: Any, request: BuildRequest) -> bytes:
 
 
 def pin_fp32_layers(trt: Any, network: Any, fp32_ops: Sequence[str], fp32_tensors: frozenset[str]) -> list[str]:
-    """Pin to FP32 every float layer of a sensitive type, or producing a tensor of the FP32
-    set; returns the pinned layers' names."""
+    """Pin to FP32 every FP32 layer of a sensitive type, or producing a tensor of the FP32
+    set; returns the pinned layers' names. Layers the graph itself types otherwise (integer
+    shape arithmetic, the FP16 the reference rounds CroCo's RoPE tables to) keep their type."""
     kinds = {TRT_LAYERS[op] for op in fp32_ops if op in TRT_LAYERS}
-    floats = (trt.float32, trt.float16)
     pinned = []
     for index in range(network.num_layers):
         layer = network.get_layer(index)
         outputs = [layer.get_output(j) for j in range(layer.num_outputs)]
-        if layer.type.name in _NEVER_PINNED or not outputs or any(out.dtype not in floats for out in outputs):
+        if layer.type.name in _NEVER_PINNED or not outputs or any(out.dtype != trt.float32 for out in outputs):
             continue
         if not (_layer_kind(trt, layer) in kinds or any(out.name in fp32_tensors for out in outputs)):
             continue
