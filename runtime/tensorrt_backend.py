@@ -274,7 +274,7 @@ class TrtHeads:
     def pose(self, pos_state: Tensor, ori_state: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         feeds = {"pos_state": pos_state.reshape(1, -1).float().numpy(), "ori_state": ori_state.reshape(1, -1).float().numpy()}
         out = self.pose_session.run(feeds)
-        return torch.from_numpy(out["xy"][0]), torch.from_numpy(out["sigma"][0]), torch.from_numpy(out["theta"][0])
+        return torch.as_tensor(out["xy"][0]), torch.as_tensor(out["sigma"][0]), torch.as_tensor(out["theta"][0])
 
     def bev(self, vision_states: Tensor) -> Tensor:
         return torch.from_numpy(run_chunked(self.bev_session, "states", vision_states.float().numpy(), "points"))
