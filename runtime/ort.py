@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import importlib.metadata
 import json
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -26,8 +27,22 @@ COMPUTE_OPS = frozenset(
 )  # fmt: skip
 
 
+def distribution(name: str) -> str | None:
+    """Installed version of a distribution, or None."""
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
 def import_onnxruntime() -> Any:
-    """``onnxruntime`` (the CPU or the GPU build), or a clear error saying which to install."""
+    """``onnxruntime`` (the CPU or the GPU build), or a clear error saying which to install;
+    both builds side by side (they overwrite each other's files) is refused."""
+    if distribution("onnxruntime") and distribution("onnxruntime-gpu"):
+        raise InputError(
+            "both onnxruntime and onnxruntime-gpu are installed, and they overwrite each other's files",
+            "pip uninstall -y onnxruntime onnxruntime-gpu, then install one: pip install -e '.[cpu]' or '.[gpu]'",
+        )
     try:
         import onnxruntime
     except ImportError:
