@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import enum
+import importlib.machinery
 import json
 import types
 from dataclasses import dataclass, field
@@ -500,6 +501,7 @@ class FakeTensorRT(types.ModuleType):
 
     def __init__(self, version: str, cudart: FakeCudart | None = None, gpu: bool = True) -> None:
         super().__init__("tensorrt")
+        self.__spec__ = importlib.machinery.ModuleSpec("tensorrt", None)  # torch probes find_spec("tensorrt")
         self.__version__ = version
         self.version_tuple = tuple(int(v) for v in version.split(".")[:2])
         self.cudart, self.gpu = cudart, gpu

@@ -13,7 +13,7 @@ import torch
 
 from loc3r.errors import InputError, ModelError
 from loc3r.export import cli as export_cli
-from loc3r.export import exporter
+from loc3r.export import exporter, graphs
 from loc3r.export.manifest import load_manifest
 from loc3r.runtime.demo_video import write_demo_video
 from loc3r.runtime.generate import SamplingConfig
@@ -159,3 +159,20 @@ def test_frames_outside_the_served_sizes_are_refused(cpu_export: Path) -> None:
     for size in ((112, 512), (512, 96), (384, 480)):
         with pytest.raises(InputError, match=rf"a {size[0]}x{size[1]} CUT3R input is outside what the export serves .* no wider than 4:1"):
             camera.encode(torch.zeros(1, 3, *size))
+
+
+@pytest.mark.parametrize(
+    "long_side, min_short, sizes",
+    [
+        (512, 128, {"4:3": (384, 512), "16:9": (288, 512), "9:16": (512, 288), "1:1": (512, 512)}),
+        (224, 64, {"4:3": (160, 224), "16:9": (112, 224), "9:16": (224, 112), "1:1": (224, 224)}),
+        (500, 128, {"4:3": (368, 496), "16:9": (272, 496), "9:16": (496, 272), "1:1": (496, 496)}),  # floored to the patch
+    ],
+)
+def test_cut3r_sizes_keep_the_long_side_and_floor_the_short_one(long_side: int, min_short: int, sizes: dict) -> None:
+    served = graphs.ImageSizes.for_model(long_side, 16)
+    assert served.min_short_side == min_short
+    assert {label: served.aspect(*ratio) for label, ratio in graphs.PARITY_ASPECTS.items()} == sizes
+    served.check(min_short, served.long_side)
+    with pytest.raises(InputError, match="outside what the export serves"):
+        served.check(min_short - 16, served.long_side)
