@@ -26,13 +26,12 @@ from loc3r.export.precision import FP16_SUFFIX, ScaledError, merge_scaled, scale
 from loc3r.export.onnx_export import (
     OPSET,
     ParityResult,
-    as_tuple,
     check_parity,
     compare,
     ensure_within,
-    feeds,
     export_onnx,
     merge,
+    paired_runs,
     quiet_exporter,
 )
 from loc3r.export.tensorrt_build import device_build_plan
@@ -285,12 +284,6 @@ def fp16_variant(
     """For FP16 targets, ``{"fp16": ...}``: the FP16 graph checked against PyTorch on fresh inputs."""
     if not request.fp16:
         return {}
-    session = open_session(write_fp16(path, spec))
-    errors = []
-    for run in range(runs):
-        inputs = make_inputs(run)
-        with torch.inference_mode():
-            expected = as_tuple(module(*inputs))
-        actual = session.run(spec.output_names, feeds(spec, inputs))
-        errors.append(scaled_error([t.numpy() for t in expected], actual, spec.fp16_tolerance))
+    pairs = paired_runs(module, spec, open_session(write_fp16(path, spec)), make_inputs, runs)
+    errors = [scaled_error([t.numpy() for t in expected], actual, spec.fp16_tolerance) for expected, actual in pairs]
     return {"fp16": fp16_entry(spec, path, errors)}

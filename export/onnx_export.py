@@ -144,15 +144,21 @@ def check_parity(
     runs: int = 3,
 ) -> ParityResult:
     """Run PyTorch and ONNX Runtime on ``runs`` fresh inputs; fail if beyond tolerance."""
-    session = open_session(path)
-    results = []
+    pairs = paired_runs(module, spec, open_session(path), make_inputs, runs)
+    return ensure_within(spec, merge([compare(spec, expected, actual) for expected, actual in pairs]))
+
+
+def paired_runs(
+    module: nn.Module, spec: GraphSpec, session: Any, make_inputs: Callable[[int], Sequence[Tensor]], runs: int
+) -> list[tuple[tuple[Tensor, ...], list[np.ndarray]]]:
+    """PyTorch's and ``session``'s outputs on ``runs`` fresh inputs."""
+    pairs = []
     for run in range(runs):
         inputs = make_inputs(run)
         with torch.inference_mode():
             expected = as_tuple(module(*inputs))
-        actual = session.run(spec.output_names, feeds(spec, inputs))
-        results.append(compare(spec, expected, actual))
-    return ensure_within(spec, merge(results))
+        pairs.append((expected, session.run(spec.output_names, feeds(spec, inputs))))
+    return pairs
 
 
 def feeds(spec: GraphSpec, inputs: Sequence[Tensor]) -> dict[str, np.ndarray]:

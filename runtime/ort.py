@@ -58,14 +58,14 @@ def provider_names(providers: Sequence[Any]) -> list[str]:
     return [p if isinstance(p, str) else p[0] for p in providers]
 
 
-def open_session(path: str | Path, providers: Sequence[Any] = CPU, threads: int | None = None) -> Any:
+def open_session(path: str | Path, providers: Sequence[Any] = CPU, threads: int | None = None, options: Any = None) -> Any:
     """An ``InferenceSession`` on every provider asked for, or a clear error.
 
     onnxruntime-gpu falls back to the CPU silently when CUDA or TensorRT is missing;
     this refuses that instead.
     """
     ort = import_onnxruntime()
-    options = ort.SessionOptions()
+    options = options or ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
     session = ort.InferenceSession(str(path), options, providers=list(providers))
@@ -87,13 +87,7 @@ def open_gpu_session(path: str | Path, providers: Sequence[Any], feeds: Mapping[
         options = ort.SessionOptions()
         options.enable_profiling = True
         options.profile_file_prefix = str(Path(folder) / "placement")
-        session = ort.InferenceSession(str(path), options, providers=list(providers))
-        missing = [p for p in provider_names(providers) if p not in session.get_providers()]
-        if missing:
-            raise ModelError(
-                f"onnxruntime could not use {', '.join(missing)} for {Path(path).name} (active: {', '.join(session.get_providers())})",
-                "install the onnxruntime-gpu build for this device (CUDA and TensorRT providers); see loc3r-doctor",
-            )
+        session = open_session(path, providers, options=options)
         session.run(None, dict(feeds))
         placement = node_placement(Path(session.end_profiling()))
     check_on_gpu(Path(path).name, placement)

@@ -32,6 +32,7 @@ from loc3r.export.manifest import Manifest, check_manifest_matches
 from loc3r.export.tensorrt_build import Profile, check_engine_matches, import_tensorrt
 from loc3r.models.bundle import Bundle
 from loc3r.runtime.cuda import Device, gpu_info
+from loc3r.runtime.onnx_backend import GRAPHS
 from loc3r.runtime.stages import LLMStage
 
 log = logging.getLogger("loc3r.tensorrt")
@@ -278,9 +279,6 @@ class TrtHeads:
 
     def bev(self, vision_states: Tensor) -> Tensor:
         return torch.from_numpy(run_chunked(self.bev_session, "states", vision_states.float().numpy(), "points"))
-
-
-GRAPHS = ("cut3r_encoder", "cut3r_step", "vision", "pose_head", "bev_head")
 
 
 def open_engines(manifest: Manifest, device: Device) -> dict[str, TrtSession]:
