@@ -121,7 +121,7 @@ def check_onnxruntime(machine: Machine) -> Finding:
         import onnxruntime
     except ImportError:
         fix = install_gpu if machine.gpu else "pip install -e '.[cpu]'"
-        return Finding("onnxruntime", "not installed", "ONNX Runtime is needed to export and for --backend onnxruntime", fix)
+        return Finding("onnxruntime", "not installed", "ONNX Runtime is needed to export, to check engines at build, for the LLM and for --backend onnxruntime", fix)
     machine.providers = tuple(onnxruntime.get_available_providers())
     shown = ", ".join(p.removesuffix("ExecutionProvider") for p in machine.providers)
     finding = Finding("onnxruntime", f"{onnxruntime.__version__} ({'onnxruntime-gpu' if gpu else 'onnxruntime'}), providers: {shown}")
