@@ -21,6 +21,7 @@ from onnx import TensorProto, helper
 
 from loc3r.errors import InputError, ModelError
 from loc3r.export import cli as export_cli
+from loc3r.export import device_build
 from loc3r.export.device_build import build_from_manifest
 from loc3r.export.manifest import load_manifest
 from loc3r.export.precision import fp32_nodes
@@ -62,6 +63,11 @@ def fake_gpu(monkeypatch: pytest.MonkeyPatch, version: str = "10.3.0.30", sm: tu
     trt = FakeTensorRT(version, cudart)
     monkeypatch.setitem(sys.modules, "tensorrt", trt)
     return trt
+
+
+def without_engine_check(monkeypatch: pytest.MonkeyPatch) -> None:
+    """For tests about what is built: skip the (slower) check, tested on its own below."""
+    monkeypatch.setattr(device_build, "check_engines", lambda manifest, files: {})
 
 
 def built_networks(trt: FakeTensorRT) -> dict[str, dict]:
@@ -163,6 +169,7 @@ def test_weakly_typed_build_pins_by_layer_type_and_tensor_name(orin: Path, monke
     """TensorRT 10.3: FP16 + obey constraints; on the real exported graphs every sensitive layer
     and every layer off the activation path (RoPE angles, tables) is pinned FP32, no matmul or
     convolution is, and names alone would have pinned nothing (the exporter's node names)."""
+    without_engine_check(monkeypatch)
     trt = fake_gpu(monkeypatch, "10.3.0.30")
     build_from_manifest(orin, progress=lambda m: None)
     builds = built_networks(trt)
@@ -194,6 +201,7 @@ def test_weakly_typed_build_pins_by_layer_type_and_tensor_name(orin: Path, monke
 def test_strongly_typed_build_from_the_fp16_graphs(version: str, orin: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """TensorRT >= 10.12: no FP16 flag (11 has none: the fake raises if it is touched), the
     FP16 graphs parsed into strongly typed networks, nothing pinned."""
+    without_engine_check(monkeypatch)
     trt = fake_gpu(monkeypatch, version)
     manifest = build_from_manifest(orin, progress=lambda m: None)
     for name, build in built_networks(trt).items():
@@ -209,6 +217,7 @@ def test_strongly_typed_build_from_the_fp16_graphs(version: str, orin: Path, mon
 
 
 def test_build_takes_the_sm_of_this_gpu(orin: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    without_engine_check(monkeypatch)
     fake_gpu(monkeypatch, "10.3.0.30", sm=(8, 9))
     notes: list[str] = []
     manifest = build_from_manifest(orin, progress=notes.append)
