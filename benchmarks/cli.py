@@ -83,7 +83,7 @@ def engines_for(args: argparse.Namespace, bundle: Bundle) -> Iterator[Path | Non
     if str(args.model) not in PRESETS:
         raise InputError("--backend onnxruntime on a bundle folder needs --engines DIR", "run loc3r-export --out DIR first")
     from loc3r.engines.targets import load_target
-    from loc3r.export.exporter import ExportRequest, default_cut3r_size, export_all
+    from loc3r.export.exporter import ExportRequest, export_all
 
     target = load_target("cpu")
     with tempfile.TemporaryDirectory(prefix="loc3r-bench-engines-") as tmp:
@@ -92,7 +92,6 @@ def engines_for(args: argparse.Namespace, bundle: Bundle) -> Iterator[Path | Non
             bundle=bundle,
             target=target,
             out_dir=Path(tmp) / "engines",
-            cut3r_size=default_cut3r_size(bundle.config.cut3r_long_side),
             llm_quant=target.llm.weights,
         )
         export_all(request, progress=lambda m: None)

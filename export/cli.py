@@ -9,6 +9,7 @@ from pathlib import Path
 
 from loc3r.cli_support import ArgumentParser, run_cli
 from loc3r.errors import InputError
+from loc3r.export.manifest import Manifest
 
 PROG = "loc3r-export"
 LLM_FORMATS = ("fp32", "fp16", "int8", "int4", "none")
@@ -24,7 +25,6 @@ def export_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", default="tiny", help="bundle folder, or 'tiny' / 'tiny-vggt'")
     parser.add_argument("--target", required=True, help="target profile (see engines/*.toml), e.g. jetson-orin, cpu")
     parser.add_argument("--out", required=True, help="output folder (replaced atomically)")
-    parser.add_argument("--cut3r-size", metavar="HxW", help="CUT3R input size, multiples of 16 (default: 4:3 landscape at the model's long side)")
     parser.add_argument("--vggt-size", metavar="HxW", help="VGGT input size (a VGGT bundle): W the model's img_size (518), "
                         "H a multiple of 14 up to W, as the video's aspect gives it (default: 4:3, 392x518)")
     parser.add_argument("--llm", choices=LLM_FORMATS, help="LLM weight format (default: the target's)")
@@ -39,11 +39,12 @@ def export_parser() -> argparse.ArgumentParser:
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog=f"{PROG} build", description="Build the TensorRT engines a manifest plans (on the target device).")
     parser.add_argument("--manifest", required=True, help="manifest.json written by loc3r-export (or its folder)")
+    parser.add_argument("--precision", choices=("fp16", "fp32"), help="override the manifest's precision (e.g. fp32 when FP16 fails the check)")
     parser.add_argument("--debug", action="store_true")
     return parser
 
 
-def parse_size(text: str | None, default: tuple[int, int], flag: str = "--cut3r-size", patch: int = 16) -> tuple[int, int]:
+def parse_size(text: str | None, default: tuple[int, int], flag: str, patch: int) -> tuple[int, int]:
     if text is None:
         return default
     example = "x".join(map(str, default))
@@ -81,7 +82,7 @@ def run_export(args: argparse.Namespace) -> int:
     if args.context_tokens is not None and args.context_tokens < 1:
         raise InputError(f"--context-tokens {args.context_tokens} must be positive", "e.g. --context-tokens 8192")
     from loc3r.engines.targets import load_target
-    from loc3r.export.exporter import ExportRequest, default_cut3r_size, export_all
+    from loc3r.export.exporter import ExportRequest, export_all
     from loc3r.models.bundle import load_bundle
     from loc3r.models.tiny import resolve_model
 
@@ -92,7 +93,6 @@ def run_export(args: argparse.Namespace) -> int:
         bundle=bundle,
         target=target,
         out_dir=Path(args.out),
-        cut3r_size=parse_size(args.cut3r_size, default_cut3r_size(bundle.config.cut3r_long_side)),
         llm_quant=None if llm == "none" else llm,
         vggt_size=parse_vggt_size(args.vggt_size, bundle),
         context_tokens=args.context_tokens,
@@ -101,7 +101,10 @@ def run_export(args: argparse.Namespace) -> int:
     print(f"wrote {manifest.root} for target {target.name} ({manifest.precision})")
     for name, artifact in manifest.artifacts.items():
         parity = artifact["parity"]
-        print(f"  {artifact['file']:<22} parity vs PyTorch: max abs {parity['max_abs']:.2e} over {parity['runs']} run(s)")
+        line = f"  {artifact['file']:<22} parity vs PyTorch: max abs {parity['max_abs']:.2e} over {parity['runs']} run(s)"
+        if "fp16" in artifact:
+            line += f"; FP16 graph: {artifact['fp16']['error_vs_fp32']['relative']:.1e} of output scale"
+        print(line)
     llm_part = manifest.data.get("llm")
     if llm_part:
         quant, form = llm_part["quantization"], llm_part["form"]
@@ -123,26 +126,42 @@ def run_export(args: argparse.Namespace) -> int:
         from loc3r.export.device_build import build_from_manifest
 
         manifest = build_from_manifest(manifest.root, progress=lambda m: print(m, file=sys.stderr))
-        print(f"built {len(manifest.data['engines']['files'])} TensorRT engines on this GPU")
+        print_built(manifest)
     elif plan:
-        print(
-            f"TensorRT engines are NOT built here: they are specific to the GPU (sm_{plan['sm']}) and TensorRT "
-            f"{plan['trt_version']}. Copy {manifest.root} to the device and run there:\n"
-            f"  loc3r-export build --manifest {manifest.root}/manifest.json\n"
-            f"(or the trtexec lines under device_build.engines in manifest.json)"
-        )
+        print(device_step(manifest))
     return 0
 
 
+def device_step(manifest: Manifest) -> str:
+    """What to run on the device when the engines could not be built here."""
+    plan = manifest.data["device_build"]
+    return (
+        f"TensorRT engines are NOT built here: they are specific to the GPU (planned: sm_{plan['sm']}) and the TensorRT "
+        f"version (planned: {plan['trt_version']}). Copy {manifest.root} to the device and run there:\n"
+        f"  loc3r-export build --manifest {manifest.root}/manifest.json\n"
+        f"(or the trtexec lines under device_build.engines in manifest.json)"
+    )
+
+
 def device_can_build(sm: str) -> bool:
-    """True when TensorRT imports and a CUDA GPU of compute capability ``sm`` is present."""
+    """True when TensorRT imports and the GPU here has the planned compute capability ``sm``."""
     try:
-        from loc3r.export.tensorrt_build import cuda_device_sm, import_tensorrt
+        from loc3r.export.tensorrt_build import import_tensorrt
+        from loc3r.runtime.cuda import gpu_info
 
         import_tensorrt()
-        return cuda_device_sm() == sm
+        return gpu_info().sm == sm
     except InputError:
         return False
+
+
+def print_built(manifest: Manifest) -> None:
+    """The engines built, each with its error against ONNX Runtime FP32."""
+    engines = manifest.data["engines"]
+    print(f"built {len(engines['files'])} TensorRT {engines['trt_version']} engines for sm_{engines['sm']} in {manifest.root} ({engines['mode']})")
+    for name, file in engines["files"].items():
+        check = engines["check_vs_onnxruntime_fp32"][name]
+        print(f"  {file:<40} vs ONNX Runtime FP32: {check['relative']:.1e} of output scale (tolerance {check['tolerance']:g})")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -153,8 +172,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         def body() -> int:
             from loc3r.export.device_build import build_from_manifest
 
-            manifest = build_from_manifest(args.manifest, progress=lambda m: print(m, file=sys.stderr))
-            print(f"built {len(manifest.data['engines']['files'])} engines in {manifest.root}")
+            manifest = build_from_manifest(args.manifest, progress=lambda m: print(m, file=sys.stderr), precision=args.precision)
+            print_built(manifest)
             return 0
 
         return run_cli(f"{PROG} build", body, args.debug)

@@ -19,10 +19,12 @@ from safetensors.torch import save_file
 
 from loc3r.engines.targets import Target
 from loc3r.export import graphs
+from loc3r.export.camera_parity import CameraRunner, SessionRunner, TorchRunner, fixed_images, run_recurrence
 from loc3r.export.llm import LLMForm, LLMSource, export_llm, llm_form
 from loc3r.export.llm_io import LLM_DIR
 from loc3r.export.manifest import EXPORT_KIND, FORMAT, MUTABLE_ENTRIES, VERSION, Manifest, load_manifest, write_manifest
 from loc3r.export.memory_plan import MemoryPlan, Weights, check_fits, measured_weights, memory_plan, predicted_weights
+from loc3r.export.precision import FP16_SUFFIX, ScaledError, merge_scaled, scaled_error, write_fp16
 from loc3r.export.onnx_export import (
     OPSET,
     ParityResult,
@@ -32,9 +34,11 @@ from loc3r.export.onnx_export import (
     export_onnx,
     external_data_file,
     merge,
+    paired_runs,
 )
 from loc3r.export.tensorrt_build import device_build_plan
 from loc3r.runtime.ort import open_session
+from loc3r.errors import InternalError
 from loc3r.fileio import atomic_directory
 from loc3r.models.bundle import Bundle
 from loc3r.models.loc3r_model import Loc3rModel
@@ -50,12 +54,11 @@ Progress = Callable[[str], None]
 
 @dataclass(frozen=True)
 class ExportRequest:
-    """What to export: the bundle, the target, the CUT3R input size and the LLM format."""
+    """What to export: the bundle, the target and the LLM format."""
 
     bundle: Bundle
     target: Target
     out_dir: Path
-    cut3r_size: tuple[int, int]  # (height, width), multiples of 16
     llm_quant: str | None  # None: leave the LLM out (the runtime then uses the bundle's)
     vggt_size: tuple[int, int] | None = None  # (height, width) for a VGGT bundle; None: default_vggt_size
     context_tokens: int | None = None  # the LLM's context limit; None: the target's
@@ -71,10 +74,29 @@ class ExportRequest:
         asked = self.context_tokens or self.target.build.max_context_tokens
         return min(asked, self.bundle.config.llm.max_position_embeddings)
 
+    @property
+    def cut3r_sizes(self) -> graphs.ImageSizes:
+        """The CUT3R input sizes the graphs serve (the model's long side, any aspect up to 4:1)."""
+        from loc3r.models.cut3r import Cut3rConfig
 
-def default_cut3r_size(long_side: int, patch: int = 16) -> tuple[int, int]:
-    """Landscape 4:3 at the configured long side, e.g. 384x512 (height x width)."""
-    return (long_side * 3 // 4) // patch * patch, long_side
+        return graphs.ImageSizes.for_model(self.bundle.config.cut3r_long_side, Cut3rConfig.from_dict(self.bundle.config.cut3r).patch_size)
+
+    @property
+    def camera_size(self) -> tuple[int, int]:
+        """The largest (height, width) the 3D encoder is fed: CUT3R's square frames at the
+        model's long side, or the VGGT graph's fixed size."""
+        if self.bundle.config.encoder_3d == "vggt":
+            from loc3r.models.vggt import VggtConfig
+
+            config = VggtConfig.from_dict(self.bundle.config.vggt)
+            return self.vggt_size or default_vggt_size(config.img_size, config.patch_size)
+        long_side = self.cut3r_sizes.long_side
+        return long_side, long_side
+
+    @property
+    def fp16(self) -> bool:
+        """FP16 targets also get FP16 graphs (strongly typed TensorRT builds), checked here."""
+        return self.target.build.precision == "fp16"
 
 
 def default_vggt_size(img_size: int, patch: int) -> tuple[int, int]:
@@ -123,7 +145,7 @@ def export_all(request: ExportRequest, progress: Progress = print) -> Manifest:
 
 
 def plan_of(request: ExportRequest, weights: dict[str, Weights], form: LLMForm | None, source: str) -> MemoryPlan:
-    return memory_plan(request.bundle.config, request.target, weights, form, request.context, request.cut3r_size, source)
+    return memory_plan(request.bundle.config, request.target, weights, form, request.context, request.camera_size, source)
 
 
 def check_plan(request: ExportRequest, plan: MemoryPlan) -> None:
@@ -147,12 +169,11 @@ def build_manifest(request: ExportRequest, artifacts: dict[str, Any], llm: dict[
         "target": {"name": target.name, "description": target.description, "backends": list(target.backends)},
         "precision": target.build.precision,
         "opset": OPSET,
+        **({"cut3r_input": request.cut3r_sizes.to_dict()} if request.bundle.config.encoder_3d == "cut3r" else {}),
         "artifacts": artifacts,
         "llm": llm,
         "tools": tool_versions(),
     }
-    if request.bundle.config.encoder_3d == "cut3r":
-        manifest["cut3r_size"] = list(request.cut3r_size)
     manifest["device_build"] = device_build_plan(manifest, target)
     return manifest
 
@@ -185,61 +206,97 @@ def artifact_entry(spec: graphs.GraphSpec, path: Path, parity: ParityResult, **e
 
 
 def export_camera(request: ExportRequest, out: Path) -> dict[str, Any]:
-    """The bundle's 3D encoder + f_cam: ``cut3r_step`` or ``vggt_encode``."""
+    """The bundle's 3D encoder + f_cam: ``cut3r_encoder`` + ``cut3r_step``, or ``vggt_encode``."""
     if request.bundle.config.encoder_3d == "vggt":
         return export_vggt(request, out)
     return export_cut3r(request, out)
 
 
 def export_cut3r(request: ExportRequest, out: Path) -> dict[str, Any]:
-    """``cut3r_step`` (CUT3R step + f_cam), checked over a recurrence from the first frame."""
+    """``cut3r_encoder`` (ViT, any frame count and size) and ``cut3r_step`` (decoder, memory,
+    f_cam), checked over an 8-frame recurrence at 4:3, 16:9, 9:16 and 1:1."""
     model = request.parts("camera_encoder", "heads")
-    height, width = request.cut3r_size
+    config = model.camera_encoder.config
     with torch.no_grad():
         init = model.camera_encoder.init_state(1)
     init = Cut3rState(init.state_feat.detach().contiguous(), init.memory.detach().contiguous())
-    module = graphs.CameraStepGraph(model.camera_encoder, model.heads)
-    spec = graphs.camera_step_spec(
-        height, width, tuple(init.state_feat.shape[1:]), tuple(init.memory.shape[1:]), request.bundle.config.llm.hidden_size
+    encoder = graphs.CameraEncoderGraph(model.camera_encoder)
+    step = graphs.CameraStepGraph(model.camera_encoder, model.heads)
+    specs = (
+        graphs.camera_encoder_spec(config.enc_embed_dim, config.patch_size),
+        graphs.camera_step_spec(
+            config.enc_embed_dim, tuple(init.state_feat.shape[1:]), tuple(init.memory.shape[1:]), request.bundle.config.llm.hidden_size
+        ),
     )
-    example = (torch.rand(1, 3, height, width) * 2 - 1, init.state_feat, init.memory, torch.ones(1))
-    path = export_onnx(module, spec, example, out / "cut3r_step.onnx")
+    images = torch.from_numpy(fixed_images(2, request.cut3r_sizes.aspect(3, 4), seed=5))
+    with torch.no_grad():
+        features, positions = encoder(images)
+    paths = (
+        export_onnx(encoder, specs[0], (images,), out / "cut3r_encoder.onnx"),
+        export_onnx(step, specs[1], (features[:1], positions, init.state_feat, init.memory, torch.ones(1)), out / "cut3r_step.onnx"),
+    )
     save_file({"state": init.state_feat, "memory": init.memory}, str(out / CUT3R_INIT_FILE))
-    parity = recurrence_parity(module, spec, path, init, (height, width))
-    return {"cut3r_step": artifact_entry(spec, path, parity, initial_state=CUT3R_INIT_FILE)}
+    runners = [TorchRunner(encoder, step), SessionRunner(*(open_session(p) for p in paths))]
+    if request.fp16:
+        runners.append(SessionRunner(*(open_session(write_fp16(p, s)) for p, s in zip(paths, specs))))
+    checks = {}
+    for ratio in graphs.PARITY_ASPECTS.values():
+        height, width = request.cut3r_sizes.aspect(*ratio)
+        checks[f"{height}x{width}"] = camera_checks(runners, specs, init, (height, width))
+    entries = {}
+    for spec, path in zip(specs, paths):
+        parity = ensure_within(spec, merge([check[spec.name].parity for check in checks.values()]))
+        by_aspect = {
+            label: {"size": size, **check[spec.name].parity.to_dict()}
+            for label, (size, check) in zip(graphs.PARITY_ASPECTS, checks.items())
+        }
+        extra: dict[str, Any] = {"parity_by_aspect": by_aspect}
+        if request.fp16:
+            extra["fp16"] = fp16_entry(spec, path, [check[spec.name].fp16 for check in checks.values()])
+        entries[spec.name] = artifact_entry(spec, path, parity, **extra)
+    entries["cut3r_step"]["initial_state"] = CUT3R_INIT_FILE
+    return entries
 
 
-def recurrence_parity(
-    module: torch.nn.Module,
-    spec: graphs.GraphSpec,
-    path: Path,
-    init: Cut3rState,
-    size: tuple[int, int],
-    frames: int = RECURRENCE_FRAMES,
-) -> ParityResult:
-    """Run PyTorch and ONNX Runtime side by side for ``frames`` steps, each on its own state.
+@dataclass(frozen=True)
+class GraphCheck:
+    """One graph's ONNX Runtime parity with PyTorch, and its FP16 graph's error (FP16 targets)."""
 
-    Each side carries its own recurrent state, so drift (e.g. a wrong RoPE row) accumulates
-    and shows, as it would at run time.
-    """
-    session = open_session(path)
-    generator = torch.Generator().manual_seed(1234)
-    torch_state, torch_memory = init.state_feat, init.memory
-    ort_state, ort_memory = init.state_feat.numpy(), init.memory.numpy()
-    results = []
-    for frame in range(frames):
-        first = torch.tensor([1.0 if frame == 0 else 0.0])
-        image = torch.rand(1, 3, *size, generator=generator) * 2 - 1
-        with torch.inference_mode():
-            expected = module(image, torch_state, torch_memory, first)
-        actual = session.run(
-            spec.output_names,
-            {"image": image.numpy(), "state": ort_state, "memory": ort_memory, "first_frame": first.numpy()},
+    parity: ParityResult
+    fp16: ScaledError | None
+
+
+def camera_checks(
+    runners: list[CameraRunner], specs: tuple[graphs.GraphSpec, graphs.GraphSpec], init: Cut3rState, size: tuple[int, int]
+) -> dict[str, GraphCheck]:
+    """The encoder's and the step's checks over one recurrence at ``size``: runners are
+    PyTorch (the reference), ONNX Runtime FP32 and, for FP16 targets, the FP16 graphs."""
+    images = fixed_images(RECURRENCE_FRAMES, size)
+    reference, exported, *fp16 = (run_recurrence(r, images, init.state_feat.numpy(), init.memory.numpy()) for r in runners)
+    encoder, step = specs
+    checks = {
+        encoder.name: GraphCheck(compare(encoder, reference.encoded, exported.encoded), None),
+        step.name: GraphCheck(merge([compare(step, want, got) for want, got in zip(reference.steps, exported.steps, strict=True)]), None),
+    }
+    if fp16:
+        checks[encoder.name] = GraphCheck(checks[encoder.name].parity, scaled_error(reference.encoded, fp16[0].encoded, encoder.fp16_tolerance))
+        errors = [scaled_error(want, got, step.fp16_tolerance) for want, got in zip(reference.steps, fp16[0].steps, strict=True)]
+        checks[step.name] = GraphCheck(checks[step.name].parity, merge_scaled(errors))
+    return checks
+
+
+def fp16_entry(spec: graphs.GraphSpec, path: Path, errors: list[ScaledError]) -> dict[str, Any]:
+    """The FP16 graph's file and its error against PyTorch FP32 (ONNX Runtime CPU); an FP16
+    graph past the graph's tolerance fails the export (its engines would fail the build)."""
+    error = merge_scaled(errors)
+    if not error.within_tolerance:
+        raise InternalError(
+            f"{spec.name}: the FP16 graph is {error.relative:.3g} of the output scale away from FP32 "
+            f"(tolerance {spec.fp16_tolerance:g})",
+            "export for an fp32 target, or report it with --debug",
         )
-        results.append(compare(spec, expected, actual))
-        _, torch_state, torch_memory = expected
-        _, ort_state, ort_memory = actual
-    return ensure_within(spec, merge(results))
+    fp16_path = path.with_name(path.name.removesuffix(".onnx") + FP16_SUFFIX)
+    return {"file": fp16_path.name, "error_vs_fp32": error.to_dict()}
 
 
 # -- VGGT --------------------------------------------------------------------------------
@@ -259,7 +316,8 @@ def export_vggt(request: ExportRequest, out: Path) -> dict[str, Any]:
 
     path = export_onnx(module, spec, clip(3), out / "vggt_encode.onnx")
     parity = check_parity(module, spec, path, lambda run: clip(2 + 3 * run))
-    return {"vggt_encode": artifact_entry(spec, path, parity)}
+    fp16 = fp16_variant(request, module, spec, path, lambda run: clip(2 + 3 * run))
+    return {"vggt_encode": artifact_entry(spec, path, parity, **fp16)}
 
 
 # -- vision and heads ----------------------------------------------------------------------
@@ -272,10 +330,12 @@ def export_vision(request: ExportRequest, out: Path) -> dict[str, Any]:
     spec = graphs.vision_spec(config.vision.image_size, module.vision.tokens_per_frame, config.llm.hidden_size)
     generator = torch.Generator().manual_seed(7)
     path = export_onnx(module, spec, graphs.random_inputs(spec, generator, {"frames": 2}), out / "vision.onnx")
-    parity = check_parity(module, spec, path, lambda run: graphs.random_inputs(spec, generator, {"frames": 1 + run}))
+    inputs = sized_inputs(spec, generator, "frames", 1)
+    parity = check_parity(module, spec, path, inputs)
     with torch.no_grad():
         save_file({"tokens": module.vision.video_end().detach().float().contiguous()}, str(out / VIDEO_END_FILE))
-    return {"vision": artifact_entry(spec, path, parity, video_end=VIDEO_END_FILE)}
+    entry = artifact_entry(spec, path, parity, video_end=VIDEO_END_FILE, **fp16_variant(request, module, spec, path, inputs))
+    return {"vision": entry}
 
 
 def export_heads(request: ExportRequest, out: Path) -> dict[str, Any]:
@@ -289,6 +349,23 @@ def export_heads(request: ExportRequest, out: Path) -> dict[str, Any]:
         (graphs.BevHeadGraph(heads), graphs.bev_head_spec(width), "tokens"),
     ):
         path = export_onnx(module, spec, graphs.random_inputs(spec, generator, {axis: 2}), out / f"{spec.name}.onnx")
-        parity = check_parity(module, spec, path, lambda run, s=spec, a=axis: graphs.random_inputs(s, generator, {a: 1 + 3 * run}))
-        entries[spec.name] = artifact_entry(spec, path, parity)
+        inputs = sized_inputs(spec, generator, axis, 3)
+        parity = check_parity(module, spec, path, inputs)
+        entries[spec.name] = artifact_entry(spec, path, parity, **fp16_variant(request, module, spec, path, inputs))
     return entries
+
+
+def sized_inputs(spec: graphs.GraphSpec, generator: torch.Generator, axis: str, step: int) -> Callable[[int], tuple]:
+    """Fresh random inputs for run 0, 1, ... whose dynamic ``axis`` is 1 + step * run."""
+    return lambda run: graphs.random_inputs(spec, generator, {axis: 1 + step * run})
+
+
+def fp16_variant(
+    request: ExportRequest, module: torch.nn.Module, spec: graphs.GraphSpec, path: Path, make_inputs: Callable[[int], tuple], runs: int = 3
+) -> dict[str, Any]:
+    """For FP16 targets, ``{"fp16": ...}``: the FP16 graph checked against PyTorch on fresh inputs."""
+    if not request.fp16:
+        return {}
+    pairs = paired_runs(module, spec, open_session(write_fp16(path, spec)), make_inputs, runs)
+    errors = [scaled_error([t.numpy() for t in expected], actual, spec.fp16_tolerance) for expected, actual in pairs]
+    return {"fp16": fp16_entry(spec, path, errors)}

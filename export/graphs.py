@@ -6,12 +6,14 @@ declarations; nothing else restates a graph's names or shapes.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from loc3r.errors import InputError
 from loc3r.models.cut3r import Cut3rCameraEncoder
 from loc3r.models.heads import Loc3rHeads
 from loc3r.models.vggt import VggtCameraEncoder
@@ -41,6 +43,13 @@ class GraphSpec:
     rtol: float
     # ONNX op types kept in FP32 inside FP16 TensorRT engines (overflow/precision risk)
     fp32_ops: tuple[str, ...] = ("LayerNormalization", "Softmax", "ReduceMean", "Pow", "Sqrt", "Sin", "Cos")
+    # float inputs that carry positions, not activations: what they feed (RoPE angles,
+    # cos/sin tables) stays FP32 in FP16 builds, like everything computed from shapes alone
+    position_inputs: tuple[str, ...] = ()
+    # dynamic axes that must be a multiple of a size (image height/width: the patch size)
+    axis_multiples: tuple[tuple[str, int], ...] = ()
+    # FP16 graphs/engines vs fp32: worst |error| / largest |reference| of each output
+    fp16_tolerance: float = 2e-2
 
     @property
     def input_names(self) -> list[str]:
@@ -63,24 +72,87 @@ class GraphSpec:
             "inputs": [t.to_dict() for t in self.inputs],
             "outputs": [t.to_dict() for t in self.outputs],
             "tolerance": {"atol": self.atol, "rtol": self.rtol},
+            "fp16_tolerance": self.fp16_tolerance,
             "fp32_ops": list(self.fp32_ops),
+            "position_inputs": list(self.position_inputs),
         }
 
 
+@dataclass(frozen=True)
+class ImageSizes:
+    """The CUT3R input sizes an export serves: the long side is the model's (``cut3r_input``
+    resizes every frame to it), the short side anything from ``min_short_side`` to it, both
+    multiples of the patch: landscape, portrait and square frames alike."""
+
+    long_side: int
+    min_short_side: int
+    patch: int
+
+    #: widest aspect ratio served (4:1); TensorRT profiles need a lower bound
+    MAX_ASPECT = 4
+
+    @classmethod
+    def for_model(cls, long_side: int, patch: int) -> ImageSizes:
+        long_side = long_side // patch * patch
+        return cls(long_side, math.ceil(long_side / cls.MAX_ASPECT / patch) * patch, patch)
+
+    def aspect(self, height_ratio: int, width_ratio: int) -> tuple[int, int]:
+        """(height, width) of a height_ratio:width_ratio frame, e.g. 9:16 -> (512, 288)."""
+        short = self.long_side * min(height_ratio, width_ratio) // max(height_ratio, width_ratio)
+        short = max(self.min_short_side, short // self.patch * self.patch)
+        return (short, self.long_side) if width_ratio >= height_ratio else (self.long_side, short)
+
+    def check(self, height: int, width: int) -> None:
+        """Refuse a frame size the exported graphs and engines do not serve."""
+        short, long = sorted((height, width))
+        if height % self.patch or width % self.patch or long != self.long_side or short < self.min_short_side:
+            raise InputError(
+                f"a {height}x{width} CUT3R input is outside what the export serves (multiples of {self.patch}, "
+                f"long side {self.long_side}, short side {self.min_short_side}..{self.long_side})",
+                f"use frames no wider than {self.MAX_ASPECT}:1 (they are resized to a long side of {self.long_side})",
+            )
+
+    def to_dict(self) -> dict[str, int]:
+        return {"long_side": self.long_side, "min_short_side": self.min_short_side, "patch": self.patch}
+
+
+#: aspect ratios (height:width) at which the CUT3R graphs are checked against PyTorch
+PARITY_ASPECTS: dict[str, tuple[int, int]] = {"4:3": (3, 4), "16:9": (9, 16), "9:16": (16, 9), "1:1": (1, 1)}
+
+
+class CameraEncoderGraph(nn.Module):
+    """CUT3R's ViT encoder: frames (F, 3, H, W) -> tokens (F, P, enc_dim) and patch positions (P, 2).
+
+    It does not depend on the recurrent state, so a streaming batch of frames goes
+    through it at once; H and W are dynamic (multiples of the patch size) and the RoPE
+    positions are computed in the graph from them.
+    """
+
+    def __init__(self, encoder: Cut3rCameraEncoder) -> None:
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, image: Tensor) -> tuple[Tensor, Tensor]:
+        return self.encoder.encode_images(image)
+
+
 class CameraStepGraph(nn.Module):
-    """One CUT3R step fused with ``f_cam``: (image, state, memory, first_frame) -> (camera, state, memory).
+    """The recurrent half of a CUT3R step fused with ``f_cam``:
+    (features, positions, state, memory, first_frame) -> (camera, state, memory).
 
     The first frame takes the learned pose token instead of a memory query; the runtime
     says which with ``first_frame`` (1.0 or 0.0), so one graph (one set of weights, one
-    engine) serves every frame.
+    engine) serves every frame. The encoder and this graph hold disjoint weights.
     """
 
     def __init__(self, encoder: Cut3rCameraEncoder, heads: Loc3rHeads) -> None:
         super().__init__()
         self.encoder, self.heads = encoder, heads
 
-    def forward(self, image: Tensor, state: Tensor, memory: Tensor, first_frame: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        token, state, memory = self.encoder.step_tensors(image, state, memory, first_frame)
+    def forward(
+        self, features: Tensor, positions: Tensor, state: Tensor, memory: Tensor, first_frame: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        token, state, memory = self.encoder.decode_step(features, positions, state, memory, first_frame)
         return self.heads.project_camera(token), state, memory
 
 
@@ -139,12 +211,28 @@ class BevHeadGraph(nn.Module):
         return self.heads.bev(states)
 
 
-def camera_step_spec(height: int, width: int, state: tuple[int, ...], memory: tuple[int, ...], llm_width: int) -> GraphSpec:
-    """``cut3r_step`` at a fixed input resolution."""
+def camera_encoder_spec(enc_dim: int, patch: int) -> GraphSpec:
+    """``cut3r_encoder``: any frame count and any height/width that are multiples of ``patch``."""
+    return GraphSpec(
+        name="cut3r_encoder",
+        inputs=(TensorSpec("image", ("frames", 3, "height", "width")),),
+        outputs=(TensorSpec("features", ("frames", "patches", enc_dim)), TensorSpec("positions", ("patches", 2))),
+        # CroCo rounds q and k to float16 before RoPE (fp32 runs too): a one-ulp flip between two
+        # correct runtimes moves a raw feature by up to ~3e-4 of the output's scale (measured
+        # 1.5e-3 at scale 4.9 on a random tiny checkpoint); the step's camera token stays at 1e-4
+        atol=5e-4,
+        rtol=1e-3,
+        axis_multiples=(("height", patch), ("width", patch)),
+    )
+
+
+def camera_step_spec(enc_dim: int, state: tuple[int, ...], memory: tuple[int, ...], llm_width: int) -> GraphSpec:
+    """``cut3r_step``: one frame's encoder output (any patch count) and the recurrent state."""
     return GraphSpec(
         name="cut3r_step",
         inputs=(
-            TensorSpec("image", (1, 3, height, width)),
+            TensorSpec("features", (1, "patches", enc_dim)),
+            TensorSpec("positions", ("patches", 2)),
             TensorSpec("state", (1, *state)),
             TensorSpec("memory", (1, *memory)),
             TensorSpec("first_frame", (1,)),
@@ -156,6 +244,7 @@ def camera_step_spec(height: int, width: int, state: tuple[int, ...], memory: tu
         ),
         atol=1e-4,
         rtol=1e-3,
+        position_inputs=("positions",),
     )
 
 

@@ -11,7 +11,8 @@ Items (bytes):
   intermediates of one layer at a time, the attention probabilities of the CPU kernel
   (``heads x chunk x context`` fp32; the GPU kernel is flash attention, none), the hidden
   states and last-position logits returned;
-- activations of one vision batch and one CUT3R step (estimate, the largest layer of the
+- activations of one vision batch, one CUT3R encoder batch and one CUT3R step at square
+  frames (or one VGGT clip, attention fused) (estimate, the largest layer of the
   transformer: tokens x (4 x width + 2 x MLP width) plus unfused attention scores);
 - runtime overhead (assumption): CUDA context and libraries on GPU targets, the Python
   process with torch and onnxruntime on the CPU.
@@ -108,11 +109,12 @@ def memory_plan(
     weights: dict[str, Weights],
     form: LLMForm | None,
     context_tokens: int,
-    cut3r_size: tuple[int, int],
+    camera_size: tuple[int, int],
     source: str,
 ) -> MemoryPlan:
     """The plan for ``weights`` (see :func:`predicted_weights` / :func:`measured_weights`);
-    ``form`` None: no LLM exported, the runtime runs the bundle's PyTorch LLM in fp32."""
+    ``form`` None: no LLM exported, the runtime runs the bundle's PyTorch LLM in fp32;
+    ``camera_size``: the largest (height, width) the 3D encoder is fed."""
     float_type = form.float_type if form else "fp32"
     items = [_weights_item(name, w) for name, w in weights.items()]
     if form is None:
@@ -125,7 +127,7 @@ def memory_plan(
             "layers x 2 x kv_heads x head_dim x context x bytes, allocated at start",
         ),
         _prefill_item(config.llm, target, context_tokens, FLOAT_BYTES[float_type]),
-        *_encoder_items(config, target, cut3r_size),
+        *_encoder_items(config, target, camera_size),
         _overhead_item(target),
     ]
     return MemoryPlan(target.name, budget_bytes(target), context_tokens, target.llm.prefill_chunk, tuple(items), per_token, source)
@@ -149,17 +151,31 @@ def _prefill_item(llm: LLMConfig, target: Target, context: int, io: int) -> Plan
     )
 
 
-def _encoder_items(config: Loc3rConfig, target: Target, cut3r_size: tuple[int, int]) -> list[PlanItem]:
+def _encoder_items(config: Loc3rConfig, target: Target, camera_size: tuple[int, int]) -> list[PlanItem]:
+    """The largest layer of each encoder pass: a SigLIP batch, and CUT3R's ViT batch and step
+    (or a VGGT clip at the profile's optimal frame count, attention fused as TensorRT does)."""
     act = 2 if target.build.precision == "fp16" else 4
     vision = config.vision
     frames = target.build.vision_frames[2]
     siglip = _layer_bytes(vision.grid**2, vision.hidden_size, vision.intermediate_size, vision.num_attention_heads, act)
+    items = [PlanItem(f"vision batch ({frames} frames)", frames * siglip, "estimate: the largest layer")]
+    if config.encoder_3d == "vggt":
+        from loc3r.export.tensorrt_build import CLIP_FRAMES
+        from loc3r.models.vggt import VggtConfig
+
+        vggt = VggtConfig.from_dict(config.vggt)
+        clip = CLIP_FRAMES[1]
+        tokens = clip * ((camera_size[0] // vggt.patch_size) * (camera_size[1] // vggt.patch_size) + 1 + vggt.num_register_tokens)
+        layer = tokens * (4 * vggt.embed_dim + 2 * int(vggt.embed_dim * vggt.mlp_ratio)) * act
+        return [*items, PlanItem(f"VGGT clip ({clip} frames)", layer, "estimate: the largest layer, attention fused (not materialised)")]
     cut3r = Cut3rConfig.from_dict(config.cut3r)
-    tokens = (cut3r_size[0] // cut3r.patch_size) * (cut3r_size[1] // cut3r.patch_size) + cut3r.state_size
-    width = max(cut3r.enc_embed_dim, cut3r.dec_embed_dim)
-    step = _layer_bytes(tokens, width, int(width * cut3r.mlp_ratio), cut3r.enc_num_heads, act)
+    patches = (camera_size[0] // cut3r.patch_size) * (camera_size[1] // cut3r.patch_size)
+    encoder = frames * _layer_bytes(patches, cut3r.enc_embed_dim, int(cut3r.enc_embed_dim * cut3r.mlp_ratio), cut3r.enc_num_heads, act)
+    width = cut3r.dec_embed_dim
+    step = _layer_bytes(patches + cut3r.state_size, width, int(width * cut3r.mlp_ratio), cut3r.dec_num_heads, act)
     return [
-        PlanItem(f"vision batch ({frames} frames)", frames * siglip, "estimate: the largest layer"),
+        *items,
+        PlanItem(f"CUT3R encoder batch ({frames} frames)", encoder, "estimate: the largest layer"),
         PlanItem("CUT3R step", step, "estimate: the largest layer"),
     ]
 

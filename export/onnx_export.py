@@ -9,6 +9,7 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -49,10 +50,6 @@ def export_onnx(module: nn.Module, spec: GraphSpec, example: Sequence[Tensor], p
     cannot exceed 2 GB, and CUT3R's step at 512 DPT size holds ~2.2 GB of float32 weights.
     """
     module.eval()
-    dynamic_shapes = {
-        t.name: {axis: torch.export.Dim(dim, min=1) for axis, dim in enumerate(t.shape) if isinstance(dim, str)} or None
-        for t in spec.inputs
-    }
     with quiet_exporter():
         torch.onnx.export(
             module,
@@ -60,12 +57,13 @@ def export_onnx(module: nn.Module, spec: GraphSpec, example: Sequence[Tensor], p
             str(path),
             input_names=spec.input_names,
             output_names=spec.output_names,
-            dynamic_shapes=dynamic_shapes,
+            dynamic_shapes=dynamic_shapes(spec),
             opset_version=OPSET,
             dynamo=True,
             external_data=True,
             verbose=False,
         )
+    name_dynamic_axes(path, spec)
     onnx.checker.check_model(str(path))
     return path
 
@@ -77,6 +75,35 @@ def external_data_file(path: Path) -> Path | None:
     if len(locations) > 1:
         raise InternalError(f"{path.name} spreads its weights over {len(locations)} files", "this is an exporter bug; report it")
     return path.parent / locations.pop() if locations else None
+def dynamic_shapes(spec: GraphSpec) -> dict[str, dict[int, Any] | None]:
+    """torch.export dimensions for the spec's named axes: one ``Dim`` per name (shared by
+    every tensor that has it), a multiple of the size ``axis_multiples`` gives."""
+    multiples = dict(spec.axis_multiples)
+    dims: dict[str, Any] = {}
+    for tensor in spec.inputs:
+        for dim in tensor.shape:
+            if isinstance(dim, str) and dim not in dims:
+                step = multiples.get(dim, 1)
+                dims[dim] = step * torch.export.Dim(f"{dim}_blocks", min=1) if step > 1 else torch.export.Dim(dim, min=1)
+    return {
+        t.name: {axis: dims[dim] for axis, dim in enumerate(t.shape) if isinstance(dim, str)} or None for t in spec.inputs
+    }
+
+
+def name_dynamic_axes(path: Path, spec: GraphSpec) -> None:
+    """Give the graph's inputs and outputs the spec's axis names (the exporter writes its own
+    symbols, such as ``16*height_blocks``), so the ONNX file reads as the manifest does."""
+    model = onnx.load(str(path), load_external_data=False)  # the weights stay in their data file
+    declared = {t.name: t.shape for t in (*spec.inputs, *spec.outputs)}
+    for value in (*model.graph.input, *model.graph.output):
+        dims = value.type.tensor_type.shape.dim
+        for dim, want in zip(dims, declared[value.name], strict=True):
+            fixed = dim.dim_value if dim.HasField("dim_value") else None
+            if isinstance(want, str) and fixed is None:
+                dim.dim_param = want
+            elif fixed != want:
+                raise InternalError(f"{spec.name}: the exporter made {value.name} {fixed or dim.dim_param!r} where the spec says {want!r}")
+    onnx.save(model, str(path))
 
 
 @contextlib.contextmanager
@@ -99,12 +126,12 @@ def quiet_logger(name: str) -> Iterator[None]:
         logger.setLevel(level)
 
 
-def compare(spec: GraphSpec, expected: Sequence[Tensor], actual: Sequence[np.ndarray]) -> ParityResult:
+def compare(spec: GraphSpec, expected: Sequence[Tensor | np.ndarray], actual: Sequence[np.ndarray]) -> ParityResult:
     """Max absolute and relative error over a set of outputs, and the allclose verdict."""
     max_abs = max_rel = 0.0
     ok = True
     for ref, got in zip(expected, actual, strict=True):
-        ref_np = ref.detach().float().numpy()
+        ref_np = ref.detach().float().numpy() if isinstance(ref, Tensor) else np.asarray(ref, dtype=np.float32)
         if ref_np.shape != got.shape:
             raise InternalError(f"{spec.name}: ONNX output shape {got.shape} != PyTorch {ref_np.shape}")
         diff = np.abs(ref_np - got)
@@ -133,15 +160,21 @@ def check_parity(
     runs: int = 3,
 ) -> ParityResult:
     """Run PyTorch and ONNX Runtime on ``runs`` fresh inputs; fail if beyond tolerance."""
-    session = open_session(path)
-    results = []
+    pairs = paired_runs(module, spec, open_session(path), make_inputs, runs)
+    return ensure_within(spec, merge([compare(spec, expected, actual) for expected, actual in pairs]))
+
+
+def paired_runs(
+    module: nn.Module, spec: GraphSpec, session: Any, make_inputs: Callable[[int], Sequence[Tensor]], runs: int
+) -> list[tuple[tuple[Tensor, ...], list[np.ndarray]]]:
+    """PyTorch's and ``session``'s outputs on ``runs`` fresh inputs."""
+    pairs = []
     for run in range(runs):
         inputs = make_inputs(run)
         with torch.inference_mode():
             expected = as_tuple(module(*inputs))
-        actual = session.run(spec.output_names, feeds(spec, inputs))
-        results.append(compare(spec, expected, actual))
-    return ensure_within(spec, merge(results))
+        pairs.append((expected, session.run(spec.output_names, feeds(spec, inputs))))
+    return pairs
 
 
 def feeds(spec: GraphSpec, inputs: Sequence[Tensor]) -> dict[str, np.ndarray]:

@@ -3,7 +3,8 @@
 A feed takes preprocessed frames in order and hands back, in the same order, the camera
 embeddings that have become final; the session pairs them with its oldest frames.
 
-- A streaming stage steps each frame: its embedding is final at once.
+- A streaming stage encodes frames in batches of ``FRAME_BATCH`` (its image encoder), then
+  steps each in order: an embedding is final once its batch is (or at ``flush``).
 - A whole-clip stage on a bounded source (a file) encodes once, when the last frame has
   arrived (``flush``): exactly the reference's whole-clip encoding. (Flushed earlier, it
   encodes the frames so far, and later frames again with all of them as context.)
@@ -26,7 +27,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-from loc3r.runtime.stages import CameraStage, StreamingCameraStage
+from loc3r.runtime.stages import FRAME_BATCH, CameraStage, StreamingCameraStage, step_through
 
 
 class CameraFeed(Protocol):
@@ -42,20 +43,26 @@ class CameraFeed(Protocol):
 
 
 class StepFeed:
-    """A streaming stage: one step per frame, the state carried between them."""
-
-    pending = 0
+    """A streaming stage: frames gathered into batches of ``FRAME_BATCH`` for its image
+    encoder, then stepped in order, the state carried between them."""
 
     def __init__(self, stage: StreamingCameraStage) -> None:
         self.stage = stage
         self.state: Any | None = None
+        self.frames: list[Tensor] = []
+
+    @property
+    def pending(self) -> int:
+        return len(self.frames)
 
     def push(self, image: Tensor) -> list[Tensor]:
-        token, self.state = self.stage.step(image, self.state)
-        return [token]
+        self.frames.append(image)
+        return self.flush() if len(self.frames) >= FRAME_BATCH else []
 
     def flush(self) -> list[Tensor]:
-        return []
+        frames, self.frames = self.frames, []
+        tokens, self.state = step_through(self.stage, frames, self.state)
+        return tokens
 
 
 class ClipFeed:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -18,23 +17,75 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 from loc3r.errors import InputError, ModelError
+from loc3r.export.graphs import ImageSizes
 from loc3r.export.manifest import Manifest, check_manifest_matches
-from loc3r.runtime.ort import CPU, open_session, provider_names
+from loc3r.export.tensorrt_build import Profile, bounding_profile
+from loc3r.runtime.ort import CPU, import_onnxruntime, open_gpu_session, open_session, provider_names
 from loc3r.models.bundle import Bundle
 from loc3r.models.vision import video_end_tokens, vision_tokens_per_frame
 from loc3r.runtime.stages import CameraStage, EncodeBySteps, LLMStage
 
-def default_providers(cache_dir: Path) -> list[Any]:
-    """On a device with onnxruntime-gpu: TensorRT EP (FP16, engine cache), CUDA, CPU; else CPU."""
-    import onnxruntime
+TRT_CACHE = "ort_trt_cache"
 
-    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
-        return list(CPU)
-    return [
-        ("TensorrtExecutionProvider", {"trt_fp16_enable": True, "trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache_dir)}),
-        "CUDAExecutionProvider",
-        "CPUExecutionProvider",
-    ]
+
+def gpu_manifest(manifest: Manifest) -> bool:
+    """An export for a GPU target (it plans TensorRT engines)."""
+    return bool(manifest.data.get("device_build"))
+
+
+def gpu_providers(manifest: Manifest, name: str, available: Sequence[str]) -> list[Any]:
+    """TensorRT EP (FP16 as the manifest says, explicit profile shapes, engine and timing
+    caches) when present, then CUDA; a GPU export on an ONNX Runtime without CUDA is refused."""
+    if "CUDAExecutionProvider" not in available:
+        raise ModelError(
+            f"{manifest.root} is an export for {manifest.data['target']['name']} (a GPU target), but this onnxruntime "
+            f"offers only {', '.join(available)}: it would run on the CPU",
+            "install onnxruntime-gpu (x86: pip install -e '.[gpu]'; Jetson: the jetson-ai-lab wheel, see the user guide), "
+            "or export with --target cpu to run on the CPU",
+        )
+    providers: list[Any] = []
+    if "TensorrtExecutionProvider" in available:
+        providers.append(("TensorrtExecutionProvider", trt_provider_options(manifest, name)))
+    return [*providers, "CUDAExecutionProvider"]
+
+
+def trt_provider_options(manifest: Manifest, name: str) -> dict[str, Any]:
+    """ONNX Runtime TensorRT EP options for one graph: precision, caches, workspace, and the
+    plan's profiles as one explicit range (the EP takes one per input)."""
+    plan = manifest.data["device_build"]
+    cache = str(manifest.root / TRT_CACHE)
+    options: dict[str, Any] = {
+        "trt_fp16_enable": plan["precision"] == "fp16",
+        "trt_engine_cache_enable": True,
+        "trt_engine_cache_path": cache,
+        "trt_timing_cache_enable": True,
+        "trt_timing_cache_path": cache,
+        "trt_max_workspace_size": (plan["workspace_mib"] or 1024) << 20,
+    }
+    profile = bounding_profile([Profile.from_dict(p) for p in plan["engines"][name]["profiles"]])
+    if profile.shapes:  # the dynamic inputs
+        for key, index in (("trt_profile_min_shapes", 0), ("trt_profile_opt_shapes", 1), ("trt_profile_max_shapes", 2)):
+            options[key] = ",".join(f"{n}:{'x'.join(map(str, b[index]))}" for n, b in profile.shapes.items())
+    return options
+
+
+def warmup_feeds(manifest: Manifest, name: str) -> dict[str, np.ndarray]:
+    """Zeros at the optimal shapes of a graph's first profile (for the placement check)."""
+    profile = Profile.from_dict(manifest.data["device_build"]["engines"][name]["profiles"][0])
+    shapes = {spec["name"]: profile.shapes[spec["name"]][1] if spec["name"] in profile.shapes else spec["shape"] for spec in manifest.artifacts[name]["inputs"]}
+    return {n: np.zeros(shape, dtype=np.float32) for n, shape in shapes.items()}
+
+
+def open_graph(manifest: Manifest, name: str, providers: Sequence[Any] | None) -> Any:
+    """One graph's session: on the providers given, else on the GPU for a GPU export
+    (placement verified), else on the CPU."""
+    path = manifest.artifact_path(name)
+    if providers is not None:
+        return open_session(path, providers)
+    if not gpu_manifest(manifest):
+        return open_session(path, CPU)
+    available = import_onnxruntime().get_available_providers()
+    return open_gpu_session(path, gpu_providers(manifest, name, available), warmup_feeds(manifest, name))
 
 
 def check_frame_size(image: Tensor, size: tuple[int, int], flag: str) -> None:
@@ -49,20 +100,27 @@ def check_frame_size(image: Tensor, size: tuple[int, int], flag: str) -> None:
 
 @dataclass
 class OrtCamera(EncodeBySteps):
-    """``cut3r_step`` from the initial state on the first frame; the state stays in numpy."""
+    """``cut3r_encoder`` on a batch, then ``cut3r_step`` per frame from the initial state;
+    the state stays in numpy."""
 
-    session: Any
+    encoder: Any
+    step_session: Any
     init_state: np.ndarray
     init_memory: np.ndarray
-    size: tuple[int, int]
+    sizes: ImageSizes
 
-    def step(self, image: Tensor, state: Any | None) -> tuple[Tensor, Any]:
-        check_frame_size(image, self.size, "--cut3r-size")
+    def encode_frames(self, images: Tensor) -> list[tuple[np.ndarray, np.ndarray]]:
+        self.sizes.check(*images.shape[-2:])
+        features, positions = self.encoder.run(["features", "positions"], {"image": images.numpy()})
+        return [(features[i : i + 1], positions) for i in range(len(features))]
+
+    def step(self, encoded: tuple[np.ndarray, np.ndarray], state: Any | None) -> tuple[Tensor, Any]:
+        features, positions = encoded
         prev_state, prev_memory = (self.init_state, self.init_memory) if state is None else state
         first = np.array([1.0 if state is None else 0.0], dtype=np.float32)
-        camera, new_state, new_memory = self.session.run(
+        camera, new_state, new_memory = self.step_session.run(
             ["camera", "new_state", "new_memory"],
-            {"image": image.unsqueeze(0).numpy(), "state": prev_state, "memory": prev_memory, "first_frame": first},
+            {"features": features, "positions": positions, "state": prev_state, "memory": prev_memory, "first_frame": first},
         )
         return torch.from_numpy(camera[0]), (new_state, new_memory)
 
@@ -116,6 +174,7 @@ def expected_shapes(bundle: Bundle) -> dict[str, dict[str, list[int | str]]]:
     width = config.llm.hidden_size
     size = config.vision.image_size
     return {
+        **({"cut3r_encoder": {"image": ["frames", 3, "height", "width"]}} if config.encoder_3d == "cut3r" else {}),
         "vision": {"pixels": ["frames", 3, size, size], "tokens": ["frames", vision_tokens_per_frame(config), width]},
         "pose_head": {"pos_state": ["batch", width]},
         "bev_head": {"states": ["tokens", width]},
@@ -130,16 +189,18 @@ def open_manifest(bundle: Bundle, manifest: Manifest) -> None:
 
 def stage_graphs(bundle: Bundle, manifest: Manifest) -> tuple[str, ...]:
     """The graphs the stages run: the bundle's 3D encoder's, the vision tower's and the heads'."""
-    return (camera_graph(bundle, manifest), "vision", "pose_head", "bev_head")
+    return (*camera_graphs(bundle, manifest), "vision", "pose_head", "bev_head")
 
 
 def onnx_stages(bundle: Bundle, manifest: Manifest, providers: Sequence[Any] | None = None) -> tuple[CameraStage, OrtVision, OrtHeads, LLMStage]:
-    """Camera, vision, heads and LLM stages over the manifest's graphs."""
-    providers = providers or default_providers(manifest.root / "ort_trt_cache")
+    """Camera, vision, heads and LLM stages over the manifest's graphs (``providers``: the
+    same for every graph; by default the GPU for a GPU export, else the CPU)."""
     open_manifest(bundle, manifest)
-    session = {name: open_session(manifest.artifact_path(name), providers) for name in stage_graphs(bundle, manifest)}
+    session = {name: open_graph(manifest, name, providers) for name in stage_graphs(bundle, manifest)}
     vision = OrtVision(session["vision"], video_end(bundle, manifest))
-    return ort_camera(bundle, manifest, session), vision, OrtHeads(session["pose_head"], session["bev_head"]), onnx_llm(bundle, manifest, providers)
+    heads = OrtHeads(session["pose_head"], session["bev_head"])
+    llm_providers = providers or (("CUDAExecutionProvider",) if gpu_manifest(manifest) else CPU)
+    return ort_camera(bundle, manifest, session), vision, heads, onnx_llm(bundle, manifest, llm_providers)
 
 
 def video_end(bundle: Bundle, manifest: Manifest) -> Tensor:
@@ -155,14 +216,15 @@ def video_end(bundle: Bundle, manifest: Manifest) -> Tensor:
     return end
 
 
-CAMERA_GRAPHS = {"cut3r": "cut3r_step", "vggt": "vggt_encode"}
+CAMERA_GRAPHS = {"cut3r": ("cut3r_encoder", "cut3r_step"), "vggt": ("vggt_encode",)}
 
 
-def camera_graph(bundle: Bundle, manifest: Manifest) -> str:
-    """The name of the bundle's 3D-encoder graph, which the manifest must hold."""
-    name = CAMERA_GRAPHS[bundle.config.encoder_3d]
-    manifest.artifact_path(name)  # a clear error when it is missing
-    return name
+def camera_graphs(bundle: Bundle, manifest: Manifest) -> tuple[str, ...]:
+    """The names of the bundle's 3D-encoder graphs, which the manifest must hold."""
+    names = CAMERA_GRAPHS[bundle.config.encoder_3d]
+    for name in names:
+        manifest.artifact_path(name)  # a clear error when one is missing
+    return names
 
 
 def clip_size(manifest: Manifest) -> tuple[int, int]:
@@ -174,11 +236,11 @@ def clip_size(manifest: Manifest) -> tuple[int, int]:
 
 
 def ort_camera(bundle: Bundle, manifest: Manifest, session: dict[str, Any]) -> CameraStage:
-    """The camera stage over the manifest's 3D-encoder graph."""
-    if camera_graph(bundle, manifest) == "vggt_encode":
+    """The camera stage over the manifest's 3D-encoder graphs."""
+    if bundle.config.encoder_3d == "vggt":
         return OrtClipCamera(session["vggt_encode"], clip_size(manifest))
     init = initial_state(manifest)
-    return OrtCamera(session["cut3r_step"], init["state"].numpy(), init["memory"].numpy(), cut3r_size(manifest))
+    return OrtCamera(session["cut3r_encoder"], session["cut3r_step"], init["state"].numpy(), init["memory"].numpy(), cut3r_sizes(manifest))
 
 
 def initial_state(manifest: Manifest) -> dict[str, Tensor]:
@@ -189,12 +251,15 @@ def initial_state(manifest: Manifest) -> dict[str, Tensor]:
     return state
 
 
-def cut3r_size(manifest: Manifest) -> tuple[int, int]:
-    """(height, width) the CUT3R step graph was exported for."""
-    size = manifest.value("cut3r_size", kind=list)
-    if len(size) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size):
-        raise manifest.corrupt(f"'cut3r_size' {size!r} is not [height, width]")
-    return size[0], size[1]
+def cut3r_sizes(manifest: Manifest) -> ImageSizes:
+    """The CUT3R input sizes the manifest's graphs serve."""
+    section = manifest.data.get("cut3r_input")
+    if not isinstance(section, dict):
+        raise ModelError(f"{manifest.root} was exported for one fixed CUT3R size", "re-export it with this loc3r (any aspect ratio)")
+    fields = ("long_side", "min_short_side", "patch")
+    if set(section) != set(fields) or not all(isinstance(section[f], int) and not isinstance(section[f], bool) and section[f] > 0 for f in fields):
+        raise manifest.corrupt(f"'cut3r_input' {section!r} is not {{long_side, min_short_side, patch}} in pixels")
+    return ImageSizes(**section)
 
 
 def onnx_llm(bundle: Bundle, manifest: Manifest, providers: Sequence[Any]) -> LLMStage:

@@ -2,13 +2,55 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import collections
+import importlib.metadata
+import json
+import tempfile
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from loc3r.errors import ModelError
+import numpy as np
+
+from loc3r.errors import InputError, ModelError
 
 CPU = ("CPUExecutionProvider",)
+GPU = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
+#: op types whose presence on the CPU means a GPU session is not really on the GPU
+#: (shape arithmetic that ONNX Runtime places on the CPU on purpose is not among them)
+COMPUTE_OPS = frozenset(
+    {
+        "Conv", "MatMul", "Gemm", "FusedMatMul", "MatMulNBits", "Softmax", "LayerNormalization",
+        "SkipLayerNormalization", "SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization",
+        "Attention", "MultiHeadAttention", "GroupQueryAttention", "Erf", "Gelu", "FastGelu",
+    }
+)  # fmt: skip
+
+
+def distribution(name: str) -> str | None:
+    """Installed version of a distribution, or None."""
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def import_onnxruntime() -> Any:
+    """``onnxruntime`` (the CPU or the GPU build), or a clear error saying which to install;
+    both builds side by side (they overwrite each other's files) is refused."""
+    if distribution("onnxruntime") and distribution("onnxruntime-gpu"):
+        raise InputError(
+            "both onnxruntime and onnxruntime-gpu are installed, and they overwrite each other's files",
+            "pip uninstall -y onnxruntime onnxruntime-gpu, then install one: pip install -e '.[cpu]' or '.[gpu]'",
+        )
+    try:
+        import onnxruntime
+    except ImportError:
+        raise InputError(
+            "ONNX Runtime is not installed",
+            "pip install -e '.[cpu]' (CPU) or '.[gpu]' (x86 GPU); on a Jetson install the jetson-ai-lab onnxruntime-gpu wheel",
+        ) from None
+    return onnxruntime
 
 
 def provider_names(providers: Sequence[Any]) -> list[str]:
@@ -16,15 +58,14 @@ def provider_names(providers: Sequence[Any]) -> list[str]:
     return [p if isinstance(p, str) else p[0] for p in providers]
 
 
-def open_session(path: str | Path, providers: Sequence[Any] = CPU, threads: int | None = None) -> Any:
+def open_session(path: str | Path, providers: Sequence[Any] = CPU, threads: int | None = None, options: Any = None) -> Any:
     """An ``InferenceSession`` on every provider asked for, or a clear error.
 
     onnxruntime-gpu falls back to the CPU silently when CUDA or TensorRT is missing;
     this refuses that instead.
     """
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
+    ort = import_onnxruntime()
+    options = options or ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
     session = ort.InferenceSession(str(path), options, providers=list(providers))
@@ -35,3 +76,41 @@ def open_session(path: str | Path, providers: Sequence[Any] = CPU, threads: int 
             "install the onnxruntime build for this device (onnxruntime-gpu with CUDA/TensorRT), or use the CPU",
         )
     return session
+
+
+def open_gpu_session(path: str | Path, providers: Sequence[Any], feeds: Mapping[str, np.ndarray]) -> Any:
+    """A session on GPU providers, run once at creation on ``feeds`` with profiling on, and
+    refused if any compute node of the graph ran on the CPU (onnxruntime-gpu puts nodes
+    its GPU providers reject on the CPU without a word)."""
+    ort = import_onnxruntime()
+    with tempfile.TemporaryDirectory(prefix="loc3r-ort-profile-") as folder:
+        options = ort.SessionOptions()
+        options.enable_profiling = True
+        options.profile_file_prefix = str(Path(folder) / "placement")
+        session = open_session(path, providers, options=options)
+        session.run(None, dict(feeds))
+        placement = node_placement(Path(session.end_profiling()))
+    check_on_gpu(Path(path).name, placement)
+    return session
+
+
+def node_placement(profile: Path) -> collections.Counter[tuple[str, str]]:
+    """(provider, op type) -> nodes run, from an ONNX Runtime profile."""
+    events = json.loads(profile.read_text(encoding="utf-8"))
+    return collections.Counter(
+        (event["args"]["provider"], event["args"]["op_name"])
+        for event in events
+        if event.get("cat") == "Node" and event.get("name", "").endswith("_kernel_time") and "provider" in event.get("args", {})
+    )
+
+
+def check_on_gpu(graph: str, placement: Mapping[tuple[str, str], int]) -> None:
+    """Refuse a placement that runs compute nodes on the CPU."""
+    on_cpu = sorted({op for (provider, op), count in placement.items() if provider == "CPUExecutionProvider" and op in COMPUTE_OPS and count})
+    if on_cpu:
+        total = sum(c for (provider, op), c in placement.items() if provider == "CPUExecutionProvider" and op in COMPUTE_OPS)
+        raise ModelError(
+            f"{graph}: {total} compute node(s) ({', '.join(on_cpu)}) run on the CPU although a GPU provider was asked for",
+            "install an onnxruntime-gpu build whose CUDA/TensorRT providers work on this device (see loc3r-doctor), "
+            "or export with --target cpu to run on the CPU",
+        )

@@ -31,7 +31,7 @@ from loc3r.runtime.generate import SamplingConfig
 from loc3r.runtime.prefetch import prefetched
 from loc3r.runtime.preprocess import camera_input, siglip_input
 from loc3r.runtime.result import Answer, ModelInfo
-from loc3r.runtime.session import FrameBlocks, Stages, VideoSession
+from loc3r.runtime.session import VISION_BATCH, FrameBlocks, Stages, VideoSession
 from loc3r.runtime.video import Frame, iter_frames
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
@@ -214,12 +214,15 @@ class Pipeline:
         )
 
     def encode_frames(self, frames: list[Frame], session: VideoSession) -> FrameBlocks:
-        """Encode decoded frames without touching the LLM (the reference, whole-video order)."""
+        """Encode decoded frames without touching the LLM (the reference, whole-video order;
+        the encoders take ``VISION_BATCH`` frames at a time, as when streaming)."""
         encoded = FrameBlocks()
         images = torch.stack([camera_input(frame.rgb, self.config) for frame in frames])
         cameras = session.timer.measure("encode_3d", self.stages.camera.encode, images)
-        pixels = siglip_input([f.rgb for f in frames], self.config.vision.image_size)
-        vision = session.timer.measure("encode_vision", self.stages.vision.encode, pixels)
+        vision: list[torch.Tensor] = []
+        for start in range(0, len(frames), VISION_BATCH):
+            pixels = siglip_input([f.rgb for f in frames[start : start + VISION_BATCH]], self.config.vision.image_size)
+            vision += session.timer.measure("encode_vision", self.stages.vision.encode, pixels)
         encoded.blocks = [torch.cat([c[None], v]) for c, v in zip(cameras, vision, strict=True)]
         encoded.indices = [f.index for f in frames]
         encoded.timestamps_s = [f.timestamp_s for f in frames]

@@ -30,11 +30,11 @@ from loc3r.runtime.generate import SamplingConfig, generate
 from loc3r.runtime.camera_feed import camera_feed
 from loc3r.runtime.preprocess import camera_input, siglip_input
 from loc3r.runtime.result import Answer, ModelInfo, Pose
-from loc3r.runtime.stages import CameraStage, HeadsStage, LLMStage, VisionStage
+from loc3r.runtime.stages import FRAME_BATCH, CameraStage, HeadsStage, LLMStage, VisionStage
 from loc3r.runtime.video import Frame
 
 log = logging.getLogger(__name__)
-VISION_BATCH = 8
+VISION_BATCH = FRAME_BATCH  # SigLIP batches: the frames the 3D encoder takes at once
 
 
 @dataclass

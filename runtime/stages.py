@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -10,10 +12,15 @@ from torch import Tensor
 from loc3r.models.llm import PrefillResult
 
 
+# frames the image encoders take at once (the streaming batch): the TensorRT profiles of
+# the batched graphs end here (``vision_frames`` in engines/*.toml)
+FRAME_BATCH = 8
+
+
 class CameraStage(Protocol):
     """3D encoder + ``f_cam``: LLM-width camera embeddings, one per frame of a clip.
 
-    Every encoder encodes a whole clip; streaming ones (CUT3R) also ``step`` frame by frame
+    Every encoder encodes a whole clip; streaming ones (CUT3R) also step frame by frame
     (see ``StreamingCameraStage``); the others (VGGT) need the clip first.
     """
 
@@ -24,23 +31,38 @@ class CameraStage(Protocol):
 
 @runtime_checkable
 class StreamingCameraStage(CameraStage, Protocol):
-    """A recurrent encoder: each frame's embedding is final when the frame arrives."""
+    """A recurrent encoder (CUT3R): its image encoder does not depend on the state, so frames
+    are encoded in batches (``encode_frames``); the recurrent ``step`` then runs frame by
+    frame, in order, and each frame's embedding is final after its step."""
 
-    def step(self, image: Tensor, state: Any | None) -> tuple[Tensor, Any]:
-        """image (3, H, W); state None on the first frame -> (width,), new state."""
+    def encode_frames(self, images: Tensor) -> Sequence[Any]:
+        """(N, 3, H, W), one size, N at most ``FRAME_BATCH`` -> one encoding per frame (the
+        backend's own form, valid until the next call)."""
+        ...
+
+    def step(self, encoded: Any, state: Any | None) -> tuple[Tensor, Any]:
+        """One frame's encoding; state None on the first frame -> (width,), new state."""
         ...
 
 
+def step_through(stage: StreamingCameraStage, images: Sequence[Tensor], state: Any | None) -> tuple[list[Tensor], Any]:
+    """Camera embeddings of ``images``, in order, from ``state``: the image encoder on runs
+    of equal-size frames, ``FRAME_BATCH`` at a time, then the recurrent step frame by frame."""
+    tokens = []
+    for _, run in itertools.groupby(images, key=lambda image: tuple(image.shape)):
+        frames = list(run)
+        for start in range(0, len(frames), FRAME_BATCH):
+            for encoded in stage.encode_frames(torch.stack(frames[start : start + FRAME_BATCH])):
+                token, state = stage.step(encoded, state)
+                tokens.append(token)
+    return tokens, state
+
+
 class EncodeBySteps:
-    """``encode`` for streaming stages: ``step`` over the clip from the first-frame state."""
+    """``encode`` for streaming stages: their steps over the clip from the first-frame state."""
 
     def encode(self: StreamingCameraStage, images: Tensor) -> Tensor:
-        state = None
-        tokens = []
-        for image in images:
-            token, state = self.step(image, state)
-            tokens.append(token)
-        return torch.stack(tokens)
+        return torch.stack(step_through(self, list(images), None)[0])
 
 
 class VisionStage(Protocol):

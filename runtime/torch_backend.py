@@ -4,12 +4,12 @@ dtype the bundle's :attr:`~loc3r.models.bundle.Bundle.precision` names."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor
 
 from loc3r.models.bundle import Bundle
+from loc3r.models.cut3r import Cut3rState
 from loc3r.models.llm import TorchLLM
 from loc3r.runtime.stages import CameraStage, EncodeBySteps
 
@@ -26,10 +26,16 @@ class TorchCamera(EncodeBySteps):
     bundle: Bundle
 
     @torch.inference_mode()
-    def step(self, image: Tensor, state: Any | None) -> tuple[Tensor, Any]:
+    def encode_frames(self, images: Tensor) -> list[tuple[Tensor, Tensor]]:
+        features, positions = self.bundle.model.camera_encoder.encode_images(_placed(self.bundle, images))
+        return [(features[i : i + 1], positions) for i in range(len(features))]
+
+    @torch.inference_mode()
+    def step(self, encoded: tuple[Tensor, Tensor], state: Cut3rState | None) -> tuple[Tensor, Cut3rState]:
         model = self.bundle.model
-        token, state = model.camera_encoder.step(_placed(self.bundle, image).unsqueeze(0), state)
-        return model.heads.project_camera(token)[0], state
+        state = state or model.camera_encoder.init_state(1)
+        token, state_feat, memory = model.camera_encoder.decode_step(*encoded, state.state_feat, state.memory, state.frame_index == 0)
+        return model.heads.project_camera(token)[0], Cut3rState(state_feat, memory, state.frame_index + 1)
 
 
 @dataclass
@@ -41,7 +47,7 @@ class TorchClipCamera:
     @torch.inference_mode()
     def encode(self, images: Tensor) -> Tensor:
         model = self.bundle.model
-        return model.heads.project_camera(model.camera_encoder.encode(images))
+        return model.heads.project_camera(model.camera_encoder.encode(_placed(self.bundle, images)))
 
 
 @dataclass

@@ -66,3 +66,12 @@ def llm_exports(trained_llm: torch.nn.Module, tmp_path_factory: pytest.TempPathF
         folder = tmp_path_factory.mktemp(f"llm_{name}")
         exports[name] = folder, export_llm(source, folder, form, LLM_CONTEXT, LLM_CHUNK, reference=trained_llm)
     return exports
+@pytest.fixture(scope="session")
+def jetson_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model exported for the Jetson AGX Orin (FP16 graphs, device build plan), no LLM.
+    Tests copy it before changing anything in it."""
+    from loc3r.export import cli as export_cli
+
+    out = tmp_path_factory.mktemp("jetson") / "orin"
+    assert export_cli.main(["--model", "tiny", "--target", "jetson-orin", "--out", str(out), "--llm", "none"]) == 0
+    return out

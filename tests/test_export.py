@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shlex
 import shutil
 from pathlib import Path
 
+import onnx
 import pytest
+import torch
 
 from loc3r.errors import InputError, ModelError
 from loc3r.export import cli as export_cli
-from loc3r.export import exporter
+from loc3r.export import exporter, graphs
 from loc3r.export.manifest import load_manifest
 from loc3r.export.memory_plan import onnx_file_bytes
 from loc3r.fileio import MARKER_FORMAT, MARKER_VERSION, OUTPUT_MARKER
@@ -29,7 +32,7 @@ def video(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_manifest_describes_every_artifact(cpu_export: Path) -> None:
     manifest = load_manifest(cpu_export)
-    assert set(manifest.artifacts) == {"cut3r_step", "vision", "pose_head", "bev_head"}
+    assert set(manifest.artifacts) == {"cut3r_encoder", "cut3r_step", "vision", "pose_head", "bev_head"}
     assert manifest.data["opset"] >= 17 and manifest.precision == "fp32"
     assert manifest.data["model"]["id"] == "loc3r-tiny-random-v1"
     for name, artifact in manifest.artifacts.items():
@@ -37,17 +40,20 @@ def test_manifest_describes_every_artifact(cpu_export: Path) -> None:
         assert artifact["parity"]["within_tolerance"] is True
         assert artifact["parity"]["max_abs"] <= artifact["tolerance"]["atol"] + artifact["tolerance"]["rtol"] * 10
         assert {t["name"] for t in artifact["inputs"]} and {t["name"] for t in artifact["outputs"]}
-    for name in ("cut3r_step", "vision"):  # weights as ONNX external data, hashed in the manifest's files
+    for name in ("cut3r_encoder", "cut3r_step", "vision"):  # weights as ONNX external data, hashed in the manifest's files
         data = manifest.artifacts[name]["external_data"]
         assert data == manifest.artifacts[name]["file"] + ".data"
         listed = manifest.files[data]
         assert hashlib.sha256((cpu_export / data).read_bytes()).hexdigest() == listed["sha256"]
         assert (cpu_export / data).stat().st_size == listed["size"] > (cpu_export / manifest.artifacts[name]["file"]).stat().st_size
-    assert manifest.artifacts["cut3r_step"]["parity"]["runs"] == exporter.RECURRENCE_FRAMES
+    assert manifest.artifacts["cut3r_step"]["parity"]["runs"] == 4 * exporter.RECURRENCE_FRAMES
     assert manifest.artifacts["vision"]["inputs"][0]["shape"] == ["frames", 3, 384, 384]
     assert manifest.artifacts["vision"]["outputs"][0]["shape"] == ["frames", 210, 64]
-    assert manifest.artifacts["cut3r_step"]["inputs"][0]["shape"] == [1, 3, 384, 512]
-    assert manifest.artifacts["cut3r_step"]["inputs"][3] == {"name": "first_frame", "shape": [1], "dtype": "float32"}
+    assert manifest.artifacts["cut3r_encoder"]["inputs"][0]["shape"] == ["frames", 3, "height", "width"]
+    assert manifest.artifacts["cut3r_encoder"]["outputs"][0]["shape"] == ["frames", "patches", 128]
+    assert [t["shape"] for t in manifest.artifacts["cut3r_step"]["inputs"][:2]] == [[1, "patches", 128], ["patches", 2]]
+    assert manifest.artifacts["cut3r_step"]["inputs"][4] == {"name": "first_frame", "shape": [1], "dtype": "float32"}
+    assert manifest.data["cut3r_input"] == {"long_side": 512, "min_short_side": 128, "patch": 16}
     assert manifest.data["llm"]["quantization"]["layers"] == "fp32"
     assert set(manifest.data["tools"]) >= {"torch", "onnx", "onnxruntime"}
     assert manifest.data["device_build"] is None  # the cpu target builds no engines
@@ -78,7 +84,25 @@ def test_the_context_limit_is_enforced_at_run_time(cpu_export: Path, video: Path
         pipeline.ask(video, "Where am I?", num_frames=FRAMES)
 
 
-def test_onnxruntime_backend_matches_torch(cpu_export: Path, video: Path) -> None:
+def test_cut3r_graphs_match_torch_at_every_aspect_ratio(cpu_export: Path) -> None:
+    """Parity over the 8-frame recurrence for 4:3, 16:9, 9:16 and 1:1 at the model's long side,
+    and the ONNX files name their dynamic axes as the manifest does."""
+    manifest = load_manifest(cpu_export)
+    sizes = {"4:3": "384x512", "16:9": "288x512", "9:16": "512x288", "1:1": "512x512"}
+    for name, runs in (("cut3r_encoder", 1), ("cut3r_step", exporter.RECURRENCE_FRAMES)):
+        by_aspect = manifest.artifacts[name]["parity_by_aspect"]
+        assert {aspect: r["size"] for aspect, r in by_aspect.items()} == sizes
+        for result in by_aspect.values():
+            assert result["within_tolerance"] and result["runs"] == runs and result["max_abs"] < 1e-3
+    graph = onnx.load(str(cpu_export / "cut3r_encoder.onnx"), load_external_data=False)
+    dims = [[d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for v in (*graph.graph.input, *graph.graph.output)]
+    assert dims == [["frames", 3, "height", "width"], ["frames", "patches", 128], ["patches", 2]]
+
+
+@pytest.mark.parametrize("width, height", [(160, 120), (320, 180), (180, 320)], ids=["4:3", "16:9", "9:16"])
+def test_onnxruntime_backend_matches_torch(cpu_export: Path, tmp_path: Path, width: int, height: int) -> None:
+    """The default export runs landscape, widescreen and portrait video."""
+    video = write_demo_video(tmp_path / "v.mp4", num_frames=16, width=width, height=height)
     sampling = SamplingConfig(max_new_tokens=8)
     ref = Pipeline.from_pretrained("tiny").ask(video, "Where am I?", num_frames=FRAMES, sampling=sampling)
     ort = Pipeline.from_pretrained("tiny", backend="onnxruntime", engines=cpu_export).ask(
@@ -90,7 +114,7 @@ def test_onnxruntime_backend_matches_torch(cpu_export: Path, video: Path) -> Non
         assert getattr(ort.pose, field) == pytest.approx(getattr(ref.pose, field), abs=1e-4)
 
 
-def test_jetson_export_plans_the_device_build(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_jetson_export_plans_the_llm_within_its_memory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "orin"
     assert export_cli.main(["--target", "jetson-orin", "--out", str(out), "--context-tokens", "4096"]) == 0
     printed = capsys.readouterr().out
@@ -102,15 +126,32 @@ def test_jetson_export_plans_the_device_build(tmp_path: Path, capsys: pytest.Cap
     assert plan["weights: vision"] == onnx_file_bytes(out / "vision.onnx") // 2  # an fp16 engine
     assert "TensorRT engines are NOT built here" in printed
     assert f"loc3r-export build --manifest {out}/manifest.json" in printed
+
+
+def test_jetson_export_plans_the_device_build(jetson_export: Path) -> None:
+    out = jetson_export
     manifest = load_manifest(out)
     assert manifest.precision == "fp16"
     plan = manifest.data["device_build"]
     assert plan["sm"] == "87" and plan["trt_version"] == "10.3"
     engine = plan["engines"]["vision"]
     assert engine["engine"] == "vision_trt10.3_sm87.engine"
-    assert engine["profile"]["pixels"] == [[1, 3, 384, 384], [8, 3, 384, 384], [32, 3, 384, 384]]
-    assert "--fp16" in engine["trtexec"] and "--minShapes=pixels:1x3x384x384" in engine["trtexec"]
-    assert plan["engines"]["cut3r_step"]["profile"] == {}  # fixed shapes
+    assert engine["profiles"] == [{"pixels": [[1, 3, 384, 384], [8, 3, 384, 384], [8, 3, 384, 384]]}]
+    line = shlex.split(engine["trtexec"])
+    assert "--onnx=vision.fp16.onnx" in line and "--stronglyTyped" in line and "--minShapes=pixels:1x3x384x384" in line
+    # CUT3R: a landscape and a portrait profile (square frames in both), tuned for 16:9
+    assert plan["engines"]["cut3r_encoder"]["profiles"] == [
+        {"image": [[1, 3, 128, 512], [8, 3, 288, 512], [8, 3, 512, 512]]},
+        {"image": [[1, 3, 512, 128], [8, 3, 512, 288], [8, 3, 512, 512]]},
+    ]
+    assert plan["engines"]["cut3r_step"]["profiles"] == [
+        {"features": [[1, 256, 128], [1, 576, 128], [1, 1024, 128]], "positions": [[256, 2], [576, 2], [1024, 2]]}
+    ]
+    # FP16 graphs beside the FP32 ones, their error against PyTorch recorded
+    for name, artifact in manifest.artifacts.items():
+        fp16 = artifact["fp16"]
+        assert fp16["file"] == f"{name}.fp16.onnx" and (out / fp16["file"]).is_file()
+        assert fp16["error_vs_fp32"]["within_tolerance"] and 0 < fp16["error_vs_fp32"]["relative"] < artifact["fp16_tolerance"]
 
 
 def test_build_without_tensorrt_is_a_clear_error(cpu_export: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -160,13 +201,6 @@ def test_runtime_refuses_a_manifest_for_another_model(cpu_export: Path, tmp_path
         Pipeline.from_pretrained("tiny", backend="onnxruntime", engines=other)
 
 
-@pytest.mark.parametrize("size, message", [("12x512", "multiples of 16"), ("big", "is not HxW")])
-def test_bad_cut3r_size(size: str, message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert export_cli.main(["--target", "cpu", "--out", str(tmp_path / "x"), "--cut3r-size", size]) == 2
-    assert message in capsys.readouterr().err
-    assert not (tmp_path / "x").exists()
-
-
 def test_parity_tolerance_scales_with_the_output() -> None:
     """atol applies per unit of the output's magnitude once it exceeds 1 (CUT3R's memory grows
     to tens over a recurrence, and CroCo's float16 rounding of q/k flips by one step between
@@ -183,3 +217,28 @@ def test_parity_tolerance_scales_with_the_output() -> None:
     assert not compare(spec, [large], [large.numpy() + np.float32([0.0, 6e-3, 0.0])]).within_tolerance
     small = torch.tensor([1.0, 0.0, -0.5])
     assert not compare(spec, [small], [small.numpy() + np.float32([0.0, 9e-4, 0.0])]).within_tolerance
+
+
+def test_frames_outside_the_served_sizes_are_refused(cpu_export: Path) -> None:
+    """Wider than 4:1, or a long side other than the model's: one clear line, before running."""
+    camera = Pipeline.from_pretrained("tiny", backend="onnxruntime", engines=cpu_export).stages.camera
+    for size in ((112, 512), (512, 96), (384, 480)):
+        with pytest.raises(InputError, match=rf"a {size[0]}x{size[1]} CUT3R input is outside what the export serves .* no wider than 4:1"):
+            camera.encode(torch.zeros(1, 3, *size))
+
+
+@pytest.mark.parametrize(
+    "long_side, min_short, sizes",
+    [
+        (512, 128, {"4:3": (384, 512), "16:9": (288, 512), "9:16": (512, 288), "1:1": (512, 512)}),
+        (224, 64, {"4:3": (160, 224), "16:9": (112, 224), "9:16": (224, 112), "1:1": (224, 224)}),
+        (500, 128, {"4:3": (368, 496), "16:9": (272, 496), "9:16": (496, 272), "1:1": (496, 496)}),  # floored to the patch
+    ],
+)
+def test_cut3r_sizes_keep_the_long_side_and_floor_the_short_one(long_side: int, min_short: int, sizes: dict) -> None:
+    served = graphs.ImageSizes.for_model(long_side, 16)
+    assert served.min_short_side == min_short
+    assert {label: served.aspect(*ratio) for label, ratio in graphs.PARITY_ASPECTS.items()} == sizes
+    served.check(min_short, served.long_side)
+    with pytest.raises(InputError, match="outside what the export serves"):
+        served.check(min_short - 16, served.long_side)

@@ -7,11 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from loc3r.engines.targets import load_target
 from loc3r.errors import InputError
 from loc3r.export import cli as export_cli
 from loc3r.export.manifest import load_manifest
-from loc3r.export.tensorrt_build import device_build_plan
 from loc3r.runtime.demo_video import write_demo_video
 from loc3r.runtime.generate import SamplingConfig
 from loc3r.runtime.pipeline import Pipeline
@@ -62,12 +60,19 @@ def test_other_frame_size_names_the_re_export(vggt_export: Path, tmp_path: Path)
         pipeline.open(wide, 2)
 
 
-def test_tensorrt_plan_gives_the_clip_a_frame_profile(vggt_export: Path) -> None:
-    plan = device_build_plan(load_manifest(vggt_export).data, load_target("jetson-orin"))
-    engine = plan["engines"]["vggt_encode"]
+def test_jetson_export_gives_the_clip_a_frame_profile_and_an_fp16_graph(tmp_path: Path) -> None:
+    out = tmp_path / "orin-vggt"
+    assert export_cli.main(["--model", "tiny-vggt", "--target", "jetson-orin", "--out", str(out), "--llm", "none"]) == 0
+    manifest = load_manifest(out)
+    assert "cut3r_input" not in manifest.data and set(manifest.artifacts) == {"vggt_encode", "vision", "pose_head", "bev_head"}
+    fp16 = manifest.artifacts["vggt_encode"]["fp16"]
+    assert fp16["file"] == "vggt_encode.fp16.onnx" and fp16["error_vs_fp32"]["relative"] <= fp16["error_vs_fp32"]["tolerance"]
+    engine = manifest.data["device_build"]["engines"]["vggt_encode"]
     assert engine["engine"] == "vggt_encode_trt10.3_sm87.engine"
-    assert engine["profile"] == {"images": [[1, 3, *SIZE], [32, 3, *SIZE], [64, 3, *SIZE]]}
+    assert engine["profiles"] == [{"images": [[1, 3, *SIZE], [32, 3, *SIZE], [64, 3, *SIZE]]}]
     assert "--minShapes=images:1x3x168x224" in engine["trtexec"] and "--maxShapes=images:64x3x168x224" in engine["trtexec"]
+    items = {i["name"] for i in manifest.data["memory_plan"]["items"]}
+    assert "VGGT clip (32 frames)" in items and not any(name.startswith("CUT3R") for name in items)
 
 
 @pytest.mark.parametrize(

@@ -105,7 +105,27 @@ class Cut3rCameraEncoder(nn.Module):
         ``first_frame`` as a Python bool picks the path; as a (B,) tensor of 0/1 it selects
         per item with ``where`` (one exported graph for every frame, no control flow).
         """
-        feat, pos = self._encode_image(image)
+        feat, pos = self.encode_images(image)
+        return self.decode_step(feat, pos, state_feat, memory, first_frame)
+
+    def encode_images(self, image: Tensor) -> tuple[Tensor, Tensor]:
+        """The state-independent half of a step: ViT tokens after ``enc_norm`` (B, N, enc_dim)
+        and their patch positions (N, 2). Frames of one size can be encoded in one batch."""
+        c = self.config
+        x, h, w = self.patch_embed(image)
+        pos = patch_positions(h, w, device=x.device)
+        # float16 tables: CroCo's encoder rounds q and k to float16 before RoPE, even in fp32
+        rope = rope_tables(pos, c.enc_embed_dim // c.enc_num_heads, c.rope_freq, torch.float16)
+        for blk in self.enc_blocks:
+            x = blk(x, rope)
+        return self.enc_norm(x), pos
+
+    def decode_step(
+        self, feat: Tensor, pos: Tensor, state_feat: Tensor, memory: Tensor, first_frame: bool | Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """The recurrent half of a step, from ``encode_images``' output: pose query (the
+        pose token on the first frame, a memory read afterwards), two-stream decoder,
+        memory write -> (camera token, new state_feat, new memory)."""
         mean_feat = feat.mean(dim=1, keepdim=True)
         first_pose = self.pose_token.expand(feat.shape[0], -1, -1)
         if isinstance(first_frame, Tensor):
@@ -119,17 +139,6 @@ class Cut3rCameraEncoder(nn.Module):
         camera = img[:, :1]
         new_memory = self.pose_retriever.write(memory, mean_feat, camera)
         return camera[:, 0], new_state, new_memory
-
-    def _encode_image(self, image: Tensor) -> tuple[Tensor, Tensor]:
-        """Encoder tokens after ``enc_norm`` (B, N, enc_dim) and their positions (N, 2)."""
-        c = self.config
-        x, h, w = self.patch_embed(image)
-        pos = patch_positions(h, w, device=x.device)
-        # float16 tables: CroCo's encoder rounds q and k to float16 before RoPE, even in fp32
-        rope = rope_tables(pos, c.enc_embed_dim // c.enc_num_heads, c.rope_freq, torch.float16)
-        for blk in self.enc_blocks:
-            x = blk(x, rope)
-        return self.enc_norm(x), pos
 
     def _decode(
         self, feat: Tensor, pos: Tensor, pose: Tensor, state: Tensor

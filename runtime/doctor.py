@@ -1,0 +1,242 @@
+"""``loc3r-doctor [--engines DIR]``: what this machine can run, on one screen, every problem
+with its fix; with ``--engines``, whether this device can run that export and how.
+
+Exit code 0 when nothing blocks, 1 when a problem was found (2 for bad arguments).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import platform
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from loc3r.cli_support import ArgumentParser, run_cli
+from loc3r.errors import Loc3rError
+from loc3r.runtime.ort import distribution
+
+PROG = "loc3r-doctor"
+TEGRA_RELEASE = Path("/etc/nv_tegra_release")
+JETSON_ORT_INDEX = "https://pypi.jetson-ai-lab.io/jp6/cu126"
+GIB = 1 << 30
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One line of the report; ``problem`` and ``fix`` when something is wrong."""
+
+    label: str
+    value: str
+    problem: str | None = None
+    fix: str | None = None
+
+
+@dataclass
+class Machine:
+    """What the probes found, shared by the checks that follow them."""
+
+    jetson: str | None = None  # the L4T release, on a Jetson
+    gpu: Any = None  # runtime.cuda.GpuInfo
+    trt_version: str | None = None
+    providers: tuple[str, ...] = ()
+
+
+def module_version(name: str) -> str | None:
+    """``__version__`` of an importable module, or None when it does not import."""
+    try:
+        module = importlib.import_module(name)
+    except ImportError:
+        return None
+    return str(getattr(module, "__version__", "?"))
+
+
+def jetson_release() -> str | None:
+    """``L4T R36.4.0`` on a Jetson (from /etc/nv_tegra_release), else None."""
+    try:
+        first = TEGRA_RELEASE.read_text(encoding="utf-8", errors="replace").splitlines()[0]
+    except (OSError, IndexError):
+        return None
+    fields = dict(part.strip().split(": ", 1) for part in first.lstrip("# ").split(",") if ": " in part)
+    release, revision = first.lstrip("# ").split(" ", 1)[0], fields.get("REVISION", "?")
+    return f"L4T {release}.{revision}"
+
+
+def system_site_packages() -> bool | None:
+    """Whether this venv sees the system's packages (None outside a venv)."""
+    if sys.prefix == sys.base_prefix:
+        return None
+    config = Path(sys.prefix) / "pyvenv.cfg"
+    text = config.read_text(encoding="utf-8") if config.is_file() else ""
+    return any(line.replace(" ", "").lower() == "include-system-site-packages=true" for line in text.splitlines())
+
+
+# -- checks ------------------------------------------------------------------------------------
+
+
+def check_platform(machine: Machine) -> Finding:
+    machine.jetson = jetson_release()
+    where = f"Jetson, {machine.jetson}" if machine.jetson else platform.system()
+    return Finding("platform", f"{where}, {platform.machine()}")
+
+
+def check_python(machine: Machine) -> Finding:
+    shared = system_site_packages()
+    venv = "no venv" if shared is None else f"venv {sys.prefix}, system site-packages: {'yes' if shared else 'no'}"
+    finding = Finding("python", f"{platform.python_version()} ({venv})")
+    if machine.jetson and shared is False and module_version("tensorrt") is None:
+        return Finding(
+            finding.label,
+            finding.value,
+            "this venv hides JetPack's TensorRT (it lives in the system Python)",
+            "recreate it: python3 -m venv --system-site-packages .venv && .venv/bin/pip install -e '.[jetson]'",
+        )
+    return finding
+
+
+def check_torch(machine: Machine) -> Finding:
+    try:
+        import torch
+    except ImportError:
+        return Finding("torch", "not installed", "loc3r needs torch (CPU is enough)", "pip install -e .")
+    cuda = torch.cuda.is_available()
+    note = "" if cuda else " (the onnxruntime and tensorrt backends do not need it)"
+    return Finding("torch", f"{torch.__version__}, CUDA: {'yes' if cuda else 'no'}{note}")
+
+
+def check_onnxruntime(machine: Machine) -> Finding:
+    cpu, gpu = distribution("onnxruntime"), distribution("onnxruntime-gpu")
+    install_gpu = f"pip install onnxruntime-gpu --index-url {JETSON_ORT_INDEX}" if machine.jetson else "pip install -e '.[gpu]'"
+    if cpu and gpu:
+        return Finding(
+            "onnxruntime",
+            f"onnxruntime {cpu} AND onnxruntime-gpu {gpu}",
+            "both builds are installed: they overwrite each other's files",
+            f"pip uninstall -y onnxruntime onnxruntime-gpu && {install_gpu}",
+        )
+    try:
+        import onnxruntime
+    except ImportError:
+        fix = install_gpu if machine.gpu else "pip install -e '.[cpu]'"
+        return Finding("onnxruntime", "not installed", "ONNX Runtime is needed to export, to check engines at build, for the LLM and for --backend onnxruntime", fix)
+    machine.providers = tuple(onnxruntime.get_available_providers())
+    shown = ", ".join(p.removesuffix("ExecutionProvider") for p in machine.providers)
+    finding = Finding("onnxruntime", f"{onnxruntime.__version__} ({'onnxruntime-gpu' if gpu else 'onnxruntime'}), providers: {shown}")
+    if machine.gpu and "CUDAExecutionProvider" not in machine.providers:
+        return Finding(finding.label, finding.value, "a GPU is here but ONNX Runtime has no CUDA provider", f"pip uninstall -y onnxruntime && {install_gpu}")
+    return finding
+
+
+def check_tensorrt(machine: Machine) -> Finding:
+    machine.trt_version = module_version("tensorrt")
+    if machine.trt_version:
+        return Finding("tensorrt", machine.trt_version)
+    if machine.gpu is None:
+        return Finding("tensorrt", "not installed (needed only on a GPU device)")
+    if machine.jetson:
+        fix = "sudo apt install python3-libnvinfer (JetPack), in a venv made with --system-site-packages"
+    else:
+        fix = "pip install -e '.[tensorrt]'"
+    return Finding("tensorrt", "not importable", "no TensorRT: --backend tensorrt and loc3r-export build cannot run here", fix)
+
+
+def check_gpu(machine: Machine) -> list[Finding]:
+    """cuda-python and the GPU it sees (a CUDA torch is only a fallback for the GPU facts)."""
+    from loc3r.runtime.cuda import gpu_info
+
+    try:
+        machine.gpu = gpu_info()
+    except Loc3rError as exc:
+        version = distribution("cuda-python")
+        if machine.jetson:
+            problem, fix = exc.problem, "pip install -e '.[jetson]' (cuda-python 12 for JetPack 6's CUDA 12.6)"
+            return [Finding("cuda-python", version or "not installed"), Finding("GPU", "none visible", problem, fix)]
+        return [Finding("cuda-python", version or "not installed"), Finding("GPU", exc.problem)]
+    gpu = machine.gpu
+    shown = Finding("GPU", f"{gpu.name} (sm_{gpu.sm}), {gpu.total_bytes / GIB:.1f} GiB, {gpu.free_bytes / GIB:.1f} GiB free (via {gpu.source})")
+    if gpu.source == "cuda-python":
+        return [Finding("cuda-python", distribution("cuda-python") or "installed"), shown]
+    missing = Finding("cuda-python", "not installed", "the tensorrt backend needs cuda-python (it does not use CUDA torch)", "pip install 'cuda-python>=12,<13'")
+    return [missing, shown]
+
+
+def check_manifest(machine: Machine, engines: Path) -> list[Finding]:
+    """Can this device run the export in ``engines``, and with which backend."""
+    from loc3r.export.manifest import load_manifest
+    from loc3r.export.tensorrt_build import engine_file_name
+
+    try:
+        manifest = load_manifest(engines)
+    except Loc3rError as exc:
+        return [Finding("export", str(engines), exc.problem, exc.fix)]
+    data = manifest.data
+    plan = data.get("device_build")
+    target = data["target"]["name"]
+    size = sum(p.stat().st_size for p in manifest.root.rglob("*") if p.is_file()) / GIB
+    head = Finding("export", f"{manifest.root}: target {target}, {data['precision']}, {size:.2f} GiB on disk")
+    if not plan:
+        return [head, Finding("  backends", "torch, onnxruntime (CPU provider)")]
+    findings = [head]
+    if machine.gpu is None:
+        return [*findings, Finding("  device", "no GPU", f"{target} is a GPU export", "run it on the device, or export with --target cpu")]
+    built = data.get("engines")
+    if built:
+        wanted = {engine_file_name(n, machine.trt_version or "0.0", machine.gpu.sm) for n in built["files"]}
+        if machine.trt_version and set(built["files"].values()) == wanted:
+            findings.append(Finding("  tensorrt backend", f"engines for TensorRT {built['trt_version']} / sm_{built['sm']}: usable here"))
+        else:
+            here = f"TensorRT {machine.trt_version or 'missing'} / sm_{machine.gpu.sm}"
+            findings.append(Finding("  tensorrt backend", f"engines for TensorRT {built['trt_version']} / sm_{built['sm']}", f"this device has {here}", f"loc3r-export build --manifest {manifest.root}/manifest.json"))
+    else:
+        findings.append(Finding("  tensorrt backend", "engines not built yet", "--backend tensorrt needs them", f"loc3r-export build --manifest {manifest.root}/manifest.json"))
+    if "CUDAExecutionProvider" in machine.providers:
+        findings.append(Finding("  onnxruntime backend", "GPU providers present: --backend onnxruntime can run it"))
+    if size > machine.gpu.free_bytes / GIB:
+        findings.append(Finding("  memory", f"{size:.2f} GiB of artifacts, {machine.gpu.free_bytes / GIB:.1f} GiB free", "the export may not fit in free memory", "close other programs, or export a smaller LLM format (--llm int4)"))
+    return findings
+
+
+def diagnose(engines: Path | None = None) -> list[Finding]:
+    """Every check, in the order shown."""
+    machine = Machine()
+    findings = [check_platform(machine), check_python(machine), check_torch(machine)]
+    gpu = check_gpu(machine)
+    findings += [check_onnxruntime(machine), check_tensorrt(machine), *gpu]
+    if engines is not None:
+        findings += check_manifest(machine, engines)
+    return findings
+
+
+def render(findings: Sequence[Finding]) -> str:
+    """The one-screen report: one line per finding, then the problems with their fixes."""
+    width = max(len(f.label) for f in findings) + 2
+    lines = [f"{PROG}: this machine, for loc3r"]
+    lines += [f"  {f.label:<{width}}{f.value}{'   <- problem' if f.problem else ''}" for f in findings]
+    problems = [f for f in findings if f.problem]
+    if problems:
+        lines.append(f"{len(problems)} problem(s):")
+        lines += [f"  - {f.label.strip()}: {f.problem}" + (f"\n    fix: {f.fix}" if f.fix else "") for f in problems]
+    else:
+        lines.append("no problems found")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = ArgumentParser(prog=PROG, description="Check this machine (and an export) for loc3r: versions, GPU, providers, engines; every problem with its fix.")
+    parser.add_argument("--engines", type=Path, help="an export folder (loc3r-export --out): can this device run it?")
+    parser.add_argument("--debug", action="store_true")
+    args: argparse.Namespace = parser.parse_args(argv)
+
+    def body() -> int:
+        findings = diagnose(args.engines)
+        print(render(findings))
+        return 1 if any(f.problem for f in findings) else 0
+
+    return run_cli(PROG, body, args.debug)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
