@@ -205,48 +205,22 @@ def bundle_parameters(bundle: Path) -> dict[str, int]:
 
 
 def predicted_files(bundle: Path, manifest: dict[str, Any]) -> dict[str, int]:
-    """Bytes each exported file (graph + its external data together) should take.
+    """Bytes each exported graph (with its external data) and LLM file should take, as the
+    exporter's memory plan predicts them from the bundle's config for the manifest's target
+    (``loc3r.export.memory_plan.predicted_weights``, the figures it refuses targets with)."""
+    from loc3r.engines.targets import load_target
+    from loc3r.export.llm import llm_form
+    from loc3r.export.memory_plan import predicted_weights
+    from loc3r.models.config import Loc3rConfig
 
-    Graphs store float32 weights; the LLM decoder its MatMul weights at the manifest's
-    quantization (int4/int8 with a float32 scale per block, as MatMulNBits over float32
-    activations stores them; fp16 or fp32 otherwise) and its norms and biases in float32;
-    the embedding table at the manifest's dtype.
-    """
-    params = bundle_parameters(bundle)
-
-    def total(*prefixes: str) -> int:
-        return sum(n for name, n in params.items() if name.startswith(prefixes))
-
-    width = manifest["model"]["llm_width"]
-    cut3r = manifest["artifacts"]["cut3r_step"]
-    state, memory = (math.prod(t["shape"]) for t in cut3r["inputs"] if t["name"] in ("state", "memory"))
-    out = {
-        "cut3r_step.onnx": 4 * total("camera_encoder.", "heads.f_cam."),
-        "vision.onnx": 4 * total("vision."),
-        "pose_head.onnx": 4 * total("heads.f_pos.", "heads.f_ori."),
-        "bev_head.onnx": 4 * total("heads.f_bev."),
-        cut3r["initial_state"]: 4 * (state + memory),
-    }
-    video_end = manifest["artifacts"]["vision"].get("video_end")
-    if video_end:
-        out[video_end] = 4 * width * _end_tokens(bundle)
+    target = load_target(manifest["target"]["name"])
     llm = manifest.get("llm")
+    form = llm_form(target, llm["quantization"]["layers"]) if llm else None
+    files = {name: entry["file"] for name, entry in manifest["artifacts"].items()}
     if llm:
-        quant = llm["quantization"]
-        block = quant["block_size"]
-        layer_weights = sum(n for name, n in params.items() if name.startswith("llm.model.layers.") and name.endswith("proj.weight"))
-        head = params.get("llm.lm_head.weight", 0)
-        small = total("llm.model.layers.", "llm.model.norm.") - layer_weights
-        decoder_bits = layer_weights * bits_per_weight(quant["layers"], block, 32) + head * bits_per_weight(quant["lm_head"], block, 32)
-        out["llm/" + llm["decoder"]["file"]] = round(decoder_bits / 8) + 4 * small
-        embed_bytes = {"float32": 4, "float16": 2}[llm["embeddings"]["dtype"]]
-        out["llm/" + llm["embeddings"]["file"]] = embed_bytes * params.get("llm.model.embed_tokens.weight", 0)
-    return out
-
-
-def _end_tokens(bundle: Path) -> int:
-    config = json.loads((bundle / "config.json").read_text(encoding="utf-8"))
-    return int(config.get("newline_position") == "one_token")
+        files.update({"llm decoder": llm["decoder"]["file"], "llm embedding table": llm["embeddings"]["file"]})
+    weights = predicted_weights(Loc3rConfig.load(bundle), target, form)
+    return {files[name]: w.disk for name, w in weights.items() if name in files}
 
 
 def artifact_rows(export: Path, bundle: Path) -> list[dict[str, Any]]:

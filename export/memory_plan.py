@@ -231,13 +231,17 @@ def predicted_weights(config: Loc3rConfig, target: Target, form: LLMForm | None)
 
     with torch.device("meta"):
         model = Loc3rModel(config)
-    heads = model.heads
-    counts = {
-        "cut3r_step": _count(model.camera_encoder) + _count(heads.f_cam),
-        "vision": _count(model.vision),
-        "pose_head": _count(heads.f_pos) + _count(heads.f_ori),
-        "bev_head": _count(heads.f_bev),
-    }
+    heads, camera = model.heads, model.camera_encoder
+    if config.encoder_3d == "vggt":
+        counts = {"vggt_encode": _count(camera) + _count(heads.f_cam)}
+    else:  # the ViT in cut3r_encoder; the rest but the state's register tokens (cut3r_init) in cut3r_step
+        encoder = _count(camera.patch_embed) + _count(camera.enc_blocks) + _count(camera.enc_norm)
+        counts = {"cut3r_encoder": encoder, "cut3r_step": _count(camera) - encoder - _count(camera.register_tokens) + _count(heads.f_cam)}
+    counts.update(
+        vision=_count(model.vision),
+        pose_head=_count(heads.f_pos) + _count(heads.f_ori),
+        bev_head=_count(heads.f_bev),
+    )
     half = target.build.precision == "fp16"
     weights = {name: Weights(4 * n, 2 * n if half else 4 * n) for name, n in counts.items()}
     if form is not None:
