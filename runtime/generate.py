@@ -1,14 +1,20 @@
-"""Token generation over any LLM that maps the last token to next-token logits."""
+"""Token generation over any LLM that maps the last token to next-token logits.
+
+torch is imported where a token is picked, so the command line's argument parsing (which
+uses ``SamplingConfig`` and ``TextStream``) does not load it.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
-from torch import Tensor
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor
 
-from loc3r.models.tokenizer import TextTokenizer
+    from loc3r.models.tokenizer import TextTokenizer
 
 
 @dataclass(frozen=True)
@@ -23,6 +29,8 @@ class SamplingConfig:
 
 def pick_token(logits: Tensor, sampling: SamplingConfig, generator: torch.Generator) -> int:
     """Choose the next token from logits (vocab,)."""
+    import torch
+
     if sampling.temperature <= 0.0:
         return int(torch.argmax(logits))
     probs = torch.softmax(logits.float() / sampling.temperature, dim=-1)
@@ -45,6 +53,8 @@ def generate(
     The stop token is not returned; ``decode_step(token)`` feeds a token and returns the
     next logits.
     """
+    import torch
+
     generator = torch.Generator().manual_seed(sampling.seed)
     tokens: list[int] = []
     logits = first_logits

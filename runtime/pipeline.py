@@ -22,7 +22,7 @@ from loc3r.models.prompt import build_video_prefix
 from loc3r.models.tiny import loc3r_home, resolve_model
 from loc3r.models.vision import vision_tokens_per_frame
 from loc3r.progress import ProgressBar
-from loc3r.runtime.encoding_cache import EncodingCache
+from loc3r.runtime.encoding_cache import CachedVideo, EncodingCache
 from loc3r.runtime.generate import SamplingConfig
 from loc3r.runtime.prefetch import prefetched
 from loc3r.runtime.preprocess import cut3r_input, siglip_input
@@ -117,9 +117,8 @@ class Pipeline:
         if self._session is not None and self._session_key == key:
             return self._session
         self.check_frames_fit(num_frames)
-        cache_key = self._cache_key(Path(video), num_frames)
-        cached = self.cache.load(cache_key) if cache_key else None
         session = self.new_session(str(video), with_bev)
+        cache_key, cached = session.timer.measure("cache_read", self._read_cache, Path(video), num_frames)
         if cached is not None:
             session.add_blocks(cached.encoded)
             session.report["encoding_cache"] = "hit"
@@ -128,7 +127,7 @@ class Pipeline:
             frames = iter_frames(video, num_frames)
             bar = ProgressBar(len(frames.indices), "encoding frames", show_progress)
             if streaming:
-                for frame in prefetched(timed(frames, session.timer.add), PREFETCH_FRAMES):
+                for frame in timed(prefetched(frames, PREFETCH_FRAMES), session.timer.add):
                     session.add_frame(frame)
                     bar.advance()
             else:
@@ -166,10 +165,10 @@ class Pipeline:
         state = None
         cameras = []
         for frame in frames:
-            image = cut3r_input(frame.rgb, self.config.cut3r_long_side)
+            image = session.timer.measure("preprocess", cut3r_input, frame.rgb, self.config.cut3r_long_side)
             camera, state = session.timer.measure("encode_3d", self.stages.camera.step, image, state)
             cameras.append(camera)
-        pixels = siglip_input([f.rgb for f in frames], self.config.vision.image_size)
+        pixels = session.timer.measure("preprocess", siglip_input, [f.rgb for f in frames], self.config.vision.image_size)
         vision = session.timer.measure("encode_vision", self.stages.vision.encode, pixels)
         encoded.blocks = [torch.cat([c[None], v]) for c, v in zip(cameras, vision, strict=True)]
         encoded.indices = [f.index for f in frames]
@@ -186,14 +185,20 @@ class Pipeline:
         on_token: Callable[[int], None] | None = None,
         with_bev: bool = False,
     ) -> Answer:
-        """Answer ``question`` about ``video`` (opened, or reused if it is the one held)."""
-        session = self.open(video, num_frames, with_bev)
-        return session.ask(question, situation, sampling, on_token)
+        """Answer ``question`` about ``video`` (opened, or reused if it is the one held).
 
-    def _cache_key(self, video: Path, num_frames: int) -> str | None:
+        Time to first token counts from this call: it includes opening the video, unless
+        the pipeline already held it.
+        """
+        given_at = time.perf_counter()
+        session = self.open(video, num_frames, with_bev)
+        return session.ask(question, situation, sampling, on_token, given_at)
+
+    def _read_cache(self, video: Path, num_frames: int) -> tuple[str | None, CachedVideo | None]:
+        """The encoding-cache key of ``video`` (None without a cache) and its entry, if any."""
         if self.cache is None or not video.is_file():
-            return None
-        return self.cache.key(
+            return None, None
+        key = self.cache.key(
             video,
             model=self.bundle.checksum,
             backend=self.model_info.backend,
@@ -201,6 +206,7 @@ class Pipeline:
             cut3r_long_side=self.config.cut3r_long_side,
             vision_size=self.config.vision.image_size,
         )
+        return key, self.cache.load(key)
 
 
 def default_cache_dir() -> Path:
@@ -208,13 +214,13 @@ def default_cache_dir() -> Path:
     return loc3r_home() / "cache" / "encodings"
 
 
-def timed(frames: Iterable[Frame], add: Callable[[str, float], None]) -> Iterable[Frame]:
-    """Yield ``frames``, adding the time spent producing each to the ``decode`` stage."""
+def timed(frames: Iterable[Frame], add: Callable[[str, float, float], None]) -> Iterable[Frame]:
+    """Yield ``frames``, adding the time spent waiting for each to the ``decode`` stage."""
     iterator = iter(frames)
     while True:
         start = time.perf_counter()
         frame = next(iterator, None)
-        add("decode", time.perf_counter() - start)
+        add("decode", time.perf_counter() - start, start)
         if frame is None:
             return
         yield frame

@@ -1,9 +1,9 @@
 """One video held in the LLM's KV cache, grown frame by frame, asked any number of questions.
 
 The cache holds ``head`` (system turn + user header), then one block per frame as soon
-as the frame is encoded (incremental prefill), then, once the video is complete, the
-time instruction. A question appends its suffix, generates, and cuts the cache back, so
-the next question pays only for its own tokens. For a live source the time instruction
+as the frame is encoded (incremental prefill; the head goes in with the first blocks),
+then, once the video is complete, the time instruction. A question appends its suffix,
+generates, and cuts the cache back, so the next question pays only for its own tokens. For a live source the time instruction
 is added when a question arrives and cut back with it, so frames can keep coming.
 """
 
@@ -42,20 +42,40 @@ class Stages:
 
 
 class StageTimer:
-    """Accumulates wall-clock seconds per named stage."""
+    """Wall-clock seconds per named stage, each measurement kept with its start time, so
+    that a question can tell which video stages it waited for."""
 
     def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
+        self._spans: list[tuple[str, float, float]] = []  # (stage, start, seconds)
+        self._lock = threading.Lock()
 
-    def add(self, stage: str, seconds: float) -> None:
-        self.seconds[stage] = self.seconds.get(stage, 0.0) + seconds
+    @property
+    def seconds(self) -> dict[str, float]:
+        """Seconds per stage over every measurement."""
+        return self.since(float("-inf"))
+
+    def since(self, start: float) -> dict[str, float]:
+        """Seconds per stage of the measurements that began at or after ``start``
+        (``time.perf_counter()``)."""
+        totals: dict[str, float] = {}
+        with self._lock:
+            for stage, began, seconds in self._spans:
+                if began >= start:
+                    totals[stage] = totals.get(stage, 0.0) + seconds
+        return totals
+
+    def add(self, stage: str, seconds: float, start: float | None = None) -> None:
+        """Record ``seconds`` of ``stage`` that began at ``start`` (default: ``seconds`` ago)."""
+        began = time.perf_counter() - seconds if start is None else start
+        with self._lock:
+            self._spans.append((stage, began, seconds))
 
     def measure(self, stage: str, fn: Callable[..., object], *args: object) -> object:
         start = time.perf_counter()
         try:
             return fn(*args)
         finally:
-            self.add(stage, time.perf_counter() - start)
+            self.add(stage, time.perf_counter() - start, start)
 
 
 @dataclass
@@ -86,12 +106,10 @@ class VideoSession:
         self._pending: list[tuple[Frame, Tensor]] = []  # frames waiting for a vision batch
         self._bev: list[np.ndarray] = []
         self._lock = threading.RLock()
-        self._blocks_end = 0  # cache length after the last prefilled frame block
+        self._blocks_end = 0  # cache length after the last prefilled frame block (the head goes in with the first)
         self._tail_in_cache = False
         self._vision_tokens = vision_tokens_per_frame(self.config)
         stages.llm.reset()
-        self._prefill("prefill_video", self._head_ids())
-        self._blocks_end = stages.llm.cached_length
 
     # -- frames ---------------------------------------------------------------------------
 
@@ -101,7 +119,7 @@ class VideoSession:
             if self.duration_s is not None:
                 raise InputError("the video is already complete", "open a new session for more frames")
             self._drop_tail()
-            image = cut3r_input(frame.rgb, self.config.cut3r_long_side)
+            image = self.timer.measure("preprocess", cut3r_input, frame.rgb, self.config.cut3r_long_side)
             camera, self._camera_state = self.timer.measure("encode_3d", self.stages.camera.step, image, self._camera_state)
             self._pending.append((frame, camera))
             if len(self._pending) >= VISION_BATCH:
@@ -133,19 +151,24 @@ class VideoSession:
         if not self._pending:
             return
         frames = [frame for frame, _ in self._pending]
-        pixels = siglip_input([f.rgb for f in frames], self.config.vision.image_size)
+        pixels = self.timer.measure("preprocess", siglip_input, [f.rgb for f in frames], self.config.vision.image_size)
         vision = self.timer.measure("encode_vision", self.stages.vision.encode, pixels)
         blocks = [torch.cat([camera[None], tokens]) for (_, camera), tokens in zip(self._pending, vision, strict=True)]
         self._pending = []
         self._append_blocks(blocks, [f.index for f in frames], [f.timestamp_s for f in frames])
 
     def _append_blocks(self, blocks: list[Tensor], indices: list[int], timestamps: list[float]) -> None:
+        """Prefill frame blocks after those cached; the first ones go in with the head, in
+        one causal pass over an empty cache (transformers' fast attention path)."""
         if not blocks:
             return
-        self._check_length(self._blocks_end + len(blocks) * blocks[0].shape[0])
-        hidden = self._prefill_embeds("prefill_video", torch.cat(blocks)).hidden_states
+        embeds = torch.cat(blocks)
+        if self._blocks_end == 0:
+            embeds = torch.cat([self.stages.llm.embed(self._head_ids()), embeds])
+        self._check_length(self._blocks_end + embeds.shape[0])
+        hidden = self._prefill_embeds("prefill_video", embeds).hidden_states
         if self.with_bev:
-            self._bev.append(self._bev_points(hidden, len(blocks)))
+            self._bev.append(self._bev_points(hidden[-len(blocks) * blocks[0].shape[0] :], len(blocks)))
         self.encoded.blocks.extend(blocks)
         self.encoded.indices.extend(indices)
         self.encoded.timestamps_s.extend(timestamps)
@@ -159,25 +182,30 @@ class VideoSession:
         situation: str | None = None,
         sampling: SamplingConfig | None = None,
         on_token: Callable[[int], None] | None = None,
+        given_at: float | None = None,
     ) -> Answer:
-        """Answer from the frames so far; the pose comes from ``<Pos>``/``<Ori>``."""
+        """Answer from the frames so far; the pose comes from ``<Pos>``/``<Ori>``.
+
+        ``given_at`` (a ``time.perf_counter()`` reading) is when the caller was given the
+        question, when that was before the video was ready (a file opened for this
+        question): time to first token then counts from it and includes the video stages
+        run since. Without it, a question counts from this call (a follow-up, or a live
+        session). See :data:`loc3r.runtime.result.TIMINGS` for every timing.
+        """
         sampling = sampling or SamplingConfig()
         tokenizer = self.bundle.tokenizer
         suffix = build_question_suffix(tokenizer, question, situation)
+        start = time.perf_counter() if given_at is None else given_at
         with self._lock:
-            asked_at = time.perf_counter()
-            timings = dict(self.timer.seconds)
             self._flush_vision()
             if not self.encoded.blocks:
                 raise InputError(f"{self.source}: no frames have been encoded yet", "wait for frames, then ask")
-            tail_start = time.perf_counter()
             live_tail = self._ensure_tail()
-            timings["prefill_time_text"] = time.perf_counter() - tail_start
+            video_ready = time.perf_counter()
             prefix_length = self.stages.llm.cached_length
             self._check_length(prefix_length + len(suffix.ids) + sampling.max_new_tokens)
-            start = time.perf_counter()
             result = self.stages.llm.prefill(self.stages.llm.embed(suffix.ids))
-            timings["prefill_question"] = time.perf_counter() - start
+            prefill_question = time.perf_counter() - video_ready
             hidden = result.hidden_states
             xy, sigma, theta = self.stages.heads.pose(hidden[suffix.pos_offset], hidden[suffix.ori_offset])
             token_times: list[float] = []
@@ -190,14 +218,20 @@ class VideoSession:
             stop = {tokenizer.im_end_id, tokenizer.end_of_text_id}
             try:  # ``on_token`` may raise to stop early (a client gone): the cache is cut back all the same
                 tokens = generate(result.last_logits, self.stages.llm.decode, stop, sampling, record)
+                first_token = token_times[0] if token_times else time.perf_counter()  # a stop token first: generate returned at once
             finally:
                 self.stages.llm.truncate(self._blocks_end if live_tail else prefix_length)
                 if live_tail:
                     self._tail_in_cache = False
-        if token_times:
-            timings["ttft_s"] = token_times[0] - asked_at
-            if len(token_times) > 1:
-                timings["decode_tokens_per_s"] = (len(token_times) - 1) / (token_times[-1] - token_times[0])
+            timings = self.timer.since(start)  # the video stages this question waited for
+        timings |= {
+            "prefill_question": prefill_question,
+            "video_s": video_ready - start,
+            "question_to_first_token_s": first_token - video_ready,
+            "ttft_s": first_token - start,
+        }
+        if len(token_times) > 1:
+            timings["decode_tokens_per_s"] = (len(token_times) - 1) / (token_times[-1] - token_times[0])
         return Answer(
             question=question,
             situation=situation or "",
