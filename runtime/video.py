@@ -24,6 +24,8 @@ import av
 import numpy as np
 
 from loc3r.errors import InputError
+from loc3r.runtime.frame_index import FrameIndex, Read, index_from_entries, plan_reads, scan_packets
+from loc3r.runtime.keyframe_reader import KeyframeReader, LostTrack
 
 log = logging.getLogger(__name__)
 
@@ -151,40 +153,61 @@ def probe_video(path: str | Path, count_frames: bool = False) -> VideoInfo:
     ``duration x fps`` (mkv, webm, ts: flagged inexact), or a counting pass over the
     packets (no decoding) when ``count_frames`` is set or no duration is known.
     """
+    return _probe(path, count_frames)[0]
+
+
+def _probe(path: str | Path, count_frames: bool) -> tuple[VideoInfo, FrameIndex | None]:
+    """``probe_video`` and, when it was read on the way (``count_frames``), the frame index."""
     path = _check_path(path)
+    index = None
     with _open(path) as container:
         stream = _video_stream(container, path)
         fps = _fps(stream, path)
         total, exact = stream.frames, True
         if total <= 0:
             total, exact = _estimate_frames(container, stream, fps), False
-        if (count_frames and not exact) or total <= 0:
-            total, exact = _count_packets(path), True
-        if total <= 0:
-            raise InputError(f"{path}: no decodable video frames", _FIX_DAMAGED)
         _check_frame_size(stream, path)
         rotation = _first_frame_rotation(container, stream)
-        return VideoInfo(
-            path=path,
-            total_frames=total,
-            fps=fps,
-            duration_s=total / fps,
-            width=stream.width,
-            height=stream.height,
-            rotation_deg=rotation,
-            codec=stream.codec_context.name,
-            frame_count_exact=exact,
-        )
+        if count_frames:
+            index = index_from_entries(stream)
+        width, height, codec = stream.width, stream.height, stream.codec_context.name
+    if (count_frames and index is None) or total <= 0:
+        with _open(path) as container:
+            index = scan_packets(container, _video_stream(container, path))
+    if index is not None and (not exact or total <= 0):
+        total, exact = index.total_frames, True
+    if total <= 0:
+        raise InputError(f"{path}: no decodable video frames", _FIX_DAMAGED)
+    info = VideoInfo(
+        path=path,
+        total_frames=total,
+        fps=fps,
+        duration_s=total / fps,
+        width=width,
+        height=height,
+        rotation_deg=rotation,
+        codec=codec,
+        frame_count_exact=exact,
+    )
+    return info, index
 
 
 class FrameStream(Iterator[Frame]):
     """Iterator over the sampled frames of one video, with its ``info``, ``indices``
-    and a ``report`` that says how many sampled frames were actually decodable."""
+    and a ``report`` that says how many sampled frames were actually decodable.
 
-    def __init__(self, path: str | Path, num_frames: int) -> None:
-        self.info = probe_video(path, count_frames=True)
+    Frames are decoded sequentially, except that when the container's index is sound
+    and the samples are sparse the reader seeks to the keyframe before a sampled frame
+    instead of decoding the frames in between (``loc3r.runtime.frame_index``); the
+    frames are the same either way. ``seek=False`` always decodes sequentially.
+    """
+
+    def __init__(self, path: str | Path, num_frames: int, seek: bool = True) -> None:
+        self.info, index = _probe(path, count_frames=True)
         self.indices = sample_indices(self.info.total_frames, num_frames)
         self.report = VideoReadReport(requested=num_frames)
+        self._wanted = frozenset(self.indices)
+        self.reads = self._plan(index) if seek else None  # None: sequential
         self._frames = self._generate()
 
     def __next__(self) -> Frame:
@@ -194,24 +217,23 @@ class FrameStream(Iterator[Frame]):
         """Stop early and release the file (also happens when the stream is exhausted)."""
         self._frames.close()
 
+    def _plan(self, index: FrameIndex | None) -> list[Read] | None:
+        """The reading plan, or None (sequential) when the index is unsound."""
+        if index is None or not index.complete or index.total_frames != self.info.total_frames:
+            return None
+        self._index = index
+        return plan_reads(index, self.indices)
+
     def _generate(self) -> Iterator[Frame]:
         info, report = self.info, self.report
-        wanted = iter(self.indices)
-        target = next(wanted, None)
-        last: tuple[int, av.VideoFrame] | None = None
-        with _open(info.path) as container:
-            stream = _video_stream(container, info.path)
-            for index, frame in enumerate(_decode(container, stream, report)):
-                report.decoded_frames = index + 1
-                last = index, frame
-                if target == index:
-                    target = yield from self._emit(index, frame, target, wanted, until=index)
-                if target is None:
-                    break
-            if target is not None and last and report.decoded_frames >= info.total_frames - _count_slack(info):
-                before = report.yielded  # the header over-counted by a frame or two: use the last one
-                yield from self._emit(*last, target, wanted, until=info.total_frames)
-                report.substituted = report.yielded - before
+        targets = _Targets(self.indices)
+        if self.reads is not None:
+            try:
+                yield from self._planned(targets)
+            except LostTrack as reason:  # a damaged index, frames without timestamps: sequential takes over
+                log.debug("%s: left the reading plan (%s), decoding the rest sequentially", info.path, reason)
+        if targets.current is not None:
+            yield from self._sequential(targets)
         report.complete = True
         if report.yielded == 0:
             raise InputError(f"{info.path}: no decodable video frames", _FIX_DAMAGED)
@@ -221,19 +243,90 @@ class FrameStream(Iterator[Frame]):
                 info.path, report.yielded, report.requested,
             )
 
-    def _emit(
-        self, index: int, frame: av.VideoFrame, target: int | None, wanted: Iterator[int], until: int
-    ) -> Generator[Frame, None, int | None]:
-        """Yield frame ``index`` for ``target`` and each following target up to ``until``
-        (repeated yields are copies); return the next target still to decode."""
+    def _sequential(self, targets: _Targets) -> Iterator[Frame]:
+        """Decode every frame from the start, yielding the remaining targets as they come."""
+        info, report = self.info, self.report
+        last: tuple[int, av.VideoFrame] | None = None
+        decoded = 0
+        with _open(info.path) as container:
+            stream = _video_stream(container, info.path)
+            for index, frame in enumerate(_decode(container, stream, report)):
+                decoded = index + 1
+                report.decoded_frames += 1
+                last = index, frame
+                if targets.current == index:
+                    yield from self._emit(index, frame, targets, until=index)
+                if targets.current is None:
+                    break
+            if targets.current is not None and last and decoded >= info.total_frames - _count_slack(info):
+                before = report.yielded  # the header over-counted by a frame or two: use the last one
+                yield from self._emit(*last, targets, until=info.total_frames)
+                report.substituted = report.yielded - before
+
+    def _planned(self, targets: _Targets) -> Iterator[Frame]:
+        """Follow the plan: seek where it says, decode up to each target, yield it."""
+        path = self.info.path
+        with _open(path) as container:
+            stream = _video_stream(container, path)
+            frames: Generator | None = None  # the reader the last read left off in
+            try:
+                for read in self.reads:
+                    frame, frames = self._read(container, stream, frames, read)
+                    yield from self._emit(read.target, frame, targets, until=read.target)
+            finally:
+                if frames is not None:
+                    frames.close()
+
+    def _read(
+        self, container: av.container.InputContainer, stream: av.VideoStream, frames: Generator | None, read: Read
+    ) -> tuple[av.VideoFrame, Generator]:
+        """Frame ``read.target`` and the frames that follow it. A seek that lands after the
+        target (a leading picture of the keyframe's open GOP) is retried from the keyframe
+        before, twice at most."""
+        keyframe = read.seek_to
+        for _ in range(3):
+            if keyframe is not None or frames is None:
+                if frames is not None:
+                    frames.close()
+                frames = iter(KeyframeReader(container, stream, self._index, keyframe, self._wanted, self._count_decoded))
+            for number, frame in frames:
+                if number == read.target:
+                    return frame, frames
+                if number > read.target:
+                    break
+            else:
+                raise LostTrack(f"the stream ended before frame {read.target}")
+            if keyframe is None:
+                raise LostTrack(f"decoding on went past frame {read.target}")
+            keyframe = self._index.keyframe_at_or_before(keyframe.index - 1)
+            if keyframe is None:
+                break
+        raise LostTrack(f"no keyframe before frame {read.target} could be decoded from")
+
+    def _count_decoded(self) -> None:
+        self.report.decoded_frames += 1
+
+    def _emit(self, index: int, frame: av.VideoFrame, targets: _Targets, until: int) -> Iterator[Frame]:
+        """Yield frame ``index`` for the current target and each following one up to
+        ``until`` (repeated yields are copies)."""
         rgb = rotate_frame(frame_to_rgb(frame), frame.rotation)
         repeat = False
-        while target is not None and target <= until:
+        while targets.current is not None and targets.current <= until:
             self.report.yielded += 1
             yield Frame(index, index / self.info.fps, rgb.copy() if repeat else rgb)
             repeat = True
-            target = next(wanted, None)
-        return target
+            targets.advance()
+
+
+class _Targets:
+    """The sampled frame numbers still to yield, in order."""
+
+    def __init__(self, indices: list[int]) -> None:
+        self._rest = iter(indices)
+        self.current: int | None = next(self._rest, None)
+
+    def advance(self) -> None:
+        self.current = next(self._rest, None)
 
 
 def frame_to_rgb(frame: av.VideoFrame, max_side: int | None = None) -> np.ndarray:
@@ -347,18 +440,6 @@ def _count_slack(info: VideoInfo) -> int:
     """Frames a header may over-count (edit lists, a dropped tail frame) before a short
     stream counts as truncated rather than as a miscounted one."""
     return max(2, info.total_frames // 100)
-
-
-def _count_packets(path: Path) -> int:
-    with _open(path) as container:
-        stream = _video_stream(container, path)
-        count = 0
-        try:
-            for packet in container.demux(stream):
-                count += packet.size > 0
-        except av.FFmpegError:
-            pass  # truncated: count what is there
-        return count
 
 
 def _first_frame_rotation(container: av.container.InputContainer, stream: av.VideoStream) -> int:
