@@ -126,8 +126,8 @@ class Pipeline:
         else:
             frames = iter_frames(video, num_frames)
             bar = ProgressBar(len(frames.indices), "encoding frames", show_progress)
-            if streaming:
-                for frame in timed(prefetched(frames, PREFETCH_FRAMES), session.timer.add):
+            if streaming:  # decoding and resizing run ahead in a background thread
+                for frame in timed(prefetched(frames, PREFETCH_FRAMES, session.prepare), session.timer.add):
                     session.add_frame(frame)
                     bar.advance()
             else:
@@ -165,10 +165,10 @@ class Pipeline:
         state = None
         cameras = []
         for frame in frames:
-            image = session.timer.measure("preprocess", cut3r_input, frame.rgb, self.config.cut3r_long_side)
+            image = session.timer.measure("preprocess", cut3r_input, frame, self.config.cut3r_long_side)
             camera, state = session.timer.measure("encode_3d", self.stages.camera.step, image, state)
             cameras.append(camera)
-        pixels = session.timer.measure("preprocess", siglip_input, [f.rgb for f in frames], self.config.vision.image_size)
+        pixels = session.timer.measure("preprocess", siglip_input, frames, self.config.vision.image_size)
         vision = session.timer.measure("encode_vision", self.stages.vision.encode, pixels)
         encoded.blocks = [torch.cat([c[None], v]) for c, v in zip(cameras, vision, strict=True)]
         encoded.indices = [f.index for f in frames]

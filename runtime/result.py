@@ -14,8 +14,8 @@ import numpy as np
 # follow-up on a prepared video; each is main-thread time, so they sum to at most video_s.
 TIMINGS: dict[str, str] = {
     "cache_read": "video: hashing the file and reading its encoding-cache entry",
-    "decode": "video: waiting for decoded frames (decoding runs ahead in a background thread)",
-    "preprocess": "video: resizing and normalising frames for CUT3R and SigLIP",
+    "decode": "video: waiting for frames (decoding and resizing them run ahead in a background thread)",
+    "preprocess": "video: resizing frames for CUT3R and SigLIP where the main thread does it (reference order, live input)",
     "encode_3d": "video: CUT3R step + f_cam, every frame",
     "encode_vision": "video: SigLIP + projector + pooling + row newlines, every frame",
     "prefill_video": "video: LLM prefill of the video prefix (frame blocks, time instruction)",

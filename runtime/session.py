@@ -78,6 +78,16 @@ class StageTimer:
             self.add(stage, time.perf_counter() - start, start)
 
 
+@dataclass(frozen=True)
+class PreparedFrame:
+    """A frame made ready for the encoders: where it came from, its CUT3R and SigLIP inputs."""
+
+    index: int
+    timestamp_s: float
+    cut3r: Tensor  # (3, H, W) in [-1, 1]
+    siglip: Tensor  # (3, S, S) in [-1, 1]
+
+
 @dataclass
 class FrameBlocks:
     """Encoded frames: ``[camera, vision...]`` at LLM width, with where they came from."""
@@ -103,7 +113,7 @@ class VideoSession:
         self.duration_s: float | None = None  # set by finish(); None while frames may come
         self.report: dict[str, object] = {}
         self._camera_state: object | None = None
-        self._pending: list[tuple[Frame, Tensor]] = []  # frames waiting for a vision batch
+        self._pending: list[tuple[PreparedFrame, Tensor]] = []  # frames waiting for a vision batch
         self._bev: list[np.ndarray] = []
         self._lock = threading.RLock()
         self._blocks_end = 0  # cache length after the last prefilled frame block (the head goes in with the first)
@@ -113,14 +123,24 @@ class VideoSession:
 
     # -- frames ---------------------------------------------------------------------------
 
-    def add_frame(self, frame: Frame) -> None:
+    def prepare(self, frame: Frame) -> PreparedFrame:
+        """The encoders' inputs for ``frame``; safe to call from another thread (a decoder's)."""
+        return PreparedFrame(
+            frame.index,
+            frame.timestamp_s,
+            cut3r_input(frame, self.config.cut3r_long_side),
+            siglip_input([frame], self.config.vision.image_size)[0],
+        )
+
+    def add_frame(self, frame: Frame | PreparedFrame) -> None:
         """Encode one frame (CUT3R now; SigLIP in batches) and prefill finished blocks."""
         with self._lock:
             if self.duration_s is not None:
                 raise InputError("the video is already complete", "open a new session for more frames")
             self._drop_tail()
-            image = self.timer.measure("preprocess", cut3r_input, frame.rgb, self.config.cut3r_long_side)
-            camera, self._camera_state = self.timer.measure("encode_3d", self.stages.camera.step, image, self._camera_state)
+            if isinstance(frame, Frame):
+                frame = self.timer.measure("preprocess", self.prepare, frame)
+            camera, self._camera_state = self.timer.measure("encode_3d", self.stages.camera.step, frame.cut3r, self._camera_state)
             self._pending.append((frame, camera))
             if len(self._pending) >= VISION_BATCH:
                 self._flush_vision()
@@ -151,8 +171,7 @@ class VideoSession:
         if not self._pending:
             return
         frames = [frame for frame, _ in self._pending]
-        pixels = self.timer.measure("preprocess", siglip_input, [f.rgb for f in frames], self.config.vision.image_size)
-        vision = self.timer.measure("encode_vision", self.stages.vision.encode, pixels)
+        vision = self.timer.measure("encode_vision", self.stages.vision.encode, torch.stack([f.siglip for f in frames]))
         blocks = [torch.cat([camera[None], tokens]) for (_, camera), tokens in zip(self._pending, vision, strict=True)]
         self._pending = []
         self._append_blocks(blocks, [f.index for f in frames], [f.timestamp_s for f in frames])

@@ -1,15 +1,12 @@
 """Video input: probe a file, sample frames uniformly (LLaVA-Video), decode them with PyAV.
 
-Frames are decoded sequentially and only the sampled ones are converted to RGB, so memory
-stays flat whatever the video length. Timestamps follow LLaVA-Video: ``index / fps`` (for a
-variable-frame-rate video ``fps`` is the average rate, as in LLaVA-Video's decord reader).
-
-Large frames: a sampled frame whose long side exceeds ``MAX_DECODE_SIDE`` (2048) is scaled
-down to that long side (area averaging, aspect ratio kept) while it is converted to RGB,
-so a 4K or 8K frame never becomes a 25-100 MB array; both encoders shrink it much further
-anyway (CUT3R to a long side of 512, SigLIP to 384x384), so results barely move, and
-frames up to 2048 (1080p, 2K) are untouched and match the reference preprocessing
-exactly. Streams over ``MAX_DECODE_PIXELS`` (8192x8192) are refused before decoding.
+Only the sampled frames are kept, as decoded pictures (converted to RGB, or scaled to an
+encoder's input, on demand: ``loc3r.runtime.frame``), so memory stays flat whatever the
+video length. Sparse samples of a long video are reached by seeking to keyframes, dense
+ones by decoding on (``loc3r.runtime.frame_index``); the frames are the same either way.
+Timestamps follow LLaVA-Video: ``index / fps`` (for a variable-frame-rate video ``fps`` is
+the average rate, as in LLaVA-Video's decord reader). Streams over ``MAX_DECODE_PIXELS``
+(8192x8192) are refused before decoding.
 """
 
 from __future__ import annotations
@@ -24,12 +21,14 @@ import av
 import numpy as np
 
 from loc3r.errors import InputError
+from loc3r.runtime.frame import MAX_DECODE_SIDE, Frame, frame_to_rgb, rotate_frame
 from loc3r.runtime.frame_index import FrameIndex, Read, index_from_entries, plan_reads, scan_packets
 from loc3r.runtime.keyframe_reader import KeyframeReader, LostTrack
 
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "MAX_DECODE_SIDE",
     "Frame",
     "FrameStream",
     "SampledVideo",
@@ -43,7 +42,6 @@ __all__ = [
     "sample_indices",
 ]
 
-MAX_DECODE_SIDE = 2048
 MAX_DECODE_PIXELS = 8192 * 8192
 
 _FIX_OPEN = "pass a video file (mp4, mkv, mov, webm, avi)"
@@ -76,15 +74,6 @@ class VideoInfo:
         if self.rotation_deg % 180:
             return self.height, self.width
         return self.width, self.height
-
-
-@dataclass(frozen=True)
-class Frame:
-    """One decoded, sampled frame: its index in the video, time ``index / fps``, RGB pixels."""
-
-    index: int
-    timestamp_s: float
-    rgb: np.ndarray
 
 
 @dataclass
@@ -134,16 +123,6 @@ def sample_indices(total_frames: int, num_frames: int) -> list[int]:
     if num_frames < 1:
         raise ValueError(f"num_frames must be >= 1, got {num_frames}")
     return np.linspace(0, total_frames - 1, num_frames, dtype=int).tolist()
-
-
-def rotate_frame(rgb: np.ndarray, rotation_deg: int) -> np.ndarray:
-    """Rotate pixels counter-clockwise by ``rotation_deg`` (a multiple of 90, as PyAV's
-    ``VideoFrame.rotation`` reports the display matrix; other angles snap to the nearest
-    quarter turn, mirror flags are ignored) so they come out as displayed."""
-    quarter_turns = round(rotation_deg / 90) % 4
-    if quarter_turns == 0:
-        return rgb
-    return np.ascontiguousarray(np.rot90(rgb, k=quarter_turns))
 
 
 def probe_video(path: str | Path, count_frames: bool = False) -> VideoInfo:
@@ -308,13 +287,10 @@ class FrameStream(Iterator[Frame]):
 
     def _emit(self, index: int, frame: av.VideoFrame, targets: _Targets, until: int) -> Iterator[Frame]:
         """Yield frame ``index`` for the current target and each following one up to
-        ``until`` (repeated yields are copies)."""
-        rgb = rotate_frame(frame_to_rgb(frame), frame.rotation)
-        repeat = False
+        ``until`` (repeats are separate ``Frame`` objects over the same picture)."""
         while targets.current is not None and targets.current <= until:
             self.report.yielded += 1
-            yield Frame(index, index / self.info.fps, rgb.copy() if repeat else rgb)
-            repeat = True
+            yield Frame(index, index / self.info.fps, picture=frame)
             targets.advance()
 
 
@@ -327,18 +303,6 @@ class _Targets:
 
     def advance(self) -> None:
         self.current = next(self._rest, None)
-
-
-def frame_to_rgb(frame: av.VideoFrame, max_side: int | None = None) -> np.ndarray:
-    """RGB24 pixels of ``frame`` (H, W, 3); a frame whose long side exceeds ``max_side``
-    (default ``MAX_DECODE_SIDE``) is scaled down to it, aspect kept, in the same conversion."""
-    max_side = MAX_DECODE_SIDE if max_side is None else max_side
-    longest = max(frame.width, frame.height)
-    if longest <= max_side:
-        return frame.to_ndarray(format="rgb24")
-    scale = max_side / longest
-    width, height = (max(1, round(side * scale)) for side in (frame.width, frame.height))
-    return frame.to_ndarray(width=width, height=height, format="rgb24", interpolation="AREA")
 
 
 def iter_frames(path: str | Path, num_frames: int) -> FrameStream:
