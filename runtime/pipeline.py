@@ -28,7 +28,7 @@ from loc3r.runtime.prefetch import prefetched
 from loc3r.runtime.preprocess import cut3r_input, siglip_input
 from loc3r.runtime.result import Answer, ModelInfo
 from loc3r.runtime.session import FrameBlocks, Stages, VideoSession
-from loc3r.runtime.video import Frame, iter_frames
+from loc3r.runtime.video import Frame, VideoDecoder, iter_frames
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
 PREFETCH_FRAMES = 4
@@ -37,11 +37,19 @@ PREFETCH_FRAMES = 4
 class Pipeline:
     """Loc3R-VLM over one backend's stages."""
 
-    def __init__(self, bundle: Bundle, stages: Stages, backend: str, cache: EncodingCache | None = None) -> None:
+    def __init__(
+        self,
+        bundle: Bundle,
+        stages: Stages,
+        backend: str,
+        cache: EncodingCache | None = None,
+        decoder: VideoDecoder = iter_frames,
+    ) -> None:
         self.bundle = bundle
         self.config = bundle.config
         self.stages = stages
         self.cache = cache
+        self.decoder = decoder
         self.model_info = ModelInfo(
             model_id=bundle.config.model_id,
             checksum=bundle.checksum,
@@ -59,18 +67,20 @@ class Pipeline:
         backend: str = "torch",
         engines: str | Path | None = None,
         cache_dir: str | Path | None = None,
+        decoder: VideoDecoder = iter_frames,
     ) -> Pipeline:
         """Open a bundle (``tiny`` or a folder) and build the stages of ``backend``.
 
         ``onnxruntime`` and ``tensorrt`` run what ``loc3r-export`` wrote to ``engines``.
         ``cache_dir`` turns on the on-disk encoding cache (e.g. ``default_cache_dir()``).
+        ``decoder`` opens and samples video files (default: PyAV, ``iter_frames``).
         """
         bundle = load_bundle(resolve_model(model))
         cache = EncodingCache(Path(cache_dir)) if cache_dir else None
         if backend == "torch":
             from loc3r.runtime.torch_backend import torch_stages
 
-            return cls(bundle, Stages(*torch_stages(bundle)), backend, cache)
+            return cls(bundle, Stages(*torch_stages(bundle)), backend, cache, decoder)
         if backend not in BACKENDS:
             raise InputError(f"unknown backend {backend!r}", f"use one of {', '.join(BACKENDS)}")
         if engines is None:
@@ -81,10 +91,10 @@ class Pipeline:
         if backend == "onnxruntime":
             from loc3r.runtime.onnx_backend import onnx_stages
 
-            return cls(bundle, Stages(*onnx_stages(bundle, manifest)), backend, cache)
+            return cls(bundle, Stages(*onnx_stages(bundle, manifest)), backend, cache, decoder)
         from loc3r.runtime.tensorrt_backend import tensorrt_stages
 
-        return cls(bundle, Stages(*tensorrt_stages(bundle, manifest)), backend, cache)
+        return cls(bundle, Stages(*tensorrt_stages(bundle, manifest)), backend, cache, decoder)
 
     # -- sessions -------------------------------------------------------------------------
 
@@ -124,7 +134,7 @@ class Pipeline:
             session.report["encoding_cache"] = "hit"
             session.finish(cached.duration_s)
         else:
-            frames = iter_frames(video, num_frames)
+            frames = self.decoder(video, num_frames)
             bar = ProgressBar(len(frames.indices), "encoding frames", show_progress)
             if streaming:  # decoding and resizing run ahead in a background thread
                 for frame in timed(prefetched(frames, PREFETCH_FRAMES, session.prepare), session.timer.add):

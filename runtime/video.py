@@ -12,10 +12,11 @@ the average rate, as in LLaVA-Video's decord reader). Streams over ``MAX_DECODE_
 from __future__ import annotations
 
 import logging
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
+from typing import Protocol
 
 import av
 import numpy as np
@@ -31,8 +32,10 @@ __all__ = [
     "MAX_DECODE_SIDE",
     "Frame",
     "FrameStream",
+    "SampledFrames",
     "SampledVideo",
     "VideoInfo",
+    "VideoDecoder",
     "VideoReadReport",
     "frame_to_rgb",
     "iter_frames",
@@ -80,7 +83,8 @@ class VideoInfo:
 class VideoReadReport:
     """How a read went: filled in while frames are yielded, final once ``complete``.
 
-    ``decoded_frames``: frames decoded (decoding stops after the last sampled one);
+    ``decoded_frames``: frames that came out of the decoder (decoding stops after the last
+    sampled one; seeking and skipped non-reference pictures make it smaller);
     ``decode_errors``: packets that failed to decode or demux; ``substituted``: sampled
     indices past the real end of a stream whose header over-counted by at most a couple
     of frames, served by the last decoded frame (with its true index and time).
@@ -303,6 +307,25 @@ class _Targets:
 
     def advance(self) -> None:
         self.current = next(self._rest, None)
+
+
+class SampledFrames(Protocol):
+    """What a video decoder gives the pipeline: the sampled frames in order (each as soon
+    as it is decoded), the stream's ``info``, the sampled ``indices`` and a ``report``.
+    :class:`FrameStream` is the PyAV one; see docs/architecture.md for plugging in another
+    (e.g. a Jetson hardware decoder)."""
+
+    info: VideoInfo
+    indices: list[int]
+    report: VideoReadReport
+
+    def __iter__(self) -> Iterator[Frame]: ...
+
+    def close(self) -> None: ...
+
+
+# Opens ``path`` and samples ``num_frames`` of it; ``iter_frames`` is the default.
+VideoDecoder = Callable[[str | Path, int], SampledFrames]
 
 
 def iter_frames(path: str | Path, num_frames: int) -> FrameStream:

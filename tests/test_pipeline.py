@@ -173,3 +173,30 @@ def test_interactive_mode_reports_a_bad_question_and_asks_again(
     assert captured.err.count("loc3r-run: error: the question contains the reserved token <Pos>") == 1
     answers = [json.loads(line) for line in captured.out.splitlines()]
     assert [a["question"] for a in answers] == ["Where am I?"]
+
+
+def test_a_plugged_in_decoder_feeds_the_pipeline(demo_video: Path) -> None:
+    """A decoder that hands over RGB arrays (as a GStreamer appsink would) gives the answer
+    of the built-in PyAV decoder, and is the one the pipeline calls."""
+    from loc3r.runtime.frame import Frame
+    from loc3r.runtime.video import FrameStream
+
+    opened: list[tuple[str, int]] = []
+
+    class RgbFrames:
+        def __init__(self, path: str | Path, num_frames: int) -> None:
+            opened.append((str(path), num_frames))
+            self._stream = FrameStream(path, num_frames)
+            self.info, self.indices, self.report = self._stream.info, self._stream.indices, self._stream.report
+
+        def __iter__(self):  # noqa: ANN204
+            return (Frame(f.index, f.timestamp_s, f.rgb.copy()) for f in self._stream)
+
+        def close(self) -> None:
+            self._stream.close()
+
+    sampling = SamplingConfig(max_new_tokens=4)
+    plugged = Pipeline.from_pretrained("tiny", decoder=RgbFrames).ask(demo_video, "Where am I?", sampling=sampling, num_frames=FRAMES)
+    built_in = Pipeline.from_pretrained("tiny").ask(demo_video, "Where am I?", sampling=sampling, num_frames=FRAMES)
+    assert opened == [(str(demo_video), FRAMES)]
+    assert plugged.token_ids == built_in.token_ids and plugged.pose == built_in.pose
