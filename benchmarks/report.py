@@ -15,6 +15,8 @@ from loc3r.bench.measure import STAGES
 from loc3r.bench.memory import gpu_info
 from loc3r.fileio import atomic_file
 
+# The folders whose code a benchmark runs (the package's, mapped in pyproject.toml).
+CODE_FOLDERS = ("loc3r", "models", "runtime", "export", "benchmarks", "engines", "pyproject.toml")
 VERSION_PACKAGES = ("loc3r", "torch", "transformers", "onnxruntime", "numpy", "av", "tokenizers")
 RANDOM_WEIGHTS_NOTE = "The weights are RANDOM: these are timings of the architecture, not of a trained model."
 
@@ -30,7 +32,7 @@ def machine_info() -> dict[str, Any]:
         "python": platform.python_version(),
         "gpu": gpu_info(),
         "versions": {name: _version(name) for name in VERSION_PACKAGES},
-        "git_commit": _git_commit(),
+        **code_provenance(),
         "load_average_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "date_utc": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
@@ -69,12 +71,30 @@ def _version(name: str) -> str | None:
         return None
 
 
-def _git_commit() -> str | None:
+def code_provenance() -> dict[str, Any]:
+    """Which code ran: HEAD (``git_commit``), the last commit that changed the package's
+    folders (``code_commit``) and whether they hold uncommitted changes (``code_dirty``,
+    with ``dirty_files``); None values outside a git checkout (an installed wheel)."""
+    root = _git("rev-parse", "--show-toplevel")
+    if root is None:
+        return {"git_commit": None, "code_commit": None, "code_dirty": None, "dirty_files": []}
+    paths = [str(Path(root.strip()) / f) for f in CODE_FOLDERS if (Path(root.strip()) / f).exists()]
+    dirty = (_git("status", "--porcelain", "--untracked-files=all", "--", *paths) or "").splitlines()
+    return {
+        "git_commit": (_git("rev-parse", "HEAD") or "").strip() or None,
+        "code_commit": (_git("log", "-1", "--format=%H", "--", *paths) or "").strip() or None,
+        "code_dirty": bool(dirty),
+        "dirty_files": [line[3:] for line in dirty],
+    }
+
+
+def _git(*args: str) -> str | None:
+    """stdout of ``git args`` run beside this file, or None when git or the checkout is missing."""
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent, timeout=5)
+        out = subprocess.run(["git", *args], capture_output=True, text=True, cwd=Path(__file__).parent, timeout=10)
     except (OSError, subprocess.SubprocessError):
         return None
-    return out.stdout.strip() or None
+    return out.stdout if out.returncode == 0 else None
 
 
 # -- markdown ------------------------------------------------------------------------------
@@ -90,7 +110,7 @@ def render_markdown(doc: Mapping[str, Any]) -> str:
         f"Command: `{doc['command']}`  ",
         f"Machine: {m['cpu']}, {m['cores']} cores (torch threads {m['torch_threads']}), {m['ram_gib']} GiB RAM, {m['os']}; "
         f"GPU: {m['gpu']['name'] if m['gpu'] else 'none'}  ",
-        "Versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items() if v) + f"; commit {m['git_commit']}  ",
+        "Versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items() if v) + f"; {provenance_line(m)}  ",
         f"Date: {m['date_utc']}; load average at start {m['load_average_at_start']}  ",
         f"Repeats: {doc['repeat']} after {doc['warmup']} warm-up; seconds as median (min-max).",
         "",
@@ -126,6 +146,12 @@ def render_markdown(doc: Mapping[str, Any]) -> str:
     if doc.get("floor"):
         lines += ["", *_floor_lines(doc)]
     return "\n".join(lines) + "\n"
+
+
+def provenance_line(machine: Mapping[str, Any]) -> str:
+    """``code <commit> (clean|UNCOMMITTED CHANGES in ...), HEAD <commit>``."""
+    state = "clean" if not machine["code_dirty"] else "UNCOMMITTED CHANGES in " + ", ".join(machine["dirty_files"])
+    return f"code {machine['code_commit']} ({state}), HEAD {machine['git_commit']}"
 
 
 def _cell(summary: Mapping[str, float]) -> str:
