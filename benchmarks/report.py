@@ -101,9 +101,12 @@ def _git(*args: str) -> str | None:
 
 
 def render_markdown(doc: Mapping[str, Any]) -> str:
-    """Header (command, machine, model, what the baseline is), stage table, memory, floor."""
+    """Header (command, machine, model, what each column runs), stage table with ratios
+    against each baseline, memory, floor."""
     m, model = doc["machine"], doc["model"]
-    backends = list(doc["optimized"])
+    columns = {**doc["baselines"], **doc["optimized"]}
+    backends, bases = list(doc["optimized"]), list(doc["baselines"])
+    ratio_columns = [(base, b) for b in backends for base in bases]
     lines = [
         f"# loc3r-bench: {model['model_id']}, {doc['frames']} frames",
         "",
@@ -116,32 +119,32 @@ def render_markdown(doc: Mapping[str, Any]) -> str:
         "",
         f"**{RANDOM_WEIGHTS_NOTE}**" if model["random_weights"] else "",
         "",
-        "| stage | baseline (PyTorch reference) | " + " | ".join(backends) + " | "
-        + " | ".join(f"ratio baseline/{b}" for b in backends) + " |",
-        "|---|---|" + "---|" * (2 * len(backends)),
+        "Columns and the LLM each runs: " + "; ".join(f"**{c['label']}**: {c['llm_format']}" for c in columns.values()) + ".",
+        "",
+        "| stage | " + " | ".join(c["label"] for c in columns.values()) + " | "
+        + " | ".join(f"{doc['optimized'][b]['label']} vs {doc['baselines'][base]['label']}" for base, b in ratio_columns) + " |",
+        "|---|" + "---|" * (len(columns) + len(ratio_columns)),
     ]
     for stage in STAGES:
-        cells = [_cell(doc["baseline"]["stages"][stage])]
-        cells += [_cell(doc["optimized"][b]["stages"][stage]) for b in backends]
-        cells += [_ratio(doc["ratios"][b].get(stage)) for b in backends]
+        cells = [_cell(c["stages"][stage]) for c in columns.values()]
+        cells += [_ratio(doc["ratios"][base][b].get(stage)) for base, b in ratio_columns]
         lines.append(f"| {stage} | " + " | ".join(cells) + " |")
-    rates = [f"{doc['optimized'][b]['decode_tokens_per_s']:.1f}" for b in backends]
-    lines.append(f"| decode tok/s | {doc['baseline']['decode_tokens_per_s']:.1f} | " + " | ".join(rates) + " |" + " |" * len(backends))
-    lines += ["", "Stages: " + "; ".join(f"`{k}` = {v}" for k, v in STAGES.items()) + ".", ""]
+    rates = [f"{c['decode_tokens_per_s']:.1f}" for c in columns.values()]
+    lines.append("| decode tok/s | " + " | ".join(rates) + " |" + " |" * len(ratio_columns))
+    lines += ["", "Ratio = baseline median / ours (> 1: ours is faster). Stages: "
+              + "; ".join(f"`{k}` = {v}" for k, v in STAGES.items()) + ".", ""]
     lines += ["## Peak host memory (RSS, MiB, per phase)", "", "| phase | RSS at start | peak | growth |", "|---|---|---|---|"]
     for phase, entry in doc["memory"]["phases"].items():
         lines.append(f"| {phase} | {entry['start_rss_mib']:.0f} | {entry['peak_rss_mib']:.0f} | {entry['growth_mib']:.0f} |")
     lines += [
         "",
-        f"Process peak (VmHWM): {doc['memory']['process_peak_rss_mib']:.0f} MiB. The baseline holds every decoded frame "
-        f"({doc['baseline']['frames_in_memory_mib']:.1f} MiB of RGB) before encoding. Phases run in one process, so a "
+        f"Process peak (VmHWM): {doc['memory']['process_peak_rss_mib']:.0f} MiB. The baselines hold every decoded frame "
+        f"({doc['frames_in_memory_mib']:.1f} MiB of RGB) before encoding. Phases run in one process, so a "
         "later phase's start includes what earlier ones left allocated; `growth` is peak - start.",
         "",
-        "## Baseline",
+        "## Baselines",
         "",
-        doc["baseline"]["method"],
-        "",
-        "Stand-in head: " + ", ".join(f"{k} = {v}" for k, v in doc["baseline"]["stand_in"].items()) + ".",
+        doc["baseline_method"],
     ]
     if doc.get("floor"):
         lines += ["", *_floor_lines(doc)]
@@ -170,7 +173,7 @@ def _floor_lines(doc: Mapping[str, Any]) -> list[str]:
     lines = [
         "## Roofline floor of this model on the chosen targets (`loc3r.bench.floor`)",
         "",
-        "| target | TTFT cold floor | measured (torch) / floor | TTFT cached floor | decode tok/s floor |",
+        "| target | TTFT cold floor | measured (ours) / floor | TTFT cached floor | decode tok/s floor |",
         "|---|---|---|---|---|",
     ]
     measured = doc["optimized"].get("torch", next(iter(doc["optimized"].values())))["stages"]["ttft_cold"]["median"]
@@ -187,7 +190,7 @@ def _floor_lines(doc: Mapping[str, Any]) -> list[str]:
 
 
 def write_plot(doc: Mapping[str, Any], path: str | Path, size_px: tuple[int, int] = (1200, 600)) -> Path:
-    """Bar chart of stage medians (log seconds): baseline vs each optimized backend; atomic."""
+    """Bar chart of stage medians (log seconds): the baselines and each optimized backend; atomic."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -195,8 +198,7 @@ def write_plot(doc: Mapping[str, Any], path: str | Path, size_px: tuple[int, int
     import numpy as np
 
     stages = [s for s in STAGES if s != "encode_3d_per_frame"]
-    series = [("baseline (PyTorch reference)", doc["baseline"]["stages"])]
-    series += [(f"optimized: {b}", doc["optimized"][b]["stages"]) for b in doc["optimized"]]
+    series = [(c["label"], c["stages"]) for c in (*doc["baselines"].values(), *doc["optimized"].values())]
     dpi = 100
     fig, ax = plt.subplots(figsize=(size_px[0] / dpi, size_px[1] / dpi), dpi=dpi)
     x = np.arange(len(stages))
@@ -205,14 +207,15 @@ def write_plot(doc: Mapping[str, Any], path: str | Path, size_px: tuple[int, int
         medians = [max(values[s]["median"], 1e-7) for s in stages]
         ax.bar(x + (i - (len(series) - 1) / 2) * width, medians, width, label=label)
     ax.set_yscale("log")
-    first = next(iter(doc["ratios"].values()), {})
-    for xi, stage in zip(x, stages):  # baseline / first optimized backend above each group
+    first_base = next(iter(doc["ratios"]))
+    first = next(iter(doc["ratios"][first_base].values()), {})
+    for xi, stage in zip(x, stages):  # first baseline / first optimized backend above each group
         top = max(values[stage]["median"] for _, values in series)
         if first.get(stage) is not None:
             ax.annotate(f"{first[stage]:.2g}x", (xi, top), ha="center", va="bottom", fontsize=7)
     ax.set_xticks(x, stages, rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("seconds (median, log scale)")
-    ax.set_xlabel(f"stage (label: baseline / {next(iter(doc['optimized']), '')} ratio)", fontsize=8)
+    ax.set_xlabel(f"stage (label: {doc['baselines'][first_base]['label']} / {next(iter(doc['optimized']), '')} ratio)", fontsize=8)
     model = doc["model"]
     note = " - RANDOM weights" if model["random_weights"] else ""
     ax.set_title(f"loc3r-bench: {model['model_id']}, {doc['frames']} frames{note}", fontsize=10)
