@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -27,7 +28,9 @@ from typing import Any
 import torch
 from transformers import Qwen2ForCausalLM
 
+from loc3r.fileio import atomic_file, write_json_atomic
 from loc3r.models.config import LLMConfig
+from loc3r.bench.memory import peak_rss_mib
 from loc3r.models.llm import build_qwen2
 from loc3r.runtime.generate import SamplingConfig, generate
 from loc3r.runtime.stages import LLMStage
@@ -136,20 +139,12 @@ def _mean_top1_prob(model: Qwen2ForCausalLM, prompts: list[list[int]]) -> float:
     return float(probs.max(-1).values.mean())
 
 
-def _peak_rss_mb() -> float:
-    """Peak RSS of this process (VmHWM: unlike ru_maxrss it is not inherited across exec)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmHWM in /proc/self/status (the benchmark needs Linux)")
-
-
 def _measure_speed(out_dir: str, prefill_tokens: int, decode_tokens: int) -> dict[str, float]:
     """Subprocess body: load one exported variant, time a prefill and a decode run."""
     from loc3r.export.llm_io import DECODER, EMBEDDINGS
     from loc3r.runtime.onnx_llm import OnnxLLM
 
-    base = _peak_rss_mb()
+    base = peak_rss_mib()
     llm = OnnxLLM(Path(out_dir) / DECODER, Path(out_dir) / EMBEDDINGS)
     ids = [i % llm.table.shape[0] for i in range(1, prefill_tokens + 1)]
     llm.prefill(llm.embed(ids[:16]))
@@ -167,7 +162,7 @@ def _measure_speed(out_dir: str, prefill_tokens: int, decode_tokens: int) -> dic
     return {
         "prefill_tok_s": prefill_tokens / prefill_s,
         "decode_tok_s": decode_tokens / decode_s,
-        "peak_rss_mb": _peak_rss_mb(),
+        "peak_rss_mb": peak_rss_mib(),
         "rss_before_session_mb": base,
     }
 
@@ -178,14 +173,14 @@ def _export_1b(out_dir: str, quant: str) -> dict[str, float]:
 
     model = build_qwen2(ONE_B)
     params = sum(p.numel() for p in model.parameters())
-    model_rss = _peak_rss_mb()
+    model_rss = peak_rss_mib()
     start = time.perf_counter()
     fragment = export_llm(model, out_dir, quant, check=False)  # type: ignore[arg-type]
     return {
         "params": params,
         "model_fp32_mb": params * 4 / 2**20,
         "rss_after_build_mb": model_rss,
-        "peak_rss_mb": _peak_rss_mb(),
+        "peak_rss_mb": peak_rss_mib(),
         "export_s": time.perf_counter() - start,
         "matmul_weight_bytes": fragment["matmul_weight_bytes"],
     }
@@ -377,13 +372,70 @@ def to_markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+SPEED_VARIANTS = ("fp32", "int8", "int4")
+
+
+def speed_run(head_std: float, rounds: int) -> dict[str, Any]:
+    """The shipped precisions' prefill and decode speed: ``rounds`` fresh subprocesses per
+    variant (each the best of ``REPEATS``), in alternating order; medians and ranges."""
+    from loc3r.bench.report import machine_info
+    from loc3r.export.llm import export_llm
+
+    model = scaled_qwen2(SMALL, head_std)
+    samples: dict[str, list[dict[str, float]]] = {q: [] for q in SPEED_VARIANTS}
+    with tempfile.TemporaryDirectory() as tmp:
+        for quant in SPEED_VARIANTS:
+            export_llm(model, Path(tmp) / quant, quant, check=False)  # type: ignore[arg-type]
+        for r in range(rounds):
+            for quant in SPEED_VARIANTS if r % 2 == 0 else SPEED_VARIANTS[::-1]:
+                samples[quant].append(_in_subprocess("_measure_speed", str(Path(tmp) / quant), 512, 64))
+    summary = {
+        quant: {key: {"median": statistics.median(s[key] for s in runs), "min": min(s[key] for s in runs), "max": max(s[key] for s in runs)}
+                for key in ("prefill_tok_s", "decode_tok_s", "peak_rss_mb")}
+        for quant, runs in samples.items()
+    }
+    return {"config": SMALL.__dict__, "machine": machine_info(), "rounds": rounds, "samples": samples, "summary": summary}
+
+
+def speed_markdown(result: dict[str, Any], command: str) -> str:
+    m, summary = result["machine"], result["summary"]
+    fp32 = summary["fp32"]
+    lines = [
+        "# LLM quantization: speed re-measured (shipped precisions)",
+        "",
+        f"Command: `{command}`  ",
+        f"Machine: {m['cpu']}, {m['cores']} cores; load average at start {m['load_average_at_start']}; {m['date_utc']}; "
+        f"code {m['code_commit']}{' (dirty)' if m['code_dirty'] else ''}  ",
+        f"Config: {result['config']}  ",
+        f"{result['rounds']} fresh subprocesses per variant (each the best of {REPEATS} runs), alternating order; "
+        "median (min-max). Prompt 512 tokens, 64 decoded tokens; ONNX Runtime CPU, default threads.",
+        "",
+        "| variant | prefill tok/s | decode tok/s | decode vs fp32 | peak RSS MB (VmHWM) |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for quant, s in summary.items():
+        cells = [f"{s[k]['median']:.0f} ({s[k]['min']:.0f}-{s[k]['max']:.0f})" for k in ("prefill_tok_s", "decode_tok_s")]
+        ratio = s["decode_tok_s"]["median"] / fp32["decode_tok_s"]["median"]
+        lines.append(f"| {quant} | {cells[0]} | {cells[1]} | {ratio:.2f}x | {s['peak_rss_mb']['median']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--head-std", type=float, default=0.4)
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--new-tokens", type=int, default=16)
+    parser.add_argument("--speed-only", type=int, metavar="ROUNDS", help="only re-measure fp32/int8/int4 speed, ROUNDS subprocesses each")
     args = parser.parse_args(argv)
+    if args.speed_only:
+        command = "python -m loc3r.bench.llm_quant " + " ".join(argv if argv is not None else sys.argv[1:])
+        result = speed_run(args.head_std, args.speed_only)
+        args.out.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(args.out / "llm_quant_speed.json", result)
+        with atomic_file(args.out / "llm_quant_speed.md") as stream:
+            stream.write(speed_markdown(result, command.strip()))
+        return
     result = run(args.head_std, args.prompts, args.new_tokens)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "llm_quant.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -17,6 +17,7 @@ from loc3r.fileio import atomic_file
 
 # The folders whose code a benchmark runs (the package's, mapped in pyproject.toml).
 CODE_FOLDERS = ("loc3r", "models", "runtime", "export", "benchmarks", "engines", "pyproject.toml")
+RESULTS_FOLDER = "benchmarks/results"  # what benchmarks write: not code
 VERSION_PACKAGES = ("loc3r", "torch", "transformers", "onnxruntime", "numpy", "av", "tokenizers")
 RANDOM_WEIGHTS_NOTE = "The weights are RANDOM: these are timings of the architecture, not of a trained model."
 
@@ -78,7 +79,8 @@ def code_provenance() -> dict[str, Any]:
     root = _git("rev-parse", "--show-toplevel")
     if root is None:
         return {"git_commit": None, "code_commit": None, "code_dirty": None, "dirty_files": []}
-    paths = [str(Path(root.strip()) / f) for f in CODE_FOLDERS if (Path(root.strip()) / f).exists()]
+    top = Path(root.strip())
+    paths = [str(top / f) for f in CODE_FOLDERS if (top / f).exists()] + [f":(exclude){top / RESULTS_FOLDER}"]
     dirty = (_git("status", "--porcelain", "--untracked-files=all", "--", *paths) or "").splitlines()
     return {
         "git_commit": (_git("rev-parse", "HEAD") or "").strip() or None,
