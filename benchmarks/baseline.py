@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import Tensor
-from transformers import DynamicCache, LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, SiglipVisionConfig
+from transformers import DynamicCache, LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
 from transformers.video_utils import VideoMetadata, load_video
 
 from loc3r.bench.measure import elapsed, time_heads
@@ -41,7 +41,7 @@ from loc3r.models.bundle import Bundle
 from loc3r.models.config import Loc3rConfig
 from loc3r.models.llm import qwen2_config
 from loc3r.models.prompt import build_question_suffix, build_video_prefix
-from loc3r.models.vision import layout_tokens, used_vision_layers, vision_tokens_per_frame
+from loc3r.models.vision import layout_tokens, siglip_config, vision_tokens_per_frame
 from loc3r.runtime.preprocess import cut3r_input, siglip_input
 from loc3r.runtime.torch_backend import TorchHeads
 from loc3r.runtime.video import sample_indices
@@ -68,21 +68,9 @@ def llava_onevision(bundle: Bundle) -> LlavaOnevisionForConditionalGeneration:
 
 
 def onevision_config(config: Loc3rConfig) -> LlavaOnevisionConfig:
-    vision = config.vision
-    tower = SiglipVisionConfig(
-        hidden_size=vision.hidden_size,
-        intermediate_size=vision.intermediate_size,
-        num_hidden_layers=used_vision_layers(vision, config.vision_select_layer),
-        num_attention_heads=vision.num_attention_heads,
-        image_size=vision.image_size,
-        patch_size=vision.patch_size,
-        layer_norm_eps=vision.layer_norm_eps,
-        hidden_act=vision.hidden_act,
-        vision_use_head=False,
-    )
     vocab = config.llm.vocab_size
     return LlavaOnevisionConfig(
-        vision_config=tower,
+        vision_config=siglip_config(config),
         text_config=qwen2_config(config.llm),
         vision_feature_layer=-1,
         vision_feature_select_strategy="full",
