@@ -159,3 +159,26 @@ def test_cli_rejects_unknown_backend(capsys: pytest.CaptureFixture[str]) -> None
         main(["--backend", "nope"])
     assert exit_info.value.code == 2
     assert "loc3r-bench: error:" in capsys.readouterr().err
+
+
+def test_the_transformers_baseline_computes_what_our_runtime_computes() -> None:
+    """Like with like: the baseline's llava-onevision shares the bundle's weights, its
+    row-newline layout equals our vision blocks, and its LLM our LLM's logits."""
+    import torch
+
+    from loc3r.bench.baseline import Baseline
+    from loc3r.models.bundle import load_bundle
+    from loc3r.models.llm import TorchLLM
+    from loc3r.models.tiny import resolve_model
+
+    bundle = load_bundle(resolve_model("tiny"))
+    baseline = Baseline(bundle)
+    size = bundle.config.vision.image_size
+    pixels = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    embeds = torch.randn(24, bundle.config.llm.hidden_size, generator=torch.Generator().manual_seed(1)) * 0.05
+    with torch.inference_mode():
+        torch.testing.assert_close(baseline.encode_vision(pixels), bundle.model.vision.encode(pixels), rtol=0, atol=1e-5)
+        theirs = baseline.model(inputs_embeds=embeds[None]).logits[0, -1]
+    ours = TorchLLM(bundle.model.llm).prefill(embeds).last_logits
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-4)
+    assert baseline.model.lm_head.weight.data_ptr() == bundle.model.llm.lm_head.weight.data_ptr()  # shared, not copied
