@@ -18,6 +18,7 @@ from __future__ import annotations
 from bisect import bisect_right
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import av
 
@@ -46,8 +47,12 @@ class FrameIndex:
     keyframes: tuple[KeyFrame, ...]
     complete: bool  # False: the packets could not all be read (truncated, or an entry without a timestamp)
 
+    @cached_property
+    def _numbers(self) -> list[int]:
+        return [k.index for k in self.keyframes]
+
     def keyframe_at_or_before(self, frame: int) -> KeyFrame | None:
-        position = bisect_right([k.index for k in self.keyframes], frame)
+        position = bisect_right(self._numbers, frame)
         return self.keyframes[position - 1] if position else None
 
     def keyframe_of(self, packet: av.Packet) -> KeyFrame | None:
