@@ -30,6 +30,8 @@ from pathlib import Path
 from typing import Any
 
 import av
+import numpy as np
+import torch
 
 from loc3r.bench.report import machine_info
 from loc3r.fileio import atomic_file, write_json_atomic
@@ -96,12 +98,13 @@ def measure(path: Path, frames: int, repeats: int) -> dict[str, Any]:
     runs: dict[str, list[dict[str, float]]] = {"previous": [], "current": []}
     decoded: dict[str, int] = {}
     seeks: dict[str, int] = {}
+    inputs: dict[str, list] = {}
     for i in range(repeats):
         order = ["previous", "current"] if i % 2 == 0 else ["current", "previous"]
         for name in order:
             reader = previous_reader if name == "previous" else current_reader
             (stream, images), decode_wall, decode_cpu = _timed(lambda: reader(path, frames))
-            _, inputs_wall, inputs_cpu = encoder_inputs(images)
+            inputs[name], inputs_wall, inputs_cpu = encoder_inputs(images)
             decoded[name], seeks[name] = stream.report.decoded_frames, sum(1 for r in stream.reads or [] if r.seek_to)
             runs[name].append({
                 "decode_wall_s": decode_wall, "decode_cpu_s": decode_cpu,
@@ -114,9 +117,19 @@ def measure(path: Path, frames: int, repeats: int) -> dict[str, Any]:
         "video": {"file": path.name, "megabytes": round(path.stat().st_size / 1e6, 1), "seeks": seeks["current"],
                   "decoded_frames_previous": decoded["previous"], "decoded_frames_current": decoded["current"]},
         "runs": runs,
+        "parity_grey_levels": parity(inputs["previous"], inputs["current"]),
         "median": medians,
         "ratio_previous_over_current": {k: medians["previous"][k] / medians["current"][k] for k in medians["current"]},
     }
+
+
+def parity(previous: list, current: list) -> dict[str, dict[str, float]]:
+    """|current - previous| of the CUT3R and SigLIP inputs in grey levels (1/127.5 in [-1, 1])."""
+    out = {}
+    for position, encoder in enumerate(("cut3r", "siglip")):
+        levels = torch.cat([(c[position] - p[position]).abs().flatten() for p, c in zip(previous, current, strict=True)]) * 127.5
+        out[encoder] = {"mean": float(levels.mean()), "p99": float(np.quantile(levels.numpy(), 0.99)), "max": float(levels.max())}
+    return out
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -143,6 +156,10 @@ def markdown(result: dict[str, Any]) -> str:
                 f"{ratio[stage + '_wall_s']:.2f}x | {med['previous'][stage + '_cpu_s']:.2f} s | {med['current'][stage + '_cpu_s']:.2f} s | "
                 f"{ratio[stage + '_cpu_s']:.2f}x |"
             )
+    lines += ["", "Inputs against the previous (PIL) route, grey levels: "
+              + "; ".join(f"{e['video']['description']}: " + ", ".join(
+                  f"{enc} mean {v['mean']:.2f} p99 {v['p99']:.0f} max {v['max']:.0f}" for enc, v in e["parity_grey_levels"].items())
+                  for e in result["videos"]) + "."]
     return "\n".join(lines) + "\n"
 
 
