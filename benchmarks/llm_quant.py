@@ -310,8 +310,10 @@ NOTES = """\
 - Speed: best of 3 on a shared 2-core machine (others' jobs ran too): a previous run gave
   2-4x lower numbers for the same variants, so read the columns as rough ratios; peak RSS
   is the timing subprocess's VmHWM (python + torch + onnxruntime alone were ~400 MB).
-- On this x86 CPU int4 saves memory, not time: MLAS's fp32 GEMM beats the int4 kernel at
-  prefill, and decode is about even; the time win is for bandwidth-bound devices.
+- Speed was re-measured in `llm_quant_speed.md` (medians of 5 fresh processes, alternating
+  order): int4 decodes ~1.9x and int8 ~1.6x faster than fp32 on this CPU, prefill is about
+  even (int8 slower). The speed columns of the table above come from one earlier best-of-3
+  run and are superseded; their "decode about even" reading did not reproduce.
 - fp16 stores weights in fp16 with a Cast in the graph: ORT's CPU provider folds the casts
   at load, so its speed and RSS are fp32's; it halves the files and is the GPU input.
 - 1B export: RSS after building the fp32 model vs the peak through tracing, quantizing and
