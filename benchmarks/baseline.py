@@ -1,153 +1,203 @@
-"""The plain PyTorch reference, run in the same process as the optimized paths.
+"""The baselines: what a user would run without loc3r, in the same process as our runtime.
 
-What it runs, in this order, fp32 eager, nothing cached or overlapped:
+Both are transformers' own pieces over the bundle's weights, in the bundle's PyTorch
+precision (fp32 on a CPU), eager (SDPA), nothing overlapped, one video and two questions:
 
-1. decode every sampled frame into memory (the whole video held as RGB arrays);
-2. CUT3R over all frames, one step per frame, with ``f_cam``, PLUS a stand-in for the
-   heads the reference ``ARCroco3DStereo`` runs on every frame (DPT points/depth/pose). We
-   do not implement DPT: :class:`StandInHead` is a two-layer MLP on the decoder's image
-   tokens (``dec_dim -> hidden -> patch^2 x 4``, the 224 linear head's output layout) whose
-   width is chosen so that its FLOPs equal the heads' share of a full frame
-   (``Cut3rSizes.head_flop_share`` = 37% at 512x384, the figure the floor model uses), at
-   this model's widths and this input size. Its input is a fixed tensor of the decoder
-   output's shape: the cost, not the values, is what is modelled;
-3. SigLIP + projector + pooling on all frames in one batch;
-4. one prefill of the whole prompt (head, video, time text, question) on an empty KV
-   cache, then the first token. A follow-up question prefills the whole prompt again
-   (no prefix KV cache); the encoded frames are kept in memory between the two
-   questions, which favours the baseline (the reference re-encodes the video per call).
+1. decode: transformers' ``load_video`` (PyAV backend: every frame decoded up to the last
+   sampled one, the sampled ones converted to RGB) at LLaVA-Video's linspace indices;
+2. preprocess: CUT3R's resize and crop, SigLIP's 384x384 resize (PIL, as the references);
+3. encode_3d: CUT3R's camera path, one recurrent step per frame, + ``f_cam`` (the
+   bundle's module, equal to the reference code; the DPT/pose heads are not run: a VLM
+   user does not need them);
+4. encode_vision: ``LlavaOnevisionForConditionalGeneration.get_video_features`` on all
+   frames at once (SigLIP, projector, bilinear pooling), then LLaVA-Video's layout built
+   by hand as ``inputs_embeds`` in the bundle's video layout (LLaVA-Video: a newline after
+   every row, where transformers' llava-onevision puts one newline per video), each frame's
+   camera token first and the video-end tokens after the last frame;
+5. the LLM through ``generate(inputs_embeds=..., max_new_tokens=1)``:
+   - ``transformers``: the whole prompt (video + question) for every question;
+   - ``transformers + prefix cache``: the video prefix's KV computed once into a
+     ``DynamicCache``, every question generated on a ``copy.deepcopy`` of it (transformers'
+     documented prompt-reuse pattern).
+
+Both share steps 1-4 of a repeat (they are the same work); step 5 runs for each. A
+baseline's ``ttft_cold`` is steps 1-4 plus its own cold question, back to back.
 """
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
+from transformers import DynamicCache, LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
+from transformers.video_utils import VideoMetadata, load_video
 
-from loc3r.bench.flops import Cut3rSizes, cut3r_frame
-from loc3r.bench.measure import elapsed, time_decode, time_heads
+from loc3r.bench.measure import elapsed, time_heads
+from loc3r.errors import InputError
 from loc3r.models.bundle import Bundle
-from loc3r.models.cut3r import Cut3rConfig
-from loc3r.models.llm import PrefillResult, TorchLLM
+from loc3r.models.config import ONEVISION_VIDEO, Loc3rConfig
+from loc3r.models.llm import qwen2_config
 from loc3r.models.prompt import build_question_suffix, build_video_prefix
-from loc3r.models.vision import video_end_tokens, vision_tokens_per_frame
+from loc3r.models.vision import layout_tokens, siglip_config, video_end_tokens, vision_tokens_per_frame
 from loc3r.runtime.preprocess import cut3r_input, siglip_input
-from loc3r.runtime.torch_backend import TorchHeads
-from loc3r.runtime.video import iter_frames
-
-HEAD_CHANNELS = 4  # 3D point + confidence per pixel, as the linear head outputs
+from loc3r.runtime.torch_backend import TorchCamera, TorchHeads
+from loc3r.runtime.video import sample_indices
 
 
-class StandInHead(nn.Module):
-    """``Linear(dec_dim, hidden) -> GELU -> Linear(hidden, patch^2 x 4)`` per image token."""
+def llava_onevision(bundle: Bundle) -> LlavaOnevisionForConditionalGeneration:
+    """transformers' llava-onevision holding the bundle's vision and LLM weights (shared,
+    not copied). Its tower keeps the used layers only and selects the last one, as the
+    published -hf checkpoints do."""
+    config = bundle.config
+    pooling, transformers_pooling = (config.spatial_pool_mode, config.spatial_pool_stride), ONEVISION_VIDEO[:2]
+    if pooling != transformers_pooling:
+        raise InputError(
+            f"transformers' llava-onevision pools {transformers_pooling[0]} by {transformers_pooling[1]}; "
+            f"{config.model_id} pools {pooling[0]} by {pooling[1]}",
+            "benchmark a bundle with LLaVA-Video's pooling (bilinear, stride 2)",
+        )
+    model = LlavaOnevisionForConditionalGeneration(onevision_config(config)).eval()
+    ours = bundle.model
+    weights = {f"model.vision_tower.{k}": t for k, t in ours.vision.tower.state_dict().items()}
+    weights |= {f"model.multi_modal_projector.linear_{1 + int(k[0]) // 2}.{k[2:]}": t for k, t in ours.vision.projector.state_dict().items()}
+    weights |= {f"model.language_model.{k}": t for k, t in ours.llm.model.state_dict().items()}
+    weights |= {"model.image_newline": ours.vision.image_newline.data, "lm_head.weight": ours.llm.lm_head.weight.data}
+    missing, unexpected = model.load_state_dict(weights, strict=False, assign=True)
+    unused = {"model.vision_tower.post_layernorm.weight", "model.vision_tower.post_layernorm.bias"}  # after the selected layer
+    if set(missing) - unused or unexpected:
+        raise RuntimeError(f"llava-onevision weights do not match the bundle: missing {missing}, unexpected {unexpected}")
+    return model.to(bundle.precision.device)
 
-    def __init__(self, dec_dim: int, hidden: int, patch_size: int) -> None:
-        super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(dec_dim, hidden), nn.GELU(), nn.Linear(hidden, patch_size**2 * HEAD_CHANNELS))
 
-    def forward(self, tokens: Tensor) -> Tensor:
-        return self.mlp(tokens)
-
-
-def head_flops(config: Cut3rConfig, height: int, width: int) -> float:
-    """FLOPs per frame of the reference's heads at this config and input size."""
-    sizes = Cut3rSizes(config=config, height=height, width=width)
-    body = cut3r_frame(sizes).flops
-    return body * sizes.head_flop_share / (1.0 - sizes.head_flop_share)
-
-
-def stand_in_hidden(config: Cut3rConfig, height: int, width: int) -> int:
-    """MLP width that makes :class:`StandInHead` cost :func:`head_flops` on one frame."""
-    tokens = (height // config.patch_size) * (width // config.patch_size)
-    per_hidden = 2.0 * tokens * (config.dec_embed_dim + config.patch_size**2 * HEAD_CHANNELS)
-    return max(1, round(head_flops(config, height, width) / per_hidden))
+def onevision_config(config: Loc3rConfig) -> LlavaOnevisionConfig:
+    vocab = config.llm.vocab_size
+    return LlavaOnevisionConfig(
+        vision_config=siglip_config(config),
+        text_config=qwen2_config(config.llm),
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="full",
+        projector_hidden_act="gelu",
+        multimodal_projector_bias=True,
+        image_token_index=vocab - 2,  # unused: the prompt goes in as inputs_embeds
+        video_token_index=vocab - 1,
+    )
 
 
 @dataclass
 class BaselineRun:
-    """One repeat's stage seconds and what it held in memory."""
+    """One repeat: stage seconds per baseline, and the MiB of RGB frames held."""
 
-    seconds: dict[str, float]
+    seconds: dict[str, dict[str, float]]
     frames_in_memory_mib: float
 
 
 class Baseline:
-    """The reference order over a bundle's PyTorch modules (see the module docstring)."""
+    """Both baselines over one bundle (see the module docstring)."""
 
     def __init__(self, bundle: Bundle) -> None:
         self.bundle = bundle
         self.config = bundle.config
-        self.cut3r = Cut3rConfig.from_dict(self.config.cut3r)
-        self._heads: dict[tuple[int, int], tuple[StandInHead, Tensor]] = {}
-
-    def describe(self, height: int, width: int) -> dict[str, object]:
-        """What the stand-in head is at this input size."""
-        p = self.cut3r.patch_size
-        return {
-            "stand_in_head": f"Linear({self.cut3r.dec_embed_dim}, {stand_in_hidden(self.cut3r, height, width)}) -> GELU -> "
-            f"Linear(., {p**2 * HEAD_CHANNELS}) on {(height // p) * (width // p)} image tokens per frame",
-            "stand_in_head_gflops_per_frame": head_flops(self.cut3r, height, width) / 1e9,
-            "head_flop_share": Cut3rSizes().head_flop_share,
-            "cut3r_input": f"{height}x{width}",
-        }
-
-    def stand_in(self, height: int, width: int) -> tuple[StandInHead, Tensor]:
-        """The head and its fixed input for ``height`` x ``width`` frames (built once)."""
-        key = (height, width)
-        if key not in self._heads:
-            generator = torch.Generator().manual_seed(0)
-            head = StandInHead(self.cut3r.dec_embed_dim, stand_in_hidden(self.cut3r, height, width), self.cut3r.patch_size)
-            tokens = (height // self.cut3r.patch_size) * (width // self.cut3r.patch_size)
-            self._heads[key] = (head.eval(), torch.randn(1, tokens, self.cut3r.dec_embed_dim, generator=generator))
-        return self._heads[key]
+        self.model = llava_onevision(bundle)
+        self.camera = TorchCamera(bundle)
+        self.heads = TorchHeads(bundle)
+        self.llm_format = f"torch {bundle.precision.dtype_name} (transformers generate, SDPA)"
 
     @torch.inference_mode()
     def run(self, video: Path, num_frames: int, questions: tuple[str, str], decode_tokens: int) -> BaselineRun:
-        """Both questions the reference way; seconds per stage (names of ``measure.STAGES``)."""
-        model, tokenizer = self.bundle.model, self.bundle.tokenizer
-        s: dict[str, float] = {}
+        """Both questions both ways; seconds per stage (names of ``measure.STAGES``)."""
         start = time.perf_counter()
-        stream = iter_frames(video, num_frames)
-        frames, s["decode"] = elapsed(lambda: list(stream))
-        images = [cut3r_input(f.rgb, self.config.cut3r_long_side) for f in frames]
-        head, head_input = self.stand_in(*images[0].shape[-2:])
-
-        def encode_3d() -> list[Tensor]:
-            state, cameras = None, []
-            for image in images:
-                token, state = model.camera_encoder.step(image[None], state)
-                cameras.append(model.heads.project_camera(token)[0])
-                head(head_input)
-            return cameras
-
-        cameras, s["encode_3d"] = elapsed(encode_3d)
-        s["encode_3d_per_frame"] = s["encode_3d"] / len(frames)
-        pixels = siglip_input([f.rgb for f in frames], self.config.vision.image_size)
-        vision, s["encode_vision"] = elapsed(lambda: model.vision.encode(pixels))
+        shared: dict[str, float] = {}
+        (rgbs, metadata), shared["decode"] = elapsed(lambda: self.decode(video, num_frames))
+        (images, pixels), shared["preprocess"] = elapsed(lambda: self.preprocess(rgbs))
+        cameras, shared["encode_3d"] = elapsed(lambda: self.encode_3d(images))
+        shared["encode_3d_per_frame"] = shared["encode_3d"] / len(rgbs)
+        vision, shared["encode_vision"] = elapsed(lambda: self.encode_vision(pixels))
+        tokenizer = self.bundle.tokenizer
+        times = [int(i) / metadata.fps for i in metadata.frames_indices]
         prefix = build_video_prefix(
-            tokenizer, len(frames), vision_tokens_per_frame(self.config), stream.info.duration_s,
-            [f.timestamp_s for f in frames], video_end_tokens(self.config),
+            tokenizer, len(rgbs), vision_tokens_per_frame(self.config), metadata.duration, times, video_end_tokens(self.config)
         )
+        table = self.model.get_input_embeddings()
+        prefix_embeds = torch.cat([
+            table(torch.tensor(prefix.head_ids)),
+            self.video_embeds(cameras, vision),
+            table(torch.tensor(prefix.tail_ids)),
+        ])
+        suffixes = [build_question_suffix(tokenizer, q) for q in questions]
+        prompts = [torch.cat([prefix_embeds, table(torch.tensor(s.ids))])[None] for s in suffixes]
+        video_s = time.perf_counter() - start
+
+        plain = dict(shared)
+        plain["prefill_video"] = self.first_token(prompts[0])  # the whole prompt, first token
+        plain["ttft_cold"] = time.perf_counter() - start
+        plain["prefill_question"] = plain["ttft_follow_up"] = self.first_token(prompts[1])
+
+        cached = dict(shared)
+        cache, cached["prefill_video"] = elapsed(lambda: self.prefix_cache(prefix_embeds))
+        cached["ttft_cold"] = video_s + cached["prefill_video"] + self.first_token(prompts[0], cache)
+        cached["prefill_question"] = cached["ttft_follow_up"] = self.first_token(prompts[1], cache)
+
+        hidden = self.model.model.language_model(inputs_embeds=prompts[1][:, prefix.length :], cache=copy.deepcopy(cache)).last_hidden_state[0]
+        heads = time_heads(self.heads, hidden, suffixes[1].pos_offset, suffixes[1].ori_offset)
+        one = self.first_token(prompts[1], cache)
+        many = self.first_token(prompts[1], cache, tokens=1 + decode_tokens)
+        decode_token = max(many - one, 0.0) / decode_tokens
+        for side in (plain, cached):
+            side["heads"], side["decode_token"] = heads, decode_token
+        held = sum(rgb.nbytes for rgb in rgbs) / 2**20
+        return BaselineRun({"transformers": plain, "transformers_prefix_cache": cached}, held)
+
+    def decode(self, video: Path, num_frames: int) -> tuple[list[np.ndarray], VideoMetadata]:
+        """transformers' ``load_video`` (PyAV) at LLaVA-Video's indices; frames and metadata."""
+        frames, metadata = load_video(
+            str(video), backend="pyav", sample_indices_fn=lambda metadata, **_: sample_indices(metadata.total_num_frames, num_frames)
+        )
+        return list(frames), metadata
+
+    def preprocess(self, rgbs: list[np.ndarray]) -> tuple[list[Tensor], Tensor]:
+        """CUT3R inputs (one per frame) and SigLIP pixels (all frames), PIL resizes."""
+        images = [cut3r_input(rgb, self.config.cut3r_long_side) for rgb in rgbs]
+        return images, siglip_input(rgbs, self.config.vision.image_size)
+
+    def encode_3d(self, images: list[Tensor]) -> list[Tensor]:
+        """CUT3R's camera path, one recurrent step per frame, + ``f_cam``."""
+        state, cameras = None, []
+        for image in images:
+            camera, state = self.camera.step(image, state)
+            cameras.append(camera)
+        return cameras
+
+    def encode_vision(self, pixels: Tensor) -> Tensor:
+        """transformers' video features, laid out per frame in the bundle's layout (the
+        video-end tokens go after the last frame, in ``run``)."""
+        precision = self.bundle.precision
+        features = self.model.model.get_video_features(pixel_values_videos=pixels[None].to(precision.device, precision.dtype)).pooler_output[0]
+        frames = pixels.shape[0]
+        side = int(round(((features.shape[0] - 1) // frames) ** 0.5))  # the last token is its per-video newline
+        pooled = features[:-1].reshape(frames, side, side, -1)
+        return layout_tokens(pooled, self.model.model.image_newline, self.config.newline_position)
+
+    def video_embeds(self, cameras: list[Tensor], vision: Tensor) -> Tensor:
+        """The frame blocks ``[camera, vision...]`` in order, then the video-end tokens."""
         blocks = [torch.cat([c[None], v]) for c, v in zip(cameras, vision, strict=True)]
-        video_embeds = torch.cat([*blocks, model.vision.video_end()])
-        llm = TorchLLM(model.llm)
+        return torch.cat([*blocks, self.model.model.image_newline.expand(video_end_tokens(self.config), -1)])
 
-        def full_prompt(question: str) -> tuple[PrefillResult, int, int, float]:
-            suffix = build_question_suffix(tokenizer, question)
-            llm.reset()
-            embeds = torch.cat([llm.embed(prefix.head_ids), video_embeds, llm.embed(prefix.tail_ids), llm.embed(suffix.ids)])
-            result, seconds = elapsed(lambda: llm.prefill(embeds))
-            int(torch.argmax(result.last_logits))  # the first token
-            return result, prefix.length + suffix.pos_offset, prefix.length + suffix.ori_offset, seconds
+    def prefix_cache(self, prefix_embeds: Tensor) -> DynamicCache:
+        """The video prefix's KV, computed once."""
+        cache = DynamicCache()
+        self.model(inputs_embeds=prefix_embeds[None], cache=cache, logits_to_keep=1)
+        return cache
 
-        s["prefill_video"] = full_prompt(questions[0])[3]
-        s["ttft_cold"] = time.perf_counter() - start
-        (result, pos, ori, s["prefill_question"]), s["ttft_follow_up"] = elapsed(lambda: full_prompt(questions[1]))
-        s["heads"] = time_heads(TorchHeads(self.bundle), result.hidden_states, pos, ori)
-        s["decode_token"] = time_decode(llm, result.last_logits, decode_tokens)
-        llm.reset()
-        held = sum(f.rgb.nbytes for f in frames) / 2**20
-        return BaselineRun(s, held)
+    def first_token(self, prompt: Tensor, cache: DynamicCache | None = None, tokens: int = 1) -> float:
+        """Seconds of ``generate`` for ``tokens`` new tokens (on a copy of ``cache`` if given)."""
+        start = time.perf_counter()
+        kwargs = {"cache": copy.deepcopy(cache)} if cache is not None else {}
+        self.model.generate(
+            inputs_embeds=prompt, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, pad_token_id=0, **kwargs
+        )
+        return time.perf_counter() - start

@@ -1,5 +1,6 @@
-"""``loc3r-bench``: per-stage latency and memory of our runtime against a plain PyTorch
-baseline, measured in one run and reported as ratios (JSON, markdown, PNG bar chart)."""
+"""``loc3r-bench``: per-stage latency and memory of our runtime against transformers'
+llava-onevision + CUT3R, with and without a prefix cache, measured in one run and reported
+as ratios (JSON, markdown, PNG bar chart)."""
 
 from __future__ import annotations
 
@@ -18,10 +19,12 @@ from loc3r.errors import InputError
 if TYPE_CHECKING:
     from loc3r.models.bundle import Bundle
     from loc3r.models.config import Loc3rConfig
+    from loc3r.runtime.pipeline import Pipeline
 
 PROG = "loc3r-bench"
 BACKEND_CHOICES = ("torch", "onnxruntime", "tensorrt")
 QUESTIONS = ("Where am I standing?", "What is in front of me?")
+BASELINES = {"transformers": "transformers", "transformers_prefix_cache": "transformers + prefix cache"}
 DEFAULT_REPEAT = {"tiny": 3}  # other models: 2
 DEMO_VIDEO = {"num_frames": 96, "width": 640, "height": 480, "fps": 8}
 
@@ -110,7 +113,7 @@ def video_for(args: argparse.Namespace) -> Iterator[Path]:
 
 
 def run_bench(args: argparse.Namespace, command: str) -> dict[str, Any]:
-    """Warm up, then alternate baseline and optimized runs; the whole result document."""
+    """Warm up, then alternate the baselines and the optimized runs; the result document."""
     from loc3r.bench.baseline import Baseline
     from loc3r.bench.memory import RssSampler, peak_rss_mib
     from loc3r.bench.optimized import run_optimized
@@ -132,8 +135,9 @@ def run_bench(args: argparse.Namespace, command: str) -> dict[str, Any]:
     baseline = Baseline(bundle)
     with video_for(args) as video, engines_for(args, bundle) as engines, RssSampler() as sampler:
         pipelines = {b: reference if b == "torch" else Pipeline.from_pretrained(model_dir, b, engines) for b in args.backend}
+        formats = {**dict.fromkeys(BASELINES, baseline.llm_format), **{b: llm_format(p, engines) for b, p in pipelines.items()}}
         size = cut3r_size(video, bundle.config.cut3r_long_side)
-        runs: dict[str, list[dict[str, float]]] = {"baseline": [], **{b: [] for b in pipelines}}
+        runs: dict[str, list[dict[str, float]]] = {**{name: [] for name in BASELINES}, **{b: [] for b in pipelines}}
         held = 0.0
         for i in range(args.warmup + repeat):
             measured = i >= args.warmup
@@ -145,11 +149,26 @@ def run_bench(args: argparse.Namespace, command: str) -> dict[str, Any]:
                         run = baseline.run(video, args.frames, QUESTIONS, args.decode_tokens)
                         seconds, held = run.seconds, run.frames_in_memory_mib
                     else:
-                        seconds = run_optimized(pipelines[name], video, args.frames, QUESTIONS, args.decode_tokens)
+                        seconds = {name: run_optimized(pipelines[name], video, args.frames, QUESTIONS, args.decode_tokens)}
                 if measured:
-                    runs[name].append(seconds)
+                    for key, values in seconds.items():
+                        runs[key].append(values)
     memory = {"phases": sampler.phases, "process_peak_rss_mib": peak_rss_mib()}
-    return assemble(args, command, machine, bundle.config, runs, memory, held, baseline.describe(*size), repeat)
+    return assemble(args, command, machine, bundle.config, runs, memory, held, formats, size, repeat)
+
+
+def llm_format(pipeline: Pipeline, engines: Path | None) -> str:
+    """What the LLM of ``pipeline`` runs as: precision and runtime (from the export's manifest)."""
+    backend, torch_dtype = pipeline.model_info.backend, pipeline.bundle.precision.dtype_name
+    if backend == "torch":
+        return f"torch {torch_dtype} (eager, SDPA, reserved KV cache)"
+    from loc3r.export.manifest import load_manifest
+
+    llm = load_manifest(engines).data.get("llm") if engines else None
+    if not llm:
+        return f"torch {torch_dtype} (the manifest has no LLM)"
+    quant = llm.get("quantization", {})
+    return f"{backend} {quant.get('layers', '?')} layers, {quant.get('lm_head', '?')} lm_head ({llm['decoder']['file']})"
 
 
 def phase_name(run: str) -> str:
@@ -174,30 +193,30 @@ def assemble(
     runs: dict[str, list[dict[str, float]]],
     memory: dict[str, Any],
     frames_in_memory_mib: float,
-    stand_in: dict[str, Any],
+    formats: dict[str, str],
+    cut3r_input_size: tuple[int, int],
     repeat: int,
 ) -> dict[str, Any]:
-    """The JSON document: stage summaries, ratios of medians, memory, floor, provenance."""
+    """The JSON document: stage summaries, ratios of medians against each baseline, memory,
+    floor, provenance."""
     from loc3r.bench import baseline as baseline_module
     from loc3r.bench.measure import STAGES
     from loc3r.bench.stats import ratios, summarize_runs
 
     summaries = {name: summarize_runs(values) for name, values in runs.items()}
-    base = summaries.pop("baseline")
 
-    def side(summary: dict[str, Any], name: str) -> dict[str, Any]:
+    def side(name: str, label: str, fmt: str) -> dict[str, Any]:
+        summary = summaries[name]
         return {
+            "label": label,
+            "llm_format": fmt,
             "stages": {k: summary[k].to_dict() for k in STAGES},
             "decode_tokens_per_s": 1.0 / summary["decode_token"].median,
             "runs": runs[name],
         }
 
-    baseline_doc = side(base, "baseline") | {
-        "method": " ".join(baseline_module.__doc__.split()),
-        "stand_in": stand_in,
-        "frames_in_memory_mib": frames_in_memory_mib,
-    }
-    optimized = {name: side(s, name) for name, s in summaries.items()}
+    baselines = {name: side(name, label, formats[name]) for name, label in BASELINES.items()}
+    optimized = {name: side(name, f"loc3r {name}", formats[name]) for name in runs if name not in BASELINES}
     return {
         "command": command,
         "machine": machine,
@@ -208,12 +227,15 @@ def assemble(
         "decode_tokens": args.decode_tokens,
         "questions": list(QUESTIONS),
         "stage_descriptions": STAGES,
-        "baseline": baseline_doc,
+        "baseline_method": " ".join(baseline_module.__doc__.split()),
+        "frames_in_memory_mib": frames_in_memory_mib,
+        "cut3r_input": f"{cut3r_input_size[0]}x{cut3r_input_size[1]}",
+        "baselines": baselines,
         "optimized": optimized,
-        "ratios": {name: ratios(base, s) for name, s in summaries.items()},
+        "ratios": {base: {name: ratios(summaries[base], summaries[name]) for name in optimized} for base in baselines},
         "ratio_definition": "baseline median / optimized median, per stage (> 1: optimized is faster)",
         "memory": memory,
-        "floor": floor_reports(args.target or ["cpu"], config, args.frames, stand_in),
+        "floor": floor_reports(args.target or ["cpu"], config, args.frames, cut3r_input_size),
     }
 
 
@@ -230,14 +252,14 @@ def model_description(name: str, config: Loc3rConfig) -> dict[str, Any]:
     }
 
 
-def floor_reports(targets: Sequence[str], config: Loc3rConfig, frames: int, stand_in: dict[str, Any]) -> list[dict[str, Any]]:
+def floor_reports(targets: Sequence[str], config: Loc3rConfig, frames: int, cut3r_input_size: tuple[int, int]) -> list[dict[str, Any]]:
     """``loc3r.bench.floor`` reports of the benchmarked model's sizes on ``targets``."""
     from loc3r.bench.floor import ModelSizes, Workload, floor_report
     from loc3r.bench.flops import Cut3rSizes
     from loc3r.models.cut3r import Cut3rConfig
     from loc3r.models.vision import used_vision_layers, vision_tokens_per_frame
 
-    height, width = (int(v) for v in stand_in["cut3r_input"].split("x"))
+    height, width = cut3r_input_size
     sizes = ModelSizes(
         vision=config.vision,
         llm=config.llm,

@@ -12,14 +12,13 @@ own share can be compared with the largest input file.
 from __future__ import annotations
 
 import argparse
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 from loc3r.bench.fabricate import LLAVA_VIDEO_7B_QWEN2, TowerSizes, llava_next_shapes, parameter_count, write_cut3r_pth, write_llava_next
+from loc3r.bench.memory import child_peak_rss
 from loc3r.models.cut3r import Cut3rConfig
 
 SHARDS = 4
@@ -29,9 +28,6 @@ LLM = dict(vocab_size=32000, hidden_size=1536, intermediate_size=8960, num_hidde
 TOKENIZER_SIZE = 31_000  # leaves rows for the chat tokens and <Pos>/<Ori>
 CONVERT = "import sys; from loc3r.models.convert_cli import main; code = main(sys.argv[1:])\nif code: sys.exit(code)"
 IMPORT_ONLY = "import loc3r.models.convert_bundle, loc3r.models.cut3r"
-# The child prints its own high-water RSS on exit (``ru_maxrss`` of a child would include
-# the parent's RSS at fork time; VmHWM belongs to the child's fresh address space).
-REPORT_HWM = "\nprint(next(line for line in open('/proc/self/status') if line.startswith('VmHWM:')))"
 
 
 def checkpoint_config() -> dict[str, object]:
@@ -44,16 +40,6 @@ def fabricate(folder: Path) -> list[int]:
     total = parameter_count(llava_next_shapes(checkpoint_config(), TowerSizes())) * 2
     files = write_llava_next(folder, checkpoint_config(), tokenizer_size=TOKENIZER_SIZE, max_shard_bytes=-(-total // SHARDS))
     return [f.stat().st_size for f in files]
-
-
-def peak_rss(code: str, args: Sequence[str] = ()) -> tuple[int, float]:
-    """Peak RSS (bytes, the child's VmHWM) and wall time of ``python -c code args``."""
-    start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-c", code + REPORT_HWM, *args], capture_output=True, text=True)
-    if done.returncode != 0:
-        raise SystemExit(f"{code[:40]}... failed ({done.returncode}): {done.stderr.strip()}")
-    kib = int(done.stdout.strip().splitlines()[-1].split()[1])
-    return kib * 1024, time.perf_counter() - start
 
 
 CUT3R_VARIANTS = {"tiny": Cut3rConfig.tiny(), "real-size 512 DPT (random weights)": Cut3rConfig.real_512_dpt()}
@@ -107,11 +93,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         work = Path(tmp)
         (work / "llava").mkdir()
         shards = fabricate(work / "llava")
-        baseline, _ = peak_rss(IMPORT_ONLY)
+        baseline, _ = child_peak_rss(IMPORT_ONLY)
         for k, (variant, config) in enumerate(CUT3R_VARIANTS.items()):
             cut3r, bundle = work / f"cut3r_{k}.pth", work / f"bundle_{k}"
             write_cut3r_pth(cut3r, config)
-            peak, seconds = peak_rss(CONVERT, ["--llava", str(work / "llava"), "--cut3r", str(cut3r), "--out", str(bundle)])
+            peak, seconds = child_peak_rss(CONVERT, ["--llava", str(work / "llava"), "--cut3r", str(cut3r), "--out", str(bundle)])
             out_files = [f.stat().st_size for f in sorted(bundle.glob("*.safetensors"))]
             runs[variant] = (peak, seconds, cut3r.stat().st_size, out_files)
         text = report(shards, runs, baseline)

@@ -13,15 +13,19 @@ from loc3r.runtime.stages import HeadsStage, LLMStage
 
 # name -> what it measures (seconds, one question on one video)
 STAGES: dict[str, str] = {
-    "decode": "video decode + frame sampling, all frames",
-    "encode_3d": "CUT3R step + f_cam, all frames (baseline: + stand-in DPT heads)",
+    "decode": "frames on the critical path (baselines: transformers' load_video decodes every frame up to the "
+    "last sampled one; ours: waiting for the decoding thread, which seeks, skips and resizes ahead)",
+    "preprocess": "resizing for CUT3R and SigLIP on the critical path (ours: in the decoding thread, so 0)",
+    "encode_3d": "CUT3R camera path + f_cam, all frames",
     "encode_3d_per_frame": "encode_3d / frames",
-    "encode_vision": "SigLIP + projector + pooling + newlines, all frames",
+    "encode_vision": "SigLIP + projector + pooling + row newlines, all frames",
     "heads": "f_pos + f_ori (circular soft-argmax) on <Pos>/<Ori>",
-    "prefill_video": "LLM prefill of the video prefix (baseline: the whole prompt, one pass)",
-    "prefill_question": "LLM prefill a follow-up question costs (baseline: the whole prompt again)",
-    "ttft_cold": "question -> first token, video processed in the same call",
-    "ttft_follow_up": "second question on the same video -> first token",
+    "prefill_video": "LLM prefill of the video (transformers: the whole prompt + first token; "
+    "with prefix cache: the video prefix once; ours: frame blocks as they are encoded)",
+    "prefill_question": "what a follow-up question's prefill costs (transformers: the whole prompt again; "
+    "with prefix cache: copying the cache + the question; ours: the question over the cached prefix)",
+    "ttft_cold": "video + question given together -> first token (ours: Answer.timings ttft_s)",
+    "ttft_follow_up": "a second question on the same video -> first token",
     "decode_token": "one generated token at the prompt's context (1 / decode tok/s)",
 }
 FIRST_TOKEN = SamplingConfig(max_new_tokens=1)  # TTFT: ask returns once the first token is picked

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import resource
+import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +44,21 @@ def peak_rss_mib() -> float:
         return kib / 1024.0
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
     return rss / MIB if sys.platform == "darwin" else rss / 1024.0
+
+
+# Appended to a child's code: it prints its own high-water RSS on exit. ``ru_maxrss`` read
+# in a child would include the parent's RSS at fork time; VmHWM is the child's own.
+REPORT_HWM = "\nprint(next(line for line in open('/proc/self/status') if line.startswith('VmHWM:')))"
+
+
+def child_peak_rss(code: str, args: Sequence[str] = ()) -> tuple[int, float]:
+    """Peak RSS (bytes, the child's VmHWM) and wall time of ``python -c code args``."""
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-c", code + REPORT_HWM, *args], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"{code[:40]}... failed ({done.returncode}): {done.stderr.strip()}")
+    kib = int(done.stdout.strip().splitlines()[-1].split()[1])
+    return kib * 1024, time.perf_counter() - start
 
 
 class RssSampler:

@@ -15,6 +15,9 @@ from loc3r.bench.measure import STAGES
 from loc3r.bench.memory import gpu_info
 from loc3r.fileio import atomic_file
 
+# The folders whose code a benchmark runs (the package's, mapped in pyproject.toml).
+CODE_FOLDERS = ("loc3r", "models", "runtime", "export", "benchmarks", "engines", "pyproject.toml")
+RESULTS_FOLDER = "benchmarks/results"  # what benchmarks write: not code
 VERSION_PACKAGES = ("loc3r", "torch", "transformers", "onnxruntime", "numpy", "av", "tokenizers")
 RANDOM_WEIGHTS_NOTE = "The weights are RANDOM: these are timings of the architecture, not of a trained model."
 
@@ -30,7 +33,7 @@ def machine_info() -> dict[str, Any]:
         "python": platform.python_version(),
         "gpu": gpu_info(),
         "versions": {name: _version(name) for name in VERSION_PACKAGES},
-        "git_commit": _git_commit(),
+        **code_provenance(),
         "load_average_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "date_utc": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
@@ -69,63 +72,91 @@ def _version(name: str) -> str | None:
         return None
 
 
-def _git_commit() -> str | None:
+def code_provenance() -> dict[str, Any]:
+    """Which code ran: HEAD (``git_commit``), the last commit that changed the package's
+    folders (``code_commit``) and whether they hold uncommitted changes (``code_dirty``,
+    with ``dirty_files``); None values outside a git checkout (an installed wheel)."""
+    root = _git("rev-parse", "--show-toplevel")
+    if root is None:
+        return {"git_commit": None, "code_commit": None, "code_dirty": None, "dirty_files": []}
+    top = Path(root.strip())
+    paths = [str(top / f) for f in CODE_FOLDERS if (top / f).exists()] + [f":(exclude){top / RESULTS_FOLDER}"]
+    dirty = (_git("status", "--porcelain", "--untracked-files=all", "--", *paths) or "").splitlines()
+    return {
+        "git_commit": (_git("rev-parse", "HEAD") or "").strip() or None,
+        "code_commit": (_git("log", "-1", "--format=%H", "--", *paths) or "").strip() or None,
+        "code_dirty": bool(dirty),
+        "dirty_files": [line[3:] for line in dirty],
+    }
+
+
+def _git(*args: str) -> str | None:
+    """stdout of ``git args`` run beside this file, or None when git or the checkout is missing."""
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent, timeout=5)
+        out = subprocess.run(["git", *args], capture_output=True, text=True, cwd=Path(__file__).parent, timeout=10)
     except (OSError, subprocess.SubprocessError):
         return None
-    return out.stdout.strip() or None
+    return out.stdout if out.returncode == 0 else None
 
 
 # -- markdown ------------------------------------------------------------------------------
 
 
 def render_markdown(doc: Mapping[str, Any]) -> str:
-    """Header (command, machine, model, what the baseline is), stage table, memory, floor."""
+    """Header (command, machine, model, what each column runs), stage table with ratios
+    against each baseline, memory, floor."""
     m, model = doc["machine"], doc["model"]
-    backends = list(doc["optimized"])
+    columns = {**doc["baselines"], **doc["optimized"]}
+    backends, bases = list(doc["optimized"]), list(doc["baselines"])
+    ratio_columns = [(base, b) for b in backends for base in bases]
     lines = [
         f"# loc3r-bench: {model['model_id']}, {doc['frames']} frames",
         "",
         f"Command: `{doc['command']}`  ",
         f"Machine: {m['cpu']}, {m['cores']} cores (torch threads {m['torch_threads']}), {m['ram_gib']} GiB RAM, {m['os']}; "
         f"GPU: {m['gpu']['name'] if m['gpu'] else 'none'}  ",
-        "Versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items() if v) + f"; commit {m['git_commit']}  ",
+        "Versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items() if v) + f"; {provenance_line(m)}  ",
         f"Date: {m['date_utc']}; load average at start {m['load_average_at_start']}  ",
         f"Repeats: {doc['repeat']} after {doc['warmup']} warm-up; seconds as median (min-max).",
         "",
         f"**{RANDOM_WEIGHTS_NOTE}**" if model["random_weights"] else "",
         "",
-        "| stage | baseline (PyTorch reference) | " + " | ".join(backends) + " | "
-        + " | ".join(f"ratio baseline/{b}" for b in backends) + " |",
-        "|---|---|" + "---|" * (2 * len(backends)),
+        "Columns and the LLM each runs: " + "; ".join(f"**{c['label']}**: {c['llm_format']}" for c in columns.values()) + ".",
+        "",
+        "| stage | " + " | ".join(c["label"] for c in columns.values()) + " | "
+        + " | ".join(f"{doc['optimized'][b]['label']} vs {doc['baselines'][base]['label']}" for base, b in ratio_columns) + " |",
+        "|---|" + "---|" * (len(columns) + len(ratio_columns)),
     ]
     for stage in STAGES:
-        cells = [_cell(doc["baseline"]["stages"][stage])]
-        cells += [_cell(doc["optimized"][b]["stages"][stage]) for b in backends]
-        cells += [_ratio(doc["ratios"][b].get(stage)) for b in backends]
+        cells = [_cell(c["stages"][stage]) for c in columns.values()]
+        cells += [_ratio(doc["ratios"][base][b].get(stage)) for base, b in ratio_columns]
         lines.append(f"| {stage} | " + " | ".join(cells) + " |")
-    rates = [f"{doc['optimized'][b]['decode_tokens_per_s']:.1f}" for b in backends]
-    lines.append(f"| decode tok/s | {doc['baseline']['decode_tokens_per_s']:.1f} | " + " | ".join(rates) + " |" + " |" * len(backends))
-    lines += ["", "Stages: " + "; ".join(f"`{k}` = {v}" for k, v in STAGES.items()) + ".", ""]
+    rates = [f"{c['decode_tokens_per_s']:.1f}" for c in columns.values()]
+    lines.append("| decode tok/s | " + " | ".join(rates) + " |" + " |" * len(ratio_columns))
+    lines += ["", "Ratio = baseline median / ours (> 1: ours is faster). Stages: "
+              + "; ".join(f"`{k}` = {v}" for k, v in STAGES.items()) + ".", ""]
     lines += ["## Peak host memory (RSS, MiB, per phase)", "", "| phase | RSS at start | peak | growth |", "|---|---|---|---|"]
     for phase, entry in doc["memory"]["phases"].items():
         lines.append(f"| {phase} | {entry['start_rss_mib']:.0f} | {entry['peak_rss_mib']:.0f} | {entry['growth_mib']:.0f} |")
     lines += [
         "",
-        f"Process peak (VmHWM): {doc['memory']['process_peak_rss_mib']:.0f} MiB. The baseline holds every decoded frame "
-        f"({doc['baseline']['frames_in_memory_mib']:.1f} MiB of RGB) before encoding. Phases run in one process, so a "
+        f"Process peak (VmHWM): {doc['memory']['process_peak_rss_mib']:.0f} MiB. The baselines hold every decoded frame "
+        f"({doc['frames_in_memory_mib']:.1f} MiB of RGB) before encoding. Phases run in one process, so a "
         "later phase's start includes what earlier ones left allocated; `growth` is peak - start.",
         "",
-        "## Baseline",
+        "## Baselines",
         "",
-        doc["baseline"]["method"],
-        "",
-        "Stand-in head: " + ", ".join(f"{k} = {v}" for k, v in doc["baseline"]["stand_in"].items()) + ".",
+        doc["baseline_method"],
     ]
     if doc.get("floor"):
         lines += ["", *_floor_lines(doc)]
     return "\n".join(lines) + "\n"
+
+
+def provenance_line(machine: Mapping[str, Any]) -> str:
+    """``code <commit> (clean|UNCOMMITTED CHANGES in ...), HEAD <commit>``."""
+    state = "clean" if not machine["code_dirty"] else "UNCOMMITTED CHANGES in " + ", ".join(machine["dirty_files"])
+    return f"code {machine['code_commit']} ({state}), HEAD {machine['git_commit']}"
 
 
 def _cell(summary: Mapping[str, float]) -> str:
@@ -144,7 +175,7 @@ def _floor_lines(doc: Mapping[str, Any]) -> list[str]:
     lines = [
         "## Roofline floor of this model on the chosen targets (`loc3r.bench.floor`)",
         "",
-        "| target | TTFT cold floor | measured (torch) / floor | TTFT cached floor | decode tok/s floor |",
+        "| target | TTFT cold floor | measured (ours) / floor | TTFT cached floor | decode tok/s floor |",
         "|---|---|---|---|---|",
     ]
     measured = doc["optimized"].get("torch", next(iter(doc["optimized"].values())))["stages"]["ttft_cold"]["median"]
@@ -161,7 +192,7 @@ def _floor_lines(doc: Mapping[str, Any]) -> list[str]:
 
 
 def write_plot(doc: Mapping[str, Any], path: str | Path, size_px: tuple[int, int] = (1200, 600)) -> Path:
-    """Bar chart of stage medians (log seconds): baseline vs each optimized backend; atomic."""
+    """Bar chart of stage medians (log seconds): the baselines and each optimized backend; atomic."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -169,8 +200,7 @@ def write_plot(doc: Mapping[str, Any], path: str | Path, size_px: tuple[int, int
     import numpy as np
 
     stages = [s for s in STAGES if s != "encode_3d_per_frame"]
-    series = [("baseline (PyTorch reference)", doc["baseline"]["stages"])]
-    series += [(f"optimized: {b}", doc["optimized"][b]["stages"]) for b in doc["optimized"]]
+    series = [(c["label"], c["stages"]) for c in (*doc["baselines"].values(), *doc["optimized"].values())]
     dpi = 100
     fig, ax = plt.subplots(figsize=(size_px[0] / dpi, size_px[1] / dpi), dpi=dpi)
     x = np.arange(len(stages))
@@ -179,14 +209,15 @@ def write_plot(doc: Mapping[str, Any], path: str | Path, size_px: tuple[int, int
         medians = [max(values[s]["median"], 1e-7) for s in stages]
         ax.bar(x + (i - (len(series) - 1) / 2) * width, medians, width, label=label)
     ax.set_yscale("log")
-    first = next(iter(doc["ratios"].values()), {})
-    for xi, stage in zip(x, stages):  # baseline / first optimized backend above each group
+    first_base = next(iter(doc["ratios"]))
+    first = next(iter(doc["ratios"][first_base].values()), {})
+    for xi, stage in zip(x, stages):  # first baseline / first optimized backend above each group
         top = max(values[stage]["median"] for _, values in series)
         if first.get(stage) is not None:
             ax.annotate(f"{first[stage]:.2g}x", (xi, top), ha="center", va="bottom", fontsize=7)
     ax.set_xticks(x, stages, rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("seconds (median, log scale)")
-    ax.set_xlabel(f"stage (label: baseline / {next(iter(doc['optimized']), '')} ratio)", fontsize=8)
+    ax.set_xlabel(f"stage (label: {doc['baselines'][first_base]['label']} / {next(iter(doc['optimized']), '')} ratio)", fontsize=8)
     model = doc["model"]
     note = " - RANDOM weights" if model["random_weights"] else ""
     ax.set_title(f"loc3r-bench: {model['model_id']}, {doc['frames']} frames{note}", fontsize=10)

@@ -214,10 +214,12 @@ def write_manifest(folder: Path, data: dict[str, Any]) -> Manifest:
     write_text_atomic(folder / MANIFEST_FILE, finite_json(data, indent=2) + "\n")
     return Manifest(folder, data)
 def check_llm_section(manifest: Manifest) -> None:
-    """The LLM section names listed files and a positive context limit and prefill chunk."""
+    """The LLM section names listed files, its weights' format, and a positive context limit
+    and prefill chunk."""
     manifest.value("llm", kind=dict)
     for part in ("decoder", "embeddings"):
         manifest.file(manifest.value("llm", part, "file"))
+    manifest.value("llm", "quantization", "layers")
     for key in ("context_tokens", "prefill_chunk_tokens"):
         if manifest.value("llm", key, kind=int) < 1:
             raise manifest.corrupt(f"'llm.{key}' is not a positive number")

@@ -114,22 +114,25 @@ def layout_tokens(pooled: Tensor, newline: Tensor, newline_position: str) -> Ten
     return tokens
 
 
+def siglip_config(config: Loc3rConfig) -> SiglipVisionConfig:
+    """transformers' config of the SigLIP tower with only the used layers."""
+    vision = config.vision
+    return SiglipVisionConfig(
+        hidden_size=vision.hidden_size,
+        intermediate_size=vision.intermediate_size,
+        num_hidden_layers=used_vision_layers(vision, config.vision_select_layer),
+        num_attention_heads=vision.num_attention_heads,
+        image_size=vision.image_size,
+        patch_size=vision.patch_size,
+        layer_norm_eps=vision.layer_norm_eps,
+        hidden_act=vision.hidden_act,
+        vision_use_head=False,
+    )
+
+
 def build_tower(config: Loc3rConfig) -> SiglipVisionModel:
     """A SigLIP tower holding only the used layers and returning pre-``post_layernorm`` output."""
-    vision = config.vision
-    tower = SiglipVisionModel(
-        SiglipVisionConfig(
-            hidden_size=vision.hidden_size,
-            intermediate_size=vision.intermediate_size,
-            num_hidden_layers=used_vision_layers(vision, config.vision_select_layer),
-            num_attention_heads=vision.num_attention_heads,
-            image_size=vision.image_size,
-            patch_size=vision.patch_size,
-            layer_norm_eps=vision.layer_norm_eps,
-            hidden_act=vision.hidden_act,
-            vision_use_head=False,
-        )
-    )
+    tower = SiglipVisionModel(siglip_config(config))
     tower.post_layernorm = nn.Identity()
     return tower
 

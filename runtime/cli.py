@@ -6,8 +6,10 @@ import argparse
 import os
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from loc3r.cli_support import ArgumentParser, positive_int, run_cli
 from loc3r.errors import InputError
@@ -16,7 +18,9 @@ from loc3r.models.config import DTYPE_CHOICES
 from loc3r.models.prompt import build_question_suffix, check_user_text
 from loc3r.progress import terminal_output
 from loc3r.runtime.generate import SamplingConfig, TextStream
-from loc3r.runtime.result import Answer
+
+if TYPE_CHECKING:  # torch and transformers load only once a run starts, not for --help or a usage error
+    from loc3r.runtime.result import Answer
 
 PROG = "loc3r-run"
 
@@ -88,10 +92,15 @@ def print_human(answer: Answer, streamed_chars: int) -> None:
     pose = answer.pose
     print(f"position: x = {pose.x:+.3f} m, y = {pose.y:+.3f} m, sigma = {pose.sigma:.3f} m")
     print(f"orientation: {pose.theta_deg:+.1f} deg ({pose.theta_rad:+.4f} rad)")
-    if "ttft_s" in answer.timings:
-        print(f"time to first token: {answer.timings['ttft_s']:.3f} s")
+    print(first_token_line(answer.timings))
     if answer.model.warning:
         print(f"NOTE: {answer.model.warning}")
+
+
+def first_token_line(timings: dict[str, float]) -> str:
+    """When the first token came, split into the video part and the question's own part."""
+    ttft, video, question = timings["ttft_s"], timings["video_s"], timings["question_to_first_token_s"]
+    return f"first token after {ttft:.3f} s: video {video:.3f} s, question {question:.3f} s"
 
 
 def stdin_questions() -> Iterator[str]:
@@ -153,9 +162,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             dtype=args.dtype,
         )
         live_errors = BackgroundErrors()
+        given_at = None  # the first question given with a video file waits for the video: TTFT counts from here
         if args.source:
             session = open_live(pipeline, args, live_errors)
         else:
+            given_at = time.perf_counter() if args.questions else None
             check_fit(pipeline, args, args.frames or pipeline.config.num_frames, probe_video(args.video).duration_s)
             session = pipeline.open(args.video, args.frames, with_bev=bool(args.plot), show_progress=terminal_output(args.json))
         for number, question in enumerate(iter_questions(args), start=1):
@@ -164,12 +175,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             if printer:
                 print(f"Q: {question}\nA: ", end="", flush=True)
             try:
-                answer = session.ask(question, args.situation, sampling, on_token=printer)
+                answer = session.ask(question, args.situation, sampling, on_token=printer, given_at=given_at)
             except InputError as exc:
                 if not args.interactive:
                     raise
                 print(f"\n{PROG}: error: {exc}", file=sys.stderr)  # ask again
                 continue
+            finally:
+                given_at = None  # later questions count from their own turn
             if args.plot:
                 check_plot_path(numbered_path(Path(args.plot), number), args)
                 answer.plot(numbered_path(Path(args.plot), number))

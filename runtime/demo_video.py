@@ -14,11 +14,17 @@ __all__ = ["main", "write_demo_video"]
 
 
 def write_demo_video(
-    path: str | Path, num_frames: int = 48, width: int = 320, height: int = 240, fps: int = 8
+    path: str | Path,
+    num_frames: int = 48,
+    width: int = 320,
+    height: int = 240,
+    fps: int = 8,
+    codec_options: dict[str, str] | None = None,
 ) -> Path:
     """Write a ``num_frames`` video of a camera panning across a room to ``path``.
 
-    H.264 (libx264, yuv420p) when PyAV has it, else MPEG-4 Part 2; the container follows
+    H.264 (libx264, yuv420p) when PyAV has it, else MPEG-4 Part 2, with the encoder's
+    ``codec_options`` (e.g. ``{"preset": "veryfast", "g": "60"}``); the container follows
     the suffix (``.mp4`` gets ``+faststart``). Written to a temporary file in the same
     folder, then moved into place, so readers never see a partial file.
     """
@@ -35,7 +41,7 @@ def write_demo_video(
     os.close(fd)
     try:
         with av.open(tmp, mode="w", options=options) as container:
-            stream = container.add_stream(codec, rate=fps)
+            stream = container.add_stream(codec, rate=fps, options=codec_options or {})
             stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
             for i in range(num_frames):
                 frame = av.VideoFrame.from_ndarray(_view(panorama, i, num_frames, width, height), format="rgb24")

@@ -1,16 +1,23 @@
-"""Token generation over any LLM that maps the last token to next-token logits."""
+"""Token generation over any LLM that maps the last token to next-token logits.
+
+torch is imported where a token is picked, so the command line's argument parsing (which
+uses ``SamplingConfig`` and ``TextStream``) does not load it.
+"""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-
-import torch
-from torch import Tensor
+from typing import TYPE_CHECKING
 
 from loc3r.errors import InputError
-from loc3r.models.tokenizer import TextTokenizer
+
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor
+
+    from loc3r.models.tokenizer import TextTokenizer
 
 TEMPERATURE_RANGE = (0.01, 100.0)  # besides 0 (greedy): beyond it the softmax under/overflows
 SEED_LIMIT = 2**64  # torch seeds are 64-bit
@@ -47,6 +54,8 @@ def _number(value: object) -> bool:
 
 def pick_token(logits: Tensor, sampling: SamplingConfig, generator: torch.Generator) -> int:
     """Choose the next token from logits (vocab,)."""
+    import torch
+
     if sampling.temperature <= 0.0:
         return int(torch.argmax(logits))
     probs = torch.softmax(logits.float() / sampling.temperature, dim=-1)
@@ -69,6 +78,8 @@ def generate(
     The stop token is not returned; ``decode_step(token)`` feeds a token and returns the
     next logits.
     """
+    import torch
+
     generator = torch.Generator().manual_seed(sampling.seed)
     tokens: list[int] = []
     logits = first_logits

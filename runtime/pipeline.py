@@ -1,10 +1,10 @@
 """Video in, answer and pose out: the stages stitched together.
 
-``Pipeline.open`` turns a video into a :class:`VideoSession`: frames are decoded in a
-background thread (bounded queue), each frame's CUT3R step runs as soon as it arrives
-(the state is recurrent; a whole-clip encoder such as VGGT runs when the last frame has
-arrived), SigLIP runs on batches, and every finished frame block is
-prefilled into the LLM's KV cache at once, so when the question comes only its own
+``Pipeline.open`` turns a video into a :class:`VideoSession`: frames are decoded and
+resized for the encoders in a background thread (bounded queue), each frame's CUT3R step
+runs as soon as it arrives (the state is recurrent; a whole-clip encoder such as VGGT runs
+when the last frame has arrived), SigLIP runs on batches, and every finished frame block
+is prefilled into the LLM's KV cache at once, so when the question comes only its own
 tokens remain. Encoded videos are kept in an on-disk cache; questions on the video the
 pipeline holds reuse its KV prefix.
 """
@@ -26,13 +26,13 @@ from loc3r.models.prompt import build_video_prefix
 from loc3r.models.tiny import loc3r_home, resolve_model
 from loc3r.models.vision import video_end_tokens, vision_tokens_per_frame
 from loc3r.progress import ProgressBar
-from loc3r.runtime.encoding_cache import EncodingCache
+from loc3r.runtime.encoding_cache import CachedVideo, EncodingCache
 from loc3r.runtime.generate import SamplingConfig
 from loc3r.runtime.prefetch import prefetched
 from loc3r.runtime.preprocess import camera_input, siglip_input
 from loc3r.runtime.result import Answer, ModelInfo
 from loc3r.runtime.session import VISION_BATCH, FrameBlocks, Stages, VideoSession
-from loc3r.runtime.video import Frame, iter_frames
+from loc3r.runtime.video import Frame, VideoDecoder, iter_frames
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
 ESTIMATED_DURATION_S = 3600.0  # timestamps of an hour-long video, when the duration is not known
@@ -50,15 +50,18 @@ class Pipeline:
         cache: EncodingCache | None = None,
         artifacts: str | None = None,
         precision: Precision | None = None,
+        decoder: VideoDecoder = iter_frames,
     ) -> None:
         """``artifacts`` identifies what computes the stages (an export's fingerprint; the
         bundle checksum for the torch backend): encoding-cache entries are keyed on it.
-        ``precision``: what the stages compute in (default: the bundle's PyTorch precision)."""
+        ``precision``: what the stages compute in (default: the bundle's PyTorch precision).
+        ``decoder`` opens and samples video files (default: PyAV, ``iter_frames``)."""
         self.bundle = bundle
         self.artifacts = artifacts or bundle.checksum
         self.config = bundle.config
         self.stages = stages
         self.cache = cache
+        self.decoder = decoder
         precision = precision or bundle.precision
         self.model_info = ModelInfo(
             model_id=bundle.config.model_id,
@@ -82,20 +85,22 @@ class Pipeline:
         engines: str | Path | None = None,
         cache_dir: str | Path | None = None,
         dtype: str = "auto",
+        decoder: VideoDecoder = iter_frames,
     ) -> Pipeline:
         """Open a bundle (``tiny``, ``tiny-vggt`` or a folder) and build the stages of ``backend``.
 
         ``onnxruntime`` and ``tensorrt`` run what ``loc3r-export`` wrote to ``engines``.
         ``cache_dir`` turns on the on-disk encoding cache (e.g. ``default_cache_dir()``).
         ``dtype`` is the PyTorch model's (``auto``: chosen for this machine, see
-        ``loc3r.models.precision``).
+        ``loc3r.models.precision``). ``decoder`` opens and samples video files (default:
+        PyAV, ``iter_frames``).
         """
         bundle = load_bundle(resolve_model(model), dtype)
         cache = EncodingCache(Path(cache_dir)) if cache_dir else None
         if backend == "torch":
             from loc3r.runtime.torch_backend import torch_stages
 
-            return cls(bundle, Stages(*torch_stages(bundle)), backend, cache)
+            return cls(bundle, Stages(*torch_stages(bundle)), backend, cache, decoder=decoder)
         if backend not in BACKENDS:
             raise InputError(f"unknown backend {backend!r}", f"use one of {', '.join(BACKENDS)}")
         if engines is None:
@@ -113,7 +118,8 @@ class Pipeline:
 
             stages, on_cpu = Stages(*tensorrt_stages(bundle, manifest)), False
         device = torch.device("cpu" if on_cpu else "cuda")
-        return cls(bundle, stages, backend, cache, manifest.fingerprint, exported_precision(manifest, bundle, stages, device))
+        precision = exported_precision(manifest, bundle, stages, device)
+        return cls(bundle, stages, backend, cache, manifest.fingerprint, precision, decoder)
 
     # -- sessions -------------------------------------------------------------------------
 
@@ -150,19 +156,17 @@ class Pipeline:
         if self._session is not None and self._session_key == key:
             return self._session
         self.check_frames_fit(num_frames)
-        cache_key = self._cache_key(Path(video), num_frames)
-        block_shape = (1 + vision_tokens_per_frame(self.config), self.config.llm.hidden_size)
-        cached = self.cache.load(cache_key, block_shape) if cache_key else None
         session = self.new_session(str(video), with_bev, live=False)
+        cache_key, cached = session.timer.measure("cache_read", self._read_cache, Path(video), num_frames)
         if cached is not None:
             session.add_blocks(cached.encoded)
             session.report["encoding_cache"] = "hit"
             session.finish(cached.duration_s)
         else:
-            frames = iter_frames(video, num_frames)
+            frames = self.decoder(video, num_frames)
             bar = ProgressBar(len(frames.indices), "encoding frames", show_progress)
-            if streaming:
-                for frame in prefetched(timed(frames, session.timer.add), PREFETCH_FRAMES):
+            if streaming:  # decoding and resizing run ahead in a background thread
+                for frame in timed(prefetched(frames, PREFETCH_FRAMES, session.prepare), session.timer.add):
                     session.add_frame(frame)
                     bar.advance()
             else:
@@ -217,11 +221,11 @@ class Pipeline:
         """Encode decoded frames without touching the LLM (the reference, whole-video order;
         the encoders take ``VISION_BATCH`` frames at a time, as when streaming)."""
         encoded = FrameBlocks()
-        images = torch.stack([camera_input(frame.rgb, self.config) for frame in frames])
+        images = torch.stack([session.timer.measure("preprocess", camera_input, frame, self.config) for frame in frames])
         cameras = session.timer.measure("encode_3d", self.stages.camera.encode, images)
         vision: list[torch.Tensor] = []
         for start in range(0, len(frames), VISION_BATCH):
-            pixels = siglip_input([f.rgb for f in frames[start : start + VISION_BATCH]], self.config.vision.image_size)
+            pixels = session.timer.measure("preprocess", siglip_input, frames[start : start + VISION_BATCH], self.config.vision.image_size)
             vision += session.timer.measure("encode_vision", self.stages.vision.encode, pixels)
         encoded.blocks = [torch.cat([c[None], v]) for c, v in zip(cameras, vision, strict=True)]
         encoded.indices = [f.index for f in frames]
@@ -238,14 +242,20 @@ class Pipeline:
         on_token: Callable[[int], None] | None = None,
         with_bev: bool = False,
     ) -> Answer:
-        """Answer ``question`` about ``video`` (opened, or reused if it is the one held)."""
-        session = self.open(video, num_frames, with_bev)
-        return session.ask(question, situation, sampling, on_token)
+        """Answer ``question`` about ``video`` (opened, or reused if it is the one held).
 
-    def _cache_key(self, video: Path, num_frames: int) -> str | None:
+        Time to first token counts from this call: it includes opening the video, unless
+        the pipeline already held it.
+        """
+        given_at = time.perf_counter()
+        session = self.open(video, num_frames, with_bev)
+        return session.ask(question, situation, sampling, on_token, given_at)
+
+    def _read_cache(self, video: Path, num_frames: int) -> tuple[str | None, CachedVideo | None]:
+        """The encoding-cache key of ``video`` (None without a cache) and its entry, if any."""
         if self.cache is None or not video.is_file():
-            return None
-        return self.cache.key(
+            return None, None
+        key = self.cache.key(
             video,
             model=self.bundle.checksum,
             backend=self.model_info.backend,
@@ -255,6 +265,8 @@ class Pipeline:
             cut3r_long_side=self.config.cut3r_long_side,
             vision_size=self.config.vision.image_size,
         )
+        block_shape = (1 + vision_tokens_per_frame(self.config), self.config.llm.hidden_size)
+        return key, self.cache.load(key, block_shape)
 
 
 def exported_precision(manifest: Manifest, bundle: Bundle, stages: Stages, device: torch.device) -> Precision:
@@ -275,13 +287,13 @@ def default_cache_dir() -> Path:
     return loc3r_home() / "cache" / "encodings"
 
 
-def timed(frames: Iterable[Frame], add: Callable[[str, float], None]) -> Iterable[Frame]:
-    """Yield ``frames``, adding the time spent producing each to the ``decode`` stage."""
+def timed(frames: Iterable[Frame], add: Callable[[str, float, float], None]) -> Iterable[Frame]:
+    """Yield ``frames``, adding the time spent waiting for each to the ``decode`` stage."""
     iterator = iter(frames)
     while True:
         start = time.perf_counter()
         frame = next(iterator, None)
-        add("decode", time.perf_counter() - start)
+        add("decode", time.perf_counter() - start, start)
         if frame is None:
             return
         yield frame

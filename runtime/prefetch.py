@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 _END = object()
@@ -17,11 +17,13 @@ class _Failure:
     error: BaseException
 
 
-def prefetched(items: Iterator[T], depth: int = 4) -> Iterator[T]:
-    """Yield ``items`` while a worker thread produces up to ``depth`` ahead.
+def prefetched(items: Iterator[Any], depth: int = 4, transform: Callable[[Any], T] | None = None) -> Iterator[T]:
+    """Yield ``items`` (each passed through ``transform`` first, in the worker) while a
+    worker thread produces up to ``depth`` ahead.
 
     Memory stays bounded by ``depth`` items. An exception in the producer is re-raised in
-    the consumer; leaving the loop early (break, error, Ctrl-C) stops the producer promptly.
+    the consumer; leaving the loop early (break, error, Ctrl-C) stops the producer promptly
+    and closes ``items``.
     """
     slots: queue.Queue[object] = queue.Queue(maxsize=depth)
     stop = threading.Event()
@@ -38,7 +40,7 @@ def prefetched(items: Iterator[T], depth: int = 4) -> Iterator[T]:
     def produce() -> None:
         try:
             for item in items:
-                if not put(item):
+                if not put(item if transform is None else transform(item)):
                     return
             put(_END)
         except BaseException as error:  # noqa: BLE001 - handed to the consumer

@@ -9,6 +9,23 @@ from typing import Any
 
 import numpy as np
 
+# Every key of ``Answer.timings`` (seconds unless stated). The video stages are those this
+# question waited for: all of them for a question given with a video file, none for a
+# follow-up on a prepared video; each is main-thread time, so they sum to at most video_s.
+TIMINGS: dict[str, str] = {
+    "cache_read": "video: hashing the file and reading its encoding-cache entry",
+    "decode": "video: waiting for frames (decoding and resizing them run ahead in a background thread)",
+    "preprocess": "video: resizing frames for the 3D encoder and SigLIP where the main thread does it (reference order, live input)",
+    "encode_3d": "video: the 3D encoder + f_cam (CUT3R: one step per frame; VGGT: the whole clip, or a sliding window live)",
+    "encode_vision": "video: SigLIP + projector + pooling + row newlines, every frame",
+    "prefill_video": "video: LLM prefill of the video prefix (frame blocks, time instruction)",
+    "video_s": "from the question being given to the video prefix being ready in the KV cache (0 when it was ready before)",
+    "prefill_question": "LLM prefill of the question's own tokens over the cached video prefix",
+    "question_to_first_token_s": "from the video prefix being ready (or the question, if later) to the first answer token",
+    "ttft_s": "time to first token as the user waits for it: video_s + question_to_first_token_s",
+    "decode_tokens_per_s": "generated tokens per second after the first (tokens/s; absent for one token)",
+}
+
 
 @dataclass(frozen=True)
 class Pose:
@@ -78,7 +95,7 @@ class Answer:
     pose: Pose
     model: ModelInfo
     video: dict[str, Any]
-    timings: dict[str, float] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)  # keys and meanings: TIMINGS
     bev_points: np.ndarray | None = None  # (frames, tokens, 2) metres, when asked for
 
     def plot(self, path: str | Path) -> Path:

@@ -1,11 +1,11 @@
 """One video held in the LLM's KV cache, grown frame by frame, asked any number of questions.
 
 The cache holds ``head`` (system turn + user header), then one block per frame as soon
-as the frame is encoded (incremental prefill: a block needs its camera token, which a
-whole-clip 3D encoder gives only at the end or per sliding window, see
-``runtime/camera_feed.py``), then, once the video is complete, the time instruction. A
-question appends its suffix, generates, and cuts the cache back, so the next question
-pays only for its own tokens. For a live source the time instruction
+as the frame is encoded (incremental prefill, the head going in with the first blocks: a
+block needs its camera token, which a whole-clip 3D encoder gives only at the end or per
+sliding window, see ``runtime/camera_feed.py``), then, once the video is complete, the
+time instruction. A question appends its suffix, generates, and cuts the cache back, so
+the next question pays only for its own tokens. For a live source the time instruction
 is added when a question arrives and cut back with it, so frames can keep coming.
 """
 
@@ -48,20 +48,50 @@ class Stages:
 
 
 class StageTimer:
-    """Accumulates wall-clock seconds per named stage."""
+    """Wall-clock seconds per named stage, each measurement kept with its start time, so
+    that a question can tell which video stages it waited for."""
 
     def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
+        self._spans: list[tuple[str, float, float]] = []  # (stage, start, seconds)
+        self._lock = threading.Lock()
 
-    def add(self, stage: str, seconds: float) -> None:
-        self.seconds[stage] = self.seconds.get(stage, 0.0) + seconds
+    @property
+    def seconds(self) -> dict[str, float]:
+        """Seconds per stage over every measurement."""
+        return self.since(float("-inf"))
+
+    def since(self, start: float) -> dict[str, float]:
+        """Seconds per stage of the measurements that began at or after ``start``
+        (``time.perf_counter()``)."""
+        totals: dict[str, float] = {}
+        with self._lock:
+            for stage, began, seconds in self._spans:
+                if began >= start:
+                    totals[stage] = totals.get(stage, 0.0) + seconds
+        return totals
+
+    def add(self, stage: str, seconds: float, start: float | None = None) -> None:
+        """Record ``seconds`` of ``stage`` that began at ``start`` (default: ``seconds`` ago)."""
+        began = time.perf_counter() - seconds if start is None else start
+        with self._lock:
+            self._spans.append((stage, began, seconds))
 
     def measure(self, stage: str, fn: Callable[..., object], *args: object) -> object:
         start = time.perf_counter()
         try:
             return fn(*args)
         finally:
-            self.add(stage, time.perf_counter() - start)
+            self.add(stage, time.perf_counter() - start, start)
+
+
+@dataclass(frozen=True)
+class PreparedFrame:
+    """A frame made ready for the encoders: where it came from, its 3D-encoder and SigLIP inputs."""
+
+    index: int
+    timestamp_s: float
+    camera: Tensor  # the bundle's 3D-encoder input (``camera_input``)
+    siglip: Tensor  # (3, S, S) in [-1, 1]
 
 
 @dataclass
@@ -91,28 +121,36 @@ class VideoSession:
         self.duration_s: float | None = None  # set by finish(); None while frames may come
         self.report: dict[str, object] = {}
         self._camera = camera_feed(stages.camera, live, self.config.num_frames)
-        self._unseen: list[Frame] = []  # frames waiting for a vision batch
+        self._unseen: list[PreparedFrame] = []  # frames waiting for a vision batch
         self._seen: list[tuple[int, float, Tensor]] = []  # (index, timestamp, vision tokens) waiting for a camera token
         self._cameras: list[Tensor] = []  # camera embeddings of the oldest frames not yet prefilled
         self._bev: list[np.ndarray] = []
         self._lock = threading.RLock()
-        self._blocks_end = 0  # cache length after the last prefilled frame block
+        self._blocks_end = 0  # cache length after the last prefilled frame block (the head goes in with the first)
         self._tail_in_cache = False
         self._vision_tokens = vision_tokens_per_frame(self.config)
         stages.llm.reset()
-        self._prefill("prefill_video", self._head_ids())
-        self._blocks_end = stages.llm.cached_length
 
     # -- frames ---------------------------------------------------------------------------
 
-    def add_frame(self, frame: Frame) -> None:
+    def prepare(self, frame: Frame) -> PreparedFrame:
+        """The encoders' inputs for ``frame``; safe to call from another thread (a decoder's)."""
+        return PreparedFrame(
+            frame.index,
+            frame.timestamp_s,
+            camera_input(frame, self.config),
+            siglip_input([frame], self.config.vision.image_size)[0],
+        )
+
+    def add_frame(self, frame: Frame | PreparedFrame) -> None:
         """Encode one frame (3D encoder as its feed allows; SigLIP in batches) and prefill finished blocks."""
         with self._lock:
             if self.duration_s is not None:
                 raise InputError("the video is already complete", "open a new session for more frames")
             self._drop_tail()
-            image = camera_input(frame.rgb, self.config)
-            self._cameras += self.timer.measure("encode_3d", self._camera.push, image)
+            if isinstance(frame, Frame):
+                frame = self.timer.measure("preprocess", self.prepare, frame)
+            self._cameras += self.timer.measure("encode_3d", self._camera.push, frame.camera)
             self._unseen.append(frame)
             if len(self._unseen) >= VISION_BATCH:
                 self._encode_vision()
@@ -151,8 +189,7 @@ class VideoSession:
         if not self._unseen:
             return
         frames, self._unseen = self._unseen, []
-        pixels = siglip_input([f.rgb for f in frames], self.config.vision.image_size)
-        vision = self.timer.measure("encode_vision", self.stages.vision.encode, pixels)
+        vision = self.timer.measure("encode_vision", self.stages.vision.encode, torch.stack([f.siglip for f in frames]))
         self._seen += [(f.index, f.timestamp_s, tokens) for f, tokens in zip(frames, vision, strict=True)]
 
     def _prefill_ready(self) -> None:
@@ -168,7 +205,8 @@ class VideoSession:
     def _append_blocks(self, blocks: list[Tensor], indices: list[int], timestamps: list[float]) -> None:
         if not blocks:
             return
-        self._check_length(self._blocks_end + len(blocks) * blocks[0].shape[0])
+        head = len(self._head_ids()) if self.stages.llm.cached_length == 0 else 0
+        self._check_length(self._blocks_end + head + len(blocks) * blocks[0].shape[0])
         for start, part, hidden in self._prefill_blocks(blocks):
             if self.with_bev:
                 self._bev.append(self._bev_points(hidden, len(part)))
@@ -181,13 +219,20 @@ class VideoSession:
         """Prefill frame blocks as many whole frames at a time as fit in one LLM chunk (at
         least one), so that no more than one group's embeddings and hidden states are held at
         once, however many frames come (e.g. a whole cached video); yields (index of the
-        group's first frame, its blocks, their hidden states)."""
+        group's first frame, its blocks, their hidden states). Into an empty cache the head
+        goes in with the first group, in one causal pass (transformers' fast attention path)."""
         if not blocks:
             return
-        group = max(1, self.stages.llm.chunk_tokens // blocks[0].shape[0])
+        block_tokens = blocks[0].shape[0]
+        group = max(1, self.stages.llm.chunk_tokens // block_tokens)
         for start in range(0, len(blocks), group):
             part = blocks[start : start + group]
-            yield start, part, self._prefill_embeds("prefill_video", torch.cat(part)).hidden_states
+            embeds = torch.cat(part)
+            if self.stages.llm.cached_length == 0:
+                head = self.stages.llm.embed(self._head_ids())
+                embeds = torch.cat((head, embeds.to(head.dtype)))
+            hidden = self._prefill_embeds("prefill_video", embeds).hidden_states
+            yield start, part, hidden[-len(part) * block_tokens :]
 
     # -- questions ------------------------------------------------------------------------
 
@@ -197,25 +242,30 @@ class VideoSession:
         situation: str | None = None,
         sampling: SamplingConfig | None = None,
         on_token: Callable[[int], None] | None = None,
+        given_at: float | None = None,
     ) -> Answer:
-        """Answer from the frames so far; the pose comes from ``<Pos>``/``<Ori>``."""
+        """Answer from the frames so far; the pose comes from ``<Pos>``/``<Ori>``.
+
+        ``given_at`` (a ``time.perf_counter()`` reading) is when the caller was given the
+        question, when that was before the video was ready (a file opened for this
+        question): time to first token then counts from it and includes the video stages
+        run since. Without it, a question counts from this call (a follow-up, or a live
+        session). See :data:`loc3r.runtime.result.TIMINGS` for every timing.
+        """
         sampling = sampling or SamplingConfig()
         tokenizer = self.bundle.tokenizer
         suffix = build_question_suffix(tokenizer, question, situation)
+        start = time.perf_counter() if given_at is None else given_at
         with self._lock:
-            asked_at = time.perf_counter()
-            timings = dict(self.timer.seconds)
             self._flush()
             if not self.encoded.blocks:
                 raise InputError(f"{self.source}: no frames have been encoded yet", "wait for frames, then ask")
-            tail_start = time.perf_counter()
             live_tail = self._ensure_tail()
-            timings["prefill_time_text"] = time.perf_counter() - tail_start
+            video_ready = time.perf_counter()
             prefix_length = self.stages.llm.cached_length
             self._check_length(prefix_length + len(suffix.ids), sampling.max_new_tokens)
-            start = time.perf_counter()
             result = self.stages.llm.prefill(self.stages.llm.embed(suffix.ids))
-            timings["prefill_question"] = time.perf_counter() - start
+            prefill_question = time.perf_counter() - video_ready
             hidden = result.hidden_states
             xy, sigma, theta = self.stages.heads.pose(hidden[suffix.pos_offset], hidden[suffix.ori_offset])
             token_times: list[float] = []
@@ -228,14 +278,20 @@ class VideoSession:
             stop = {tokenizer.im_end_id, tokenizer.end_of_text_id}
             try:  # ``on_token`` may raise to stop early (a client gone): the cache is cut back all the same
                 tokens = generate(result.last_logits, self.stages.llm.decode, stop, sampling, record)
+                first_token = token_times[0] if token_times else time.perf_counter()  # a stop token first: generate returned at once
             finally:
                 self.stages.llm.truncate(self._blocks_end if live_tail else prefix_length)
                 if live_tail:
                     self._tail_in_cache = False
-        if token_times:
-            timings["ttft_s"] = token_times[0] - asked_at
-            if len(token_times) > 1:
-                timings["decode_tokens_per_s"] = (len(token_times) - 1) / (token_times[-1] - token_times[0])
+            timings = self.timer.since(start)  # the video stages this question waited for
+        timings |= {
+            "prefill_question": prefill_question,
+            "video_s": video_ready - start,
+            "question_to_first_token_s": first_token - video_ready,
+            "ttft_s": first_token - start,
+        }
+        if len(token_times) > 1:
+            timings["decode_tokens_per_s"] = (len(token_times) - 1) / (token_times[-1] - token_times[0])
         pose = Pose(float(xy[0]), float(xy[1]), float(sigma), float(theta))
         if not all(math.isfinite(v) for v in (pose.x, pose.y, pose.sigma, pose.theta_rad)):
             log.warning("the model gave a non-finite pose (JSON shows null): its weights or engines may be damaged")
@@ -260,8 +316,7 @@ class VideoSession:
         with self._lock:
             llm = self.stages.llm
             llm.reset()
-            self._prefill("prefill_video", self._head_ids())
-            for _ in self._prefill_blocks(self.encoded.blocks):
+            for _ in self._prefill_blocks(self.encoded.blocks):  # the head goes in with the first group
                 pass
             self._blocks_end = llm.cached_length
             self._tail_in_cache = False
@@ -311,9 +366,6 @@ class VideoSession:
         if self._tail_in_cache:
             self.stages.llm.truncate(self._blocks_end)
             self._tail_in_cache = False
-
-    def _prefill(self, stage: str, ids: tuple[int, ...]) -> None:
-        self._prefill_embeds(stage, self.stages.llm.embed(ids))
 
     def _prefill_embeds(self, stage: str, embeds: Tensor):  # noqa: ANN202 - PrefillResult
         return self.timer.measure(stage, self.stages.llm.prefill, embeds)

@@ -15,7 +15,8 @@ import av
 import numpy as np
 
 from loc3r.errors import InputError
-from loc3r.runtime.video import Frame, frame_to_rgb, rotate_frame, video_stream
+from loc3r.runtime.frame import Frame
+from loc3r.runtime.video import video_stream
 
 NETWORK_SCHEMES = ("rtsp://", "rtmp://", "http://", "https://", "udp://", "tcp://", "srt://")
 
@@ -85,4 +86,4 @@ def _decoded(container: av.container.InputContainer, stream: av.VideoStream) -> 
         for index, frame in enumerate(container.decode(stream)):
             stamp = float(frame.time) if frame.time is not None else index / float(stream.average_rate or 30)
             first = stamp if first is None else first
-            yield Frame(index, stamp - first, rotate_frame(frame_to_rgb(frame), frame.rotation))
+            yield Frame(index, stamp - first, picture=frame)

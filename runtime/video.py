@@ -1,38 +1,42 @@
 """Video input: probe a file, sample frames uniformly (LLaVA-Video), decode them with PyAV.
 
-Frames are decoded sequentially and only the sampled ones are converted to RGB, so memory
-stays flat whatever the video length. Timestamps follow LLaVA-Video: ``index / fps`` (for a
-variable-frame-rate video ``fps`` is the average rate, as in LLaVA-Video's decord reader).
-
-Large frames: a sampled frame whose long side exceeds ``MAX_DECODE_SIDE`` (2048) is scaled
-down to that long side (area averaging, aspect ratio kept) while it is converted to RGB,
-so a 4K or 8K frame never becomes a 25-100 MB array; both encoders shrink it much further
-anyway (CUT3R to a long side of 512, SigLIP to 384x384), so results barely move, and
-frames up to 2048 (1080p, 2K) are untouched and match the reference preprocessing
-exactly. Streams over ``MAX_DECODE_PIXELS`` (8192x8192) are refused before decoding.
+Only the sampled frames are kept, as decoded pictures (converted to RGB, or scaled to an
+encoder's input, on demand: ``loc3r.runtime.frame``), so memory stays flat whatever the
+video length. Sparse samples of a long video are reached by seeking to keyframes, dense
+ones by decoding on (``loc3r.runtime.frame_index``); the frames are the same either way.
+Timestamps follow LLaVA-Video: ``index / fps`` (for a variable-frame-rate video ``fps`` is
+the average rate, as in LLaVA-Video's decord reader). Streams over ``MAX_DECODE_PIXELS``
+(8192x8192) are refused before decoding.
 """
 
 from __future__ import annotations
 
 import logging
 import stat
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
+from typing import Protocol
 
 import av
 import numpy as np
 
 from loc3r.errors import InputError
+from loc3r.runtime.frame import MAX_DECODE_SIDE, Frame, frame_to_rgb, rotate_frame
+from loc3r.runtime.frame_index import FrameIndex, Read, index_from_entries, plan_reads, scan_packets
+from loc3r.runtime.keyframe_reader import KeyframeReader, LostTrack
 
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "MAX_DECODE_SIDE",
     "Frame",
     "FrameStream",
+    "SampledFrames",
     "SampledVideo",
     "VideoInfo",
+    "VideoDecoder",
     "VideoReadReport",
     "frame_to_rgb",
     "iter_frames",
@@ -43,7 +47,6 @@ __all__ = [
     "video_stream",
 ]
 
-MAX_DECODE_SIDE = 2048
 MAX_DECODE_PIXELS = 8192 * 8192
 
 _FIX_OPEN = "pass a video file (mp4, mkv, mov, webm, avi)"
@@ -78,20 +81,12 @@ class VideoInfo:
         return self.width, self.height
 
 
-@dataclass(frozen=True)
-class Frame:
-    """One decoded, sampled frame: its index in the video, time ``index / fps``, RGB pixels."""
-
-    index: int
-    timestamp_s: float
-    rgb: np.ndarray
-
-
 @dataclass
 class VideoReadReport:
     """How a read went: filled in while frames are yielded, final once ``complete``.
 
-    ``decoded_frames``: frames decoded (decoding stops after the last sampled one);
+    ``decoded_frames``: frames that came out of the decoder (decoding stops after the last
+    sampled one; seeking and skipped non-reference pictures make it smaller);
     ``decode_errors``: packets that failed to decode or demux; ``substituted``: sampled
     indices past the real end of a stream whose header over-counted by at most a couple
     of frames, served by the last decoded frame (with its true index and time).
@@ -136,16 +131,6 @@ def sample_indices(total_frames: int, num_frames: int) -> list[int]:
     return np.linspace(0, total_frames - 1, num_frames, dtype=int).tolist()
 
 
-def rotate_frame(rgb: np.ndarray, rotation_deg: int) -> np.ndarray:
-    """Rotate pixels counter-clockwise by ``rotation_deg`` (a multiple of 90, as PyAV's
-    ``VideoFrame.rotation`` reports the display matrix; other angles snap to the nearest
-    quarter turn, mirror flags are ignored) so they come out as displayed."""
-    quarter_turns = round(rotation_deg / 90) % 4
-    if quarter_turns == 0:
-        return rgb
-    return np.ascontiguousarray(np.rot90(rgb, k=quarter_turns))
-
-
 def probe_video(path: str | Path, count_frames: bool = False) -> VideoInfo:
     """Read the stream metadata of ``path`` (decodes at most the first frame, for rotation).
 
@@ -153,40 +138,61 @@ def probe_video(path: str | Path, count_frames: bool = False) -> VideoInfo:
     ``duration x fps`` (mkv, webm, ts: flagged inexact), or a counting pass over the
     packets (no decoding) when ``count_frames`` is set or no duration is known.
     """
+    return _probe(path, count_frames)[0]
+
+
+def _probe(path: str | Path, count_frames: bool) -> tuple[VideoInfo, FrameIndex | None]:
+    """``probe_video`` and, when it was read on the way (``count_frames``), the frame index."""
     path = _check_path(path)
+    index = None
     with _open(path) as container:
         stream = video_stream(container, path)
         fps = _fps(stream, path)
         total, exact = stream.frames, True
         if total <= 0:
             total, exact = _estimate_frames(container, stream, fps), False
-        if (count_frames and not exact) or total <= 0:
-            total, exact = _count_packets(path), True
-        if total <= 0:
-            raise InputError(f"{path}: no decodable video frames", _FIX_DAMAGED)
         _check_frame_size(stream, path)
         rotation = _first_frame_rotation(container, stream)
-        return VideoInfo(
-            path=path,
-            total_frames=total,
-            fps=fps,
-            duration_s=total / fps,
-            width=stream.width,
-            height=stream.height,
-            rotation_deg=rotation,
-            codec=stream.codec_context.name,
-            frame_count_exact=exact,
-        )
+        if count_frames:
+            index = index_from_entries(stream)
+        width, height, codec = stream.width, stream.height, stream.codec_context.name
+    if (count_frames and index is None) or total <= 0:
+        with _open(path) as container:
+            index = scan_packets(container, video_stream(container, path))
+    if index is not None and (not exact or total <= 0):
+        total, exact = index.total_frames, True
+    if total <= 0:
+        raise InputError(f"{path}: no decodable video frames", _FIX_DAMAGED)
+    info = VideoInfo(
+        path=path,
+        total_frames=total,
+        fps=fps,
+        duration_s=total / fps,
+        width=width,
+        height=height,
+        rotation_deg=rotation,
+        codec=codec,
+        frame_count_exact=exact,
+    )
+    return info, index
 
 
 class FrameStream(Iterator[Frame]):
     """Iterator over the sampled frames of one video, with its ``info``, ``indices``
-    and a ``report`` that says how many sampled frames were actually decodable."""
+    and a ``report`` that says how many sampled frames were actually decodable.
 
-    def __init__(self, path: str | Path, num_frames: int) -> None:
-        self.info = probe_video(path, count_frames=True)
+    Frames are decoded sequentially, except that when the container's index is sound
+    and the samples are sparse the reader seeks to the keyframe before a sampled frame
+    instead of decoding the frames in between (``loc3r.runtime.frame_index``); the
+    frames are the same either way. ``seek=False`` always decodes sequentially.
+    """
+
+    def __init__(self, path: str | Path, num_frames: int, seek: bool = True) -> None:
+        self.info, index = _probe(path, count_frames=True)
         self.indices = sample_indices(self.info.total_frames, num_frames)
         self.report = VideoReadReport(requested=num_frames)
+        self._wanted = frozenset(self.indices)
+        self.reads = self._plan(index) if seek else None  # None: sequential
         self._frames = self._generate()
 
     def __next__(self) -> Frame:
@@ -196,24 +202,23 @@ class FrameStream(Iterator[Frame]):
         """Stop early and release the file (also happens when the stream is exhausted)."""
         self._frames.close()
 
+    def _plan(self, index: FrameIndex | None) -> list[Read] | None:
+        """The reading plan, or None (sequential) when the index is unsound."""
+        if index is None or not index.complete or index.total_frames != self.info.total_frames:
+            return None
+        self._index = index
+        return plan_reads(index, self.indices)
+
     def _generate(self) -> Iterator[Frame]:
         info, report = self.info, self.report
-        wanted = iter(self.indices)
-        target = next(wanted, None)
-        last: tuple[int, av.VideoFrame] | None = None
-        with _open(info.path) as container:
-            stream = video_stream(container, info.path)
-            for index, frame in enumerate(_decode(container, stream, report)):
-                report.decoded_frames = index + 1
-                last = index, frame
-                if target == index:
-                    target = yield from self._emit(index, frame, target, wanted, until=index)
-                if target is None:
-                    break
-            if target is not None and last and report.decoded_frames >= info.total_frames - _count_slack(info):
-                before = report.yielded  # the header over-counted by a frame or two: use the last one
-                yield from self._emit(*last, target, wanted, until=info.total_frames)
-                report.substituted = report.yielded - before
+        targets = _Targets(self.indices)
+        if self.reads is not None:
+            try:
+                yield from self._planned(targets)
+            except LostTrack as reason:  # a damaged index, frames without timestamps: sequential takes over
+                log.debug("%s: left the reading plan (%s), decoding the rest sequentially", info.path, reason)
+        if targets.current is not None:
+            yield from self._sequential(targets)
         report.complete = True
         if report.yielded == 0:
             raise InputError(f"{info.path}: no decodable video frames", _FIX_DAMAGED)
@@ -223,31 +228,106 @@ class FrameStream(Iterator[Frame]):
                 info.path, report.yielded, report.requested,
             )
 
-    def _emit(
-        self, index: int, frame: av.VideoFrame, target: int | None, wanted: Iterator[int], until: int
-    ) -> Generator[Frame, None, int | None]:
-        """Yield frame ``index`` for ``target`` and each following target up to ``until``
-        (repeated yields are copies); return the next target still to decode."""
-        rgb = rotate_frame(frame_to_rgb(frame), frame.rotation)
-        repeat = False
-        while target is not None and target <= until:
+    def _sequential(self, targets: _Targets) -> Iterator[Frame]:
+        """Decode every frame from the start, yielding the remaining targets as they come."""
+        info, report = self.info, self.report
+        last: tuple[int, av.VideoFrame] | None = None
+        decoded = 0
+        with _open(info.path) as container:
+            stream = video_stream(container, info.path)
+            for index, frame in enumerate(_decode(container, stream, report)):
+                decoded = index + 1
+                report.decoded_frames += 1
+                last = index, frame
+                if targets.current == index:
+                    yield from self._emit(index, frame, targets, until=index)
+                if targets.current is None:
+                    break
+            if targets.current is not None and last and decoded >= info.total_frames - _count_slack(info):
+                before = report.yielded  # the header over-counted by a frame or two: use the last one
+                yield from self._emit(*last, targets, until=info.total_frames)
+                report.substituted = report.yielded - before
+
+    def _planned(self, targets: _Targets) -> Iterator[Frame]:
+        """Follow the plan: seek where it says, decode up to each target, yield it."""
+        path = self.info.path
+        with _open(path) as container:
+            stream = video_stream(container, path)
+            frames: Generator | None = None  # the reader the last read left off in
+            try:
+                for read in self.reads:
+                    frame, frames = self._read(container, stream, frames, read)
+                    yield from self._emit(read.target, frame, targets, until=read.target)
+            finally:
+                if frames is not None:
+                    frames.close()
+
+    def _read(
+        self, container: av.container.InputContainer, stream: av.VideoStream, frames: Generator | None, read: Read
+    ) -> tuple[av.VideoFrame, Generator]:
+        """Frame ``read.target`` and the frames that follow it. A seek that lands after the
+        target (a leading picture of the keyframe's open GOP) is retried from the keyframe
+        before, twice at most."""
+        keyframe = read.seek_to
+        for _ in range(3):
+            if keyframe is not None or frames is None:
+                if frames is not None:
+                    frames.close()
+                frames = iter(KeyframeReader(container, stream, self._index, keyframe, self._wanted, self._count_decoded))
+            for number, frame in frames:
+                if number == read.target:
+                    return frame, frames
+                if number > read.target:
+                    break
+            else:
+                raise LostTrack(f"the stream ended before frame {read.target}")
+            if keyframe is None:
+                raise LostTrack(f"decoding on went past frame {read.target}")
+            keyframe = self._index.keyframe_at_or_before(keyframe.index - 1)
+            if keyframe is None:
+                break
+        raise LostTrack(f"no keyframe before frame {read.target} could be decoded from")
+
+    def _count_decoded(self) -> None:
+        self.report.decoded_frames += 1
+
+    def _emit(self, index: int, frame: av.VideoFrame, targets: _Targets, until: int) -> Iterator[Frame]:
+        """Yield frame ``index`` for the current target and each following one up to
+        ``until`` (repeats are separate ``Frame`` objects over the same picture)."""
+        while targets.current is not None and targets.current <= until:
             self.report.yielded += 1
-            yield Frame(index, index / self.info.fps, rgb.copy() if repeat else rgb)
-            repeat = True
-            target = next(wanted, None)
-        return target
+            yield Frame(index, index / self.info.fps, picture=frame)
+            targets.advance()
 
 
-def frame_to_rgb(frame: av.VideoFrame, max_side: int | None = None) -> np.ndarray:
-    """RGB24 pixels of ``frame`` (H, W, 3); a frame whose long side exceeds ``max_side``
-    (default ``MAX_DECODE_SIDE``) is scaled down to it, aspect kept, in the same conversion."""
-    max_side = MAX_DECODE_SIDE if max_side is None else max_side
-    longest = max(frame.width, frame.height)
-    if longest <= max_side:
-        return frame.to_ndarray(format="rgb24")
-    scale = max_side / longest
-    width, height = (max(1, round(side * scale)) for side in (frame.width, frame.height))
-    return frame.to_ndarray(width=width, height=height, format="rgb24", interpolation="AREA")
+class _Targets:
+    """The sampled frame numbers still to yield, in order."""
+
+    def __init__(self, indices: list[int]) -> None:
+        self._rest = iter(indices)
+        self.current: int | None = next(self._rest, None)
+
+    def advance(self) -> None:
+        self.current = next(self._rest, None)
+
+
+class SampledFrames(Protocol):
+    """What a video decoder gives the pipeline: the sampled frames in order (each as soon
+    as it is decoded), the stream's ``info``, the sampled ``indices`` and a ``report``.
+    :class:`FrameStream` is the PyAV one; see docs/architecture.md for plugging in another
+    (e.g. a Jetson hardware decoder)."""
+
+    info: VideoInfo
+    indices: list[int]
+    report: VideoReadReport
+
+    def __iter__(self) -> Iterator[Frame]: ...
+
+    def close(self) -> None: ...
+
+
+# Opens ``path`` and samples ``num_frames`` of it; ``iter_frames`` is the default.
+VideoDecoder = Callable[[str | Path, int], SampledFrames]
 
 
 def iter_frames(path: str | Path, num_frames: int) -> FrameStream:
@@ -355,18 +435,6 @@ def _count_slack(info: VideoInfo) -> int:
     """Frames a header may over-count (edit lists, a dropped tail frame) before a short
     stream counts as truncated rather than as a miscounted one."""
     return max(2, info.total_frames // 100)
-
-
-def _count_packets(path: Path) -> int:
-    with _open(path) as container:
-        stream = video_stream(container, path)
-        count = 0
-        try:
-            for packet in container.demux(stream):
-                count += packet.size > 0
-        except av.FFmpegError:
-            pass  # truncated: count what is there
-        return count
 
 
 def _first_frame_rotation(container: av.container.InputContainer, stream: av.VideoStream) -> int:

@@ -222,7 +222,8 @@ class ModelWorker:
             if delta:
                 question.emit("token", delta)
 
-        answer = session.ask(question.text, question.situation, question.sampling, on_token)
+        # TTFT from the request's arrival: an opened or reclaimed video is part of the wait
+        answer = session.ask(question.text, question.situation, question.sampling, on_token, given_at=question.arrived_at)
         done = first_token[0] if first_token else time.perf_counter()  # a stop token first: the answer is empty
         if not first_token:
             self.metrics.ttft.observe(done - question.arrived_at)

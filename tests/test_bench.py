@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from loc3r.bench.baseline import HEAD_CHANNELS, head_flops, stand_in_hidden
-from loc3r.bench.cli import assemble, main
+from loc3r.bench.cli import BASELINES, assemble, main
 from loc3r.bench.measure import STAGES
 from loc3r.bench.memory import RssSampler, current_rss_mib, peak_rss_mib
 from loc3r.bench.presets import small_config, small_cut3r
@@ -35,10 +34,19 @@ def fake_runs(scale: float, n: int = 3) -> list[dict[str, float]]:
 def doc(tiny_tokenizer: TextTokenizer) -> dict:
     config = tiny_config(tiny_tokenizer.vocab_size)
     args = Namespace(model="tiny", frames=32, warmup=1, decode_tokens=8, target=["cpu"])
-    runs = {"baseline": fake_runs(3.0), "torch": fake_runs(1.0), "onnxruntime": fake_runs(0.5)}
+    runs = {
+        "transformers": fake_runs(3.0),
+        "transformers_prefix_cache": fake_runs(2.0),
+        "torch": fake_runs(1.0),
+        "onnxruntime": fake_runs(0.5),
+    }
     memory = {"phases": {"baseline": {"start_rss_mib": 1.0, "peak_rss_mib": 2.0, "growth_mib": 1.0}}, "process_peak_rss_mib": 2.0}
-    stand_in = {"cut3r_input": "384x512"}
-    return assemble(args, "loc3r-bench --model tiny", machine_info(), config, runs, memory, 28.0, stand_in, 3)
+    formats = {
+        **dict.fromkeys(BASELINES, "torch fp32 (transformers generate, SDPA)"),
+        "torch": "torch fp32",
+        "onnxruntime": "onnxruntime int4 layers",
+    }
+    return assemble(args, "loc3r-bench --model tiny", machine_info(), config, runs, memory, 28.0, formats, (384, 512), 3)
 
 
 def test_summarize_known_values() -> None:
@@ -57,25 +65,43 @@ def test_ratios_of_medians() -> None:
 
 
 def test_result_schema_and_ratios(doc: dict) -> None:
-    for side in (doc["baseline"], *doc["optimized"].values()):
+    assert set(doc["baselines"]) == set(BASELINES) and set(doc["optimized"]) == {"torch", "onnxruntime"}
+    for side in (*doc["baselines"].values(), *doc["optimized"].values()):
         assert set(side["stages"]) == set(STAGES)
         for summary in side["stages"].values():
             assert summary["min"] <= summary["median"] <= summary["max"]
         assert side["decode_tokens_per_s"] == pytest.approx(1.0 / side["stages"]["decode_token"]["median"])
-    for backend, stage_ratios in doc["ratios"].items():
-        assert set(stage_ratios) == set(STAGES)
-        for stage, value in stage_ratios.items():
-            expected = doc["baseline"]["stages"][stage]["median"] / doc["optimized"][backend]["stages"][stage]["median"]
-            assert value == pytest.approx(expected)
-    assert doc["ratios"]["torch"]["ttft_cold"] == pytest.approx(3.0)
-    assert doc["ratios"]["onnxruntime"]["encode_3d"] == pytest.approx(6.0)
+        assert side["llm_format"] and side["label"]
+    for base, per_backend in doc["ratios"].items():
+        for backend, stage_ratios in per_backend.items():
+            assert set(stage_ratios) == set(STAGES)
+            for stage, value in stage_ratios.items():
+                expected = doc["baselines"][base]["stages"][stage]["median"] / doc["optimized"][backend]["stages"][stage]["median"]
+                assert value == pytest.approx(expected)
+    assert doc["ratios"]["transformers"]["torch"]["ttft_cold"] == pytest.approx(3.0)
+    assert doc["ratios"]["transformers_prefix_cache"]["torch"]["ttft_cold"] == pytest.approx(2.0)
+    assert doc["ratios"]["transformers"]["onnxruntime"]["encode_3d"] == pytest.approx(6.0)
+    assert doc["optimized"]["onnxruntime"]["llm_format"] == "onnxruntime int4 layers"
     assert doc["model"]["random_weights"] is True
     assert doc["machine"]["cores"] >= 1 and doc["machine"]["versions"]["torch"]
+    assert {"git_commit", "code_commit", "code_dirty", "dirty_files"} <= set(doc["machine"])
     assert doc["floor"][0]["target"] == "cpu" and doc["floor"][0]["ttft_cold_s"] > 0
     json.dumps(doc)  # serialisable
     text = render_markdown(doc)
-    assert "RANDOM" in text and "ratio baseline/onnxruntime" in text
+    assert "RANDOM" in text and "loc3r onnxruntime vs transformers + prefix cache" in text
+    assert "**loc3r onnxruntime**: onnxruntime int4 layers" in text and "stand-in" not in text.lower()
     assert all(f"| {stage} |" in text for stage in STAGES)
+
+
+def test_provenance_names_the_code_commit_and_uncommitted_changes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from loc3r.bench import report
+
+    clean = {"git_commit": "a" * 40, "code_commit": "b" * 40, "code_dirty": False, "dirty_files": []}
+    assert report.provenance_line(clean) == f"code {'b' * 40} (clean), HEAD {'a' * 40}"
+    dirty = clean | {"code_dirty": True, "dirty_files": ["runtime/video.py"]}
+    assert "UNCOMMITTED CHANGES in runtime/video.py" in report.provenance_line(dirty)
+    monkeypatch.setattr(report, "_git", lambda *args: None)  # not a checkout (an installed wheel)
+    assert report.code_provenance() == {"git_commit": None, "code_commit": None, "code_dirty": None, "dirty_files": []}
 
 
 def png_size(path: Path) -> tuple[int, int]:
@@ -112,21 +138,14 @@ def test_small_preset_has_the_real_token_geometry(tiny_tokenizer: TextTokenizer)
     assert config.random_weights
 
 
-def test_stand_in_head_matches_the_head_flops() -> None:
-    config = Cut3rConfig.tiny()
-    hidden = stand_in_hidden(config, 384, 512)
-    tokens = (384 // 16) * (512 // 16)
-    flops = 2.0 * tokens * hidden * (config.dec_embed_dim + 16**2 * HEAD_CHANNELS)
-    assert flops == pytest.approx(head_flops(config, 384, 512), rel=0.01)
-
-
 def test_cli_end_to_end_writes_every_output(tmp_path: Path) -> None:
     out = tmp_path / "out"
     argv = ["--model", "tiny", "--frames", "2", "--repeat", "1", "--warmup", "0", "--decode-tokens", "2",
             "--json", str(out / "b.json"), "--markdown", str(out / "b.md"), "--plot", str(out / "b.png"), "--plot-size", "400x300"]
     assert main(argv) == 0
     result = json.loads((out / "b.json").read_text())
-    assert set(result["baseline"]["stages"]) == set(STAGES) == set(result["optimized"]["torch"]["stages"])
+    for side in (*result["baselines"].values(), result["optimized"]["torch"]):
+        assert set(side["stages"]) == set(STAGES)
     assert result["command"].startswith("loc3r-bench --model tiny")
     assert result["memory"]["phases"]["baseline"]["peak_rss_mib"] > 0
     assert png_size(out / "b.png") == (400, 300)
@@ -144,3 +163,56 @@ def test_cli_rejects_unknown_backend(capsys: pytest.CaptureFixture[str]) -> None
         main(["--backend", "nope"])
     assert exit_info.value.code == 2
     assert "loc3r-bench: error:" in capsys.readouterr().err
+
+
+def layout_bundle(tmp_path: Path, newline_position: str) -> Path:
+    """The tiny bundle with another newline position (the weights do not depend on it)."""
+    import shutil
+
+    from loc3r.models.tiny import resolve_model
+
+    folder = tmp_path / newline_position
+    shutil.copytree(resolve_model("tiny"), folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(config | {"newline_position": newline_position}))
+    return folder
+
+
+@pytest.mark.parametrize("newline_position", ["grid", "frame", "one_token"])
+def test_the_transformers_baseline_computes_what_our_runtime_computes(tmp_path: Path, newline_position: str) -> None:
+    """Like with like: the baseline's llava-onevision shares the bundle's weights, its
+    layout (newlines per row, per frame, or one after the video) equals our vision blocks
+    and video end, and its LLM gives our LLM's logits."""
+    import torch
+
+    from loc3r.bench.baseline import Baseline
+    from loc3r.models.bundle import load_bundle
+    from loc3r.models.llm import TorchLLM
+
+    bundle = load_bundle(layout_bundle(tmp_path, newline_position))
+    baseline = Baseline(bundle)
+    size = bundle.config.vision.image_size
+    pixels = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    cameras = list(torch.randn(2, bundle.config.llm.hidden_size, generator=torch.Generator().manual_seed(2)))
+    embeds = torch.randn(24, bundle.config.llm.hidden_size, generator=torch.Generator().manual_seed(1)) * 0.05
+    with torch.inference_mode():
+        vision = bundle.model.vision.encode(pixels)
+        torch.testing.assert_close(baseline.encode_vision(pixels), vision, rtol=0, atol=1e-5)
+        ours_video = torch.cat([*(torch.cat([c[None], v]) for c, v in zip(cameras, vision)), bundle.model.vision.video_end()])
+        torch.testing.assert_close(baseline.video_embeds(cameras, vision), ours_video, rtol=0, atol=0)
+        theirs = baseline.model(inputs_embeds=embeds[None]).logits[0, -1]
+    ours = TorchLLM(bundle.model.llm).prefill(embeds).last_logits
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-4)
+    assert baseline.model.lm_head.weight.data_ptr() == bundle.model.llm.lm_head.weight.data_ptr()  # shared, not copied
+
+
+def test_the_transformers_baseline_refuses_pooling_transformers_does_not_do(tmp_path: Path) -> None:
+    from loc3r.bench.baseline import Baseline
+    from loc3r.errors import InputError
+    from loc3r.models.bundle import load_bundle
+
+    folder = layout_bundle(tmp_path, "grid")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(config | {"spatial_pool_mode": "average"}))
+    with pytest.raises(InputError, match="pools bilinear by 2; .* pools average by 2"):
+        Baseline(load_bundle(folder))

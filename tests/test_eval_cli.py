@@ -275,4 +275,12 @@ def test_tiny_model_end_to_end_with_resume(tmp_path: Path, monkeypatch: pytest.M
     assert run(tmp_path, *options) == 0
     assert asked == ["Which seat?", "How many chairs?", "Where is the door?"]  # "cup" is not redone
     assert (out / "predictions.jsonl").read_text() == predictions
-    assert (out / "summary.json").read_text() == summary
+    assert fixed_part(out / "summary.json") == fixed_part(summary)
+
+
+def fixed_part(summary: Path | str) -> dict[str, Any]:
+    """A summary without the precision's reason, which quotes the memory available when the
+    model was loaded (it differs between a run and its resumption on a shared machine)."""
+    doc = json.loads(summary.read_text() if isinstance(summary, Path) else summary)
+    assert doc["model"].pop("dtype_reason")
+    return doc

@@ -446,6 +446,7 @@ MANIFEST_DAMAGE = {
     "no-cut3r-artifact": (_set("artifacts", "cut3r_step", value=KeyError), "has no 'cut3r_step' artifact"),
     "no-initial-state": (_set("artifacts", "cut3r_step", "initial_state", value=KeyError), "'artifacts.cut3r_step.initial_state' is missing"),
     "no-decoder": (_set("llm", "decoder", value=KeyError), "'llm.decoder.file' is missing or malformed"),
+    "no-llm-format": (_set("llm", "quantization", value=KeyError), "'llm.quantization.layers' is missing or malformed"),
     "no-outputs": (_set("artifacts", "vision", "outputs", value=[]), "artifact 'vision' is malformed"),
     "bool-size": (_set("files", "vision.onnx", "size", value=True), "the size or sha256 of 'vision.onnx' is malformed"),
     "old-version": (_set("version", value=1), "has manifest version 1, this loc3r reads 2"),

@@ -78,11 +78,60 @@ def test_json_output_has_answer_pose_timings_and_random_weight_flag(
         assert stage in out["timings"]
 
 
+VIDEO_STAGES = ("cache_read", "decode", "preprocess", "encode_3d", "encode_vision", "prefill_video")
+
+
+def test_ttft_of_a_question_given_with_a_file_includes_the_video_it_waited_for(
+    demo_video: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("LOC3R_HOME", str(tmp_path))  # an empty encoding cache: the first run encodes
+    argv = [str(demo_video), "Where am I?", "What is here?", "--json", "--frames", str(FRAMES), "--max-new-tokens", "2"]
+    for run in ("encoded", "cache hit"):
+        assert main(argv) == 0
+        first, follow_up = (json.loads(line)["timings"] for line in capsys.readouterr().out.splitlines())
+        waited = sum(first.get(stage, 0.0) for stage in VIDEO_STAGES)
+        expected = ("decode", "encode_3d", "encode_vision", "prefill_video") if run == "encoded" else ("cache_read", "prefill_video")
+        assert all(first[stage] > 0 for stage in expected), run
+        assert first["ttft_s"] >= first["video_s"] >= waited, run
+        assert first["ttft_s"] == pytest.approx(first["video_s"] + first["question_to_first_token_s"], abs=2e-6)
+        assert first["question_to_first_token_s"] >= first["prefill_question"]
+        # the follow-up waited for no video stage: its TTFT is its own
+        assert not set(VIDEO_STAGES) & set(follow_up)
+        assert follow_up["ttft_s"] == pytest.approx(follow_up["video_s"] + follow_up["question_to_first_token_s"], abs=2e-6)
+
+
+def test_a_question_on_a_prepared_video_counts_from_the_question(pipeline: Pipeline, demo_video: Path) -> None:
+    session = pipeline.open(demo_video, FRAMES)
+    answer = session.ask("Where am I?", sampling=SamplingConfig(max_new_tokens=1))
+    assert not set(VIDEO_STAGES) & set(answer.timings)
+    pipeline.forget_video()
+    asked = pipeline.ask(demo_video, "Where am I?", sampling=SamplingConfig(max_new_tokens=1), num_frames=FRAMES)
+    assert asked.timings["ttft_s"] >= asked.timings["video_s"] >= sum(asked.timings.get(s, 0.0) for s in VIDEO_STAGES) > 0
+
+
+@pytest.mark.parametrize("argv", [["--help"], [], ["video.mp4"], ["video.mp4", "q", "--frames", "0"]])
+def test_help_and_argument_errors_import_neither_torch_nor_transformers(argv: list[str]) -> None:
+    code = (
+        "import sys\n"
+        "from loc3r.runtime.cli import main\n"
+        "try:\n"
+        f"    code = main({argv!r})\n"
+        "except SystemExit as exit_:\n"
+        "    code = exit_.code\n"
+        "print(code, sorted(m for m in ('torch', 'transformers') if m in sys.modules))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    exit_code, heavy = result.stdout.strip().splitlines()[-1].split(" ", 1)
+    assert exit_code == ("0" if argv == ["--help"] else "2")
+    assert heavy == "[]"
+
+
 def test_human_output_says_weights_are_random(demo_video: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main([str(demo_video), "Where am I?", "q2", "--frames", "2", "--max-new-tokens", "3"]) == 0
     out = capsys.readouterr().out
     assert out.count("position: x = ") == 2
     assert out.count("NOTE: model loc3r-tiny-random-v1 has RANDOM weights") == 2
+    assert out.count("first token after ") == 2 and ": video " in out and ", question " in out
 
 
 def test_console_script_runs_in_a_fresh_process(demo_video: Path) -> None:
@@ -125,3 +174,30 @@ def test_interactive_mode_reports_a_bad_question_and_asks_again(
     assert captured.err.count("loc3r-run: error: the prompt needs") == 1
     answers = [json.loads(line) for line in captured.out.splitlines()]
     assert [a["question"] for a in answers] == ["Where am I?"]
+
+
+def test_a_plugged_in_decoder_feeds_the_pipeline(demo_video: Path) -> None:
+    """A decoder that hands over RGB arrays (as a GStreamer appsink would) gives the answer
+    of the built-in PyAV decoder, and is the one the pipeline calls."""
+    from loc3r.runtime.frame import Frame
+    from loc3r.runtime.video import FrameStream
+
+    opened: list[tuple[str, int]] = []
+
+    class RgbFrames:
+        def __init__(self, path: str | Path, num_frames: int) -> None:
+            opened.append((str(path), num_frames))
+            self._stream = FrameStream(path, num_frames)
+            self.info, self.indices, self.report = self._stream.info, self._stream.indices, self._stream.report
+
+        def __iter__(self):  # noqa: ANN204
+            return (Frame(f.index, f.timestamp_s, f.rgb.copy()) for f in self._stream)
+
+        def close(self) -> None:
+            self._stream.close()
+
+    sampling = SamplingConfig(max_new_tokens=4)
+    plugged = Pipeline.from_pretrained("tiny", decoder=RgbFrames).ask(demo_video, "Where am I?", sampling=sampling, num_frames=FRAMES)
+    built_in = Pipeline.from_pretrained("tiny").ask(demo_video, "Where am I?", sampling=sampling, num_frames=FRAMES)
+    assert opened == [(str(demo_video), FRAMES)]
+    assert plugged.token_ids == built_in.token_ids and plugged.pose == built_in.pose

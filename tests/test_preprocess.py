@@ -231,3 +231,63 @@ def test_siglip_rejects_bad_input() -> None:
         siglip_input([])
     with pytest.raises(ValueError, match="RGB uint8"):
         siglip_input([np.zeros((10, 10, 4), np.uint8)])
+
+
+# --- scaling in the decoder -------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def decoded(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list]:
+    """Decoded frames (``Frame`` over the decoder's picture) of demo videos at three sizes."""
+    from loc3r.runtime.demo_video import write_demo_video
+    from loc3r.runtime.video import iter_frames
+
+    folder = tmp_path_factory.mktemp("decoded")
+    sizes = {"640x480": (640, 480), "1280x720": (1280, 720), "1920x1080": (1920, 1080)}
+    return {name: list(iter_frames(write_demo_video(folder / f"{name}.mp4", 6, w, h), 3)) for name, (w, h) in sizes.items()}
+
+
+def _grey_levels(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (a - b).abs().flatten() * 127.5  # inputs are in [-1, 1]: one grey level is 1/127.5
+
+
+@pytest.mark.parametrize("name", ["640x480", "1280x720", "1920x1080"])
+def test_decoder_scaling_stays_within_its_bound_of_pil(decoded: dict[str, list], name: str) -> None:
+    """swscale (on the YUV planes, for shrinks to <= 1/2 a side) against PIL on the full RGB
+    frame: mean <= 1.5, 99th percentile <= 4, max <= 16 grey levels (measured 1.3, 3, 13);
+    other sizes take the PIL route and are exact."""
+    for frame in decoded[name]:
+        for ours, reference in (
+            (cut3r_input(frame), cut3r_input(frame.rgb)),
+            (siglip_input([frame])[0], siglip_input([frame.rgb])[0]),
+        ):
+            assert ours.shape == reference.shape
+            levels = _grey_levels(ours, reference)
+            assert levels.mean() <= 1.5 and levels.quantile(0.99) <= 4 and levels.max() <= 16
+    frame = decoded[name][0]
+    if name == "640x480":  # CUT3R 512x384, SigLIP 384x384: less than a halving, the PIL route
+        assert torch.equal(cut3r_input(frame), cut3r_input(frame.rgb))
+    if name != "1920x1080":  # SigLIP 384x384 from 720 or 480 rows: the PIL route
+        assert torch.equal(siglip_input([frame]), siglip_input([frame.rgb]))
+
+
+def test_decoded_frames_keep_rotation_when_scaled(tmp_path: Path) -> None:
+    import av
+
+    from loc3r.runtime.video import iter_frames
+
+    path = tmp_path / "rot.mp4"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264" if "libx264" in av.codecs_available else "mpeg4", rate=4)
+        stream.width, stream.height, stream.pix_fmt = 1024, 768, "yuv420p"
+        stream.set_display_rotation(90)
+        rgb = np.full((768, 1024, 3), 60, np.uint8)
+        rgb[:384, :512] = 255  # white top-left quadrant, stored
+        for _ in range(2):
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")))
+        container.mux(stream.encode(None))
+    frame = next(iter(iter_frames(path, 1)))
+    assert frame.size == (768, 1024) and frame.rgb.shape == (1024, 768, 3)
+    small = frame.resized(384, 512, Image.Resampling.LANCZOS)  # a halving: the decoder route
+    assert small.shape == (512, 384, 3)
+    np.testing.assert_allclose(small.astype(float), np.asarray(Image.fromarray(frame.rgb).resize((384, 512), Image.Resampling.LANCZOS)), atol=16)

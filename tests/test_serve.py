@@ -59,7 +59,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Served:
     (media / "link_out.mp4").symlink_to(demo(root / "outside" / "secret.mp4", 12))
     demo(root / "live" / "live.mp4", 20)
     pipeline = tiny_pipeline()
-    reference = pipeline.open(media / "room.mp4", FRAMES).ask("Where am I?", sampling=SAMPLING)
+    reference = pipeline.ask(media / "room.mp4", "Where am I?", sampling=SAMPLING, num_frames=FRAMES)  # video + question together
     pipeline.forget_video()
     with static_http(root / "live") as live_url:
         settings = ServeSettings(

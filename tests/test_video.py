@@ -288,12 +288,13 @@ def test_truncated_mp4_yields_what_is_decodable(
 def test_header_overcount(numbered: Path, monkeypatch: pytest.MonkeyPatch, extra: int, substituted: int) -> None:
     """A header a frame or two too long (edit lists) still gives every sampled frame;
     more than that is treated as truncation."""
-    real_probe = video_module.probe_video
-    monkeypatch.setattr(
-        video_module,
-        "probe_video",
-        lambda path, count_frames=False: replace(real_probe(path), total_frames=40 + extra),
-    )
+    real_probe = video_module._probe
+
+    def overcounted(path: Path, count_frames: bool) -> tuple:
+        info, index = real_probe(path, count_frames)
+        return replace(info, total_frames=40 + extra), index
+
+    monkeypatch.setattr(video_module, "_probe", overcounted)
     stream = iter_frames(numbered, 8)
     frames = list(stream)
     assert stream.indices == sample_indices(40 + extra, 8)
