@@ -165,10 +165,12 @@ class Baseline:
         return images, siglip_input(rgbs, self.config.vision.image_size)
 
     def encode_3d(self, images: list[Tensor]) -> list[Tensor]:
-        """CUT3R's camera path, one recurrent step per frame, + ``f_cam``."""
+        """CUT3R's camera path frame by frame, as the reference runs it (encoder, then the
+        recurrent step), + ``f_cam``."""
         state, cameras = None, []
         for image in images:
-            camera, state = self.camera.step(image, state)
+            (encoded,) = self.camera.encode_frames(image[None])
+            camera, state = self.camera.step(encoded, state)
             cameras.append(camera)
         return cameras
 
