@@ -161,11 +161,11 @@ def load_weights(
     on the meta device."""
     files = weight_files(bundle_dir)
     wanted = tuple(f"{part}." for part in parts) if parts is not None else ("",)
-    expected = {n: s for n, s in expected_shapes(config).items() if n.startswith(wanted)}
+    with parameters_on_meta():  # nothing of the weights' size is allocated here
+        model = Loc3rModel(config)
+    expected = {n: tuple(t.shape) for n, t in model.state_dict().items() if n.startswith(wanted)}
     stored = {n: s for n, s in stored_shapes(files).items() if n.startswith(wanted)}
     check_tensors(expected, stored, bundle_dir)
-    with parameters_on_meta():
-        model = Loc3rModel(config)
     for path in files:
         try:
             with safe_open(str(path), framework="pt") as handle:
