@@ -3,14 +3,16 @@
 ``python -m loc3r.bench.child REPORT.json package.module:function [ARGS...]`` calls
 ``function(ARGS)`` and writes to REPORT.json, even when it fails: the exit code, wall
 seconds, peak RSS (``VmHWM``: this process's own high-water mark, which a fresh
-interpreter's ``ru_maxrss`` seen from the parent may not be) and the bytes this process
-caused to be written to storage (``write_bytes`` of /proc/self/io).
+interpreter's ``ru_maxrss`` seen from the parent may not be), the largest peak RSS of the
+subprocesses it ran (``ru_maxrss`` of ``RUSAGE_CHILDREN``: e.g. the LLM builder) and the
+bytes this process caused to be written to storage (``write_bytes`` of /proc/self/io).
 """
 
 from __future__ import annotations
 
 import importlib
 import json
+import resource
 import sys
 import time
 from collections.abc import Sequence
@@ -46,6 +48,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "exit": code,
             "wall_s": time.perf_counter() - start,
             "peak_rss_bytes": proc_field("/proc/self/status", "VmHWM"),
+            "peak_rss_subprocess_bytes": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024,
             "write_bytes": proc_field("/proc/self/io", "write_bytes"),
         }), encoding="utf-8")
     return code

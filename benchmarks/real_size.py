@@ -15,10 +15,12 @@ With random weights in the published layouts (see ``loc3r.bench.fabricate``):
 5. ``run_onnxruntime`` / ``run_torch``: ``loc3r-run`` on a 4-frame video with both backends.
 
 Each phase runs in its own process (``loc3r.bench.child``), which reports its wall time,
-peak RSS (``VmHWM``) and bytes written; every phase must stay under ``--rss-limit-gib``.
-Every exported file is compared with the size predicted from the bundle's parameter
-counts at the stored format (until the exporter's own memory plan lands in the manifest:
-issue 15, read from ``manifest.json`` when present). Results: ``real_size.md`` + ``.json``.
+peak RSS (``VmHWM``, and the largest of its subprocesses': the LLM builder) and bytes
+written; every process must stay under ``--rss-limit-gib``. Every exported file is compared
+with the size the exporter's memory plan predicts for it from the bundle's config
+(``loc3r.export.memory_plan.predicted_weights``). Results: ``real_size.md`` + ``.json``.
+``--resume DIR`` keeps the work in DIR and skips the phases that already completed there,
+so a full-size run stopped late is not started again from the checkpoints.
 ``--preset tiny`` runs the same phases on tiny widths in seconds (the script's own test).
 """
 
@@ -54,11 +56,13 @@ from loc3r.bench.fabricate import (
 from loc3r.bench.child import proc_field
 from loc3r.bench.flops import bits_per_weight
 from loc3r.models.convert_stream import read_safetensors_header
-from loc3r.models.precision import WeightStats, available_memory_bytes, choose_precision
+from loc3r.models.precision import Precision, WeightStats, available_memory_bytes, choose_precision
 
 GIB = 2**30
 PREDICTION_TOLERANCE = 0.05
 QUESTION = "Where is the chair?"
+PROGRESS_FILE = "rehearsal.json"  # the completed phases of a work folder, for --resume
+PHASES = ("write_llava", "write_cut3r", "convert", "export_jetson", "export_cpu", "run_onnxruntime", "run_torch")
 
 
 @dataclass(frozen=True)
@@ -94,6 +98,7 @@ class Phase:
     exit: int = -1
     wall_s: float = 0.0
     peak_rss_bytes: int = 0
+    peak_rss_subprocess_bytes: int = 0  # the largest subprocess the phase ran (the LLM builder)
     write_bytes: int = 0
     output_bytes: int = 0
     steps: dict[str, dict[str, float]] = field(default_factory=dict)  # progress line -> seconds, peak RSS
@@ -179,6 +184,7 @@ def run_phase(name: str, target: str, args: Sequence[str], work: Path, outputs: 
         measured = json.loads(report.read_text(encoding="utf-8"))
         phase.exit, phase.wall_s = measured["exit"], round(measured["wall_s"], 1)
         phase.peak_rss_bytes, phase.write_bytes = measured["peak_rss_bytes"] or 0, measured["write_bytes"] or 0
+        phase.peak_rss_subprocess_bytes = measured["peak_rss_subprocess_bytes"]
     else:
         phase.exit, phase.wall_s = child.returncode, round(time.perf_counter() - start, 1)
     if phase.exit != 0:
@@ -245,7 +251,8 @@ def artifact_rows(export: Path, bundle: Path) -> list[dict[str, Any]]:
 def rehearse(
     preset_name: str, layers: int, work: Path, frames: int, cpu_llm: str, max_new_tokens: int, keep: bool = False
 ) -> dict[str, Any]:
-    """All phases in order, stopping at the first failure; returns the results.
+    """All phases in order (those ``work`` records as completed are skipped), stopping at the
+    first failure; returns the results.
 
     Unless ``keep``, each folder is deleted once nothing later needs it (the checkpoint after
     the conversion, the jetson export once measured), so the disk holds at most ~2 of them.
@@ -268,27 +275,54 @@ def rehearse(
         ("run_torch", "loc3r.runtime.cli:main", [*run_args, "--backend", "torch"], []),
     ]
     done_with = {"convert": [llava, cut3r], "export_jetson": [jetson]}
-    phases, answers, artifacts, sizes = [], {}, {}, {}
+    settings = {"preset": preset_name, "llm_layers": layers, "frames": frames, "cpu_llm": cpu_llm, "max_new_tokens": max_new_tokens}
+    results = earlier_results(work, settings)
+    completed = {p["name"] for p in results["phases"]}
     for name, target, args, outputs in plan:
+        if name in completed:
+            print(f"[real_size] {name}: completed earlier in {work}", file=sys.stderr, flush=True)
+            continue
         print(f"[real_size] {name} ...", file=sys.stderr, flush=True)
         phase, stdout = run_phase(name, target, args, work, outputs)
-        phases.append(phase)
-        print(f"[real_size] {name}: exit {phase.exit}, {phase.wall_s} s, peak RSS {phase.peak_rss_bytes / GIB:.2f} GiB",
-              file=sys.stderr, flush=True)
+        results["phases"].append(asdict(phase))
+        print(f"[real_size] {name}: exit {phase.exit}, {phase.wall_s} s, peak RSS {phase.peak_rss_bytes / GIB:.2f} GiB"
+              f" (subprocesses {phase.peak_rss_subprocess_bytes / GIB:.2f} GiB)", file=sys.stderr, flush=True)
         if name.startswith("run_") and phase.exit == 0:
             answer = json.loads(stdout.strip().splitlines()[-1])
-            answers[name] = {"model": answer["model"], "timings": answer["timings"], "answer_token_ids": answer["answer_token_ids"]}
+            results["answers"][name] = {"model": answer["model"], "timings": answer["timings"], "answer_token_ids": answer["answer_token_ids"]}
         if phase.exit != 0:
             break
         if name.startswith("export_"):
-            artifacts[name.removeprefix("export_")] = artifact_rows(outputs[0], bundle)
+            results["artifacts"][name.removeprefix("export_")] = artifact_rows(outputs[0], bundle)
         if name == "convert":
-            sizes = {"checkpoint_bytes": tree_bytes(llava) + tree_bytes(cut3r), "bundle_bytes": tree_bytes(bundle),
-                     "largest_source_file_bytes": max(tree_bytes(f) for f in [cut3r, *llava.glob("*.safetensors")]),
-                     "bundle_parameters": sum(bundle_parameters(bundle).values())}
+            results.update(checkpoint_bytes=tree_bytes(llava) + tree_bytes(cut3r), bundle_bytes=tree_bytes(bundle),
+                           largest_source_file_bytes=max(tree_bytes(f) for f in [cut3r, *llava.glob("*.safetensors")]),
+                           bundle_parameters=sum(bundle_parameters(bundle).values()))
+        save_progress(work, results)
         for path in [] if keep else done_with.get(name, []):
             shutil.rmtree(path) if path.is_dir() else path.unlink()
-    return {"phases": [asdict(p) for p in phases], "answers": answers, "artifacts": artifacts, **sizes}
+    results.pop("settings")
+    return results
+
+
+def earlier_results(work: Path, settings: dict[str, Any]) -> dict[str, Any]:
+    """What completed phases in ``work`` recorded (its progress file), or a fresh start; a
+    folder rehearsed with other settings is refused rather than mixed."""
+    path = work / PROGRESS_FILE
+    if not path.is_file():
+        return {"settings": settings, "phases": [], "answers": {}, "artifacts": {}}
+    results = json.loads(path.read_text(encoding="utf-8"))
+    if results["settings"] != settings:
+        raise SystemExit(f"real_size: {work} holds a rehearsal with other settings ({results['settings']}); "
+                         "resume it with those, or use an empty folder")
+    return results
+
+
+def save_progress(work: Path, results: dict[str, Any]) -> None:
+    """Record the completed phases (written aside, then renamed: a stop never leaves half a file)."""
+    staged = work / f".{PROGRESS_FILE}.tmp"
+    staged.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    staged.replace(work / PROGRESS_FILE)
 
 
 def machine() -> dict[str, Any]:
@@ -309,16 +343,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=8)
     parser.add_argument("--rss-limit-gib", type=float, default=20.0, help="peak RSS every phase must stay under")
     parser.add_argument("--workdir", type=Path, help="where the checkpoints, bundle and exports go (~40 GB at full depth)")
-    parser.add_argument("--keep", action="store_true", help="keep the work folder")
+    parser.add_argument("--keep", action="store_true", help="keep the work folder and every phase's outputs")
+    parser.add_argument("--resume", type=Path, metavar="DIR",
+                        help="work in DIR (kept until every phase completes) and skip the phases that completed there")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args(argv)
     preset = PRESETS[args.preset]
     layers = args.llm_layers or preset.config["num_hidden_layers"]
-    work = Path(tempfile.mkdtemp(prefix="loc3r_real_size_", dir=args.workdir))
+    if args.resume:
+        args.resume.mkdir(parents=True, exist_ok=True)
+    work = args.resume or Path(tempfile.mkdtemp(prefix="loc3r_real_size_", dir=args.workdir))
+    results: dict[str, Any] = {"phases": []}
     try:
         results = rehearse(args.preset, layers, work, args.frames, args.cpu_llm, args.max_new_tokens, args.keep)
     finally:
-        if not args.keep:
+        if not args.keep and (not args.resume or completed(results, args.rss_limit_gib)):
             shutil.rmtree(work, ignore_errors=True)
     results.update(preset=args.preset, llm_layers=layers, full_layers=preset.config["num_hidden_layers"],
                    frames=args.frames, cpu_llm=args.cpu_llm, rss_limit_gib=args.rss_limit_gib, machine=machine())
@@ -326,8 +365,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     (args.out / f"{stem}.md").write_text(render(results), encoding="utf-8")
-    ok = all(p["exit"] == 0 and p["peak_rss_bytes"] < args.rss_limit_gib * GIB for p in results["phases"])
-    return 0 if ok and len(results["phases"]) == 7 else 1
+    return 0 if completed(results, args.rss_limit_gib) else 1
+
+
+def completed(results: dict[str, Any], rss_limit_gib: float) -> bool:
+    """Every phase ran, exited 0, and kept each of its processes under the RSS limit."""
+    phases = results["phases"]
+    return [p["name"] for p in phases] == list(PHASES) and all(p["exit"] == 0 and peak_rss(p) < rss_limit_gib * GIB for p in phases)
+
+
+def peak_rss(phase: dict[str, Any]) -> int:
+    """The phase's largest process: itself or a subprocess it ran."""
+    return max(phase["peak_rss_bytes"], phase.get("peak_rss_subprocess_bytes", 0))
 
 
 # -- extrapolation to full depth -----------------------------------------------------------
@@ -365,9 +414,10 @@ def extrapolate(results: dict[str, Any]) -> list[dict[str, Any]]:
                    f"streamed: one source shard's mapped pages (shards of {preset.max_shard_bytes / 1e9:g} GB) plus one tensor")
         elif name.startswith("export_"):
             llm_step = next((s["s"] for label, s in phase["steps"].items() if "LLM" in label), 0.0)
-            row = (rss + 4 * extra, wall + llm_step * (layer_ratio - 1), disk * bytes_ratio,
-                   "today's LLM exporter holds the float32 LLM (4 bytes per parameter): being replaced by "
-                   "onnxruntime-genai's builder (issue 15), which must stream to fit")
+            reference = full_depth_precision(results, extra).dtype
+            row = (rss + extra * reference.itemsize, wall + llm_step * (layer_ratio - 1), disk * bytes_ratio,
+                   "the builder streams the LLM in a subprocess; the exporter's own peak grows with the PyTorch "
+                   f"reference of the LLM's parity probe ({str(reference).removeprefix('torch.')}, loaded after the decoder is let go)")
         elif name == "run_onnxruntime":
             timings = results["answers"].get(name, {}).get("timings", {})
             llm_s = sum(timings.get(k, 0.0) for k in LLM_TIMINGS)
@@ -377,8 +427,7 @@ def extrapolate(results: dict[str, Any]) -> list[dict[str, Any]]:
             answer = results["answers"].get(name, {})
             ran = getattr(torch, answer.get("model", {}).get("dtype", "float32"))
             measured_total = results.get("bundle_parameters", 0)
-            chosen = choose_precision(WeightStats(measured_total + extra, torch.bfloat16), "auto", torch.device("cpu"),
-                                      available_memory_bytes(), False)
+            chosen = full_depth_precision(results, extra)
             grown = rss + (measured_total + extra) * chosen.dtype.itemsize - measured_total * ran.itemsize
             llm_s = sum(answer.get("timings", {}).get(k, 0.0) for k in LLM_TIMINGS)
             row = (grown, wall + llm_s * (layer_ratio - 1), disk,
@@ -388,6 +437,12 @@ def extrapolate(results: dict[str, Any]) -> list[dict[str, Any]]:
             continue
         rows.append({"phase": name, "peak_rss_bytes": int(row[0]), "wall_s": round(row[1], 1), "write_bytes": int(row[2]), "basis": row[3]})
     return rows
+
+
+def full_depth_precision(results: dict[str, Any], extra: int) -> Precision:
+    """The dtype the bundle would load in on this CPU at full depth (``--dtype auto``)."""
+    total = results.get("bundle_parameters", 0) + extra
+    return choose_precision(WeightStats(total, torch.bfloat16), "auto", torch.device("cpu"), available_memory_bytes(), False)
 
 
 # -- report --------------------------------------------------------------------------------
@@ -406,15 +461,17 @@ def render(results: dict[str, Any]) -> str:
         "",
         "## Phases",
         "",
-        f"Each phase is one child process; peak RSS is its `VmHWM` (limit {results['rss_limit_gib']} GiB), written is "
+        f"Each phase is one child process; peak RSS is its `VmHWM`, subprocess peak RSS the largest `ru_maxrss` of "
+        f"the processes it ran (the LLM builder); each must stay under {results['rss_limit_gib']} GiB. Written is "
         "`write_bytes` of /proc/self/io, output is the size of what the phase produced.",
         "",
-        "| phase | exit | wall s | peak RSS GiB | written GiB | output GiB | steps: time, peak RSS |",
-        "|---|---|---|---|---|---|---|",
+        "| phase | exit | wall s | peak RSS GiB | subprocess peak RSS GiB | written GiB | output GiB | steps: time, peak RSS |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for p in results["phases"]:
         steps = ", ".join(f"{k}: {v['s']} s, {v['peak_rss_gib']} GiB" for k, v in p["steps"].items())
         lines.append(f"| {p['name']} | {p['exit']} | {p['wall_s']} | {p['peak_rss_bytes'] / GIB:.2f} | "
+                     f"{p.get('peak_rss_subprocess_bytes', 0) / GIB:.2f} | "
                      f"{p['write_bytes'] / GIB:.2f} | {p['output_bytes'] / GIB:.2f} | {steps} |")
     failed = [p for p in results["phases"] if p["exit"] != 0]
     if failed:

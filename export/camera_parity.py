@@ -67,6 +67,12 @@ class Recurrence:
     encoded: Arrays
     steps: list[Arrays]
 
+    def first(self, frames: int) -> Recurrence:
+        """The outputs for the first ``frames`` frames (the recurrence is causal, so they are
+        what a run over only those frames gives)."""
+        features, *rest = self.encoded
+        return Recurrence([features[:frames], *rest], self.steps[:frames])
+
 
 def run_recurrence(runner: CameraRunner, images: np.ndarray, state: np.ndarray, memory: np.ndarray) -> Recurrence:
     """Encode ``images`` (F, 3, H, W) at once, then step through them from ``state``/``memory``."""

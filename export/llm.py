@@ -26,6 +26,7 @@ import os
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
@@ -126,12 +127,13 @@ def export_llm(
     form: LLMForm,
     context_tokens: int,
     chunk_tokens: int,
-    reference: Qwen2ForCausalLM | None = None,
+    reference: Callable[[], Qwen2ForCausalLM] | None = None,
 ) -> dict[str, Any]:
     """Write the decoder and the embedding table into ``out_dir``; return the manifest's ``llm``.
 
-    ``reference`` (the PyTorch LLM) gets a parity probe against the written decoder: one
-    prefill of seeded token embeddings, then a chunk on top of it.
+    ``reference`` loads the PyTorch LLM for a parity probe against the written decoder: one
+    prefill of seeded token embeddings, then a chunk on top of it. It is called only once the
+    decoder has run and been let go, so the two never share memory (a 7B reference is ~15 GiB).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -264,8 +266,10 @@ def available_memory() -> int | None:
     return None
 
 
-def decoder_parity(reference: Qwen2ForCausalLM, folder: Path, form: LLMForm, available: int | None) -> dict[str, Any]:
-    """Seeded token embeddings through the decoder (two chunks) and through ``reference``.
+def decoder_parity(
+    reference: Callable[[], Qwen2ForCausalLM], folder: Path, form: LLMForm, available: int | None
+) -> dict[str, Any]:
+    """Seeded token embeddings through the decoder (two chunks), then through ``reference()``.
 
     Skipped, and said so, when loading the decoder would not fit in ``available`` bytes
     (e.g. the 26 GiB fp32 form of a 7B model on a 24 GiB machine).
@@ -281,16 +285,19 @@ def decoder_parity(reference: Qwen2ForCausalLM, folder: Path, form: LLMForm, ava
     ids = torch.randint(0, llm.table.shape[0], (total,), generator=torch.Generator().manual_seed(0))
     embeds = llm.embed(ids.tolist())
     got = [llm.prefill(part) for part in embeds.split(list(PARITY_TOKENS))]
-    hidden_got = torch.cat([g.hidden_states for g in got])
-    dtype = next(reference.parameters()).dtype
+    hidden_got, logits_got = torch.cat([g.hidden_states for g in got]), got[-1].last_logits
+    del llm, got
+    model = reference()
+    dtype = next(model.parameters()).dtype
     with torch.inference_mode():
-        states = reference.model(inputs_embeds=embeds[None].to(dtype)).last_hidden_state[0]
-        hidden, logits = states.float(), reference.lm_head(states[-1]).float()
+        states = model.model(inputs_embeds=embeds[None].to(dtype)).last_hidden_state[0]
+        hidden, logits = states.float(), model.lm_head(states[-1]).float()
+    del model
     return {
         "tokens": list(PARITY_TOKENS),
         "max_abs_hidden": float((hidden_got - hidden).abs().max()),
-        "max_abs_logits": float((got[-1].last_logits - logits).abs().max()),
-        "top1_match": bool(got[-1].last_logits.argmax() == logits.argmax()),
+        "max_abs_logits": float((logits_got - logits).abs().max()),
+        "top1_match": bool(logits_got.argmax() == logits.argmax()),
         "tolerance_fp32": FP32_TOLERANCE,
         "exact_form": form.layers == "fp32" and form.lm_head == "fp32",
     }

@@ -69,6 +69,54 @@ def test_child_reports_peak_rss_and_bytes_written(tmp_path: Path, code: int) -> 
     assert measured["write_bytes"] >= 30 * 2**20
 
 
+def allocate_in_a_subprocess(argv: list[str]) -> int:
+    import subprocess
+    import sys
+
+    program = f"held = bytearray({int(argv[0])} * 2**20); held[::4096] = b'x' * len(held[::4096])"
+    return subprocess.run([sys.executable, "-c", program], check=True).returncode
+
+
+def test_child_reports_the_peak_rss_of_its_subprocesses(tmp_path: Path) -> None:
+    """A phase whose work runs in a subprocess (the LLM builder) is measured there too."""
+    import subprocess
+    import sys
+
+    report = tmp_path / "report.json"
+    command = [sys.executable, "-m", "loc3r.bench.child", str(report), f"{__name__}:allocate_in_a_subprocess", "1500"]
+    subprocess.run(command, check=True, cwd=Path(__file__).parent)  # where this module imports from
+    measured = json.loads(report.read_text())
+    assert measured["peak_rss_subprocess_bytes"] >= 1500 * 2**20 > measured["peak_rss_bytes"]
+
+
+def test_a_resumed_rehearsal_runs_only_what_did_not_complete(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--resume``: phases recorded as completed in the work folder are skipped, the failed
+    one and those after it run; a folder rehearsed with other settings is refused."""
+    calls: list[str] = []
+    failing = {"export_cpu"}
+
+    def run_phase(name: str, target: str, args: list[str], work: Path, outputs: list[Path]) -> tuple[real_size.Phase, str]:
+        calls.append(name)
+        answer = {"model": {}, "timings": {}, "answer_token_ids": [1]}
+        return real_size.Phase(name, target, exit=1 if name in failing else 0), json.dumps(answer)
+
+    monkeypatch.setattr(real_size, "run_phase", run_phase)
+    monkeypatch.setattr(real_size, "artifact_rows", lambda export, bundle: [{"file": export.name}])
+    monkeypatch.setattr(real_size, "bundle_parameters", lambda bundle: {"w": 7})
+    settings = ("tiny", 1, tmp_path, 2, "int4", 4)
+    first = real_size.rehearse(*settings, keep=True)
+    assert calls == list(real_size.PHASES[:5]) and [p["exit"] for p in first["phases"]] == [0, 0, 0, 0, 1]
+    failing.clear()
+    calls.clear()
+    second = real_size.rehearse(*settings, keep=True)
+    assert calls == ["export_cpu", "run_onnxruntime", "run_torch"]
+    assert [p["name"] for p in second["phases"]] == list(real_size.PHASES) and real_size.completed(second, 20.0)
+    assert second["artifacts"] == {"jetson": [{"file": "export_jetson"}], "cpu": [{"file": "export_cpu"}]}
+    assert second["bundle_parameters"] == 7 and set(second["answers"]) == {"run_onnxruntime", "run_torch"}
+    with pytest.raises(SystemExit, match="holds a rehearsal with other settings"):
+        real_size.rehearse("tiny", 2, tmp_path, 2, "int4", 4, keep=True)
+
+
 @pytest.mark.slow
 def test_rehearsal_on_tiny_widths(tmp_path: Path) -> None:
     """Every phase of the rehearsal completes and is measured (the real run: benchmarks/results)."""
