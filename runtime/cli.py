@@ -25,6 +25,13 @@ if TYPE_CHECKING:  # torch and transformers load only once a run starts, not for
 PROG = "loc3r-run"
 
 
+def add_dtype_argument(parser: argparse.ArgumentParser, reported: str) -> None:
+    """``--dtype``: the PyTorch model's dtype (torch backend), ``auto`` by default."""
+    parser.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
+                        help="dtype of the PyTorch model (torch backend): auto = the checkpoint's on a GPU; on a CPU "
+                             f"float32 when it fits in memory, else the checkpoint's 16-bit dtype ({reported})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(
         prog=PROG,
@@ -40,10 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--situation", default="", help="situation text placed before <Pos><Ori>")
     parser.add_argument("--model", default="tiny", help="bundle folder, or 'tiny' / 'tiny-vggt' (built-in, random weights; CUT3R / VGGT as the 3D encoder)")
     parser.add_argument("--backend", default="torch", choices=["torch", "onnxruntime", "tensorrt"], help="inference backend")
-    parser.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
-                        help="dtype of the PyTorch model (torch backend): auto = the checkpoint's on a GPU; on a CPU "
-                             "float32 when it fits in memory, else the checkpoint's 16-bit dtype (--json reports "
-                             "what ran and why)")
+    add_dtype_argument(parser, "--json reports what ran and why")
     parser.add_argument("--engines", help="folder written by loc3r-export (for onnxruntime / tensorrt)")
     parser.add_argument("--frames", type=positive_int, default=None, help="frames to sample (default: the model's, 32); live: the maximum")
     parser.add_argument("--max-new-tokens", type=positive_int, default=64)

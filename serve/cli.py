@@ -11,7 +11,7 @@ from pathlib import Path
 
 from loc3r.cli_support import ArgumentParser, run_cli
 from loc3r.errors import InputError
-from loc3r.runtime.cli import positive_int
+from loc3r.runtime.cli import add_dtype_argument, positive_int
 from loc3r.serve.settings import MIB, ServeSettings
 
 PROG = "loc3r-serve"
@@ -25,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--model", default="tiny", help="bundle folder, or 'tiny' (built-in, random weights)")
     parser.add_argument("--backend", default="torch", choices=["torch", "onnxruntime", "tensorrt"])
+    add_dtype_argument(parser, "/health reports what ran and why")
     parser.add_argument("--engines", help="folder written by loc3r-export (for onnxruntime / tensorrt)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; any other needs --api-key)")
     parser.add_argument("--port", type=int, default=8000)
@@ -84,7 +85,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         settings.check()  # before the model loads: a refused address answers at once
         pipeline = Pipeline.from_pretrained(
-            args.model, backend=args.backend, engines=args.engines, cache_dir=None if args.no_cache else default_cache_dir()
+            args.model, backend=args.backend, engines=args.engines, cache_dir=None if args.no_cache else default_cache_dir(),
+            dtype=args.dtype,
         )
         serve_forever(build_server(pipeline, settings), args.log_level)
         return 0

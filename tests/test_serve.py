@@ -260,6 +260,19 @@ def test_a_missing_serve_extra_is_one_line(capsys: pytest.CaptureFixture[str], m
     )
 
 
+def test_dtype_is_chosen_on_the_command_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``loc3r-serve --dtype`` loads the model as ``loc3r-run --dtype`` does; /health says what ran and why."""
+    seen: list[dict] = []
+
+    def serve_forever(server: object, log_level: str) -> None:
+        with running(server) as url:
+            seen.append(httpx.get(f"{url}/health", timeout=10).json()["model"])
+
+    monkeypatch.setattr("loc3r.serve.server.serve_forever", serve_forever)
+    assert serve_main(["--dtype", "bfloat16", "--no-cache", "--upload-dir", str(tmp_path), "--port", "0"]) == 0
+    assert [(m["dtype"], m["dtype_reason"]) for m in seen] == [("bfloat16", "--dtype bfloat16")]
+
+
 def test_api_key_is_checked_when_set(tmp_path: Path) -> None:
     server = build_server(tiny_pipeline(), ServeSettings(api_key="s3cret", upload_dir=tmp_path))
     with running(server) as url:
