@@ -10,6 +10,7 @@ build fails and leaves no engine behind.
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,7 @@ Progress = Callable[[str], None]
 #: aspect ratios the engine check runs CUT3R at: one inside each optimisation profile
 CHECK_ASPECTS = {"16:9": (9, 16), "9:16": (16, 9)}
 CHECK_FRAMES = 8
+GRAPH_NAME = re.compile(r"[a-z0-9_]+")  # what the exporter names its graphs (and engine files after them)
 
 
 def build_from_manifest(manifest_path: str | Path, progress: Progress = print, precision: str | None = None) -> Manifest:
@@ -53,8 +55,9 @@ def build_from_manifest(manifest_path: str | Path, progress: Progress = print, p
             "export for a TensorRT target, e.g. loc3r-export --target jetson-orin",
         )
     planned = {name: manifest.value("device_build", "engines", name, "profiles", kind=list) for name in manifest.value("device_build", "engines", kind=dict)}
-    for name in planned:  # every path is checked before TensorRT is imported
-        contained(manifest.root, engine_file_name(name, "10.0", "0"), manifest.path)
+    for name in planned:  # every name and path is checked before TensorRT is imported
+        if not GRAPH_NAME.fullmatch(name) or name not in manifest.artifacts:
+            raise ModelError(f"{manifest.path} plans an engine for {name!r}, which is not one of its graphs", "re-run loc3r-export")
         manifest.artifact_path(name)
     trt = import_tensorrt()
     gpu = gpu_info()

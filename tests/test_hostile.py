@@ -462,12 +462,13 @@ def test_a_damaged_export_is_refused_in_one_line(case: str, cpu_export: Path, vi
     assert_error(result, 2, fragment)
 
 
-def test_engines_are_never_written_outside_the_export(cpu_export: Path, tmp_path: Path, capsys) -> None:
+@pytest.mark.parametrize("graph", ["../../outside", "ghost", "vision/../../x"])
+def test_engines_are_never_written_outside_the_export(graph: str, cpu_export: Path, tmp_path: Path, capsys) -> None:
     engines = link_copy(cpu_export, tmp_path / "engines")
-    plan = {"sm": "87", "trt_version": "10.3", "precision": "fp16", "workspace_mib": 1024, "engines": {"../../outside": {"profiles": [{}]}}}
+    plan = {"sm": "87", "trt_version": "10.3", "precision": "fp16", "workspace_mib": 1024, "engines": {graph: {"profiles": [{}]}}}
     edit_manifest(lambda m: m.update(device_build=plan))(engines)
     result = export(capsys, "build", "--manifest", engines / "manifest.json")  # refused before TensorRT is imported
-    assert_error(result, 2, "names '../../outside_trt10.0_sm0.engine', which is outside its folder", prog="loc3r-export build")
+    assert_error(result, 2, f"plans an engine for {graph!r}, which is not one of its graphs", prog="loc3r-export build")
 
 
 def test_verification_is_memoised_by_size_and_mtime(cpu_export: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
