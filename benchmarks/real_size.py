@@ -211,9 +211,11 @@ def bundle_parameters(bundle: Path) -> dict[str, int]:
 
 
 def predicted_files(bundle: Path, manifest: dict[str, Any]) -> dict[str, int]:
-    """Bytes each exported graph (with its external data) and LLM file should take, as the
-    exporter's memory plan predicts them from the bundle's config for the manifest's target
-    (``loc3r.export.memory_plan.predicted_weights``, the figures it refuses targets with)."""
+    """Bytes each exported graph (with its external data), FP16 graph and LLM file should take,
+    as the exporter's memory plan predicts them from the bundle's config for the manifest's
+    target (``loc3r.export.memory_plan.predicted_weights``, the figures it refuses targets
+    with): a graph's file holds its float32 weights (``disk``), its FP16 graph what an FP16
+    target loads (``loaded``)."""
     from loc3r.engines.targets import load_target
     from loc3r.export.llm import llm_form
     from loc3r.export.memory_plan import predicted_weights
@@ -226,7 +228,11 @@ def predicted_files(bundle: Path, manifest: dict[str, Any]) -> dict[str, int]:
     if llm:
         files.update({"llm decoder": llm["decoder"]["file"], "llm embedding table": llm["embeddings"]["file"]})
     weights = predicted_weights(Loc3rConfig.load(bundle), target, form)
-    return {files[name]: w.disk for name, w in weights.items() if name in files}
+    predicted = {files[name]: w.disk for name, w in weights.items() if name in files}
+    for name, entry in manifest["artifacts"].items():
+        if "fp16" in entry and name in weights:
+            predicted[entry["fp16"]["file"]] = weights[name].loaded
+    return predicted
 
 
 def artifact_rows(export: Path, bundle: Path) -> list[dict[str, Any]]:

@@ -129,6 +129,11 @@ def test_rehearsal_on_tiny_widths(tmp_path: Path) -> None:
     files = {row["file"]: row for row in results["artifacts"]["cpu"]}
     assert files["cut3r_step.onnx + .data"]["predicted"] > 0
     assert files["llm/embeddings.safetensors"]["within"] is True
+    jetson = {row["file"]: row for row in results["artifacts"]["jetson"]}
+    # FP16 graphs are predicted at what the FP16 target loads (at tiny widths their FP32 pins weigh more)
+    for graph in ("cut3r_encoder", "cut3r_step", "vision"):
+        fp32, fp16 = jetson[f"{graph}.onnx + .data"], jetson[f"{graph}.fp16.onnx + .data"]
+        assert fp16["predicted"] * 2 == fp32["predicted"] and fp16["ratio"] == fp16["bytes"] / fp16["predicted"]
     assert set(results["answers"]) == {"run_onnxruntime", "run_torch"}
     assert list(tmp_path.glob("loc3r_real_size_*")) == []  # the work folder is removed
     assert [row["phase"] for row in real_size.extrapolate(results)] == [p["name"] for p in results["phases"]]
