@@ -186,11 +186,11 @@ def _variants() -> list[tuple[dict[str, Any], bool]]:
     return [(v, True) for v in timed] + [(v, False) for v in sweep]
 
 
-def _export(model: Qwen2ForCausalLM, source: Any, folder: Path, reference: bool = True, **form: Any) -> dict[str, Any]:
-    """One CPU form of ``model`` (LLMSource ``source``) into ``folder``."""
+def _export(source: Any, folder: Path, probe: bool = True, **form: Any) -> dict[str, Any]:
+    """One CPU form of the LLM in ``source`` (an LLMSource) into ``folder``."""
     from loc3r.export.llm import LLMForm, export_llm
 
-    return export_llm(source, folder, LLMForm("cpu", **form), CONTEXT, CHUNK, reference=model if reference else None)
+    return export_llm(source, folder, LLMForm("cpu", **form), CONTEXT, CHUNK, probe=probe)
 
 
 def _open(folder: Path) -> LLMStage:
@@ -219,7 +219,7 @@ def tiny_trained_agreement(prompts: int, new_tokens: int) -> dict[str, float]:
         source = LLMSource.from_model(model, Path(tmp) / "source")
         stages = {}
         for name, form in variants.items():
-            _export(model, source, Path(tmp) / name, reference=False, **form)
+            _export(source, Path(tmp) / name, probe=False, **form)
             stages[name] = _open(Path(tmp) / name)
         reference = stages.pop("fp32")
         agreement = {
@@ -243,7 +243,7 @@ def run(head_std: float, prompts: int, new_tokens: int) -> dict[str, Any]:
             name = "-".join(str(v) for v in variant.values())
             folder = Path(tmp) / name
             t0 = time.perf_counter()
-            fragment = _export(model, source, folder, **variant)
+            fragment = _export(source, folder, **variant)
             export_s = time.perf_counter() - t0
             llm = _open(folder)
             reference = reference or llm
@@ -364,7 +364,7 @@ def speed_run(head_std: float, rounds: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         source = LLMSource.from_model(model, Path(tmp) / "source")
         for quant in SPEED_VARIANTS:  # the cpu target's forms
-            _export(model, source, Path(tmp) / quant, reference=False, layers=quant, lm_head=quant, accuracy_level=4)
+            _export(source, Path(tmp) / quant, probe=False, layers=quant, lm_head=quant, accuracy_level=4)
         for r in range(rounds):
             for quant in SPEED_VARIANTS if r % 2 == 0 else SPEED_VARIANTS[::-1]:
                 samples[quant].append(_in_subprocess("_measure_speed", str(Path(tmp) / quant), 512, 64))

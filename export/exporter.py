@@ -139,7 +139,7 @@ def export_all(request: ExportRequest, progress: Progress = print) -> Manifest:
                 form,
                 request.context,
                 request.target.llm.prefill_chunk,
-                reference=lambda: bundle.load_parts(("llm",)).llm,
+                probe=True,
             )
         measured = plan_of(request, measured_weights(staging, artifacts, llm, request.target), form, "measured from the written files")
         check_plan(request, measured)

@@ -26,7 +26,6 @@ import os
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
@@ -43,6 +42,7 @@ from loc3r.errors import InputError, InternalError
 from loc3r.fileio import current_umask
 from loc3r.export.llm_build import BUILDER_OPTIONS, BuildSpec, Provider
 from loc3r.export.llm_io import DECODER, EMBED_TENSOR, EMBEDDINGS, LLM_DIR
+from loc3r.export.llm_reference import reference_outputs
 from loc3r.export.mapped_weights import MappedShards
 from loc3r.export.quantize import Quant
 from loc3r.models.bundle import Bundle, weight_files
@@ -127,13 +127,11 @@ def export_llm(
     form: LLMForm,
     context_tokens: int,
     chunk_tokens: int,
-    reference: Callable[[], Qwen2ForCausalLM] | None = None,
+    probe: bool = False,
 ) -> dict[str, Any]:
     """Write the decoder and the embedding table into ``out_dir``; return the manifest's ``llm``.
 
-    ``reference`` loads the PyTorch LLM for a parity probe against the written decoder: one
-    prefill of seeded token embeddings, then a chunk on top of it. It is called only once the
-    decoder has run and been let go, so the two never share memory (a 7B reference is ~15 GiB).
+    ``probe``: check the written decoder against the PyTorch LLM (:func:`decoder_parity`).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -184,7 +182,7 @@ def export_llm(
             "extra_options": BUILDER_OPTIONS,
         },
         "matmul_weight_bytes": matmul_weight_bytes(decoder, out),
-        "parity": None if reference is None else decoder_parity(reference, out, form, available_memory()),
+        "parity": decoder_parity(source, out, form, available_memory()) if probe else None,
         "versions": {"onnx": onnx.__version__, "onnxruntime": ort.__version__, "torch": torch.__version__},
     }
 
@@ -266,10 +264,9 @@ def available_memory() -> int | None:
     return None
 
 
-def decoder_parity(
-    reference: Callable[[], Qwen2ForCausalLM], folder: Path, form: LLMForm, available: int | None
-) -> dict[str, Any]:
-    """Seeded token embeddings through the decoder (two chunks), then through ``reference()``.
+def decoder_parity(source: LLMSource, folder: Path, form: LLMForm, available: int | None) -> dict[str, Any]:
+    """Seeded token embeddings through the decoder (a prefill, then a chunk on top of it) and
+    through transformers' Qwen2 in float32 on the source's weights, one layer at a time.
 
     Skipped, and said so, when loading the decoder would not fit in ``available`` bytes
     (e.g. the 26 GiB fp32 form of a 7B model on a 24 GiB machine).
@@ -287,12 +284,7 @@ def decoder_parity(
     got = [llm.prefill(part) for part in embeds.split(list(PARITY_TOKENS))]
     hidden_got, logits_got = torch.cat([g.hidden_states for g in got]), got[-1].last_logits
     del llm, got
-    model = reference()
-    dtype = next(model.parameters()).dtype
-    with torch.inference_mode():
-        states = model.model(inputs_embeds=embeds[None].to(dtype)).last_hidden_state[0]
-        hidden, logits = states.float(), model.lm_head(states[-1]).float()
-    del model
+    hidden, logits = reference_outputs(source.config, MappedShards(list(source.files)), source.prefix, embeds)
     return {
         "tokens": list(PARITY_TOKENS),
         "max_abs_hidden": float((hidden_got - hidden).abs().max()),

@@ -64,7 +64,7 @@ def llm_exports(trained_llm: torch.nn.Module, tmp_path_factory: pytest.TempPathF
     exports = {}
     for name, form in forms.items():
         folder = tmp_path_factory.mktemp(f"llm_{name}")
-        exports[name] = folder, export_llm(source, folder, form, LLM_CONTEXT, LLM_CHUNK, reference=lambda: trained_llm)
+        exports[name] = folder, export_llm(source, folder, form, LLM_CONTEXT, LLM_CHUNK, probe=True)
     return exports
 @pytest.fixture(scope="session")
 def jetson_export(tmp_path_factory: pytest.TempPathFactory) -> Path:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,8 @@ from llm_setup import LLM_CHUNK, LLM_CONTEXT
 from safetensors.torch import save_file
 
 from loc3r.errors import InputError, ModelError
-from loc3r.export.llm import FP32_TOLERANCE, LLMForm, decoder_parity
+from loc3r.export.llm import FP32_TOLERANCE, LLMForm, LLMSource, decoder_parity, llm_config_of
+from loc3r.export.llm_reference import reference_outputs
 from loc3r.export.llm_io import DECODER, EMBEDDINGS
 from loc3r.export.mapped_weights import MappedShards
 from loc3r.models.llm import TorchLLM
@@ -133,19 +135,32 @@ def test_graph_is_the_builders_edge_graph(exported: Export) -> None:
     assert fragment["parity"]["max_abs_hidden"] <= TOL and fragment["parity"]["max_abs_logits"] <= TOL
 
 
-def test_parity_probe_is_skipped_when_the_decoder_cannot_be_loaded(trained_llm: torch.nn.Module, exported: Export) -> None:
+def test_parity_probe_is_skipped_when_the_decoder_cannot_be_loaded(trained_llm: torch.nn.Module, exported: Export, tmp_path: Path) -> None:
     out, _ = exported
     form = LLMForm("cpu", "fp32", "fp32")
-    loads: list[int] = []
-
-    def reference() -> torch.nn.Module:
-        loads.append(1)
-        return trained_llm
-
-    assert decoder_parity(reference, out, form, available=1 << 30)["max_abs_logits"] <= TOL
-    skipped = decoder_parity(reference, out, form, available=1000)
+    source = LLMSource.from_model(trained_llm, tmp_path)
+    assert decoder_parity(source, out, form, available=1 << 30)["max_abs_logits"] <= TOL
+    skipped = decoder_parity(source, out, form, available=1000)
     assert skipped == {"skipped": f"loading the decoder needs {_decoder_bytes(out) / 2**30:.1f} GiB, 0.0 GiB is available here"}
-    assert loads == [1]  # the reference is loaded only for a probe that runs
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["lm_head", "tied"])
+def test_the_probe_reference_is_transformers_qwen2_one_layer_at_a_time(trained_llm: torch.nn.Module, tmp_path: Path, tied: bool) -> None:
+    """The layer-streamed float32 reference equals the whole transformers model (prefixed
+    names as in a bundle; a tied lm_head read from the embedding table)."""
+    model = copy.deepcopy(trained_llm)
+    if tied:
+        model.config.tie_word_embeddings = True
+        model.lm_head.weight = model.model.embed_tokens.weight
+    weights = {f"llm.{name}": t.detach().contiguous() for name, t in model.state_dict().items()}
+    if tied:
+        del weights["llm.lm_head.weight"]
+    save_file(weights, str(tmp_path / "w.safetensors"))
+    embeds = torch.randn(9, model.config.hidden_size, generator=torch.Generator().manual_seed(3))
+    want_hidden, want_logits = _reference(model, embeds)
+    hidden, logits = reference_outputs(llm_config_of(model), MappedShards([tmp_path / "w.safetensors"]), "llm.", embeds)
+    assert hidden.shape == want_hidden.shape and logits.shape == (model.config.vocab_size,)
+    assert (hidden - want_hidden).abs().max() <= 1e-5 and (logits - want_logits).abs().max() <= 1e-5
 
 
 def _decoder_bytes(folder: Path) -> int:
