@@ -103,7 +103,7 @@ def test_a_resumed_rehearsal_runs_only_what_did_not_complete(tmp_path: Path, mon
     monkeypatch.setattr(real_size, "run_phase", run_phase)
     monkeypatch.setattr(real_size, "artifact_rows", lambda export, bundle: [{"file": export.name}])
     monkeypatch.setattr(real_size, "bundle_parameters", lambda bundle: {"w": 7})
-    monkeypatch.setattr(real_size, "llm_parity", lambda export: {"top1_match": True})
+    monkeypatch.setattr(real_size, "export_checks", lambda export: {"llm": {"top1_match": True}})
     settings = ("tiny", 1, tmp_path, 2, "int4", 4)
     first = real_size.rehearse(*settings, keep=True)
     assert calls == list(real_size.PHASES[:5]) and [p["exit"] for p in first["phases"]] == [0, 0, 0, 0, 1]
@@ -113,7 +113,7 @@ def test_a_resumed_rehearsal_runs_only_what_did_not_complete(tmp_path: Path, mon
     assert calls == ["export_cpu", "run_onnxruntime", "run_torch"]
     assert [p["name"] for p in second["phases"]] == list(real_size.PHASES) and real_size.completed(second, 20.0)
     assert second["artifacts"] == {"jetson": [{"file": "export_jetson"}], "cpu": [{"file": "export_cpu"}]}
-    assert second["llm_parity"] == {"jetson": {"top1_match": True}, "cpu": {"top1_match": True}}
+    assert second["checks"] == {"jetson": {"llm": {"top1_match": True}}, "cpu": {"llm": {"top1_match": True}}}
     assert second["bundle_parameters"] == 7 and set(second["answers"]) == {"run_onnxruntime", "run_torch"}
     with pytest.raises(SystemExit, match="holds a rehearsal with other settings"):
         real_size.rehearse("tiny", 2, tmp_path, 2, "int4", 4, keep=True)
@@ -137,7 +137,10 @@ def test_rehearsal_on_tiny_widths(tmp_path: Path) -> None:
         fp32, fp16 = jetson[f"{graph}.onnx + .data"], jetson[f"{graph}.fp16.onnx + .data"]
         assert fp16["predicted"] * 2 == fp32["predicted"] and fp16["ratio"] == fp16["bytes"] / fp16["predicted"]
     assert set(results["answers"]) == {"run_onnxruntime", "run_torch"}
-    assert results["llm_parity"]["cpu"]["top1_match"] in (True, False) and results["llm_parity"]["cpu"]["tokens"] == [12, 4]
+    checks = results["checks"]
+    assert checks["cpu"]["llm"]["tokens"] == [12, 4] and checks["cpu"]["llm"]["exact_form"] is False  # int4 decoder
+    assert checks["jetson"]["graphs"]["cut3r_step"]["runs"] == 14 and checks["cpu"]["graphs"]["vision"]["fp16_relative"] is None
+    assert 0 < checks["jetson"]["graphs"]["vision"]["fp16_relative"] < 0.05
     assert list(tmp_path.glob("loc3r_real_size_*")) == []  # the work folder is removed
     assert [row["phase"] for row in real_size.extrapolate(results)] == [p["name"] for p in results["phases"]]
     assert "## Extrapolation to 2 LLM layers" in (out / "real_size_tiny.md").read_text()
