@@ -364,6 +364,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     preset = PRESETS[args.preset]
     layers = args.llm_layers or preset.config["num_hidden_layers"]
     if args.resume:
+        if not resumable(args.resume):
+            parser.error(f"--resume {args.resume} holds files no rehearsal wrote (it is removed once the rehearsal "
+                         "completes): name a new or empty folder, or one a rehearsal was resumed in")
         args.resume.mkdir(parents=True, exist_ok=True)
     work = args.resume or Path(tempfile.mkdtemp(prefix="loc3r_real_size_", dir=args.workdir))
     results: dict[str, Any] = {"phases": []}
@@ -387,6 +390,13 @@ def write_report(results: dict[str, Any], out: Path, stem: str) -> None:
         stream.write(json.dumps(results, indent=2) + "\n")
     with atomic_file(out / f"{stem}.md") as stream:
         stream.write(render(results))
+
+
+def resumable(folder: Path) -> bool:
+    """A folder ``--resume`` may work in (and remove when done): new, empty, or a rehearsal's."""
+    if not folder.exists():
+        return True
+    return folder.is_dir() and (not any(folder.iterdir()) or (folder / PROGRESS_FILE).is_file())
 
 
 def completed(results: dict[str, Any], rss_limit_gib: float) -> bool:

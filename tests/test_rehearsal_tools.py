@@ -119,6 +119,26 @@ def test_a_resumed_rehearsal_runs_only_what_did_not_complete(tmp_path: Path, mon
         real_size.rehearse("tiny", 2, tmp_path, 2, "int4", 4, keep=True)
 
 
+def test_resume_never_takes_a_folder_it_did_not_write(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The resumed folder is removed once the rehearsal completes: one holding anything else
+    (a home folder, a file) is refused in one line before anything runs."""
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "thesis.tex").write_text("years of work")
+    for folder in (home, home / "thesis.tex"):
+        with pytest.raises(SystemExit) as stopped:
+            real_size.main(["--preset", "tiny", "--resume", str(folder), "--out", str(tmp_path / "out")])
+        assert stopped.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert f"--resume {folder} holds files no rehearsal wrote" in err
+    assert (home / "thesis.tex").read_text() == "years of work" and not (tmp_path / "out").exists()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert real_size.resumable(tmp_path / "new") and real_size.resumable(empty)
+    (home / real_size.PROGRESS_FILE).write_text("{}")
+    assert real_size.resumable(home)  # a folder a rehearsal was resumed in
+
+
 @pytest.mark.slow
 def test_rehearsal_on_tiny_widths(tmp_path: Path) -> None:
     """Every phase of the rehearsal completes and is measured (the real run: benchmarks/results)."""
