@@ -56,7 +56,7 @@ from loc3r.bench.flops import bits_per_weight
 from loc3r.bench.report import machine_info
 from loc3r.fileio import atomic_file
 from loc3r.models.convert_stream import read_safetensors_header
-from loc3r.models.precision import Precision, WeightStats, available_memory_bytes, choose_precision
+from loc3r.models.precision import WeightStats, available_memory_bytes, choose_precision
 
 GIB = 2**30
 PREDICTION_TOLERANCE = 0.05
@@ -235,9 +235,9 @@ def predicted_files(bundle: Path, manifest: dict[str, Any]) -> dict[str, int]:
     return predicted
 
 
-def artifact_rows(export: Path, bundle: Path) -> list[dict[str, Any]]:
-    """Every file of an export with its size, and the prediction where one applies."""
-    manifest = json.loads((export / "manifest.json").read_text(encoding="utf-8"))
+def artifact_rows(export: Path, bundle: Path, manifest: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every file of an export (whose manifest is ``manifest``) with its size, and the
+    prediction where one applies."""
     predicted = predicted_files(bundle, manifest)
     rows = []
     for path in sorted(p for p in export.rglob("*") if p.is_file() and not p.name.endswith(".data")):
@@ -251,11 +251,10 @@ def artifact_rows(export: Path, bundle: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def export_checks(export: Path) -> dict[str, Any]:
+def export_checks(manifest: dict[str, Any]) -> dict[str, Any]:
     """What the exporter checked, from its manifest: each graph's ONNX Runtime parity with
     PyTorch (max |error|, frames or runs) and its FP16 graph's error relative to the output
     scale, and the LLM decoder's probe against the PyTorch LLM."""
-    manifest = json.loads((export / "manifest.json").read_text(encoding="utf-8"))
     graphs = {
         name: {"max_abs": entry["parity"]["max_abs"], "runs": entry["parity"]["runs"],
                "fp16_relative": entry["fp16"]["error_vs_fp32"]["relative"] if "fp16" in entry else None}
@@ -312,8 +311,9 @@ def rehearse(
         if phase.exit != 0:
             break
         if name.startswith("export_"):
-            results["artifacts"][name.removeprefix("export_")] = artifact_rows(outputs[0], bundle)
-            results.setdefault("checks", {})[name.removeprefix("export_")] = export_checks(outputs[0])
+            manifest = json.loads((outputs[0] / "manifest.json").read_text(encoding="utf-8"))
+            results["artifacts"][name.removeprefix("export_")] = artifact_rows(outputs[0], bundle, manifest)
+            results.setdefault("checks", {})[name.removeprefix("export_")] = export_checks(manifest)
         if name == "convert":
             results.update(checkpoint_bytes=tree_bytes(llava) + tree_bytes(cut3r), bundle_bytes=tree_bytes(bundle),
                            largest_source_file_bytes=max(tree_bytes(f) for f in [cut3r, *llava.glob("*.safetensors")]),
@@ -339,10 +339,9 @@ def earlier_results(work: Path, settings: dict[str, Any]) -> dict[str, Any]:
 
 
 def save_progress(work: Path, results: dict[str, Any]) -> None:
-    """Record the completed phases (written aside, then renamed: a stop never leaves half a file)."""
-    staged = work / f".{PROGRESS_FILE}.tmp"
-    staged.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-    staged.replace(work / PROGRESS_FILE)
+    """Record the completed phases (atomically: a stop never leaves half a file)."""
+    with atomic_file(work / PROGRESS_FILE) as stream:
+        stream.write(json.dumps(results, indent=2) + "\n")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -445,10 +444,12 @@ def extrapolate(results: dict[str, Any]) -> list[dict[str, Any]]:
                    f"streamed: one source shard's mapped pages (shards of {preset.max_shard_bytes / 1e9:g} GB) plus one tensor")
         elif name.startswith("export_"):
             llm_step = next((s["s"] for label, s in phase["steps"].items() if "LLM" in label), 0.0)
-            reference = full_depth_precision(results, extra).dtype
-            row = (rss + extra * reference.itemsize, wall + llm_step * (layer_ratio - 1), disk * bytes_ratio,
-                   "the builder streams the LLM in a subprocess; the exporter's own peak grows with the PyTorch "
-                   f"reference of the LLM's parity probe ({str(reference).removeprefix('torch.')}, loaded after the decoder is let go)")
+            decoder = next((r["bytes"] for r in results["artifacts"].get(name.removeprefix("export_"), [])
+                            if r["file"].startswith("llm/decoder.onnx")), 0)
+            row = (rss + extra * decoder / decoder_parameters(shapes(measured)), wall + llm_step * (layer_ratio - 1),
+                   disk * bytes_ratio,
+                   "the builder streams the LLM in a subprocess and the parity probe's PyTorch reference holds one "
+                   "layer; the exporter's own peak grows with the written decoder the probe loads (its bytes per parameter)")
         elif name == "run_onnxruntime":
             timings = results["answers"].get(name, {}).get("timings", {})
             llm_s = sum(timings.get(k, 0.0) for k in LLM_TIMINGS)
@@ -458,7 +459,8 @@ def extrapolate(results: dict[str, Any]) -> list[dict[str, Any]]:
             answer = results["answers"].get(name, {})
             ran = getattr(torch, answer.get("model", {}).get("dtype", "float32"))
             measured_total = results.get("bundle_parameters", 0)
-            chosen = full_depth_precision(results, extra)
+            chosen = choose_precision(WeightStats(measured_total + extra, torch.bfloat16), "auto", torch.device("cpu"),
+                                      available_memory_bytes(), False)
             grown = rss + (measured_total + extra) * chosen.dtype.itemsize - measured_total * ran.itemsize
             llm_s = sum(answer.get("timings", {}).get(k, 0.0) for k in LLM_TIMINGS)
             row = (grown, wall + llm_s * (layer_ratio - 1), disk,
@@ -470,10 +472,10 @@ def extrapolate(results: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
-def full_depth_precision(results: dict[str, Any], extra: int) -> Precision:
-    """The dtype the bundle would load in on this CPU at full depth (``--dtype auto``)."""
-    total = results.get("bundle_parameters", 0) + extra
-    return choose_precision(WeightStats(total, torch.bfloat16), "auto", torch.device("cpu"), available_memory_bytes(), False)
+def decoder_parameters(shapes: dict[str, tuple[int, ...]]) -> int:
+    """Parameters of the exported LLM decoder: the layers, the final norm and lm_head (the
+    embedding table is exported beside it)."""
+    return sum(math.prod(shape) for name, shape in shapes.items() if name.startswith(("model.layers.", "model.norm.", "lm_head.")))
 
 
 # -- report --------------------------------------------------------------------------------

@@ -97,13 +97,16 @@ def test_a_resumed_rehearsal_runs_only_what_did_not_complete(tmp_path: Path, mon
 
     def run_phase(name: str, target: str, args: list[str], work: Path, outputs: list[Path]) -> tuple[real_size.Phase, str]:
         calls.append(name)
+        if name.startswith("export_"):  # an export's folder holds its manifest
+            outputs[0].mkdir(exist_ok=True)
+            (outputs[0] / "manifest.json").write_text("{}")
         answer = {"model": {}, "timings": {}, "answer_token_ids": [1]}
         return real_size.Phase(name, target, exit=1 if name in failing else 0), json.dumps(answer)
 
     monkeypatch.setattr(real_size, "run_phase", run_phase)
-    monkeypatch.setattr(real_size, "artifact_rows", lambda export, bundle: [{"file": export.name}])
+    monkeypatch.setattr(real_size, "artifact_rows", lambda export, bundle, manifest: [{"file": export.name}])
     monkeypatch.setattr(real_size, "bundle_parameters", lambda bundle: {"w": 7})
-    monkeypatch.setattr(real_size, "export_checks", lambda export: {"llm": {"top1_match": True}})
+    monkeypatch.setattr(real_size, "export_checks", lambda manifest: {"llm": {"top1_match": True}})
     settings = ("tiny", 1, tmp_path, 2, "int4", 4)
     first = real_size.rehearse(*settings, keep=True)
     assert calls == list(real_size.PHASES[:5]) and [p["exit"] for p in first["phases"]] == [0, 0, 0, 0, 1]
