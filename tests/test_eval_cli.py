@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from loc3r.bench import eval_cli
-from loc3r.bench.dataset import load_dataset
+from loc3r.eval import cli as eval_cli
+from loc3r.eval.dataset import load_dataset
 from loc3r.runtime.result import ModelInfo, Pose
 
 # -- the dataset ----------------------------------------------------------------------------

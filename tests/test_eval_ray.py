@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from loc3r.bench import eval_cli
+from loc3r.eval import cli as eval_cli
 from loc3r.runtime.demo_video import write_demo_video
 
 ray = pytest.importorskip("ray", reason="Ray is an optional extra: pip install 'loc3r[ray]'")

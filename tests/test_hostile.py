@@ -771,7 +771,7 @@ EVAL_DATA = {
 
 @pytest.mark.parametrize("case", list(EVAL_DATA))
 def test_bad_eval_data_is_one_line(case: str, video: Path, tmp_path: Path, capsys) -> None:
-    from loc3r.bench import eval_cli
+    from loc3r.eval import cli as eval_cli
 
     line, fragment = EVAL_DATA[case]
     shutil.copy(video, tmp_path / "v.mp4")
@@ -790,7 +790,7 @@ RESUME_DAMAGE = {
 
 @pytest.mark.parametrize("case", list(RESUME_DAMAGE))
 def test_a_malformed_resume_file_is_one_line(case: str, video: Path, tmp_path: Path, capsys) -> None:
-    from loc3r.bench import eval_cli
+    from loc3r.eval import cli as eval_cli
 
     shutil.copy(video, tmp_path / "v.mp4")
     (tmp_path / "data.jsonl").write_text('{"id": "a", "video": "v.mp4", "question": "q", "position": {"x": 0, "y": 0}}\n')
@@ -802,7 +802,7 @@ def test_a_malformed_resume_file_is_one_line(case: str, video: Path, tmp_path: P
 
 @pytest.mark.parametrize("value", ["high", [0.5], {"v": 1}, True, 10**400])
 def test_compare_refuses_metrics_that_are_not_numbers(value: object, tmp_path: Path, capsys) -> None:
-    from loc3r.bench import eval_cli
+    from loc3r.eval import cli as eval_cli
 
     (tmp_path / "a.json").write_text(json.dumps({"metrics": {"em": 0.5}}))
     (tmp_path / "b.json").write_text(json.dumps({"metrics": {"em": value}}))
@@ -811,7 +811,7 @@ def test_compare_refuses_metrics_that_are_not_numbers(value: object, tmp_path: P
 
 
 def test_eval_out_that_is_a_file_is_one_line(video: Path, tmp_path: Path, capsys) -> None:
-    from loc3r.bench import eval_cli
+    from loc3r.eval import cli as eval_cli
 
     shutil.copy(video, tmp_path / "v.mp4")
     (tmp_path / "data.jsonl").write_text('{"video": "v.mp4", "question": "q"}\n')

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from loc3r.bench import metrics as m
+from loc3r.eval import metrics as m
 
 # -- localization ---------------------------------------------------------------------------
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from loc3r.bench.dataset import Item
+from loc3r.eval.dataset import Item
 from loc3r.errors import InputError, InternalError, Loc3rError
 
 MAX_ATTEMPTS = 3  # per video: a video whose actor dies this often stops the run
@@ -38,7 +38,7 @@ class EvalWorker:
     """A pipeline on one Ray worker; answers all the questions of one video per call."""
 
     def __init__(self, settings: EvalSettings) -> None:
-        from loc3r.bench.eval_cli import load_pipeline
+        from loc3r.eval.cli import load_pipeline
         from loc3r.runtime.generate import SamplingConfig
 
         self.settings = settings
@@ -49,7 +49,7 @@ class EvalWorker:
         return self.pipeline.model_info
 
     def answer(self, items: list[Item]) -> list[dict[str, Any]]:
-        from loc3r.bench.eval_cli import prediction_record
+        from loc3r.eval.cli import prediction_record
 
         records = []
         for item in items:
@@ -83,7 +83,7 @@ def worker_slots(ray: Any, requested: int | None) -> tuple[int, dict[str, float]
 
 def answer_items_on_ray(todo: list[Item], args: Any, out: Path, run: dict[str, Any], records: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Answer ``todo`` on the cluster, appending predictions to OUT/predictions.jsonl per video."""
-    from loc3r.bench.eval_cli import PREDICTIONS, record_model, show_progress, write_record
+    from loc3r.eval.cli import PREDICTIONS, record_model, show_progress, write_record
     from loc3r.models.tiny import resolve_model
 
     resolve_model(args.model)  # a wrong --model is refused here, not in every worker
@@ -143,7 +143,7 @@ def answer_items_on_ray(todo: list[Item], args: Any, out: Path, run: dict[str, A
 
 def replace_dead(actor: Any, group: list[Item], attempts: dict[Path, int], pending: deque[list[Item]], new_actor: Any) -> Any:
     """Put a dead actor's video back at the front of the queue; a new actor to take it."""
-    from loc3r.bench.eval_cli import PROG
+    from loc3r.eval.cli import PROG
 
     video = group[0].video
     if attempts[video] >= MAX_ATTEMPTS:

@@ -19,8 +19,8 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from loc3r.bench import metrics
-from loc3r.bench.dataset import Item, is_number, load_dataset, parse_json_line
+from loc3r.eval import metrics
+from loc3r.eval.dataset import Item, is_number, load_dataset, parse_json_line
 from loc3r.cli_support import ArgumentParser, positive_int, run_cli
 from loc3r.errors import InputError, Loc3rError
 from loc3r.fileio import finite_json, write_text_atomic
@@ -114,7 +114,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     if records and todo:
         print(f"{PROG}: resuming: {len(items) - len(todo)} of {len(items)} items already in {out / PREDICTIONS}", file=sys.stderr)
     if todo and args.ray:
-        from loc3r.bench.ray_eval import answer_items_on_ray
+        from loc3r.eval.ray_runner import answer_items_on_ray
 
         run = answer_items_on_ray(todo, args, out, run, records)
     elif todo:
