@@ -35,9 +35,10 @@ import numpy as np
 import torch
 from torch import Tensor
 from transformers import DynamicCache, LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
+from transformers.generation.streamers import BaseStreamer
 from transformers.video_utils import VideoMetadata, load_video
 
-from loc3r.bench.measure import elapsed, time_heads
+from loc3r.bench.measure import elapsed, per_token, time_heads
 from loc3r.errors import InputError
 from loc3r.models.bundle import Bundle
 from loc3r.models.config import ONEVISION_VIDEO, Loc3rConfig
@@ -144,9 +145,7 @@ class Baseline:
 
         hidden = self.model.model.language_model(inputs_embeds=prompts[1][:, prefix.length :], cache=copy.deepcopy(cache)).last_hidden_state[0]
         heads = time_heads(self.heads, hidden, suffixes[1].pos_offset, suffixes[1].ori_offset)
-        one = self.first_token(prompts[1], cache)
-        many = self.first_token(prompts[1], cache, tokens=1 + decode_tokens)
-        decode_token = max(many - one, 0.0) / decode_tokens
+        decode_token = self.decode_per_token(prompts[1], cache, decode_tokens)
         for side in (plain, cached):
             side["heads"], side["decode_token"] = heads, decode_token
         held = sum(rgb.nbytes for rgb in rgbs) / 2**20
@@ -195,11 +194,40 @@ class Baseline:
         self.model(inputs_embeds=prefix_embeds[None], cache=cache, logits_to_keep=1)
         return cache
 
-    def first_token(self, prompt: Tensor, cache: DynamicCache | None = None, tokens: int = 1) -> float:
-        """Seconds of ``generate`` for ``tokens`` new tokens (on a copy of ``cache`` if given)."""
+    def first_token(self, prompt: Tensor, cache: DynamicCache | None = None) -> float:
+        """Seconds of ``generate`` for the first new token (on a copy of ``cache`` if given)."""
         start = time.perf_counter()
+        self.generate(prompt, cache, 1)
+        return time.perf_counter() - start
+
+    def decode_per_token(self, prompt: Tensor, cache: DynamicCache, tokens: int) -> float:
+        """Seconds per decode step of ``generate``, from the times its streamer received each
+        of ``1 + tokens`` new tokens (the first one, after the prefill, starts the clock)."""
+        clock = TokenClock()
+        self.generate(prompt, cache, 1 + tokens, clock)
+        return per_token(clock.stamps)
+
+    def generate(self, prompt: Tensor, cache: DynamicCache | None, tokens: int, streamer: BaseStreamer | None = None) -> None:
+        """Greedy ``generate`` of exactly ``tokens`` new tokens (on a copy of ``cache`` if given)."""
         kwargs = {"cache": copy.deepcopy(cache)} if cache is not None else {}
         self.model.generate(
-            inputs_embeds=prompt, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, pad_token_id=0, **kwargs
+            inputs_embeds=prompt, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, pad_token_id=0, streamer=streamer, **kwargs
         )
-        return time.perf_counter() - start
+
+
+class TokenClock(BaseStreamer):
+    """A ``generate`` streamer that stamps the time each new token arrives (``generate``
+    pushes the prompt first: that push is not a token)."""
+
+    def __init__(self) -> None:
+        self.stamps: list[float] = []
+        self._prompt_seen = False
+
+    def put(self, value: Tensor) -> None:
+        now = time.perf_counter()
+        if self._prompt_seen:
+            self.stamps.append(now)
+        self._prompt_seen = True
+
+    def end(self) -> None:
+        pass

@@ -8,6 +8,7 @@ from collections.abc import Callable
 
 from torch import Tensor
 
+from loc3r.errors import InternalError
 from loc3r.runtime.generate import SamplingConfig, generate
 from loc3r.runtime.stages import HeadsStage, LLMStage
 
@@ -52,4 +53,15 @@ def time_decode(llm: LLMStage, first_logits: Tensor, tokens: int) -> float:
     """Seconds per generated token over ``tokens`` greedy steps (no stop token)."""
     stamps: list[float] = []
     generate(first_logits, llm.decode, set(), SamplingConfig(max_new_tokens=tokens), lambda _: stamps.append(time.perf_counter()))
-    return (stamps[-1] - stamps[0]) / (len(stamps) - 1)
+    return per_token(stamps)
+
+
+def per_token(stamps: list[float]) -> float:
+    """Seconds per decode step from the times successive tokens arrived (the first token's
+    stamp starts the clock): measured directly, never as a difference of two runs."""
+    if len(stamps) < 2:
+        raise InternalError(f"a decode rate needs 2 or more token times, got {len(stamps)}", "time 2 or more tokens")
+    seconds = (stamps[-1] - stamps[0]) / (len(stamps) - 1)
+    if not seconds > 0:  # a clock that did not advance (or NaN): never a rate from it
+        raise InternalError(f"the clock did not advance over {len(stamps) - 1} decode steps", "report this with --debug")
+    return seconds

@@ -6,7 +6,10 @@ Nothing here asserts a duration: performance is measured by the benchmark, not b
 from __future__ import annotations
 
 import json
+import math
+import random
 import struct
+import time
 from argparse import Namespace
 from pathlib import Path
 
@@ -138,7 +141,55 @@ def test_small_preset_has_the_real_token_geometry(tiny_tokenizer: TextTokenizer)
     assert config.random_weights
 
 
-def test_cli_end_to_end_writes_every_output(tmp_path: Path) -> None:
+class LoadedClock:
+    """``time.perf_counter`` on a machine under load: every reading jumps ahead by a random
+    0-0.5 s (other processes ran meanwhile), so two runs of the same work differ by far
+    more than a decode step takes."""
+
+    def __init__(self, seed: int) -> None:
+        self.now, self.random = 0.0, random.Random(seed)
+
+    def __call__(self) -> float:
+        self.now += self.random.uniform(0.0, 0.5)
+        return self.now
+
+
+def test_per_token_never_divides_by_a_clock_that_stood_still() -> None:
+    from loc3r.bench.measure import per_token
+    from loc3r.errors import InternalError
+
+    assert per_token([1.0, 1.5, 3.0]) == pytest.approx(1.0)
+    for stamps in ([2.0, 2.0], [2.0, 1.0], [1.0], [1.0, math.nan]):
+        with pytest.raises(InternalError):
+            per_token(stamps)
+
+
+def test_the_baseline_times_decode_from_its_token_stream(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The baseline's decode step is read from the times ``generate`` streamed its tokens:
+    with a clock that ticks one second per reading it is exactly 1 s (the prefill before
+    the first token is not in it), and under a noisy clock it stays positive and finite."""
+    import torch
+
+    from loc3r.bench.baseline import Baseline
+    from loc3r.models.bundle import load_bundle
+    from loc3r.models.tiny import resolve_model
+
+    baseline = Baseline(load_bundle(resolve_model("tiny")))
+    prompt = torch.randn(1, 12, baseline.config.llm.hidden_size, generator=torch.Generator().manual_seed(0)) * 0.05
+    ticks = iter(range(10**6))
+    with torch.inference_mode():
+        cache = baseline.prefix_cache(prompt[0, :8])
+        monkeypatch.setattr(time, "perf_counter", lambda: float(next(ticks)))
+        assert baseline.decode_per_token(prompt, cache, 5) == 1.0
+        for seed in range(10):
+            monkeypatch.setattr(time, "perf_counter", LoadedClock(seed))
+            assert 0 < baseline.decode_per_token(prompt, cache, 3) < math.inf
+
+
+def test_cli_end_to_end_writes_every_output(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Also on a loaded machine (a noisy clock): every decode figure is measured from token
+    times, so it is positive and finite whatever the load did between two runs."""
+    monkeypatch.setattr(time, "perf_counter", LoadedClock(seed=3))
     out = tmp_path / "out"
     argv = ["--model", "tiny", "--frames", "2", "--repeat", "1", "--warmup", "0", "--decode-tokens", "2",
             "--json", str(out / "b.json"), "--markdown", str(out / "b.md"), "--plot", str(out / "b.png"), "--plot-size", "400x300"]
@@ -146,6 +197,7 @@ def test_cli_end_to_end_writes_every_output(tmp_path: Path) -> None:
     result = json.loads((out / "b.json").read_text())
     for side in (*result["baselines"].values(), result["optimized"]["torch"]):
         assert set(side["stages"]) == set(STAGES)
+        assert all(0 < v < math.inf for v in (side["decode_tokens_per_s"], *(run["decode_token"] for run in side["runs"])))
     assert result["command"].startswith("loc3r-bench --model tiny")
     assert result["memory"]["phases"]["baseline"]["peak_rss_mib"] > 0
     assert png_size(out / "b.png") == (400, 300)
