@@ -20,10 +20,11 @@ import signal
 import sys
 import threading
 import traceback
+import warnings
 from collections.abc import Callable
 from typing import NoReturn
 
-from loc3r.errors import InputError, InternalError, Loc3rError
+from loc3r.errors import InputError, InternalError, Loc3rError, RandomWeightsWarning
 
 EXIT_INTERRUPTED = 130
 EXIT_TERMINATED = 143
@@ -116,14 +117,16 @@ def run_cli(prog: str, body: Callable[[], int], debug: bool) -> int:
     """Run ``body``; turn every failure into ``prog: error: ...`` on stderr and an exit code."""
     if not debug:
         quiet_import_noise()
-    warnings = _WarningLine(prog)
-    logging.getLogger("loc3r").addHandler(warnings)
+    warning_lines = _WarningLine(prog)
+    logging.getLogger("loc3r").addHandler(warning_lines)
     in_main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _terminate) if in_main else None
     try:
-        return _run(prog, body, debug)
+        with warnings.catch_warnings():  # the tools mark random weights in their own output (NOTE lines, JSON, banner)
+            warnings.filterwarnings("ignore", category=RandomWeightsWarning)
+            return _run(prog, body, debug)
     finally:
-        logging.getLogger("loc3r").removeHandler(warnings)
+        logging.getLogger("loc3r").removeHandler(warning_lines)
         if in_main:
             signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 

@@ -31,3 +31,9 @@ class InternalError(Loc3rError):
     """Something that should not happen; a bug or a broken installation."""
 
     exit_code = 1
+
+
+class RandomWeightsWarning(UserWarning):
+    """A model whose outputs mean nothing (random weights, untrained localization heads) was
+    loaded: shown by ``Pipeline.from_pretrained``; the command-line tools say it in their
+    own output instead (``NOTE:`` lines, the JSON's ``warning``, the server's banner)."""

@@ -12,13 +12,14 @@ pipeline holds reuse its KV prefix.
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from loc3r.errors import InputError
+from loc3r.errors import InputError, RandomWeightsWarning
 from loc3r.export.manifest import Manifest
 from loc3r.models.bundle import Bundle, load_bundle
 from loc3r.models.precision import Precision
@@ -94,7 +95,19 @@ class Pipeline:
         ``dtype`` is the PyTorch model's (``auto``: chosen for this machine, see
         ``loc3r.models.precision``). ``decoder`` opens and samples video files (default:
         PyAV, ``iter_frames``).
+
+        A model with random weights or untrained localization heads is announced with a
+        :class:`~loc3r.errors.RandomWeightsWarning` (its answers and poses are meaningless).
         """
+        pipeline = cls._load(model, backend, engines, cache_dir, dtype, decoder)
+        if pipeline.model_info.warning:
+            warnings.warn(pipeline.model_info.warning, RandomWeightsWarning, stacklevel=2)
+        return pipeline
+
+    @classmethod
+    def _load(
+        cls, model: str | Path, backend: str, engines: str | Path | None, cache_dir: str | Path | None, dtype: str, decoder: VideoDecoder
+    ) -> Pipeline:
         bundle = load_bundle(resolve_model(model), dtype)
         cache = EncodingCache(Path(cache_dir)) if cache_dir else None
         if backend == "torch":

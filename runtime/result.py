@@ -98,6 +98,11 @@ class Answer:
     timings: dict[str, float] = field(default_factory=dict)  # keys and meanings: TIMINGS
     bev_points: np.ndarray | None = None  # (frames, tokens, 2) metres, when asked for
 
+    def __repr__(self) -> str:
+        """The answer and the pose, with the model's warning when its outputs mean nothing."""
+        warning = f", warning={self.model.warning!r}" if self.model.warning else ""
+        return f"Answer(text={self.text!r}, pose={self.pose!r}, model={self.model.model_id!r}{warning})"
+
     def plot(self, path: str | Path) -> Path:
         """Write the top-down map of this answer as a PNG (see ``loc3r.runtime.plot``)."""
         from loc3r.runtime.plot import plot_bev

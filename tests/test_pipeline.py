@@ -201,3 +201,18 @@ def test_a_plugged_in_decoder_feeds_the_pipeline(demo_video: Path) -> None:
     built_in = Pipeline.from_pretrained("tiny").ask(demo_video, "Where am I?", sampling=sampling, num_frames=FRAMES)
     assert opened == [(str(demo_video), FRAMES)]
     assert plugged.token_ids == built_in.token_ids and plugged.pose == built_in.pose
+
+
+def test_the_python_api_says_the_weights_are_random(demo_video: Path) -> None:
+    """``from_pretrained`` warns (a category of its own, so it can be filtered) and the
+    answer's repr carries the warning: ``print(answer)`` never shows a bare pose."""
+    from loc3r.errors import RandomWeightsWarning
+
+    with pytest.warns(RandomWeightsWarning, match="model loc3r-tiny-random-v1 has RANDOM weights") as caught:
+        pipeline = Pipeline.from_pretrained("tiny")
+    assert len(caught) == 1 and caught[0].filename == __file__  # points at the caller's line
+    answer = pipeline.ask(demo_video, "Where am I?", num_frames=2, sampling=SamplingConfig(max_new_tokens=2))
+    shown = repr(answer)
+    assert shown.startswith(f"Answer(text={answer.text!r}, pose=Pose(x=")
+    assert shown.endswith("warning='model loc3r-tiny-random-v1 has RANDOM weights: the answer and the pose are meaningless')")
+    assert "token_ids" not in shown and "bev_points" not in shown
