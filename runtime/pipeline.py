@@ -21,6 +21,7 @@ import torch
 
 from loc3r.errors import InputError, RandomWeightsWarning
 from loc3r.export.manifest import Manifest
+from loc3r.identity import FileIdentity, file_identity
 from loc3r.models.bundle import Bundle, load_bundle
 from loc3r.models.precision import Precision
 from loc3r.models.prompt import build_video_prefix
@@ -165,8 +166,9 @@ class Pipeline:
         one prefill. Both give the same cache; streaming overlaps the work.
         """
         num_frames = num_frames or self.config.num_frames
-        key = (str(video), num_frames, with_bev)
-        if self._session is not None and self._session_key == key:
+        identity = held_identity(video)
+        key = (str(video), identity, num_frames, with_bev) if identity is not None else None
+        if self._session is not None and key is not None and self._session_key == key:
             return self._session
         self.check_frames_fit(num_frames)
         session = self.new_session(str(video), with_bev, live=False)
@@ -188,9 +190,10 @@ class Pipeline:
             bar.close()
             session.report.update(read_report(frames))
             session.finish(frames.info.duration_s)
-            if cache_key and self.cache.store(cache_key, session.encoded, frames.info.duration_s):
+            unchanged = identity is not None and held_identity(video) == identity  # not rewritten while decoded
+            if cache_key and unchanged and self.cache.store(cache_key, session.encoded, frames.info.duration_s):
                 session.report["encoding_cache"] = "stored"
-        self._session_key = key
+        self._session_key = key if cached is not None or unchanged else None
         return session
 
     def check_frames_fit(
@@ -293,6 +296,15 @@ def exported_precision(manifest: Manifest, bundle: Bundle, stages: Stages, devic
         llm_part = f"LLM weights {llm['quantization']['layers']}" if llm else "LLM exported"
     dtype = {"fp32": torch.float32, "fp16": torch.float16}[manifest.precision]
     return Precision(dtype, device, f"the export's precision ({manifest.precision}, manifest.json); {llm_part}")
+
+
+def held_identity(video: str | Path) -> FileIdentity | None:
+    """The identity a held session of ``video`` is keyed on; None (never reused) when the
+    video is not a readable regular file (the decoder then says what is wrong)."""
+    try:
+        return file_identity(video)
+    except (OSError, InputError):
+        return None
 
 
 def default_cache_dir() -> Path:

@@ -111,7 +111,9 @@ def create_app(worker: ModelWorker, settings: ServeSettings, uploads: UploadStor
     @api.get("/v1/videos/content")
     async def video_content(url: str) -> FileResponse:
         """The bytes of an uploaded or media-folder video (for the page's player)."""
-        return FileResponse(await run_in_threadpool(media.content_path, url))
+        ref = await run_in_threadpool(media.content, url)
+        # the ETag follows the file's identity: a rewrite that keeps size and mtime is another video
+        return FileResponse(ref.path, headers={"etag": f'"{ref.key[-1].token()}"'})
 
     @api.get("/v1/videos/{video_id}")
     async def video_info(video_id: str) -> dict[str, Any]:

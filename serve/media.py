@@ -14,6 +14,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from loc3r.errors import InputError
+from loc3r.identity import file_identity
 from loc3r.serve.errors import ApiError
 from loc3r.serve.settings import ServeSettings
 from loc3r.serve.uploads import UPLOAD_ID, VIDEO_SUFFIXES, UploadStore
@@ -55,15 +57,16 @@ class MediaResolver:
             return self._remote(url)
         return self._media_file(url)
 
-    def content_path(self, url: str) -> Path:
+    def content(self, url: str) -> VideoRef:
         """The file behind an upload id or a media-folder video, to serve its bytes (never
-        a download, a live source, or a media-folder file that is not named as a video)."""
+        a download, a live source, or a media-folder file that is not named as a video);
+        its key ends in the file's identity (the ETag)."""
         if url.startswith(LIVE_PREFIX) or _SCHEME.match(url.strip()):
             raise ApiError(400, "only uploaded and media-folder videos have content to show", "no_content", "url")
         ref = self.resolve(url)
         if ref.key[0] == "file" and ref.path.suffix.lower() not in VIDEO_SUFFIXES:
             raise ApiError(403, f"{url!r} is not named as a video ({', '.join(VIDEO_SUFFIXES)})", "not_a_video", "url")
-        return ref.path
+        return ref
 
     def _live(self, name: str) -> VideoRef:
         if name not in self.settings.live_sources:
@@ -87,6 +90,11 @@ class MediaResolver:
         return _file_ref(("upload", info.id), url, self.uploads.path(info.id))
 
     def _media_file(self, url: str) -> VideoRef:
+        real = self._media_path(url)
+        return _file_ref(("file", str(real)), url, real)
+
+    def _media_path(self, url: str) -> Path:
+        """The real path of a media-folder video, once it is known to lie inside the folder."""
         if self.media_root is None:
             raise ApiError(404, f"{url!r}: this server has no media folder; upload the video (POST /v1/videos)", "video_not_found", "video_url")
         relative = PurePosixPath(url)
@@ -102,7 +110,7 @@ class MediaResolver:
             raise ApiError(403, f"{url!r} leads outside the media folder (a symlink out)", "path_outside_media", "video_url")
         if not real.is_file():
             raise ApiError(400, f"{url!r} is not a regular file", "invalid_video_url", "video_url")
-        return _file_ref(("file", str(real)), url, real)
+        return real
 
     def media_files(self) -> Iterator[str]:
         """Relative paths of the videos in the media folder (symlinks out skipped), at most MAX_LISTED."""
@@ -116,7 +124,7 @@ class MediaResolver:
                     continue
                 relative = Path(folder, name).relative_to(self.media_root).as_posix()
                 try:
-                    self._media_file(relative)
+                    self._media_path(relative)
                 except ApiError:
                     continue
                 yield relative
@@ -126,6 +134,10 @@ class MediaResolver:
 
 
 def _file_ref(kind: tuple[str, str], url: str, path: Path) -> VideoRef:
-    """A file's reference, keyed by what it is now (a rewritten file is decoded afresh)."""
-    stat = path.stat()
-    return VideoRef((*kind, stat.st_ino, stat.st_size, stat.st_mtime_ns), url, path)
+    """A file's reference, keyed by what it is now (``loc3r.identity``: a replaced or
+    rewritten file, even with its size and mtime put back, is decoded afresh)."""
+    try:
+        identity = file_identity(path)
+    except (OSError, InputError):
+        raise ApiError(404, f"no readable video {url!r}", "video_not_found", "video_url") from None
+    return VideoRef((*kind, identity), url, path)
