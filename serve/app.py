@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import secrets
 from collections.abc import AsyncIterator
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, Response
 from fastapi.staticfiles import StaticFiles
@@ -17,6 +16,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import ValidationError
 from sse_starlette import EventSourceResponse
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -26,6 +26,7 @@ from loc3r.runtime.generate import SamplingConfig
 from loc3r.serve.errors import ApiError, install_error_handlers
 from loc3r.serve.media import LIVE_PREFIX, MediaResolver
 from loc3r.serve.metrics import ServeMetrics
+from loc3r.serve.policy import RequestPolicy
 from loc3r.serve.openai_api import (
     ChatRequest,
     check_supported,
@@ -38,9 +39,10 @@ from loc3r.serve.openai_api import (
     usage,
 )
 from loc3r.serve.settings import ServeSettings
-from loc3r.serve.uploads import UploadStore
+from loc3r.serve.uploads import UploadStore, video_type
 from loc3r.serve.worker import ModelWorker, Question, Result
 
+UPLOAD_PATH = "/v1/videos"  # the one route that takes multipart/form-data
 DEFAULT_MAX_TOKENS = 128
 MULTIPART_OVERHEAD = 64 * 1024  # boundaries and headers around the uploaded file
 DISCONNECT_POLL_S = 0.2
@@ -53,17 +55,14 @@ def create_app(worker: ModelWorker, settings: ServeSettings, uploads: UploadStor
     media = MediaResolver(settings, uploads)
     model_info = worker.pipeline.model_info
     model_names = {model_info.model_id, "loc3r"}
+    static = Path(str(resources.files("loc3r.serve").joinpath("static")))
     install_error_handlers(app)
-    app.add_middleware(CountRequests, metrics=metrics)
-
-    async def require_key(request: Request) -> None:
-        if settings.api_key is None:
-            return
-        given = request.headers.get("authorization", "")
-        if not secrets.compare_digest(given.encode(), f"Bearer {settings.api_key}".encode()):
-            raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer KEY'", "invalid_api_key")
-
-    api = APIRouter(dependencies=[Depends(require_key)])
+    app.add_middleware(
+        RequestPolicy, bound_host=settings.host, allowed_hosts=settings.allowed_hosts, cors_origins=settings.cors_origins,
+        api_key=settings.api_key, public_paths={"/health", *page_paths(static)}, upload_paths={UPLOAD_PATH},
+    )
+    app.add_middleware(CountRequests, metrics=metrics)  # outermost: refusals are counted too
+    api = APIRouter()
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
@@ -85,13 +84,14 @@ def create_app(worker: ModelWorker, settings: ServeSettings, uploads: UploadStor
         entry = {"object": "model", "created": 0, "owned_by": "loc3r", "loc3r": {**model_info.to_dict(), "warning": model_info.warning}}
         return {"object": "list", "data": [{"id": model_info.model_id, **entry}]}
 
-    @api.post("/v1/videos", status_code=201)
+    @api.post(UPLOAD_PATH, status_code=201)
     async def upload(request: Request) -> dict[str, Any]:
         limited = limit_body(request, settings.max_upload_bytes + MULTIPART_OVERHEAD)
         try:
             form = await limited.form(max_files=1, max_fields=4)
-        except MultiPartException as exc:
-            raise ApiError(400, f"the upload is not a valid multipart form ({exc.message})", "invalid_upload") from None
+        except (MultiPartException, HTTPException) as exc:  # Starlette turns a MultiPartException into a 400 HTTPException
+            reason = exc.message if isinstance(exc, MultiPartException) else exc.detail
+            raise ApiError(400, f"the upload is not a valid multipart form ({reason}); send one file, in a field named 'file'", "invalid_upload") from None
         file = form.get("file")
         if not isinstance(file, UploadFile):
             raise ApiError(400, "send the video as a multipart form field named 'file'", "invalid_upload", "file")
@@ -113,7 +113,7 @@ def create_app(worker: ModelWorker, settings: ServeSettings, uploads: UploadStor
         """The bytes of an uploaded or media-folder video (for the page's player)."""
         ref = await run_in_threadpool(media.content, url)
         # the ETag follows the file's identity: a rewrite that keeps size and mtime is another video
-        return FileResponse(ref.path, headers={"etag": f'"{ref.key[-1].token()}"'})
+        return FileResponse(ref.path, media_type=video_type(ref.path), headers={"etag": f'"{ref.key[-1].token()}"'})
 
     @api.get("/v1/videos/{video_id}")
     async def video_info(video_id: str) -> dict[str, Any]:
@@ -165,9 +165,14 @@ def create_app(worker: ModelWorker, settings: ServeSettings, uploads: UploadStor
         return question, max_tokens
 
     app.include_router(api)
-    static = resources.files("loc3r.serve").joinpath("static")
-    app.mount("/", StaticFiles(directory=Path(str(static)), html=True), name="page")
+    app.mount("/", StaticFiles(directory=static, html=True), name="page")
     return app
+
+
+def page_paths(static: Path) -> set[str]:
+    """The URL paths of the page's own files (public even when an API key is set)."""
+    files = {"/" + path.relative_to(static).as_posix() for path in static.rglob("*") if path.is_file()}
+    return files | ({"/"} if "/index.html" in files else set())
 
 
 async def stream_events(question: Question, cid: str, model: str, max_tokens: int, include_usage: bool) -> AsyncIterator[dict[str, str]]:

@@ -30,9 +30,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; any other needs --api-key)")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--api-key", default=os.environ.get("LOC3R_API_KEY"), help="require 'Authorization: Bearer KEY' (default: $LOC3R_API_KEY)")
+    parser.add_argument(
+        "--allowed-host", action="append", default=[], metavar="NAME",
+        help="a name clients reach the server by, besides its address and localhost (e.g. a LAN name; '.example.org' "
+        "takes its subdomains); other Host headers are refused (DNS rebinding)",
+    )
+    parser.add_argument(
+        "--cors-origin", action="append", default=[], metavar="ORIGIN",
+        help="a web page of another origin allowed to use the API (scheme://host[:port]; '*': any, unsafe without --api-key)",
+    )
     parser.add_argument("--media-dir", type=Path, help="folder of videos clients may name by relative path")
     parser.add_argument("--upload-dir", type=Path, help="where uploads are kept (default: $LOC3R_HOME/serve/uploads)")
     parser.add_argument("--allow-remote-urls", action="store_true", help="let clients name http(s) video URLs for the server to download")
+    parser.add_argument(
+        "--allow-private-urls", nargs="*", metavar="NETWORK",
+        help="let downloads reach loopback, private and link-local addresses: those NETWORKs (CIDR), or all when none given",
+    )
     parser.add_argument("--max-upload-mb", type=positive_int, default=512, help="largest video accepted (upload or download)")
     parser.add_argument("--max-frames", type=positive_int, default=None, help="most frames a question may ask for (default: the model's)")
     parser.add_argument("--max-new-tokens", type=positive_int, default=512, help="most answer tokens a question may ask for")
@@ -58,6 +71,13 @@ def live_sources(specs: Sequence[str]) -> dict[str, str]:
     return sources
 
 
+def private_networks(given: list[str] | None) -> tuple[str, ...]:
+    """``--allow-private-urls`` as settings: absent -> none, bare -> all ("*"), else the networks."""
+    if given is None:
+        return ()
+    return tuple(given) or ("*",)
+
+
 SERVE_MODULES = ("fastapi", "uvicorn", "sse_starlette", "python_multipart", "prometheus_client")
 
 
@@ -79,6 +99,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = ServeSettings(
             host=args.host, port=args.port, api_key=args.api_key, media_dir=args.media_dir,
             upload_dir=args.upload_dir, allow_remote_urls=args.allow_remote_urls,
+            allow_private_urls=private_networks(args.allow_private_urls),
+            allowed_hosts=tuple(args.allowed_host), cors_origins=tuple(args.cors_origin),
             max_upload_bytes=args.max_upload_mb * MIB, max_new_tokens=args.max_new_tokens, queue_size=args.queue,
             session_memory_bytes=args.session_memory_mb * MIB, live_sources=live_sources(args.live), live_stride=args.stride,
             max_frames=args.max_frames,

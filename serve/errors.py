@@ -19,11 +19,15 @@ ERROR_TYPES = {
     404: "not_found_error",
     405: "invalid_request_error",
     413: "invalid_request_error",
+    415: "invalid_request_error",
     422: "invalid_request_error",
     429: "rate_limit_error",
     502: "api_error",
     503: "api_error",
 }
+
+# framework errors (no route of ours raised them) -> the documented code
+HTTP_CODES = {400: "invalid_request", 404: "not_found", 405: "method_not_allowed", 413: "body_too_large", 415: "unsupported_content_type"}
 
 
 class ApiError(Exception):
@@ -70,7 +74,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(HTTPException)
     async def http_error(_: Request, exc: HTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        code = HTTP_CODES.get(exc.status_code, "http_error")
         return JSONResponse(error_body(exc.status_code, str(exc.detail), code), status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(Exception)

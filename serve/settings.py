@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from loc3r.errors import InputError
+from loc3r.serve.origins import origin_key
 
 MIB = 1 << 20
 
@@ -21,6 +22,9 @@ class ServeSettings:
     media_dir: Path | None = None  # videos a client may name by relative path; None: uploads only
     upload_dir: Path | None = None  # None: $LOC3R_HOME/serve/uploads
     allow_remote_urls: bool = False  # http(s) video URLs are fetched only when enabled
+    allow_private_urls: tuple[str, ...] = ()  # networks downloads may reach beyond the public internet ("*": any)
+    allowed_hosts: tuple[str, ...] = ()  # Host names answered besides the bound address and loopback
+    cors_origins: tuple[str, ...] = ()  # web pages of other origins that may use the API
     max_upload_bytes: int = 512 * MIB
     upload_store_bytes: int = 4096 * MIB  # oldest uploads are deleted beyond this
     max_frames: int | None = None  # None: the model's frame count
@@ -40,6 +44,15 @@ class ServeSettings:
                 f"--host {self.host} would expose the server beyond this machine without a key",
                 "pass --api-key KEY (clients then send 'Authorization: Bearer KEY'), or bind 127.0.0.1",
             )
+        for origin in self.cors_origins:
+            if origin != "*" and origin_key(origin) is None:
+                raise InputError(f"--cors-origin {origin!r} is not an origin", "give scheme://host[:port], e.g. --cors-origin http://localhost:5173")
+        for network in self.allow_private_urls:
+            if network != "*":
+                try:
+                    ipaddress.ip_network(network, strict=False)
+                except ValueError:
+                    raise InputError(f"--allow-private-urls {network!r} is not a network", "give addresses or CIDR ranges, e.g. 192.168.1.0/24") from None
         if self.media_dir is not None and not self.media_dir.is_dir():
             raise InputError(f"--media-dir {self.media_dir} is not a folder", "pass an existing folder of videos")
         for name in self.live_sources:

@@ -26,7 +26,11 @@ from loc3r.runtime.video import probe_video
 from loc3r.serve.errors import ApiError
 
 UPLOAD_ID = re.compile(r"^vid_[0-9a-f]{24}$")
-VIDEO_SUFFIXES = (".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".ts", ".mpg", ".mpeg")
+VIDEO_TYPES = {
+    ".mp4": "video/mp4", ".m4v": "video/mp4", ".mov": "video/quicktime", ".mkv": "video/x-matroska", ".webm": "video/webm",
+    ".avi": "video/x-msvideo", ".ts": "video/mp2t", ".mpg": "video/mpeg", ".mpeg": "video/mpeg",
+}
+VIDEO_SUFFIXES = tuple(VIDEO_TYPES)
 CHUNK = 1 << 20
 
 
@@ -156,6 +160,11 @@ class _HttpRedirectsOnly(urllib.request.HTTPRedirectHandler):
 
 
 _HTTP_ONLY = urllib.request.build_opener(_HttpRedirectsOnly)
+
+
+def video_type(path: Path) -> str:
+    """The media type a video is served with (never a type a browser would render as a page)."""
+    return VIDEO_TYPES.get(path.suffix.lower(), "application/octet-stream")
 
 
 def _known_suffix(filename: str) -> bool:

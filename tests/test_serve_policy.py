@@ -1,0 +1,350 @@
+"""The request policy of loc3r-serve, over real HTTP on 127.0.0.1: cross-site and rebinding
+requests refused, CORS for allowed origins (preflight included), the API key on every route
+but the page and /health, content types, request smuggling, media types and nosniff."""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+from serve_helpers import chat_body, tiny_pipeline
+
+from loc3r.runtime.demo_video import write_demo_video
+from loc3r.serve.origins import HostRule, origin_key, same_origin
+from loc3r.serve.server import build_server, running
+from loc3r.serve.settings import ServeSettings
+
+EVIL = "http://evil.example"
+APP = "http://app.example:5173"
+KEY = "k3y-for-tests"
+
+
+@dataclass
+class Site:
+    url: str
+    port: int
+    uploads: Path
+
+    def request(self, method: str, path: str, headers: dict[str, str] | None = None, **kwargs: object) -> httpx.Response:
+        return httpx.request(method, f"{self.url}{path}", headers=headers, timeout=30, **kwargs)
+
+
+class Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@pytest.fixture(scope="module")
+def log_records() -> Records:
+    """Everything uvicorn (which does not propagate to the root logger) and loc3r log."""
+    handler = Records()
+    loggers = [logging.getLogger(name) for name in ("uvicorn", "uvicorn.error", "loc3r")]
+    for logger in loggers:
+        logger.addHandler(handler)
+    yield handler
+    for logger in loggers:
+        logger.removeHandler(handler)
+
+
+def serve(root: Path, **settings: object):  # noqa: ANN201 - a context manager yielding a Site
+    media = root / "media"
+    if not media.exists():
+        write_demo_video(media / "room.mp4", num_frames=6, width=96, height=72)
+        (media / "clip.webm").write_bytes((media / "room.mp4").read_bytes())  # the type follows the name
+    server = build_server(tiny_pipeline(), ServeSettings(media_dir=media, upload_dir=root / "uploads", max_frames=2, **settings))
+    return running(server)
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory, log_records: Records) -> Site:
+    root = tmp_path_factory.mktemp("policy")
+    with serve(root) as url:
+        yield Site(url, int(url.rsplit(":", 1)[1]), root / "uploads")
+
+
+@pytest.fixture(scope="module")
+def keyed(tmp_path_factory: pytest.TempPathFactory, log_records: Records) -> Site:
+    root = tmp_path_factory.mktemp("keyed")
+    with serve(root, api_key=KEY, cors_origins=(APP,)) as url:
+        yield Site(url, int(url.rsplit(":", 1)[1]), root / "uploads")
+
+
+def assert_refused(response: httpx.Response, status: int, code: str) -> dict:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["code"] == code, error
+    assert error["type"] and error["message"] and "\n" not in error["message"]
+    assert response.headers["x-content-type-options"] == "nosniff"
+    return error
+
+
+VIDEO_FORM = {"file": ("v.mp4", b"\0" * 64, "video/mp4")}
+JSON = {"Content-Type": "application/json"}
+WRONG_MODEL = chat_body("room.mp4", "Where am I?", model="gpt-x")  # passes the policy, then refused by the route: 404
+
+
+# (method, path, headers, body, status, code): what a hostile page or a rebinding DNS name sends
+CROSS_SITE = [
+    ("GET", "/v1/videos", {"Host": "rebind.evil.example"}, {}, 403, "host_not_allowed"),
+    ("GET", "/v1/videos/content?url=room.mp4", {"Host": "rebind.evil.example:{port}"}, {}, 403, "host_not_allowed"),
+    ("GET", "/health", {"Host": "127.0.0.1.nip.io"}, {}, 403, "host_not_allowed"),
+    ("GET", "/", {"Host": "localhost.evil.example"}, {}, 403, "host_not_allowed"),
+    ("GET", "/v1/videos", {"Host": "10.0.0.5:{port}"}, {}, 403, "host_not_allowed"),  # an address the server is not bound to
+    ("GET", "/v1/videos", {"Host": "user@localhost"}, {}, 403, "host_not_allowed"),
+    ("POST", "/v1/chat/completions", {"Origin": EVIL, "Content-Type": "text/plain"}, {"json_text": WRONG_MODEL}, 403, "origin_not_allowed"),
+    ("POST", "/v1/chat/completions", {"Origin": EVIL, **JSON}, {"json_text": WRONG_MODEL}, 403, "origin_not_allowed"),
+    ("POST", "/v1/chat/completions", {"Origin": "http://127.0.0.1:1"}, {"json_text": WRONG_MODEL}, 403, "origin_not_allowed"),  # other port
+    ("POST", "/v1/chat/completions", {"Origin": "null", **JSON}, {"json_text": WRONG_MODEL}, 403, "origin_not_allowed"),
+    ("POST", "/v1/videos", {"Origin": EVIL}, {"files": VIDEO_FORM}, 403, "origin_not_allowed"),
+    ("POST", "/v1/videos", {"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "no-cors"}, {"files": VIDEO_FORM}, 403, "cross_site_refused"),
+    ("GET", "/v1/videos/content?url=room.mp4", {"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "no-cors"}, {}, 403, "cross_site_refused"),
+    ("GET", "/v1/videos", {"Origin": EVIL}, {}, 403, "origin_not_allowed"),
+    ("POST", "/v1/chat/completions", {"Content-Type": "text/plain"}, {"json_text": WRONG_MODEL}, 415, "unsupported_content_type"),
+    ("POST", "/v1/chat/completions", {"Content-Type": "application/x-www-form-urlencoded"}, {"json_text": WRONG_MODEL}, 415, "unsupported_content_type"),
+    ("POST", "/v1/chat/completions", {}, {"files": VIDEO_FORM}, 415, "unsupported_content_type"),
+    ("POST", "/v1/chat/completions", {"Content-Type": ""}, {"json_text": WRONG_MODEL}, 415, "unsupported_content_type"),
+    ("POST", "/v1/videos", JSON, {"json_text": {"file": "x"}}, 415, "unsupported_content_type"),
+]
+
+# requests the server's own page, a local client or a followed link send: let through
+SAME_SITE = [
+    ("POST", "/v1/chat/completions", {"Origin": "http://127.0.0.1:{port}", **JSON}, {"json_text": WRONG_MODEL}, 404, "model_not_found"),
+    ("POST", "/v1/chat/completions", {"Origin": "http://localhost:{port}", "Host": "localhost:{port}", **JSON}, {"json_text": WRONG_MODEL}, 404, "model_not_found"),
+    ("POST", "/v1/chat/completions", {"Content-Type": "application/json; charset=utf-8"}, {"json_text": WRONG_MODEL}, 404, "model_not_found"),
+    ("POST", "/v1/chat/completions", {"Host": "[::1]:{port}", "Sec-Fetch-Site": "same-origin", **JSON}, {"json_text": WRONG_MODEL}, 404, "model_not_found"),
+    ("GET", "/v1/videos/vid_000000000000000000000000", {"Host": "127.0.0.2"}, {}, 404, "video_not_found"),
+    ("GET", "/", {"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "navigate"}, {}, 200, None),  # a link to the page
+    ("GET", "/health", {"Host": "localhost"}, {}, 200, None),
+]
+
+
+def send(site: Site, method: str, path: str, headers: dict[str, str], body: dict) -> httpx.Response:
+    headers = {name: value.format(port=site.port) for name, value in headers.items()}
+    if "json_text" in body:
+        return site.request(method, path, headers, content=json.dumps(body["json_text"]).encode())
+    return site.request(method, path, headers, **body)
+
+
+@pytest.mark.parametrize(("method", "path", "headers", "body", "status", "code"), CROSS_SITE + SAME_SITE)
+def test_cross_site_and_rebinding_requests_are_refused(
+    site: Site, method: str, path: str, headers: dict, body: dict, status: int, code: str | None
+) -> None:
+    response = send(site, method, path, headers, body)
+    if code is None:
+        assert response.status_code == status, response.text
+        assert response.headers["x-content-type-options"] == "nosniff"
+    else:
+        assert_refused(response, status, code)
+    assert "access-control-allow-origin" not in response.headers  # no --cors-origin: no CORS at all
+    assert not list(site.uploads.glob("vid_*"))  # nothing refused was stored
+
+
+def test_refusals_name_the_fix(site: Site) -> None:
+    host = assert_refused(site.request("GET", "/v1/videos", {"Host": "rebind.evil.example"}), 403, "host_not_allowed")
+    assert "--allowed-host" in host["message"] and "rebind.evil.example" in host["message"]
+    origin = assert_refused(site.request("GET", "/v1/videos", {"Origin": EVIL}), 403, "origin_not_allowed")
+    assert "--cors-origin" in origin["message"] and EVIL in origin["message"]
+    kind = assert_refused(site.request("POST", "/v1/chat/completions", {"Content-Type": "text/plain"}, content=b"{}"), 415, "unsupported_content_type")
+    assert kind["message"] == "POST /v1/chat/completions takes Content-Type: application/json (got Content-Type 'text/plain')"
+
+
+def test_two_files_in_one_upload_is_invalid_upload(site: Site) -> None:
+    files = [("file", ("a.mp4", b"\0" * 10)), ("file", ("b.mp4", b"\0" * 10))]
+    error = assert_refused(site.request("POST", "/v1/videos", files=files), 400, "invalid_upload")
+    assert "one file" in error["message"]
+
+
+def test_media_is_served_with_its_video_type_and_nosniff(site: Site) -> None:
+    for name, media_type in (("room.mp4", "video/mp4"), ("clip.webm", "video/webm")):
+        response = site.request("GET", "/v1/videos/content", params={"url": name})
+        assert response.status_code == 200
+        assert response.headers["content-type"] == media_type
+        assert response.headers["x-content-type-options"] == "nosniff"
+
+
+def test_client_mistakes_leave_no_traceback_in_the_log(site: Site, log_records: Records) -> None:
+    for method, path, headers, body, _, _ in CROSS_SITE:
+        send(site, method, path, headers, body)
+    site.request("POST", "/v1/videos", files=[("file", ("a.mp4", b"1")), ("file", ("b.mp4", b"2"))])
+    site.request("POST", "/v1/chat/completions", JSON, content=b"\xff\xfe{not json")
+    site.request("GET", "/v1/videos/content", params={"url": "../../etc/passwd"})
+    noisy = [r for r in log_records.records if r.exc_info or r.levelno >= logging.ERROR]
+    assert not noisy, [r.getMessage() for r in noisy]
+
+
+# -- the API key and CORS ------------------------------------------------------------------------
+
+BEARER = {"Authorization": f"Bearer {KEY}"}
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "headers", "status", "code"),
+    [
+        ("GET", "/v1/models", {}, 401, "invalid_api_key"),
+        ("GET", "/v1/models", {"Authorization": "Bearer wrong"}, 401, "invalid_api_key"),
+        ("GET", "/v1/models", {"Authorization": KEY}, 401, "invalid_api_key"),
+        ("GET", "/v1/models", {"Authorization": f"Bearer {KEY}x"}, 401, "invalid_api_key"),
+        ("GET", "/v1/videos/content?url=room.mp4", {}, 401, "invalid_api_key"),
+        ("GET", "/metrics", {}, 401, "invalid_api_key"),
+        ("GET", "/v1/any-future-route", {}, 401, "invalid_api_key"),  # every route is keyed unless it is the page's
+        ("POST", "/health", {}, 401, "invalid_api_key"),  # only reading /health is public
+        ("GET", "/v1/models", BEARER, 200, None),
+        ("GET", "/health", {}, 200, None),
+        ("GET", "/", {}, 200, None),
+        ("GET", "/app.js", {}, 200, None),
+    ],
+)
+def test_the_api_key_guards_every_route_but_the_page(keyed: Site, method: str, path: str, headers: dict, status: int, code: str | None) -> None:
+    response = keyed.request(method, path, headers)
+    if code is None:
+        assert response.status_code == status, response.text
+    else:
+        assert_refused(response, status, code)
+        assert response.headers["www-authenticate"] == "Bearer"
+
+
+def test_cors_preflight_and_answers_for_an_allowed_origin(keyed: Site) -> None:
+    preflight = {"Origin": APP, "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization, content-type"}
+    allowed = keyed.request("OPTIONS", "/v1/chat/completions", preflight)  # browsers send no key on a preflight
+    assert allowed.status_code == 200, allowed.text
+    assert allowed.headers["access-control-allow-origin"] == APP
+    assert {"authorization", "content-type"} <= {h.strip().lower() for h in allowed.headers["access-control-allow-headers"].split(",")}
+    assert "POST" in allowed.headers["access-control-allow-methods"]
+    assert_refused(keyed.request("OPTIONS", "/v1/chat/completions", {**preflight, "Origin": EVIL}), 403, "origin_not_allowed")
+
+    answer = keyed.request("GET", "/v1/models", {"Origin": APP, **BEARER})
+    assert answer.status_code == 200 and answer.headers["access-control-allow-origin"] == APP
+    no_key = assert_refused(keyed.request("GET", "/v1/models", {"Origin": APP}), 401, "invalid_api_key")
+    assert no_key and keyed.request("GET", "/v1/models", {"Origin": APP}).headers["access-control-allow-origin"] == APP  # readable by the page
+    posted = keyed.request("POST", "/v1/chat/completions", {"Origin": APP, **BEARER, **JSON}, content=b'{"model": "gpt-x", "messages": []}')
+    assert posted.headers["access-control-allow-origin"] == APP and posted.status_code == 400
+    plain = keyed.request("POST", "/v1/chat/completions", {"Origin": APP, **BEARER, "Content-Type": "text/plain"}, content=b"{}")
+    assert_refused(plain, 415, "unsupported_content_type")
+
+
+# -- request smuggling -------------------------------------------------------------------------------
+
+
+def raw_exchange(site: Site, request: bytes) -> bytes:
+    """Send ``request`` on one connection; everything the server answers until it closes."""
+    with socket.create_connection(("127.0.0.1", site.port), timeout=10) as connection:
+        connection.sendall(request)
+        received = b""
+        while chunk := connection.recv(65536):
+            received += chunk
+    return received
+
+
+SMUGGLED = b"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+
+
+@pytest.mark.parametrize(
+    "framing",
+    [
+        b"Content-Length: 5\r\nTransfer-Encoding: chunked\r\n",
+        b"Transfer-Encoding: chunked\r\nContent-Length: 5\r\n",
+        b"Content-Length: 0\r\nTransfer-Encoding: chunked\r\n",
+    ],
+)
+def test_content_length_with_transfer_encoding_is_refused_and_the_connection_closed(site: Site, framing: bytes) -> None:
+    request = b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n" + framing + b"\r\n0\r\n\r\n"
+    answered = raw_exchange(site, request + SMUGGLED)  # returns only once the server closed the connection
+    assert answered.count(b"HTTP/1.1 ") == 1, answered  # the smuggled request is never answered
+    head, _, body = answered.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 ") and b"connection: close" in head.lower()
+    assert b'"ambiguous_framing"' in body
+
+
+def test_pipelined_requests_without_ambiguity_are_both_answered(site: Site) -> None:
+    """The refusal above is the framing's, not pipelining's (the control)."""
+    first = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    last = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    assert raw_exchange(site, first + last).count(b"HTTP/1.1 200 ") == 2
+
+
+# -- the rules themselves -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("bound", "allowed", "host", "answered"),
+    [
+        ("127.0.0.1", (), "127.0.0.1:8000", True),
+        ("127.0.0.1", (), "localhost", True),
+        ("127.0.0.1", (), "LOCALHOST.:8000", True),
+        ("127.0.0.1", (), "[::1]:8000", True),
+        ("127.0.0.1", (), "rebind.evil.example", False),
+        ("127.0.0.1", (), "192.168.1.4", False),
+        ("127.0.0.1", (), "", False),
+        ("127.0.0.1", (), "localhost:99999", False),
+        ("127.0.0.1", (), "a b", False),
+        ("0.0.0.0", (), "192.168.1.4:8000", True),  # bound to every interface: any address literal
+        ("0.0.0.0", (), "[fe80::1]:8000", True),
+        ("0.0.0.0", (), "box.lan", False),  # but a name only when vouched for
+        ("0.0.0.0", ("box.lan",), "BOX.lan:8000", True),
+        ("0.0.0.0", (".corp.example",), "gpu1.corp.example", True),
+        ("0.0.0.0", (".corp.example",), "corp.example.evil.example", False),
+        ("192.168.1.4", (), "192.168.1.4", True),
+        ("192.168.1.4", (), "192.168.1.5", False),
+        ("box.lan", (), "box.lan:8000", True),
+        ("127.0.0.1", ("*",), "anything.example", True),
+    ],
+)
+def test_host_rule(bound: str, allowed: tuple[str, ...], host: str, answered: bool) -> None:
+    assert HostRule(bound, allowed).allows(host) is answered
+
+
+@pytest.mark.parametrize(
+    ("origin", "host", "same"),
+    [
+        ("http://127.0.0.1:8000", "127.0.0.1:8000", True),
+        ("http://localhost:8000", "localhost:8000", True),
+        ("https://box.lan", "box.lan", True),  # a TLS proxy in front, default port
+        ("http://box.lan", "box.lan:80", True),
+        ("http://[::1]:8000", "[::1]:8000", True),
+        ("http://127.0.0.1:8001", "127.0.0.1:8000", False),
+        ("http://localhost:8000", "127.0.0.1:8000", False),  # another origin for the browser
+        ("https://box.lan", "box.lan:80", False),
+        ("null", "127.0.0.1:8000", False),
+        ("http://evil.example/127.0.0.1:8000", "127.0.0.1:8000", False),
+        ("http://user@127.0.0.1:8000", "127.0.0.1:8000", False),
+    ],
+)
+def test_same_origin(origin: str, host: str, same: bool) -> None:
+    assert same_origin(origin, host) is same
+
+
+@pytest.mark.parametrize(
+    ("origin", "key"),
+    [("HTTP://App.Example:80", "http://app.example"), ("https://a.example:8443/", "https://a.example:8443"), ("ftp://a", None), ("a.example", None)],
+)
+def test_origin_key(origin: str, key: str | None) -> None:
+    assert origin_key(origin) == key
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--host", "0.0.0.0"], "loc3r-serve: error: --host 0.0.0.0 would expose the server beyond this machine without a key: "
+         "pass --api-key KEY (clients then send 'Authorization: Bearer KEY'), or bind 127.0.0.1"),
+        (["--host", "192.168.1.4", "--api-key", ""], "loc3r-serve: error: --host 192.168.1.4 would expose the server beyond this "
+         "machine without a key: pass --api-key KEY (clients then send 'Authorization: Bearer KEY'), or bind 127.0.0.1"),
+        (["--cors-origin", "evil.example"], "loc3r-serve: error: --cors-origin 'evil.example' is not an origin: give "
+         "scheme://host[:port], e.g. --cors-origin http://localhost:5173"),
+        (["--allow-private-urls", "10.0.0.0/33"], "loc3r-serve: error: --allow-private-urls '10.0.0.0/33' is not a network: "
+         "give addresses or CIDR ranges, e.g. 192.168.1.0/24"),
+    ],
+)
+def test_unsafe_or_malformed_settings_refuse_to_start(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from loc3r.serve.cli import main
+
+    assert main(argv) == 2
+    assert capsys.readouterr().err == message + "\n"  # one line, before any model loads
