@@ -4,9 +4,10 @@ Every file of the export (ONNX graphs, their external data, state files, the LLM
 built later) is listed under ``files`` with its size and SHA-256, written by
 :func:`write_manifest`. The runtime reaches files only through :meth:`Manifest.file`,
 which refuses a path that leaves the folder or that the manifest does not list, and
-:meth:`Manifest.verify` checks every listed file (digests memoised by size and mtime, see
-``loc3r.digest``). The runtime also refuses a manifest whose model checksum, precision or
-shapes disagree with the bundle it is asked to run.
+:meth:`Manifest.verify` checks every listed file (digests memoised in the user's cache by
+each file's identity, see ``loc3r.digest``; never by a memo inside the export). The
+runtime also refuses a manifest whose model checksum, precision or shapes disagree with
+the bundle it is asked to run.
 """
 
 from __future__ import annotations
@@ -98,7 +99,7 @@ class Manifest:
 
     def verify(self) -> None:
         """Every listed file is there, with its size and SHA-256: else a one-line ModelError."""
-        memo = DigestMemo(self.root)
+        memo = DigestMemo()
         try:
             for relative, entry in sorted(self.files.items()):
                 path = self.file(relative)
@@ -109,7 +110,7 @@ class Manifest:
                     raise ModelError(
                         f"{path} has {size} bytes, its manifest says {entry['size']} (truncated or replaced)", _RECOPY
                     )
-                if memo.sha256(relative) != entry["sha256"]:
+                if memo.sha256(path) != entry["sha256"]:
                     raise ModelError(f"{path} does not match the sha256 in its manifest (damaged or replaced)", _RECOPY)
         finally:
             memo.save()
@@ -201,14 +202,14 @@ def write_manifest(folder: Path, data: dict[str, Any]) -> Manifest:
     completed with the size and SHA-256 of every file in ``folder`` not yet listed (loc3r's
     hidden files and the caches in ``MUTABLE_ENTRIES`` excepted)."""
     files = dict(data.get("files") or {})
-    memo = DigestMemo(folder)
+    memo = DigestMemo()
     for path in sorted(folder.rglob("*")):
         relative = path.relative_to(folder).as_posix()
         top = relative.split("/", 1)[0]
         if relative in files or relative == MANIFEST_FILE or top.startswith(OWN_PREFIX) or top in MUTABLE_ENTRIES:
             continue
         if path.is_file() and not path.is_symlink():
-            files[relative] = {"size": path.stat().st_size, "sha256": memo.sha256(relative)}
+            files[relative] = {"size": path.stat().st_size, "sha256": memo.sha256(path)}
     memo.save()
     data = {**data, "files": files}
     write_text_atomic(folder / MANIFEST_FILE, finite_json(data, indent=2) + "\n")

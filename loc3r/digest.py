@@ -1,8 +1,11 @@
-"""SHA-256 of files, remembered per folder so that large artifacts are hashed once.
+"""SHA-256 of files, remembered in the user's cache so that large artifacts are hashed once.
 
-A folder's memo, ``.loc3r-digests.json``, maps each file's path (relative to the folder)
-to the size and mtime it had when hashed, with the digest. A file whose stat no
-longer matches is hashed again; a memo that cannot be read or written is simply ignored.
+The memo never lives beside the files it vouches for: a folder that arrives with its own
+memo (copied, downloaded, forged) could claim any digest. Entries sit in
+``$LOC3R_HOME/cache/digests.json``, keyed on each file's identity (``loc3r.identity``:
+device, inode, size, mtime, ctime and a digest of sampled bytes), so bytes rewritten with
+the size and mtime put back are hashed again (the ctime, which no user can set, moved).
+A memo file that cannot be read or written is simply ignored: files are then hashed.
 """
 
 from __future__ import annotations
@@ -10,11 +13,14 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from loc3r.fileio import write_json_atomic
+from loc3r.identity import FileIdentity, file_identity
 
-DIGEST_MEMO = ".loc3r-digests.json"
+MEMO_FILE = "digests.json"
+MAX_ENTRIES = 20_000  # oldest entries dropped beyond this
 _BLOCK = 1 << 20
 
 
@@ -27,34 +33,59 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-class DigestMemo:
-    """Remembered SHA-256 digests of the files under one folder."""
+def default_memo_path() -> Path:
+    """``$LOC3R_HOME/cache/digests.json``."""
+    from loc3r.models.tiny import loc3r_home
 
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
+    return loc3r_home() / "cache" / MEMO_FILE
+
+
+class DigestMemo:
+    """Remembered digests of files, keyed on their identities (in the user's cache)."""
+
+    def __init__(self, memo_path: Path | None = None) -> None:
+        self.path = memo_path or default_memo_path()
         self._changed = False
         try:
-            memo = json.loads((folder / DIGEST_MEMO).read_text(encoding="utf-8"))
-            self._known: dict[str, list[object]] = memo if isinstance(memo, dict) else {}
+            memo = json.loads(self.path.read_text(encoding="utf-8"))
+            known = memo if isinstance(memo, dict) else {}
         except (OSError, UnicodeDecodeError, ValueError, RecursionError):
-            self._known = {}
+            known = {}
+        self._known: dict[str, str] = {k: v for k, v in known.items() if isinstance(v, str)}
 
-    def sha256(self, relative: str) -> str:
-        """The digest of ``folder / relative``, from the memo while its stat is unchanged."""
-        path = self.folder / relative
-        info = path.stat()
-        stamp = [info.st_size, info.st_mtime_ns]
-        known = self._known.get(relative)
-        if isinstance(known, list) and len(known) == 3 and known[:2] == stamp and isinstance(known[2], str):
-            return known[2]
-        digest = file_sha256(path)
-        self._known[relative] = [*stamp, digest]
-        self._changed = True
-        return digest
+    def sha256(self, path: Path) -> str:
+        """The SHA-256 of ``path``, from the memo while the file's identity is unchanged."""
+        return self.remember([path], "sha256", lambda: file_sha256(path))
+
+    def remember(self, paths: Sequence[Path], what: str, compute: Callable[[], str]) -> str:
+        """``compute()`` (a digest of ``paths``' contents named ``what``), remembered for as
+        long as every path keeps its identity; not remembered if one changed meanwhile."""
+        before = [file_identity(p) for p in paths]
+        key = _key(before, what)
+        known = self._known.get(key)
+        if known is not None:
+            return known
+        value = compute()
+        if [file_identity(p) for p in paths] == before:
+            self._known.pop(key, None)
+            self._known[key] = value
+            self._changed = True
+        return value
 
     def save(self) -> None:
-        """Write the memo back (a read-only folder is simply not memoised)."""
-        if self._changed:
-            with contextlib.suppress(OSError):
-                write_json_atomic(self.folder / DIGEST_MEMO, self._known)
-            self._changed = False
+        """Write the memo back (an unwritable cache is simply not used)."""
+        if not self._changed:
+            return
+        with contextlib.suppress(OSError):
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            try:  # entries added by other processes meanwhile are kept
+                on_disk = json.loads(self.path.read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+                on_disk = {}
+            merged = {**(on_disk if isinstance(on_disk, dict) else {}), **self._known}
+            write_json_atomic(self.path, dict(list(merged.items())[-MAX_ENTRIES:]))
+        self._changed = False
+
+
+def _key(identities: list[FileIdentity], what: str) -> str:
+    return hashlib.sha256(json.dumps([what, *(i.stamp() for i in identities)]).encode()).hexdigest()[:40]

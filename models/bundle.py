@@ -19,6 +19,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from loc3r.digest import DigestMemo
 from loc3r.errors import ModelError
 from loc3r.fileio import atomic_directory, write_json_atomic
 from loc3r.models.config import Loc3rConfig
@@ -29,7 +30,6 @@ from loc3r.models.tokenizer import TextTokenizer
 
 WEIGHTS_FILE = "model.safetensors"
 WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
-CHECKSUM_MEMO = ".loc3r-checksum.json"
 REBUILD = "re-create the bundle with loc3r-convert"
 BUNDLE_KIND = "bundle"  # the output-folder kind (loc3r.fileio) of bundles
 
@@ -82,28 +82,26 @@ def weight_files(bundle_dir: Path) -> list[Path]:
 def bundle_checksum(bundle_dir: str | Path) -> str:
     """SHA-256 over config.json, tokenizer.json and the weight files (streamed).
 
-    Hashing a 7B bundle takes tens of seconds, so the result is remembered in
-    ``.loc3r-checksum.json`` beside the files, keyed by their names, sizes and mtimes.
+    Hashing a 7B bundle takes tens of seconds, so the result is remembered in the user's
+    cache, keyed on the files' identities (``loc3r.digest``; never by a file in the bundle).
     """
     bundle_dir = Path(bundle_dir)
     files = [bundle_dir / "config.json", bundle_dir / "tokenizer.json", *weight_files(bundle_dir)]
-    stamp = [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]
-    memo = bundle_dir / CHECKSUM_MEMO
+
+    def checksum() -> str:
+        digest = hashlib.sha256()
+        for path in files:
+            digest.update(path.name.encode())
+            with path.open("rb") as stream:
+                for block in iter(lambda: stream.read(1 << 20), b""):
+                    digest.update(block)
+        return digest.hexdigest()
+
+    memo = DigestMemo()
     try:
-        remembered = json.loads(memo.read_text(encoding="utf-8"))
-        if remembered["files"] == stamp:
-            return remembered["sha256"]
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
-    digest = hashlib.sha256()
-    for path in files:
-        digest.update(path.name.encode())
-        with path.open("rb") as stream:
-            for block in iter(lambda: stream.read(1 << 20), b""):
-                digest.update(block)
-    with contextlib.suppress(OSError):  # a read-only bundle simply is not memoised
-        write_json_atomic(memo, {"files": stamp, "sha256": digest.hexdigest()})
-    return digest.hexdigest()
+        return memo.remember(files, "bundle-checksum", checksum)
+    finally:
+        memo.save()
 
 
 def save_bundle(model: Loc3rModel, tokenizer: TextTokenizer, out_dir: str | Path) -> Path:

@@ -34,7 +34,7 @@ from loc3r.export import cli as export_cli
 from loc3r.export import exporter
 from loc3r.export.manifest import FORMAT, MANIFEST_FILE, VERSION, load_manifest
 from loc3r.export.tensorrt_build import check_engine_matches, engine_file_name
-from loc3r.models.bundle import CHECKSUM_MEMO, WEIGHTS_FILE, bundle_checksum
+from loc3r.models.bundle import WEIGHTS_FILE, bundle_checksum
 from loc3r.models.config import Loc3rConfig
 from loc3r.models.prompt import PromptLayout, build_question_suffix, build_video_prefix
 from loc3r.models.tiny import ensure_tiny_bundle
@@ -153,7 +153,6 @@ def bundle_copy(tiny_dir: Path, tmp_path: Path) -> Path:
     """A private copy of the tiny bundle to damage."""
     copy = tmp_path / "bundle"
     shutil.copytree(tiny_dir, copy)
-    (copy / CHECKSUM_MEMO).unlink(missing_ok=True)
     return copy
 
 

@@ -471,12 +471,12 @@ def test_engines_are_never_written_outside_the_export(graph: str, cpu_export: Pa
     assert_error(result, 2, f"plans an engine for {graph!r}, which is not one of its graphs", prog="loc3r-export build")
 
 
-def test_verification_is_memoised_by_size_and_mtime(cpu_export: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_verification_is_memoised_by_identity(cpu_export: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from loc3r import digest
     from loc3r.export.manifest import load_manifest
 
+    monkeypatch.setenv("LOC3R_HOME", str(tmp_path / "home"))  # an empty memo
     engines = link_copy(cpu_export, tmp_path / "engines")
-    (engines / digest.DIGEST_MEMO).unlink(missing_ok=True)
     hashed: list[Path] = []
     real = digest.file_sha256
     monkeypatch.setattr(digest, "file_sha256", lambda path: hashed.append(path) or real(path))
