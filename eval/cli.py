@@ -4,7 +4,10 @@ Items on the same video run one after another, so the pipeline reuses its encodi
 video-prefix KV cache. Each answered item is appended (and flushed) to ``OUT/predictions.jsonl``;
 a rerun with the same ``--out`` continues where an interrupted one stopped. Scores are computed
 from the dataset and the predictions at the end, into ``OUT/summary.json`` and ``OUT/summary.md``.
-``loc3r-eval --compare A.json B.json`` prints the metric deltas B - A.
+``loc3r-eval --compare A.json B.json`` prints the metric deltas B - A. ``--calibrate`` also fits
+sigma -> P(position error <= 0.5 m / 1.0 m) on the items with a position (``loc3r.eval.calibration``),
+writes it into the bundle (``calibration.json``, stamped with the bundle checksum) and reports its
+reliability (ECE in ``summary``, ``OUT/reliability.png``).
 """
 
 from __future__ import annotations
@@ -66,6 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--limit", type=positive_int, default=None, help="evaluate only the first N items")
     parser.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS", help="run on a Ray cluster (ADDRESS, or a local one); needs loc3r[ray]")
     parser.add_argument("--ray-workers", type=positive_int, default=None, help="actors with --ray (default: one per GPU, else per CPU)")
+    parser.add_argument("--calibrate", action="store_true",
+                        help="fit sigma -> P(position error <= 0.5 / 1.0 m) on the items with a position; write it into the bundle")
+    parser.add_argument("--calibrate-method", default="logistic", choices=["logistic", "isotonic"],
+                        help="logistic on log sigma (default: smooth, needs few items) or isotonic (no shape assumed, needs ~1000+)")
+    parser.add_argument("--calibration-out", metavar="FILE", help="where --calibrate writes (default: BUNDLE/calibration.json)")
     parser.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"), help="print metric deltas B - A of two summaries")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
@@ -76,6 +84,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if (args.data is None) == (args.compare is None):
         parser.error("pass a dataset DATA.jsonl, or --compare A.json B.json")
+    if args.calibration_out and not args.calibrate:
+        parser.error("--calibration-out needs --calibrate")
 
     def body() -> int:
         if args.compare:
@@ -95,7 +105,7 @@ def load_pipeline(model: str, backend: str) -> Any:
     """The answering pipeline (imported here: loading it is the slow part)."""
     from loc3r.runtime.pipeline import Pipeline
 
-    return Pipeline.from_pretrained(model, backend=backend)
+    return Pipeline.from_pretrained(model, backend=backend, calibration=False)  # sigma only: no stale calibration in the way
 
 
 def evaluate(args: argparse.Namespace) -> dict[str, Any]:
@@ -120,10 +130,37 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     elif todo:
         run = answer_items(todo, args, out, run, records)
     summary = build_summary(data, items, records, run)
+    if args.calibrate:
+        summary["calibration"] = fit_calibration(args, data, items, records, run, out)
     write_text_atomic(out / "summary.json", finite_json(summary, indent=2) + "\n")
     write_text_atomic(out / "summary.md", summary_markdown(summary))
     print(f"{PROG}: wrote {out / 'summary.json'} and {out / 'summary.md'}", file=sys.stderr)
     return summary
+
+
+def fit_calibration(args: argparse.Namespace, data: Path, items: Sequence[Item], records: dict[str, dict[str, Any]],
+                    run: dict[str, Any], out: Path) -> dict[str, Any]:
+    """Fit the calibration of the bundle that made the predictions, write it and the reliability
+    diagram, and return the report that goes into the summary."""
+    from loc3r.eval.calibration import calibrate, labelled_errors, plot_reliability
+    from loc3r.models.bundle import bundle_checksum
+    from loc3r.models.tiny import resolve_model
+    from loc3r.runtime.confidence import CALIBRATION_FILE, save_calibration
+
+    bundle = resolve_model(args.model)
+    checksum = bundle_checksum(bundle)
+    made_by = (run.get("model") or {}).get("checksum")
+    if made_by != checksum:
+        raise InputError(f"the predictions in {out} were made by bundle checksum {str(made_by)[:12]}, --model is {checksum[:12]}",
+                         "pass the --model that made them, or another --out")
+    sigma, errors, skipped = labelled_errors(items, records)
+    random_weights = bool(run["model"].get("random_weights"))
+    calibration, report = calibrate(sigma, errors, args.calibrate_method, checksum, random_weights, data.name)
+    target = save_calibration(calibration, Path(args.calibration_out) if args.calibration_out else bundle / CALIBRATION_FILE)
+    title = f"{PROG} --calibrate: {calibration.method} on {calibration.items} items of {data.name}"
+    plot = plot_reliability(calibration, sigma, errors, out / "reliability.png", title + (" (RANDOM weights)" if random_weights else ""))
+    print(f"{PROG}: wrote the calibration {target} and the reliability diagram {plot}", file=sys.stderr)
+    return {**report, "skipped_non_finite": skipped, "file": str(target), "reliability_png": str(plot), "note": calibration.note}
 
 
 def group_by_video(items: Sequence[Item]) -> list[Item]:
@@ -369,7 +406,28 @@ def summary_markdown(summary: dict[str, Any]) -> str:
         count = summary["counts"].get(count_key, 0)
         if count:
             lines.append(f"| {label} | {format_value(summary['metrics'].get(key), kind)} | {count} |")
+    if summary.get("calibration"):
+        lines += calibration_markdown(summary["calibration"])
     return "\n".join(lines) + "\n"
+
+
+def calibration_markdown(report: dict[str, Any]) -> list[str]:
+    """The calibration's ECE table (both methods, in-sample and 5-fold held-out) and a hint
+    when the other method is clearly better calibrated on held-out items."""
+    lines = ["", f"## Calibration: {report['method']} on {report['items']} items", "", f"{report['note']}.", "",
+             "| P(error <= r) | hit rate | ECE logistic (held-out) | ECE isotonic (held-out) |", "|---|---:|---:|---:|"]
+    hints = []
+    other = "isotonic" if report["method"] == "logistic" else "logistic"
+    for key, entry in report["radii"].items():
+        ece = entry["ece"]
+        cells = [f"{ece[m]['in_sample']:.3f} ({ece[m]['held_out']:.3f})" for m in ("logistic", "isotonic")]
+        lines.append(f"| {key.replace('within_', 'r = ')} | {100 * entry['hit_rate']:.1f}% | {cells[0]} | {cells[1]} |")
+        if ece[other]["held_out"] < 0.8 * ece[report["method"]]["held_out"]:
+            hints.append(key)
+    lines += ["", f"Written to `{report['file']}`; reliability diagram `{report['reliability_png']}`."]
+    if hints:
+        lines.append(f"The other method has a clearly lower held-out ECE at {', '.join(hints)}: try --calibrate-method {other}.")
+    return lines
 
 
 def read_summary(path: str) -> dict[str, Any]:

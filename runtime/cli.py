@@ -17,12 +17,14 @@ from loc3r.fileio import check_output_file, finite_json
 from loc3r.models.config import DTYPE_CHOICES
 from loc3r.models.prompt import build_question_suffix, check_user_text
 from loc3r.progress import terminal_output
+from loc3r.runtime.confidence import check_min_confidence
 from loc3r.runtime.generate import SamplingConfig, TextStream
 
 if TYPE_CHECKING:  # torch and transformers load only once a run starts, not for --help or a usage error
     from loc3r.runtime.result import Answer
 
 PROG = "loc3r-run"
+EXIT_NOT_LOCALIZED = 3  # every question answered, but a pose was below --min-confidence
 
 
 def add_dtype_argument(parser: argparse.ArgumentParser, reported: str) -> None:
@@ -56,9 +58,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-cache", action="store_true", help="do not read or write the on-disk encoding cache")
     parser.add_argument("--plot", metavar="PNG", help="write a top-down map (layout, position, sigma, heading); several questions get _2, _3... suffixes")
+    parser.add_argument("--calibration", metavar="FILE", help="sigma -> confidence calibration (default: BUNDLE/calibration.json if present)")
+    parser.add_argument("--min-confidence", type=probability, metavar="P",
+                        help="a pose whose P(error <= --confidence-radius) is below P is 'not localized' (JSON localized: false; exit 3)")
+    parser.add_argument("--confidence-radius", type=float, default=1.0, choices=[0.5, 1.0], help="metres, for --min-confidence (default 1.0)")
     parser.add_argument("--json", action="store_true", help="print one JSON object per question, nothing else")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
+
+
+def probability(text: str) -> float:
+    """A number from 0 to 1 (``--min-confidence``)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text} is not a probability from 0 to 1")
+    return value
 
 
 def frame_size(text: str) -> tuple[int, int]:
@@ -96,9 +113,21 @@ def print_human(answer: Answer, streamed_chars: int) -> None:
     pose = answer.pose
     print(f"position: x = {pose.x:+.3f} m, y = {pose.y:+.3f} m, sigma = {pose.sigma:.3f} m")
     print(f"orientation: {pose.theta_deg:+.1f} deg ({pose.theta_rad:+.4f} rad)")
+    print(confidence_line(answer))
+    if answer.localized is False:
+        print(f"NOT LOCALIZED: {answer.not_localized}")
     print(first_token_line(answer.timings))
     if answer.model.warning:
         print(f"NOTE: {answer.model.warning}")
+
+
+def confidence_line(answer: Answer) -> str:
+    """``confidence: P(error <= 0.5 m) = .., P(error <= 1.0 m) = ..`` and what it means, or why there is none."""
+    confidence = answer.pose.confidence
+    if confidence is None:
+        return f"confidence: none ({answer.model.confidence_note})"
+    values = ", ".join(f"P(error <= {key[7:-1]} m) = {p:.3f}" for key, p in confidence.items())
+    return f"confidence: {values} ({answer.model.confidence_note})"
 
 
 def first_token_line(timings: dict[str, float]) -> str:
@@ -163,8 +192,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         pipeline = Pipeline.from_pretrained(
             args.model, backend=args.backend, engines=args.engines, cache_dir=None if args.no_cache else default_cache_dir(),
-            dtype=args.dtype,
+            dtype=args.dtype, calibration=args.calibration,
         )
+        check_min_confidence(args.min_confidence, args.confidence_radius, pipeline.model_info.calibration, "--min-confidence")
+        not_localized = 0
         live_errors = BackgroundErrors()
         given_at = None  # the first question given with a video file waits for the video: TTFT counts from here
         if args.source:
@@ -187,6 +218,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 continue
             finally:
                 given_at = None  # later questions count from their own turn
+            answer = answer.require_confidence(args.min_confidence, args.confidence_radius)
+            not_localized += answer.localized is False
             if args.plot:
                 check_plot_path(numbered_path(Path(args.plot), number), args)
                 answer.plot(numbered_path(Path(args.plot), number))
@@ -195,6 +228,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             else:
                 print_human(answer, printer.shown if printer else 0)
         live_errors.raise_first()  # a live source that failed after the last question
+        if not_localized:
+            print(f"{PROG}: {not_localized} pose(s) below --min-confidence {args.min_confidence:g}: not localized", file=sys.stderr)
+            return EXIT_NOT_LOCALIZED
         return 0
 
     return run_cli(PROG, body, args.debug)

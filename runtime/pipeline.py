@@ -15,6 +15,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -28,6 +29,7 @@ from loc3r.models.prompt import build_video_prefix
 from loc3r.models.tiny import loc3r_home, resolve_model
 from loc3r.models.vision import video_end_tokens, vision_tokens_per_frame
 from loc3r.progress import ProgressBar
+from loc3r.runtime.confidence import Calibration, find_calibration
 from loc3r.runtime.encoding_cache import CachedVideo, EncodingCache
 from loc3r.runtime.generate import SamplingConfig
 from loc3r.runtime.prefetch import prefetched
@@ -53,11 +55,13 @@ class Pipeline:
         artifacts: str | None = None,
         precision: Precision | None = None,
         decoder: VideoDecoder = iter_frames,
+        calibration: Calibration | None = None,
     ) -> None:
         """``artifacts`` identifies what computes the stages (an export's fingerprint; the
         bundle checksum for the torch backend): encoding-cache entries are keyed on it.
         ``precision``: what the stages compute in (default: the bundle's PyTorch precision).
-        ``decoder`` opens and samples video files (default: PyAV, ``iter_frames``)."""
+        ``decoder`` opens and samples video files (default: PyAV, ``iter_frames``).
+        ``calibration`` turns sigma into ``Pose.confidence`` (``loc3r.runtime.confidence``)."""
         self.bundle = bundle
         self.artifacts = artifacts or bundle.checksum
         self.config = bundle.config
@@ -75,6 +79,7 @@ class Pipeline:
             dtype=precision.dtype_name,
             device=str(precision.device),
             dtype_reason=precision.reason,
+            calibration=calibration,
         )
         self._session: VideoSession | None = None
         self._session_key: tuple[object, ...] | None = None
@@ -88,6 +93,7 @@ class Pipeline:
         cache_dir: str | Path | None = None,
         dtype: str = "auto",
         decoder: VideoDecoder = iter_frames,
+        calibration: str | Path | None | Literal[False] = None,
     ) -> Pipeline:
         """Open a bundle (``tiny``, ``tiny-vggt`` or a folder) and build the stages of ``backend``.
 
@@ -95,26 +101,29 @@ class Pipeline:
         ``cache_dir`` turns on the on-disk encoding cache (e.g. ``default_cache_dir()``).
         ``dtype`` is the PyTorch model's (``auto``: chosen for this machine, see
         ``loc3r.models.precision``). ``decoder`` opens and samples video files (default:
-        PyAV, ``iter_frames``).
+        PyAV, ``iter_frames``). ``calibration``: a calibration file, None for the bundle's own
+        ``calibration.json`` when it has one, False for none; one fit for another bundle is refused.
 
         A model with random weights or untrained localization heads is announced with a
         :class:`~loc3r.errors.RandomWeightsWarning` (its answers and poses are meaningless).
         """
-        pipeline = cls._load(model, backend, engines, cache_dir, dtype, decoder)
+        pipeline = cls._load(model, backend, engines, cache_dir, dtype, decoder, calibration)
         if pipeline.model_info.warning:
             warnings.warn(pipeline.model_info.warning, RandomWeightsWarning, stacklevel=2)
         return pipeline
 
     @classmethod
     def _load(
-        cls, model: str | Path, backend: str, engines: str | Path | None, cache_dir: str | Path | None, dtype: str, decoder: VideoDecoder
+        cls, model: str | Path, backend: str, engines: str | Path | None, cache_dir: str | Path | None, dtype: str, decoder: VideoDecoder,
+        calibration: str | Path | None | Literal[False] = None,
     ) -> Pipeline:
         bundle = load_bundle(resolve_model(model), dtype)
+        calibrated = None if calibration is False else find_calibration(bundle.path, bundle.checksum, calibration)
         cache = EncodingCache(Path(cache_dir)) if cache_dir else None
         if backend == "torch":
             from loc3r.runtime.torch_backend import torch_stages
 
-            return cls(bundle, Stages(*torch_stages(bundle)), backend, cache, decoder=decoder)
+            return cls(bundle, Stages(*torch_stages(bundle)), backend, cache, decoder=decoder, calibration=calibrated)
         if backend not in BACKENDS:
             raise InputError(f"unknown backend {backend!r}", f"use one of {', '.join(BACKENDS)}")
         if engines is None:
@@ -133,7 +142,7 @@ class Pipeline:
             stages, on_cpu = Stages(*tensorrt_stages(bundle, manifest)), False
         device = torch.device("cpu" if on_cpu else "cuda")
         precision = exported_precision(manifest, bundle, stages, device)
-        return cls(bundle, stages, backend, cache, manifest.fingerprint, precision, decoder)
+        return cls(bundle, stages, backend, cache, manifest.fingerprint, precision, decoder, calibrated)
 
     # -- sessions -------------------------------------------------------------------------
 

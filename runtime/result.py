@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
+from loc3r.runtime.confidence import DEFAULT_RADIUS_M, NO_CALIBRATION, Calibration, not_localized_reason
 
 # Every key of ``Answer.timings`` (seconds unless stated). The video stages are those this
 # question waited for: all of them for a question given with a video file, none for a
@@ -29,12 +32,16 @@ TIMINGS: dict[str, str] = {
 
 @dataclass(frozen=True)
 class Pose:
-    """Camera position on the BEV plane (metres), its uncertainty, and its heading."""
+    """Camera position on the BEV plane (metres), its uncertainty, and its heading.
+
+    ``confidence``: P(position error <= 0.5 m / 1.0 m) from sigma by the bundle's calibration
+    (``{"within_0.5m": p, "within_1.0m": p}``), None without one (``ModelInfo.confidence_note`` says why)."""
 
     x: float
     y: float
     sigma: float
     theta_rad: float
+    confidence: dict[str, float] | None = None
 
     @property
     def theta_deg(self) -> float:
@@ -42,7 +49,7 @@ class Pose:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "position": {"x": self.x, "y": self.y, "sigma": self.sigma},
+            "position": {"x": self.x, "y": self.y, "sigma": self.sigma, "confidence": self.confidence},
             "orientation": {"theta_rad": self.theta_rad, "theta_deg": self.theta_deg},
         }
 
@@ -60,6 +67,7 @@ class ModelInfo:
     dtype: str = "float32"  # what the backend computed in
     device: str = "cpu"
     dtype_reason: str = ""  # why that dtype (chosen for the machine, --dtype, the export's precision)
+    calibration: Calibration | None = field(default=None, compare=False)  # sigma -> confidence; None: no confidence
 
     @property
     def warning(self) -> str | None:
@@ -69,6 +77,15 @@ class ModelInfo:
         if self.localization != "trained":
             return f"model {self.model_id} has untrained localization heads: the pose is meaningless"
         return None
+
+    def confidence(self, sigma: float) -> dict[str, float] | None:
+        """P(position error <= 0.5 m / 1.0 m) for ``sigma`` by the calibration (None without one)."""
+        return self.calibration.confidence(sigma) if self.calibration else None
+
+    @property
+    def confidence_note(self) -> str:
+        """What a pose's ``confidence`` means here, or why it is null."""
+        return self.calibration.note if self.calibration else NO_CALIBRATION
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -81,6 +98,7 @@ class ModelInfo:
             "dtype": self.dtype,
             "device": self.device,
             "dtype_reason": self.dtype_reason,
+            "calibration": self.calibration.summary() if self.calibration else None,
         }
 
 
@@ -97,6 +115,17 @@ class Answer:
     video: dict[str, Any]
     timings: dict[str, float] = field(default_factory=dict)  # keys and meanings: TIMINGS
     bev_points: np.ndarray | None = None  # (frames, tokens, 2) metres, when asked for
+    # set by ``require_confidence``: None when no minimum was asked for; else whether the pose met it
+    localized: bool | None = None
+    not_localized: str | None = None  # why not, when ``localized`` is False
+
+    def require_confidence(self, min_confidence: float | None, radius_m: float = DEFAULT_RADIUS_M) -> Answer:
+        """This answer judged against a minimum P(error <= ``radius_m``): ``localized`` False (and
+        the pose withheld from ``to_dict``) below it. The caller checks that a calibration exists."""
+        if min_confidence is None:
+            return self
+        reason = not_localized_reason(self.pose.confidence, min_confidence, radius_m)
+        return dataclasses.replace(self, localized=reason is None, not_localized=reason)
 
     def __repr__(self) -> str:
         """The answer and the pose, with the model's warning when its outputs mean nothing."""
@@ -116,10 +145,16 @@ class Answer:
             "answer": self.text,
             "answer_token_ids": self.token_ids,
             **self.pose.to_dict(),
+            "confidence_note": self.model.confidence_note,
             "timings": self.timings,
             "video": self.video,
             "model": self.model.to_dict(),
         }
+        if self.localized is not None:
+            out["localized"] = self.localized
+        if self.localized is False:  # a robot must not act on it: the pose moves out of position/orientation
+            out["not_localized"] = {"reason": self.not_localized, "pose": self.pose.to_dict()}
+            out["position"] = out["orientation"] = None
         if self.model.warning:
             out["warning"] = self.model.warning
         return out

@@ -292,7 +292,7 @@ class VideoSession:
         }
         if len(token_times) > 1:
             timings["decode_tokens_per_s"] = (len(token_times) - 1) / (token_times[-1] - token_times[0])
-        pose = Pose(float(xy[0]), float(xy[1]), float(sigma), float(theta))
+        pose = Pose(float(xy[0]), float(xy[1]), float(sigma), float(theta), self.model_info.confidence(float(sigma)))
         if not all(math.isfinite(v) for v in (pose.x, pose.y, pose.sigma, pose.theta_rad)):
             log.warning("the model gave a non-finite pose (JSON shows null): its weights or engines may be damaged")
         return Answer(

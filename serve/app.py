@@ -22,6 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from loc3r.errors import InputError
 from loc3r.fileio import finite_json
+from loc3r.runtime.confidence import check_min_confidence
 from loc3r.runtime.generate import SamplingConfig
 from loc3r.serve.errors import ApiError, install_error_handlers
 from loc3r.serve.media import LIVE_PREFIX, MediaResolver
@@ -153,6 +154,10 @@ def create_app(worker: ModelWorker, settings: ServeSettings, uploads: UploadStor
             raise ApiError(
                 400, f"max_tokens = {max_tokens} is over this server's limit of {settings.max_new_tokens}", "max_tokens_limit", "max_tokens"
             )
+        try:
+            check_min_confidence(body.loc3r.min_confidence, body.loc3r.confidence_radius, model_info.calibration, "loc3r.min_confidence")
+        except InputError as exc:
+            raise ApiError(400, str(exc), "no_calibration", "loc3r.min_confidence") from None
         ref = await run_in_threadpool(media.resolve, url)
         sampling = SamplingConfig(
             max_new_tokens=max_tokens,
@@ -161,7 +166,8 @@ def create_app(worker: ModelWorker, settings: ServeSettings, uploads: UploadStor
             seed=body.seed or 0,
         )
         loop = asyncio.get_running_loop()
-        question = Question(ref, text, body.loc3r.situation, sampling, frames, body.loc3r.bev, body.stream, loop, asyncio.Queue())
+        question = Question(ref, text, body.loc3r.situation, sampling, frames, body.loc3r.bev, body.stream, loop, asyncio.Queue(),
+                            min_confidence=body.loc3r.min_confidence, confidence_radius=body.loc3r.confidence_radius)
         return question, max_tokens
 
     app.include_router(api)

@@ -56,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--stride", type=positive_int, default=15, help="live sources: keep every N-th frame (default 15)")
     parser.add_argument("--no-cache", action="store_true", help="do not read or write the on-disk encoding cache")
+    parser.add_argument("--calibration", metavar="FILE", help="sigma -> confidence calibration (default: BUNDLE/calibration.json if present)")
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
@@ -108,7 +109,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings.check()  # before the model loads: a refused address answers at once
         pipeline = Pipeline.from_pretrained(
             args.model, backend=args.backend, engines=args.engines, cache_dir=None if args.no_cache else default_cache_dir(),
-            dtype=args.dtype,
+            dtype=args.dtype, calibration=args.calibration,
         )
         serve_forever(build_server(pipeline, settings), args.log_level)
         return 0

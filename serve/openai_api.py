@@ -1,7 +1,8 @@
 """The OpenAI chat-completions format, as far as a video question needs it.
 
 A request is one user message with one ``video_url`` part and text; Loc3R options ride in
-the extension field ``loc3r`` (``situation``, ``frames``, ``bev``). Every response (the
+the extension field ``loc3r`` (``situation``, ``frames``, ``bev``, ``min_confidence``,
+``confidence_radius``). Every response (the
 completion, or the last chunk of a stream) carries the extension field ``loc3r``: the pose,
 the runtime's timings as it reports them, the video, the model, the server's own timings,
 and, when asked for, the layout map's points.
@@ -54,6 +55,9 @@ class Loc3rOptions(BaseModel):
     situation: str = ""
     frames: int | None = Field(default=None, ge=1)
     bev: bool = False  # return the layout map's points (for drawing)
+    # a pose whose P(error <= confidence_radius) is below this is answered "not localized"
+    min_confidence: float | None = Field(default=None, ge=0, le=1)
+    confidence_radius: Literal[0.5, 1.0] = 1.0
 
 
 class ChatRequest(BaseModel):

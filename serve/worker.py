@@ -60,6 +60,8 @@ class Question:
     cancelled: threading.Event = field(default_factory=threading.Event)
     arrived_at: float = field(default_factory=time.perf_counter)
     passed_over: int = 0  # questions on the cached video served before this one, though later
+    min_confidence: float | None = None  # below it, the answer says "not localized"
+    confidence_radius: float = 1.0  # metres, for min_confidence
 
     def emit(self, kind: str, payload: Any) -> None:
         """Hand ``("token", text) | ("done", Result) | ("error", exc)`` to the request (thread-safe)."""
@@ -224,6 +226,7 @@ class ModelWorker:
 
         # TTFT from the request's arrival: an opened or reclaimed video is part of the wait
         answer = session.ask(question.text, question.situation, question.sampling, on_token, given_at=question.arrived_at)
+        answer = answer.require_confidence(question.min_confidence, question.confidence_radius)
         done = first_token[0] if first_token else time.perf_counter()  # a stop token first: the answer is empty
         if not first_token:
             self.metrics.ttft.observe(done - question.arrived_at)

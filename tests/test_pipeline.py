@@ -68,7 +68,9 @@ def test_json_output_has_answer_pose_timings_and_random_weight_flag(
     assert code == 0
     out = json.loads(capsys.readouterr().out)
     assert set(out) >= {"answer", "position", "orientation", "timings", "model", "video"}
-    assert set(out["position"]) == {"x", "y", "sigma"} and out["position"]["sigma"] > 0
+    assert set(out["position"]) == {"x", "y", "sigma", "confidence"} and out["position"]["sigma"] > 0
+    assert out["position"]["confidence"] is None and out["confidence_note"].startswith("no calibration for this bundle")
+    assert "localized" not in out  # only with --min-confidence
     assert out["orientation"]["theta_deg"] == pytest.approx(math.degrees(out["orientation"]["theta_rad"]))
     assert abs(out["orientation"]["theta_rad"]) <= math.pi
     assert out["model"]["random_weights"] is True and out["model"]["encoder_3d"] == "cut3r"

@@ -103,6 +103,7 @@ def test_page_answers_and_draws_the_pose(site: str, browser, tmp_path: Path) -> 
     drawn_angle = math.atan2(-(ys.mean() - py), xs.mean() - px)  # screen y points down
     assert abs(math.remainder(drawn_angle - theta, math.tau)) < math.radians(10)
     assert "queue_wait_s" in page.inner_text("#timings")
+    assert "confidence: none (no calibration for this bundle" in page.inner_text("#pose-text")  # the tiny bundle has none
 
     ask(page, "What is on my left?")
     assert page.locator("#trail circle.past").count() == 1  # the first answer's position

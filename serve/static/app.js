@@ -136,13 +136,23 @@ async function ask(event) {
   }
 }
 
+// "P(≤0.5 m) 0.41 · P(≤1.0 m) 0.83", or why there is no confidence (no calibration for the bundle).
+function confidenceText(position, note) {
+  if (!position.confidence) return `confidence: none (${note})`;
+  const parts = Object.entries(position.confidence).map(([key, p]) => `P(≤${key.slice(7, -1)} m) ${p.toFixed(2)}`);
+  return `confidence ${parts.join(" · ")}${note.startsWith("calibration of a RANDOM") ? " (random weights: mechanism only)" : ""}`;
+}
+
 function showResult(url, result) {
-  const { x, y, sigma } = result.position;
-  const theta = result.orientation.theta_rad;
+  const pose = result.not_localized ? result.not_localized.pose : result;  // a pose below loc3r.min_confidence
+  const { x, y, sigma } = pose.position;
+  const theta = pose.orientation.theta_rad;
   (state.history[url] = state.history[url] || []).push({ x, y, sigma, theta });
   if (result.bev_points) state.layout[url] = result.bev_points;
   $("pose-text").textContent =
-    `x ${x.toFixed(2)} m   y ${y.toFixed(2)} m   σ ${sigma.toFixed(2)} m   heading ${result.orientation.theta_deg.toFixed(0)}°`;
+    `${result.not_localized ? "NOT LOCALIZED · " : ""}x ${x.toFixed(2)} m   y ${y.toFixed(2)} m   σ ${sigma.toFixed(2)} m   ` +
+    `heading ${pose.orientation.theta_deg.toFixed(0)}°   ${confidenceText(pose.position, result.confidence_note)}`;
+  $("pose-text").title = result.confidence_note;
   const rows = { ...result.timings, queue_wait_s: result.server.queue_wait_s, server_ttft_s: result.server.ttft_s };
   $("timings").tBodies[0].replaceChildren(...Object.entries(rows).map(([name, value]) => {
     const row = document.createElement("tr");
