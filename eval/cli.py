@@ -26,7 +26,7 @@ from loc3r.eval import metrics
 from loc3r.eval.dataset import Item, is_number, load_dataset, parse_json_line
 from loc3r.cli_support import ArgumentParser, positive_int, run_cli
 from loc3r.errors import InputError, Loc3rError
-from loc3r.fileio import finite_json, write_text_atomic
+from loc3r.fileio import claim_entries, finite_json, write_text_atomic
 
 PROG = "loc3r-eval"
 PREDICTIONS = "predictions.jsonl"
@@ -157,6 +157,8 @@ def fit_calibration(args: argparse.Namespace, data: Path, items: Sequence[Item],
     random_weights = bool(run["model"].get("random_weights"))
     calibration, report = calibrate(sigma, errors, args.calibrate_method, checksum, random_weights, data.name)
     target = save_calibration(calibration, Path(args.calibration_out) if args.calibration_out else bundle / CALIBRATION_FILE)
+    if target.resolve() == (bundle / CALIBRATION_FILE).resolve():
+        claim_entries(bundle, [CALIBRATION_FILE])  # loc3r's own file: re-converting the bundle may replace it
     title = f"{PROG} --calibrate: {calibration.method} on {calibration.items} items of {data.name}"
     plot = plot_reliability(calibration, sigma, errors, out / "reliability.png", title + (" (RANDOM weights)" if random_weights else ""))
     print(f"{PROG}: wrote the calibration {target} and the reliability diagram {plot}", file=sys.stderr)

@@ -130,7 +130,8 @@ class Answer:
     def __repr__(self) -> str:
         """The answer and the pose, with the model's warning when its outputs mean nothing."""
         warning = f", warning={self.model.warning!r}" if self.model.warning else ""
-        return f"Answer(text={self.text!r}, pose={self.pose!r}, model={self.model.model_id!r}{warning})"
+        localized = "" if self.localized is None else f", localized={self.localized}"
+        return f"Answer(text={self.text!r}, pose={self.pose!r}{localized}, model={self.model.model_id!r}{warning})"
 
     def plot(self, path: str | Path) -> Path:
         """Write the top-down map of this answer as a PNG (see ``loc3r.runtime.plot``)."""

@@ -270,3 +270,17 @@ def test_server_reports_confidence_and_honours_min_confidence(calibrated: dict, 
         error = response.json()["error"]
         assert response.status_code == 400 and error["code"] == "no_calibration" and error["param"] == "loc3r.min_confidence"
         assert error["message"].startswith("loc3r.min_confidence needs a calibration, and this bundle has none")
+
+
+def test_calibrate_refuses_predictions_of_another_bundle(calibrated: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "out"
+    shutil.copytree(calibrated["root"] / "out", out)
+    run = json.loads((out / "run.json").read_text())
+    run["model"]["checksum"] = "e" * 64
+    (out / "run.json").write_text(json.dumps(run))
+    argv = [str(calibrated["root"] / "data.jsonl"), "--model", str(calibrated["bundle"]), "--frames", str(FRAMES),
+            "--max-new-tokens", "1", "--out", str(out), "--calibrate", "--calibration-out", str(tmp_path / "c.json")]
+    assert eval_cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"loc3r-eval: error: the predictions in {out} were made by bundle checksum eeeeeeeeeeee, --model is ")
+    assert err.count("\n") == 1 and not (tmp_path / "c.json").exists()
