@@ -103,14 +103,44 @@ def test_cut3r_graphs_match_torch_at_every_aspect_ratio(cpu_export: Path) -> Non
 
 
 @pytest.mark.parametrize("width, height", [(160, 120), (320, 180), (180, 320)], ids=["4:3", "16:9", "9:16"])
-def test_onnxruntime_backend_matches_torch(cpu_export: Path, tmp_path: Path, width: int, height: int) -> None:
-    """The default export runs landscape, widescreen and portrait video."""
+def test_onnxruntime_backend_matches_torch(
+    cpu_export: Path, tmp_path: Path, width: int, height: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The default export runs landscape, widescreen and portrait video, and every stage of
+    the onnxruntime backend runs in ONNX Runtime: each graph of the manifest (CUT3R's
+    encoder and step, the vision tower, the pose head, the LLM decoder) is run by an
+    ``InferenceSession``, and no PyTorch module runs a forward pass during the question.
+
+    Mutation checked: ``onnx_stages`` returning the bundle's torch CUT3R, heads or LLM
+    (e.g. ``TorchLLM(bundle.load_parts(("llm",)).llm)`` for the LLM) while the answer still
+    matches: the graph it replaces is never run and a torch forward is seen, so this fails.
+    """
+    import onnxruntime
+
     video = write_demo_video(tmp_path / "v.mp4", num_frames=16, width=width, height=height)
     sampling = SamplingConfig(max_new_tokens=8)
     ref = Pipeline.from_pretrained("tiny").ask(video, "Where am I?", num_frames=FRAMES, sampling=sampling)
-    ort = Pipeline.from_pretrained("tiny", backend="onnxruntime", engines=cpu_export).ask(
-        video, "Where am I?", num_frames=FRAMES, sampling=sampling
-    )
+    graphs_run: set[str] = set()
+    for method in ("run", "run_with_iobinding"):
+        original = getattr(onnxruntime.InferenceSession, method)
+
+        def recording(session, *args, _original=original, **kwargs):  # noqa: ANN001, ANN202
+            graphs_run.add(Path(session._model_path).name)
+            return _original(session, *args, **kwargs)
+
+        monkeypatch.setattr(onnxruntime.InferenceSession, method, recording)
+    pipeline = Pipeline.from_pretrained("tiny", backend="onnxruntime", engines=cpu_export)
+    torch_modules: set[str] = set()
+    hook = torch.nn.modules.module.register_module_forward_pre_hook(lambda m, _: torch_modules.add(type(m).__name__))
+    try:
+        ort = pipeline.ask(video, "Where am I?", num_frames=FRAMES, sampling=sampling)
+    finally:
+        hook.remove()
+    manifest = load_manifest(cpu_export)
+    expected = {manifest.artifacts[n]["file"] for n in ("cut3r_encoder", "cut3r_step", "vision", "pose_head")}
+    expected.add(Path(manifest.data["llm"]["decoder"]["file"]).name)
+    assert expected <= graphs_run
+    assert torch_modules == set()
     assert ort.model.backend == "onnxruntime"
     assert ort.token_ids == ref.token_ids
     for field in ("x", "y", "sigma", "theta_rad"):

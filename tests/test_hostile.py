@@ -28,6 +28,7 @@ from test_convert import cut3r_file  # noqa: F401 - a fixture
 from tokenizers import AddedToken
 
 from loc3r import fileio
+from loc3r.errors import ModelError
 from loc3r.models.convert_tokenizer import loc3r_tokenizer
 from loc3r.models.prompt import build_question_suffix
 from loc3r.models.tiny import ensure_tiny_bundle
@@ -399,6 +400,18 @@ def _flip(folder: Path) -> None:
     replace_bytes(folder / "vision.onnx", bytes(data))
 
 
+def _flip_in(relative: str):  # noqa: ANN202
+    """Damage: 4 KiB of ``relative`` inverted, its size kept."""
+
+    def damage(folder: Path) -> None:
+        data = bytearray((folder / relative).read_bytes())
+        middle = len(data) // 2
+        data[middle : middle + 4096] = bytes(b ^ 0xFF for b in data[middle : middle + 4096])
+        replace_bytes(folder / relative, bytes(data))
+
+    return damage
+
+
 def _swap(folder: Path) -> None:
     pose, bev = (folder / "pose_head.onnx").read_bytes(), (folder / "bev_head.onnx").read_bytes()
     replace_bytes(folder / "pose_head.onnx", bev)
@@ -427,6 +440,9 @@ def _set(*keys: str, value: object):  # noqa: ANN202
 
 MANIFEST_DAMAGE = {
     "flipped-4KiB": (_flip, "vision.onnx does not match the sha256 in its manifest (damaged or replaced)"),
+    # the weights: external data of a graph and of the LLM decoder (same size, other bytes)
+    "flipped-graph-data": (_flip_in("vision.onnx.data"), "vision.onnx.data does not match the sha256 in its manifest"),
+    "flipped-llm-data": (_flip_in("llm/decoder.onnx.data"), "decoder.onnx.data does not match the sha256 in its manifest"),
     "truncated-external-data": (
         lambda f: replace_bytes(f / "llm/decoder.onnx.data", (f / "llm/decoder.onnx.data").read_bytes()[:1000]),
         "decoder.onnx.data has 1000 bytes, its manifest says",
@@ -455,6 +471,8 @@ MANIFEST_DAMAGE = {
 
 @pytest.mark.parametrize("case", list(MANIFEST_DAMAGE))
 def test_a_damaged_export_is_refused_in_one_line(case: str, cpu_export: Path, video: Path, tmp_path: Path, capsys) -> None:
+    """Mutation checked: ``Manifest.verify`` ignoring a sha256 mismatch on ``.data`` files
+    (the weights) makes the ``flipped-graph-data`` and ``flipped-llm-data`` cases fail."""
     damage, fragment = MANIFEST_DAMAGE[case]
     engines = link_copy(cpu_export, tmp_path / "engines")
     damage(engines)
@@ -471,7 +489,13 @@ def test_engines_are_never_written_outside_the_export(graph: str, cpu_export: Pa
     assert_error(result, 2, f"plans an engine for {graph!r}, which is not one of its graphs", prog="loc3r-export build")
 
 
-def test_verification_is_memoised_by_identity(cpu_export: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_verification_is_memoised_and_still_catches_damage(cpu_export: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each file is hashed once while it is unchanged, and verified before every run all the
+    same: a weights file (``.data``) damaged in place, its size and mtime put back, is refused.
+
+    Mutations checked: ``Manifest.verify`` ignoring a sha256 mismatch on ``.data`` files, or
+    a memo keyed on size and mtime alone (the damage is then not seen): either makes the
+    last step fail."""
     from loc3r import digest
     from loc3r.export.manifest import load_manifest
 
@@ -489,6 +513,21 @@ def test_verification_is_memoised_by_identity(cpu_export: Path, tmp_path: Path, 
     replace_bytes(engines / "bev_head.onnx", (engines / "bev_head.onnx").read_bytes())  # same bytes, new mtime
     load_manifest(engines).verify()
     assert hashed == [engines / "bev_head.onnx"]
+    weights = engines / "llm/decoder.onnx.data"
+    replace_bytes(weights, weights.read_bytes())  # its own inode: the edit below must not reach the fixture
+    load_manifest(engines).verify()  # remembered with this stat
+    before = weights.stat()
+    time.sleep(0.05)  # past the kernel's coarse clock tick
+    with weights.open("r+b") as stream:  # damaged in place
+        stream.seek(before.st_size // 2)
+        chunk = stream.read(4096)
+        stream.seek(before.st_size // 2)
+        stream.write(bytes(b ^ 0xFF for b in chunk))
+    os.utime(weights, ns=(before.st_atime_ns, before.st_mtime_ns))  # size and mtime as they were
+    after = weights.stat()
+    assert (after.st_size, after.st_mtime_ns, after.st_ino) == (before.st_size, before.st_mtime_ns, before.st_ino)
+    with pytest.raises(ModelError, match="decoder.onnx.data does not match the sha256 in its manifest"):
+        load_manifest(engines).verify()
 
 
 def test_the_encoding_cache_is_keyed_on_the_artifacts(cpu_export: Path, video: Path, tmp_path: Path,

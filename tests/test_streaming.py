@@ -13,6 +13,7 @@ import pytest
 
 from loc3r.errors import InputError
 from loc3r.runtime.demo_video import write_demo_video
+from loc3r.models.prompt import build_question_suffix
 from loc3r.runtime.generate import SamplingConfig
 from loc3r.runtime.pipeline import Pipeline
 from loc3r.runtime.prefetch import prefetched
@@ -47,13 +48,40 @@ def test_streamed_and_reference_order_give_the_same_answer(pipeline: Pipeline, v
     assert streamed.video["indices"] == reference.video["indices"]
 
 
-def test_follow_up_questions_prefill_only_their_own_tokens(pipeline: Pipeline, video: Path) -> None:
+def test_follow_up_questions_prefill_only_their_own_tokens(
+    pipeline: Pipeline, video: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each question runs the LLM over its own tokens and its generated ones only, never the
+    video prefix again: every position the decoder processes is counted (a forward pre-hook
+    on the Qwen2 model), so a follow-up that re-prefills the prefix fails this test.
+
+    Mutation checked: ``Session.ask`` calling ``self.stages.llm.reset()`` and prefilling
+    every frame block again before the question (the prefix re-prefilled on every
+    follow-up): the count for each question grows by the prefix's length and this fails.
+    """
     session = pipeline.open(video, FRAMES)
-    cached = pipeline.stages.llm.cached_length
-    first = session.ask("Where am I?", sampling=SAMPLING)
-    assert pipeline.stages.llm.cached_length == cached  # cut back to the video prefix
-    again = session.ask("Where am I?", sampling=SAMPLING)
-    assert_same_answer(first, again, atol=0)
+    llm = pipeline.stages.llm
+    cached = llm.cached_length
+    positions: list[int] = []
+    decodes: list[int] = []
+    hook = llm.model.model.register_forward_pre_hook(
+        lambda _m, _a, kwargs: positions.append(kwargs["inputs_embeds"].shape[1]), with_kwargs=True
+    )
+    decode = llm.decode
+    monkeypatch.setattr(llm, "decode", lambda token: (decodes.append(token), decode(token))[1])
+    question = build_question_suffix(pipeline.bundle.tokenizer, "Where am I?")
+    try:
+        answers = []
+        for _ in range(2):
+            positions.clear()
+            decodes.clear()
+            answers.append(session.ask("Where am I?", sampling=SAMPLING))
+            assert sum(positions) == len(question.ids) + len(decodes)  # the question + one per decoded token
+            assert llm.cached_length == cached  # cut back to the video prefix
+    finally:
+        hook.remove()
+    assert cached > 10 * len(question.ids)  # the prefix is long enough for a re-prefill to show
+    assert_same_answer(answers[0], answers[1], atol=0)
 
 
 def test_encoding_cache_skips_decode_and_encode_and_survives_corruption(
