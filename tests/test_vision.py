@@ -15,6 +15,8 @@ from transformers import (
 
 from loc3r.errors import ModelError
 from loc3r.models.config import LLMConfig, Loc3rConfig, VisionConfig
+from loc3r.models.convert_llava import _LLM_RULES
+from loc3r.models.llm import TorchLLM, build_qwen2
 from loc3r.models.vision import (
     VisionPath,
     layout_tokens,
@@ -78,6 +80,9 @@ def hf_onevision(config: Loc3rConfig, extra_layer: bool) -> LlavaOnevisionForCon
         num_attention_heads=llm.num_attention_heads,
         num_key_value_heads=llm.num_key_value_heads,
         max_position_embeddings=llm.max_position_embeddings,
+        rope_theta=llm.rope_theta,
+        rms_norm_eps=llm.rms_norm_eps,
+        tie_word_embeddings=llm.tie_word_embeddings,
     )
     hf_config = LlavaOnevisionConfig(
         vision_config=vision_config,
@@ -243,22 +248,45 @@ def test_average_matches_avg_pool_of_transformers_features() -> None:
 
 
 def test_llm_logits_match_transformers_on_our_features() -> None:
+    """transformers' llava-onevision end to end (pixels -> logits) against loc3r's own path:
+    our VisionPath, then our LLM (``build_qwen2`` from our config, the weights renamed by the
+    converter's llava-onevision rules, ``TorchLLM`` prefilling in small chunks over its
+    reserved KV cache: the video prefix, then the question, then the question again after
+    cutting the cache back to the prefix, as a follow-up does).
+
+    Mutation checked: ``ReservedLayer._reserve`` dropping the copy of the cached keys and
+    values when its buffer grows (or ``TorchLLM.prefill`` not passing its cache): the logits
+    then differ and this fails.
+    """
     config = tiny_config(70)
     ours, hf = matched_pair(config)
     pixels = video(config)
     per_video = pixels.shape[1] * 9 + 1  # 3 frames x 3x3 pooled + one newline
-    ids = torch.tensor([[5, 17, 3] + [hf.config.video_token_id] * per_video + [42, 8]])
+    ids = torch.tensor([[5, 17, 3] + [hf.config.video_token_id] * per_video + [42, 8, 11, 29]])
     is_video = ids[0] == hf.config.video_token_id
+    llm = TorchLLM(build_qwen2(config.llm), chunk_tokens=5)
+    renamed = {}
+    for name, tensor in hf.state_dict().items():
+        for prefix, target in _LLM_RULES["hf_onevision"]:
+            if name.startswith(prefix):
+                renamed[target.removeprefix("llm.") + name[len(prefix):]] = tensor
+                break
+    llm.model.load_state_dict(renamed)
     with torch.no_grad():
-        reference = hf(input_ids=ids, pixel_values_videos=pixels).logits
+        reference = hf(input_ids=ids, pixel_values_videos=pixels).logits[0]
         pooled = ours.pool(ours.features(pixels[0]))
-        video_embeds = torch.cat((pooled.reshape(-1, pooled.shape[-1]), hf.model.image_newline[None]))
-        embeds = hf.get_input_embeddings()(ids)
-        embeds[0, is_video] = video_embeds
-        hidden = hf.model.language_model(inputs_embeds=embeds).last_hidden_state
-        logits = hf.lm_head(hidden)
-    diff = (logits - reference).abs().max().item()
-    assert diff < TOL, diff
+        embeds = llm.embed(ids[0].tolist())
+        embeds[is_video] = torch.cat((pooled.reshape(-1, pooled.shape[-1]), ours.image_newline[None]))
+        prefix = int(is_video.nonzero().max()) + 1
+        video_part = llm.prefill(embeds[:prefix])
+        question = llm.prefill(embeds[prefix:])
+        llm.truncate(prefix)
+        follow_up = llm.prefill(embeds[prefix:])
+        logits = llm.model.lm_head(torch.cat((video_part.hidden_states, question.hidden_states)))
+    assert (logits - reference).abs().max().item() < TOL
+    assert (question.last_logits - reference[-1]).abs().max().item() < TOL
+    assert torch.equal(follow_up.last_logits, question.last_logits)
+    assert reference.abs().max() > 1e-2  # not a trivially zero comparison
 
 
 def test_key_mapping_accepts_hub_names() -> None:
