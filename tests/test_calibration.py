@@ -5,6 +5,7 @@ and refusals, loc3r-eval --calibrate, and the confidence in loc3r-run and the se
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -25,7 +26,15 @@ from loc3r.eval.calibration import (
 from loc3r.models.tiny import resolve_model
 from loc3r.runtime.cli import EXIT_NOT_LOCALIZED
 from loc3r.runtime.cli import main as run_main
-from loc3r.runtime.confidence import CALIBRATION_FILE, RADII_M, find_calibration, load_calibration, save_calibration
+from loc3r.runtime.confidence import (
+    CALIBRATION_FILE,
+    RADII_M,
+    check_min_confidence,
+    find_calibration,
+    load_calibration,
+    not_localized_reason,
+    save_calibration,
+)
 from loc3r.runtime.demo_video import write_demo_video
 
 FRAMES = 2
@@ -284,3 +293,28 @@ def test_calibrate_refuses_predictions_of_another_bundle(calibrated: dict, tmp_p
     err = capsys.readouterr().err
     assert err.startswith(f"loc3r-eval: error: the predictions in {out} were made by bundle checksum eeeeeeeeeeee, --model is ")
     assert err.count("\n") == 1 and not (tmp_path / "c.json").exists()
+
+
+def test_text_output_prints_the_confidence_and_the_verdict(calibrated: dict, capsys: pytest.CaptureFixture[str]) -> None:
+    by_id = {i["id"]: i for i in calibrated["items"]}
+    unsure = by_id[calibrated["order"][-1]]["situation"]
+    argv = [str(calibrated["video"]), "Where am I?", "--frames", str(FRAMES), "--max-new-tokens", "1", "--no-cache", "--situation", unsure]
+    assert run_main([*argv, "--model", str(calibrated["bundle"]), "--min-confidence", "0.5"]) == EXIT_NOT_LOCALIZED
+    lines = capsys.readouterr().out.splitlines()
+    confidence = next(line for line in lines if line.startswith("confidence: "))
+    assert re.fullmatch(r"confidence: P\(error <= 0\.5 m\) = 0\.\d{3}, P\(error <= 1\.0 m\) = 0\.\d{3} "
+                        r"\(calibration of a RANDOM-weights model: .*logistic calibration fit on 20 items of data\.jsonl\)", confidence)
+    assert any(re.fullmatch(r"NOT LOCALIZED: confidence 0\.\d{3} of an error <= 1\.0 m is below the minimum 0\.5", line) for line in lines)
+    assert run_main([*argv, "--model", "tiny"]) == 0  # the built-in bundle has no calibration
+    lines = capsys.readouterr().out.splitlines()
+    assert "confidence: none (no calibration for this bundle: confidence is null (fit one with loc3r-eval DATA.jsonl --calibrate))" in lines
+    assert not any(line.startswith("NOT LOCALIZED") for line in lines)
+
+
+def test_verdict_at_either_radius() -> None:
+    confidence = {"within_0.5m": 0.4, "within_1.0m": 0.9}
+    assert not_localized_reason(confidence, 0.8, 1.0) is None
+    assert not_localized_reason(confidence, 0.8, 0.5) == "confidence 0.400 of an error <= 0.5 m is below the minimum 0.8"
+    assert not_localized_reason(None, 0.1, 1.0).startswith("the pose is not finite")
+    with pytest.raises(InputError, match="confidence radius 2.0 m is not calibrated"):
+        check_min_confidence(0.5, 2.0, None, "--min-confidence")
