@@ -152,6 +152,10 @@ def _run(prog: str, body: Callable[[], int], debug: bool) -> int:
         return _internal(prog, exc, debug)
     except Exception as exc:  # noqa: BLE001 - the last line of defence of a CLI
         return _internal(prog, exc, debug)
+    except (SystemExit, GeneratorExit):
+        raise
+    except BaseException as exc:  # noqa: BLE001 - a native panic (pyo3's PanicException) is one line too
+        return _internal(prog, exc, debug)
 
 
 def _silence_stdout() -> None:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 
 class Loc3rError(Exception):
     """An expected failure: the message says what is wrong and what to do.
@@ -31,6 +34,31 @@ class InternalError(Loc3rError):
     """Something that should not happen; a bug or a broken installation."""
 
     exit_code = 1
+
+
+class QuestionFailed(InternalError):
+    """One question failed inside the model (e.g. a Rust panic in the tokenizer, raised through
+    pyo3 as ``PanicException``, a ``BaseException``); the model and its video stay usable."""
+
+
+@contextmanager
+def one_question() -> Iterator[None]:
+    """Turn any ``BaseException`` but an interrupt or an exit into :class:`QuestionFailed`
+    (``Exception``s pass unchanged: they are already errors a caller handles)."""
+    try:
+        yield
+    except (Exception, KeyboardInterrupt, SystemExit, GeneratorExit):
+        raise
+    except BaseException as exc:  # noqa: BLE001 - a native panic: this question's error, not the process's end
+        raise question_failed(exc) from exc
+
+
+def question_failed(exc: BaseException) -> QuestionFailed:
+    detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return QuestionFailed(
+        f"this question could not be answered ({type(exc).__name__}{': ' + detail if detail else ''})",
+        "the model is still loaded; ask another question (rerun with --debug for the traceback)",
+    )
 
 
 class RandomWeightsWarning(UserWarning):

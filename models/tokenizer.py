@@ -15,6 +15,7 @@ from pathlib import Path
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 from loc3r.errors import ModelError
+from loc3r.native_stderr import held_stderr
 
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
@@ -79,7 +80,8 @@ class TextTokenizer:
 
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text`` read as plain text: never an added or special token's id."""
-        ids = self._plain.encode(text, add_special_tokens=False).ids
+        with held_stderr():  # a Rust panic on a crafted text: one error line, not a backtrace
+            ids = self._plain.encode(text, add_special_tokens=False).ids
         control = self.control_ids.intersection(ids)
         if control:  # only a tokenizer whose ordinary vocabulary holds a control token gets here
             token = self.id_to_token(min(control))

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from loc3r.cli_support import ArgumentParser, positive_int, run_cli
-from loc3r.errors import InputError
+from loc3r.errors import InputError, QuestionFailed, one_question
 from loc3r.fileio import check_output_file, finite_json
 from loc3r.models.config import DTYPE_CHOICES
 from loc3r.models.prompt import build_question_suffix, check_user_text
@@ -211,7 +211,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"Q: {question}\nA: ", end="", flush=True)
             try:
                 answer = session.ask(question, args.situation, sampling, on_token=printer, given_at=given_at)
-            except InputError as exc:
+            except (InputError, QuestionFailed) as exc:  # this question's fault: the model and the video stay usable
                 if not args.interactive:
                     raise
                 print(f"\n{PROG}: error: {exc}", file=sys.stderr)  # ask again
@@ -245,7 +245,8 @@ def iter_questions(args: argparse.Namespace) -> Iterator[str]:
 def check_fit(pipeline, args: argparse.Namespace, frames: int, duration_s: float | None = None) -> None:  # noqa: ANN001 - Pipeline
     """Refuse, before any frame is decoded, frames + questions + --max-new-tokens beyond the context."""
     tokenizer = pipeline.bundle.tokenizer
-    question = max((len(build_question_suffix(tokenizer, q, args.situation).ids) for q in args.questions or ["?"]))
+    with one_question():  # the questions are tokenized here first: a panic on one is that question's error
+        question = max((len(build_question_suffix(tokenizer, q, args.situation).ids) for q in args.questions or ["?"]))
     extra = {} if duration_s is None else {"duration_s": duration_s}
     pipeline.check_frames_fit(frames, args.max_new_tokens, question, **extra)
 

@@ -58,9 +58,11 @@ def pick_token(logits: Tensor, sampling: SamplingConfig, generator: torch.Genera
 
     if sampling.temperature <= 0.0:
         return int(torch.argmax(logits))
-    probs = torch.softmax(logits.float() / sampling.temperature, dim=-1)
+    # float64: a top_p below float32's smallest number (1e-300) is not 0, and sums stay exact enough
+    probs = torch.softmax(logits.double() / sampling.temperature, dim=-1)
     sorted_probs, order = torch.sort(probs, descending=True)
     keep = torch.cumsum(sorted_probs, dim=-1) - sorted_probs < sampling.top_p
+    keep[0] = True  # the most likely token always stays: the nucleus is never empty
     sorted_probs = torch.where(keep, sorted_probs, torch.zeros_like(sorted_probs))
     choice = torch.multinomial(sorted_probs / sorted_probs.sum(), 1, generator=generator)
     return int(order[choice])

@@ -20,7 +20,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from loc3r.errors import InputError, RandomWeightsWarning
+from loc3r.errors import InputError, RandomWeightsWarning, one_question
 from loc3r.export.manifest import Manifest
 from loc3r.identity import FileIdentity, file_identity
 from loc3r.models.bundle import Bundle, load_bundle
@@ -273,7 +273,8 @@ class Pipeline:
         the pipeline already held it.
         """
         given_at = time.perf_counter()
-        session = self.open(video, num_frames, with_bev)
+        with one_question():  # a native panic while opening the video: this call's error, the pipeline stays usable
+            session = self.open(video, num_frames, with_bev)
         return session.ask(question, situation, sampling, on_token, given_at)
 
     def _read_cache(self, video: Path, num_frames: int) -> tuple[str | None, CachedVideo | None]:

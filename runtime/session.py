@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from loc3r.errors import InputError
+from loc3r.errors import InputError, one_question
 from loc3r.models.bundle import Bundle
 from loc3r.models.prompt import VideoPrefix, build_question_suffix, build_video_prefix
 from loc3r.models.vision import pooled_side, pooled_token_offsets, video_end_tokens, vision_tokens_per_frame
@@ -252,7 +252,12 @@ class VideoSession:
         run since. Without it, a question counts from this call (a follow-up, or a live
         session). See :data:`loc3r.runtime.result.TIMINGS` for every timing.
         """
-        sampling = sampling or SamplingConfig()
+        with one_question():  # a native panic (a tokenizer's) is this question's error; the session stays usable
+            return self._ask(question, situation, sampling or SamplingConfig(), on_token, given_at)
+
+    def _ask(
+        self, question: str, situation: str | None, sampling: SamplingConfig, on_token: Callable[[int], None] | None, given_at: float | None
+    ) -> Answer:
         tokenizer = self.bundle.tokenizer
         suffix = build_question_suffix(tokenizer, question, situation)
         start = time.perf_counter() if given_at is None else given_at
@@ -264,10 +269,6 @@ class VideoSession:
             video_ready = time.perf_counter()
             prefix_length = self.stages.llm.cached_length
             self._check_length(prefix_length + len(suffix.ids), sampling.max_new_tokens)
-            result = self.stages.llm.prefill(self.stages.llm.embed(suffix.ids))
-            prefill_question = time.perf_counter() - video_ready
-            hidden = result.hidden_states
-            xy, sigma, theta = self.stages.heads.pose(hidden[suffix.pos_offset], hidden[suffix.ori_offset])
             token_times: list[float] = []
 
             def record(token: int) -> None:
@@ -276,7 +277,13 @@ class VideoSession:
                     on_token(token)
 
             stop = {tokenizer.im_end_id, tokenizer.end_of_text_id}
-            try:  # ``on_token`` may raise to stop early (a client gone): the cache is cut back all the same
+            # whatever fails from the question's prefill on (or ``on_token`` raising to stop early:
+            # a client gone), the cache is cut back to the video, so the next question finds it whole
+            try:
+                result = self.stages.llm.prefill(self.stages.llm.embed(suffix.ids))
+                prefill_question = time.perf_counter() - video_ready
+                hidden = result.hidden_states
+                xy, sigma, theta = self.stages.heads.pose(hidden[suffix.pos_offset], hidden[suffix.ori_offset])
                 tokens = generate(result.last_logits, self.stages.llm.decode, stop, sampling, record)
                 first_token = token_times[0] if token_times else time.perf_counter()  # a stop token first: generate returned at once
             finally:

@@ -10,7 +10,7 @@ from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import FileResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import ValidationError
@@ -66,15 +66,19 @@ def create_app(worker: ModelWorker, settings: ServeSettings, uploads: UploadStor
     api = APIRouter()
 
     @app.get("/health")
-    async def health() -> dict[str, Any]:
-        return {
-            "status": "ok",
+    async def health() -> JSONResponse:
+        """200 while the model thread serves; 503 when it is stuck or dead (so a supervisor restarts the server)."""
+        model_thread = worker.health()
+        body = {
+            "status": model_thread["status"],
+            "worker": model_thread,
             "model": model_info.to_dict(),
             "warning": model_info.warning,
             "queue": {"waiting": worker.waiting, "capacity": settings.queue_size},
             "sessions": len(worker.sessions),
             "auth": settings.api_key is not None,
         }
+        return JSONResponse(body, status_code=200 if model_thread["status"] == "ok" else 503)
 
     @api.get("/metrics")
     async def prometheus() -> Response:

@@ -36,6 +36,7 @@ class ServeSettings:
     live_sources: dict[str, str] = field(default_factory=dict)  # name -> camera:N / rtsp://...
     live_stride: int = 15
     remote_timeout_s: float = 30.0
+    stuck_after_s: float = 600.0  # /health says "stuck" when a question has not moved (no token) for this long
 
     def check(self) -> None:
         """Refuse an unsafe or impossible configuration, with the fix."""

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from itertools import islice
 from typing import Any
 
-from loc3r.errors import InputError, Loc3rError
+from loc3r.errors import InputError, Loc3rError, QuestionFailed, question_failed
 from loc3r.models.prompt import build_question_suffix, build_video_prefix
 from loc3r.models.vision import vision_tokens_per_frame
 from loc3r.runtime.generate import SamplingConfig, TextStream
@@ -38,6 +38,7 @@ from loc3r.serve.settings import ServeSettings
 
 log = logging.getLogger(__name__)
 IDLE_POLL_S = 0.05  # how often an idle worker with live sources looks for new frames
+MAX_RESTARTS = 3  # a model thread that keeps dying is reported dead, not restarted forever
 
 
 class GenerationCancelled(Exception):
@@ -138,12 +139,40 @@ class ModelWorker:
         self.feeds: dict[str, LiveFeed] = {}
         self._queue = WaitingQuestions(settings.queue_size, settings.max_passes)
         self._mean_service_s = 1.0
-        self._thread = threading.Thread(target=self._run, name="loc3r-model", daemon=True)
+        self._thread = self._new_thread()
+        self._stopping = False
+        self._current: Question | None = None  # the question being answered
+        self._progress_at = time.monotonic()  # when the current question last moved (started, a token)
+        self.restarts = 0
+        self.last_failure: str | None = None  # why the model thread last stopped
+
+    def _new_thread(self) -> threading.Thread:
+        return threading.Thread(target=self._run, name="loc3r-model", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
 
+    def health(self) -> dict[str, Any]:
+        """The model thread as it is: ``ok``, ``stuck`` (a question has not moved for
+        ``stuck_after_s``) or ``dead`` (stopped, and restarted ``MAX_RESTARTS`` times already)."""
+        self.revive()
+        current = self._current
+        still = time.monotonic() - self._progress_at if current is not None else 0.0
+        status = "dead" if not self._thread.is_alive() else "stuck" if still > self.settings.stuck_after_s else "ok"
+        return {"status": status, "busy_s": round(still, 3), "restarts": self.restarts, "last_failure": self.last_failure}
+
+    def revive(self) -> None:
+        """Start a new model thread when the last one stopped (not when the server is stopping)."""
+        if self._stopping or self._thread.ident is None or self._thread.is_alive() or self.restarts >= MAX_RESTARTS:
+            return
+        self.restarts += 1
+        log.error("the model thread had stopped (%s); started a new one (restart %d of %d)", self.last_failure, self.restarts, MAX_RESTARTS)
+        self.sessions.resident = None  # the LLM cache may be half-written
+        self._thread = self._new_thread()
+        self._thread.start()
+
     def stop(self) -> None:
+        self._stopping = True
         for feed in self.feeds.values():
             feed.stop()
         self._queue.close()
@@ -154,7 +183,11 @@ class ModelWorker:
         return len(self._queue)
 
     def submit(self, question: Question) -> None:
-        """Queue ``question``, or refuse it with a 429 when the queue is full."""
+        """Queue ``question``, or refuse it with a 429 when the queue is full (a 503 when the
+        model thread is dead)."""
+        self.revive()
+        if self._thread.ident is not None and not self._thread.is_alive():
+            raise ApiError(503, f"the model has stopped ({self.last_failure}); restart the server", "model_unavailable")
         try:
             self._queue.put_nowait(question)
         except queue.Full:
@@ -169,6 +202,13 @@ class ModelWorker:
     # -- the worker thread ----------------------------------------------------------------
 
     def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as exc:  # noqa: BLE001 - an exit raised inside a question (or a fault here) ends this thread only
+            self.last_failure = f"{type(exc).__name__}: {one_line(exc)}".rstrip(": ")
+            log.error("the model thread stopped: %s", self.last_failure)
+
+    def _loop(self) -> None:
         while True:
             try:
                 question = self._queue.get(self.sessions.resident_key, IDLE_POLL_S if self.feeds else None)
@@ -188,6 +228,7 @@ class ModelWorker:
         if question.cancelled.is_set():
             self.metrics.cancelled.inc()
             return
+        self._current, self._progress_at = question, time.monotonic()
         try:
             result = self._answer(question, waited)
         except GenerationCancelled:
@@ -199,11 +240,26 @@ class ModelWorker:
         except InputError as exc:
             question.emit("error", ApiError.from_input(exc))
             return
+        except QuestionFailed as exc:  # a native panic (crafted text): one line in the log, a 500 to the client
+            log.error("question failed: %s", exc)
+            self.sessions.resident = None
+            question.emit("error", ApiError(500, str(exc), "question_failed"))
+            return
         except Exception as exc:  # noqa: BLE001 - the request gets a 500; the worker goes on
             log.exception("question failed")
             self.sessions.resident = None  # the LLM cache may be half-written: refill before reuse
             question.emit("error", exc)
             return
+        except (KeyboardInterrupt, SystemExit):  # ends the thread (``revive`` starts another): this question is told
+            question.emit("error", ApiError(500, "the model stopped while answering this question; ask again", "model_restarted"))
+            raise
+        except BaseException as exc:  # noqa: BLE001 - e.g. a panic outside the session's own guard
+            log.error("question failed: %s", question_failed(exc))
+            self.sessions.resident = None
+            question.emit("error", ApiError(500, str(question_failed(exc)), "question_failed"))
+            return
+        finally:
+            self._current = None
         finished = time.perf_counter() - question.arrived_at
         self.metrics.duration.observe(finished)
         question.emit("done", result)
@@ -216,6 +272,7 @@ class ModelWorker:
         def on_token(token: int) -> None:
             if question.cancelled.is_set():
                 raise GenerationCancelled
+            self._progress_at = time.monotonic()
             self.metrics.tokens.inc()
             if not first_token:
                 first_token.append(time.perf_counter())
@@ -292,7 +349,9 @@ class ModelWorker:
                 self._feed_session(name, session)
             except (ApiError, Loc3rError):
                 continue  # reported to the next question on this source
-            except Exception:  # noqa: BLE001 - the worker must survive a frame it cannot encode
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except BaseException:  # noqa: BLE001 - the worker must survive a frame it cannot encode (a native panic too)
                 log.exception("live source %s: a frame could not be encoded", name)
                 self.sessions.resident = None  # the LLM cache may be half-written
         self._update_gauges()
@@ -316,3 +375,8 @@ class ModelWorker:
     def _update_gauges(self) -> None:
         self.metrics.sessions.set(len(self.sessions))
         self.metrics.session_bytes.set(self.sessions.total_bytes())
+
+
+def one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else ""

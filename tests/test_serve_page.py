@@ -123,3 +123,24 @@ def test_page_uploads_a_video_and_asks_about_it(site: str, browser, tmp_path: Pa
     ask(page, QUESTION)
     assert page.locator("#pose-arrow").count() == 1
     assert "video opened" in page.inner_text("#status")  # its first question encoded it
+
+
+def test_page_shows_an_answer_without_a_pose(site: str, browser, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
+    """Damaged weights give a non-finite pose, sent as null: the page says so and throws nothing."""
+    heads = tiny_pipeline().stages.heads
+    real_pose = heads.pose
+
+    def nan_pose(*args: object) -> tuple:
+        return tuple(value * float("nan") for value in real_pose(*args))
+
+    monkeypatch.setattr(heads, "pose", nan_pose)
+    page = browser.new_page(viewport={"width": 1100, "height": 760})
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    page.goto(site)
+    page.wait_for_function("document.querySelectorAll('#videos option').length > 0")
+    ask(page, "Where is the door?")
+    assert page.inner_text("#pose-text") == "no pose: the model gave a non-finite position (null)"
+    assert page.locator("#pose-arrow").count() == 0
+    assert "queue_wait_s" in page.inner_text("#timings")
+    assert not errors, errors

@@ -139,24 +139,30 @@ async function ask(event) {
 // "P(≤0.5 m) 0.41 · P(≤1.0 m) 0.83", or why there is no confidence (no calibration for the bundle).
 function confidenceText(position, note) {
   if (!position.confidence) return `confidence: none (${note})`;
-  const parts = Object.entries(position.confidence).map(([key, p]) => `P(≤${key.slice(7, -1)} m) ${p.toFixed(2)}`);
+  const parts = Object.entries(position.confidence).map(([key, p]) => `P(≤${key.slice(7, -1)} m) ${finite(p) ? p.toFixed(2) : "?"}`);
   return `confidence ${parts.join(" · ")}${note.startsWith("calibration of a RANDOM") ? " (random weights: mechanism only)" : ""}`;
 }
 
+const finite = (value) => typeof value === "number" && Number.isFinite(value);
+
 function showResult(url, result) {
   const pose = result.not_localized ? result.not_localized.pose : result;  // a pose below loc3r.min_confidence
-  const { x, y, sigma } = pose.position;
-  const theta = pose.orientation.theta_rad;
-  (state.history[url] = state.history[url] || []).push({ x, y, sigma, theta });
+  const { x, y, sigma } = pose.position || {};
+  const { theta_rad: theta, theta_deg: degrees } = pose.orientation || {};
   if (result.bev_points) state.layout[url] = result.bev_points;
-  $("pose-text").textContent =
-    `${result.not_localized ? "NOT LOCALIZED · " : ""}x ${x.toFixed(2)} m   y ${y.toFixed(2)} m   σ ${sigma.toFixed(2)} m   ` +
-    `heading ${pose.orientation.theta_deg.toFixed(0)}°   ${confidenceText(pose.position, result.confidence_note)}`;
+  if ([x, y, sigma, theta, degrees].every(finite)) {
+    (state.history[url] = state.history[url] || []).push({ x, y, sigma, theta });
+    $("pose-text").textContent =
+      `${result.not_localized ? "NOT LOCALIZED · " : ""}x ${x.toFixed(2)} m   y ${y.toFixed(2)} m   σ ${sigma.toFixed(2)} m   ` +
+      `heading ${degrees.toFixed(0)}°   ${confidenceText(pose.position, result.confidence_note)}`;
+  } else {  // the server sends a non-finite pose as null: say so, draw nothing new
+    $("pose-text").textContent = "no pose: the model gave a non-finite position (null)";
+  }
   $("pose-text").title = result.confidence_note;
   const rows = { ...result.timings, queue_wait_s: result.server.queue_wait_s, server_ttft_s: result.server.ttft_s };
   $("timings").tBodies[0].replaceChildren(...Object.entries(rows).map(([name, value]) => {
     const row = document.createElement("tr");
-    for (const text of [name, typeof value === "number" ? value.toFixed(4) : String(value)]) {
+    for (const text of [name, finite(value) ? value.toFixed(4) : String(value)]) {
       row.appendChild(document.createElement("td")).textContent = text;
     }
     return row;
