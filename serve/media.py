@@ -16,6 +16,7 @@ from pathlib import Path, PurePosixPath
 
 from loc3r.errors import InputError
 from loc3r.identity import file_identity
+from loc3r.serve.download import AddressPolicy
 from loc3r.serve.errors import ApiError
 from loc3r.serve.settings import ServeSettings
 from loc3r.serve.uploads import UPLOAD_ID, VIDEO_SUFFIXES, UploadStore
@@ -42,6 +43,7 @@ class MediaResolver:
         self.settings = settings
         self.uploads = uploads
         self.media_root = settings.media_dir.resolve() if settings.media_dir else None
+        self.addresses = AddressPolicy(settings.allow_private_urls)
 
     def resolve(self, url: str) -> VideoRef:
         url = url.strip()
@@ -86,7 +88,7 @@ class MediaResolver:
                 403, "remote video URLs are disabled on this server; upload the video (POST /v1/videos) "
                 "or start the server with --allow-remote-urls", "remote_urls_disabled", "video_url",
             )
-        info = self.uploads.fetch(url, self.settings.remote_timeout_s)
+        info = self.uploads.fetch(url, self.settings.remote_timeout_s, self.addresses)
         return _file_ref(("upload", info.id), url, self.uploads.path(info.id))
 
     def _media_file(self, url: str) -> VideoRef:

@@ -14,15 +14,16 @@ import secrets
 import tempfile
 import threading
 import time
-import urllib.error
 import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 from typing import BinaryIO
 
 from loc3r.errors import InputError
 from loc3r.fileio import write_json_atomic
 from loc3r.runtime.video import probe_video
+from loc3r.serve.download import AddressPolicy, download, too_large
 from loc3r.serve.errors import ApiError
 
 UPLOAD_ID = re.compile(r"^vid_[0-9a-f]{24}$")
@@ -47,10 +48,6 @@ class UploadInfo:
 
     def to_dict(self) -> dict[str, object]:
         return {"object": "video", "source": "upload", **asdict(self)}
-
-
-def too_large(limit: int) -> ApiError:
-    return ApiError(413, f"the video is larger than this server accepts ({limit // (1 << 20)} MiB)", "upload_too_large")
 
 
 class UploadStore:
@@ -113,8 +110,9 @@ class UploadStore:
         self._evict(keep=video_id)
         return info
 
-    def fetch(self, url: str, timeout_s: float) -> UploadInfo:
-        """Download a remote video once (size-limited) and keep it as an upload."""
+    def fetch(self, url: str, timeout_s: float, policy: AddressPolicy) -> UploadInfo:
+        """Download a remote video once (size-limited, ``timeout_s`` in all, only from
+        addresses ``policy`` allows) and keep it as an upload."""
         with self._lock:
             known = self._fetched.get(url)
         if known:
@@ -122,15 +120,14 @@ class UploadStore:
                 return self.info(known)
             except ApiError:
                 pass
-        request = urllib.request.Request(url, headers={"User-Agent": "loc3r-serve"})
+        fd, tmp = tempfile.mkstemp(prefix=".download.", dir=self.root)
         try:
-            with _HTTP_ONLY.open(request, timeout=timeout_s) as response:
-                length = int(response.headers.get("Content-Length") or 0)
-                if length > self.max_bytes:
-                    raise too_large(self.max_bytes)
-                info = self.save(response, Path(urllib.request.url2pathname(response.url.split("?")[0])).name)
-        except (urllib.error.URLError, OSError, ValueError) as exc:
-            raise ApiError(400, f"cannot download {url} ({getattr(exc, 'reason', exc)})", "remote_video_unavailable") from None
+            with os.fdopen(fd, "w+b") as body:
+                final = download(url, body, self.max_bytes, timeout_s, policy)
+                body.seek(0)
+                info = self.save(body, Path(urllib.request.url2pathname(urlsplit(final).path)).name)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
         with self._lock:
             self._fetched[url] = info.id
         return info
@@ -148,18 +145,6 @@ class UploadStore:
                 self.path(info.id).unlink(missing_ok=True)
                 (self.root / f"{info.id}.json").unlink(missing_ok=True)
                 total -= info.bytes
-
-
-class _HttpRedirectsOnly(urllib.request.HTTPRedirectHandler):
-    """Follow redirects to http(s) only (urllib would also follow one to ftp://)."""
-
-    def redirect_request(self, req, fp, code, msg, headers, newurl):  # noqa: ANN001, ANN201 - urllib's signature
-        if not newurl.lower().startswith(("http://", "https://")):
-            raise ApiError(403, f"{req.full_url} redirects to a non-http URL", "remote_redirect_refused")
-        return super().redirect_request(req, fp, code, msg, headers, newurl)
-
-
-_HTTP_ONLY = urllib.request.build_opener(_HttpRedirectsOnly)
 
 
 def video_type(path: Path) -> str:

@@ -98,19 +98,19 @@ def test_no_media_folder_means_uploads_only(tmp_path: Path) -> None:
 
 def test_remote_urls_are_fetched_once_within_the_size_limit(folders: SimpleNamespace) -> None:
     with static_http(folders.media) as base:
-        resolve = resolver(folders, allow_remote_urls=True)
+        resolve = resolver(folders, allow_remote_urls=True, allow_private_urls=("127.0.0.1",))
         first = resolve.resolve(f"{base}/a.mp4")
         assert first.path.read_bytes() == (folders.media / "a.mp4").read_bytes()
         assert resolve.resolve(f"{base}/a.mp4").key == first.key  # downloaded once
         assert refused(resolve, f"{base}/notes.txt").code == "invalid_video"
         assert refused(resolve, f"{base}/absent.mp4").code == "remote_video_unavailable"
-        small = resolver(folders, allow_remote_urls=True, max_upload_bytes=100)
+        small = resolver(folders, allow_remote_urls=True, allow_private_urls=("127.0.0.1",), max_upload_bytes=100)
         assert refused(small, f"{base}/a.mp4").code == "upload_too_large"
 
 
 @pytest.mark.parametrize(
     ("location", "code"),
-    [("ftp://127.0.0.1/v.mp4", "remote_redirect_refused"), ("file:///etc/passwd", "remote_video_unavailable")],
+    [("ftp://127.0.0.1/v.mp4", "remote_redirect_refused"), ("file:///etc/passwd", "remote_redirect_refused")],
 )
 def test_remote_redirects_to_other_schemes_are_refused(folders: SimpleNamespace, location: str, code: str) -> None:
     class Redirect(http.server.BaseHTTPRequestHandler):
@@ -125,7 +125,7 @@ def test_remote_redirects_to_other_schemes_are_refused(folders: SimpleNamespace,
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Redirect)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        error = refused(resolver(folders, allow_remote_urls=True), f"http://127.0.0.1:{server.server_address[1]}/v.mp4")
+        error = refused(resolver(folders, allow_remote_urls=True, allow_private_urls=("127.0.0.1",)), f"http://127.0.0.1:{server.server_address[1]}/v.mp4")
     finally:
         server.shutdown()
         server.server_close()
