@@ -79,7 +79,7 @@ def private_networks(given: list[str] | None) -> tuple[str, ...]:
     return tuple(given) or ("*",)
 
 
-SERVE_MODULES = ("fastapi", "uvicorn", "sse_starlette", "python_multipart", "prometheus_client")
+SERVE_MODULES = ("fastapi", "uvicorn", "sse_starlette", "python_multipart", "prometheus_client", "httpcore")
 
 
 def require_serve_extra() -> None:
