@@ -161,7 +161,8 @@ def fit_calibration(args: argparse.Namespace, data: Path, items: Sequence[Item],
         claim_entries(bundle, [CALIBRATION_FILE])  # loc3r's own file: re-converting the bundle may replace it
     title = f"{PROG} --calibrate: {calibration.method} on {calibration.items} items of {data.name}"
     plot = plot_reliability(calibration, sigma, errors, out / "reliability.png", title + (" (RANDOM weights)" if random_weights else ""))
-    print(f"{PROG}: wrote the calibration {target} and the reliability diagram {plot}", file=sys.stderr)
+    caveat = " (RANDOM weights: the mechanism only, sigma means nothing)" if random_weights else ""
+    print(f"{PROG}: wrote the calibration {target} and the reliability diagram {plot}{caveat}", file=sys.stderr)
     return {**report, "skipped_non_finite": skipped, "file": str(target), "reliability_png": str(plot), "note": calibration.note}
 
 

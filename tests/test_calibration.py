@@ -4,6 +4,8 @@ and refusals, loc3r-eval --calibrate, and the confidence in loc3r-run and the se
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import re
 import shutil
@@ -176,7 +178,9 @@ def calibrated(tmp_path_factory: pytest.TempPathFactory) -> dict:
         pose = poses[item["id"]]
         item["position"] = {"x": pose["x"] + distance * np.cos(angle), "y": pose["y"] + distance * np.sin(angle)}
     data.write_text("".join(json.dumps(item) + "\n" for item in items))  # same questions: the predictions are reused
-    assert eval_cli.main([str(data), *options, "--calibrate"]) == 0
+    with contextlib.redirect_stderr(io.StringIO()) as err:
+        assert eval_cli.main([str(data), *options, "--calibrate"]) == 0
+    assert "(RANDOM weights: the mechanism only, sigma means nothing)" in err.getvalue()
     summary = json.loads((root / "out" / "summary.json").read_text())
     return {"root": root, "bundle": bundle, "video": video, "poses": poses, "order": order, "items": items, "summary": summary}
 
