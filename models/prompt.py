@@ -138,10 +138,17 @@ def build_question_suffix(
 ) -> QuestionSuffix:
     """Situation text, ``<Pos><Ori>``, the question and the assistant header."""
     check_user_text(question, "question", allow_empty=False)
-    situation_ids = tokenizer.encode(check_user_text(situation or "", "situation"))
+    located = build_situation_suffix(tokenizer, situation)
     question_ids = token_ids(tokenizer, f"\n{question}", tokenizer.im_end_id, "\n", tokenizer.im_start_id, "assistant\n")
-    ids = [*situation_ids, tokenizer.pos_id, tokenizer.ori_id, *question_ids]
-    return QuestionSuffix(tuple(ids), len(situation_ids), len(situation_ids) + 1)
+    return QuestionSuffix((*located.ids, *question_ids), located.pos_offset, located.ori_offset)
+
+
+def build_situation_suffix(tokenizer: TextTokenizer, situation: str | None = None) -> QuestionSuffix:
+    """A question's suffix up to ``<Pos><Ori>``: all a pose needs (attention is causal, so
+    their hidden states are those of any question that follows)."""
+    situation_ids = tokenizer.encode(check_user_text(situation or "", "situation"))
+    ids = (*situation_ids, tokenizer.pos_id, tokenizer.ori_id)
+    return QuestionSuffix(ids, len(situation_ids), len(situation_ids) + 1)
 
 
 def token_ids(tokenizer: TextTokenizer, *parts: str | int) -> list[int]:

@@ -57,8 +57,9 @@ class OnnxLLM:
         self.capacity, self.chunk_tokens = capacity, chunk_tokens
         inputs = {i.name: i for i in self.session.get_inputs()}
         self._float = _NUMPY_OF[inputs[EMBEDS].type]
-        kv_float = _NUMPY_OF[inputs[past_name(0, "key")].type]
+        self._kv_float = kv_float = _NUMPY_OF[inputs[past_name(0, "key")].type]
         layers, kv_heads, head_dim = kv_geometry(decoder)
+        self._kv_heads, self._head_dim = kv_heads, head_dim
         on_gpu = provider_names(providers)[0] in _GPU_PROVIDERS
         self._binding = self.session.io_binding()
         self._bind_outputs()
@@ -102,6 +103,18 @@ class OnnxLLM:
         """Feed one generated token; logits (vocab,) for the next one."""
         return self.prefill(self.embed([token_id])).last_logits
 
+    def prefill_branches(self, suffixes: list[Tensor]) -> list[Tensor]:
+        """Hidden states of each suffix prefilled on top of the cache, the cache cut back after
+        each: one at a time, since ``GroupQueryAttention`` takes only a padding mask (seqlens),
+        so several suffixes cannot share the prefix in one run."""
+        prefix, hidden = self._length, []
+        for suffix in suffixes:
+            try:
+                hidden.append(self.prefill(suffix).hidden_states)
+            finally:
+                self._length = prefix
+        return hidden
+
     def truncate(self, length: int) -> None:
         """Forget everything after the first ``length`` positions (only the length moves)."""
         if length > self._length:
@@ -110,6 +123,39 @@ class OnnxLLM:
 
     def reset(self) -> None:
         self._length = 0
+
+    @property
+    def kv_dtype(self) -> str:
+        """The KV buffers' dtype (``float32`` for the builder's CPU graphs, ``float16`` for CUDA)."""
+        return np.dtype(self._kv_float).name
+
+    @property
+    def kv_layout(self) -> tuple[int, int, int, str]:
+        """(arrays = 2 x layers, kv heads, head dim, :attr:`kv_dtype`) of :meth:`read_kv`."""
+        return len(self._kv), self._kv_heads, self._head_dim, self.kv_dtype
+
+    def read_kv(self) -> list[np.ndarray]:
+        """The cache's first ``cached_length`` positions as host arrays, per layer key then
+        value, each (kv heads, length, head dim) in :attr:`kv_dtype`."""
+        return [
+            np.array((host if host is not None else buffer.numpy())[0, :, : self._length]) for buffer, host in self._kv
+        ]
+
+    def write_kv(self, arrays: list[np.ndarray]) -> None:
+        """Replace the cache by ``arrays`` (as :meth:`read_kv` gives; cast to :attr:`kv_dtype`)."""
+        if len(arrays) != len(self._kv):
+            raise ValueError(f"{len(arrays)} KV arrays for a cache of {len(self._kv)}")
+        length = arrays[0].shape[1]
+        if length > self.capacity:
+            raise ValueError(f"a {length}-token KV does not fit the context limit of {self.capacity}")
+        for (buffer, host), array in zip(self._kv, arrays, strict=True):
+            if host is not None:
+                host[0, :, :length] = array
+            else:  # a device buffer is filled from a host copy of its whole shape (unverified on hardware)
+                full = np.zeros(buffer.shape(), dtype=self._kv_float)
+                full[0, :, :length] = array
+                buffer.update_inplace(full)
+        self._length = length
 
     def _run(self, chunk: Tensor) -> tuple[Tensor, Tensor]:
         n = chunk.shape[0]

@@ -11,6 +11,7 @@ pipeline holds reuse its KV prefix.
 
 from __future__ import annotations
 
+import logging
 import time
 import warnings
 from collections.abc import Callable, Iterable
@@ -35,9 +36,11 @@ from loc3r.runtime.generate import SamplingConfig
 from loc3r.runtime.prefetch import prefetched
 from loc3r.runtime.preprocess import camera_input, siglip_input
 from loc3r.runtime.result import Answer, ModelInfo
+from loc3r.runtime.scene_store import DEFAULT_BUDGET_BYTES, KVLayout, Scene, SceneStore
 from loc3r.runtime.session import VISION_BATCH, FrameBlocks, Stages, VideoSession
 from loc3r.runtime.video import Frame, VideoDecoder, iter_frames
 
+log = logging.getLogger(__name__)
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
 ESTIMATED_DURATION_S = 3600.0  # timestamps of an hour-long video, when the duration is not known
 PREFETCH_FRAMES = 4
@@ -56,13 +59,16 @@ class Pipeline:
         precision: Precision | None = None,
         decoder: VideoDecoder = iter_frames,
         calibration: Calibration | None = None,
+        scenes: SceneStore | None = None,
     ) -> None:
         """``artifacts`` identifies what computes the stages (an export's fingerprint; the
         bundle checksum for the torch backend): encoding-cache entries are keyed on it.
         ``precision``: what the stages compute in (default: the bundle's PyTorch precision).
         ``decoder`` opens and samples video files (default: PyAV, ``iter_frames``).
-        ``calibration`` turns sigma into ``Pose.confidence`` (``loc3r.runtime.confidence``)."""
+        ``calibration`` turns sigma into ``Pose.confidence`` (``loc3r.runtime.confidence``).
+        ``scenes`` stores video prefixes' KV (keyed like the encoding cache, used only with it)."""
         self.bundle = bundle
+        self.scenes = scenes if cache is not None else None
         self.artifacts = artifacts or bundle.checksum
         self.config = bundle.config
         self.stages = stages
@@ -94,6 +100,8 @@ class Pipeline:
         dtype: str = "auto",
         decoder: VideoDecoder = iter_frames,
         calibration: str | Path | None | Literal[False] = None,
+        scene_budget_bytes: int = DEFAULT_BUDGET_BYTES,
+        scene_compression: str = "none",
     ) -> Pipeline:
         """Open a bundle (``tiny``, ``tiny-vggt`` or a folder) and build the stages of ``backend``.
 
@@ -103,11 +111,14 @@ class Pipeline:
         ``loc3r.models.precision``). ``decoder`` opens and samples video files (default:
         PyAV, ``iter_frames``). ``calibration``: a calibration file, None for the bundle's own
         ``calibration.json`` when it has one, False for none; one fit for another bundle is refused.
+        With the cache, video prefixes' KV are kept in its ``scenes`` folder under
+        ``scene_budget_bytes`` (``scene_compression``: ``none`` or ``int8``).
 
         A model with random weights or untrained localization heads is announced with a
         :class:`~loc3r.errors.RandomWeightsWarning` (its answers and poses are meaningless).
         """
-        pipeline = cls._load(model, backend, engines, cache_dir, dtype, decoder, calibration)
+        scenes = SceneStore(Path(cache_dir) / "scenes", scene_budget_bytes, scene_compression) if cache_dir else None
+        pipeline = cls._load(model, backend, engines, cache_dir, dtype, decoder, calibration, scenes)
         if pipeline.model_info.warning:
             warnings.warn(pipeline.model_info.warning, RandomWeightsWarning, stacklevel=2)
         return pipeline
@@ -115,7 +126,7 @@ class Pipeline:
     @classmethod
     def _load(
         cls, model: str | Path, backend: str, engines: str | Path | None, cache_dir: str | Path | None, dtype: str, decoder: VideoDecoder,
-        calibration: str | Path | None | Literal[False] = None,
+        calibration: str | Path | None | Literal[False] = None, scenes: SceneStore | None = None,
     ) -> Pipeline:
         bundle = load_bundle(resolve_model(model), dtype)
         calibrated = None if calibration is False else find_calibration(bundle.path, bundle.checksum, calibration)
@@ -123,7 +134,7 @@ class Pipeline:
         if backend == "torch":
             from loc3r.runtime.torch_backend import torch_stages
 
-            return cls(bundle, Stages(*torch_stages(bundle)), backend, cache, decoder=decoder, calibration=calibrated)
+            return cls(bundle, Stages(*torch_stages(bundle)), backend, cache, decoder=decoder, calibration=calibrated, scenes=scenes)
         if backend not in BACKENDS:
             raise InputError(f"unknown backend {backend!r}", f"use one of {', '.join(BACKENDS)}")
         if engines is None:
@@ -142,7 +153,7 @@ class Pipeline:
             stages, on_cpu = Stages(*tensorrt_stages(bundle, manifest)), False
         device = torch.device("cpu" if on_cpu else "cuda")
         precision = exported_precision(manifest, bundle, stages, device)
-        return cls(bundle, stages, backend, cache, manifest.fingerprint, precision, decoder, calibrated)
+        return cls(bundle, stages, backend, cache, manifest.fingerprint, precision, decoder, calibrated, scenes)
 
     # -- sessions -------------------------------------------------------------------------
 
@@ -182,7 +193,11 @@ class Pipeline:
         self.check_frames_fit(num_frames)
         session = self.new_session(str(video), with_bev, live=False)
         cache_key, cached = session.timer.measure("cache_read", self._read_cache, Path(video), num_frames)
-        if cached is not None:
+        scene = session.timer.measure("cache_read", self._read_scene, cache_key, with_bev, cached) if cached else None
+        if scene is not None:
+            session.restore(cached.encoded, scene)
+            session.report |= {"encoding_cache": "hit", "scene": "loaded"}
+        elif cached is not None:
             session.add_blocks(cached.encoded)
             session.report["encoding_cache"] = "hit"
             session.finish(cached.duration_s)
@@ -202,7 +217,12 @@ class Pipeline:
             unchanged = identity is not None and held_identity(video) == identity  # not rewritten while decoded
             if cache_key and unchanged and self.cache.store(cache_key, session.encoded, frames.info.duration_s):
                 session.report["encoding_cache"] = "stored"
-        self._session_key = key if cached is not None or unchanged else None
+        kept = cached is not None or unchanged
+        if kept and scene is None and cache_key and self.scenes is not None and self.cache.writable:
+            stored = session.timer.measure("scene_store", lambda: self.scenes.store(cache_key, session.scene()))
+            if stored is not None:
+                session.report["scene"] = "stored"
+        self._session_key = key if kept else None
         return session
 
     def check_frames_fit(
@@ -281,7 +301,12 @@ class Pipeline:
         """The encoding-cache key of ``video`` (None without a cache) and its entry, if any."""
         if self.cache is None or not video.is_file():
             return None, None
-        key = self.cache.key(
+        key = self._cache_key(video, num_frames)
+        block_shape = (1 + vision_tokens_per_frame(self.config), self.config.llm.hidden_size)
+        return key, self.cache.load(key, block_shape)
+
+    def _cache_key(self, video: Path, num_frames: int) -> str:
+        return self.cache.key(
             video,
             model=self.bundle.checksum,
             backend=self.model_info.backend,
@@ -291,8 +316,23 @@ class Pipeline:
             cut3r_long_side=self.config.cut3r_long_side,
             vision_size=self.config.vision.image_size,
         )
-        block_shape = (1 + vision_tokens_per_frame(self.config), self.config.llm.hidden_size)
-        return key, self.cache.load(key, block_shape)
+
+    def _read_scene(self, key: str, with_bev: bool, cached: CachedVideo) -> Scene | None:
+        """The stored scene of the video whose encoding-cache key is ``key`` and entry
+        ``cached`` (None without one, or without its BEV points when they are asked for:
+        then the prefix is recomputed)."""
+        if self.scenes is None:
+            return None
+        scene = self.scenes.load(key, KVLayout(*self.stages.llm.kv_layout))
+        if scene is not None and (scene.indices, scene.timestamps_s) != (cached.encoded.indices, cached.encoded.timestamps_s):
+            log.warning("stored scene %s describes other frames than its encoding: discarded, recomputing", key)
+            self.scenes.remove(key)
+            return None
+        return None if scene is None or (with_bev and scene.bev is None) else scene
+
+    def scene_key(self, video: str | Path, num_frames: int | None = None) -> str | None:
+        """The key ``video`` is (or would be) stored under, None without a cache."""
+        return self._cache_key(Path(video), num_frames or self.config.num_frames) if self.cache is not None else None
 
 
 def exported_precision(manifest: Manifest, bundle: Bundle, stages: Stages, device: torch.device) -> Precision:

@@ -16,7 +16,9 @@ from loc3r.runtime.confidence import DEFAULT_RADIUS_M, NO_CALIBRATION, Calibrati
 # question waited for: all of them for a question given with a video file, none for a
 # follow-up on a prepared video; each is main-thread time, so they sum to at most video_s.
 TIMINGS: dict[str, str] = {
-    "cache_read": "video: hashing the file and reading its encoding-cache entry",
+    "cache_read": "video: hashing the file and reading its encoding-cache entry and stored scene (verified)",
+    "scene_load": "video: copying the stored scene's KV into the LLM cache, instead of prefill_video",
+    "scene_store": "video: writing the video prefix's KV to the scene store (the first open of a video)",
     "decode": "video: waiting for frames (decoding and resizing them run ahead in a background thread)",
     "preprocess": "video: resizing frames for the 3D encoder and SigLIP where the main thread does it (reference order, live input)",
     "encode_3d": "video: the 3D encoder + f_cam (CUT3R: one step per frame; VGGT: the whole clip, or a sliding window live)",

@@ -24,12 +24,13 @@ from torch import Tensor
 
 from loc3r.errors import InputError, one_question
 from loc3r.models.bundle import Bundle
-from loc3r.models.prompt import VideoPrefix, build_question_suffix, build_video_prefix
+from loc3r.models.prompt import VideoPrefix, build_question_suffix, build_situation_suffix, build_video_prefix
 from loc3r.models.vision import pooled_side, pooled_token_offsets, video_end_tokens, vision_tokens_per_frame
 from loc3r.runtime.generate import SamplingConfig, generate
 from loc3r.runtime.camera_feed import camera_feed
 from loc3r.runtime.preprocess import camera_input, siglip_input
 from loc3r.runtime.result import Answer, ModelInfo, Pose
+from loc3r.runtime.scene_store import Scene
 from loc3r.runtime.stages import FRAME_BATCH, CameraStage, HeadsStage, LLMStage, VisionStage
 from loc3r.runtime.video import Frame
 
@@ -161,6 +162,26 @@ class VideoSession:
         with self._lock:
             self._drop_tail()
             self._append_blocks(encoded.blocks, encoded.indices, encoded.timestamps_s)
+
+    def restore(self, encoded: FrameBlocks, scene: Scene) -> None:
+        """Take a stored scene's KV as the cache (no prefill) for a complete video whose
+        encoded frames are ``encoded`` (the scene describes the same frames)."""
+        with self._lock:
+            self.timer.measure("scene_load", self.stages.llm.write_kv, scene.kv)
+            self.encoded = FrameBlocks(list(encoded.blocks), list(encoded.indices), list(encoded.timestamps_s))
+            self._blocks_end, self._tail_in_cache, self.duration_s = scene.blocks_end, True, scene.duration_s
+            self._bev = [] if scene.bev is None else [scene.bev]
+
+    def scene(self) -> Scene:
+        """This complete video's prefix KV (a host copy) and what describes it."""
+        with self._lock:
+            if self.duration_s is None:
+                raise ValueError("only a complete video is a scene")
+            self._ensure_tail()
+            return Scene(
+                self.stages.llm.read_kv(), self.stages.llm.kv_layout[3], self._blocks_end, list(self.encoded.indices),
+                list(self.encoded.timestamps_s), self.duration_s, np.concatenate(self._bev) if self._bev else None,
+            )
 
     def finish(self, duration_s: float | None = None) -> None:
         """No more frames: flush the last batch and prefill the time instruction now.
@@ -314,14 +335,44 @@ class VideoSession:
             bev_points=np.concatenate(self._bev) if self._bev else None,
         )
 
-    def reclaim_cache(self) -> None:
+    def locate(self, situations: list[str]) -> list[Pose]:
+        """The pose of each situation, no answer: each suffix up to ``<Pos><Ori>`` is
+        prefilled on top of the video prefix (packed into one forward pass where the LLM
+        allows, see ``LLMStage.prefill_branches``), the heads read, the cache cut back."""
+        tokenizer = self.bundle.tokenizer
+        suffixes = [build_situation_suffix(tokenizer, situation) for situation in situations]
+        with self._lock:
+            self._flush()
+            if not self.encoded.blocks:
+                raise InputError(f"{self.source}: no frames have been encoded yet", "wait for frames, then ask")
+            live_tail = self._ensure_tail()
+            try:
+                self._check_length(self.stages.llm.cached_length + max((len(s.ids) for s in suffixes), default=0))
+                embeds = [self.stages.llm.embed(s.ids) for s in suffixes]
+                hidden = self.timer.measure("locate", self.stages.llm.prefill_branches, embeds)
+            finally:
+                if live_tail:
+                    self.stages.llm.truncate(self._blocks_end)
+                    self._tail_in_cache = False
+        poses = []
+        for suffix, states in zip(suffixes, hidden, strict=True):
+            xy, sigma, theta = self.stages.heads.pose(states[suffix.pos_offset], states[suffix.ori_offset])
+            poses.append(Pose(float(xy[0]), float(xy[1]), float(sigma), float(theta)))
+        return poses
+
+    def reclaim_cache(self, scene: Scene | None = None) -> None:
         """Refill the LLM cache with this session's prefix after another session used it.
 
-        Sessions of one pipeline share its LLM cache; the frames stay encoded in the
-        session, so this costs one prefill of the video prefix and no decoding or encoding.
+        Sessions of one pipeline share its LLM cache: with ``scene`` (this video's, held in
+        memory or loaded from the scene store) the refill is a copy; without, one prefill of
+        the video prefix from the encoded frames (no decoding or encoding).
         """
         with self._lock:
             llm = self.stages.llm
+            if scene is not None:
+                llm.write_kv(scene.kv)
+                self._blocks_end, self._tail_in_cache = scene.blocks_end, True
+                return
             llm.reset()
             for _ in self._prefill_blocks(self.encoded.blocks):  # the head goes in with the first group
                 pass

@@ -6,6 +6,7 @@ import itertools
 from collections.abc import Sequence
 from typing import Any, Protocol, runtime_checkable
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -113,3 +114,21 @@ class LLMStage(Protocol):
     def truncate(self, length: int) -> None: ...
 
     def reset(self) -> None: ...
+
+    @property
+    def kv_layout(self) -> tuple[int, int, int, str]:
+        """(arrays = 2 x layers, kv heads, head dim, KV dtype name)."""
+        ...
+
+    def read_kv(self) -> list[np.ndarray]:
+        """The cache as host arrays, per layer key then value: (kv heads, length, head dim)."""
+        ...
+
+    def write_kv(self, arrays: list[np.ndarray]) -> None:
+        """Replace the cache by arrays of :meth:`read_kv`'s form (float32 ones are cast)."""
+        ...
+
+    def prefill_branches(self, suffixes: list[Tensor]) -> list[Tensor]:
+        """Hidden states of each suffix (n_i, width) prefilled on top of the cache, as if
+        alone; the cache is left as it was."""
+        ...

@@ -724,7 +724,7 @@ def test_a_closed_stdout_is_not_an_error(video: Path) -> None:
 
 
 def _entry(home: Path) -> Path:
-    (entry,) = (home / "cache" / "encodings").iterdir()
+    (entry,) = (home / "cache" / "encodings").glob("*.safetensors")
     return entry
 
 

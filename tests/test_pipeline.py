@@ -80,7 +80,7 @@ def test_json_output_has_answer_pose_timings_and_random_weight_flag(
         assert stage in out["timings"]
 
 
-VIDEO_STAGES = ("cache_read", "decode", "preprocess", "encode_3d", "encode_vision", "prefill_video")
+VIDEO_STAGES = ("cache_read", "decode", "preprocess", "encode_3d", "encode_vision", "prefill_video", "scene_load", "scene_store")
 
 
 def test_ttft_of_a_question_given_with_a_file_includes_the_video_it_waited_for(
@@ -92,7 +92,7 @@ def test_ttft_of_a_question_given_with_a_file_includes_the_video_it_waited_for(
         assert main(argv) == 0
         first, follow_up = (json.loads(line)["timings"] for line in capsys.readouterr().out.splitlines())
         waited = sum(first.get(stage, 0.0) for stage in VIDEO_STAGES)
-        expected = ("decode", "encode_3d", "encode_vision", "prefill_video") if run == "encoded" else ("cache_read", "prefill_video")
+        expected = ("decode", "encode_3d", "encode_vision", "prefill_video", "scene_store") if run == "encoded" else ("cache_read", "scene_load")
         assert all(first[stage] > 0 for stage in expected), run
         assert first["ttft_s"] >= first["video_s"] >= waited, run
         assert first["ttft_s"] == pytest.approx(first["video_s"] + first["question_to_first_token_s"], abs=2e-6)

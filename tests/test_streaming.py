@@ -107,7 +107,8 @@ def test_encoding_cache_skips_decode_and_encode_and_survives_corruption(
     assert "is corrupt (checksum mismatch): discarded, recomputing" in caplog.text
     assert third.video["encoding_cache"] == "stored"
     assert_same_answer(first, third, atol=0)
-    assert [p.name for p in tmp_path.iterdir()] == [entry.name]  # no temp files left
+    assert sorted(p.name for p in tmp_path.iterdir()) == [entry.name, "scenes"]  # no temp files left
+    assert [p.name for p in (tmp_path / "scenes").iterdir()] == [f"{entry.stem}.kv.safetensors"]
 
 
 def test_a_different_frame_count_is_a_different_cache_entry(video: Path, tmp_path: Path) -> None:
