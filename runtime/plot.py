@@ -32,7 +32,10 @@ def plot_bev(answer: Answer, path: str | Path, size_px: int = 800) -> Path:
         frames = np.repeat(np.arange(points.shape[0]), points.shape[1])
         scatter = ax.scatter(points[..., 0].ravel(), points[..., 1].ravel(), c=frames, s=4, cmap="viridis", alpha=0.6)
         fig.colorbar(scatter, ax=ax, label="frame")
-    ax.add_patch(Circle((pose.x, pose.y), pose.sigma, fill=True, alpha=0.15, color="tab:red", label=f"sigma = {pose.sigma:.2f} m"))
+    label = f"sigma = {pose.sigma:.2f} m"
+    if pose.confidence:  # from the bundle's calibration
+        label += f", P(error <= 1 m) = {pose.confidence['within_1.0m']:.2f}"
+    ax.add_patch(Circle((pose.x, pose.y), pose.sigma, fill=True, alpha=0.15, color="tab:red", label=label))
     ax.plot([pose.x], [pose.y], "o", color="tab:red", markersize=8, label="camera")
     arrow = max(pose.sigma, 0.5)
     ax.annotate(

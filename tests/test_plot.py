@@ -59,3 +59,14 @@ def test_random_weights_are_watermarked(tmp_path: Path) -> None:
     marked = np.asarray(Image.open(answer(0.3, random_weights=True).plot(tmp_path / "r.png")).convert("L"))
     clean = np.asarray(Image.open(answer(0.3, random_weights=False).plot(tmp_path / "t.png")).convert("L"))
     assert (marked != clean).mean() > 0.01
+
+
+def test_the_legend_carries_the_confidence_when_calibrated(tmp_path: Path) -> None:
+    import dataclasses
+
+    plain = answer(0.3)
+    calibrated = dataclasses.replace(plain, pose=dataclasses.replace(plain.pose, confidence={"within_0.5m": 0.4, "within_1.0m": 0.7}))
+    a = np.asarray(Image.open(plain.plot(tmp_path / "a.png")).convert("L"))
+    b = np.asarray(Image.open(calibrated.plot(tmp_path / "b.png")).convert("L"))
+    rows = np.nonzero((a != b).any(axis=1))[0]
+    assert rows.size and rows.max() - rows.min() < 40  # one legend line differs, nothing else moves
