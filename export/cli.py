@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,7 +24,7 @@ def export_parser() -> argparse.ArgumentParser:
         "TensorRT engines are built on the device: 'loc3r-export build --manifest DIR/manifest.json'.",
     )
     parser.add_argument("--model", default="tiny", help="bundle folder, or 'tiny' / 'tiny-vggt'")
-    parser.add_argument("--target", required=True, help="target profile (see engines/*.toml), e.g. jetson-orin, cpu")
+    parser.add_argument("--target", required=True, help=f"target profile: {target_names()}")
     parser.add_argument("--out", required=True, help="output folder (replaced atomically)")
     parser.add_argument("--vggt-size", metavar="HxW", help="VGGT input size (a VGGT bundle): W the model's img_size (518), "
                         "H a multiple of 14 up to W, as the video's aspect gives it (default: 4:3, 392x518)")
@@ -34,6 +35,13 @@ def export_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--debug", action="store_true")
     return parser
+
+
+def target_names() -> str:
+    """The shipped target profiles, and the aliases, for ``--help``."""
+    from loc3r.engines.targets import ALIASES, list_targets
+
+    return ", ".join(list_targets() + [f"{alias} (= {name})" for alias, name in ALIASES.items()])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -75,36 +83,18 @@ def parse_vggt_size(text: str | None, bundle) -> tuple[int, int] | None:  # noqa
 
 
 def run_export(args: argparse.Namespace) -> int:
-    from loc3r.export.manifest import EXPORT_KIND
-    from loc3r.fileio import check_replaceable
+    from loc3r.export.exporter import export_all
+    from loc3r.export.preflight import preflight
 
-    check_replaceable(args.out, EXPORT_KIND)  # before any work; export_all checks again
-    if args.context_tokens is not None and args.context_tokens < 1:
-        raise InputError(f"--context-tokens {args.context_tokens} must be positive", "e.g. --context-tokens 8192")
-    from loc3r.engines.targets import load_target
-    from loc3r.export.exporter import ExportRequest, export_all
-    from loc3r.models.bundle import load_bundle
-    from loc3r.models.tiny import resolve_model
-
-    target = load_target(args.target)
-    bundle = load_bundle(resolve_model(args.model))
-    llm = args.llm or target.llm.weights
-    request = ExportRequest(
-        bundle=bundle,
-        target=target,
-        out_dir=Path(args.out),
-        llm_quant=None if llm == "none" else llm,
-        vggt_size=parse_vggt_size(args.vggt_size, bundle),
-        context_tokens=args.context_tokens,
-    )
-    manifest = export_all(request, progress=lambda m: print(m, file=sys.stderr))
+    checked = preflight(args)  # every requirement, before any work: each problem is a line
+    request = checked.request
+    target, bundle = request.target, request.bundle
+    say = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+    say(f"checked: {checked.summary}")
+    manifest = export_all(request, progress=say)
     print(f"wrote {manifest.root} for target {target.name} ({manifest.precision})")
     for name, artifact in manifest.artifacts.items():
-        parity = artifact["parity"]
-        line = f"  {artifact['file']:<22} parity vs PyTorch: max abs {parity['max_abs']:.2e} over {parity['runs']} run(s)"
-        if "fp16" in artifact:
-            line += f"; FP16 graph: {artifact['fp16']['error_vs_fp32']['relative']:.1e} of output scale"
-        print(line)
+        print(f"  {artifact['file']:<22} {graph_parity_line(artifact)}")
     llm_part = manifest.data.get("llm")
     if llm_part:
         quant, form = llm_part["quantization"], llm_part["form"]
@@ -112,11 +102,8 @@ def run_export(args: argparse.Namespace) -> int:
             f"  llm/                   {quant['layers']} layers, lm_head {quant['lm_head']}, {form['provider']} form, "
             f"KV {form['kv_cache']} for {llm_part['context_tokens']} tokens"
         )
-        parity = llm_part["parity"]
-        if parity and "skipped" in parity:
-            print(f"  llm/                   parity vs PyTorch skipped: {parity['skipped']}")
-        elif parity:
-            print(f"  llm/                   parity vs PyTorch: max abs logits {parity['max_abs_logits']:.2e}, hidden {parity['max_abs_hidden']:.2e}")
+        if llm_part["parity"]:
+            print(f"  llm/                   {llm_parity_line(llm_part['parity'])}")
     memory = manifest.data["memory_plan"]
     print(f"memory plan: {memory['total_bytes'] / 2**30:.2f} GiB of {memory['budget_bytes'] / 2**30:.2f} GiB on {memory['target']}")
     if bundle.config.random_weights:
@@ -125,11 +112,42 @@ def run_export(args: argparse.Namespace) -> int:
     if plan and device_can_build(plan["sm"]):
         from loc3r.export.device_build import build_from_manifest
 
-        manifest = build_from_manifest(manifest.root, progress=lambda m: print(m, file=sys.stderr))
+        manifest = build_from_manifest(manifest.root, progress=say)
         print_built(manifest)
     elif plan:
         print(device_step(manifest))
+    else:
+        print(f"next: loc3r-run VIDEO QUESTION --model {shlex.quote(str(args.model))} --backend onnxruntime --engines {shlex.quote(str(manifest.root))}")
     return 0
+
+
+def graph_parity_line(artifact: dict) -> str:
+    """A graph's parity against PyTorch with its tolerance and verdict (and its FP16 graph's)."""
+    parity, tolerance = artifact["parity"], artifact["tolerance"]
+    verdict = "pass" if parity["within_tolerance"] else "FAIL"
+    line = (
+        f"parity vs PyTorch: max abs {parity['max_abs']:.2e} over {parity['runs']} run(s), "
+        f"tolerance atol {tolerance['atol']:g} + rtol {tolerance['rtol']:g}: {verdict}"
+    )
+    if "fp16" in artifact:
+        error = artifact["fp16"]["error_vs_fp32"]
+        fp16_verdict = "pass" if error["within_tolerance"] else "FAIL"
+        line += f"; FP16 graph: {error['relative']:.1e} of output scale, tolerance {error['tolerance']:g}: {fp16_verdict}"
+    return line
+
+
+def llm_parity_line(parity: dict) -> str:
+    """The LLM probe against transformers: an exact (fp32) form is held to ``tolerance_fp32``;
+    a quantized form differs by design and must pick the same first token."""
+    if "skipped" in parity:
+        return f"parity vs PyTorch skipped: {parity['skipped']}"
+    errors = f"max abs logits {parity['max_abs_logits']:.2e}, hidden {parity['max_abs_hidden']:.2e}"
+    if parity["exact_form"]:
+        tolerance = parity["tolerance_fp32"]
+        within = max(parity["max_abs_logits"], parity["max_abs_hidden"]) <= tolerance
+        return f"parity vs PyTorch: {errors}, tolerance {tolerance:g} (fp32 form): {'pass' if within else 'FAIL'}"
+    top1 = "same top-1 token: pass" if parity["top1_match"] else "top-1 token differs: FAIL"
+    return f"parity vs PyTorch: {errors} (quantized: no elementwise tolerance), {top1}"
 
 
 def device_step(manifest: Manifest) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import platform
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +21,7 @@ from safetensors.torch import save_file
 from loc3r.engines.targets import Target
 from loc3r.export import graphs
 from loc3r.export.camera_parity import CameraRunner, SessionRunner, TorchRunner, fixed_images, run_recurrence
-from loc3r.export.llm import LLMForm, LLMSource, export_llm, llm_form
+from loc3r.export.llm import PARITY_TOKENS, LLMForm, LLMSource, export_llm, llm_form
 from loc3r.export.llm_io import LLM_DIR
 from loc3r.export.manifest import EXPORT_KIND, FORMAT, MUTABLE_ENTRIES, VERSION, Manifest, load_manifest, write_manifest
 from loc3r.export.memory_plan import MemoryPlan, Weights, check_fits, measured_weights, memory_plan, predicted_weights
@@ -123,16 +124,27 @@ def export_all(request: ExportRequest, progress: Progress = print) -> Manifest:
     check_plan(request, plan_of(request, predicted, form, "predicted from config.json"))
     with atomic_directory(request.out_dir, EXPORT_KIND, later=MUTABLE_ENTRIES) as staging:
         artifacts: dict[str, Any] = {}
-        for name, export in (
+        parts = (
             (bundle.config.encoder_3d, export_camera),
             ("vision", export_vision),
             ("heads", export_heads),
-        ):
-            progress(f"exporting {name} ...")
-            artifacts.update(export(request, staging))
+        )
+        total = len(parts) + (form is not None)
+        for number, (name, export) in enumerate(parts, start=1):
+            progress(f"[{number}/{total}] exporting {name}: {what_is_checked(name, request)} ...")
+            start = time.perf_counter()
+            done = export(request, staging)
+            artifacts.update(done)
+            for entry in done.values():
+                parity = entry["parity"]
+                progress(f"      {entry['file']}: max abs {parity['max_abs']:.2e} vs PyTorch over {parity['runs']} run(s), within tolerance")
+            progress(f"      {name} done in {time.perf_counter() - start:.1f} s")
         llm = None
         if form is not None:
-            progress(f"exporting the LLM ({request.llm_quant}, {form.provider} form) ...")
+            progress(
+                f"[{total}/{total}] exporting the LLM ({request.llm_quant}, {form.provider} form) with onnxruntime-genai's "
+                f"builder, then a {sum(PARITY_TOKENS)}-token probe against transformers' Qwen2 ..."
+            )
             llm = export_llm(
                 LLMSource.from_bundle(bundle),
                 staging / LLM_DIR,
@@ -148,6 +160,22 @@ def export_all(request: ExportRequest, progress: Progress = print) -> Manifest:
         manifest["memory_plan"]["predicted_weights"] = {n: w.disk for n, w in predicted.items()}
         write_manifest(staging, manifest)
     return load_manifest(request.out_dir)
+
+
+def what_is_checked(name: str, request: ExportRequest) -> str:
+    """What the export of part ``name`` checks, for its progress line."""
+    fp16 = ", and the FP16 graphs" if request.fp16 else ""
+    if name == "cut3r":
+        aspects = ", ".join(graphs.PARITY_ASPECTS)
+        return (
+            f"encoder + recurrent step, ONNX Runtime vs PyTorch over {RECURRENCE_FRAMES} frames at {FULL_RECURRENCE_ASPECT} "
+            f"and {SHORT_RECURRENCE_FRAMES} at each other aspect ({aspects}){fp16}"
+        )
+    if name == "vggt":
+        return f"whole-clip encoder, ONNX Runtime vs PyTorch on clips of 2, 5 and 8 frames{fp16}"
+    if name == "vision":
+        return f"SigLIP + projector + pooling, ONNX Runtime vs PyTorch on 1, 2 and 3 frames{fp16}"
+    return f"f_pos, f_ori and f_bev, ONNX Runtime vs PyTorch on 3 input sizes each{fp16}"
 
 
 def plan_of(request: ExportRequest, weights: dict[str, Weights], form: LLMForm | None, source: str) -> MemoryPlan:

@@ -5,7 +5,8 @@ a path the user named that cannot be written: permission denied, read-only file 
 1 internal faults and a full disk (``InternalError``, ``ENOSPC``/``EDQUOT``, any other
 exception); 130 Ctrl-C, 143 SIGTERM (both raised as ``KeyboardInterrupt`` so that every
 ``finally`` cleans up); 141 when the reader of stdout went away (``| head``), silently.
-Every failure is one line, ``prog: error: problem: fix``; loc3r's own warnings (a truncated
+Every failure is one line, ``prog: error: problem: fix`` (a preflight check that finds several
+problems prints one such line each); loc3r's own warnings (a truncated
 video, a discarded cache entry) are ``prog: warning: ...`` lines.
 """
 
@@ -169,7 +170,8 @@ def _silence_stdout() -> None:
 def _report(prog: str, exc: Loc3rError, debug: bool) -> int:
     if debug:
         traceback.print_exc()
-    print(f"{prog}: error: {exc}", file=sys.stderr)
+    for line in exc.lines():
+        print(f"{prog}: error: {line}", file=sys.stderr)
     return exc.exit_code
 
 

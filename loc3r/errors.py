@@ -19,6 +19,10 @@ class Loc3rError(Exception):
         self.fix = fix
         super().__init__(f"{problem}: {fix}" if fix else problem)
 
+    def lines(self) -> list[str]:
+        """The error as the lines a command prints (one, unless several problems were found)."""
+        return [str(self)]
+
 
 class InputError(Loc3rError):
     """Bad input from the user: a path, a video, a question, a flag."""
@@ -28,6 +32,18 @@ class InputError(Loc3rError):
 
 class ModelError(InputError):
     """A checkpoint, bundle, manifest or engine that cannot be used as asked."""
+
+
+class Problems(InputError):
+    """Several problems found at once (a preflight check): one line each, with its fix."""
+
+    def __init__(self, problems: list[Loc3rError]) -> None:
+        self.problems = problems
+        self.exit_code = max(p.exit_code for p in problems)
+        super().__init__(str(problems[0]))
+
+    def lines(self) -> list[str]:
+        return [str(p) for p in self.problems]
 
 
 class InternalError(Loc3rError):

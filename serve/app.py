@@ -109,9 +109,10 @@ def create_app(worker: ModelWorker, settings: ServeSettings, uploads: UploadStor
     @api.get("/v1/videos")
     async def list_videos() -> dict[str, Any]:
         data: list[dict[str, Any]] = [{**info.to_dict(), "url": info.id} for info in uploads.list()]
-        data += [{"object": "video", "source": "media", "id": path, "url": path} for path in media.media_files()]
+        listing = await run_in_threadpool(media.media_files)
+        data += [{"object": "video", "source": "media", "id": path, "url": path} for path in listing]
         data += [{"object": "video", "source": "live", "id": LIVE_PREFIX + name, "url": LIVE_PREFIX + name} for name in settings.live_sources]
-        return {"object": "list", "data": data}
+        return {"object": "list", "data": data, "media_scan": {"bounded": listing.bounded}}
 
     @api.get("/v1/videos/content")
     async def video_content(url: str) -> FileResponse:

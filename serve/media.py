@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -22,7 +23,17 @@ from loc3r.serve.settings import ServeSettings
 from loc3r.serve.uploads import UPLOAD_ID, VIDEO_SUFFIXES, UploadStore
 
 LIVE_PREFIX = "live:"
+# the media listing's bounds: a folder like a project checkout (.venv: 40k files) answers at once
 MAX_LISTED = 500
+MAX_SCANNED = 5000
+MAX_DEPTH = 4
+MAX_SCAN_S = 1.0
+# container signatures: ISO BMFF box types at bytes 4-8, Matroska's EBML id, MPEG-PS pack/sequence headers
+SNIFF_BYTES = 3 * 192
+ISO_BOXES = (b"ftyp", b"moov", b"mdat", b"free", b"wide", b"skip", b"pnot")
+MATROSKA = b"\x1a\x45\xdf\xa3"
+MPEG_PS = (b"\x00\x00\x01\xba", b"\x00\x00\x01\xb3")
+TS_SYNC, TS_PACKET = 0x47, 188
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
 
 
@@ -114,25 +125,77 @@ class MediaResolver:
             raise ApiError(400, f"{url!r} is not a regular file", "invalid_video_url", "video_url")
         return real
 
-    def media_files(self) -> Iterator[str]:
-        """Relative paths of the videos in the media folder (symlinks out skipped), at most MAX_LISTED."""
+    def media_files(self) -> MediaListing:
+        """The videos in the media folder by relative path (see :class:`MediaListing`)."""
         if self.media_root is None:
-            return
-        listed = 0
-        for folder, dirs, files in os.walk(self.media_root):
-            dirs.sort()
-            for name in sorted(files):
-                if Path(name).suffix.lower() not in VIDEO_SUFFIXES:
-                    continue
-                relative = Path(folder, name).relative_to(self.media_root).as_posix()
-                try:
-                    self._media_path(relative)
-                except ApiError:
-                    continue
-                yield relative
-                listed += 1
-                if listed == MAX_LISTED:
-                    return
+            return MediaListing([], None)
+        return scan_videos(self.media_root, self._listable)
+
+    def _listable(self, relative: str) -> bool:
+        try:
+            self._media_path(relative)
+        except ApiError:
+            return False
+        return True
+
+
+@dataclass(frozen=True)
+class MediaListing:
+    """Relative paths of real videos (a video suffix and a container signature), hidden
+    folders and files skipped (``.venv``, ``.git``); ``bounded`` says why the scan stopped
+    early (too many files, too deep, too long), None when it saw the whole folder."""
+
+    paths: list[str]
+    bounded: str | None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.paths)
+
+
+def scan_videos(root: Path, listable: Callable[[str], bool] = lambda _: True) -> MediaListing:
+    """Walk ``root`` for videos within the scan's bounds (``MAX_LISTED`` videos, ``MAX_SCANNED``
+    files, ``MAX_DEPTH`` folders deep, ``MAX_SCAN_S`` seconds)."""
+    found: list[str] = []
+    scanned, deadline, bounded = 0, time.monotonic() + MAX_SCAN_S, None
+    for folder, dirs, files in os.walk(root):
+        depth = len(Path(folder).relative_to(root).parts)
+        kept = sorted(d for d in dirs if not d.startswith("."))
+        if depth >= MAX_DEPTH and kept:
+            bounded = bounded or f"folders deeper than {MAX_DEPTH} levels are not listed"
+            kept = []
+        dirs[:] = kept
+        for name in sorted(files):
+            scanned += 1
+            if scanned > MAX_SCANNED or time.monotonic() > deadline:
+                why = f"more than {MAX_SCANNED} files" if scanned > MAX_SCANNED else f"the scan took over {MAX_SCAN_S:g} s"
+                return MediaListing(found, f"listing stopped: {why} in the media folder; point --media-dir at a folder of videos")
+            if name.startswith(".") or Path(name).suffix.lower() not in VIDEO_SUFFIXES:
+                continue
+            relative = Path(folder, name).relative_to(root).as_posix()
+            if is_video_container(Path(folder, name)) and listable(relative):
+                found.append(relative)
+                if len(found) == MAX_LISTED:
+                    return MediaListing(found, f"listing stopped at {MAX_LISTED} videos; name others by their path")
+    return MediaListing(found, bounded)
+
+
+def is_video_container(path: Path) -> bool:
+    """Whether the file starts like a video container (MP4/MOV, Matroska/WebM, AVI, MPEG-TS,
+    MPEG-PS): a cheap read of its first bytes, enough to tell ``x.d.ts`` from ``x.ts``."""
+    try:
+        with path.open("rb") as stream:
+            head = stream.read(SNIFF_BYTES)
+    except OSError:
+        return False
+    if head[4:8] in ISO_BOXES or head[:4] == MATROSKA or head[:4] in MPEG_PS:
+        return True
+    if head[:4] == b"RIFF" and head[8:12] == b"AVI ":
+        return True
+    for offset, size in ((0, TS_PACKET), (4, TS_PACKET + 4)):  # MPEG-TS: a sync byte every 188 bytes (M2TS: 192, after a timestamp)
+        syncs = range(offset, len(head), size)
+        if len(syncs) >= 2 and all(head[i] == TS_SYNC for i in syncs):
+            return True
+    return False
 
 
 def _file_ref(kind: tuple[str, str], url: str, path: Path) -> VideoRef:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 from importlib import resources
 from pathlib import Path
 
@@ -29,7 +31,12 @@ def cpu_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from loc3r.export import cli as export_cli
 
     out = tmp_path_factory.mktemp("export") / "cpu"
-    assert export_cli.main(["--model", "tiny", "--target", "cpu", "--out", str(out), "--llm", "fp32"]) == 0
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        code = export_cli.main(["--model", "tiny", "--target", "cpu", "--out", str(out), "--llm", "fp32"])
+    assert code == 0, stderr.getvalue()
+    (out.parent / "stdout.txt").write_text(stdout.getvalue())  # what it printed: tests/test_export_preflight.py
+    (out.parent / "stderr.txt").write_text(stderr.getvalue())
     return out
 
 

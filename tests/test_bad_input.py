@@ -64,9 +64,9 @@ def run(capsys: pytest.CaptureFixture[str], *argv: object) -> Result:
 
 
 def export(capsys: pytest.CaptureFixture[str], *argv: object) -> Result:
-    """``loc3r-export argv`` in-process; its progress lines (``exporting ...``) are dropped."""
+    """``loc3r-export argv`` in-process; its progress lines (all but ``loc3r-export: ...``) are dropped."""
     result = _call(export_cli.main, capsys, argv)
-    result.err = "".join(line for line in result.err.splitlines(keepends=True) if not line.startswith("exporting "))
+    result.err = "".join(line for line in result.err.splitlines(keepends=True) if line.startswith("loc3r-export"))
     return result
 
 
@@ -535,7 +535,7 @@ def read_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 def test_export_into_a_read_only_folder(read_only: Path, capsys: pytest.CaptureFixture[str]) -> None:
     result = export(capsys, "--model", "tiny", "--target", "cpu", "--out", read_only / "engines", "--llm", "none")
-    assert_error(result, 2, f"cannot access {read_only} (Permission denied)", "choose another path", prog="loc3r-export")
+    assert_error(result, 2, f"{read_only} cannot be written (permission denied)", "pass --out in a folder you can write to", prog="loc3r-export")
     assert_nothing_left(read_only, set())
 
 

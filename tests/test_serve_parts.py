@@ -206,3 +206,54 @@ def test_without_a_cached_video_the_queue_is_fifo_and_bounded() -> None:
     assert [line.get(prefer=None, timeout=0).number for _ in range(4)] == [0, 1, 2, 3]
     line.close()
     assert line.get(prefer=None, timeout=None) is None
+
+
+def test_media_listing_shows_real_videos_only_and_skips_hidden_folders(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A project checkout as --media-dir: a .venv with thousands of files, TypeScript's
+    ``.d.ts`` files, a text file named like a video: only the videos are listed, every
+    container kind the server reads is recognised, and the scan says when it was bounded."""
+    from loc3r.serve import media
+
+    root = tmp_path / "project"
+    for name in ("room.mp4", "clips/hall.mkv", "clips/door.ts", "old/film.avi", "webcam.mov"):
+        write_demo_video(root / name, num_frames=2, width=32, height=32)
+    write_demo_video(root / ".venv" / "lib" / "sample.mp4", num_frames=2, width=32, height=32)
+    write_demo_video(root / ".hidden.mp4", num_frames=2, width=32, height=32)
+    for number in range(300):
+        (root / ".venv" / "lib" / f"module{number}.py").write_text("x = 1\n")
+    (root / "node_modules" / "types").mkdir(parents=True)
+    (root / "node_modules" / "types" / "index.d.ts").write_text("export declare const G: number;\n" * 40)
+    (root / "notes.mp4").write_text("not a video\n")
+    listing = resolver(SimpleNamespace(media=root, root=tmp_path)).media_files()
+    assert listing.paths == ["room.mp4", "webcam.mov", "clips/door.ts", "clips/hall.mkv", "old/film.avi"]
+    assert listing.bounded is None
+
+    monkeypatch.setattr(media, "MAX_SCANNED", 4)
+    small = media.scan_videos(root)
+    assert len(small.paths) < 5 and small.bounded.startswith("listing stopped: more than 4 files in the media folder")
+    monkeypatch.setattr(media, "MAX_SCANNED", 5000)
+    monkeypatch.setattr(media, "MAX_DEPTH", 0)
+    shallow = media.scan_videos(root)
+    assert shallow.paths == ["room.mp4", "webcam.mov"] and shallow.bounded == "folders deeper than 0 levels are not listed"
+    monkeypatch.setattr(media, "MAX_LISTED", 1)
+    assert media.scan_videos(root).bounded == "listing stopped at 1 videos; name others by their path"
+
+
+@pytest.mark.parametrize(
+    ("head", "video"),
+    [
+        (b"\x1a\x45\xdf\xa3\x9f\x42\x86\x81", True),  # WebM / Matroska EBML header
+        (b"\x00\x00\x01\xba\x44\x00\x04\x00", True),  # MPEG-PS pack header (.mpg)
+        (b"\x00\x00\x00\x20ftypisom", True),
+        (b"\x00\x00\x00\x00" + (b"G" + bytes(191)) * 3, True),  # M2TS
+        (b"G" + bytes(187) + b"G" + bytes(10), True),  # two TS packets' sync bytes
+        (b"G" + bytes(50), False),  # one 'G' is not a transport stream
+        (b"export declare const x: number;\n", False),  # a TypeScript .d.ts
+        (b"", False),
+    ],
+)
+def test_container_signatures(tmp_path: Path, head: bytes, video: bool) -> None:
+    from loc3r.serve.media import is_video_container
+
+    (tmp_path / "f").write_bytes(head)
+    assert is_video_container(tmp_path / "f") is video

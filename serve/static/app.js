@@ -45,6 +45,7 @@ async function loadVideos(select) {
     return option;
   }));
   if (select) box.value = select;
+  if (list.media_scan && list.media_scan.bounded) setStatus(`media folder: ${list.media_scan.bounded}`);
   await showVideo();
 }
 

@@ -1,0 +1,136 @@
+"""Everything ``loc3r-export`` needs, checked before any graph is exported.
+
+A missing extra, a full disk or a target the model cannot fit must not surface after
+minutes of exporting: each requirement of the chosen target and options is checked here,
+and every problem found is reported at once, one line each, with its fix.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from loc3r.errors import InputError, Loc3rError, Problems
+
+GIB = 2**30
+DISK_MARGIN = 1.1  # the predicted file sizes leave out ONNX headers and the LLM builder's own files
+
+# module -> (what needs it, the install line)
+ONNXRUNTIME = ("onnxruntime", "the parity checks run every graph in ONNX Runtime", "pip install 'loc3r[cpu]'")
+GENAI = ("onnxruntime_genai", "the LLM is built by onnxruntime-genai's model builder", "pip install 'loc3r[export]' (or pass --llm none to leave the LLM out)")
+
+
+@dataclass(frozen=True)
+class Checked:
+    """What passed: the export request and a line saying what was checked."""
+
+    request: object  # loc3r.export.exporter.ExportRequest (imported lazily: torch)
+    summary: str
+
+
+def preflight(args: argparse.Namespace) -> Checked:
+    """The export request for ``args``, or :class:`Problems` naming every requirement unmet."""
+    from loc3r.engines.targets import load_target
+    from loc3r.export.manifest import EXPORT_KIND
+    from loc3r.fileio import check_replaceable
+    from loc3r.models.bundle import load_bundle
+    from loc3r.models.tiny import resolve_model
+
+    problems: list[Loc3rError] = []
+
+    def attempt(check):  # noqa: ANN001, ANN202 - a thunk and its value
+        try:
+            return check()
+        except Loc3rError as exc:
+            problems.append(exc)
+            return None
+
+    out = attempt(lambda: check_replaceable(args.out, EXPORT_KIND))
+    if out is not None:
+        attempt(lambda: check_writable(out))
+    if args.context_tokens is not None and args.context_tokens < 1:
+        problems.append(InputError(f"--context-tokens {args.context_tokens} must be positive", "e.g. --context-tokens 8192"))
+    target = attempt(lambda: load_target(args.target))
+    bundle = attempt(lambda: load_bundle(resolve_model(args.model)))
+    llm = args.llm or (target.llm.weights if target else None)
+    wanted = [ONNXRUNTIME] + ([GENAI] if llm not in (None, "none") else [])
+    for module, need, fix in wanted:
+        if importlib.util.find_spec(module) is None:
+            problems.append(InputError(f"{module.replace('_', '-')} is not installed and {need}", fix))
+    if target is None or bundle is None:
+        raise Problems(problems)
+    request = attempt(lambda: export_request(args, target, bundle, llm))
+    summary = attempt(lambda: check_resources(request, out)) if request is not None and out is not None else None
+    if problems:
+        raise Problems(problems)
+    return Checked(request, summary or "")
+
+
+def check_writable(out: Path) -> None:
+    """``out`` (or the folder it will be made in) is a folder this user can write."""
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    if not existing.is_dir():
+        raise InputError(f"--out {out}: {existing} is not a folder", "pass --out inside a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(f"--out {out}: {existing} cannot be written (permission denied)", "pass --out in a folder you can write to")
+
+
+def export_request(args: argparse.Namespace, target, bundle, llm: str):  # noqa: ANN001, ANN201 - Target, Bundle, ExportRequest
+    """The request, its LLM form checked against the target (``--llm fp16`` has no CPU form)."""
+    from loc3r.export.cli import parse_vggt_size
+    from loc3r.export.exporter import ExportRequest
+    from loc3r.export.llm import llm_form
+
+    if llm != "none":
+        llm_form(target, llm)
+    return ExportRequest(
+        bundle=bundle,
+        target=target,
+        out_dir=Path(args.out),
+        llm_quant=None if llm == "none" else llm,
+        vggt_size=parse_vggt_size(args.vggt_size, bundle),
+        context_tokens=args.context_tokens,
+    )
+
+
+def check_resources(request, out: Path) -> str:  # noqa: ANN001 - ExportRequest
+    """The memory plan (predicted from config.json) and the disk space the files need; a
+    line saying both, or :class:`Problems`."""
+    from loc3r.export.exporter import check_plan, plan_of
+    from loc3r.export.llm import llm_form
+    from loc3r.export.memory_plan import predicted_weights
+
+    form = llm_form(request.target, request.llm_quant) if request.llm_quant else None
+    weights = predicted_weights(request.bundle.config, request.target, form)
+    plan = plan_of(request, weights, form, "predicted from config.json")
+    problems: list[Loc3rError] = []
+    try:
+        check_plan(request, plan)
+    except InputError as exc:
+        problems.append(exc)
+    need = disk_need(weights, request.fp16)
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    free = shutil.disk_usage(existing).free
+    if free < need:
+        problems.append(InputError(
+            f"--out {out}: the export writes about {need / GIB:.2f} GiB, but {free / GIB:.2f} GiB is free on {existing}'s disk",
+            "free some space, or pass --out on another disk",
+        ))
+    if problems:
+        raise Problems(problems)
+    return (
+        f"target {request.target.name}, LLM {request.llm_quant or 'left out'}: memory plan {plan.total / GIB:.2f} of "
+        f"{plan.budget / GIB:.2f} GiB, about {need / GIB:.2f} GiB to write ({free / GIB:.1f} GiB free)"
+    )
+
+
+def disk_need(weights: dict, fp16: bool) -> int:  # noqa: ANN001 - name -> memory_plan.Weights
+    """Bytes the export writes: every artifact's file, and FP16 copies of the graphs on FP16 targets."""
+    total = sum(w.disk for w in weights.values())
+    if fp16:
+        total += sum(w.disk // 2 for name, w in weights.items() if not name.startswith("llm "))
+    return int(total * DISK_MARGIN)
