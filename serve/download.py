@@ -194,4 +194,5 @@ def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> str:
 
 
 def too_large(limit: int) -> ApiError:
-    return ApiError(413, f"the video is larger than this server accepts ({limit // (1 << 20)} MiB)", "upload_too_large")
+    size = f"{limit // (1 << 20)} MiB" if limit >= 1 << 20 else f"{limit} bytes"
+    return ApiError(413, f"the video is larger than this server accepts ({size})", "upload_too_large")

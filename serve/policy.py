@@ -13,8 +13,8 @@ In order, a request is refused (OpenAI error object, nothing of it reaches a rou
    (Starlette's ``CORSMiddleware``);
 4. the API key is set and ``Authorization: Bearer KEY`` is missing or wrong (compared in
    constant time); ``GET /health`` and the page's own files are public;
-5. it has a body that is not ``application/json`` (``multipart/form-data`` on upload routes
-   only): a browser sends a cross-site "simple" request without preflight only as
+5. it has a body that is not ``application/json`` (``multipart/form-data`` for POSTs to
+   upload routes): a browser sends a cross-site "simple" request without preflight only as
    ``text/plain``, a form or multipart.
 
 Every response gets ``X-Content-Type-Options: nosniff``.
@@ -144,9 +144,9 @@ class RequestPolicy:
                     401, "missing or wrong API key: send 'Authorization: Bearer KEY'", "invalid_api_key",
                     headers={"WWW-Authenticate": "Bearer"},
                 )
-        if method in BODY_METHODS:
+        if method in BODY_METHODS and _has_body(headers):
             media_type = headers.get("content-type", "").partition(";")[0].strip().lower()
-            wanted = MULTIPART_TYPE if path in self.uploads else JSON_TYPE
+            wanted = MULTIPART_TYPE if method == "POST" and path in self.uploads else JSON_TYPE
             if media_type != wanted:
                 got = f"Content-Type {shown(media_type)}" if media_type else "no Content-Type"
                 raise Refusal(415, f"{method} {path} takes Content-Type: {wanted} (got {got})", "unsupported_content_type")
@@ -156,6 +156,10 @@ class RequestPolicy:
             await send({"type": "websocket.close", "code": 1008, "reason": refusal.code})
             return
         await refusal.response()(scope, receive, _nosniff(send))
+
+
+def _has_body(headers: Headers) -> bool:
+    return "transfer-encoding" in headers or headers.get("content-length", "0").strip() not in ("", "0")
 
 
 def _navigation(scope: Scope, headers: Headers) -> bool:

@@ -113,6 +113,7 @@ CROSS_SITE = [
     ("POST", "/v1/chat/completions", {}, {"files": VIDEO_FORM}, 415, "unsupported_content_type"),
     ("POST", "/v1/chat/completions", {"Content-Type": ""}, {"json_text": WRONG_MODEL}, 415, "unsupported_content_type"),
     ("POST", "/v1/videos", JSON, {"json_text": {"file": "x"}}, 415, "unsupported_content_type"),
+    ("PUT", "/v1/videos", {"Content-Type": "text/plain"}, {"json_text": {}}, 415, "unsupported_content_type"),
 ]
 
 # requests the server's own page, a local client or a followed link send: let through
@@ -124,6 +125,7 @@ SAME_SITE = [
     ("GET", "/v1/videos/vid_000000000000000000000000", {"Host": "127.0.0.2"}, {}, 404, "video_not_found"),
     ("GET", "/", {"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "navigate"}, {}, 200, None),  # a link to the page
     ("GET", "/health", {"Host": "localhost"}, {}, 200, None),
+    ("DELETE", "/v1/videos", {}, {}, 405, "method_not_allowed"),  # no body: no content type to check
 ]
 
 
@@ -177,6 +179,9 @@ def test_client_mistakes_leave_no_traceback_in_the_log(site: Site, log_records: 
     site.request("POST", "/v1/videos", files=[("file", ("a.mp4", b"1")), ("file", ("b.mp4", b"2"))])
     site.request("POST", "/v1/chat/completions", JSON, content=b"\xff\xfe{not json")
     site.request("GET", "/v1/videos/content", params={"url": "../../etc/passwd"})
+    site.request("POST", "/v1/chat/completions", JSON, content=b"[" * 1_200_000)  # 413 while the body streams in
+    site.request("POST", "/v1/chat/completions", JSON, content=json.dumps(chat_body("room.mp4", "q", max_tokens=10**9)).encode())
+    site.request("POST", "/v1/videos", {"Content-Type": "multipart/form-data"}, content=b"no boundary")
     noisy = [r for r in log_records.records if r.exc_info or r.levelno >= logging.ERROR]
     assert not noisy, [r.getMessage() for r in noisy]
 
