@@ -37,6 +37,7 @@ from loc3r.export.onnx_export import (
     merge,
     paired_runs,
 )
+from loc3r.export.runtime_versions import runtime_minimums
 from loc3r.export.tensorrt_build import device_build_plan
 from loc3r.runtime.ort import open_session
 from loc3r.errors import InternalError
@@ -156,6 +157,7 @@ def export_all(request: ExportRequest, progress: Progress = print) -> Manifest:
         measured = plan_of(request, measured_weights(staging, artifacts, llm, request.target), form, "measured from the written files")
         check_plan(request, measured)
         manifest = build_manifest(request, artifacts, llm)
+        manifest["runtime_minimums"] = runtime_minimums(staging, artifacts, llm, bool(manifest["device_build"]))
         manifest["memory_plan"] = measured.to_dict()
         manifest["memory_plan"]["predicted_weights"] = {n: w.disk for n, w in predicted.items()}
         write_manifest(staging, manifest)

@@ -11,6 +11,7 @@ bindings (every call returns ``(error, *values)``) and are exercised with a fake
 from __future__ import annotations
 
 import contextlib
+import ctypes
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -53,6 +54,30 @@ class GpuInfo:
     total_bytes: int
     free_bytes: int
     source: str  # "cuda-python" or "torch"
+
+
+def driver_cuda_version() -> tuple[int, int] | None:
+    """The CUDA version the installed driver supports, as (major, minor), read from
+    ``libcuda.so.1`` itself (works when cuda-python cannot start); None without a driver."""
+    try:
+        libcuda = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return None
+    version = ctypes.c_int(0)
+    if libcuda.cuDriverGetVersion(ctypes.byref(version)) != 0:
+        return None
+    return version.value // 1000, version.value % 1000 // 10
+
+
+def runtime_cuda_version() -> tuple[int, int] | None:
+    """The CUDA runtime version cuda-python runs (its own static one from 12.9.3, else the
+    system's libcudart); None when cuda-python is missing or cannot say."""
+    try:
+        cudart = import_cudart()
+        version = call(cudart, "cudaRuntimeGetVersion")
+    except (InputError, InternalError):
+        return None
+    return int(version) // 1000, int(version) % 1000 // 10
 
 
 def gpu_info() -> GpuInfo:

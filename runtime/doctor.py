@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.metadata
 import platform
 import sys
 from collections.abc import Sequence
@@ -15,14 +16,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from packaging.version import Version
+
 from loc3r.cli_support import ArgumentParser, run_cli
+from loc3r.engines.install_rules import DRIVER_FOR_CUDA, CudaNeed, cuda_needs, driver_runs, fmt, normalize
 from loc3r.errors import Loc3rError
+from loc3r.runtime import cuda, ort
 from loc3r.runtime.ort import distribution
 
 PROG = "loc3r-doctor"
 TEGRA_RELEASE = Path("/etc/nv_tegra_release")
 JETSON_ORT_INDEX = "https://pypi.jetson-ai-lab.io/jp6/cu126"
 GIB = 1 << 30
+#: the oldest ONNX Runtime that loads the LLM decoder loc3r exports (loc3r.export.runtime_versions)
+MIN_ORT = "1.23"
 
 
 @dataclass(frozen=True)
@@ -117,17 +124,83 @@ def check_onnxruntime(machine: Machine) -> Finding:
             "both builds are installed: they overwrite each other's files",
             f"pip uninstall -y onnxruntime onnxruntime-gpu && {install_gpu}",
         )
+    build = "onnxruntime-gpu" if gpu else "onnxruntime"
     try:
         import onnxruntime
-    except ImportError:
+    except ImportError as exc:
+        if cpu or gpu:
+            return ort_import_failed(machine, build, gpu or cpu or "?", exc)
         fix = install_gpu if machine.gpu else "pip install -e '.[cpu]'"
         return Finding("onnxruntime", "not installed", "ONNX Runtime is needed to export, to check engines at build, for the LLM and for --backend onnxruntime", fix)
     machine.providers = tuple(onnxruntime.get_available_providers())
     shown = ", ".join(p.removesuffix("ExecutionProvider") for p in machine.providers)
-    finding = Finding("onnxruntime", f"{onnxruntime.__version__} ({'onnxruntime-gpu' if gpu else 'onnxruntime'}), providers: {shown}")
+    finding = Finding("onnxruntime", f"{onnxruntime.__version__} ({build}), providers: {shown}")
     if machine.gpu and "CUDAExecutionProvider" not in machine.providers:
         return Finding(finding.label, finding.value, "a GPU is here but ONNX Runtime has no CUDA provider", f"pip uninstall -y onnxruntime && {install_gpu}")
+    if Version(onnxruntime.__version__) < Version(MIN_ORT):
+        return Finding(finding.label, finding.value, f"older than {MIN_ORT}, which loc3r's LLM decoder needs (opset 22, GroupQueryAttention with 12 inputs)", f"pip install '{build}>={MIN_ORT}'")
     return finding
+
+
+def ort_import_failed(machine: Machine, build: str, version: str, exc: ImportError) -> Finding:
+    """ONNX Runtime is installed but does not import: numpy 2 under a build for numpy 1.x
+    (the jetson-ai-lab wheels), or a broken install."""
+    numpy = module_version("numpy")
+    value = f"{build} {version} installed, does not import"
+    if numpy and Version(numpy).major >= 2:
+        constraints = " -c engines/constraints/jetpack6.txt" if machine.jetson else ""
+        return Finding("onnxruntime", value, f"this {build} was built for numpy 1.x and numpy {numpy} is installed", f"pip install 'numpy<2'{constraints}")
+    return Finding("onnxruntime", value, f"import onnxruntime fails ({exc})", f"pip install --force-reinstall {build}")
+
+
+def check_tensorrt_provider(machine: Machine) -> list[Finding]:
+    """ONNX Runtime lists the TensorRT EP whenever it was built with it; it works only where
+    libnvinfer loads (pip's TensorRT keeps it in the tensorrt_libs package)."""
+    if "TensorrtExecutionProvider" not in machine.providers:
+        return []
+    why = ort.nvinfer_error()
+    if why is None:
+        return [Finding("  TensorRT EP", "libnvinfer loads: --backend onnxruntime can use it")]
+    if machine.jetson:
+        fix = "sudo apt install libnvinfer10 (JetPack's TensorRT)"
+    else:
+        cu = "cu13" if any(n.version[0] >= 13 for n in cuda_needs(normalize(installed())) if n.package == "onnxruntime-gpu") else "cu12"
+        fix = f"pip install tensorrt-{cu}-libs (the CUDA build of onnxruntime-gpu), or add TensorRT's lib folder to LD_LIBRARY_PATH"
+    return [Finding("  TensorRT EP", "listed, but does not load", f"{why}: --backend onnxruntime runs on the CUDA provider only", fix)]
+
+
+def installed() -> dict[str, str]:
+    """Every installed distribution: name -> version."""
+    return {d.metadata["Name"]: d.version for d in importlib.metadata.distributions() if d.metadata["Name"]}
+
+
+def check_cuda_driver(machine: Machine) -> Finding:
+    """The CUDA driver against what the installed runtime libraries (and cuda-python's own
+    runtime) need; a Jetson has no minor-version compatibility."""
+    driver = cuda.driver_cuda_version()
+    needs = cuda_needs(normalize(installed()))
+    runtime = cuda.runtime_cuda_version() if driver else None
+    if runtime:
+        needs = sorted([*needs, CudaNeed(runtime, "cuda-python", f"cuda-python runs the CUDA {fmt(runtime)} runtime")], key=lambda n: n.version, reverse=True)
+    wanted = f"; installed libraries need CUDA {fmt(needs[0].version)} ({needs[0].package})" if needs else ""
+    if driver is None:
+        return Finding("CUDA driver", f"none{wanted}")
+    compat = machine.jetson is None
+    failing = [n for n in needs if not driver_runs(driver, n.version, compat)]
+    value = f"CUDA {fmt(driver)}{wanted}"
+    if not failing:
+        return Finding("CUDA driver", value)
+    need = failing[0]
+    note = "" if compat else " (a Jetson has no CUDA minor-version compatibility)"
+    problem = f"{need.why}, newer than the driver's CUDA {fmt(driver)}{note}: it fails with cudaErrorInsufficientDriver"
+    if machine.jetson:
+        fix = "pip install -e '.[jetson]' -c engines/constraints/jetpack6.txt (cuda-python 12.6, numpy<2)"
+    elif need.version[0] > driver[0] and need.version[0] in DRIVER_FOR_CUDA:
+        route = f"x86-cuda{driver[0]}"
+        fix = f"update the NVIDIA driver to >= {DRIVER_FOR_CUDA[need.version[0]]}, or install the {route} route (docs/user-guide.md, -c engines/constraints/{route}.txt)"
+    else:
+        fix = "update the NVIDIA driver, or install the route for this driver's CUDA (docs/user-guide.md)"
+    return Finding("CUDA driver", value, problem, fix)
 
 
 def check_tensorrt(machine: Machine) -> Finding:
@@ -204,7 +277,7 @@ def diagnose(engines: Path | None = None) -> list[Finding]:
     machine = Machine()
     findings = [check_platform(machine), check_python(machine), check_torch(machine)]
     gpu = check_gpu(machine)
-    findings += [check_onnxruntime(machine), check_tensorrt(machine), *gpu]
+    findings += [check_onnxruntime(machine), *check_tensorrt_provider(machine), check_tensorrt(machine), check_cuda_driver(machine), *gpu]
     if engines is not None:
         findings += check_manifest(machine, engines)
     return findings

@@ -7,6 +7,7 @@ another model or with other shapes.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -19,13 +20,23 @@ from torch import Tensor
 from loc3r.errors import InputError, ModelError
 from loc3r.export.graphs import ImageSizes
 from loc3r.export.manifest import Manifest, check_manifest_matches
+from loc3r.export.runtime_versions import LLM, check_onnxruntime
 from loc3r.export.tensorrt_build import Profile, bounding_profile
+from loc3r.runtime import ort
 from loc3r.runtime.ort import CPU, import_onnxruntime, open_gpu_session, open_session, provider_names
 from loc3r.models.bundle import Bundle
 from loc3r.models.vision import video_end_tokens, vision_tokens_per_frame
 from loc3r.runtime.stages import CameraStage, EncodeBySteps, LLMStage
 
 TRT_CACHE = "ort_trt_cache"
+log = logging.getLogger(__name__)
+_warned: set[str] = set()
+
+
+def warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        log.warning(message)
 
 
 def gpu_manifest(manifest: Manifest) -> bool:
@@ -45,7 +56,11 @@ def gpu_providers(manifest: Manifest, name: str, available: Sequence[str]) -> li
         )
     providers: list[Any] = []
     if "TensorrtExecutionProvider" in available:
-        providers.append(("TensorrtExecutionProvider", trt_provider_options(manifest, name)))
+        why = ort.nvinfer_error()
+        if why is None:
+            providers.append(("TensorrtExecutionProvider", trt_provider_options(manifest, name)))
+        else:
+            warn_once(f"ONNX Runtime lists the TensorRT provider but {why}: the graphs run on the CUDA provider (loc3r-doctor says how to fix it)")
     return [*providers, "CUDAExecutionProvider"]
 
 
@@ -196,6 +211,7 @@ def onnx_stages(bundle: Bundle, manifest: Manifest, providers: Sequence[Any] | N
     """Camera, vision, heads and LLM stages over the manifest's graphs (``providers``: the
     same for every graph; by default the GPU for a GPU export, else the CPU)."""
     open_manifest(bundle, manifest)
+    check_onnxruntime(manifest.data.get("runtime_minimums"), [*stage_graphs(bundle, manifest), LLM], import_onnxruntime().__version__)
     session = {name: open_graph(manifest, name, providers) for name in stage_graphs(bundle, manifest)}
     vision = OrtVision(session["vision"], video_end(bundle, manifest))
     heads = OrtHeads(session["pose_head"], session["bev_head"])

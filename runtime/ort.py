@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import collections
+import ctypes
+import importlib.util
 import importlib.metadata
 import json
 import tempfile
@@ -51,6 +53,30 @@ def import_onnxruntime() -> Any:
             "pip install -e '.[cpu]' (CPU) or '.[gpu]' (x86 GPU); on a Jetson install the jetson-ai-lab onnxruntime-gpu wheel",
         ) from None
     return onnxruntime
+
+
+def nvinfer_error(major: int = 10) -> str | None:
+    """None when TensorRT's ``libnvinfer.so.<major>`` loads in this process, else why not.
+
+    ONNX Runtime lists the TensorRT EP whenever it was built with it and only loads
+    ``libnvinfer`` when a session asks for the EP; where that fails it falls back to CUDA.
+    pip's TensorRT keeps the library in the ``tensorrt_libs`` package, which loads it when
+    imported (as ``import tensorrt`` does): that route is taken before giving up."""
+    name = f"libnvinfer.so.{major}"
+    try:
+        ctypes.CDLL(name, mode=ctypes.RTLD_GLOBAL)
+        return None
+    except OSError as exc:
+        first = str(exc)
+    if importlib.util.find_spec("tensorrt_libs") is not None:
+        try:
+            import tensorrt_libs
+
+            ctypes.CDLL(str(Path(tensorrt_libs.__file__).parent / name), mode=ctypes.RTLD_GLOBAL)
+            return None
+        except (ImportError, OSError) as exc:
+            return f"{name} does not load, not even from the tensorrt_libs package ({exc})"
+    return f"{name} does not load ({first})"
 
 
 def provider_names(providers: Sequence[Any]) -> list[str]:

@@ -27,10 +27,12 @@ from torch import Tensor
 from loc3r.errors import InputError, InternalError, Loc3rError, ModelError
 from loc3r.export.graphs import ImageSizes
 from loc3r.export.manifest import Manifest
+from loc3r.export.runtime_versions import LLM, check_onnxruntime
 from loc3r.export.tensorrt_build import Profile, check_engine_matches, import_tensorrt
 from loc3r.models.bundle import Bundle
 from loc3r.runtime.cuda import Device, gpu_info
 from loc3r.runtime.onnx_backend import check_frame_size
+from loc3r.runtime.ort import import_onnxruntime
 from loc3r.runtime.stages import CameraStage, EncodeBySteps, LLMStage
 
 log = logging.getLogger("loc3r.tensorrt")
@@ -323,6 +325,8 @@ def tensorrt_stages(bundle: Bundle, manifest: Manifest) -> tuple[CameraStage, Tr
     from loc3r.runtime.onnx_backend import clip_size, cut3r_sizes, initial_state, onnx_llm, open_manifest, stage_graphs, video_end
 
     open_manifest(bundle, manifest)
+    if manifest.data.get("llm"):  # the LLM runs on onnxruntime-gpu: refused before any engine opens
+        check_onnxruntime(manifest.data.get("runtime_minimums"), [LLM], import_onnxruntime().__version__)
     end_tokens = video_end(bundle, manifest)
     sessions = open_engines(manifest, Device(), stage_graphs(bundle, manifest))
     if bundle.config.encoder_3d == "vggt":

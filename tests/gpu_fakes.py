@@ -55,6 +55,7 @@ class FakeCudart(types.ModuleType):
         super().__init__("cuda.bindings.runtime")
         self.props = types.SimpleNamespace(name=name.encode() + b"\0" * 8, major=sm[0], minor=sm[1], totalGlobalMem=total)
         self.free, self.total, self.devices = free, total, devices
+        self.runtime_version = 12060  # CUDA 12.6, as cudaRuntimeGetVersion encodes it
         self.memory: dict[int, bytearray] = {}
         self.calls: list[tuple[str, tuple[Any, ...]]] = []
         self.capturing: list[Any] | None = None
@@ -85,6 +86,9 @@ class FakeCudart(types.ModuleType):
 
     def cudaMemGetInfo(self) -> tuple:  # noqa: N802
         return self.ok(self.free, self.total)
+
+    def cudaRuntimeGetVersion(self) -> tuple:  # noqa: N802
+        return self.ok(self.runtime_version)
 
     # memory
     def cudaMalloc(self, nbytes: int) -> tuple:  # noqa: N802
@@ -532,15 +536,22 @@ class FakeGpuOnnxRuntime:
     providers: list[str] = field(default_factory=lambda: ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"])
     placed_on: str | None = "CUDAExecutionProvider"
     sessions: list[tuple[str, list[Any]]] = field(default_factory=list)
+    #: None: libnvinfer loads; else why it does not: the TensorRT EP is listed but a session
+    #: asking for it falls back without it (as onnxruntime-gpu does with pip's TensorRT)
+    nvinfer_missing: str | None = None
 
     def install(self, monkeypatch: Any) -> FakeGpuOnnxRuntime:
+        from loc3r.runtime import ort
+
         real = onnxruntime.InferenceSession
         fake = self
+        monkeypatch.setattr(ort, "nvinfer_error", lambda major=10: self.nvinfer_missing)
 
         class Session(real):  # type: ignore[misc, valid-type]
             def __init__(self, path: str, options: Any = None, providers: list[Any] | None = None) -> None:
                 fake.sessions.append((str(path), list(providers or [])))
-                self._asked = [p if isinstance(p, str) else p[0] for p in providers or []]
+                asked = [p if isinstance(p, str) else p[0] for p in providers or []]
+                self._asked = [p for p in asked if not (p == "TensorrtExecutionProvider" and fake.nvinfer_missing)]
                 super().__init__(path, options, providers=["CPUExecutionProvider"])
 
             def get_providers(self) -> list[str]:

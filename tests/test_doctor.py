@@ -15,7 +15,7 @@ from gpu_fakes import FakeCudart, FakeGpuOnnxRuntime, FakeTensorRT, install_cuda
 
 from loc3r.errors import InputError
 from loc3r.export.tensorrt_build import engine_file_name
-from loc3r.runtime import doctor, ort
+from loc3r.runtime import cuda, doctor, ort
 
 GRAPHS = ("cut3r_encoder", "cut3r_step", "vision", "pose_head", "bev_head")
 
@@ -35,9 +35,14 @@ def lines(text: str) -> dict[str, str]:
     return found
 
 
-def on_a_gpu(monkeypatch: pytest.MonkeyPatch, sm: tuple[int, int] = (8, 7), trt: str | None = "10.3.0.30") -> FakeCudart:
+def on_a_gpu(
+    monkeypatch: pytest.MonkeyPatch, sm: tuple[int, int] = (8, 7), trt: str | None = "10.3.0.30", driver: tuple[int, int] = (12, 6), packages: dict[str, str] | None = None
+) -> FakeCudart:
     cudart = install_cudart(monkeypatch, FakeCudart(sm=sm))
-    monkeypatch.setattr(doctor, "distribution", lambda name: {"cuda-python": "12.6.0"}.get(name))
+    packages = packages or {"cuda-python": "12.6.0"}
+    monkeypatch.setattr(doctor, "distribution", packages.get)
+    monkeypatch.setattr(doctor, "installed", lambda: dict(packages))
+    monkeypatch.setattr(cuda, "driver_cuda_version", lambda: driver)
     if trt:
         monkeypatch.setitem(sys.modules, "tensorrt", FakeTensorRT(trt, cudart))
     return cudart
@@ -62,7 +67,8 @@ def test_this_cpu_machine_has_no_problem(capsys: pytest.CaptureFixture[str]) -> 
     code, text = report(capsys)
     found = lines(text)
     assert code == 0 and text.splitlines()[0] == "loc3r-doctor: this machine, for loc3r" and "no problems found" in text
-    assert set(found) == {"platform", "python", "torch", "onnxruntime", "tensorrt", "cuda-python", "GPU"}
+    assert set(found) == {"platform", "python", "torch", "onnxruntime", "tensorrt", "CUDA driver", "cuda-python", "GPU"}
+    assert found["CUDA driver"] == "none"  # no libcuda here, and no CUDA library installed
     assert found["torch"].startswith(f"{torch.__version__}, CUDA: no (the onnxruntime and tensorrt backends do not need it)")
     assert "providers: " in found["onnxruntime"] and "CPU" in found["onnxruntime"]
     assert found["tensorrt"] == "not installed (needed only on a GPU device)"
@@ -99,6 +105,8 @@ def test_a_gpu_machine_with_everything_can_run_the_built_export(
     assert code == 0, text
     assert found["GPU"] == "Orin (sm_87), 64.0 GiB, 48.0 GiB free (via cuda-python)"
     assert found["tensorrt"] == "10.3.0.30" and found["cuda-python"] == "12.6.0"
+    assert found["CUDA driver"] == "CUDA 12.6; installed libraries need CUDA 12.6 (cuda-python)"
+    assert found["TensorRT EP"] == "libnvinfer loads: --backend onnxruntime can use it"
     assert found["onnxruntime"].endswith("providers: Tensorrt, CUDA, CPU")
     assert found["tensorrt"] and "engines for TensorRT 10.3.0.30 / sm_87: usable here" in text
     assert "GPU providers present: --backend onnxruntime can run it" in text
@@ -138,3 +146,74 @@ def test_each_missing_piece_is_named_with_its_fix(
 def test_an_unreadable_export_is_a_finding(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, text = report(capsys, "--engines", str(tmp_path))
     assert code == 1 and "- export: " in text and "has no manifest.json" in text
+
+
+# -- the install: driver against runtime libraries, numpy against ONNX Runtime, TensorRT EP ------
+
+
+def test_a_cuda_runtime_newer_than_a_jetsons_driver(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    on_a_jetson(monkeypatch, tmp_path, system_site_packages=True)
+    cudart = on_a_gpu(monkeypatch, packages={"cuda-python": "12.9.10", "cuda-bindings": "12.9.10"})
+    cudart.runtime_version = 12090
+    FakeGpuOnnxRuntime().install(monkeypatch)
+    code, text = report(capsys)
+    assert code == 1 and lines(text)["CUDA driver"] == "CUDA 12.6; installed libraries need CUDA 12.9 (cuda-python)   <- problem"
+    assert (
+        "- CUDA driver: cuda-python 12.9.10 links the CUDA 12.9 runtime statically (from 12.9.3), newer than the driver's CUDA 12.6 "
+        "(a Jetson has no CUDA minor-version compatibility): it fails with cudaErrorInsufficientDriver"
+    ) in text
+    assert "fix: pip install -e '.[jetson]' -c engines/constraints/jetpack6.txt (cuda-python 12.6, numpy<2)" in text
+
+
+def test_cuda13_libraries_on_a_cuda12_driver(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    on_a_gpu(monkeypatch, sm=(8, 9), driver=(12, 4), packages={"cuda-python": "12.9.10", "cuda-bindings": "12.9.10", "onnxruntime-gpu": "1.31.1", "nvidia-cuda-runtime": "13.5.37"})
+    FakeGpuOnnxRuntime().install(monkeypatch)
+    code, text = report(capsys)
+    assert code == 1 and lines(text)["CUDA driver"].startswith("CUDA 12.4; installed libraries need CUDA 13.5 (nvidia-cuda-runtime)")
+    assert "- CUDA driver: nvidia-cuda-runtime 13.5.37 is the CUDA 13.5 runtime, newer than the driver's CUDA 12.4: it fails with cudaErrorInsufficientDriver" in text
+    assert "fix: update the NVIDIA driver to >= 580.65.06, or install the x86-cuda12 route (docs/user-guide.md, -c engines/constraints/x86-cuda12.txt)" in text
+
+
+def test_cuda_12_9_libraries_on_an_x86_cuda_12_4_driver_are_fine(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """x86 drivers run any runtime of their major version (minor-version compatibility)."""
+    on_a_gpu(monkeypatch, sm=(8, 9), driver=(12, 4), packages={"cuda-python": "12.9.10", "cuda-bindings": "12.9.10", "onnxruntime-gpu": "1.26.0"})
+    FakeGpuOnnxRuntime().install(monkeypatch)
+    code, text = report(capsys)
+    assert lines(text)["CUDA driver"] == "CUDA 12.4; installed libraries need CUDA 12.9 (cuda-python)" and "- CUDA driver" not in text
+
+
+def test_numpy_2_with_an_onnxruntime_built_for_numpy_1(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    import numpy
+
+    on_a_jetson(monkeypatch, tmp_path, system_site_packages=True)
+    on_a_gpu(monkeypatch, packages={"cuda-python": "12.6.0", "onnxruntime-gpu": "1.23.0", "numpy": "2.2.6"})
+    monkeypatch.setattr(numpy, "__version__", "2.2.6")
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import onnxruntime fails, as the numpy-1.x build does under numpy 2
+    code, text = report(capsys)
+    assert code == 1 and lines(text)["onnxruntime"] == "onnxruntime-gpu 1.23.0 installed, does not import   <- problem"
+    assert "- onnxruntime: this onnxruntime-gpu was built for numpy 1.x and numpy 2.2.6 is installed" in text
+    assert "fix: pip install 'numpy<2' -c engines/constraints/jetpack6.txt" in text
+
+
+def test_an_onnxruntime_older_than_the_llm_decoder_needs(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    import onnxruntime
+
+    monkeypatch.setattr(onnxruntime, "__version__", "1.22.0")
+    code, text = report(capsys)
+    assert code == 1 and "- onnxruntime: older than 1.23, which loc3r's LLM decoder needs (opset 22, GroupQueryAttention with 12 inputs)" in text
+    assert "fix: pip install 'onnxruntime>=1.23'" in text
+
+
+def test_a_listed_but_unloadable_tensorrt_provider(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    on_a_gpu(monkeypatch, sm=(8, 9), driver=(13, 0), packages={"cuda-python": "13.4.4", "onnxruntime-gpu": "1.31.1"})
+    FakeGpuOnnxRuntime(nvinfer_missing="libnvinfer.so.10 does not load (cannot open shared object file)").install(monkeypatch)
+    code, text = report(capsys)
+    assert code == 1 and lines(text)["TensorRT EP"] == "listed, but does not load   <- problem"
+    assert "- TensorRT EP: libnvinfer.so.10 does not load (cannot open shared object file): --backend onnxruntime runs on the CUDA provider only" in text
+    assert "fix: pip install tensorrt-cu13-libs (the CUDA build of onnxruntime-gpu), or add TensorRT's lib folder to LD_LIBRARY_PATH" in text
+
+
+def test_the_library_probe_on_this_machine() -> None:
+    """No TensorRT here: the real probe says so instead of raising."""
+    assert ort.nvinfer_error().startswith("libnvinfer.so.10 does not load (")
+    assert cuda.driver_cuda_version() is None

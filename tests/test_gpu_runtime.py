@@ -150,6 +150,22 @@ def test_onnxruntime_gpu_uses_the_tensorrt_provider_with_the_plan_profiles(
     assert asked["pose_head.onnx"][0][1]["trt_profile_max_shapes"] == "pos_state:1x64,ori_state:1x64"
 
 
+def test_a_listed_but_unloadable_tensorrt_provider_is_not_asked_for(
+    jetson_export: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """pip's TensorRT without its library on the loader path: ONNX Runtime lists the EP, a
+    session asking for it would fall back; loc3r probes libnvinfer first and asks for CUDA."""
+    orin = Path(shutil.copytree(jetson_export, tmp_path / "orin"))
+    ort = FakeGpuOnnxRuntime(nvinfer_missing="libnvinfer.so.10 does not load (libnvinfer.so.10: cannot open shared object file)").install(monkeypatch)
+    with caplog.at_level("WARNING"):
+        Pipeline.from_pretrained("tiny", backend="onnxruntime", engines=orin)
+    assert {tuple(providers) for _, providers in ort.sessions} == {("CUDAExecutionProvider",)}
+    assert [r.getMessage() for r in caplog.records if "TensorRT provider" in r.getMessage()] == [
+        "ONNX Runtime lists the TensorRT provider but libnvinfer.so.10 does not load (libnvinfer.so.10: cannot open shared object file): "
+        "the graphs run on the CUDA provider (loc3r-doctor says how to fix it)"
+    ]
+
+
 def test_a_gpu_export_that_would_run_on_the_cpu_is_refused(jetson_export: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     FakeGpuOnnxRuntime(placed_on=None).install(monkeypatch)  # the providers load, the nodes land on the CPU
     with pytest.raises(ModelError, match=r"cut3r_encoder.onnx: \d+ compute node\(s\) \(.*Conv.*MatMul.*\) run on the CPU although a GPU provider was asked for"):
