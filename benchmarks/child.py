@@ -3,20 +3,22 @@
 ``python -m loc3r.bench.child REPORT.json package.module:function [ARGS...]`` calls
 ``function(ARGS)`` and writes to REPORT.json, even when it fails: the exit code, wall
 seconds, peak RSS (``VmHWM``: this process's own high-water mark, which a fresh
-interpreter's ``ru_maxrss`` seen from the parent may not be), the largest peak RSS of the
-subprocesses it ran (``ru_maxrss`` of ``RUSAGE_CHILDREN``: e.g. the LLM builder) and the
-bytes this process caused to be written to storage (``write_bytes`` of /proc/self/io).
+interpreter's ``ru_maxrss`` seen from the parent may not be), the largest own peak RSS of
+the subprocesses it ran (each one's ``VmHWM``, sampled by pid while it runs:
+:class:`loc3r.bench.memory.DescendantPeaks`; e.g. the LLM builder) and the bytes this
+process caused to be written to storage (``write_bytes`` of /proc/self/io).
 """
 
 from __future__ import annotations
 
 import importlib
 import json
-import resource
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+
+from loc3r.bench.memory import DescendantPeaks
 
 
 def proc_field(path: str, field: str) -> int | None:
@@ -38,8 +40,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     module, _, name = target.partition(":")
     start = time.perf_counter()
     code = 1
+    subprocesses = DescendantPeaks()
     try:
-        result = getattr(importlib.import_module(module), name)(rest)
+        with subprocesses:
+            result = getattr(importlib.import_module(module), name)(rest)
         code = int(result or 0)
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else 1
@@ -48,7 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "exit": code,
             "wall_s": time.perf_counter() - start,
             "peak_rss_bytes": proc_field("/proc/self/status", "VmHWM"),
-            "peak_rss_subprocess_bytes": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024,
+            "peak_rss_subprocess_bytes": subprocesses.largest_bytes,
             "write_bytes": proc_field("/proc/self/io", "write_bytes"),
         }), encoding="utf-8")
     return code

@@ -8,6 +8,7 @@ process peak only. Device memory comes from ``torch.cuda`` and, if importable, N
 from __future__ import annotations
 
 import contextlib
+import os
 import resource
 import subprocess
 import sys
@@ -59,6 +60,76 @@ def child_peak_rss(code: str, args: Sequence[str] = ()) -> tuple[int, float]:
         raise SystemExit(f"{code[:40]}... failed ({done.returncode}): {done.stderr.strip()}")
     kib = int(done.stdout.strip().splitlines()[-1].split()[1])
     return kib * 1024, time.perf_counter() - start
+
+
+def own_peak_rss_bytes(pid: int) -> int | None:
+    """``VmHWM`` of process ``pid`` (its own high-water RSS), bytes; None once it is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text(encoding="ascii").splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        return None
+    return None  # a zombie: its memory is already released
+
+
+def descendants(pid: int) -> list[int]:
+    """The processes below ``pid`` now (children of every thread, recursively)."""
+    found: list[int] = []
+    todo = [pid]
+    while todo:
+        parent = todo.pop()
+        try:
+            tasks = list(Path(f"/proc/{parent}/task").iterdir())
+        except OSError:
+            continue
+        for task in tasks:
+            try:
+                kids = [int(k) for k in (task / "children").read_text(encoding="ascii").split()]
+            except (OSError, ValueError):
+                continue
+            found += kids
+            todo += kids
+    return found
+
+
+class DescendantPeaks:
+    """Samples, every ``interval_s`` in a daemon thread, the own ``VmHWM`` of every process
+    below ``pid`` (by default this one), by pid. ``ru_maxrss`` of ``RUSAGE_CHILDREN`` is no
+    substitute: a child's starts from its parent's peak at ``exec``, so a small subprocess
+    of a large parent is reported as large. Each process keeps its LAST reading: between
+    fork and exec a child still shows its parent's memory, and ``exec`` starts a new
+    high-water mark, which only grows from there. A process living less than one interval
+    may be missed."""
+
+    def __init__(self, pid: int | None = None, interval_s: float = 0.02) -> None:
+        self.pid = os.getpid() if pid is None else pid
+        self.interval_s = interval_s
+        self.peaks: dict[int, int] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="descendant-peaks", daemon=True)
+
+    def __enter__(self) -> DescendantPeaks:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while True:
+            for pid in descendants(self.pid):
+                peak = own_peak_rss_bytes(pid)
+                if peak is not None:
+                    self.peaks[pid] = peak
+            if self._stop.wait(self.interval_s):
+                return
+
+    @property
+    def largest_bytes(self) -> int:
+        """The largest own peak RSS of any process seen below ``pid`` (0 when none ran)."""
+        return max(self.peaks.values(), default=0)
 
 
 class RssSampler:

@@ -15,7 +15,7 @@ With random weights in the published layouts (see ``loc3r.bench.fabricate``):
 5. ``run_onnxruntime`` / ``run_torch``: ``loc3r-run`` on a 4-frame video with both backends.
 
 Each phase runs in its own process (``loc3r.bench.child``), which reports its wall time,
-peak RSS (``VmHWM``, and the largest of its subprocesses': the LLM builder) and bytes
+peak RSS (``VmHWM``, and the largest own ``VmHWM`` of its subprocesses: the LLM builder) and bytes
 written; every process must stay under ``--rss-limit-gib``. Every exported file is compared
 with the size the exporter's memory plan predicts for it from the bundle's config
 (``loc3r.export.memory_plan.predicted_weights``). Results: ``real_size.md`` + ``.json``.
@@ -496,8 +496,9 @@ def render(results: dict[str, Any]) -> str:
         "",
         "## Phases",
         "",
-        f"Each phase is one child process; peak RSS is its `VmHWM`, subprocess peak RSS the largest `ru_maxrss` of "
-        f"the processes it ran (the LLM builder); each must stay under {results['rss_limit_gib']} GiB. Written is "
+        f"Each phase is one child process; peak RSS is its `VmHWM`, subprocess peak RSS the largest own `VmHWM` of "
+        f"the processes it ran (the LLM builder), sampled by pid while they run; each must stay under "
+        f"{results['rss_limit_gib']} GiB. Written is "
         "`write_bytes` of /proc/self/io, output is the size of what the phase produced.",
         "",
         "| phase | exit | wall s | peak RSS GiB | subprocess peak RSS GiB | written GiB | output GiB | steps: time, peak RSS |",

@@ -70,23 +70,37 @@ def test_child_reports_peak_rss_and_bytes_written(tmp_path: Path, code: int) -> 
 
 
 def allocate_in_a_subprocess(argv: list[str]) -> int:
+    """Hold ``argv[0]`` MiB here, then run a subprocess that holds ``argv[1]`` MiB for 0.5 s."""
     import subprocess
     import sys
 
-    program = f"held = bytearray({int(argv[0])} * 2**20); held[::4096] = b'x' * len(held[::4096])"
+    held = bytearray(int(argv[0]) * 2**20)
+    held[::4096] = b"x" * len(held[::4096])  # touched: resident
+    program = (f"import time; held = bytearray({int(argv[1])} * 2**20); held[::4096] = b'x' * len(held[::4096]); "
+               "time.sleep(0.5)")
     return subprocess.run([sys.executable, "-c", program], check=True).returncode
 
 
-def test_child_reports_the_peak_rss_of_its_subprocesses(tmp_path: Path) -> None:
-    """A phase whose work runs in a subprocess (the LLM builder) is measured there too."""
+@pytest.mark.parametrize(("parent_mib", "child_mib"), [(600, 60), (0, 400)], ids=["small-child", "large-child"])
+def test_child_reports_the_own_peak_rss_of_its_subprocesses(parent_mib: int, child_mib: int, tmp_path: Path) -> None:
+    """A phase whose work runs in a subprocess (the LLM builder) is measured there too, by
+    that subprocess's own high-water mark: a 60 MiB subprocess of a 600 MiB process is
+    reported as 60 MiB plus an interpreter (under 60 MiB here), not 600.
+
+    Mutation checked: ``peak_rss_subprocess_bytes`` read from ``RUSAGE_CHILDREN``'s
+    ``ru_maxrss`` (which starts from the parent's peak at ``exec``): ``small-child`` fails.
+    """
     import subprocess
     import sys
 
     report = tmp_path / "report.json"
-    command = [sys.executable, "-m", "loc3r.bench.child", str(report), f"{__name__}:allocate_in_a_subprocess", "1500"]
+    command = [sys.executable, "-m", "loc3r.bench.child", str(report), f"{__name__}:allocate_in_a_subprocess",
+               str(parent_mib), str(child_mib)]
     subprocess.run(command, check=True, cwd=Path(__file__).parent)  # where this module imports from
     measured = json.loads(report.read_text())
-    assert measured["peak_rss_subprocess_bytes"] >= 1500 * 2**20 > measured["peak_rss_bytes"]
+    mib = measured["peak_rss_subprocess_bytes"] / 2**20
+    assert child_mib <= mib < child_mib + 60
+    assert measured["peak_rss_bytes"] / 2**20 >= parent_mib
 
 
 def test_a_resumed_rehearsal_runs_only_what_did_not_complete(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
