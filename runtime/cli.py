@@ -47,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--stride", type=positive_int, default=15, help="live sources: keep every N-th frame (default 15)")
     parser.add_argument("--frame-size", type=frame_size, metavar="WxH", help="size of raw frames on stdin (--source -)")
     parser.add_argument("--situation", default="", help="situation text placed before <Pos><Ori>")
+    parser.add_argument("--scene", help="a scene named with loc3r-scene add: its video and frames (every positional is then a question)")
+    parser.add_argument("--pose-only", action="store_true",
+                        help="no answer: each positional is a situation; print its pose (situations batched over the video's KV)")
     parser.add_argument("--model", default="tiny", help="bundle folder, or 'tiny' / 'tiny-vggt' (built-in, random weights; CUT3R / VGGT as the 3D encoder)")
     parser.add_argument("--backend", default="torch", choices=["torch", "onnxruntime", "tensorrt"], help="inference backend")
     add_dtype_argument(parser, "--json reports what ran and why")
@@ -149,6 +152,23 @@ def stdin_questions() -> Iterator[str]:
 
 
 def check_arguments(args: argparse.Namespace) -> None:
+    if args.scene:
+        if args.source:
+            raise InputError("--scene and --source both name the video", "pass one of them")
+        from loc3r.runtime.scenes import find_scene
+
+        named = find_scene(args.scene)
+        if args.video:
+            args.questions.insert(0, args.video)  # with --scene, every positional is a question
+        args.video, args.frames = named.video, args.frames or named.frames
+    if args.pose_only:
+        if args.source or args.interactive or args.plot:
+            raise InputError("--pose-only takes a video file or --scene, situations as arguments, no -i or --plot",
+                             "drop --source, -i and --plot")
+        args.questions = args.questions or [args.situation]
+        for situation in args.questions:
+            check_user_text(situation, "situation")
+        return
     if args.source and args.video:
         args.questions.insert(0, args.video)  # with --source, every positional is a question
         args.video = None
@@ -195,6 +215,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             dtype=args.dtype, calibration=args.calibration,
         )
         check_min_confidence(args.min_confidence, args.confidence_radius, pipeline.model_info.calibration, "--min-confidence")
+        if args.pose_only:
+            return print_poses(pipeline, args)
         not_localized = 0
         live_errors = BackgroundErrors()
         given_at = None  # the first question given with a video file waits for the video: TTFT counts from here
@@ -234,6 +256,42 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
 
     return run_cli(PROG, body, args.debug)
+
+
+def print_poses(pipeline, args: argparse.Namespace) -> int:  # noqa: ANN001 - Pipeline
+    """``--pose-only``: every situation's pose from one pass over the video's KV."""
+    from loc3r.runtime.confidence import not_localized_reason
+
+    session = pipeline.open(args.video, args.frames, show_progress=terminal_output(args.json))
+    start = time.perf_counter()
+    poses = session.locate(args.questions)
+    seconds = time.perf_counter() - start
+    missed = 0
+    for situation, pose in zip(args.questions, poses, strict=True):
+        reason = None if args.min_confidence is None else not_localized_reason(pose.confidence, args.min_confidence, args.confidence_radius)
+        missed += reason is not None
+        if args.json:
+            out = {"situation": situation, **pose.to_dict(), "timings": {"locate_s": round(seconds, 6), "situations": len(poses)},
+                   "video": session.describe(), "model": pipeline.model_info.to_dict()}
+            if args.min_confidence is not None:
+                out |= {"localized": reason is None} | ({"not_localized": reason} if reason else {})
+            if pipeline.model_info.warning:
+                out["warning"] = pipeline.model_info.warning
+            print(finite_json(out), flush=True)
+            continue
+        print(f"situation: {situation}")
+        if reason:
+            print(f"NOT LOCALIZED: {reason}")
+        print(f"position: x = {pose.x:+.3f} m, y = {pose.y:+.3f} m, sigma = {pose.sigma:.3f} m")
+        print(f"orientation: {pose.theta_deg:+.1f} deg ({pose.theta_rad:+.4f} rad)")
+    if not args.json:
+        print(f"{len(poses)} pose(s) in {seconds:.3f} s (no answer decoded)")
+        if pipeline.model_info.warning:
+            print(f"NOTE: {pipeline.model_info.warning}")
+    if missed:
+        print(f"{PROG}: {missed} pose(s) below --min-confidence {args.min_confidence:g}: not localized", file=sys.stderr)
+        return EXIT_NOT_LOCALIZED
+    return 0
 
 
 def iter_questions(args: argparse.Namespace) -> Iterator[str]:

@@ -357,7 +357,7 @@ class VideoSession:
         poses = []
         for suffix, states in zip(suffixes, hidden, strict=True):
             xy, sigma, theta = self.stages.heads.pose(states[suffix.pos_offset], states[suffix.ori_offset])
-            poses.append(Pose(float(xy[0]), float(xy[1]), float(sigma), float(theta)))
+            poses.append(Pose(float(xy[0]), float(xy[1]), float(sigma), float(theta), self.model_info.confidence(float(sigma))))
         return poses
 
     def reclaim_cache(self, scene: Scene | None = None) -> None:

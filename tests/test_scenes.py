@@ -225,3 +225,29 @@ def test_a_scene_of_another_dtype_or_shape_is_refused(tmp_path: Path, caplog: py
     assert "its KV is float32, the LLM's is float16" in caplog.text and not store.path("k").exists()
     store.store("k", scene(10, 5))
     assert store.load("k", KVLayout(4, 2, 16, "float32")) is None and not store.path("k").exists()
+
+
+def test_scenes_by_name_and_pose_only_on_the_command_line(
+    held: Pipeline, videos: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from loc3r.runtime import cli, scene_cli
+
+    monkeypatch.setenv("LOC3R_HOME", str(tmp_path))
+    assert scene_cli.main(["add", "kitchen", str(videos[1]), "--frames", "3"]) == 0
+    assert "scene kitchen:" in capsys.readouterr().out
+    assert scene_cli.main(["list", "--json"]) == 0
+    (listed,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert listed["video"] == str(videos[1].resolve()) and listed["frames"] == 3 and listed["stored_bytes"] > 0
+    assert cli.main(["--scene", "kitchen", "--pose-only", *SITUATIONS[:2], "--json"]) == 0
+    outputs = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [o["video"]["scene"] for o in outputs] == ["loaded", "loaded"]
+    expected = held.open(videos[1], 3).locate(SITUATIONS[:2])
+    for out, pose in zip(outputs, expected, strict=True):
+        assert out["position"]["x"] == pytest.approx(pose.x, abs=1e-5) and out["orientation"]["theta_rad"] == pytest.approx(pose.theta_rad, abs=1e-5)
+        assert "answer" not in out
+    assert scene_cli.main(["rm", "kitchen"]) == 0
+    assert not list((tmp_path / "cache" / "encodings" / "scenes").iterdir())
+    capsys.readouterr()
+    assert cli.main(["--scene", "kitchen", "Where am I?"]) == 2
+    assert capsys.readouterr().err.strip() == ("loc3r-run: error: no scene named 'kitchen' (known: none yet): "
+                                               "add it with loc3r-scene add NAME VIDEO")
