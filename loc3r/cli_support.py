@@ -45,8 +45,35 @@ def _terminate(_signum: int, _frame: object) -> None:
     raise Terminated
 
 
+def shows_default(action: argparse.Action) -> bool:
+    """An option whose default is worth showing (not absent, off, empty or suppressed; 0 is shown)."""
+    default = action.default
+    return bool(action.option_strings) and default is not None and default is not False and default not in ("", [], argparse.SUPPRESS)
+
+
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """``--help`` shows each option's default (unless its text already says it, or it has none)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if not shows_default(action) or "default" in text:
+            return text
+        return f"{text} (default: %(default)s)" if text else "(default: %(default)s)"
+
+
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse with a one-line error (``prog: error: ... (see prog --help)``), exit 2."""
+    """argparse with a one-line error (``prog: error: ... (see prog --help)``), exit 2, and
+    the defaults in ``--help``."""
+
+    def __init__(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003 - argparse's own
+        kwargs.setdefault("formatter_class", DefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def add_argument(self, *args, **kwargs) -> argparse.Action:  # noqa: ANN002, ANN003 - argparse's own
+        action = super().add_argument(*args, **kwargs)
+        if action.help is None and shows_default(action):
+            action.help = "(default: %(default)s)"  # an option without text still shows its default
+        return action
 
     def error(self, message: str) -> NoReturn:
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")

@@ -242,13 +242,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                 given_at = None  # later questions count from their own turn
             answer = answer.require_confidence(args.min_confidence, args.confidence_radius)
             not_localized += answer.localized is False
+            plotted = None
             if args.plot:
                 check_plot_path(numbered_path(Path(args.plot), number), args)
-                answer.plot(numbered_path(Path(args.plot), number))
+                plotted = answer.plot(numbered_path(Path(args.plot), number))
             if args.json:
-                print(finite_json(answer.to_dict()), flush=True)
+                print(finite_json({**answer.to_dict(), **({"plot": str(plotted)} if plotted else {})}), flush=True)
             else:
                 print_human(answer, printer.shown if printer else 0)
+                if plotted:
+                    print(f"map: {plotted}")
         live_errors.raise_first()  # a live source that failed after the last question
         if not_localized:
             print(f"{PROG}: {not_localized} pose(s) below --min-confidence {args.min_confidence:g}: not localized", file=sys.stderr)

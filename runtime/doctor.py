@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.metadata
+import importlib.util
 import platform
 import sys
 from collections.abc import Sequence
@@ -30,6 +31,7 @@ JETSON_ORT_INDEX = "https://pypi.jetson-ai-lab.io/jp6/cu126"
 GIB = 1 << 30
 #: the oldest ONNX Runtime that loads the LLM decoder loc3r exports (loc3r.export.runtime_versions)
 MIN_ORT = "1.23"
+GENAI_SERIES = "0.18."  # the onnxruntime-genai releases loc3r's LLM builder subclass is written for
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,7 @@ class Finding:
     value: str
     problem: str | None = None
     fix: str | None = None
+    missing_extra: str | None = None  # an optional extra that is not installed (not a problem)
 
 
 @dataclass
@@ -236,6 +239,32 @@ def check_gpu(machine: Machine) -> list[Finding]:
     return [missing, shown]
 
 
+def check_extras(machine: Machine) -> list[Finding]:
+    """The optional extras: ``[export]`` (onnxruntime-genai's builder, for the LLM) and
+    ``[serve]`` (the HTTP server); missing ones are said, with their install line."""
+    from loc3r.serve.cli import SERVE_MODULES
+
+    findings = []
+    if importlib.util.find_spec("onnxruntime_genai") is None:
+        findings.append(Finding("export extra", "not installed (loc3r-export's LLM needs it: pip install -e '.[export]')", missing_extra="export"))
+    else:
+        version = distribution("onnxruntime-genai") or "?"
+        finding = Finding("export extra", f"onnxruntime-genai {version}")
+        if version != "?" and not version.startswith(GENAI_SERIES):
+            finding = Finding(
+                finding.label, finding.value, f"loc3r's LLM builder is written for onnxruntime-genai {GENAI_SERIES}x",
+                "pip install -e '.[export]' (it pins onnxruntime-genai>=0.18,<0.19)",
+            )
+        findings.append(finding)
+    missing = [name for name in SERVE_MODULES if importlib.util.find_spec(name) is None]
+    if missing:
+        needs = f"not installed: {', '.join(missing)} (loc3r-serve needs them: pip install -e '.[serve]')"
+        findings.append(Finding("serve extra", needs, missing_extra="serve"))
+    else:
+        findings.append(Finding("serve extra", f"installed ({', '.join(SERVE_MODULES)})"))
+    return findings
+
+
 def check_manifest(machine: Machine, engines: Path) -> list[Finding]:
     """Can this device run the export in ``engines``, and with which backend."""
     from loc3r.export.manifest import load_manifest
@@ -277,7 +306,7 @@ def diagnose(engines: Path | None = None) -> list[Finding]:
     machine = Machine()
     findings = [check_platform(machine), check_python(machine), check_torch(machine)]
     gpu = check_gpu(machine)
-    findings += [check_onnxruntime(machine), *check_tensorrt_provider(machine), check_tensorrt(machine), check_cuda_driver(machine), *gpu]
+    findings += [check_onnxruntime(machine), *check_tensorrt_provider(machine), check_tensorrt(machine), check_cuda_driver(machine), *gpu, *check_extras(machine)]
     if engines is not None:
         findings += check_manifest(machine, engines)
     return findings
@@ -293,7 +322,8 @@ def render(findings: Sequence[Finding]) -> str:
         lines.append(f"{len(problems)} problem(s):")
         lines += [f"  - {f.label.strip()}: {f.problem}" + (f"\n    fix: {f.fix}" if f.fix else "") for f in problems]
     else:
-        lines.append("no problems found")
+        extras = [f.missing_extra for f in findings if f.missing_extra]
+        lines.append("no problems found" + (f" (optional extras not installed: {', '.join(extras)})" if extras else ""))
     return "\n".join(lines)
 
 

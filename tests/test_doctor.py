@@ -67,7 +67,7 @@ def test_this_cpu_machine_has_no_problem(capsys: pytest.CaptureFixture[str]) -> 
     code, text = report(capsys)
     found = lines(text)
     assert code == 0 and text.splitlines()[0] == "loc3r-doctor: this machine, for loc3r" and "no problems found" in text
-    assert set(found) == {"platform", "python", "torch", "onnxruntime", "tensorrt", "CUDA driver", "cuda-python", "GPU"}
+    assert set(found) == {"platform", "python", "torch", "onnxruntime", "tensorrt", "CUDA driver", "cuda-python", "GPU", "export extra", "serve extra"}
     assert found["CUDA driver"] == "none"  # no libcuda here, and no CUDA library installed
     assert found["torch"].startswith(f"{torch.__version__}, CUDA: no (the onnxruntime and tensorrt backends do not need it)")
     assert "providers: " in found["onnxruntime"] and "CPU" in found["onnxruntime"]
@@ -217,3 +217,25 @@ def test_the_library_probe_on_this_machine() -> None:
     """No TensorRT here: the real probe says so instead of raising."""
     assert ort.nvinfer_error().startswith("libnvinfer.so.10 does not load (")
     assert cuda.driver_cuda_version() is None
+
+
+def test_the_export_and_serve_extras_are_checked(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    import importlib.util
+
+    code, text = report(capsys)
+    assert code == 0 and lines(text)["export extra"].startswith("onnxruntime-genai 0.18.")
+    assert lines(text)["serve extra"].startswith("installed (fastapi, uvicorn")
+
+    real = importlib.util.find_spec
+    hidden = {"onnxruntime_genai", "fastapi"}
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in hidden else real(name, *a))
+    code, text = report(capsys)
+    found = lines(text)
+    assert code == 0 and found["export extra"] == "not installed (loc3r-export's LLM needs it: pip install -e '.[export]')"
+    assert found["serve extra"] == "not installed: fastapi (loc3r-serve needs them: pip install -e '.[serve]')"
+    assert text.splitlines()[-1] == "no problems found (optional extras not installed: export, serve)"
+
+    hidden.clear()
+    monkeypatch.setattr(doctor, "distribution", lambda name: "0.19.1" if name == "onnxruntime-genai" else ort.distribution(name))
+    code, text = report(capsys)
+    assert code == 1 and "export extra: loc3r's LLM builder is written for onnxruntime-genai 0.18.x" in text

@@ -218,3 +218,22 @@ def test_the_python_api_says_the_weights_are_random(demo_video: Path) -> None:
     assert shown.startswith(f"Answer(text={answer.text!r}, pose=Pose(x=")
     assert shown.endswith("warning='model loc3r-tiny-random-v1 has RANDOM weights: the answer and the pose are meaningless')")
     assert "token_ids" not in shown and "bev_points" not in shown
+
+
+def test_plot_says_which_files_it_wrote(demo_video: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    base = ["--frames", "2", "--max-new-tokens", "2", "--plot", str(tmp_path / "bev.png")]
+    assert main([str(demo_video), "Where am I?", "And now?", *base]) == 0
+    maps = [line for line in capsys.readouterr().out.splitlines() if line.startswith("map: ")]
+    assert maps == [f"map: {tmp_path / 'bev.png'}", f"map: {tmp_path / 'bev_2.png'}"]
+    assert all(Path(line.removeprefix("map: ")).is_file() for line in maps)
+    assert main([str(demo_video), "Where am I?", "--json", *base]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["plot"] == str(tmp_path / "bev.png")
+
+
+def test_help_shows_the_defaults(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for shown in ("(default: tiny)", "inference backend (default: torch)", "--max-new-tokens MAX_NEW_TOKENS (default: 64)", "--seed SEED (default: 0)"):
+        assert shown in text, shown
+    assert "(default: None)" not in text and "(default: False)" not in text
