@@ -98,6 +98,13 @@ class WaitingQuestions:
             self._waiting.append(question)
             self._ready.notify()
 
+    def take_all(self) -> list[Question]:
+        """Empty the queue; the questions that were waiting."""
+        with self._ready:
+            taken = list(self._waiting)
+            self._waiting.clear()
+            return taken
+
     def close(self) -> None:
         with self._ready:
             self._closed = True
@@ -162,14 +169,27 @@ class ModelWorker:
         return {"status": status, "busy_s": round(still, 3), "restarts": self.restarts, "last_failure": self.last_failure}
 
     def revive(self) -> None:
-        """Start a new model thread when the last one stopped (not when the server is stopping)."""
-        if self._stopping or self._thread.ident is None or self._thread.is_alive() or self.restarts >= MAX_RESTARTS:
+        """Start a new model thread if the last one ended without handing over (see ``_run``)."""
+        if self._thread.ident is not None and not self._thread.is_alive():
+            self._replace()
+
+    def _replace(self) -> None:
+        """A new model thread takes the queue over; once ``MAX_RESTARTS`` are spent, the waiting
+        questions are told the model is gone (nobody waits for a thread that will not come)."""
+        if self._stopping:
+            return
+        if self.restarts >= MAX_RESTARTS:
+            for question in self._queue.take_all():
+                question.emit("error", self._unavailable())
             return
         self.restarts += 1
-        log.error("the model thread had stopped (%s); started a new one (restart %d of %d)", self.last_failure, self.restarts, MAX_RESTARTS)
+        log.error("started a new model thread (restart %d of %d)", self.restarts, MAX_RESTARTS)
         self.sessions.resident = None  # the LLM cache may be half-written
         self._thread = self._new_thread()
         self._thread.start()
+
+    def _unavailable(self) -> ApiError:
+        return ApiError(503, f"the model has stopped ({self.last_failure}); restart the server", "model_unavailable")
 
     def stop(self) -> None:
         self._stopping = True
@@ -187,7 +207,7 @@ class ModelWorker:
         model thread is dead)."""
         self.revive()
         if self._thread.ident is not None and not self._thread.is_alive():
-            raise ApiError(503, f"the model has stopped ({self.last_failure}); restart the server", "model_unavailable")
+            raise self._unavailable()
         try:
             self._queue.put_nowait(question)
         except queue.Full:
@@ -207,6 +227,7 @@ class ModelWorker:
         except BaseException as exc:  # noqa: BLE001 - an exit raised inside a question (or a fault here) ends this thread only
             self.last_failure = f"{type(exc).__name__}: {one_line(exc)}".rstrip(": ")
             log.error("the model thread stopped: %s", self.last_failure)
+            self._replace()  # at once: questions already waiting are not left to hang
 
     def _loop(self) -> None:
         while True:

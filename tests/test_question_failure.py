@@ -12,6 +12,7 @@ import shutil
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -163,8 +164,21 @@ def test_a_dead_model_thread_is_restarted_and_said(served, reference: list[int],
     assert answer_ids(post(url, "Where am I?"), server.worker.pipeline) == reference
 
     server.worker.restarts = MAX_RESTARTS  # the budget spent: the next death is final
-    monkeypatch.setattr(heads, "pose", lambda *_: sys.exit("again"))
-    post(url, "Where am I?")
+    release = threading.Event()
+
+    def exit_later(*_: object) -> None:
+        release.wait(30)
+        sys.exit("again")
+
+    monkeypatch.setattr(heads, "pose", exit_later)
+    with ThreadPoolExecutor(2) as pool:
+        dying = pool.submit(post, url, "Where am I?")
+        time.sleep(0.5)
+        waiting = pool.submit(post, url, "Where am I?")  # queued behind the question that kills the thread
+        time.sleep(0.5)
+        release.set()
+        assert dying.result().json()["error"]["code"] == "model_restarted"
+        assert waiting.result().status_code == 503 and waiting.result().json()["error"]["code"] == "model_unavailable"  # told, not left to hang
     dead = httpx.get(f"{url}/health", timeout=10)
     assert dead.status_code == 503 and dead.json()["status"] == "dead"
     refused = post(url, "Where am I?")
