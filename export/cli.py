@@ -33,6 +33,11 @@ def export_parser() -> argparse.ArgumentParser:
         "--context-tokens", type=int, metavar="N",
         help="the LLM's context limit: its KV cache is allocated for N tokens (default: the target's max_context_tokens)",
     )
+    parser.add_argument(
+        "--builder-python", metavar="PYTHON",
+        help="the Python that builds the LLM (a venv with loc3r[cpu,export]): for GPU installs, whose onnxruntime-gpu "
+        "cannot sit beside onnxruntime-genai's CPU onnxruntime, and for Python 3.10, which it has no wheel for",
+    )
     parser.add_argument("--debug", action="store_true")
     return parser
 

@@ -70,6 +70,7 @@ class ExportRequest:
     llm_quant: str | None  # None: leave the LLM out (the runtime then uses the bundle's)
     vggt_size: tuple[int, int] | None = None  # (height, width) for a VGGT bundle; None: default_vggt_size
     context_tokens: int | None = None  # the LLM's context limit; None: the target's
+    builder_python: str | None = None  # the Python that runs the LLM builder; None: this one
 
     def parts(self, *names: str) -> Loc3rModel:
         """The bundle with only ``names`` loaded, in float32: each export loads what it traces
@@ -153,6 +154,7 @@ def export_all(request: ExportRequest, progress: Progress = print) -> Manifest:
                 request.context,
                 request.target.llm.prefill_chunk,
                 probe=True,
+                builder_python=request.builder_python,
             )
         measured = plan_of(request, measured_weights(staging, artifacts, llm, request.target), form, "measured from the written files")
         check_plan(request, measured)

@@ -27,7 +27,6 @@ import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass
-from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -128,10 +127,12 @@ def export_llm(
     context_tokens: int,
     chunk_tokens: int,
     probe: bool = False,
+    builder_python: str | None = None,
 ) -> dict[str, Any]:
     """Write the decoder and the embedding table into ``out_dir``; return the manifest's ``llm``.
 
     ``probe``: check the written decoder against the PyTorch LLM (:func:`decoder_parity`).
+    ``builder_python``: the Python that runs the builder (default: this one).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -148,7 +149,7 @@ def export_llm(
         symmetric=form.symmetric,
         accuracy_level=form.accuracy_level,
     )
-    run_builder(spec)
+    builder = run_builder(spec, builder_python)
     table = write_embeddings(source, out / EMBEDDINGS, torch.float32 if form.float_type == "fp32" else torch.float16)
     decoder = onnx.load(str(out / DECODER), load_external_data=False)
     return {
@@ -175,8 +176,8 @@ def export_llm(
         "context_tokens": context_tokens,
         "prefill_chunk_tokens": chunk_tokens,
         "builder": {
-            "package": "onnxruntime-genai",
-            "version": version("onnxruntime-genai"),
+            "package": builder.split(" ")[0],
+            "version": builder.split(" ")[-1],
             "execution_provider": form.provider,
             "precision": form.float_type,
             "extra_options": BUILDER_OPTIONS,
@@ -187,19 +188,87 @@ def export_llm(
     }
 
 
-def run_builder(spec: BuildSpec) -> None:
-    """Run :mod:`loc3r.export.llm_build` in a subprocess; its output goes to a log kept on failure."""
-    if importlib.util.find_spec("onnxruntime_genai") is None:
-        raise InputError(
-            "exporting the LLM needs onnxruntime-genai's model builder, which is not installed",
-            "pip install 'loc3r[export]' (or pass --llm none to leave the LLM out)",
+GENAI_DISTRIBUTIONS = ("onnxruntime-genai", "onnxruntime-genai-cuda")
+BUILDER_VENV = "python3 -m venv .venv-builder && .venv-builder/bin/pip install -e '.[cpu,export]'"
+_PROBE = (
+    "import importlib.metadata as m, importlib.util as u, sys\n"
+    "found = [f'{d} {m.version(d)}' for d in %r if u.find_spec('onnxruntime_genai') and d in {x.metadata['Name'] for x in m.distributions()}]\n"
+    "print(sys.version_info[0], sys.version_info[1], bool(u.find_spec('loc3r.export') and u.find_spec('loc3r.export.llm_build')), found[0] if found else '-')\n"
+) % (GENAI_DISTRIBUTIONS,)
+
+
+@dataclass(frozen=True)
+class BuilderFacts:
+    """What a Python offers for building the LLM."""
+
+    python: tuple[int, int]
+    loc3r: bool
+    genai: str | None  # "onnxruntime-genai 0.18.0", or None
+    gpu_ort: bool  # onnxruntime-gpu is installed there
+
+
+def builder_facts(python: str | None = None) -> BuilderFacts:
+    """Facts of this Python, or (``python``) of another one, asked in a subprocess."""
+    from loc3r.runtime.ort import distribution
+
+    if python is None:
+        here = [f"{d} {distribution(d)}" for d in GENAI_DISTRIBUTIONS if distribution(d)]
+        genai = here[0] if here and importlib.util.find_spec("onnxruntime_genai") else None
+        return BuilderFacts(sys.version_info[:2], True, genai, distribution("onnxruntime-gpu") is not None)
+    try:
+        done = subprocess.run([python, "-c", _PROBE], capture_output=True, text=True, timeout=120, check=False)
+    except OSError as exc:
+        raise InputError(f"--builder-python {python} does not run ({exc.strerror or exc})", f"pass a venv's python: {BUILDER_VENV}") from None
+    fields = done.stdout.split(maxsplit=3)
+    if done.returncode != 0 or len(fields) != 4:
+        raise InputError(f"--builder-python {python} does not run ({(done.stderr.strip().splitlines() or ['no output'])[-1]})", f"pass a venv's python: {BUILDER_VENV}")
+    genai = None if fields[3].strip() == "-" else fields[3].strip()
+    return BuilderFacts((int(fields[0]), int(fields[1])), fields[2] == "True", genai, False)
+
+
+def builder_problem(facts: BuilderFacts, python: str | None) -> InputError | None:
+    """Why the LLM cannot be built with ``facts``' Python, with the route that works; None if it can."""
+    where = f"--builder-python {python}" if python else "this Python"
+    route = f"build it in a venv of its own: {BUILDER_VENV}, then pass --builder-python .venv-builder/bin/python (or --llm none to leave the LLM out)"
+    if facts.python < (3, 11):
+        return InputError(
+            f"onnxruntime-genai 0.18 (the LLM builder) has no wheel for Python {facts.python[0]}.{facts.python[1]} ({where})",
+            f"export on Python >= 3.11 (any machine, no GPU needed) and copy the folder, or {route.replace('python3 -m venv', 'python3.11 -m venv')}",
         )
+    if python and not facts.loc3r:
+        return InputError(f"{where} has no loc3r installed", f"{python} -m pip install -e '.[cpu,export]'")
+    if facts.genai is None:
+        if facts.gpu_ort:
+            return InputError(
+                "onnxruntime-genai is not installed, and beside onnxruntime-gpu it cannot be (it requires the CPU onnxruntime)",
+                f"pip install 'loc3r[export-cuda]' (onnxruntime-genai-cuda, on the CUDA 13 onnxruntime-gpu), or {route}",
+            )
+        if python:
+            return InputError(f"{where} has no onnxruntime-genai, and the LLM is built by its model builder", f"{python} -m pip install -e '.[cpu,export]'")
+        return InputError("onnxruntime-genai is not installed and the LLM is built by onnxruntime-genai's model builder", "pip install 'loc3r[export]' (or pass --llm none to leave the LLM out)")
+    return None
+
+
+def check_builder(python: str | None = None) -> str:
+    """The builder package and version (``onnxruntime-genai 0.18.0``), or the InputError with the route."""
+    facts = builder_facts(python)
+    problem = builder_problem(facts, python)
+    if problem is not None:
+        raise problem
+    return facts.genai or "?"
+
+
+def run_builder(spec: BuildSpec, python: str | None = None) -> str:
+    """Run :mod:`loc3r.export.llm_build` in a subprocess of this Python or of ``python`` (a venv
+    holding loc3r[cpu,export]); its output goes to a log kept on failure. Returns the builder's
+    package and version."""
+    builder = check_builder(python)
     with tempfile.TemporaryDirectory(prefix="loc3r-llm-build-") as tmp:
         spec_path, log_path = Path(tmp) / "spec.json", Path(tmp) / "builder.log"
         spec.save(spec_path)
         with log_path.open("w", encoding="utf-8") as log:
             done = subprocess.run(
-                [sys.executable, "-m", "loc3r.export.llm_build", str(spec_path)],
+                [python or sys.executable, "-m", "loc3r.export.llm_build", str(spec_path)],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env={**os.environ, "PYTHONUNBUFFERED": "1"},
@@ -211,6 +280,7 @@ def run_builder(spec: BuildSpec) -> None:
                 f"onnxruntime-genai's model builder failed (exit {done.returncode}):\n  " + "\n  ".join(tail),
                 "report this with the lines above",
             )
+    return builder
 
 
 def write_embeddings(source: LLMSource, path: Path, dtype: torch.dtype) -> torch.Tensor:

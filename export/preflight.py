@@ -21,7 +21,6 @@ DISK_MARGIN = 1.1  # the predicted file sizes leave out ONNX headers and the LLM
 
 # module -> (what needs it, the install line)
 ONNXRUNTIME = ("onnxruntime", "the parity checks run every graph in ONNX Runtime", "pip install 'loc3r[cpu]'")
-GENAI = ("onnxruntime_genai", "the LLM is built by onnxruntime-genai's model builder", "pip install 'loc3r[export]' (or pass --llm none to leave the LLM out)")
 
 
 @dataclass(frozen=True)
@@ -35,6 +34,7 @@ class Checked:
 def preflight(args: argparse.Namespace) -> Checked:
     """The export request for ``args``, or :class:`Problems` naming every requirement unmet."""
     from loc3r.engines.targets import load_target
+    from loc3r.export.llm import check_builder
     from loc3r.export.manifest import EXPORT_KIND
     from loc3r.fileio import check_replaceable
     from loc3r.models.bundle import load_bundle
@@ -57,10 +57,11 @@ def preflight(args: argparse.Namespace) -> Checked:
     target = attempt(lambda: load_target(args.target))
     bundle = attempt(lambda: load_bundle(resolve_model(args.model)))
     llm = args.llm or (target.llm.weights if target else None)
-    wanted = [ONNXRUNTIME] + ([GENAI] if llm not in (None, "none") else [])
-    for module, need, fix in wanted:
-        if importlib.util.find_spec(module) is None:
-            problems.append(InputError(f"{module.replace('_', '-')} is not installed and {need}", fix))
+    module, need, fix = ONNXRUNTIME
+    if importlib.util.find_spec(module) is None:
+        problems.append(InputError(f"{module} is not installed and {need}", fix))
+    if llm not in (None, "none"):
+        attempt(lambda: check_builder(args.builder_python))
     if target is None or bundle is None:
         raise Problems(problems)
     request = attempt(lambda: export_request(args, target, bundle, llm))
@@ -94,6 +95,7 @@ def export_request(args: argparse.Namespace, target, bundle, llm: str):  # noqa:
         llm_quant=None if llm == "none" else llm,
         vggt_size=parse_vggt_size(args.vggt_size, bundle),
         context_tokens=args.context_tokens,
+        builder_python=getattr(args, "builder_python", None),
     )
 
 

@@ -3,12 +3,15 @@ any graph is exported, and every problem is one line with its fix."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import shutil
+import sys
 from collections import namedtuple
 from pathlib import Path
 
 import pytest
+import torch
 
 from loc3r.export import cli as export_cli
 from loc3r.export import exporter, preflight
@@ -127,3 +130,54 @@ def test_help_lists_the_targets(capsys: pytest.CaptureFixture[str]) -> None:
     text = " ".join(capsys.readouterr().out.split())
     assert "target profile: cpu, jetson-orin-agx," in text and "jetson-orin (= jetson-orin-agx)" in text
     assert "engines/*.toml" not in text
+
+
+# -- the LLM builder's Python: GPU installs and Python 3.10 ------------------------------------
+
+
+def test_python_3_10_is_refused_with_the_route(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], no_export: list[str]) -> None:
+    from loc3r.export import llm
+
+    monkeypatch.setattr(llm, "builder_facts", lambda python=None: llm.BuilderFacts((3, 10), True, None, True))
+    assert export_cli.main(["--target", "jetson-orin", "--out", str(tmp_path / "orin")]) == 2
+    assert error_lines(capsys) == [
+        PROG + "onnxruntime-genai 0.18 (the LLM builder) has no wheel for Python 3.10 (this Python): export on Python >= 3.11 (any machine, "
+        "no GPU needed) and copy the folder, or build it in a venv of its own: python3.11 -m venv .venv-builder && .venv-builder/bin/pip install "
+        "-e '.[cpu,export]', then pass --builder-python .venv-builder/bin/python (or --llm none to leave the LLM out)"
+    ]
+    assert no_export == []
+
+
+def test_a_gpu_install_without_the_builder_is_given_both_routes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], no_export: list[str]) -> None:
+    monkeypatch.setattr("loc3r.runtime.ort.distribution", lambda name: {"onnxruntime-gpu": "1.31.1"}.get(name))
+    assert export_cli.main(["--target", "x86-cuda", "--out", str(tmp_path / "x86")]) == 2
+    (line,) = error_lines(capsys)
+    assert line.startswith(PROG + "onnxruntime-genai is not installed, and beside onnxruntime-gpu it cannot be (it requires the CPU onnxruntime): ")
+    assert "pip install 'loc3r[export-cuda]'" in line and "--builder-python .venv-builder/bin/python" in line
+
+
+def test_a_builder_python_that_cannot_build_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str], no_export: list[str]) -> None:
+    missing = tmp_path / "nope" / "python"
+    assert export_cli.main(["--target", "cpu", "--out", str(tmp_path / "cpu"), "--builder-python", str(missing)]) == 2
+    assert error_lines(capsys) == [
+        PROG + f"--builder-python {missing} does not run (No such file or directory): pass a venv's python: "
+        "python3 -m venv .venv-builder && .venv-builder/bin/pip install -e '.[cpu,export]'"
+    ]
+
+
+def test_the_builder_runs_in_the_python_given(trained_llm: torch.nn.Module, tmp_path: Path) -> None:
+    """--builder-python: the builder's process is that Python's (here a wrapper that logs and
+    runs this venv's Python), and the manifest names the builder it found there."""
+    from loc3r.export.llm import LLMForm, LLMSource, export_llm
+
+    log = tmp_path / "calls.log"
+    wrapper = tmp_path / "builder-python"
+    wrapper.write_text(f'#!/bin/sh\necho "$@" >> {log}\nexec {sys.executable} "$@"\n')
+    wrapper.chmod(0o755)
+    source = LLMSource.from_model(trained_llm, tmp_path / "source")
+    fragment = export_llm(source, tmp_path / "llm", LLMForm("cpu", "fp32", "fp32"), 64, 16, builder_python=str(wrapper))
+    calls = log.read_text().splitlines()
+    assert calls[0].startswith("-c ") and [c for c in calls if c.startswith("-m ")] == [calls[-1]]  # the probe, then the build
+    assert calls[-1].startswith("-m loc3r.export.llm_build ")
+    assert fragment["builder"]["package"] == "onnxruntime-genai" and fragment["builder"]["version"] == importlib.metadata.version("onnxruntime-genai")
+    assert (tmp_path / "llm" / "decoder.onnx").is_file()
