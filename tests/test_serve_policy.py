@@ -353,3 +353,23 @@ def test_unsafe_or_malformed_settings_refuse_to_start(argv: list[str], message: 
 
     assert main(argv) == 2
     assert capsys.readouterr().err == message + "\n"  # one line, before any model loads
+
+
+@pytest.mark.parametrize(
+    "framing",
+    [
+        b"Content-Length: 0\r\nContent-Length: 44\r\n",
+        b"Content-Length: 0, 44\r\n",
+        b"Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n",
+        b"Transfer-Encoding: xchunked\r\n",
+        b"Transfer-Encoding: chunked, identity\r\n",
+        b"Transfer-Encoding : chunked\r\nContent-Length: 0\r\n",
+        b"Content-Length: 0\r\n 44\r\n",
+        b"Host: rebind.evil.example\r\nContent-Length: 0\r\n",
+    ],
+)
+def test_other_ambiguous_framings_never_answer_a_smuggled_request(site: Site, framing: bytes) -> None:
+    """Refused by uvicorn's parser itself (plain text, before the policy): one 400, then the connection closes."""
+    request = b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n" + framing + b"\r\n0\r\n\r\n"
+    answered = raw_exchange(site, request + SMUGGLED)
+    assert answered.count(b"HTTP/1.1 ") == 1 and answered.startswith(b"HTTP/1.1 400 "), answered
