@@ -21,7 +21,7 @@ from loc3r.runtime.confidence import check_min_confidence
 from loc3r.runtime.generate import SamplingConfig, TextStream
 
 if TYPE_CHECKING:  # torch and transformers load only once a run starts, not for --help or a usage error
-    from loc3r.runtime.result import Answer
+    from loc3r.runtime.result import Answer, ModelInfo, Pose
 
 PROG = "loc3r-run"
 EXIT_NOT_LOCALIZED = 3  # every question answered, but a pose was below --min-confidence
@@ -116,7 +116,7 @@ def print_human(answer: Answer, streamed_chars: int) -> None:
     pose = answer.pose
     print(f"position: x = {pose.x:+.3f} m, y = {pose.y:+.3f} m, sigma = {pose.sigma:.3f} m")
     print(f"orientation: {pose.theta_deg:+.1f} deg ({pose.theta_rad:+.4f} rad)")
-    print(confidence_line(answer))
+    print(confidence_line(answer.pose, answer.model))
     if answer.localized is False:
         print(f"NOT LOCALIZED: {answer.not_localized}")
     print(first_token_line(answer.timings))
@@ -124,13 +124,12 @@ def print_human(answer: Answer, streamed_chars: int) -> None:
         print(f"NOTE: {answer.model.warning}")
 
 
-def confidence_line(answer: Answer) -> str:
+def confidence_line(pose: Pose, model: ModelInfo) -> str:
     """``confidence: P(error <= 0.5 m) = .., P(error <= 1.0 m) = ..`` and what it means, or why there is none."""
-    confidence = answer.pose.confidence
-    if confidence is None:
-        return f"confidence: none ({answer.model.confidence_note})"
-    values = ", ".join(f"P(error <= {key[7:-1]} m) = {p:.3f}" for key, p in confidence.items())
-    return f"confidence: {values} ({answer.model.confidence_note})"
+    if pose.confidence is None:
+        return f"confidence: none ({model.confidence_note})"
+    values = ", ".join(f"P(error <= {key[7:-1]} m) = {p:.3f}" for key, p in pose.confidence.items())
+    return f"confidence: {values} ({model.confidence_note})"
 
 
 def first_token_line(timings: dict[str, float]) -> str:
@@ -264,6 +263,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def print_poses(pipeline, args: argparse.Namespace) -> int:  # noqa: ANN001 - Pipeline
     """``--pose-only``: every situation's pose from one pass over the video's KV."""
     from loc3r.runtime.confidence import not_localized_reason
+    from loc3r.runtime.result import pose_record
 
     session = pipeline.open(args.video, args.frames, show_progress=terminal_output(args.json))
     start = time.perf_counter()
@@ -274,10 +274,9 @@ def print_poses(pipeline, args: argparse.Namespace) -> int:  # noqa: ANN001 - Pi
         reason = None if args.min_confidence is None else not_localized_reason(pose.confidence, args.min_confidence, args.confidence_radius)
         missed += reason is not None
         if args.json:
-            out = {"situation": situation, **pose.to_dict(), "timings": {"locate_s": round(seconds, 6), "situations": len(poses)},
+            out = {"situation": situation, **pose_record(pose, pipeline.model_info, reason, args.min_confidence is not None),
+                   "timings": {"locate_s": round(seconds, 6), "situations": len(poses)},
                    "video": session.describe(), "model": pipeline.model_info.to_dict()}
-            if args.min_confidence is not None:
-                out |= {"localized": reason is None} | ({"not_localized": reason} if reason else {})
             if pipeline.model_info.warning:
                 out["warning"] = pipeline.model_info.warning
             print(finite_json(out), flush=True)
@@ -287,6 +286,7 @@ def print_poses(pipeline, args: argparse.Namespace) -> int:  # noqa: ANN001 - Pi
             print(f"NOT LOCALIZED: {reason}")
         print(f"position: x = {pose.x:+.3f} m, y = {pose.y:+.3f} m, sigma = {pose.sigma:.3f} m")
         print(f"orientation: {pose.theta_deg:+.1f} deg ({pose.theta_rad:+.4f} rad)")
+        print(confidence_line(pose, pipeline.model_info))
     if not args.json:
         print(f"{len(poses)} pose(s) in {seconds:.3f} s (no answer decoded)")
         if pipeline.model_info.warning:

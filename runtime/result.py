@@ -104,6 +104,19 @@ class ModelInfo:
         }
 
 
+def pose_record(pose: Pose, model: ModelInfo, not_localized: str | None = None, judged: bool = False) -> dict[str, Any]:
+    """A pose's JSON fields: ``position``, ``orientation``, ``confidence_note``; when ``judged``
+    against a minimum confidence, ``localized``, and below it (``not_localized``, the reason)
+    ``position`` and ``orientation`` null with the pose under ``not_localized.pose``: a robot
+    must not act on it."""
+    out: dict[str, Any] = {**pose.to_dict(), "confidence_note": model.confidence_note}
+    if judged:
+        out["localized"] = not_localized is None
+    if not_localized is not None:
+        out |= {"position": None, "orientation": None, "not_localized": {"reason": not_localized, "pose": pose.to_dict()}}
+    return out
+
+
 @dataclass
 class Answer:
     """One answered question."""
@@ -147,17 +160,11 @@ class Answer:
             "situation": self.situation,
             "answer": self.text,
             "answer_token_ids": self.token_ids,
-            **self.pose.to_dict(),
-            "confidence_note": self.model.confidence_note,
+            **pose_record(self.pose, self.model, self.not_localized if self.localized is False else None, self.localized is not None),
             "timings": self.timings,
             "video": self.video,
             "model": self.model.to_dict(),
         }
-        if self.localized is not None:
-            out["localized"] = self.localized
-        if self.localized is False:  # a robot must not act on it: the pose moves out of position/orientation
-            out["not_localized"] = {"reason": self.not_localized, "pose": self.pose.to_dict()}
-            out["position"] = out["orientation"] = None
         if self.model.warning:
             out["warning"] = self.model.warning
         return out

@@ -322,3 +322,22 @@ def test_verdict_at_either_radius() -> None:
     assert not_localized_reason(None, 0.1, 1.0).startswith("the pose is not finite")
     with pytest.raises(InputError, match="confidence radius 2.0 m is not calibrated"):
         check_min_confidence(0.5, 2.0, None, "--min-confidence")
+
+
+def test_pose_only_reports_confidence_and_the_verdict_as_answers_do(calibrated: dict, capsys: pytest.CaptureFixture[str]) -> None:
+    by_id = {i["id"]: i for i in calibrated["items"]}
+    sure, unsure = by_id[calibrated["order"][0]]["situation"], by_id[calibrated["order"][-1]]["situation"]
+    argv = [str(calibrated["video"]), sure, unsure, "--pose-only", "--model", str(calibrated["bundle"]), "--frames", str(FRAMES),
+            "--no-cache", "--min-confidence", "0.5"]
+    assert run_main([*argv, "--json"]) == EXIT_NOT_LOCALIZED
+    first, second = (json.loads(line) for line in capsys.readouterr().out.splitlines())
+    assert first["localized"] is True and first["position"]["confidence"]["within_1.0m"] >= 0.5
+    assert first["position"]["sigma"] == pytest.approx(calibrated["poses"][calibrated["order"][0]]["sigma"], abs=1e-5)
+    assert second["localized"] is False and second["position"] is None and second["orientation"] is None
+    assert second["not_localized"]["reason"].endswith("is below the minimum 0.5")
+    assert second["not_localized"]["pose"]["position"]["confidence"]["within_1.0m"] < 0.5
+    assert first["confidence_note"].startswith("calibration of a RANDOM-weights model")
+    assert run_main(argv) == EXIT_NOT_LOCALIZED
+    lines = capsys.readouterr().out.splitlines()
+    assert sum(line.startswith("confidence: P(error <= 0.5 m) = ") for line in lines) == 2
+    assert sum(line.startswith("NOT LOCALIZED: confidence ") for line in lines) == 1
