@@ -3,6 +3,7 @@ background thread on a free loopback port (tests, the load benchmark)."""
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -15,10 +16,16 @@ from fastapi import FastAPI
 from loc3r.models.tiny import loc3r_home
 from loc3r.runtime.pipeline import Pipeline
 from loc3r.serve.app import create_app
+from loc3r.serve.banner import banner
+from loc3r.serve.media import MediaResolver
 from loc3r.serve.metrics import ServeMetrics
 from loc3r.serve.settings import ServeSettings, is_loopback
 from loc3r.serve.uploads import UploadStore
 from loc3r.serve.worker import ModelWorker
+
+
+SHUTDOWN_GRACE_S = 0.5  # open connections (a streamed answer) get this long after Ctrl-C
+STOP_WAIT_S = 0.5  # then the model thread gets this long to leave its question
 
 
 @dataclass
@@ -43,12 +50,21 @@ def build_server(pipeline: Pipeline, settings: ServeSettings) -> Server:
 
 
 def serve_forever(server: Server, log_level: str = "info") -> None:
-    """Run until interrupted (``loc3r-serve``)."""
+    """Say what is served (the banner, on stderr), then run until interrupted (``loc3r-serve``).
+
+    Ctrl-C stops within about two seconds even with a question running: open streams get
+    ``SHUTDOWN_GRACE_S`` to finish, the question being answered is cancelled, and the model
+    thread (a daemon) is not waited for beyond ``STOP_WAIT_S`` (a frame encoding has no
+    cancellation point)."""
+    settings = server.settings
+    media = MediaResolver(settings, None).media_files() if settings.media_dir else None  # type: ignore[arg-type] - listing needs no uploads
+    for line in banner(server.worker.pipeline.model_info, settings, media):
+        print(f"loc3r-serve: {line}", file=sys.stderr, flush=True)
     server.worker.start()
     try:
-        uvicorn.run(server.app, host=server.settings.host, port=server.settings.port, log_level=log_level)
+        uvicorn.run(server.app, host=settings.host, port=settings.port, log_level=log_level, timeout_graceful_shutdown=SHUTDOWN_GRACE_S)
     finally:
-        server.worker.stop()
+        server.worker.stop(wait_s=STOP_WAIT_S)
 
 
 @contextmanager

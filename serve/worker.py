@@ -191,12 +191,17 @@ class ModelWorker:
     def _unavailable(self) -> ApiError:
         return ApiError(503, f"the model has stopped ({self.last_failure}); restart the server", "model_unavailable")
 
-    def stop(self) -> None:
+    def stop(self, wait_s: float = 30.0) -> None:
+        """Stop: the question being answered is cancelled (at its next token), the queue
+        closed, and the model thread waited for at most ``wait_s``."""
         self._stopping = True
+        current = self._current
+        if current is not None:
+            current.cancelled.set()
         for feed in self.feeds.values():
             feed.stop()
         self._queue.close()
-        self._thread.join(timeout=30)
+        self._thread.join(timeout=wait_s)
 
     @property
     def waiting(self) -> int:
