@@ -24,7 +24,7 @@ STAGES: dict[str, str] = {
     "prefill_video": "LLM prefill of the video (transformers: the whole prompt + first token; "
     "with prefix cache: the video prefix once; ours: frame blocks as they are encoded)",
     "prefill_question": "what a follow-up question's prefill costs (transformers: the whole prompt again; "
-    "with prefix cache: copying the cache + the question; ours: the question over the cached prefix)",
+    "with prefix cache: the question over the cached prefix, cropped back after; ours: the question over the cached prefix)",
     "ttft_cold": "video + question given together -> first token (ours: Answer.timings ttft_s)",
     "ttft_follow_up": "a second question on the same video -> first token",
     "decode_token": "one generated token at the prompt's context (1 / decode tok/s)",
