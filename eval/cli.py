@@ -23,7 +23,7 @@ from typing import Any, TextIO
 import numpy as np
 
 from loc3r.eval import metrics
-from loc3r.eval.dataset import Item, is_number, load_dataset, parse_json_line
+from loc3r.eval.dataset import Item, format_help, is_number, load_dataset, parse_json_line
 from loc3r.cli_support import ArgumentParser, positive_int, run_cli
 from loc3r.errors import InputError, Loc3rError
 from loc3r.fileio import claim_entries, finite_json, write_text_atomic
@@ -59,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG,
         description="Run Loc3R-VLM over a JSONL dataset and report localization (Acc@0.5m/1.0m, "
         "Acc@15/30deg), QA (EM, EM-R, multiple choice, MRA) and whether sigma tracks the error.",
+        epilog=format_help(),
     )
     parser.add_argument("data", nargs="?", help="JSONL dataset: one {video, question, ...} object per line")
     parser.add_argument("--model", default="tiny", help="bundle folder, or 'tiny' (built-in, random weights)")

@@ -20,6 +20,34 @@ from typing import Any
 from loc3r.errors import InputError
 
 FIELDS = ("id", "video", "question", "situation", "answer", "options", "position", "orientation", "meta")
+# every key of a line, what it holds (``loc3r-eval --help`` and docs/user-guide.md show these)
+KEYS: dict[str, str] = {
+    "video": "required: the video file (a relative path starts at the JSONL file's folder)",
+    "question": "required: the question (non-empty text)",
+    "situation": "optional: the situation text, placed before <Pos><Ori>",
+    "answer": "optional: the reference answer: a text, a list of accepted texts, a number (scored by MRA), "
+    "or with options a letter or an option's exact text",
+    "options": "optional: multiple choice: a list of 2+ texts (letters A, B, ... in order) or {letter: text}",
+    "position": "optional: the true position {x, y} in metres (BEV frame): localization metrics",
+    "orientation": "optional: the true heading in radians: orientation metrics",
+    "id": "optional: a unique string or integer (default: line N)",
+    "meta": "optional: anything; copied into the predictions",
+}
+EXAMPLE_LINES = (
+    '{"id": "q1", "video": "scenes/kitchen.mp4", "situation": "I am facing the window.", "question": "What is on my left?", '
+    '"answer": ["a fridge", "fridge"], "position": {"x": 1.2, "y": -0.4}, "orientation": 1.57}',
+    '{"id": "q2", "video": "scenes/kitchen.mp4", "question": "How many chairs are there?", "answer": 4}',
+    '{"id": "q3", "video": "/data/hall.mp4", "question": "Which way is the exit?", "options": ["left", "right", "behind me"], '
+    '"answer": "B", "meta": {"split": "val"}}',
+)
+
+
+def format_help() -> str:
+    """The dataset format as ``--help`` shows it: every key, then an example file."""
+    width = max(map(len, KEYS))
+    keys = "\n".join(f"  {key:<{width}}  {text}" for key, text in KEYS.items())
+    example = "\n".join(f"  {line}" for line in EXAMPLE_LINES)
+    return f"dataset format: one JSON object per line (blank lines ignored), keys:\n{keys}\n\nexample DATA.jsonl:\n{example}"
 _FIX = "fix the item"
 Fail = Callable[[str, str], InputError]  # (field, what it must be) -> the error to raise
 

@@ -52,7 +52,17 @@ def shows_default(action: argparse.Action) -> bool:
 
 
 class DefaultsHelpFormatter(argparse.HelpFormatter):
-    """``--help`` shows each option's default (unless its text already says it, or it has none)."""
+    """``--help`` shows each option's default (unless its text already says it, or it has none);
+    in a description or epilog, paragraphs whose lines are indented are shown as written."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        paragraphs = text.split("\n\n")
+        return "\n\n".join(
+            "\n".join(indent + line for line in part.splitlines())
+            if any(line.startswith("  ") for line in part.splitlines())
+            else super(DefaultsHelpFormatter, self)._fill_text(part, width, indent)
+            for part in paragraphs
+        )
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
         text = action.help or ""

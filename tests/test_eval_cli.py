@@ -78,6 +78,30 @@ def test_dataset_fields(tmp_path: Path) -> None:
     assert fourth.kind is None
 
 
+def test_the_documented_format_is_every_key_and_its_example_loads(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``--help`` and the user guide list every key the loader reads, and the example file they
+    show loads as written (relative paths from the file's folder)."""
+    from loc3r.eval.dataset import EXAMPLE_LINES, FIELDS, KEYS
+
+    assert set(KEYS) == set(FIELDS)
+    (tmp_path / "scenes").mkdir()
+    (tmp_path / "scenes" / "kitchen.mp4").write_bytes(b"")
+    (tmp_path / "hall.mp4").write_bytes(b"")
+    data = tmp_path / "data.jsonl"
+    data.write_text("\n".join(EXAMPLE_LINES).replace("/data/hall.mp4", str(tmp_path / "hall.mp4")) + "\n")
+    kitchen, chairs, exit_ = load_dataset(data)
+    assert (kitchen.key, kitchen.kind, kitchen.position, kitchen.orientation) == ("q1", "open", (1.2, -0.4), 1.57)
+    assert (chairs.kind, chairs.answer, exit_.kind, exit_.answer) == ("numeric", 4.0, "choice", "B")
+    with pytest.raises(SystemExit):
+        eval_cli.main(["--help"])
+    shown = capsys.readouterr().out
+    guide = (Path(__file__).parents[1] / "docs" / "user-guide.md").read_text()
+    for key in KEYS:
+        assert f"\n  {key} " in shown and f"| `{key}` |" in guide, key
+    for line in EXAMPLE_LINES:
+        assert f"  {line}\n" in shown and f"{line}\n" in guide
+
+
 def test_empty_dataset_and_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert eval_cli.main([str(write_lines(tmp_path / "empty.jsonl", ["", " "]))]) == 2
     assert "has no items" in capsys.readouterr().err
