@@ -30,6 +30,7 @@ from transformers import Qwen2ForCausalLM
 
 from loc3r.fileio import atomic_file, write_json_atomic
 from loc3r.bench.memory import peak_rss_mib
+from loc3r.bench.provenance import Recording, header
 from loc3r.models.config import LLMConfig
 from loc3r.models.llm import build_qwen2
 from loc3r.runtime.generate import SamplingConfig, generate
@@ -353,10 +354,10 @@ def to_markdown(result: dict[str, Any]) -> str:
 SPEED_VARIANTS = ("fp32", "int8", "int4")
 
 
-def speed_run(head_std: float, rounds: int) -> dict[str, Any]:
+def speed_run(head_std: float, rounds: int, recording: Recording) -> dict[str, Any]:
     """The shipped precisions' prefill and decode speed: ``rounds`` fresh subprocesses per
-    variant (each the best of ``REPEATS``), in alternating order; medians and ranges."""
-    from loc3r.bench.report import machine_info
+    variant (each the best of ``REPEATS``), in alternating order; medians and ranges, and
+    the CPU seconds of each subprocess beside its wall time."""
     from loc3r.export.llm import LLMSource
 
     model = scaled_qwen2(SMALL, head_std)
@@ -367,35 +368,42 @@ def speed_run(head_std: float, rounds: int) -> dict[str, Any]:
             _export(source, Path(tmp) / quant, probe=False, layers=quant, lm_head=quant, accuracy_level=4)
         for r in range(rounds):
             for quant in SPEED_VARIANTS if r % 2 == 0 else SPEED_VARIANTS[::-1]:
-                samples[quant].append(_in_subprocess("_measure_speed", str(Path(tmp) / quant), 512, 64))
+                before, start = _children_cpu_s(), time.perf_counter()
+                sample = _in_subprocess("_measure_speed", str(Path(tmp) / quant), 512, 64)
+                samples[quant].append(sample | {"wall_s": time.perf_counter() - start, "cpu_s": _children_cpu_s() - before})
     summary = {
         quant: {key: {"median": statistics.median(s[key] for s in runs), "min": min(s[key] for s in runs), "max": max(s[key] for s in runs)}
-                for key in ("prefill_tok_s", "decode_tok_s", "peak_rss_mb")}
+                for key in ("prefill_tok_s", "decode_tok_s", "peak_rss_mb", "wall_s", "cpu_s")}
         for quant, runs in samples.items()
     }
-    return {"config": SMALL.__dict__, "machine": machine_info(), "rounds": rounds, "samples": samples, "summary": summary}
+    return {"config": SMALL.__dict__, "provenance": recording.finish(), "rounds": rounds, "samples": samples, "summary": summary}
 
 
-def speed_markdown(result: dict[str, Any], command: str) -> str:
-    m, summary = result["machine"], result["summary"]
+def _children_cpu_s() -> float:
+    times = os.times()
+    return times.children_user + times.children_system
+
+
+def speed_markdown(result: dict[str, Any]) -> str:
+    summary = result["summary"]
     fp32 = summary["fp32"]
     lines = [
         "# LLM quantization: speed re-measured (shipped precisions)",
         "",
-        f"Command: `{command}`  ",
-        f"Machine: {m['cpu']}, {m['cores']} cores; load average at start {m['load_average_at_start']}; {m['date_utc']}; "
-        f"code {m['code_commit']}{' (dirty)' if m['code_dirty'] else ''}  ",
+        *header(result["provenance"]),
         f"Config: {result['config']}  ",
         f"{result['rounds']} fresh subprocesses per variant (each the best of {REPEATS} runs), alternating order; "
-        "median (min-max). Prompt 512 tokens, 64 decoded tokens; ONNX Runtime CPU, default threads.",
+        "median (min-max). Prompt 512 tokens, 64 decoded tokens; ONNX Runtime CPU, default threads. "
+        "Wall and CPU seconds are each subprocess's whole life (start-up, loading, the timed runs).",
         "",
-        "| variant | prefill tok/s | decode tok/s | decode vs fp32 | peak RSS MB (VmHWM) |",
-        "| --- | --- | --- | --- | --- |",
+        "| variant | prefill tok/s | decode tok/s | decode vs fp32 (medians) | subprocess wall s | subprocess CPU s | peak RSS MB (VmHWM) |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for quant, s in summary.items():
         cells = [f"{s[k]['median']:.0f} ({s[k]['min']:.0f}-{s[k]['max']:.0f})" for k in ("prefill_tok_s", "decode_tok_s")]
+        times = [f"{s[k]['median']:.1f} ({s[k]['min']:.1f}-{s[k]['max']:.1f})" for k in ("wall_s", "cpu_s")]
         ratio = s["decode_tok_s"]["median"] / fp32["decode_tok_s"]["median"]
-        lines.append(f"| {quant} | {cells[0]} | {cells[1]} | {ratio:.2f}x | {s['peak_rss_mb']['median']:.0f} |")
+        lines.append(f"| {quant} | {cells[0]} | {cells[1]} | {ratio:.2f}x | {times[0]} | {times[1]} | {s['peak_rss_mb']['median']:.0f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -406,14 +414,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--speed-only", type=int, metavar="ROUNDS", help="only re-measure fp32/int8/int4 speed, ROUNDS subprocesses each")
+    parser.add_argument("--allow-unreachable", action="store_true", help="measure code not on main (the result says so)")
     args = parser.parse_args(argv)
     if args.speed_only:
-        command = "python -m loc3r.bench.llm_quant " + " ".join(argv if argv is not None else sys.argv[1:])
-        result = speed_run(args.head_std, args.speed_only)
+        command = ["python", "-m", "loc3r.bench.llm_quant", *(argv if argv is not None else sys.argv[1:])]
+        recording = Recording("llm_quant_speed", command, "variants alternate their order every round (A B C, C B A, ...)",
+                              args.speed_only, args.allow_unreachable)
+        result = speed_run(args.head_std, args.speed_only, recording)
         args.out.mkdir(parents=True, exist_ok=True)
         write_json_atomic(args.out / "llm_quant_speed.json", result)
         with atomic_file(args.out / "llm_quant_speed.md") as stream:
-            stream.write(speed_markdown(result, command.strip()))
+            stream.write(speed_markdown(result))
         return
     result = run(args.head_std, args.prompts, args.new_tokens)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -59,7 +59,7 @@ def git(*args: str) -> str | None:
         done = subprocess.run(["git", *args], capture_output=True, text=True, cwd=ROOT, timeout=30)
     except (OSError, subprocess.SubprocessError):
         return None
-    return done.stdout.strip() if done.returncode == 0 else None
+    return done.stdout.strip("\n") if done.returncode == 0 else None
 
 
 def reachable_from_main(commit: str) -> bool:
@@ -74,7 +74,7 @@ def reachable_from_main(commit: str) -> bool:
 def dirty_files() -> list[str]:
     """Uncommitted changes to the code (results excluded)."""
     out = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)benchmarks/results") or ""
-    return [line[3:] for line in out.splitlines()]
+    return [line[3:] for line in out.splitlines() if line.strip()]
 
 
 def cpu_flags() -> list[str]:

@@ -55,6 +55,13 @@ def test_code_not_on_main_is_refused_unless_allowed(
     assert "NOT reachable from main" in "\n".join(provenance.header(allowed))
 
 
+def test_dirty_files_are_named_whole() -> None:
+    """``git status --porcelain`` lines start with a space for unstaged changes: the names
+    must not lose their first letter."""
+    for name in provenance.dirty_files():
+        assert (provenance.ROOT / name).exists(), name
+
+
 def test_mark_stale_puts_the_note_under_the_title(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
     monkeypatch.setattr(provenance, "RESULTS", tmp_path)
     (tmp_path / "decode.md").write_text("# Decoding\n\nCommand: `x`\n")
