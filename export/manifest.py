@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 from dataclasses import dataclass
 from functools import cached_property
@@ -22,8 +23,10 @@ from typing import Any
 
 from loc3r.digest import DigestMemo
 from loc3r.errors import ModelError
-from loc3r.fileio import OWN_PREFIX, finite_json, write_text_atomic
+from loc3r.export.external_data import check_external_data
+from loc3r.fileio import OUTPUT_MARKER, finite_json, recover_interrupted, write_text_atomic
 
+log = logging.getLogger(__name__)
 MANIFEST_FILE = "manifest.json"
 FORMAT = "loc3r-manifest"
 VERSION = 2  # 2: every file listed with its size and SHA-256; the LLM is the model builder's decoder (context limit, prefill chunk, memory plan)
@@ -85,6 +88,17 @@ class Manifest:
             raise self.corrupt(f"it refers to {relative!r}, which its 'files' section does not list")
         return path
 
+    def float_tensors(self, relative: object) -> dict[str, Any]:
+        """The tensors of a listed safetensors file, each floating point (bytes relabelled
+        as integers in the header would be read as something else): else a ModelError."""
+        from safetensors.torch import load_file
+
+        tensors = load_file(str(self.file(relative)))
+        wrong = sorted(name for name, tensor in tensors.items() if not tensor.is_floating_point())
+        if wrong:
+            raise self.corrupt(f"{relative} stores {wrong[0]!r} as {tensors[wrong[0]].dtype}, not floating point")
+        return tensors
+
     def artifact_path(self, name: str) -> Path:
         if name not in self.artifacts:
             raise ModelError(f"manifest {self.path} has no {name!r} artifact", _REEXPORT)
@@ -98,7 +112,8 @@ class Manifest:
         raise ModelError(f"manifest artifact {artifact!r} has no tensor {tensor!r}", _REEXPORT)
 
     def verify(self) -> None:
-        """Every listed file is there, with its size and SHA-256: else a one-line ModelError."""
+        """Every listed file is there, with its size and SHA-256, and every graph's external
+        data lies in listed files (``loc3r.export.external_data``): else a one-line ModelError."""
         memo = DigestMemo()
         try:
             for relative, entry in sorted(self.files.items()):
@@ -114,6 +129,9 @@ class Manifest:
                     raise ModelError(f"{path} does not match the sha256 in its manifest (damaged or replaced)", _RECOPY)
         finally:
             memo.save()
+        for relative in sorted(self.files):
+            if relative.endswith(".onnx"):  # before ONNX Runtime or TensorRT opens any graph
+                check_external_data(self.root, relative, self.files)
 
     def corrupt(self, problem: str) -> ModelError:
         return ModelError(f"{self.path} is corrupt: {problem}", _REEXPORT)
@@ -136,6 +154,9 @@ def load_manifest(engines_dir: str | Path) -> Manifest:
     Cheap: sections and paths are checked here, file contents by :meth:`Manifest.verify`.
     """
     root = Path(engines_dir)
+    restored = recover_interrupted(root)
+    if restored is not None:
+        log.warning("restored %s from %s, where a run killed while replacing it had left it", root, restored.name)
     path = root / MANIFEST_FILE
     if not path.is_file():
         raise ModelError(f"{root} has no {MANIFEST_FILE}", "pass the folder written by loc3r-export --out")
@@ -199,14 +220,14 @@ def _valid_artifact(entry: object) -> bool:
 
 def write_manifest(folder: Path, data: dict[str, Any]) -> Manifest:
     """Write ``data`` as ``folder/manifest.json`` (atomically), its ``files`` section
-    completed with the size and SHA-256 of every file in ``folder`` not yet listed (loc3r's
-    hidden files and the caches in ``MUTABLE_ENTRIES`` excepted)."""
+    completed with the size and SHA-256 of every file in ``folder`` not yet listed (the
+    output marker and the caches in ``MUTABLE_ENTRIES`` excepted)."""
     files = dict(data.get("files") or {})
     memo = DigestMemo()
     for path in sorted(folder.rglob("*")):
         relative = path.relative_to(folder).as_posix()
         top = relative.split("/", 1)[0]
-        if relative in files or relative == MANIFEST_FILE or top.startswith(OWN_PREFIX) or top in MUTABLE_ENTRIES:
+        if relative in files or relative in (MANIFEST_FILE, OUTPUT_MARKER) or top in MUTABLE_ENTRIES:
             continue
         if path.is_file() and not path.is_symlink():
             files[relative] = {"size": path.stat().st_size, "sha256": memo.sha256(path)}

@@ -1,13 +1,18 @@
 """Safe output: files and folders appear whole or not at all, readable as the umask allows,
 and a folder is only ever replaced when loc3r wrote all of it; JSON reading with one-line errors.
 
-Output folders (bundles, exports) carry a marker, ``.loc3r-output.json``, with our format,
-version, the kind of folder and the names loc3r put in it. :func:`atomic_directory` builds
-the new folder beside the target and swaps it in: the old one is renamed aside, the new one
+Output folders (bundles, exports, evaluations) carry a marker, ``.loc3r-output.json``, with
+our format, version, the kind of folder, and every file loc3r put in it with its size and
+SHA-256 (``later`` names caches that programs add, such as TensorRT's timing cache). A file
+that is not listed, or no longer matches its size and digest, is the user's: the folder is
+then never replaced or deleted (no name is ours by its prefix alone, and a marker copied
+from elsewhere vouches for nothing it does not match). :func:`atomic_directory` builds the
+new folder beside the target and swaps it in: the old one is renamed aside, the new one
 renamed in, then the old one deleted (Ctrl-C and SIGTERM wait until both renames are done;
 a killed run leaves a ``.NAME.loc3r-PID-*`` folder that the next run cleans up or, when the
-target itself is missing, renames back). It refuses to replace a folder without our
-marker, one holding names loc3r did not write, the current folder, or one that holds it.
+target itself is missing, renames back: :func:`recover_interrupted`). It refuses a target
+that is a symlink, a folder without our marker or with files loc3r did not write, the
+current folder, or one that holds it.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import os
 import re
 import shutil
 import signal
+import stat
 import tempfile
 import threading
 from collections.abc import Iterable, Iterator
@@ -30,8 +36,7 @@ from loc3r.errors import InputError, ModelError
 
 OUTPUT_MARKER = ".loc3r-output.json"
 MARKER_FORMAT = "loc3r-output"
-MARKER_VERSION = 1
-OWN_PREFIX = ".loc3r-"  # hidden files loc3r keeps in its folders (marker, digest memos)
+MARKER_VERSION = 2  # 2: files with sizes and SHA-256 (1 listed names only, which anything could match)
 _STAGING = "loc3r-"  # staging folders are .NAME.loc3r-PID-RANDOM, set aside ones end in .old
 
 
@@ -116,13 +121,37 @@ def check_output_file(path: Path, flag: str, suffixes: tuple[str, ...], inputs: 
                 raise InputError(f"{flag} {path} is an input ({source}); it would be overwritten", "choose another file to write")
 
 
+def check_readable_file(path: Path, what: str) -> None:
+    """Refuse in one line a ``what`` that is not a regular file (a FIFO is never opened: that
+    would block) or that this user may not read (a permission problem, not a damaged file)."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such file", f"check the path to the {what}") from None
+    except PermissionError:
+        mode = stat.S_IFREG
+    if not stat.S_ISREG(mode):
+        raise InputError(f"{path} is not a regular file (a folder, FIFO or device)", f"pass the {what} itself")
+    try:
+        os.close(os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)))
+    except PermissionError:
+        raise InputError(
+            f"{path}: permission denied (this user cannot read the {what})",
+            f"make it readable (chmod u+r {path}) or run as a user who can read it",
+        ) from None
+
+
 # -- output folders ----------------------------------------------------------------------
 
 
 def check_replaceable(target: str | Path, kind: str, flag: str = "--out") -> Path:
     """``target`` as an absolute path, if loc3r may write a ``kind`` folder there: absent,
-    empty, or a ``kind`` folder loc3r wrote that holds nothing else. Otherwise ``InputError``."""
-    path = Path(target).resolve()  # a symlinked folder is replaced where it really is
+    empty, or a ``kind`` folder whose every file loc3r wrote (:func:`foreign_file`).
+    Otherwise ``InputError``; a symlink is refused (it would be followed somewhere else)."""
+    given = Path(target)
+    if given.is_symlink():
+        raise InputError(f"{flag} {target} is a symbolic link; loc3r does not write through links", "pass the real folder, or a new one")
+    path = given.resolve()
     if path == Path(path.anchor):
         raise InputError(f"{flag} {target} is the root folder", "pass a new folder for the output")
     here = Path.cwd().resolve()
@@ -146,12 +175,9 @@ def check_replaceable(target: str | Path, kind: str, flag: str = "--out") -> Pat
         )
     if marker["kind"] != kind:
         raise InputError(f"{flag} {target} holds loc3r output of kind {marker['kind']!r}, not {kind!r}", "pass a new or empty folder")
-    foreign = [name for name in entries if name not in marker["entries"] and not name.startswith(OWN_PREFIX)]
-    if foreign:
-        raise InputError(
-            f"{flag} {target} holds {foreign[0]}, which loc3r did not write; replacing the folder would delete it",
-            "move it out, or pass another folder",
-        )
+    problem = foreign_file(path, marker)
+    if problem:
+        raise InputError(f"{flag} {target} holds {problem}; replacing the folder would delete it", "move it out, or pass another folder")
     return path
 
 
@@ -161,23 +187,76 @@ def read_marker(folder: Path) -> dict[str, Any] | None:
         marker = json.loads((folder / OUTPUT_MARKER).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError, RecursionError):
         return None
+    files = marker.get("files") if isinstance(marker, dict) else None
     valid = (
         isinstance(marker, dict)
         and marker.get("format") == MARKER_FORMAT
         and marker.get("version") == MARKER_VERSION
         and isinstance(marker.get("kind"), str)
-        and isinstance(marker.get("entries"), list)
-        and all(isinstance(name, str) for name in marker["entries"])
+        and isinstance(files, dict)
+        and all(isinstance(e, dict) and _is_size(e.get("size")) and isinstance(e.get("sha256"), str) for e in files.values())
+        and isinstance(marker.get("later"), list)
+        and all(isinstance(name, str) and name and "/" not in name for name in marker["later"])
     )
     return marker if valid else None
 
 
+def _is_size(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def foreign_file(folder: Path, marker: dict[str, Any]) -> str | None:
+    """The first file under ``folder`` that loc3r did not write, said in words ("X, which
+    loc3r did not write" / "X, which changed since loc3r wrote it"), or None."""
+    from loc3r.digest import DigestMemo
+
+    memo = DigestMemo()
+    try:
+        for item in sorted(folder.rglob("*")):
+            relative = item.relative_to(folder).as_posix()
+            if relative == OUTPUT_MARKER or relative.split("/", 1)[0] in marker["later"]:
+                continue
+            if item.is_dir() and not item.is_symlink():
+                continue
+            entry = marker["files"].get(relative)
+            if entry is None or item.is_symlink() or not item.is_file():
+                return f"{relative}, which loc3r did not write"
+            if item.stat().st_size != entry["size"] or memo.sha256(item) != entry["sha256"]:
+                return f"{relative}, which changed since loc3r wrote it"
+    finally:
+        memo.save()
+    return None
+
+
+def written_files(folder: Path, names: Iterable[str] | None = None) -> dict[str, dict[str, Any]]:
+    """Size and SHA-256 of every regular file under ``folder`` (or under its entries ``names``)."""
+    from loc3r.digest import DigestMemo
+
+    memo = DigestMemo()
+    roots = [folder / name for name in names] if names is not None else [folder]
+    files: dict[str, dict[str, Any]] = {}
+    for root in roots:
+        for item in sorted([root, *root.rglob("*")] if root.is_dir() else [root]):
+            relative = item.relative_to(folder).as_posix()
+            if item.is_file() and not item.is_symlink() and relative != OUTPUT_MARKER:
+                files[relative] = {"size": item.stat().st_size, "sha256": memo.sha256(item)}
+    memo.save()
+    return files
+
+
 def claim_entries(folder: Path, names: Iterable[str]) -> None:
-    """Record ``names`` (written later, e.g. engines built on the device) as loc3r's."""
+    """Record files written later under ``names`` (engines built on the device, a
+    calibration) as loc3r's, with their sizes and digests."""
     marker = read_marker(folder)
     if marker is not None:
-        marker["entries"] = sorted({*marker["entries"], *names})
+        marker["files"] = {**marker["files"], **written_files(folder, list(names))}
         write_json_atomic(folder / OUTPUT_MARKER, marker)
+
+
+def write_marker(folder: Path, kind: str, later: Iterable[str] = ()) -> None:
+    """Mark ``folder`` as a ``kind`` folder whose present files loc3r wrote."""
+    marker = {"format": MARKER_FORMAT, "version": MARKER_VERSION, "kind": kind, "files": written_files(folder), "later": sorted(set(later))}
+    write_json_atomic(folder / OUTPUT_MARKER, marker)
 
 
 @contextmanager
@@ -193,9 +272,7 @@ def atomic_directory(target: str | Path, kind: str, later: Iterable[str] = ()) -
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.{_STAGING}{os.getpid()}-", dir=target.parent))
     try:
         yield staging
-        entries = sorted({*(entry.name for entry in staging.iterdir()), *later})
-        marker = {"format": MARKER_FORMAT, "version": MARKER_VERSION, "kind": kind, "entries": entries}
-        (staging / OUTPUT_MARKER).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
+        write_marker(staging, kind, later)
         share_with_umask(staging)
         check_replaceable(target, kind)  # nothing foreign appeared while we worked
         _swap_in(staging, target)
@@ -232,6 +309,22 @@ def clean_stale_staging(target: Path) -> None:
             os.replace(entry, target)
         else:
             shutil.rmtree(entry, ignore_errors=True)
+
+
+def recover_interrupted(target: str | Path) -> Path | None:
+    """When ``target`` is missing because a run was killed between the two renames of
+    :func:`atomic_directory`, rename its old version (``.NAME.loc3r-PID-*.old``, with our
+    marker, of a process that is gone) back; return where it was, else None."""
+    target = Path(target).absolute()
+    if target.exists() or target.is_symlink() or not target.parent.is_dir():
+        return None
+    pattern = re.compile(re.escape(f".{target.name}.{_STAGING}") + r"(\d+)-[^/]*\.old$")
+    for entry in sorted(target.parent.iterdir()):
+        match = pattern.match(entry.name)
+        if match and not _alive(int(match.group(1))) and entry.is_dir() and read_marker(entry) is not None:
+            os.replace(entry, target)
+            return entry
+    return None
 
 
 def _alive(pid: int) -> bool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 from collections.abc import Iterator, Mapping, Sequence
 from functools import cached_property
 from pathlib import Path
@@ -21,9 +22,9 @@ from torch import nn
 
 from loc3r.digest import DigestMemo
 from loc3r.errors import ModelError
-from loc3r.fileio import atomic_directory, write_json_atomic
+from loc3r.fileio import atomic_directory, recover_interrupted
 from loc3r.models.config import Loc3rConfig
-from loc3r.models.convert_stream import read_safetensors_header
+from loc3r.models.convert_stream import DTYPE_NAMES, read_safetensors_header
 from loc3r.models.loc3r_model import Loc3rModel
 from loc3r.models.precision import Precision, choose_precision, weight_stats
 from loc3r.models.tokenizer import TextTokenizer
@@ -31,6 +32,7 @@ from loc3r.models.tokenizer import TextTokenizer
 WEIGHTS_FILE = "model.safetensors"
 WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
 REBUILD = "re-create the bundle with loc3r-convert"
+log = logging.getLogger(__name__)
 BUNDLE_KIND = "bundle"  # the output-folder kind (loc3r.fileio) of bundles
 
 
@@ -121,6 +123,9 @@ def load_bundle(bundle_dir: str | Path, dtype: str = "auto") -> Bundle:
     """Open a bundle (config, tokenizer, checksum); weights load when ``model`` is first used,
     in ``dtype`` (``auto``: chosen for this machine, see ``loc3r.models.precision``)."""
     bundle_dir = Path(bundle_dir)
+    restored = recover_interrupted(bundle_dir)
+    if restored is not None:
+        log.warning("restored %s from %s, where a run killed while replacing it had left it", bundle_dir, restored.name)
     config = Loc3rConfig.load(bundle_dir)
     tokenizer = TextTokenizer.from_dir(bundle_dir)
     if tokenizer.largest_id >= config.llm.vocab_size:
@@ -139,11 +144,6 @@ def expected_shapes(config: Loc3rConfig) -> dict[str, tuple[int, ...]]:
     return {name: tuple(t.shape) for name, t in model.state_dict().items()}
 
 
-def stored_shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
-    """Tensor shapes from the safetensors headers (no tensor data is read)."""
-    return {name: info.shape for path in files for name, info in read_safetensors_header(path, REBUILD).items()}
-
-
 def load_weights(
     bundle_dir: Path,
     config: Loc3rConfig,
@@ -154,21 +154,23 @@ def load_weights(
     """The PyTorch model with the bundle's tensors in ``dtype`` on ``device``, streamed
     tensor by tensor (peak: the model plus one tensor). Every shape is checked against the
     files' headers before any tensor is read, so the config cannot ask for more memory than
-    the weights on disk take; missing, unexpected or mis-shaped tensors are a ``ModelError``.
+    the weights on disk take; missing, unexpected, mis-shaped or mis-typed (an integer
+    where the model holds floats) tensors are a ``ModelError``.
     With ``parts``, only tensors under those top-level names are loaded and the rest stays
     on the meta device."""
     files = weight_files(bundle_dir)
     wanted = tuple(f"{part}." for part in parts) if parts is not None else ("",)
     with parameters_on_meta():  # nothing of the weights' size is allocated here
         model = Loc3rModel(config)
-    expected = {n: tuple(t.shape) for n, t in model.state_dict().items() if n.startswith(wanted)}
-    stored = {n: s for n, s in stored_shapes(files).items() if n.startswith(wanted)}
-    check_tensors(expected, stored, bundle_dir)
+    state = {n: t for n, t in model.state_dict().items() if n.startswith(wanted)}
+    infos = {n: info for path in files for n, info in read_safetensors_header(path, REBUILD).items() if n.startswith(wanted)}
+    check_tensors({n: tuple(t.shape) for n, t in state.items()}, {n: i.shape for n, i in infos.items()}, bundle_dir)
+    check_dtypes({n: t.dtype for n, t in state.items()}, {n: i.dtype for n, i in infos.items()}, bundle_dir)
     for path in files:
         try:
             with safe_open(str(path), framework="pt") as handle:
                 for name in handle.keys():  # noqa: SIM118 - safe_open has no __iter__
-                    if name in expected:
+                    if name in state:
                         tensor = handle.get_tensor(name)
                         cast = dtype if tensor.is_floating_point() else tensor.dtype
                         _assign(model, name, tensor.to(device, cast))
@@ -205,6 +207,19 @@ def parameters_on_meta() -> Iterator[None]:
         yield
     finally:
         nn.Module.register_parameter = register  # type: ignore[method-assign]
+
+
+def check_dtypes(expected: Mapping[str, torch.dtype], stored: Mapping[str, torch.dtype], where: Path) -> None:
+    """Refuse tensors stored as integers or booleans where the model holds floating-point
+    values (or the reverse): their bytes would be read as something else entirely."""
+    wrong = [
+        f"{name} ({DTYPE_NAMES.get(stored[name], stored[name])}, the model needs {'floating point' if dtype.is_floating_point else dtype})"
+        for name, dtype in expected.items()
+        if name in stored and (stored[name].is_floating_point != dtype.is_floating_point or not dtype.is_floating_point and stored[name] != dtype)
+    ]
+    if wrong:
+        shown = ", ".join(wrong[:3]) + (f" and {len(wrong) - 3} more" if len(wrong) > 3 else "")
+        raise ModelError(f"bundle {where} has {len(wrong)} tensors of the wrong type: {shown}", REBUILD)
 
 
 def check_tensors(expected: Mapping[str, tuple[int, ...]], loaded: Mapping[str, tuple[int, ...]], where: Path) -> None:

@@ -47,7 +47,7 @@ from loc3r.errors import ModelError
 from loc3r.fileio import read_json_object
 from loc3r.models.config import ONEVISION_VIDEO, LLMConfig, VideoLayout, VisionConfig
 from loc3r.models.convert_input_size import tower_name, vision_input_size
-from loc3r.models.convert_stream import SourceShards, TensorInfo
+from loc3r.models.convert_stream import DTYPE_NAMES, SourceShards, TensorInfo
 from loc3r.models.vision import vision_state_dict_from_hf_llava_onevision, vision_state_dict_from_llava_next
 
 log = logging.getLogger(__name__)
@@ -293,7 +293,8 @@ def map_names(source: LlavaSource, keep_layers: int, tie_word_embeddings: bool) 
 def check_against(
     mapping: dict[str, str], infos: dict[str, TensorInfo], expected: dict[str, tuple[int, ...]], where: Path
 ) -> None:
-    """Every expected tensor is mapped with the expected shape, and nothing else is."""
+    """Every expected tensor is mapped with the expected shape and a floating-point dtype,
+    and nothing else is."""
     problems = []
     unexpected = sorted(set(mapping) - set(expected))
     if unexpected:
@@ -302,6 +303,10 @@ def check_against(
                  for n in mapping if n in expected and infos[mapping[n]].shape != expected[n]]
     if misshaped:
         problems.append(f"shapes that disagree with config.json: {_names(misshaped)}")
+    mistyped = [f"{mapping[n]} ({DTYPE_NAMES.get(infos[mapping[n]].dtype, infos[mapping[n]].dtype)})"
+                for n in mapping if n in expected and not infos[mapping[n]].dtype.is_floating_point]
+    if mistyped:
+        problems.append(f"weights stored as integers or booleans, not floating point: {_names(mistyped)}")
     missing = sorted(set(expected) - set(mapping))
     if missing:
         problems.append(f"missing tensors: {_names(missing)}")

@@ -23,7 +23,7 @@ from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
 from loc3r.errors import ModelError
-from loc3r.fileio import write_json_atomic
+from loc3r.fileio import check_readable_file, write_json_atomic
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -53,6 +53,7 @@ class TensorInfo:
 def read_safetensors_header(path: Path, fix: str = _FIX) -> dict[str, TensorInfo]:
     """Names, dtypes and shapes of a safetensors file; a truncated or corrupt file is a
     one-line ``ModelError`` ending in ``fix``."""
+    check_readable_file(path, "checkpoint file")
     try:
         size = path.stat().st_size
         with path.open("rb") as stream:
@@ -76,6 +77,7 @@ def read_safetensors_header(path: Path, fix: str = _FIX) -> dict[str, TensorInfo
 def load_tensor_pickle(path: Path, what: str, fix: str, mmap: bool = False) -> Any:
     """``torch.load`` of tensors and plain containers only (``weights_only``): a file holding
     any other Python object is refused in one line, never loaded (that could run code)."""
+    check_readable_file(path, what)
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError:

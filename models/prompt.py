@@ -133,6 +133,21 @@ def build_video_prefix(
     )
 
 
+NORMALIZER_SLACK = 2  # a normalizer (NFC) may shrink text before it is split into tokens
+
+
+def check_text_fits(tokenizer: TextTokenizer, text: str, limit: int, what: str = "question") -> None:
+    """Refuse, before tokenizing it, text that cannot fit ``limit`` tokens whatever its tokens:
+    more bytes than ``limit`` of the vocabulary's longest tokens could spell (tokenizing
+    megabytes takes minutes)."""
+    size = len(text.encode("utf-8", errors="surrogatepass"))
+    if size > limit * tokenizer.longest_token_bytes * NORMALIZER_SLACK:
+        raise InputError(
+            f"the {what} is {len(text)} characters long, more than the LLM's context of {limit} tokens can hold",
+            f"ask a shorter {what}",
+        )
+
+
 def build_question_suffix(
     tokenizer: TextTokenizer, question: str, situation: str | None = None
 ) -> QuestionSuffix:

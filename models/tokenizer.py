@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
+from functools import cached_property
 from pathlib import Path
 
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
@@ -77,6 +78,12 @@ class TextTokenizer:
     def largest_id(self) -> int:
         """The largest token id: the LLM's embedding needs a row for it."""
         return max(self._tokenizer.get_vocab(with_added_tokens=True).values())
+
+    @cached_property
+    def longest_token_bytes(self) -> int:
+        """The most UTF-8 bytes one token stands for (byte-level vocabularies spell a byte
+        as one character): text of B bytes is at least B / this many tokens."""
+        return max((len(token.encode("utf-8")) for token in self._tokenizer.get_vocab(with_added_tokens=False)), default=1)
 
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text`` read as plain text: never an added or special token's id."""

@@ -15,7 +15,7 @@ from loc3r.cli_support import ArgumentParser, positive_int, run_cli
 from loc3r.errors import InputError, QuestionFailed, one_question
 from loc3r.fileio import check_output_file, finite_json
 from loc3r.models.config import DTYPE_CHOICES
-from loc3r.models.prompt import build_question_suffix, check_user_text
+from loc3r.models.prompt import build_question_suffix, check_text_fits, check_user_text
 from loc3r.progress import terminal_output
 from loc3r.runtime.confidence import check_min_confidence
 from loc3r.runtime.generate import SamplingConfig, TextStream
@@ -306,6 +306,8 @@ def iter_questions(args: argparse.Namespace) -> Iterator[str]:
 def check_fit(pipeline, args: argparse.Namespace, frames: int, duration_s: float | None = None) -> None:  # noqa: ANN001 - Pipeline
     """Refuse, before any frame is decoded, frames + questions + --max-new-tokens beyond the context."""
     tokenizer = pipeline.bundle.tokenizer
+    for text, what in [*((q, "question") for q in args.questions), (args.situation or "", "situation")]:
+        check_text_fits(tokenizer, text, pipeline.stages.llm.context_limit, what)
     with one_question():  # the questions are tokenized here first: a panic on one is that question's error
         question = max((len(build_question_suffix(tokenizer, q, args.situation).ids) for q in args.questions or ["?"]))
     extra = {} if duration_s is None else {"duration_s": duration_s}

@@ -8,13 +8,13 @@ another model or with other shapes.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 from torch import Tensor
 
 from loc3r.errors import InputError, ModelError
@@ -224,7 +224,7 @@ def video_end(bundle: Bundle, manifest: Manifest) -> Tensor:
     layout (``k`` is 1 for a newline after the whole video, else 0)."""
     config = bundle.config
     file = manifest.file(manifest.value("artifacts", "vision", "video_end"))
-    end = load_file(str(file)).get("tokens")
+    end = manifest.float_tensors(manifest.value("artifacts", "vision", "video_end")).get("tokens")
     expected = (video_end_tokens(config), config.llm.hidden_size)
     if end is None or tuple(end.shape) != expected:
         found = None if end is None else tuple(end.shape)
@@ -261,7 +261,7 @@ def ort_camera(bundle: Bundle, manifest: Manifest, session: dict[str, Any]) -> C
 
 def initial_state(manifest: Manifest) -> dict[str, Tensor]:
     """CUT3R's state and memory before the first frame, as the export saved them."""
-    state = load_file(str(manifest.file(manifest.value("artifacts", "cut3r_step", "initial_state"))))
+    state = manifest.float_tensors(manifest.value("artifacts", "cut3r_step", "initial_state"))
     if set(state) != {"state", "memory"}:
         raise manifest.corrupt("the CUT3R initial state file does not hold 'state' and 'memory'")
     return state
@@ -292,7 +292,32 @@ def onnx_llm(bundle: Bundle, manifest: Manifest, providers: Sequence[Any]) -> LL
     return OnnxLLM(
         manifest.file(manifest.value("llm", "decoder", "file")),
         manifest.file(manifest.value("llm", "embeddings", "file")),
-        capacity=llm["context_tokens"],
+        capacity=checked_context(manifest, bundle),
         chunk_tokens=llm["prefill_chunk_tokens"],
         providers=names,
     )
+
+
+def checked_context(manifest: Manifest, bundle: Bundle) -> int:
+    """``llm.context_tokens``, once it is within the model's positions, the tokens the
+    export's memory plan budgeted, and this machine's memory for its KV cache (the runtime
+    allocates that cache whole, before the first token)."""
+    from loc3r.export.memory_plan import GIB, kv_bytes_per_token
+
+    tokens = manifest.value("llm", "context_tokens", kind=int)
+    positions = bundle.config.llm.max_position_embeddings
+    if tokens > positions:
+        raise manifest.corrupt(f"'llm.context_tokens' is {tokens}, beyond the model's {positions} positions")
+    plan = manifest.data.get("memory_plan")
+    planned = plan.get("context_tokens") if isinstance(plan, dict) else None
+    if isinstance(planned, int) and tokens > planned:
+        raise manifest.corrupt(f"'llm.context_tokens' is {tokens}, beyond the {planned} tokens its memory plan budgeted")
+    need = tokens * kv_bytes_per_token(bundle.config.llm, "fp16")  # the smallest KV type: a lower bound
+    physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if need > physical:
+        raise ModelError(
+            f"{manifest.path}: a {tokens}-token context needs a KV cache of at least {need / GIB:.1f} GiB, "
+            f"more than this machine's {physical / GIB:.1f} GiB of memory",
+            "re-run loc3r-export with a smaller --context-tokens",
+        )
+    return tokens

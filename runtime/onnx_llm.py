@@ -54,6 +54,8 @@ class OnnxLLM:
     ) -> None:
         self.session = open_session(decoder, providers, threads)
         self.table = load_file(str(embeddings))[EMBED_TENSOR]
+        if not self.table.is_floating_point():
+            raise ModelError(f"{embeddings} stores the embedding table as {self.table.dtype}, not floating point", "re-run loc3r-export")
         self.capacity, self.chunk_tokens = capacity, chunk_tokens
         inputs = {i.name: i for i in self.session.get_inputs()}
         self._float = _NUMPY_OF[inputs[EMBEDS].type]

@@ -255,6 +255,12 @@ class Pipeline:
                 f"video prompt{extra}, but the LLM's context limit is {limit} tokens",
                 f"use at most {low} frames (--frames {low})" + (" or a lower --max-new-tokens" if max_new_tokens else ""),
             )
+        if length + question_tokens > limit:
+            raise InputError(
+                f"the question is {question_tokens} tokens long, and with the {num_frames}-frame video prompt "
+                f"({length} tokens) it exceeds the LLM's context limit of {limit} tokens",
+                f"shorten the question to at most {max(limit - length, 0)} tokens, or use fewer frames (--frames)",
+            )
         room = limit - length - question_tokens
         raise InputError(
             f"--max-new-tokens {max_new_tokens} does not fit: the {num_frames}-frame video prompt and the question "

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from loc3r.errors import InputError, one_question
 from loc3r.models.bundle import Bundle
-from loc3r.models.prompt import VideoPrefix, build_question_suffix, build_situation_suffix, build_video_prefix
+from loc3r.models.prompt import VideoPrefix, build_question_suffix, build_situation_suffix, build_video_prefix, check_text_fits
 from loc3r.models.vision import pooled_side, pooled_token_offsets, video_end_tokens, vision_tokens_per_frame
 from loc3r.runtime.generate import SamplingConfig, generate
 from loc3r.runtime.camera_feed import camera_feed
@@ -280,6 +280,8 @@ class VideoSession:
         self, question: str, situation: str | None, sampling: SamplingConfig, on_token: Callable[[int], None] | None, given_at: float | None
     ) -> Answer:
         tokenizer = self.bundle.tokenizer
+        check_text_fits(tokenizer, question, self.stages.llm.context_limit)
+        check_text_fits(tokenizer, situation or "", self.stages.llm.context_limit, "situation")
         suffix = build_question_suffix(tokenizer, question, situation)
         start = time.perf_counter() if given_at is None else given_at
         with self._lock:

@@ -8,6 +8,7 @@ a real process (a prompt on stdin, signals, a closed pipe) run the console scrip
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -210,8 +211,7 @@ def _marked(folder: Path, kind: str, *entries: str) -> Path:
     folder.mkdir(parents=True)
     for name in entries:
         (folder / name).write_text(name)
-    marker = {"format": fileio.MARKER_FORMAT, "version": fileio.MARKER_VERSION, "kind": kind, "entries": list(entries)}
-    (folder / fileio.OUTPUT_MARKER).write_text(json.dumps(marker))
+    fileio.write_marker(folder, kind)
     return folder
 
 
@@ -280,7 +280,9 @@ def test_atomic_directory_replaces_its_own_folder_and_keeps_later_entries(tmp_pa
             (staging / "manifest.json").write_text(round_)
         (target / "timing.cache").write_text("cache")  # a program adds its cache later
     assert (target / "manifest.json").read_text() == "second"
-    assert fileio.read_marker(target)["entries"] == ["manifest.json", "timing.cache"]
+    marker = fileio.read_marker(target)
+    assert (sorted(marker["files"]), marker["later"]) == (["manifest.json"], ["timing.cache"])
+    assert marker["files"]["manifest.json"] == {"size": 6, "sha256": hashlib.sha256(b"second").hexdigest()}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no staging, nothing set aside
 
 
