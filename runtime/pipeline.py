@@ -194,6 +194,7 @@ class Pipeline:
         session = self.new_session(str(video), with_bev, live=False)
         cache_key, cached = session.timer.measure("cache_read", self._read_cache, Path(video), num_frames)
         scene = session.timer.measure("cache_read", self._read_scene, cache_key, with_bev, cached) if cached else None
+        session.store_key = cache_key
         if scene is not None:
             session.restore(cached.encoded, scene)
             session.report |= {"encoding_cache": "hit", "scene": "loaded"}

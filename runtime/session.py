@@ -121,6 +121,7 @@ class VideoSession:
         self.encoded = FrameBlocks()
         self.duration_s: float | None = None  # set by finish(); None while frames may come
         self.report: dict[str, object] = {}
+        self.store_key: str | None = None  # where the scene store keeps this video's KV (a file in the encoding cache)
         self._camera = camera_feed(stages.camera, live, self.config.num_frames)
         self._unseen: list[PreparedFrame] = []  # frames waiting for a vision batch
         self._seen: list[tuple[int, float, Tensor]] = []  # (index, timestamp, vision tokens) waiting for a camera token

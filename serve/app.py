@@ -28,8 +28,10 @@ from loc3r.serve.errors import ApiError, install_error_handlers
 from loc3r.serve.media import LIVE_PREFIX, MediaResolver
 from loc3r.serve.metrics import ServeMetrics
 from loc3r.serve.policy import RequestPolicy
+from loc3r.models.prompt import check_user_text
 from loc3r.serve.openai_api import (
     ChatRequest,
+    LocateRequest,
     check_supported,
     chunk,
     completion,
@@ -76,6 +78,7 @@ def create_app(worker: ModelWorker, settings: ServeSettings, uploads: UploadStor
             "warning": model_info.warning,
             "queue": {"waiting": worker.waiting, "capacity": settings.queue_size},
             "sessions": len(worker.sessions),
+            "scenes": worker.scenes(),
             "auth": settings.api_key is not None,
         }
         return JSONResponse(body, status_code=200 if model_thread["status"] == "ok" else 503)
@@ -163,7 +166,11 @@ def create_app(worker: ModelWorker, settings: ServeSettings, uploads: UploadStor
             check_min_confidence(body.loc3r.min_confidence, body.loc3r.confidence_radius, model_info.calibration, "loc3r.min_confidence")
         except InputError as exc:
             raise ApiError(400, str(exc), "no_calibration", "loc3r.min_confidence") from None
-        ref = await run_in_threadpool(media.resolve, url)
+        if body.loc3r.scene is not None:
+            ref, named_frames = await run_in_threadpool(media.scene, url)
+            frames = body.loc3r.frames or named_frames or frames
+        else:
+            ref = await run_in_threadpool(media.resolve, url)
         sampling = SamplingConfig(
             max_new_tokens=max_tokens,
             temperature=body.temperature or 0.0,
@@ -174,6 +181,46 @@ def create_app(worker: ModelWorker, settings: ServeSettings, uploads: UploadStor
         question = Question(ref, text, body.loc3r.situation, sampling, frames, body.loc3r.bev, body.stream, loop, asyncio.Queue(),
                             min_confidence=body.loc3r.min_confidence, confidence_radius=body.loc3r.confidence_radius)
         return question, max_tokens
+
+    @api.get("/v1/scenes")
+    async def list_scenes() -> dict[str, Any]:
+        """Scenes named with loc3r-scene add, and which are resident in memory."""
+        from loc3r.runtime.scenes import read_scenes
+
+        named = await run_in_threadpool(read_scenes)
+        resident = set(worker.scenes()["resident"])
+        data = [{"object": "scene", "id": name, "frames": scene.frames, "resident": name in resident} for name, scene in named.items()]
+        return {"object": "list", "data": data}
+
+    @api.post("/v1/locate")
+    async def locate(request: Request) -> Response:
+        """Poses of situations in one scene: each suffix up to <Pos><Ori> over the scene's KV, no answer."""
+        raw = await limit_body(request, settings.max_body_bytes).body()
+        try:
+            body = LocateRequest.model_validate_json(raw)
+        except ValidationError as exc:
+            raise ApiError(400, validation_message(exc), "invalid_request") from None
+        try:
+            for situation in body.situations:
+                check_user_text(situation, "situation")
+            check_min_confidence(body.min_confidence, body.confidence_radius, model_info.calibration, "min_confidence")
+        except InputError as exc:
+            raise ApiError.from_input(exc) from None
+        ref, named_frames = await run_in_threadpool(media.scene, body.scene)
+        frames = body.frames or named_frames or min(worker.pipeline.config.num_frames, settings.max_frames)
+        if frames > settings.max_frames:
+            raise ApiError(400, f"frames = {frames} is over this server's limit of {settings.max_frames}", "frames_limit", "frames")
+        if ref.live:
+            raise ApiError(400, "a live source is not a scene: locate in a recorded video", "not_a_scene", "scene")
+        question = Question(ref, "", "", SamplingConfig(max_new_tokens=1), frames, False, False, asyncio.get_running_loop(), asyncio.Queue(),
+                            min_confidence=body.min_confidence, confidence_radius=body.confidence_radius, situations=body.situations)
+        worker.submit(question)
+        located = await wait_for_result(question, request)
+        if located is None:
+            return Response(status_code=499)
+        out = {"object": "loc3r.locate", "scene": body.scene, "poses": located.poses, "video": located.video,
+               "server": located.server, "model": model_info.to_dict(), "warning": model_info.warning}
+        return Response(finite_json(out), media_type="application/json")
 
     app.include_router(api)
     app.mount("/", StaticFiles(directory=static, html=True), name="page")

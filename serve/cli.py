@@ -54,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-new-tokens", type=positive_int, default=512, help="most answer tokens a question may ask for")
     parser.add_argument("--queue", type=positive_int, default=16, help="questions that may wait for the model before 429s")
     parser.add_argument("--session-memory-mb", type=positive_int, default=2048, help="memory for videos kept encoded for follow-ups")
+    parser.add_argument("--scene-memory-mb", type=int, default=1024,
+                        help="memory for scenes' KV kept resident (LRU; others reload from the scene store or are prefilled); 0: none")
     parser.add_argument(
         "--live", action="append", default=[], metavar="NAME=SOURCE", help="a live source clients may ask about as live:NAME (camera:N, rtsp://...)"
     )
@@ -106,7 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             allow_private_urls=private_networks(args.allow_private_urls),
             allowed_hosts=tuple(args.allowed_host), cors_origins=tuple(args.cors_origin),
             max_upload_bytes=args.max_upload_mb * MIB, max_new_tokens=args.max_new_tokens, queue_size=args.queue,
-            session_memory_bytes=args.session_memory_mb * MIB, live_sources=live_sources(args.live), live_stride=args.stride,
+            session_memory_bytes=args.session_memory_mb * MIB, scene_memory_bytes=max(0, args.scene_memory_mb) * MIB, live_sources=live_sources(args.live), live_stride=args.stride,
             max_frames=args.max_frames,
         )
         settings.check()  # before the model loads: a refused address answers at once

@@ -70,6 +70,16 @@ class MediaResolver:
             return self._remote(url)
         return self._media_file(url)
 
+    def scene(self, name_or_url: str) -> tuple[VideoRef, int | None]:
+        """A scene named with ``loc3r-scene add`` (the operator's, so any path) and its frame
+        count, else a video URL as :meth:`resolve` takes it (frames: None)."""
+        from loc3r.runtime.scenes import NAME, read_scenes
+
+        named = read_scenes().get(name_or_url) if NAME.fullmatch(name_or_url) else None
+        if named is None:
+            return self.resolve(name_or_url), None
+        return _file_ref(("scene", name_or_url), name_or_url, Path(named.video)), named.frames
+
     def content(self, url: str) -> VideoRef:
         """The file behind an upload id or a media-folder video, to serve its bytes (never
         a download, a live source, or a media-folder file that is not named as a video);

@@ -26,6 +26,11 @@ class ServeMetrics:
         self.sessions = Gauge("loc3r_sessions", "Videos kept encoded for follow-up questions", registry=r)
         self.session_bytes = Gauge("loc3r_session_bytes", "Bytes held by the kept videos' encoded frames", registry=r)
         self.evictions = Counter("loc3r_session_evictions", "Kept videos dropped to stay within --session-memory", registry=r)
+        self.scene_sources = Counter("loc3r_scene_reclaims", "Kept videos made resident again, by where their prefix came from "
+                                     "(memory: resident KV; store: the scene store; prefill: recomputed)", ["source"], registry=r)
+        self.scene_memory_bytes = Gauge("loc3r_scene_memory_bytes", "Bytes of scenes' KV held resident in host memory", registry=r)
+        self.scene_memory_budget = Gauge("loc3r_scene_memory_budget_bytes", "Budget for scenes' KV held in memory (--scene-memory-mb)", registry=r)
+        self.scenes_resident = Gauge("loc3r_scenes_resident", "Scenes whose KV is held in memory", registry=r)
         self.reclaims = Counter("loc3r_session_reclaims", "Kept videos whose prefix was prefilled again into the LLM cache", registry=r)
 
     def render(self) -> bytes:

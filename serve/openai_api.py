@@ -53,9 +53,21 @@ class StreamOptions(BaseModel):
 class Loc3rOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     situation: str = ""
+    scene: str | None = None  # a scene named with loc3r-scene add, or a video URL: instead of a video part
     frames: int | None = Field(default=None, ge=1)
     bev: bool = False  # return the layout map's points (for drawing)
     # a pose whose P(error <= confidence_radius) is below this is answered "not localized"
+    min_confidence: float | None = Field(default=None, ge=0, le=1)
+    confidence_radius: Literal[0.5, 1.0] = 1.0
+
+
+class LocateRequest(BaseModel):
+    """``POST /v1/locate``: the poses of situations in one scene, no answer."""
+
+    model_config = ConfigDict(extra="forbid")
+    scene: str = Field(min_length=1)  # a scene named with loc3r-scene add, or a video URL
+    situations: list[str] = Field(min_length=1, max_length=256)
+    frames: int | None = Field(default=None, ge=1)
     min_confidence: float | None = Field(default=None, ge=0, le=1)
     confidence_radius: Literal[0.5, 1.0] = 1.0
 
@@ -104,8 +116,12 @@ def question_of(request: ChatRequest) -> tuple[str, str]:
     if others:
         message = f"content parts of type {', '.join(others)} are not supported: send a video_url part and text"
         raise ApiError(400, message, "unsupported_content", "messages")
+    if request.loc3r.scene is not None and not videos:
+        videos = [request.loc3r.scene]
+    elif request.loc3r.scene is not None:
+        raise ApiError(400, "the message has a video part and loc3r.scene names one too; send one of them", "video_required", "loc3r.scene")
     if len(videos) != 1:
-        message = f"the message has {len(videos)} video parts; send exactly one {{\"type\": \"video_url\", ...}}"
+        message = f"the message has {len(videos)} video parts; send exactly one {{\"type\": \"video_url\", ...}} or loc3r.scene"
         raise ApiError(400, message, "video_required", "messages")
     text = "\n".join(part.text for part in parts if part.type == "text" and part.text)
     check_user_text(text, "question", allow_empty=False)

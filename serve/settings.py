@@ -33,6 +33,7 @@ class ServeSettings:
     queue_size: int = 16
     max_passes: int = 4  # a question may be passed over this often for ones on the cached video (0: first come, first served)
     session_memory_bytes: int = 2048 * MIB
+    scene_memory_bytes: int = 1024 * MIB  # scenes' KV kept resident in host memory (LRU, spilled to the scene store)
     live_sources: dict[str, str] = field(default_factory=dict)  # name -> camera:N / rtsp://...
     live_stride: int = 15
     remote_timeout_s: float = 30.0

@@ -33,6 +33,7 @@ from loc3r.serve.errors import ApiError
 from loc3r.serve.live import LiveFeed
 from loc3r.serve.media import VideoRef
 from loc3r.serve.metrics import ServeMetrics
+from loc3r.runtime.scene_store import KVLayout, Scene
 from loc3r.serve.sessions import SessionStore
 from loc3r.serve.settings import ServeSettings
 
@@ -63,6 +64,8 @@ class Question:
     passed_over: int = 0  # questions on the cached video served before this one, though later
     min_confidence: float | None = None  # below it, the answer says "not localized"
     confidence_radius: float = 1.0  # metres, for min_confidence
+    situations: list[str] | None = None  # POST /v1/locate: poses of these, no answer
+    scene_source: str | None = None  # where a reclaimed video's prefix came from (memory, store, prefill)
 
     def emit(self, kind: str, payload: Any) -> None:
         """Hand ``("token", text) | ("done", Result) | ("error", exc)`` to the request (thread-safe)."""
@@ -135,6 +138,16 @@ class Result:
     server: dict[str, Any]  # queue_wait_s, ttft_s, session: opened | kept | reclaimed
 
 
+@dataclass
+class Located:
+    """The poses of ``POST /v1/locate``."""
+
+    poses: list[dict[str, Any]]
+    scene: str
+    video: dict[str, Any]
+    server: dict[str, Any]  # queue_wait_s, locate_s, total_s, session, scene_source
+
+
 class ModelWorker:
     """Owns the pipeline; every model call happens on its thread."""
 
@@ -142,7 +155,7 @@ class ModelWorker:
         self.pipeline = pipeline
         self.settings = settings
         self.metrics = metrics
-        self.sessions = SessionStore(settings.session_memory_bytes)
+        self.sessions = SessionStore(settings.session_memory_bytes, settings.scene_memory_bytes, self._load_scene, self._spill_scene)
         self.feeds: dict[str, LiveFeed] = {}
         self._queue = WaitingQuestions(settings.queue_size, settings.max_passes)
         self._mean_service_s = 1.0
@@ -290,8 +303,10 @@ class ModelWorker:
         self.metrics.duration.observe(finished)
         question.emit("done", result)
 
-    def _answer(self, question: Question, waited: float) -> Result:
+    def _answer(self, question: Question, waited: float) -> Result | Located:
         session, how = self._session(question)
+        if question.situations is not None:
+            return self._locate(session, how, question, waited)
         text = TextStream(self.pipeline.bundle.tokenizer)
         first_token: list[float] = []
 
@@ -313,17 +328,39 @@ class ModelWorker:
         done = first_token[0] if first_token else time.perf_counter()  # a stop token first: the answer is empty
         if not first_token:
             self.metrics.ttft.observe(done - question.arrived_at)
-        server = {"queue_wait_s": round(waited, 6), "ttft_s": round(done - question.arrived_at, 6), "session": how}
+        server = {"queue_wait_s": round(waited, 6), "ttft_s": round(done - question.arrived_at, 6), "session": how,
+                  **({"scene_source": question.scene_source} if question.scene_source else {})}
         return Result(answer, question.ref.url, self._prompt_tokens(session, question), server)
+
+    def _locate(self, session: VideoSession, how: str, question: Question, waited: float) -> Located:
+        """Every situation's pose over the video's KV (batched where the LLM allows), no answer."""
+        from loc3r.runtime.confidence import not_localized_reason
+
+        start = time.perf_counter()
+        poses = session.locate(question.situations)
+        done = time.perf_counter()
+        items = []
+        for situation, pose in zip(question.situations, poses, strict=True):
+            item = {"situation": situation, **pose.to_dict()}
+            if question.min_confidence is not None:
+                reason = not_localized_reason(pose.confidence, question.min_confidence, question.confidence_radius)
+                item |= {"localized": reason is None} | ({"not_localized": reason} if reason else {})
+            items.append(item)
+        server = {"queue_wait_s": round(waited, 6), "locate_s": round(done - start, 6), "total_s": round(done - question.arrived_at, 6),
+                  "session": how, **({"scene_source": question.scene_source} if question.scene_source else {})}
+        return Located(items, question.ref.url, session.describe(), server)
 
     def _session(self, question: Question) -> tuple[VideoSession, str]:
         """The question's video in the LLM cache: kept, reclaimed (refilled) or opened."""
         key = question.session_key
         session = self.sessions.get(key)
         if session is not None:
-            how = "reclaimed" if self._make_resident(session) else "kept"
+            source = self._make_resident(session)
+            how = "kept" if source is None else "reclaimed"
+            if source is not None:
+                question.scene_source = source
         else:
-            self.sessions.resident = None  # opening a video resets the LLM cache
+            self.sessions.prepare_open()  # opening a video resets the LLM cache
             if question.ref.live:
                 session = self.pipeline.new_session(question.ref.url, with_bev=True)
             else:
@@ -384,11 +421,25 @@ class ModelWorker:
 
     # -- bookkeeping ----------------------------------------------------------------------
 
-    def _make_resident(self, session: VideoSession) -> bool:
-        reclaimed = self.sessions.make_resident(session)
-        if reclaimed:
+    def _make_resident(self, session: VideoSession) -> str | None:
+        source = self.sessions.make_resident(session)
+        if source is not None:
             self.metrics.reclaims.inc()
-        return reclaimed
+            self.metrics.scene_sources.labels(source).inc()
+        return source
+
+    def _load_scene(self, session: VideoSession) -> Scene | None:
+        """A session's stored scene (the pipeline's scene store), None without one."""
+        store = self.pipeline.scenes
+        if store is None or session.store_key is None:
+            return None
+        return store.load(session.store_key, KVLayout(*self.pipeline.stages.llm.kv_layout))
+
+    def _spill_scene(self, session: VideoSession, scene: Scene) -> None:
+        """A scene leaving memory goes to the scene store unless it is there already."""
+        store = self.pipeline.scenes
+        if store is not None and session.store_key is not None and not store.path(session.store_key).is_file():
+            store.store(session.store_key, scene)
 
     def _prompt_tokens(self, session: VideoSession, question: Question) -> int:
         tokenizer, config = self.pipeline.bundle.tokenizer, self.pipeline.config
@@ -398,9 +449,21 @@ class ModelWorker:
         )
         return prefix.length + len(build_question_suffix(tokenizer, question.text, question.situation).ids)
 
+    def scenes(self) -> dict[str, Any]:
+        """The resident scenes' KV budget and what it holds (for /health)."""
+        store = self.pipeline.scenes
+        return {
+            "memory_budget_bytes": self.sessions.kv_budget_bytes, "memory_bytes": self.sessions.kv_bytes(),
+            "resident": self.sessions.resident_scenes(), "reclaimed_from": dict(self.sessions.sources),
+            "store": None if store is None else {"root": str(store.root), "budget_bytes": store.budget_bytes},
+        }
+
     def _update_gauges(self) -> None:
         self.metrics.sessions.set(len(self.sessions))
         self.metrics.session_bytes.set(self.sessions.total_bytes())
+        self.metrics.scene_memory_budget.set(self.sessions.kv_budget_bytes)
+        self.metrics.scene_memory_bytes.set(self.sessions.kv_bytes())
+        self.metrics.scenes_resident.set(len(self.sessions.resident_scenes()))
 
 
 def one_line(exc: BaseException) -> str:

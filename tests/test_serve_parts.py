@@ -145,9 +145,12 @@ def test_uploads_beyond_the_store_budget_delete_the_oldest(tmp_path: Path) -> No
         store.path(ids[0])
 
 
-def fake_session(nbytes: int) -> SimpleNamespace:
-    session = SimpleNamespace(encoded=SimpleNamespace(blocks=[torch.zeros(nbytes, dtype=torch.uint8)]), reclaimed=0)
-    session.reclaim_cache = lambda: setattr(session, "reclaimed", session.reclaimed + 1)
+def fake_session(nbytes: int, duration_s: float | None = None, kv_bytes: int = 0, source: str = "") -> SimpleNamespace:
+    """A session of ``nbytes`` of encoded frames; complete (``duration_s``) ones have a scene of ``kv_bytes``."""
+    session = SimpleNamespace(encoded=SimpleNamespace(blocks=[torch.zeros(nbytes, dtype=torch.uint8)]), reclaimed=[],
+                              duration_s=duration_s, source=source)
+    session.reclaim_cache = lambda scene=None: session.reclaimed.append(scene)
+    session.scene = lambda: SimpleNamespace(nbytes=kv_bytes, of=source)
     return session
 
 
@@ -161,8 +164,29 @@ def test_session_lru_is_bounded_by_bytes_and_keeps_pinned_sessions() -> None:
     assert store.add("c", c, pinned=frozenset({"live"})) == 1
     assert store.get("b") is None and store.get("live") is live and store.get("a") is a
     assert store.resident is c
-    assert store.make_resident(a) is True and a.reclaimed == 1
-    assert store.make_resident(a) is False and a.reclaimed == 1
+    assert store.make_resident(a) == "prefill" and a.reclaimed == [None]
+    assert store.make_resident(a) is None and a.reclaimed == [None]
+
+
+def test_resident_scenes_kv_is_an_lru_under_its_budget_spilled_to_the_store() -> None:
+    spilled, stored = [], {"d"}
+    store = SessionStore(budget_bytes=10_000, kv_budget_bytes=250,
+                         load_scene=lambda s: SimpleNamespace(nbytes=100, of=s.source) if s.source in stored else None,
+                         spill=lambda s, scene: spilled.append(scene.of))
+    a, b, c, d = (fake_session(10, 1.0, 100, name) for name in "abcd")
+    for name, session in zip("abc", (a, b, c), strict=True):
+        store.add(name, session)  # each one's arrival holds the KV of the one before
+    assert store.resident_scenes() == ["a", "b"] and store.kv_bytes() == 200
+    assert store.make_resident(a) == "memory" and a.reclaimed[-1].of == "a"  # c held: b, the least recent, spilled
+    assert spilled == ["b"] and store.resident_scenes() == ["c", "a"]
+    assert store.make_resident(b) == "prefill"  # spilled, and the store does not have it: recomputed
+    store.add("d", d)  # b held: c spilled
+    assert store.make_resident(d) is None and spilled == ["b", "c"]
+    assert store.make_resident(c) == "prefill"  # d held: a spilled
+    assert store.make_resident(d) == "memory" and spilled == ["b", "c", "a", "b"] and store.kv_bytes() <= 250
+    stored.add("a")
+    assert store.make_resident(a) == "store" and a.reclaimed[-1].of == "a"
+    assert store.sources == {"memory": 2, "store": 1, "prefill": 2}
 
 
 def test_a_session_over_budget_alone_is_kept_while_it_is_the_newest() -> None:
