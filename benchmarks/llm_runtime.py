@@ -9,7 +9,9 @@ own), on the bundle's LLM exported by ``loc3r.export.llm`` in the cpu target's f
 
 - decode: the prompt of ``--decode-frames`` frames (random frame blocks of the real
   geometry + the prompt's text) is prefilled, then ``DECODE_TOKENS`` tokens are decoded
-  greedily; ms per token, best of ``REPEATS``. Ratio: onnxruntime tok/s / torch tok/s.
+  greedily; ms per token, best of ``REPEATS`` in each fresh subprocess, ``--rounds`` rounds
+  with the backends interleaved (A B C, C B A, ...); each round's ratio onnxruntime tok/s /
+  torch tok/s, and the median, min and max over rounds (``--decode-only`` skips the memory part).
 - whole-video prefill (what an encoding-cache hit does): a ``VideoSession`` gets every frame
   block at once (``add_blocks``); the peak RSS growth over the call (``/proc/self/clear_refs``
   resets the peak, ``VmHWM`` reads it) for each frame count, chunked as shipped
@@ -32,7 +34,8 @@ from typing import Any
 import torch
 
 from loc3r.bench.presets import resolve_bench_model
-from loc3r.bench.report import machine_info
+from loc3r.bench.provenance import Recording, header
+from loc3r.bench.stats import summarize
 from loc3r.fileio import write_json_atomic
 
 CONTEXT = 16384  # enough for 64 frames of 211 tokens
@@ -143,50 +146,60 @@ def export_forms(model: str, out: Path) -> dict[str, Any]:
     }
 
 
-def run(model: str, frames: list[int], decode_frames: int) -> dict[str, Any]:
+def run(model: str, frames: list[int], decode_frames: int, rounds: int, with_memory: bool, recording: Recording) -> dict[str, Any]:
     backends = ["torch", *(f"onnxruntime-{form}" for form in FORMS)]
+    samples: dict[str, list[dict[str, float]]] = {b: [] for b in backends}
     with tempfile.TemporaryDirectory(prefix="loc3r-llm-runtime-") as tmp:
         forms = export_forms(model, Path(tmp))
-        decode = {b: _in_subprocess("measure_decode", b, model, tmp, decode_frames) for b in backends}
+        for r in range(rounds):
+            for b in backends if r % 2 == 0 else backends[::-1]:
+                samples[b].append(_in_subprocess("measure_decode", b, model, tmp, decode_frames))
         memory = [
             {"backend": b, "prefill": mode, **_in_subprocess("measure_prefill_memory", b, model, tmp, n, chunk)}
             for b in ("torch", "onnxruntime-fp32")
             for mode, chunk in (("chunked", CHUNK), ("one call", WHOLE))
             for n in frames
-        ]
-    torch_tok_s = decode["torch"]["tok_s"]
+        ] if with_memory else []
+    ratios = {b: summarize([s["tok_s"] / t["tok_s"] for s, t in zip(runs, samples["torch"])]).to_dict() for b, runs in samples.items()}
     return {
         "model": model,
-        "machine": machine_info(),
+        "provenance": recording.finish(),
         "forms": forms,
         "context_limit": CONTEXT,
         "chunk_tokens": CHUNK,
         "decode_frames": decode_frames,
-        "decode": decode,
-        "decode_ratio_vs_torch": {b: d["tok_s"] / torch_tok_s for b, d in decode.items()},
+        "decode_samples": samples,
+        "decode": {b: {"context_tokens": runs[0]["context_tokens"], **{k: summarize([s[k] for s in runs]).to_dict() for k in ("ms_per_token", "tok_s")}}
+                   for b, runs in samples.items()},
+        "decode_ratio_vs_torch": ratios,
         "prefill_memory": memory,
     }
 
 
 def to_markdown(result: dict[str, Any]) -> str:
-    machine = result["machine"]
+    rounds = result["provenance"]["repeats"]
     lines = [
         f"# LLM runtime: {result['model']} preset, torch vs onnxruntime (the builder's decoder)",
         "",
-        f"Command: `python -m loc3r.bench.llm_runtime --model {result['model']}`  ",
-        f"Machine: {machine['cpu']}, {machine['cores']} cores, {machine['ram_gib']:.1f} GiB; load average at start "
-        f"{machine['load_average_at_start']}; commit {machine['git_commit']}; {machine['date_utc']}  ",
+        *header(result["provenance"]),
         f"Context limit {result['context_limit']} tokens, prefill chunk {result['chunk_tokens']} tokens. "
         "**Random weights: timings and memory only.**",
         "",
         f"## Decode at the full video context ({result['decode_frames']} frames)",
         "",
-        "| backend | context tokens | ms/token (best of 3) | tok/s | vs torch |",
+        f"{rounds} rounds, each backend in a fresh subprocess per round (best of {REPEATS} x {DECODE_TOKENS} tokens "
+        "inside it), backends interleaved; median (min-max) over rounds; the ratio is taken round by round.",
+        "",
+        "| backend | context tokens | ms/token | tok/s | vs torch (per round) |",
         "| --- | --- | --- | --- | --- |",
     ]
     for backend, row in result["decode"].items():
-        ratio = result["decode_ratio_vs_torch"][backend]
-        lines.append(f"| {backend} | {row['context_tokens']} | {row['ms_per_token']:.2f} | {row['tok_s']:.1f} | {ratio:.2f}x |")
+        r = result["decode_ratio_vs_torch"][backend]
+        ms, tok = row["ms_per_token"], row["tok_s"]
+        lines.append(f"| {backend} | {row['context_tokens']} | {ms['median']:.2f} ({ms['min']:.2f}-{ms['max']:.2f}) | "
+                     f"{tok['median']:.1f} ({tok['min']:.1f}-{tok['max']:.1f}) | {r['median']:.2f}x ({r['min']:.2f}-{r['max']:.2f}) |")
+    if not result["prefill_memory"]:
+        return "\n".join([*lines, "", "The whole-video prefill memory was not measured in this run (`--decode-only`)."]) + "\n"
     lines += [
         "",
         "## Peak RSS growth of a whole-video (encoding-cache hit) prefill",
@@ -207,9 +220,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", default="small")
     parser.add_argument("--frames", type=int, nargs="+", default=[16, 32, 64])
     parser.add_argument("--decode-frames", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved decode rounds (fresh subprocesses)")
+    parser.add_argument("--decode-only", action="store_true", help="skip the whole-video prefill memory")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--allow-unreachable", action="store_true", help="measure code not on main (the result says so)")
     args = parser.parse_args(argv)
-    result = run(args.model, args.frames, args.decode_frames)
+    command = ["python", "-m", "loc3r.bench.llm_runtime", *(argv if argv is not None else sys.argv[1:])]
+    recording = Recording(f"llm_runtime_{args.model}", command, "backends alternate their order every round (A B C, C B A, ...)",
+                          args.rounds, args.allow_unreachable)
+    result = run(args.model, args.frames, args.decode_frames, args.rounds, not args.decode_only, recording)
     args.out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(args.out / f"llm_runtime_{args.model}.json", result)
     (args.out / f"llm_runtime_{args.model}.md").write_text(to_markdown(result), encoding="utf-8")

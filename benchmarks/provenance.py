@@ -45,6 +45,7 @@ MEASURES: dict[str, tuple[str, ...]] = {
     "llm_quant": ("export/llm.py", "export/llm_build.py", "runtime/onnx_llm.py", "benchmarks/llm_quant.py"),
     "llm_quant_speed": ("export/llm.py", "export/llm_build.py", "runtime/onnx_llm.py", "benchmarks/llm_quant.py"),
     "llm_runtime_small": ("models/llm.py", "runtime/onnx_llm.py", "export/llm.py", "benchmarks/llm_runtime.py"),
+    "llm_runtime_tiny": ("models/llm.py", "runtime/onnx_llm.py", "export/llm.py", "benchmarks/llm_runtime.py"),
     "llm_export_memory": ("export/llm.py", "export/llm_build.py", "benchmarks/llm_export_memory.py"),
     "real_size": ("export", "models", "runtime", "benchmarks/real_size.py", "benchmarks/child.py", "benchmarks/fabricate.py"),
     "serve_load_tiny": ("serve", *_RUNTIME, "benchmarks/serve_load.py"),
