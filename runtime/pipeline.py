@@ -179,11 +179,13 @@ class Pipeline:
         with_bev: bool = False,
         streaming: bool = True,
         show_progress: bool = False,
+        on_frame: Callable[[int, int], None] | None = None,
     ) -> VideoSession:
         """Sample ``num_frames`` of ``video``, encode them and prefill the video prefix.
 
         ``streaming=False`` is the reference order: decode every frame, then encode, then
-        one prefill. Both give the same cache; streaming overlaps the work.
+        one prefill. Both give the same cache; streaming overlaps the work. ``on_frame(done,
+        total)`` is called as each frame is encoded (streaming; not for a cached video).
         """
         num_frames = num_frames or self.config.num_frames
         identity = held_identity(video)
@@ -206,9 +208,11 @@ class Pipeline:
             frames = self.decoder(video, num_frames)
             bar = ProgressBar(len(frames.indices), "encoding frames", show_progress)
             if streaming:  # decoding and resizing run ahead in a background thread
-                for frame in timed(prefetched(frames, PREFETCH_FRAMES, session.prepare), session.timer.add):
+                for done, frame in enumerate(timed(prefetched(frames, PREFETCH_FRAMES, session.prepare), session.timer.add), start=1):
                     session.add_frame(frame)
                     bar.advance()
+                    if on_frame is not None:
+                        on_frame(done, len(frames.indices))
             else:
                 decoded = list(timed(frames, session.timer.add))
                 session.add_blocks(self.encode_frames(decoded, session))

@@ -243,6 +243,9 @@ async def stream_events(question: Question, cid: str, model: str, max_tokens: in
             if kind == "token":
                 streamed += len(payload)
                 yield data(chunk(cid, model, {"content": payload}))
+            elif kind == "progress":  # the video being encoded: a chunk with no choices, like the usage chunk
+                done, total = payload
+                yield data({**chunk(cid, model, {}), "choices": [], "loc3r": {"progress": {"stage": "encoding frames", "done": done, "total": total}}})
             elif kind == "error":
                 yield data(error_payload(payload))
                 return

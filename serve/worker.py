@@ -68,7 +68,8 @@ class Question:
     scene_source: str | None = None  # where a reclaimed video's prefix came from (memory, store, prefill)
 
     def emit(self, kind: str, payload: Any) -> None:
-        """Hand ``("token", text) | ("done", Result) | ("error", exc)`` to the request (thread-safe)."""
+        """Hand ``("token", text) | ("progress", (frames done, total)) | ("done", Result) | ("error", exc)``
+        to the request (thread-safe); progress and tokens only to streamed questions."""
         self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, payload))
 
     @property
@@ -364,7 +365,8 @@ class ModelWorker:
             if question.ref.live:
                 session = self.pipeline.new_session(question.ref.url, with_bev=True)
             else:
-                session = self.pipeline.open(question.ref.path, question.frames, with_bev=True)
+                progress = (lambda done, total: question.emit("progress", (done, total))) if question.streaming else None
+                session = self.pipeline.open(question.ref.path, question.frames, with_bev=True, on_frame=progress)
             self.pipeline.forget_video()  # the store, not the pipeline, keeps sessions
             self.metrics.evictions.inc(self.sessions.add(key, session, pinned=self._live_keys()))
             how = "opened"

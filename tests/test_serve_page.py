@@ -27,6 +27,7 @@ CHROMIUM_FLAGS = [
 ARROW_RGB = (228, 87, 46)  # #e4572e in style.css
 POSITION_RGB = (35, 49, 63)  # #23313f
 QUESTION = "Where am I?"
+LONG_NAME = "zz-" + "a-very-long-video-file-name-" * 6 + ".mp4"
 
 pytestmark = pytest.mark.skipif(
     not CHROMIUM.exists(), reason="needs Debian's chromium (/usr/bin/chromium): apt-get install chromium (.ci/run does where apt works)"
@@ -37,6 +38,7 @@ pytestmark = pytest.mark.skipif(
 def site(tmp_path_factory: pytest.TempPathFactory) -> str:
     root = tmp_path_factory.mktemp("page")
     write_demo_video(root / "media" / "room.mp4", num_frames=20, width=160, height=120)
+    write_demo_video(root / "media" / LONG_NAME, num_frames=4, width=32, height=32)  # a wide select must not hide Upload
     settings = ServeSettings(media_dir=root / "media", upload_dir=root / "uploads", max_frames=4)
     with running(build_server(tiny_pipeline(), settings)) as url:
         yield url
@@ -105,11 +107,40 @@ def test_page_answers_and_draws_the_pose(site: str, browser, tmp_path: Path) -> 
     assert "queue_wait_s" in page.inner_text("#timings")
     assert "confidence: none (no calibration for this bundle" in page.inner_text("#pose-text")  # the tiny bundle has none
 
+    check_map_labels(page)
+    timings = [row.split("\t") for row in page.inner_text("#timings tbody").splitlines()]
+    assert timings and all(value.endswith((" s", " tok/s")) for _, value in timings), timings
+    upload = page.locator("label.button").bounding_box()
+    left = page.locator("#left").bounding_box()
+    assert upload["width"] > 40 and upload["x"] + upload["width"] <= left["x"] + left["width"] + 1  # not pushed out by the select
+
     ask(page, "What is on my left?")
     assert page.locator("#trail circle.past").count() == 1  # the first answer's position
+    answered = page.inner_text("#answer")
+    page.evaluate("document.getElementById('answer').textContent = 'position'.repeat(300)")  # one unbreakable 2400-letter word
+    answer = page.locator("#answer").bounding_box()
+    assert page.evaluate("(e => e.scrollWidth <= e.clientWidth + 1)(document.getElementById('answer'))")  # wrapped, no overflow
+    assert answer["x"] + answer["width"] <= map_box["x"]  # it stays left of the map
+    assert answer["height"] > 100  # many lines
+    page.evaluate("text => { document.getElementById('answer').textContent = text; }", answered)
     assert not errors, errors
     if os.environ.get("LOC3R_PAGE_SCREENSHOT"):  # docs/serve-page.png is made this way
         page.screenshot(path=os.environ["LOC3R_PAGE_SCREENSHOT"])
+
+
+def check_map_labels(page) -> None:  # noqa: ANN001 - playwright's Page
+    """The map's axes are labelled in metres at evenly spaced ticks, with a scale bar and a legend."""
+    for axis in ("x", "y"):
+        ticks = [float(t) for t in page.locator(f"#labels text.tick.{axis}").all_text_contents()]
+        assert len(ticks) >= 3, ticks
+        steps = {round(b - a, 6) for a, b in zip(ticks, ticks[1:])}
+        assert len(steps) == 1 and steps.pop() != 0, ticks  # one step: a regular grid (y counts down the page)
+    titles = page.locator("#labels text.axis-title").all_text_contents()
+    assert titles == ["x (m) →", "↑ y (m)"]
+    assert page.text_content("#labels text.scale-label").endswith(" m")
+    legend = page.inner_text("#legend")
+    for entry in ("layout", "position", "σ (uncertainty)", "heading", "earlier answers"):
+        assert entry in legend
 
 
 def test_page_uploads_a_video_and_asks_about_it(site: str, browser, tmp_path: Path) -> None:  # noqa: ANN001
@@ -120,7 +151,12 @@ def test_page_uploads_a_video_and_asks_about_it(site: str, browser, tmp_path: Pa
     page.set_input_files("#upload", str(clip))
     page.wait_for_function("document.getElementById('videos').selectedOptions[0].textContent.includes('my clip.mp4')")
     assert page.input_value("#videos").startswith("vid_")
+    statuses = "window.statuses = []; new MutationObserver(() => statuses.push(document.getElementById('status').textContent))"
+    page.evaluate(statuses + ".observe(document.getElementById('status'), {childList: true, characterData: true, subtree: true})")
     ask(page, QUESTION)
+    progress = [text for text in page.evaluate("window.statuses") if text.startswith("encoding frames ")]
+    frames = [tuple(map(int, text.split()[2].rstrip("…").split("/"))) for text in progress]
+    assert frames == [(done, 4) for done in range(1, 5)], progress  # streamed frame by frame (the site's 4-frame limit)
     assert page.locator("#pose-arrow").count() == 1
     assert "video opened" in page.inner_text("#status")  # its first question encoded it
 

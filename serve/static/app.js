@@ -128,7 +128,12 @@ async function ask(event) {
         if (!$("answer").textContent) setStatus(`first token after ${((performance.now() - started) / 1000).toFixed(2)} s`);
         $("answer").textContent += delta.content;
       }
-      if (chunk.loc3r) showResult(url, chunk.loc3r);
+      if (chunk.loc3r && chunk.loc3r.progress) {
+        const { stage, done, total } = chunk.loc3r.progress;
+        setStatus(`${stage} ${done}/${total}… (${((performance.now() - started) / 1000).toFixed(1)} s)`);
+      } else if (chunk.loc3r) {
+        showResult(url, chunk.loc3r);
+      }
     }
   } catch (error) {
     setStatus(error.message, true);
@@ -163,13 +168,19 @@ function showResult(url, result) {
   const rows = { ...result.timings, queue_wait_s: result.server.queue_wait_s, server_ttft_s: result.server.ttft_s };
   $("timings").tBodies[0].replaceChildren(...Object.entries(rows).map(([name, value]) => {
     const row = document.createElement("tr");
-    for (const text of [name, finite(value) ? value.toFixed(4) : String(value)]) {
+    for (const text of [name, withUnit(name, value)]) {
       row.appendChild(document.createElement("td")).textContent = text;
     }
     return row;
   }));
   setStatus(`${$("status").textContent} · video ${result.server.session} · ${result.video.frames} frames`);
   drawMap(url);
+}
+
+// Every timing is in seconds but the decode rate (tokens per second).
+function withUnit(name, value) {
+  if (!finite(value)) return String(value);
+  return name.endsWith("_per_s") ? `${value.toFixed(1)} tok/s` : `${value.toFixed(3)} s`;
 }
 
 function node(tag, attributes, parent) {
@@ -192,16 +203,26 @@ function drawMap(url) {
   const left = Math.min(...xs) - pad, top = -Math.max(...ys) - pad, size = span + 2 * pad;
   $("map").setAttribute("viewBox", `${left} ${top} ${size} ${size}`);
 
-  const grid = $("grid"), layer = $("layout"), path = $("trail"), pose = $("pose");
-  for (const group of [grid, layer, path, pose]) group.replaceChildren();
+  const grid = $("grid"), layer = $("layout"), path = $("trail"), pose = $("pose"), labels = $("labels");
+  for (const group of [grid, layer, path, pose, labels]) group.replaceChildren();
   const raw = size / 6, magnitude = Math.pow(10, Math.floor(Math.log10(raw)));
   const step = magnitude * (raw / magnitude >= 5 ? 5 : raw / magnitude >= 2 ? 2 : 1);  // 1, 2 or 5 x 10^k: about 6 lines
+  const font = size / 32, digits = step < 1 ? 1 : 0, metres = (v) => `${(Math.abs(v) < step / 2 ? 0 : v).toFixed(digits)}`;
   for (let v = Math.ceil(left / step) * step; v <= left + size; v += step) {
     node("line", { x1: v, y1: top, x2: v, y2: top + size, "vector-effect": "non-scaling-stroke", class: Math.abs(v) < step / 2 ? "axis" : "" }, grid);
+    node("text", { x: v, y: top + size - font * 0.4, "font-size": font, "text-anchor": "middle", class: "tick x" }, labels).textContent = metres(v);
   }
   for (let v = Math.ceil(top / step) * step; v <= top + size; v += step) {
     node("line", { x1: left, y1: v, x2: left + size, y2: v, "vector-effect": "non-scaling-stroke", class: Math.abs(v) < step / 2 ? "axis" : "" }, grid);
+    node("text", { x: left + font * 0.3, y: v - font * 0.25, "font-size": font, class: "tick y" }, labels).textContent = metres(-v);
   }
+  node("text", { x: left + size - font * 0.3, y: top + size - font * 1.5, "font-size": font * 1.1, "text-anchor": "end", class: "axis-title" }, labels)
+    .textContent = "x (m) →";
+  node("text", { x: left + font * 3, y: top + font * 1.2, "font-size": font * 1.1, class: "axis-title" }, labels).textContent = "↑ y (m)";
+  const barY = top + font * 1.6, barX = left + size - step - font * 0.5;  // scale bar (one grid step), top right
+  node("line", { x1: barX, y1: barY, x2: barX + step, y2: barY, "stroke-width": font / 5, class: "scale-bar" }, labels);
+  node("text", { x: barX + step / 2, y: barY - font * 0.3, "font-size": font, "text-anchor": "middle", class: "scale-label" }, labels)
+    .textContent = `${step.toFixed(digits)} m`;
   const dot = size / 250;
   for (const [px, py] of layout) node("circle", { cx: px, cy: -py, r: dot }, layer);
   if (trail.length > 1) {
