@@ -336,17 +336,16 @@ class ModelWorker:
     def _locate(self, session: VideoSession, how: str, question: Question, waited: float) -> Located:
         """Every situation's pose over the video's KV (batched where the LLM allows), no answer."""
         from loc3r.runtime.confidence import not_localized_reason
+        from loc3r.runtime.result import pose_record
 
         start = time.perf_counter()
         poses = session.locate(question.situations)
         done = time.perf_counter()
         items = []
+        judged = question.min_confidence is not None
         for situation, pose in zip(question.situations, poses, strict=True):
-            item = {"situation": situation, **pose.to_dict()}
-            if question.min_confidence is not None:
-                reason = not_localized_reason(pose.confidence, question.min_confidence, question.confidence_radius)
-                item |= {"localized": reason is None} | ({"not_localized": reason} if reason else {})
-            items.append(item)
+            reason = not_localized_reason(pose.confidence, question.min_confidence, question.confidence_radius) if judged else None
+            items.append({"situation": situation, **pose_record(pose, self.pipeline.model_info, reason, judged)})  # as answers
         server = {"queue_wait_s": round(waited, 6), "locate_s": round(done - start, 6), "total_s": round(done - question.arrived_at, 6),
                   "session": how, **({"scene_source": question.scene_source} if question.scene_source else {})}
         return Located(items, question.ref.url, session.describe(), server)

@@ -278,6 +278,16 @@ def test_server_reports_confidence_and_honours_min_confidence(calibrated: dict, 
         assert refused.status_code == 200 and answer["localized"] is False and answer["position"] is None
         assert answer["not_localized"]["pose"]["position"] == plain["position"]
         assert httpx.get(f"{url}/health", timeout=10).json()["model"]["calibration"]["method"] == "logistic"
+        sure = by_id[calibrated["order"][0]]["situation"]
+        located = httpx.post(f"{url}/v1/locate", json={"scene": calibrated["video"].name, "situations": [sure, unsure], "frames": FRAMES,
+                                                       "min_confidence": 0.5}, timeout=120).json()["poses"]
+        assert located[0]["localized"] is True and located[0]["position"]["confidence"]["within_1.0m"] >= 0.5
+        assert located[1]["localized"] is False and located[1]["position"] is None  # the same fields as an answer's
+        withheld = located[1]["not_localized"]["pose"]["position"]
+        for axis in ("x", "y", "sigma"):
+            assert withheld[axis] == pytest.approx(plain["position"][axis], abs=1e-5)
+        assert withheld["confidence"] == pytest.approx(plain["position"]["confidence"], abs=1e-4)
+        assert located[1]["confidence_note"] == plain["confidence_note"]
     with running(build_server(tiny_pipeline(), ServeSettings(media_dir=media, upload_dir=tmp_path / "u2"))) as url:
         response = httpx.post(f"{url}/v1/chat/completions", json={**body, "loc3r": {"min_confidence": 0.5}}, timeout=120)
         error = response.json()["error"]
