@@ -29,6 +29,7 @@ from loc3r.export.tensorrt_build import (
     Profile,
     build_engine,
     engine_file_name,
+    fallback_mode,
     import_tensorrt,
     precision_mode,
 )
@@ -42,9 +43,10 @@ CHECK_FRAMES = 8
 GRAPH_NAME = re.compile(r"[a-z0-9_]+")  # what the exporter names its graphs (and engine files after them)
 
 
-def build_from_manifest(manifest_path: str | Path, progress: Progress = print, precision: str | None = None) -> Manifest:
+def build_from_manifest(manifest_path: str | Path, progress: Progress = print, precision: str | None = None, mode: str | None = None) -> Manifest:
     """Build every planned engine next to the manifest (whose files are verified first),
-    check it, and record it there, hashed like every other artifact."""
+    check it, and record it there, hashed like every other artifact. FP16 is built strongly
+    typed first, pinned if that fails to build or to pass the check; ``mode`` forces one."""
     path = Path(manifest_path)
     manifest = load_manifest(path.parent if path.name == MANIFEST_FILE else path)
     manifest.verify()
@@ -62,14 +64,44 @@ def build_from_manifest(manifest_path: str | Path, progress: Progress = print, p
     trt = import_tensorrt()
     gpu = gpu_info()
     precision = precision or plan["precision"]
-    mode = precision_mode(trt.__version__, precision)
-    progress(f"TensorRT {trt.__version__} on {gpu.name} (sm_{gpu.sm}): {precision}, {mode}")
+    fallback = None if mode else fallback_mode(trt.__version__, precision_mode(trt.__version__, precision))
+    mode = mode or precision_mode(trt.__version__, precision)
+    progress(f"TensorRT {trt.__version__} on {gpu.name} (sm_{gpu.sm}): {precision}, {mode}" + (f" (fallback: {fallback})" if fallback else ""))
     if gpu.sm != plan["sm"]:
         progress(f"note: the export planned sm_{plan['sm']} ({manifest.data['target']['name']}); these engines are for sm_{gpu.sm}")
+    try:
+        built, checks = build_and_check(manifest, planned, plan, trt, gpu.sm, precision, mode, progress)
+    except ModelError as exc:
+        if fallback is None:
+            raise
+        progress(f"{mode} failed ({exc.problem}); building {fallback} instead")
+        mode = fallback
+        built, checks = build_and_check(manifest, planned, plan, trt, gpu.sm, precision, mode, progress)
+    data = dict(manifest.data)
+    data["engines"] = {
+        "trt_version": trt.__version__,
+        "sm": gpu.sm,
+        "gpu": gpu.name,
+        "precision": precision,
+        "mode": mode,
+        "files": built,
+        "check_vs_onnxruntime_fp32": {name: error.to_dict() for name, error in checks.items()},
+    }
+    data["device_build"] = {**plan, "status": "built"}
+    data["files"] = {k: v for k, v in manifest.files.items() if k not in built.values()}  # rebuilt: hashed anew
+    claim_entries(manifest.root, built.values())
+    write_manifest(manifest.root, data)
+    return load_manifest(manifest.root)
+
+
+def build_and_check(
+    manifest: Manifest, planned: dict[str, list[Any]], plan: dict[str, Any], trt: Any, sm: str, precision: str, mode: str, progress: Progress
+) -> tuple[dict[str, str], dict[str, ScaledError]]:
+    """Build every engine in ``mode`` and check it; on any failure no engine is left behind."""
     built: dict[str, str] = {}
     try:
         for name, profiles in planned.items():
-            request = build_request(manifest, name, profiles, mode, engine_file_name(name, trt.__version__, gpu.sm), plan)
+            request = build_request(manifest, name, profiles, mode, engine_file_name(name, trt.__version__, sm), plan)
             progress(f"building {request.engine_file.name} ...")
             plan_bytes = build_engine(trt, request)
             with atomic_file(request.engine_file, "wb") as stream:
@@ -90,21 +122,7 @@ def build_from_manifest(manifest_path: str | Path, progress: Progress = print, p
             with contextlib.suppress(FileNotFoundError):
                 (manifest.root / file).unlink()
         raise
-    data = dict(manifest.data)
-    data["engines"] = {
-        "trt_version": trt.__version__,
-        "sm": gpu.sm,
-        "gpu": gpu.name,
-        "precision": precision,
-        "mode": mode,
-        "files": built,
-        "check_vs_onnxruntime_fp32": {name: error.to_dict() for name, error in checks.items()},
-    }
-    data["device_build"] = {**plan, "status": "built"}
-    data["files"] = {k: v for k, v in manifest.files.items() if k not in built.values()}  # rebuilt: hashed anew
-    claim_entries(manifest.root, built.values())
-    write_manifest(manifest.root, data)
-    return load_manifest(manifest.root)
+    return built, checks
 
 
 def build_request(manifest: Manifest, name: str, profiles: list[dict[str, Any]], mode: str, engine: str, plan: dict[str, Any]) -> BuildRequest:
@@ -137,7 +155,20 @@ def build_request(manifest: Manifest, name: str, profiles: list[dict[str, Any]],
 
 def check_engines(manifest: Manifest, files: dict[str, str]) -> dict[str, ScaledError]:
     """Each engine against ONNX Runtime FP32 (CPU) on fixed inputs: CUT3R over a recurrence
-    at 16:9 and 9:16, the rest on seeded random inputs. Errors relative to output scale."""
+    at 16:9 and 9:16, the rest on seeded random inputs. Errors relative to output scale.
+
+    One graph at a time (CUT3R's encoder and step together): its engine, its device memory
+    and its ONNX Runtime session are released before the next graph's are opened."""
+    groups = [("cut3r_encoder", "cut3r_step")] if "cut3r_encoder" in files else []
+    groups += [(name,) for name in sorted(files.keys() - {n for g in groups for n in g})]
+    checks: dict[str, ScaledError] = {}
+    for group in groups:
+        checks.update(check_group(manifest, {name: files[name] for name in group}))
+    return checks
+
+
+def check_group(manifest: Manifest, files: dict[str, str]) -> dict[str, ScaledError]:
+    """The engines of ``files`` (one graph, or CUT3R's pair) against their ONNX graphs."""
     from loc3r.runtime.cuda import Device
     from loc3r.runtime.ort import open_session
     from loc3r.runtime.tensorrt_backend import TrtSession, share_activation_memory
@@ -148,14 +179,14 @@ def check_engines(manifest: Manifest, files: dict[str, str]) -> dict[str, Scaled
         engines = {name: TrtSession(trt, manifest.root / file, device) for name, file in files.items()}
         share_activation_memory(list(engines.values()), device)
         references = {name: open_session(manifest.artifact_path(name)) for name in files}
-        checks = camera_checks(manifest, engines, references) if "cut3r_encoder" in files else {}
-        for name in sorted(files.keys() - checks.keys()):
-            feeds = fixed_feeds(engines[name].profiles[0], seed=len(name))
-            want = references[name].run(None, feeds)
-            got = engines[name].run(feeds)
-            outputs = [spec["name"] for spec in manifest.artifacts[name]["outputs"]]
-            checks[name] = scaled_error(want, [got[o] for o in outputs], tolerance(manifest, name))
-        return checks
+        if "cut3r_encoder" in files:
+            return camera_checks(manifest, engines, references)
+        (name,) = files
+        feeds = fixed_feeds(engines[name].profiles[0], seed=len(name))
+        want = references[name].run(None, feeds)
+        got = engines[name].run(feeds)
+        outputs = [spec["name"] for spec in manifest.artifacts[name]["outputs"]]
+        return {name: scaled_error(want, [got[o] for o in outputs], tolerance(manifest, name))}
     finally:
         device.close()
 

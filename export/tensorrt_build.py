@@ -2,15 +2,22 @@
 
 TensorRT engines are tied to the GPU (SM) and the TensorRT version, so a Jetson engine is
 built on the Jetson, and its file name says for which (``cut3r_step_trt10.3_sm87.engine``).
-FP16 is built in one of two ways, chosen by the installed TensorRT:
+FP16 is built in one of two ways:
 
-- TensorRT < 10.12 (JetPack 6 ships 10.3): the FP32 graph, ``BuilderFlag.FP16`` and
-  ``OBEY_PRECISION_CONSTRAINTS``, with the precision-sensitive layers pinned to FP32 by
-  layer type (normalisation, softmax, mean, pow, sqrt, sin, cos) and by the ONNX tensor
-  names of ``precision.fp32_nodes`` (RoPE angles and tables). Names alone would pin
-  nothing: the dynamo exporter names nodes ``node_layer_norm_3``, not ``LayerNorm``.
-- TensorRT >= 10.12 and 11 (which deprecate, then remove, those flags): the FP16 graph
-  written at export (``*.fp16.onnx``, the same FP32 set kept), built strongly typed.
+- strongly typed (preferred, every TensorRT 10.x and 11): the FP16 graph written at export
+  (``*.fp16.onnx``: FP16 with the precision-sensitive ops and the RoPE tables kept FP32),
+  parsed into a ``STRONGLY_TYPED`` network (the flag exists since 10.0, so JetPack 6's 10.3
+  has it): TensorRT keeps the graph's types, inside Myelin too.
+- pinned (the fallback on TensorRT 10.x, which still has the weak-typing flags; 10.12
+  deprecates them and 11 removes them): the FP32 graph, ``BuilderFlag.FP16`` and
+  ``OBEY_PRECISION_CONSTRAINTS``, the sensitive layers pinned to FP32 by layer type
+  (normalisation, softmax, mean, pow, sqrt, sin, cos) and by the ONNX tensor names of
+  ``precision.fp32_nodes`` (RoPE angles and tables). Names alone would pin nothing: the
+  dynamo exporter names nodes ``node_layer_norm_3``, not ``LayerNorm``. Per-layer pins can be
+  ignored inside Myelin's fused regions, which is why it is not the first choice.
+
+``loc3r-export build`` tries the strongly typed build and, when it fails to build or fails
+the accuracy check, falls back to the pinned one where the TensorRT has it.
 
 Everything here that needs TensorRT imports it lazily; the rest (names, profiles, modes,
 trtexec lines, refusals) is plain Python and tested without a GPU, the TensorRT calls
@@ -34,8 +41,10 @@ MANIFEST_NAME = "manifest.json"
 # sliding window starts with a single frame; 32 is the model's clip; 64 leaves room for --frames.
 CLIP_FRAMES = (1, 32, 64)
 TIMING_CACHE = "timing.cache"
-#: first TensorRT release that deprecates weak typing (BuilderFlag.FP16); 11 removes it
-STRONG_TYPING_FROM = (10, 12)
+#: first TensorRT release with NetworkDefinitionCreationFlag.STRONGLY_TYPED
+STRONG_TYPING_FROM = (10, 0)
+#: first TensorRT release without the weak-typing flags (BuilderFlag.FP16): no pinned fallback
+NO_WEAK_TYPING_FROM = (11, 0)
 
 Shape = tuple[int, ...]
 
@@ -61,6 +70,13 @@ def precision_mode(trt_version: str, precision: str) -> str:
     if precision == "fp32":
         return PrecisionMode.FP32
     return PrecisionMode.FP16_STRONG if version_tuple(trt_version) >= STRONG_TYPING_FROM else PrecisionMode.FP16_WEAK
+
+
+def fallback_mode(trt_version: str, mode: str) -> str | None:
+    """The mode to try when ``mode`` fails: the pinned build, where TensorRT still has it."""
+    if mode == PrecisionMode.FP16_STRONG and version_tuple(trt_version) < NO_WEAK_TYPING_FROM:
+        return PrecisionMode.FP16_WEAK
+    return None
 
 
 @dataclass(frozen=True)
