@@ -8,6 +8,11 @@ from the dataset and the predictions at the end, into ``OUT/summary.json`` and `
 sigma -> P(position error <= 0.5 m / 1.0 m) on the items with a position (``loc3r.eval.calibration``),
 writes it into the bundle (``calibration.json``, stamped with the bundle checksum) and reports its
 reliability (ECE in ``summary``, ``OUT/reliability.png``).
+
+``OUT`` is an output folder under loc3r's rule (``loc3r.owned_folder``): its marker records
+every file written with its size and SHA-256 (``predictions.jsonl`` after every line), so a
+file loc3r did not write is never overwritten, a symlinked ``--out`` is refused, and a resume
+reads exactly the predictions loc3r recorded (an edited or forged line is refused).
 """
 
 from __future__ import annotations
@@ -26,10 +31,13 @@ from loc3r.eval import metrics
 from loc3r.eval.dataset import Item, format_help, is_number, load_dataset, parse_json_line
 from loc3r.cli_support import ArgumentParser, positive_int, run_cli
 from loc3r.errors import InputError, Loc3rError
-from loc3r.fileio import claim_entries, finite_json, write_text_atomic
+from loc3r.fileio import claim_entries, finite_json
+from loc3r.owned_folder import OwnedFolder, open_owned_folder
 
 PROG = "loc3r-eval"
 PREDICTIONS = "predictions.jsonl"
+RELIABILITY_PNG = "reliability.png"
+EVAL_KIND = "evaluation"  # the output-folder kind (loc3r.fileio) of --out
 RUN = "run.json"
 
 # (key in summary["metrics"], label, "rate" (shown in %) or "num", key in summary["counts"])
@@ -112,35 +120,32 @@ def load_pipeline(model: str, backend: str) -> Any:
 def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     """Answer every item not yet in OUT/predictions.jsonl, then write and return the summary."""
     data = Path(args.data)
-    all_items = load_dataset(data)
-    items = all_items[: args.limit] if args.limit else all_items
-    out = Path(args.out) if args.out else Path(f"{data.stem}-eval")
-    if out.exists() and not out.is_dir():
-        raise InputError(f"--out {out} is a file, not a folder", "pass a folder for the predictions and summary")
-    out.mkdir(parents=True, exist_ok=True)
+    items = load_dataset(data, args.limit)
+    folder = open_owned_folder(Path(args.out) if args.out else Path(f"{data.stem}-eval"), EVAL_KIND, logs=(PREDICTIONS,), prog=PROG)
+    out = folder.path
     settings = {"model": str(args.model), "backend": args.backend, "frames": args.frames, "max_new_tokens": args.max_new_tokens}
-    run = open_run(out, settings)
-    records = read_predictions(out / PREDICTIONS, all_items)
+    run = open_run(folder, settings)
+    records = read_predictions(out / PREDICTIONS, items, partial=bool(args.limit))
     todo = [item for item in group_by_video(items) if item.key not in records]
     if records and todo:
         print(f"{PROG}: resuming: {len(items) - len(todo)} of {len(items)} items already in {out / PREDICTIONS}", file=sys.stderr)
     if todo and args.ray:
         from loc3r.eval.ray_runner import answer_items_on_ray
 
-        run = answer_items_on_ray(todo, args, out, run, records)
+        run = answer_items_on_ray(todo, args, folder, run, records)
     elif todo:
-        run = answer_items(todo, args, out, run, records)
+        run = answer_items(todo, args, folder, run, records)
     summary = build_summary(data, items, records, run)
     if args.calibrate:
-        summary["calibration"] = fit_calibration(args, data, items, records, run, out)
-    write_text_atomic(out / "summary.json", finite_json(summary, indent=2) + "\n")
-    write_text_atomic(out / "summary.md", summary_markdown(summary))
+        summary["calibration"] = fit_calibration(args, data, items, records, run, folder)
+    folder.write_text("summary.json", finite_json(summary, indent=2) + "\n")
+    folder.write_text("summary.md", summary_markdown(summary))
     print(f"{PROG}: wrote {out / 'summary.json'} and {out / 'summary.md'}", file=sys.stderr)
     return summary
 
 
 def fit_calibration(args: argparse.Namespace, data: Path, items: Sequence[Item], records: dict[str, dict[str, Any]],
-                    run: dict[str, Any], out: Path) -> dict[str, Any]:
+                    run: dict[str, Any], folder: OwnedFolder) -> dict[str, Any]:
     """Fit the calibration of the bundle that made the predictions, write it and the reliability
     diagram, and return the report that goes into the summary."""
     from loc3r.eval.calibration import calibrate, labelled_errors, plot_reliability
@@ -152,7 +157,7 @@ def fit_calibration(args: argparse.Namespace, data: Path, items: Sequence[Item],
     checksum = bundle_checksum(bundle)
     made_by = (run.get("model") or {}).get("checksum")
     if made_by != checksum:
-        raise InputError(f"the predictions in {out} were made by bundle checksum {str(made_by)[:12]}, --model is {checksum[:12]}",
+        raise InputError(f"the predictions in {folder.path} were made by bundle checksum {str(made_by)[:12]}, --model is {checksum[:12]}",
                          "pass the --model that made them, or another --out")
     sigma, errors, skipped = labelled_errors(items, records)
     random_weights = bool(run["model"].get("random_weights"))
@@ -161,7 +166,9 @@ def fit_calibration(args: argparse.Namespace, data: Path, items: Sequence[Item],
     if target.resolve() == (bundle / CALIBRATION_FILE).resolve():
         claim_entries(bundle, [CALIBRATION_FILE])  # loc3r's own file: re-converting the bundle may replace it
     title = f"{PROG} --calibrate: {calibration.method} on {calibration.items} items of {data.name}"
-    plot = plot_reliability(calibration, sigma, errors, out / "reliability.png", title + (" (RANDOM weights)" if random_weights else ""))
+    folder.check_own(RELIABILITY_PNG)
+    plot = plot_reliability(calibration, sigma, errors, folder.path / RELIABILITY_PNG, title + (" (RANDOM weights)" if random_weights else ""))
+    folder.claim(RELIABILITY_PNG)
     caveat = " (RANDOM weights: the mechanism only, sigma means nothing)" if random_weights else ""
     print(f"{PROG}: wrote the calibration {target} and the reliability diagram {plot}{caveat}", file=sys.stderr)
     return {**report, "skipped_non_finite": skipped, "file": str(target), "reliability_png": str(plot), "note": calibration.note}
@@ -175,14 +182,14 @@ def group_by_video(items: Sequence[Item]) -> list[Item]:
     return sorted(items, key=lambda item: first_seen[item.video])
 
 
-def answer_items(todo: list[Item], args: argparse.Namespace, out: Path, run: dict[str, Any], records: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def answer_items(todo: list[Item], args: argparse.Namespace, folder: OwnedFolder, run: dict[str, Any], records: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Ask the pipeline each item, appending every prediction to the log as soon as it exists."""
     from loc3r.runtime.generate import SamplingConfig
 
     pipeline = load_pipeline(args.model, args.backend)
-    run = record_model(out, run, pipeline.model_info)
+    run = record_model(folder, run, pipeline.model_info)
     sampling = SamplingConfig(max_new_tokens=args.max_new_tokens)
-    with (out / PREDICTIONS).open("a", encoding="utf-8") as log:  # appended line by line: resumable
+    with folder.appender(PREDICTIONS) as log:  # appended and recorded line by line: resumable
         for done, item in enumerate(todo):
             show_progress(done, len(todo), item.key)
             try:
@@ -230,9 +237,9 @@ def show_progress(done: int, total: int, key: str) -> None:
 # -- the output folder ----------------------------------------------------------------------
 
 
-def open_run(out: Path, settings: dict[str, Any]) -> dict[str, Any]:
+def open_run(folder: OwnedFolder, settings: dict[str, Any]) -> dict[str, Any]:
     """OUT/run.json: the settings the predictions were made with; resuming must match them."""
-    path = out / RUN
+    out, path = folder.path, folder.path / RUN
     if path.exists():
         run = read_json(path)
         old = run.get("settings")
@@ -246,34 +253,34 @@ def open_run(out: Path, settings: dict[str, Any]) -> dict[str, Any]:
                 )
         return run
     run = {"settings": settings}
-    write_text_atomic(path, finite_json(run, indent=2) + "\n")
+    folder.write_text(RUN, finite_json(run, indent=2) + "\n")
     return run
 
 
-def record_model(out: Path, run: dict[str, Any], model_info: Any) -> dict[str, Any]:
+def record_model(folder: OwnedFolder, run: dict[str, Any], model_info: Any) -> dict[str, Any]:
     """Store which model answered; refuse to mix predictions of two different checkpoints."""
     model = model_info.to_dict()
     old = run.get("model")
     if old and old.get("checksum") != model["checksum"]:
         raise InputError(
-            f"{out} holds predictions of model checksum {old.get('checksum')}, this one is {model['checksum']}",
+            f"{folder.path} holds predictions of model checksum {old.get('checksum')}, this one is {model['checksum']}",
             "pass another --out for a different checkpoint",
         )
     run = {**run, "model": model, "warning": model_info.warning}
-    write_text_atomic(out / RUN, finite_json(run, indent=2) + "\n")
+    folder.write_text(RUN, finite_json(run, indent=2) + "\n")
     return run
 
 
-def read_predictions(path: Path, items: Sequence[Item]) -> dict[str, dict[str, Any]]:
-    """Finished items by key. A partial last line (an interrupted write) is cut off the file."""
+def read_predictions(path: Path, items: Sequence[Item], partial: bool = False) -> dict[str, dict[str, Any]]:
+    """Finished items by key (the file is as loc3r wrote it: ``open_owned_folder`` checked it
+    against the digest recorded after its last whole line, and dropped any tail beyond).
+    ``partial``: ``items`` are the first --limit ones; lines of later items are skipped."""
     if not path.exists():
         return {}
     raw = path.read_bytes()
     complete = raw[: raw.rfind(b"\n") + 1]
-    if len(complete) < len(raw):
-        with path.open("r+b") as handle:
-            handle.truncate(len(complete))
-        print(f"{PROG}: discarded a partially written last line of {path}", file=sys.stderr)
+    if len(complete) < len(raw):  # never left by loc3r: every recorded line is whole (loc3r.owned_folder)
+        raise InputError(f"{path} ends in a partial line", "pass another --out to start afresh")
     by_key = {item.key: item for item in items}
     records: dict[str, dict[str, Any]] = {}
     for number, line in enumerate(complete.decode("utf-8", errors="replace").splitlines(), start=1):
@@ -288,6 +295,8 @@ def read_predictions(path: Path, items: Sequence[Item]) -> dict[str, dict[str, A
         if not is_prediction(record):
             raise InputError(f"{where}: not a loc3r-eval prediction", fix)
         item = by_key.get(record["key"])
+        if item is None and partial:  # an item beyond --limit: neither read nor scored
+            continue
         if item is None or item.question != record["question"] or item.video_field != record["video"]:
             raise InputError(
                 f"{where}: item {record['key']!r} is not in the dataset as it was (question or video changed?)",

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from loc3r.errors import InputError
+from loc3r.fileio import check_readable_file
 
 FIELDS = ("id", "video", "question", "situation", "answer", "options", "position", "orientation", "meta")
 # every key of a line, what it holds (``loc3r-eval --help`` and docs/user-guide.md show these)
@@ -78,25 +79,29 @@ class Item:
         return "numeric" if isinstance(self.answer, float) else "open"
 
 
-def load_dataset(path: str | Path) -> list[Item]:
-    """Read and check every line of a JSONL dataset; the first bad line raises ``InputError``."""
+def load_dataset(path: str | Path, limit: int | None = None) -> list[Item]:
+    """Read and check the lines of a JSONL dataset, streamed: with ``limit``, reading stops
+    after that many items (a huge file is not parsed past them). The first bad line raises
+    ``InputError``."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise InputError(f"dataset {path} not found", "pass the path of a JSONL file") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"cannot read dataset {path} ({exc})", "pass a UTF-8 JSONL file") from None
+    check_readable_file(path, "dataset")
     items: list[Item] = []
     keys: dict[str, int] = {}
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        item = parse_item(line, number, path.parent, path.name)
-        if item.key in keys:
-            raise InputError(f"{path.name} line {number}: id {item.key!r} is already used on line {keys[item.key]}", "give every item its own id")
-        keys[item.key] = number
-        items.append(item)
+    try:
+        with path.open(encoding="utf-8", newline="\n") as stream:
+            for number, line in enumerate(stream, start=1):
+                if limit is not None and len(items) >= limit:
+                    break
+                line = line.rstrip("\r\n")
+                if not line.strip():
+                    continue
+                item = parse_item(line, number, path.parent, path.name)
+                if item.key in keys:
+                    raise InputError(f"{path.name} line {number}: id {item.key!r} is already used on line {keys[item.key]}", "give every item its own id")
+                keys[item.key] = number
+                items.append(item)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"cannot read dataset {path} ({exc})", "pass a UTF-8 JSONL file") from None
     if not items:
         raise InputError(f"dataset {path} has no items", "write one JSON object per line")
     return items
@@ -122,6 +127,8 @@ def parse_item(line: str, number: int, folder: Path, name: str = "dataset") -> I
     if not isinstance(video_field, str) or not video_field.strip() or "\x00" in video_field:
         raise fail("video", "a video file path")
     video = (folder / video_field).resolve()
+    if video.exists() and not video.is_file():
+        raise InputError(f"{where}: video {video_field!r} is not a regular file (a folder, FIFO or device: {video})", "name a video file")
     if not video.is_file():
         raise InputError(f"{where}: video {video_field!r} not found (looked at {video})", "fix the path; relative paths start at the dataset's folder")
     question = raw.get("question")

@@ -21,6 +21,7 @@ from typing import Any
 
 from loc3r.eval.dataset import Item
 from loc3r.errors import InputError, InternalError, Loc3rError
+from loc3r.owned_folder import OwnedFolder
 
 MAX_ATTEMPTS = 3  # per video: a video whose actor dies this often stops the run
 ACTOR_PREFIX = "loc3r-eval-"
@@ -81,7 +82,7 @@ def worker_slots(ray: Any, requested: int | None) -> tuple[int, dict[str, float]
     return max(1, requested or gpus or cpus), each
 
 
-def answer_items_on_ray(todo: list[Item], args: Any, out: Path, run: dict[str, Any], records: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def answer_items_on_ray(todo: list[Item], args: Any, folder: OwnedFolder, run: dict[str, Any], records: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Answer ``todo`` on the cluster, appending predictions to OUT/predictions.jsonl per video."""
     from loc3r.eval.cli import PREDICTIONS, record_model, show_progress, write_record
     from loc3r.models.tiny import resolve_model
@@ -114,10 +115,10 @@ def answer_items_on_ray(todo: list[Item], args: Any, out: Path, run: dict[str, A
             in_flight[actor.answer.remote(group)] = (actor, group)
 
     try:
-        run = record_model(out, run, ray.get(actors[0].model_info.remote()))
+        run = record_model(folder, run, ray.get(actors[0].model_info.remote()))
         for actor in actors:
             dispatch(actor)
-        with (out / PREDICTIONS).open("a", encoding="utf-8") as log:
+        with folder.appender(PREDICTIONS) as log:
             while in_flight:
                 (ref,), _ = ray.wait(list(in_flight), num_returns=1)
                 actor, group = in_flight.pop(ref)

@@ -127,7 +127,7 @@ def check_readable_file(path: Path, what: str) -> None:
     try:
         mode = path.stat().st_mode
     except FileNotFoundError:
-        raise InputError(f"{path}: no such file", f"check the path to the {what}") from None
+        raise InputError(f"{what} {path} not found", f"check the path to the {what}") from None
     except PermissionError:
         mode = stat.S_IFREG
     if not stat.S_ISREG(mode):

@@ -17,7 +17,7 @@ from loc3r.export import cli as export_cli
 from loc3r.export import exporter, graphs
 from loc3r.export.manifest import load_manifest
 from loc3r.export.memory_plan import onnx_file_bytes
-from loc3r.fileio import MARKER_FORMAT, MARKER_VERSION, OUTPUT_MARKER
+from loc3r.fileio import OUTPUT_MARKER, write_marker
 from loc3r.runtime.demo_video import write_demo_video
 from loc3r.runtime.generate import SamplingConfig
 from loc3r.runtime.pipeline import Pipeline
@@ -204,8 +204,7 @@ def test_failed_export_leaves_nothing_behind(tmp_path: Path, monkeypatch: pytest
     out = tmp_path / "engines"
     out.mkdir()
     (out / "manifest.json").write_text("previous export")
-    marker = {"format": MARKER_FORMAT, "version": MARKER_VERSION, "kind": "export", "entries": ["manifest.json"]}
-    (out / OUTPUT_MARKER).write_text(json.dumps(marker))
+    write_marker(out, "export")
 
     def fail(*args: object) -> None:
         raise OSError(28, "No space left on device")

@@ -838,7 +838,7 @@ def test_a_malformed_resume_file_is_one_line(case: str, video: Path, tmp_path: P
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "predictions.jsonl").write_text(json.dumps(RESUME_DAMAGE[case]) + "\n")
     result = cli(eval_cli.main, capsys, tmp_path / "data.jsonl", "--out", tmp_path / "out", "--frames", "2")
-    assert_error(result, 2, "predictions.jsonl line 1: not a loc3r-eval prediction", "delete that line", prog="loc3r-eval")
+    assert_error(result, 2, "is a folder loc3r did not write (it holds predictions.jsonl)", prog="loc3r-eval")
 
 
 @pytest.mark.parametrize("value", ["high", [0.5], {"v": 1}, True, 10**400])

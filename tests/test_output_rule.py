@@ -171,3 +171,114 @@ def test_a_bundle_left_aside_by_a_killed_run_is_restored_by_the_next_run(tmp_pat
     assert result.code == 0, result.err
     assert f"restored {bundle} from {aside.name}" in result.err
     assert (bundle / "config.json").is_file() and not aside.exists()
+
+
+# -- loc3r-eval --out ------------------------------------------------------------------------
+
+from test_eval_cli import ITEMS, ScriptedPipeline, scripted, write_lines  # noqa: E402, F401 - scripted is a fixture
+from test_eval_cli import run as eval_run  # noqa: E402
+
+
+def _users_summary_in_a_fresh_folder(out: Path) -> str:
+    out.mkdir()
+    (out / "summary.md").write_text("my summary")
+    return "is a folder loc3r did not write (it holds summary.md)"
+
+
+def _users_summary_after_a_run(out: Path) -> str:
+    (out / "summary.md").write_text("my own notes now")
+    return "holds summary.md, which changed since loc3r wrote it; it would be overwritten"
+
+
+def _users_file_beside(out: Path) -> str:
+    (out / ".loc3r-my-notes.txt").write_text("mine")
+    return "holds .loc3r-my-notes.txt, which loc3r did not write"
+
+
+def _forged_line_inside(out: Path) -> str:
+    lines = (out / "predictions.jsonl").read_text().splitlines(keepends=True)
+    forged = json.loads(lines[0])
+    forged["pose"]["x"] = 0.0
+    (out / "predictions.jsonl").write_text(json.dumps(forged) + "\n" + "".join(lines[1:]))
+    return "holds predictions.jsonl, which changed since loc3r wrote it (it cannot be resumed)"
+
+
+def _no_final_newline(out: Path) -> str:
+    data = (out / "predictions.jsonl").read_bytes()
+    (out / "predictions.jsonl").write_bytes(data[:-1])
+    return "holds predictions.jsonl, which changed since loc3r wrote it"
+
+
+def _symlinked_eval_out(out: Path) -> str:
+    shutil.move(out, out.parent / "real")
+    out.symlink_to(out.parent / "real")
+    return "is a symbolic link; loc3r does not write through links"
+
+
+def _symlinked_to_a_system_folder(out: Path) -> str:
+    shutil.rmtree(out)
+    (out.parent / "etc").mkdir()
+    out.symlink_to(out.parent / "etc")
+    return "is a symbolic link; loc3r does not write through links"
+
+
+EVAL_FOREIGN: dict[str, tuple[bool, Callable[[Path], str]]] = {  # case -> (after a first run?, make it)
+    "the user's summary.md, no marker": (False, _users_summary_in_a_fresh_folder),
+    "summary.md replaced by the user": (True, _users_summary_after_a_run),
+    "a user's .loc3r-* file": (True, _users_file_beside),
+    "a forged prediction line": (True, _forged_line_inside),
+    "predictions without a final newline": (True, _no_final_newline),
+    "--out a symlink to an eval folder": (True, _symlinked_eval_out),
+    "--out a symlink to another folder": (True, _symlinked_to_a_system_folder),
+}
+
+
+@pytest.mark.parametrize("case", list(EVAL_FOREIGN))
+def test_eval_out_refuses_foreign_forged_and_linked_contents(case: str, tmp_path: Path, scripted: ScriptedPipeline, capsys) -> None:
+    after_run, make = EVAL_FOREIGN[case]
+    out = tmp_path / "out"
+    if after_run:
+        assert eval_run(tmp_path) == 0
+    fragment = make(out)
+    before = _tree(tmp_path)
+    capsys.readouterr()
+    scripted.calls.clear()
+    assert eval_run(tmp_path) == 2
+    err = capsys.readouterr().err
+    assert fragment in err and err.count("\n") == 1 and "Traceback" not in err, err
+    assert _tree(tmp_path) == before and scripted.calls == []  # nothing written, nothing asked
+
+
+def test_a_line_appended_beyond_the_record_is_dropped_not_scored(tmp_path: Path, scripted: ScriptedPipeline, capsys) -> None:
+    """A line no run recorded (appended by hand, or half-written when a run was killed) is
+    written away, and its item answered again."""
+    assert eval_run(tmp_path, "--limit", "1") == 0
+    first = json.loads((tmp_path / "out" / "predictions.jsonl").read_text())
+    forged = {**first, "key": "seat", "question": "Which seat?", "video": "b.mp4", "answer": "B"}
+    with (tmp_path / "out" / "predictions.jsonl").open("a") as stream:
+        stream.write(json.dumps(forged) + "\n")
+    scripted.calls.clear()
+    capsys.readouterr()
+    assert eval_run(tmp_path) == 0
+    assert "dropped" in capsys.readouterr().err
+    assert ("b.mp4", "Which seat?") in scripted.calls
+
+
+def test_eval_limit_reads_a_huge_dataset_lazily(tmp_path: Path, scripted: ScriptedPipeline) -> None:
+    """--limit 1 stops reading after one item: a million lines after it are never parsed."""
+    with (tmp_path / "data.jsonl").open("a") as stream:
+        stream.write("not json\n" * 1_000_000)
+    assert eval_run(tmp_path, "--limit", "1") == 0
+    assert len(scripted.calls) == 1
+
+
+def test_a_fifo_in_a_dataset_is_not_a_regular_file(tmp_path: Path, scripted: ScriptedPipeline, capsys) -> None:
+    os.mkfifo(tmp_path / "pipe.mp4")
+    write_lines(tmp_path / "data.jsonl", [{**ITEMS[0], "video": "pipe.mp4"}])
+    assert eval_run(tmp_path) == 2
+    assert "video 'pipe.mp4' is not a regular file" in capsys.readouterr().err
+    os.mkfifo(tmp_path / "data.fifo.jsonl")
+    from loc3r.eval import cli as eval_cli
+
+    assert eval_cli.main([str(tmp_path / "data.fifo.jsonl"), "--out", str(tmp_path / "o2")]) == 2
+    assert "is not a regular file" in capsys.readouterr().err
