@@ -33,7 +33,7 @@ import av
 import numpy as np
 import torch
 
-from loc3r.bench.report import machine_info
+from loc3r.bench.provenance import Recording, header
 from loc3r.fileio import atomic_file, write_json_atomic
 from loc3r.runtime.demo_video import write_demo_video
 from loc3r.runtime.preprocess import cut3r_input, siglip_input
@@ -120,6 +120,7 @@ def measure(path: Path, frames: int, repeats: int) -> dict[str, Any]:
         "parity_grey_levels": parity(inputs["previous"], inputs["current"]),
         "median": medians,
         "ratio_previous_over_current": {k: medians["previous"][k] / medians["current"][k] for k in medians["current"]},
+        "total_wall_ratio_per_repeat": [p["total_wall_s"] / c["total_wall_s"] for p, c in zip(runs["previous"], runs["current"], strict=True)],
     }
 
 
@@ -133,14 +134,12 @@ def parity(previous: list, current: list) -> dict[str, dict[str, float]]:
 
 
 def markdown(result: dict[str, Any]) -> str:
-    m = result["machine"]
     lines = [
-        "# Decoding: 32 sampled frames, previous reader vs seeking + decoder scaling",
+        f"# Decoding: {result['frames']} sampled frames, previous reader vs seeking + decoder scaling",
         "",
-        f"Command: `{result['command']}`  ",
-        f"Machine: {m['cpu']}, {m['cores']} cores, {m['ram_gib']} GiB; load average at start {m['load_average_at_start']}; "
-        f"commit {m['code_commit']}{' (dirty)' if m['code_dirty'] else ''}; {m['date_utc']}  ",
-        f"Repeats: {result['repeats']} per path, alternating order; medians. Ratio = previous / current (> 1: faster now).",
+        *header(result["provenance"]),
+        f"Repeats: {result['repeats']} per path, alternating order; medians. Ratio = previous / current (> 1: faster now); "
+        "the total wall ratio's range is over the repeats' pairs.",
         "",
         "| video | seeks | frames decoded (previous -> now) | stage | previous wall | now wall | ratio | previous CPU | now CPU | ratio |",
         "|---|---|---|---|---|---|---|---|---|---|",
@@ -156,6 +155,9 @@ def markdown(result: dict[str, Any]) -> str:
                 f"{ratio[stage + '_wall_s']:.2f}x | {med['previous'][stage + '_cpu_s']:.2f} s | {med['current'][stage + '_cpu_s']:.2f} s | "
                 f"{ratio[stage + '_cpu_s']:.2f}x |"
             )
+    lines += ["", "Total wall ratio per repeat (min-max): " + "; ".join(
+        f"{e['video']['description']}: {min(e['total_wall_ratio_per_repeat']):.2f}x-{max(e['total_wall_ratio_per_repeat']):.2f}x"
+        for e in result["videos"]) + "."]
     lines += ["", "Inputs against the previous (PIL) route, grey levels: "
               + "; ".join(f"{e['video']['description']}: " + ", ".join(
                   f"{enc} mean {v['mean']:.2f} p99 {v['p99']:.0f} max {v['max']:.0f}" for enc, v in e["parity_grey_levels"].items())
@@ -172,9 +174,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--workdir", help="where the videos are written (default: a temporary folder)")
+    parser.add_argument("--allow-unreachable", action="store_true", help="measure code not on main (the result says so)")
     args = parser.parse_args(argv)
-    command = "python -m loc3r.bench.decode " + " ".join(argv if argv is not None else sys.argv[1:])
-    machine = machine_info()
+    command = ["python", "-m", "loc3r.bench.decode", *(argv if argv is not None else sys.argv[1:])]
+    recording = Recording("decode", command, "previous and current alternate which runs first (A B, B A, ...)",
+                          args.repeats, args.allow_unreachable)
     with tempfile.TemporaryDirectory(prefix="loc3r-decode-", dir=args.workdir) as tmp:
         work = Path(tmp)
         videos = [(write_demo_video(work / "short.mp4", args.short_seconds * FPS, WIDTH, HEIGHT, FPS, encoder_options(250)),
@@ -187,7 +191,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             entry = measure(path, args.frames, args.repeats)
             entry["video"]["description"] = description
             entries.append(entry)
-    result = {"command": command.strip(), "machine": machine, "frames": args.frames, "repeats": args.repeats, "videos": entries}
+    result = {"provenance": recording.finish(), "frames": args.frames, "repeats": args.repeats, "videos": entries}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "decode.json", result)
