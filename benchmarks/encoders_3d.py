@@ -191,9 +191,11 @@ def markdown(doc: dict[str, Any]) -> str:
     real, small = doc["real_size"], doc["small"]
     m = small["medians"]
     machine = doc["machine"]
+    caveats = [line for caveat in doc.get("caveats", []) for line in (caveat, "")]
     lines = [
         "# 3D encoders: CUT3R vs VGGT",
         "",
+        *caveats,
         f"Command: `{doc['command']}`  ",
         f"Machine: {machine['cpu']}, {machine['cores']} cores, torch {machine['versions'].get('torch')} "
         f"({machine['torch_threads']} threads), load average at start {machine['load_average_at_start']}, "

@@ -206,6 +206,16 @@ def says_stale(stem: str, lines: int = 6) -> bool:
     return md.is_file() and STALE_MARK in "\n".join(md.read_text(encoding="utf-8").splitlines()[:lines])
 
 
+def without_stale_note(text: str) -> str:
+    """A result's ``.md`` as its renderer wrote it: the stale note ``mark_stale`` added removed."""
+    lines = text.splitlines()
+    for at, line in enumerate(lines):
+        if line.startswith(STALE_MARK):
+            del lines[at - 1 if at and not lines[at - 1] else at : at + 1]
+            break
+    return "\n".join(lines) + "\n"
+
+
 def mark_stale(stem: str, why: str) -> None:
     """Put the stale note under the ``.md``'s title (replacing an earlier one)."""
     from loc3r.fileio import atomic_file
