@@ -33,7 +33,7 @@ import av
 import numpy as np
 import torch
 
-from loc3r.bench.provenance import Recording, header
+from loc3r.bench.provenance import Recording, header, start
 from loc3r.fileio import atomic_file, write_json_atomic
 from loc3r.runtime.demo_video import write_demo_video
 from loc3r.runtime.preprocess import cut3r_input, siglip_input
@@ -177,7 +177,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--allow-unreachable", action="store_true", help="measure code not on main (the result says so)")
     args = parser.parse_args(argv)
     command = ["python", "-m", "loc3r.bench.decode", *(argv if argv is not None else sys.argv[1:])]
-    recording = Recording("decode", command, "previous and current alternate which runs first (A B, B A, ...)",
+    recording = start("decode", command, "previous and current alternate which runs first (A B, B A, ...)",
                           args.repeats, args.allow_unreachable)
     with tempfile.TemporaryDirectory(prefix="loc3r-decode-", dir=args.workdir) as tmp:
         work = Path(tmp)

@@ -30,7 +30,7 @@ from transformers import Qwen2ForCausalLM
 
 from loc3r.fileio import atomic_file, write_json_atomic
 from loc3r.bench.memory import peak_rss_mib
-from loc3r.bench.provenance import Recording, header
+from loc3r.bench.provenance import Recording, header, start
 from loc3r.models.config import LLMConfig
 from loc3r.models.llm import build_qwen2
 from loc3r.runtime.generate import SamplingConfig, generate
@@ -418,7 +418,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.speed_only:
         command = ["python", "-m", "loc3r.bench.llm_quant", *(argv if argv is not None else sys.argv[1:])]
-        recording = Recording("llm_quant_speed", command, "variants alternate their order every round (A B C, C B A, ...)",
+        recording = start("llm_quant_speed", command, "variants alternate their order every round (A B C, C B A, ...)",
                               args.speed_only, args.allow_unreachable)
         result = speed_run(args.head_std, args.speed_only, recording)
         args.out.mkdir(parents=True, exist_ok=True)

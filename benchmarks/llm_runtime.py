@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from loc3r.bench.presets import resolve_bench_model
-from loc3r.bench.provenance import Recording, header
+from loc3r.bench.provenance import Recording, header, start
 from loc3r.bench.stats import summarize
 from loc3r.fileio import write_json_atomic
 
@@ -226,7 +226,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--allow-unreachable", action="store_true", help="measure code not on main (the result says so)")
     args = parser.parse_args(argv)
     command = ["python", "-m", "loc3r.bench.llm_runtime", *(argv if argv is not None else sys.argv[1:])]
-    recording = Recording(f"llm_runtime_{args.model}", command, "backends alternate their order every round (A B C, C B A, ...)",
+    recording = start(f"llm_runtime_{args.model}", command, "backends alternate their order every round (A B C, C B A, ...)",
                           args.rounds, args.allow_unreachable)
     result = run(args.model, args.frames, args.decode_frames, args.rounds, not args.decode_only, recording)
     args.out.mkdir(parents=True, exist_ok=True)

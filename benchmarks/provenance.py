@@ -155,6 +155,15 @@ class Recording:
         return self.record
 
 
+def start(result: str, argv: Sequence[str], interleaving: str, repeats: int, allow_unreachable: bool = False) -> Recording:
+    """A :class:`Recording`, or one line naming the problem and its fix (exit 2), no traceback."""
+    try:
+        return Recording(result, argv, interleaving, repeats, allow_unreachable)
+    except InputError as exc:
+        print(f"{argv[2] if len(argv) > 2 else result}: error: {exc}", file=sys.stderr)
+        raise SystemExit(exc.exit_code) from None
+
+
 def header(record: dict[str, Any]) -> list[str]:
     """Markdown lines that state a record (for the top of a result's ``.md``)."""
     m = record["machine"]

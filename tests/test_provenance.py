@@ -55,6 +55,16 @@ def test_code_not_on_main_is_refused_unless_allowed(
     assert "NOT reachable from main" in "\n".join(provenance.header(allowed))
 
 
+def test_a_refusal_is_one_line_and_exit_2(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setattr(provenance, "reachable_from_main", lambda commit: False)
+    monkeypatch.setattr(provenance, "dirty_files", lambda: [])
+    with pytest.raises(SystemExit) as exit_info:
+        provenance.start("decode", ["python", "-m", "loc3r.bench.decode"], "A B A B", 3)
+    assert exit_info.value.code == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("loc3r.bench.decode: error: the code to measure commit ") and "--allow-unreachable" in line
+
+
 def test_dirty_files_are_named_whole() -> None:
     """``git status --porcelain`` lines start with a space for unstaged changes: the names
     must not lose their first letter."""
