@@ -91,6 +91,7 @@ def run_export(args: argparse.Namespace) -> int:
     from loc3r.export.exporter import export_all
     from loc3r.export.preflight import preflight
 
+    print(f"loading model {args.model} and checking what the export needs ...", file=sys.stderr, flush=True)
     checked = preflight(args)  # every requirement, before any work: each problem is a line
     request = checked.request
     target, bundle = request.target, request.bundle

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Callable
 
 Advance = Callable[[str], None]
@@ -32,3 +33,15 @@ class ProgressBar:
 def terminal_output(machine_readable: bool = False) -> bool:
     """True when a person watches: stdout and stderr are terminals and no --json was asked."""
     return not machine_readable and sys.stdout.isatty() and sys.stderr.isatty()
+
+
+def announce_loading(prog: str, what: str) -> Callable[[], None]:
+    """Say on stderr, also without a terminal (piped output, logs), that ``what`` is loading,
+    when a person will wait for it: in a fresh process, where torch is not imported yet (its
+    imports and the model's take tens of seconds on a small machine). Returns the function that
+    says how long it took (a no-op when nothing was said: in-process callers holding torch)."""
+    if "torch" in sys.modules:
+        return lambda: None
+    start = time.perf_counter()
+    print(f"{prog}: loading {what} (imports and weights)...", file=sys.stderr, flush=True)
+    return lambda: print(f"{prog}: loaded in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)

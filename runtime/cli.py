@@ -16,7 +16,7 @@ from loc3r.errors import InputError, QuestionFailed, one_question
 from loc3r.fileio import check_output_file, finite_json
 from loc3r.models.config import DTYPE_CHOICES
 from loc3r.models.prompt import build_question_suffix, check_text_fits, check_user_text
-from loc3r.progress import terminal_output
+from loc3r.progress import announce_loading, terminal_output
 from loc3r.runtime.confidence import check_min_confidence
 from loc3r.runtime.generate import SamplingConfig, TextStream
 
@@ -206,6 +206,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     def body() -> int:
         check_arguments(args)  # before the heavy imports: a usage error answers at once
         sampling = SamplingConfig(args.max_new_tokens, args.temperature, args.top_p, args.seed)
+        loaded = announce_loading(PROG, f"model {args.model} ({args.backend} backend)")
         from loc3r.runtime.pipeline import Pipeline, default_cache_dir
         from loc3r.runtime.video import probe_video
 
@@ -213,6 +214,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.model, backend=args.backend, engines=args.engines, cache_dir=None if args.no_cache else default_cache_dir(),
             dtype=args.dtype, calibration=args.calibration,
         )
+        loaded()
         check_min_confidence(args.min_confidence, args.confidence_radius, pipeline.model_info.calibration, "--min-confidence")
         if args.pose_only:
             return print_poses(pipeline, args)

@@ -14,6 +14,7 @@ from typing import NoReturn
 
 from loc3r.cli_support import ArgumentParser, run_cli
 from loc3r.errors import InputError
+from loc3r.progress import announce_loading
 from loc3r.runtime.cli import add_dtype_argument, positive_int
 from loc3r.serve.settings import MIB, ServeSettings
 
@@ -99,9 +100,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def body() -> int:
         require_serve_extra()
-        from loc3r.runtime.pipeline import Pipeline, default_cache_dir
-        from loc3r.serve.server import build_server, serve_forever
-
         settings = ServeSettings(
             host=args.host, port=args.port, api_key=args.api_key, media_dir=args.media_dir,
             upload_dir=args.upload_dir, allow_remote_urls=args.allow_remote_urls,
@@ -112,10 +110,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             max_frames=args.max_frames,
         )
         settings.check()  # before the model loads: a refused address answers at once
+        loaded = announce_loading(PROG, f"model {args.model} ({args.backend} backend)")
+        from loc3r.runtime.pipeline import Pipeline, default_cache_dir
+        from loc3r.serve.server import build_server, serve_forever
+
         pipeline = Pipeline.from_pretrained(
             args.model, backend=args.backend, engines=args.engines, cache_dir=None if args.no_cache else default_cache_dir(),
             dtype=args.dtype, calibration=args.calibration,
         )
+        loaded()
         serve_forever(build_server(pipeline, settings), args.log_level)
         return 0
 

@@ -374,7 +374,8 @@ def test_missing_bundle_in_a_subprocess(tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=120,
     )
     assert result.returncode == 2, result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.startswith("loc3r-export")]
+    lines = [line for line in result.stderr.splitlines() if line.startswith("loc3r-export: error")]
+    assert result.stderr.startswith(f"loading model {tmp_path / 'nowhere'} and checking what the export needs ...")
     assert lines == [f"loc3r-export: error: {tmp_path / 'nowhere'} is not a loc3r bundle (no config.json): "
                      "pass a folder written by loc3r-convert, or --model tiny"]
     assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()

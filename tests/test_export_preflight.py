@@ -104,8 +104,9 @@ def test_a_passing_export_says_what_it_checked_per_graph_and_the_next_step(cpu_e
     """The shared cpu export (tiny, fp32 LLM): what it printed while working and at the end."""
     progress = (cpu_export.parent / "stderr.txt").read_text().splitlines()
     out = (cpu_export.parent / "stdout.txt").read_text().splitlines()
-    assert progress[0].startswith("checked: target cpu, LLM fp32: memory plan ")
-    assert progress[1].startswith("[1/4] exporting cut3r: encoder + recurrent step, ONNX Runtime vs PyTorch over 8 frames at 16:9")
+    assert progress[0] == "loading model tiny and checking what the export needs ..."
+    assert progress[1].startswith("checked: target cpu, LLM fp32: memory plan ")
+    assert progress[2].startswith("[1/4] exporting cut3r: encoder + recurrent step, ONNX Runtime vs PyTorch over 8 frames at 16:9")
     assert any(line.strip().startswith("cut3r_step.onnx: max abs ") for line in progress)
     assert progress[-1].startswith("[4/4] exporting the LLM (fp32, cpu form) with onnxruntime-genai's builder, then a 16-token probe")
     graph_lines = [line for line in out if "parity vs PyTorch" in line]

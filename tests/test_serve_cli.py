@@ -114,7 +114,7 @@ def test_ctrl_c_stops_the_server_within_2_s_with_a_question_running(tmp_path: Pa
     err = server.stderr.read()
     assert took < 2.0, f"stopped {took:.2f} s after Ctrl-C"
     assert server.returncode in (0, 130), err
-    banner_lines = [line for line in err.splitlines() if line.startswith("loc3r-serve: ")]
+    banner_lines = [line for line in err.splitlines() if line.startswith("loc3r-serve: ") and " load" not in line]
     assert banner_lines[0].startswith("loc3r-serve: model     loc3r-tiny-random-v1 (torch")
     assert "RANDOM WEIGHTS" in banner_lines[1]
     assert f"loc3r-serve: page      {base}/" in err and "(1 video(s) listed)" in err
