@@ -31,7 +31,7 @@ from loc3r.eval import metrics
 from loc3r.eval.dataset import Item, format_help, is_number, load_dataset, parse_json_line
 from loc3r.cli_support import ArgumentParser, positive_int, run_cli
 from loc3r.errors import InputError, Loc3rError
-from loc3r.fileio import claim_entries, finite_json
+from loc3r.fileio import check_output_file, claim_entries, finite_json
 from loc3r.owned_folder import OwnedFolder, open_owned_folder
 
 PROG = "loc3r-eval"
@@ -121,6 +121,8 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     """Answer every item not yet in OUT/predictions.jsonl, then write and return the summary."""
     data = Path(args.data)
     items = load_dataset(data, args.limit)
+    if args.calibration_out:  # before any item is answered
+        check_calibration_out(Path(args.calibration_out), data)
     folder = open_owned_folder(Path(args.out) if args.out else Path(f"{data.stem}-eval"), EVAL_KIND, logs=(PREDICTIONS,), prog=PROG)
     out = folder.path
     settings = {"model": str(args.model), "backend": args.backend, "frames": args.frames, "max_new_tokens": args.max_new_tokens}
@@ -142,6 +144,13 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     folder.write_text("summary.md", summary_markdown(summary))
     print(f"{PROG}: wrote {out / 'summary.json'} and {out / 'summary.md'}", file=sys.stderr)
     return summary
+
+
+def check_calibration_out(path: Path, data: Path) -> None:
+    """A ``.json`` file in an existing folder, not the dataset."""
+    check_output_file(path, "--calibration-out", (".json",), inputs=[data])
+    if not path.parent.is_dir():
+        raise InputError(f"--calibration-out {path}: the folder {path.parent} does not exist", "create it, or pass a path in an existing folder")
 
 
 def fit_calibration(args: argparse.Namespace, data: Path, items: Sequence[Item], records: dict[str, dict[str, Any]],

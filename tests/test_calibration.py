@@ -351,3 +351,22 @@ def test_pose_only_reports_confidence_and_the_verdict_as_answers_do(calibrated: 
     lines = capsys.readouterr().out.splitlines()
     assert sum(line.startswith("confidence: P(error <= 0.5 m) = ") for line in lines) == 2
     assert sum(line.startswith("NOT LOCALIZED: confidence ") for line in lines) == 1
+
+
+@pytest.mark.parametrize(
+    ("target", "message"),
+    [
+        ("missing/c.json", "the folder {tmp}/missing does not exist: create it, or pass a path in an existing folder"),
+        ("c.txt", "does not end in .json: name the file to write like out.json"),
+        ("DATA.jsonl", "does not end in .json"),
+    ],
+)
+def test_a_bad_calibration_out_is_refused_before_any_item_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str], target: str, message: str) -> None:
+    (tmp_path / "a.mp4").write_bytes(b"")
+    data = tmp_path / "DATA.jsonl"
+    data.write_text(json.dumps({"video": "a.mp4", "question": "Where?", "position": {"x": 0, "y": 0}}) + "\n")
+    argv = [str(data), "--out", str(tmp_path / "out"), "--calibrate", "--calibration-out", str(tmp_path / target)]
+    assert eval_cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("loc3r-eval: error: --calibration-out ") and message.format(tmp=tmp_path) in err and err.count("\n") == 1
+    assert not (tmp_path / "out" / "predictions.jsonl").exists()
