@@ -51,6 +51,8 @@ MEASURES: dict[str, tuple[str, ...]] = {
     "serve_load_tiny": ("serve", *_RUNTIME, "benchmarks/serve_load.py"),
     "convert_memory": ("models/convert_llava.py", "models/convert_bundle.py", "models/convert_stream.py", "benchmarks/convert_memory.py"),
     "floor": ("benchmarks/floor.py", "benchmarks/flops.py", "engines"),
+    "scenes_small": (*_RUNTIME, "runtime/scene_store.py", "runtime/encoding_cache.py", "benchmarks/scenes.py"),
+    "scenes_serve_small": ("serve/sessions.py", "serve/worker.py", *_RUNTIME, "runtime/scene_store.py", "benchmarks/scenes_serve.py"),
 }
 
 
