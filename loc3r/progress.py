@@ -43,5 +43,5 @@ def announce_loading(prog: str, what: str) -> Callable[[], None]:
     if "torch" in sys.modules:
         return lambda: None
     start = time.perf_counter()
-    print(f"{prog}: loading {what} (imports and weights)...", file=sys.stderr, flush=True)
+    print(f"{prog}: loading {what}: imports and weights...", file=sys.stderr, flush=True)
     return lambda: print(f"{prog}: loaded in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)

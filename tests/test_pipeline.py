@@ -146,7 +146,7 @@ def test_console_script_runs_in_a_fresh_process(demo_video: Path) -> None:
     assert json.loads(result.stdout)["model"]["id"] == "loc3r-tiny-random-v1"
     # stderr is a pipe, not a terminal: the wait for imports and the model is still said
     said = result.stderr.splitlines()
-    assert said[0] == "loc3r-run: loading model tiny (torch backend) (imports and weights)...", said
+    assert said[0] == "loc3r-run: loading model tiny (torch backend): imports and weights...", said
     assert said[1].startswith("loc3r-run: loaded in ") and said[1].endswith(" s")
 
 
