@@ -374,3 +374,11 @@ def test_a_bad_calibration_out_is_refused_before_any_item_runs(tmp_path: Path, c
     err = capsys.readouterr().err
     assert err.startswith("loc3r-eval: error: --calibration-out ") and message.format(tmp=tmp_path) in err and err.count("\n") == 1
     assert not (tmp_path / "out" / "predictions.jsonl").exists()
+
+
+def test_confidence_and_fitting_import_no_torch() -> None:
+    import subprocess
+    import sys
+
+    code = "import sys, loc3r.runtime.confidence, loc3r.eval.calibration; print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"
