@@ -19,9 +19,10 @@ import asyncio
 import ipaddress
 import logging
 import socket
+import threading
 from collections.abc import Iterable
 from typing import BinaryIO
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import quote, urljoin, urlsplit
 
 import httpcore
 
@@ -91,7 +92,7 @@ class CheckedBackend(httpcore.AsyncNetworkBackend):
     async def checked_address(self, host: str, port: int) -> Address:
         """The address to connect to: the first of the name's addresses, all of them checked."""
         try:
-            found = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            found = await _lookup(host, port)
         except OSError as exc:
             raise DownloadFailed(f"cannot resolve {host!r}: {exc}") from None
         addresses = [ipaddress.ip_address(info[4][0].split("%", 1)[0]) for info in found]
@@ -105,6 +106,31 @@ class CheckedBackend(httpcore.AsyncNetworkBackend):
 
     async def sleep(self, seconds: float) -> None:
         await self.inner.sleep(seconds)
+
+
+async def _lookup(host: str, port: int) -> list[tuple]:
+    """``getaddrinfo`` in a thread of its own that nobody joins: a name server that answers
+    slowly is cut off by the download's deadline (``asyncio.run`` would wait for its default
+    executor's threads, so a lookup there outlives the deadline)."""
+    loop = asyncio.get_running_loop()
+    answer: asyncio.Future[list[tuple]] = loop.create_future()
+
+    def settle(result: list[tuple] | None, error: BaseException | None) -> None:
+        if not answer.done():
+            answer.set_exception(error) if error is not None else answer.set_result(result or [])
+
+    def resolve() -> None:
+        try:
+            result, error = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM), None
+        except Exception as exc:  # noqa: BLE001 - handed to the waiting download
+            result, error = None, exc
+        try:
+            loop.call_soon_threadsafe(settle, result, error)
+        except RuntimeError:  # the download gave up and its loop is closed: nobody waits
+            pass
+
+    threading.Thread(target=resolve, name="loc3r-dns", daemon=True).start()
+    return await answer
 
 
 class DownloadFailed(Exception):
@@ -128,35 +154,35 @@ async def _download(url: str, out: BinaryIO, max_bytes: int, deadline_s: float, 
         async with asyncio.timeout(deadline_s), httpcore.AsyncConnectionPool(network_backend=CheckedBackend(policy)) as pool:
             return await _follow(pool, url, out, max_bytes)
     except TimeoutError:
-        raise ApiError(400, f"downloading {url} took longer than this server allows ({deadline_s:g} s in all)", "remote_video_timeout") from None
+        raise ApiError(400, f"downloading {shown(url)} took longer than this server allows ({deadline_s:g} s in all)", "remote_video_timeout") from None
     except AddressRefused as exc:
-        hop = "" if exc.host == urlsplit(url).hostname else f" (a redirect leads to {exc.host})"
+        hop = "" if exc.host == _hostname(url) else f" (a redirect leads to {exc.host})"
         raise ApiError(
-            403, f"{url}{hop} resolves to {exc.reason}, which this server does not download from; "
+            403, f"{shown(url)}{hop} resolves to {exc.reason}, which this server does not download from; "
             "the operator can allow such networks with --allow-private-urls", "remote_address_refused", "video_url",
         ) from None
     except (DownloadFailed, httpcore.NetworkError, httpcore.ProtocolError, httpcore.TimeoutException, OSError) as exc:
-        log.warning("download of %s failed: %s", url, _causes(exc))
+        log.warning("download of %s failed: %s", shown(url), _causes(exc))
         raise ApiError(
-            400, f"cannot download {url}: the remote server could not be reached or broke off (the server's log says why)",
+            400, f"cannot download {shown(url)}: the remote server could not be reached or broke off (the server's log says why)",
             "remote_video_unavailable", "video_url",
         ) from None
 
 
 async def _follow(pool: httpcore.AsyncConnectionPool, url: str, out: BinaryIO, max_bytes: int) -> str:
+    request = request_url(url, url)
     for _ in range(MAX_REDIRECTS + 1):
-        _check_url(url, url)
-        async with pool.stream("GET", url, headers={"User-Agent": "loc3r-serve", "Accept": "video/*, */*"}) as response:
+        target, host = request
+        async with pool.stream("GET", target, headers={"Host": host, "User-Agent": "loc3r-serve", "Accept": "video/*, */*"}) as response:
             if response.status in (301, 302, 303, 307, 308):
                 location = _header(response.headers, b"location")
                 if not location:
-                    raise ApiError(400, f"{url} redirects without a Location", "remote_redirect_refused", "video_url")
-                target = urljoin(url, location)
-                _check_url(target, url)
-                url = target
+                    raise ApiError(400, f"{shown(url)} redirects without a Location", "remote_redirect_refused", "video_url")
+                came_from, url = url, _joined(url, location)
+                request = request_url(url, came_from)
                 continue
             if response.status >= 400:
-                raise ApiError(400, f"cannot download {url}: the remote server answered HTTP {response.status}", "remote_video_unavailable", "video_url")
+                raise ApiError(400, f"cannot download {shown(url)}: the remote server answered HTTP {response.status}", "remote_video_unavailable", "video_url")
             declared = _header(response.headers, b"content-length")
             if declared.isdigit() and int(declared) > max_bytes:
                 raise too_large(max_bytes)
@@ -167,7 +193,7 @@ async def _follow(pool: httpcore.AsyncConnectionPool, url: str, out: BinaryIO, m
                     raise too_large(max_bytes)
                 out.write(block)
             return url
-    raise ApiError(400, f"{url} redirects more than {MAX_REDIRECTS} times", "remote_redirect_refused", "video_url")
+    raise ApiError(400, f"{shown(url)} redirects more than {MAX_REDIRECTS} times", "remote_redirect_refused", "video_url")
 
 
 def _causes(exc: BaseException) -> str:
@@ -179,14 +205,64 @@ def _causes(exc: BaseException) -> str:
     return " <- ".join(chain)
 
 
-def _check_url(url: str, came_from: str) -> None:
-    parts = urlsplit(url)
-    if parts.scheme.lower() not in ("http", "https"):
-        if url == came_from:
-            raise ApiError(403, f"{url!r} is not an http(s) URL", "url_scheme_refused", "video_url")
-        raise ApiError(403, f"{came_from} redirects to a non-http URL", "remote_redirect_refused", "video_url")
+def request_url(url: str, came_from: str) -> tuple[httpcore.URL, bytes]:
+    """The request for ``url`` (the client's, or a redirect's target from ``came_from``) and
+    its ``Host`` header: http(s) only, a host (an international name in its IDNA form), a
+    valid port, the path and query percent-encoded; anything else is refused with the reason."""
+    redirect = url != came_from
+
+    def refused(status: int, why: str, code: str) -> ApiError:
+        what = f"{shown(came_from)} redirects to {shown(url)}, which" if redirect else shown(url)
+        return ApiError(status, f"{what} {why}", "remote_redirect_refused" if redirect else code, "video_url")
+
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:  # "Invalid IPv6 URL", "Port out of range 0-65535"
+        raise refused(400, f"is not a valid URL ({exc})", "invalid_video_url") from None
+    scheme = parts.scheme.lower()
+    if scheme not in ("http", "https"):
+        raise refused(403, "is not an http(s) URL", "url_scheme_refused")
     if not parts.hostname:
-        raise ApiError(400, f"{url!r} names no host", "invalid_video_url", "video_url")
+        raise refused(400, "names no host", "invalid_video_url")
+    try:
+        host = parts.hostname.encode("idna")  # an international name's ASCII form; labels of 1 to 63 characters
+    except UnicodeError:
+        raise refused(400, "names a host that is not a valid domain name", "invalid_video_url") from None
+    if any(byte <= 0x20 or byte == 0x7F for byte in host) or b"%" in host:
+        raise refused(400, "names a host with characters no host name has", "invalid_video_url")
+    path = quote(parts.path or "/", safe=URL_SAFE) + (f"?{quote(parts.query, safe=URL_SAFE + '?')}" if parts.query else "")
+    named = b"[" + host + b"]" if b":" in host else host
+    host_header = named if port is None or port == DEFAULT_PORTS[scheme] else b"%b:%d" % (named, port)
+    return httpcore.URL(scheme=scheme.encode(), host=host, port=port, target=path.encode("ascii")), host_header
+
+
+URL_SAFE = "/%:@!$&'()*+,;=~-._"  # kept as they are: reserved characters and escapes already made
+DEFAULT_PORTS = {"http": 80, "https": 443}
+SHOWN_CHARS = 200
+
+
+def shown(url: str) -> str:
+    """``url`` for a one-line message: as it is when short and printable, else quoted and cut."""
+    if url.isprintable() and len(url) <= SHOWN_CHARS:
+        return url
+    return repr(url if len(url) <= SHOWN_CHARS else url[:SHOWN_CHARS] + "...")
+
+
+def _joined(base: str, location: str) -> str:
+    """The redirect's target (a malformed ``Location`` is kept as it is, to be refused)."""
+    try:
+        return urljoin(base, location)
+    except ValueError:
+        return location
+
+
+def _hostname(url: str) -> str | None:
+    """The host a connection to ``url`` is made to (as the network backend is given it)."""
+    try:
+        return request_url(url, url)[0].host.decode("ascii")
+    except ApiError:
+        return None
 
 
 def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> str:

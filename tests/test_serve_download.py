@@ -39,11 +39,12 @@ def http_server(handle: Callable[[http.server.BaseHTTPRequestHandler], None], ho
         def log_message(self, *args: object) -> None:
             pass
 
-    server = http.server.ThreadingHTTPServer((host, 0), Handler)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    server = type("Server", (http.server.ThreadingHTTPServer,), {"address_family": family})((host, 0), Handler)
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        yield f"http://{host}:{server.server_address[1]}", asked
+        yield f"http://{f'[{host}]' if ':' in host else host}:{server.server_address[1]}", asked
     finally:
         server.shutdown()
         server.server_close()
@@ -163,6 +164,13 @@ def test_a_redirect_within_the_allowed_network_is_followed(tmp_path: Path, clip:
         ("file:///etc/passwd", "remote_redirect_refused", 403),
         ("{self}/loop", "remote_redirect_refused", 400),
         ("", "remote_redirect_refused", 400),
+        ("http://[::1", "remote_redirect_refused", 400),  # malformed: refused, not an internal error
+        ("http://127.0.0.2:99999/clip.mp4", "remote_redirect_refused", 400),
+        ("http://[fe80::1%25lo]/clip.mp4", "remote_redirect_refused", 400),
+        ("gopher://127.0.0.2:{port}/", "remote_redirect_refused", 403),
+        ("//10.1.2.3/clip.mp4", "remote_address_refused", 403),  # scheme-relative
+        ("http://0x0a010203/clip.mp4", "remote_address_refused", 403),  # 10.1.2.3 as one hex number
+        ("http://evil@127.0.0.2:{port}/clip.mp4", "remote_address_refused", 403),  # userinfo changes nothing
     ],
 )
 def test_redirect_targets_are_checked(tmp_path: Path, location: str, code: str, status: int) -> None:
@@ -245,3 +253,91 @@ def test_network_errors_are_not_echoed(tmp_path: Path, caplog: pytest.LogCapture
     assert (error.status, error.code) == (400, "remote_video_unavailable")
     assert error.message == f"cannot download http://127.0.0.1:{port}/a.mp4: the remote server could not be reached or broke off (the server's log says why)"
     assert any("refused" in record.getMessage().lower() for record in caplog.records)  # the detail is in the log
+
+
+# -- URLs as they are sent, and the lookup ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "status", "code", "message"),
+    [
+        ("http://[::1/a.mp4", 400, "invalid_video_url", "http://[::1/a.mp4 is not a valid URL (Invalid IPv6 URL)"),
+        ("http://a.example:99999/a.mp4", 400, "invalid_video_url", "http://a.example:99999/a.mp4 is not a valid URL (Port out of range 0-65535)"),
+        ("http://[fe80::1%25eth0]/a.mp4", 400, "invalid_video_url", "http://[fe80::1%25eth0]/a.mp4 names a host with characters no host name has"),
+        ("http://%31%32%37.0.0.1/a.mp4", 400, "invalid_video_url", "http://%31%32%37.0.0.1/a.mp4 names a host with characters no host name has"),
+        ("http://a\u2028b.example/a.mp4", 400, "invalid_video_url", "'http://a\\u2028b.example/a.mp4' names a host that is not a valid domain name"),
+        ("http://a..b.example/a.mp4", 400, "invalid_video_url", "http://a..b.example/a.mp4 names a host that is not a valid domain name"),
+        ("http://127.0.0.1:9/a\r\nX-Injected: 1", 403, "remote_address_refused", None),  # one line: the URL is quoted
+        ("http://" + "a" * 5000 + ".example/a.mp4", 400, "invalid_video_url", None),
+    ],
+)
+def test_malformed_urls_are_refused_in_one_line(tmp_path: Path, url: str, status: int, code: str, message: str | None) -> None:
+    error = refused(resolver(tmp_path, allowed=()), url)
+    assert (error.status, error.code) == (status, code), error.message
+    assert len(error.message) < 600 and error.message.isprintable()
+    if message is not None:
+        assert error.message == message
+
+
+def recording_lookup(monkeypatch: pytest.MonkeyPatch, answers: dict[str, list[str]], delay_s: float = 0.0) -> list[str]:
+    """``socket.getaddrinfo`` answering ``answers`` (name -> addresses, after ``delay_s``); the names asked."""
+    real, asked = socket.getaddrinfo, []
+
+    def lookup(host: str, port: int, *args: object, **kwargs: object) -> list:
+        if host not in answers:
+            return real(host, port, *args, **kwargs)
+        asked.append(host)
+        time.sleep(delay_s)
+        return [entry for address in answers[host] for entry in real(address, port, *args, **kwargs)]
+
+    monkeypatch.setattr(socket, "getaddrinfo", lookup)
+    return asked
+
+
+def test_an_international_name_is_looked_up_and_sent_in_its_idna_form(tmp_path: Path, clip: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
+    hosts: list[str] = []
+
+    def handle(request: http.server.BaseHTTPRequestHandler) -> None:
+        hosts.append(request.headers["Host"])
+        serve_clip(clip)(request)
+
+    asked = recording_lookup(monkeypatch, {"xn--bcher-kva.test": ["127.0.0.1"]})
+    with http_server(handle) as (base, paths):
+        port = base.rsplit(":", 1)[1]
+        ref = resolver(tmp_path).resolve(f"http://bücher.test:{port}/vidéo clip.mp4?q=ü")
+    assert ref.path.read_bytes() == clip
+    assert asked == ["xn--bcher-kva.test"] and hosts == [f"xn--bcher-kva.test:{port}"]
+    assert paths == ["/vid%C3%A9o%20clip.mp4?q=%C3%BC"]
+
+
+def test_an_ipv6_server_gets_a_bracketed_host_header(tmp_path: Path, clip: bytes) -> None:
+    hosts: list[str] = []
+
+    def handle(request: http.server.BaseHTTPRequestHandler) -> None:
+        hosts.append(request.headers["Host"])
+        serve_clip(clip)(request)
+
+    with http_server(handle, host="::1") as (base, _):
+        ref = resolver(tmp_path, allowed=("::1/128",)).resolve(f"{base}/clip.mp4")
+    assert ref.path.read_bytes() == clip and hosts == [base.removeprefix("http://")]
+
+
+@pytest.mark.parametrize(
+    ("addresses", "reason"),
+    [(["93.184.216.34", "10.1.2.3"], "a private address"), (["10.1.2.3", "93.184.216.34"], "a private address"), (["93.184.216.34", "::1"], "a loopback address")],
+)
+def test_a_name_with_one_private_address_among_public_ones_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, addresses: list[str], reason: str
+) -> None:
+    recording_lookup(monkeypatch, {"mixed.test": addresses})
+    error = refused(resolver(tmp_path, allowed=()), "http://mixed.test/a.mp4")
+    assert (error.status, error.code) == (403, "remote_address_refused") and f"resolves to {reason}" in error.message
+
+
+def test_a_slow_name_server_is_cut_off_by_the_deadline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The lookup counts against the one deadline (asyncio.run would otherwise wait for it)."""
+    recording_lookup(monkeypatch, {"slow.test": ["127.0.0.1"]}, delay_s=3 * DEADLINE_S)
+    started = time.monotonic()
+    error = refused(resolver(tmp_path, timeout_s=DEADLINE_S), "http://slow.test:9/a.mp4")
+    assert (error.status, error.code) == (400, "remote_video_timeout")
+    assert DEADLINE_S <= time.monotonic() - started < DEADLINE_S + 1.0
