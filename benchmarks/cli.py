@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from loc3r.cli_support import ArgumentParser, run_cli
 from loc3r.errors import InputError
+from loc3r.progress import announce_loading
 
 if TYPE_CHECKING:
     from loc3r.models.bundle import Bundle
@@ -114,6 +115,7 @@ def video_for(args: argparse.Namespace) -> Iterator[Path]:
 
 def run_bench(args: argparse.Namespace, command: str) -> dict[str, Any]:
     """Warm up, then alternate the baselines and the optimized runs; the result document."""
+    loaded = announce_loading(PROG, f"model {args.model} and the baselines")
     from loc3r.bench.baseline import Baseline
     from loc3r.bench.memory import RssSampler, peak_rss_mib
     from loc3r.bench.optimized import run_optimized
@@ -125,6 +127,7 @@ def run_bench(args: argparse.Namespace, command: str) -> dict[str, Any]:
     machine = machine_info()
     model_dir = resolve_bench_model(args.model)
     reference = Pipeline.from_pretrained(model_dir, "torch")
+    loaded()
     bundle = reference.bundle
     if bundle.config.encoder_3d != "cut3r":
         raise InputError(

@@ -33,6 +33,7 @@ from loc3r.cli_support import ArgumentParser, positive_int, run_cli
 from loc3r.errors import InputError, Loc3rError
 from loc3r.fileio import check_output_file, claim_entries, finite_json
 from loc3r.owned_folder import OwnedFolder, open_owned_folder
+from loc3r.progress import announce_loading
 
 PROG = "loc3r-eval"
 PREDICTIONS = "predictions.jsonl"
@@ -111,10 +112,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def load_pipeline(model: str, backend: str) -> Any:
-    """The answering pipeline (imported here: loading it is the slow part)."""
+    """The answering pipeline (imported here: loading it is the slow part, said on stderr)."""
+    loaded = announce_loading(PROG, f"model {model} ({backend} backend)")
     from loc3r.runtime.pipeline import Pipeline
 
-    return Pipeline.from_pretrained(model, backend=backend, calibration=False)  # sigma only: no stale calibration in the way
+    pipeline = Pipeline.from_pretrained(model, backend=backend, calibration=False)  # sigma only: no stale calibration in the way
+    loaded()
+    return pipeline
 
 
 def evaluate(args: argparse.Namespace) -> dict[str, Any]:
