@@ -180,3 +180,22 @@ def test_page_shows_an_answer_without_a_pose(site: str, browser, monkeypatch: py
     assert page.locator("#pose-arrow").count() == 0
     assert "queue_wait_s" in page.inner_text("#timings")
     assert not errors, errors
+
+
+def test_page_locates_several_situations_on_one_map(site: str, browser) -> None:  # noqa: ANN001
+    page = browser.new_page(viewport={"width": 1100, "height": 760})
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    page.goto(site)
+    page.wait_for_function("document.querySelectorAll('#videos option').length > 0")
+    situations = ["I am by the sink", "I stand at the door", "I sit on the bed"]
+    page.fill("#situations", "\n".join(situations))
+    page.click("#locate")
+    page.wait_for_function("document.querySelectorAll('#located-list li').length === 3", timeout=120_000)
+    assert page.locator("#located .located-arrow").count() == 3 and page.locator("#located .located-label").count() == 3
+    expected = httpx.post(f"{site}/v1/locate", json={"scene": "room.mp4", "situations": situations}, timeout=120).json()["poses"]
+    items = page.locator("#located-list li").all_inner_texts()
+    for item, pose in zip(items, expected, strict=True):
+        assert item.startswith(f"{pose['situation']}: x {pose['position']['x']:.2f} m, y {pose['position']['y']:.2f} m")
+        assert "confidence: none" in item
+    assert not errors

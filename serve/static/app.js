@@ -3,7 +3,7 @@
 
 const $ = (id) => document.getElementById(id);
 const SVG = "http://www.w3.org/2000/svg";
-const state = { model: null, history: {}, layout: {}, objectUrl: null };
+const state = { model: null, history: {}, layout: {}, located: {}, objectUrl: null };
 
 function headers(extra = {}) {
   const key = $("api-key").value || sessionStorage.getItem("loc3r-key");
@@ -37,8 +37,16 @@ async function loadModel() {
 
 async function loadVideos(select) {
   const list = await (await api("/v1/videos")).json();
+  const scenes = await (await api("/v1/scenes")).json();
   const box = $("videos");
-  box.replaceChildren(...list.data.map((video) => {
+  const named = scenes.data.map((scene) => {  // scenes named with loc3r-scene add: their KV is stored
+    const option = document.createElement("option");
+    option.value = scene.id;
+    option.dataset.scene = "1";
+    option.textContent = `${scene.id} (scene${scene.resident ? ", resident" : ""})`;
+    return option;
+  });
+  box.replaceChildren(...named, ...list.data.map((video) => {
     const option = document.createElement("option");
     option.value = video.url;
     option.textContent = video.source === "upload" ? `${video.filename} (upload)` : `${video.id} (${video.source})`;
@@ -52,11 +60,12 @@ async function loadVideos(select) {
 async function showVideo() {
   const url = $("videos").value;
   const live = url.startsWith("live:");
+  const scene = isScene();
   $("live-note").hidden = !live;
-  $("player").hidden = live || !url;
+  $("player").hidden = live || scene || !url;
   if (state.objectUrl) URL.revokeObjectURL(state.objectUrl);
   state.objectUrl = null;
-  if (!url || live) return;
+  if (!url || live || scene) return;
   const path = `/v1/videos/content?url=${encodeURIComponent(url)}`;
   if (headers().Authorization) {  // a <video src> cannot send the key: fetch the bytes instead
     state.objectUrl = URL.createObjectURL(await (await api(path)).blob());
@@ -117,8 +126,8 @@ async function ask(event) {
         model: state.model,
         stream: true,
         max_tokens: 64,
-        messages: [{ role: "user", content: [{ type: "video_url", video_url: { url } }, { type: "text", text: question }] }],
-        loc3r: { bev: true, situation: $("situation").value },
+        messages: [{ role: "user", content: isScene() ? question : [{ type: "video_url", video_url: { url } }, { type: "text", text: question }] }],
+        loc3r: { bev: true, situation: $("situation").value, ...(isScene() ? { scene: url } : {}) },
       }),
     });
     for await (const chunk of events(response)) {
@@ -139,6 +148,41 @@ async function ask(event) {
     setStatus(error.message, true);
   } finally {
     $("ask").disabled = false;
+  }
+}
+
+const isScene = () => { const option = $("videos").selectedOptions[0]; return Boolean(option && option.dataset.scene); };
+
+// Every situation's pose on the map at once, numbered, with sigma and confidence (no answer decoded).
+async function locate(event) {
+  event.preventDefault();
+  const url = $("videos").value;
+  const situations = $("situations").value.split("\n").map((line) => line.trim()).filter(Boolean);
+  if (!url || !situations.length) return;
+  $("locate").disabled = true;
+  setStatus("locating…");
+  try {
+    const response = await api("/v1/locate", {
+      method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify({ scene: url, situations }),
+    });
+    const result = await response.json();
+    const note = result.poses.length ? result.poses[0].confidence_note || "" : "";
+    state.located[url] = result.poses.filter((p) => [p.position.x, p.position.y, p.position.sigma, p.orientation.theta_rad].every(finite));
+    $("located-list").replaceChildren(...result.poses.map((p) => {
+      const item = document.createElement("li");
+      const { x, y, sigma } = p.position;
+      item.textContent = [x, y, sigma].every(finite)
+        ? `${p.situation || "(no situation)"}: x ${x.toFixed(2)} m, y ${y.toFixed(2)} m, σ ${sigma.toFixed(2)} m, ` +
+          `heading ${p.orientation.theta_deg.toFixed(0)}°, ${confidenceText(p.position, note)}`
+        : `${p.situation}: no pose (non-finite)`;
+      return item;
+    }));
+    setStatus(`${result.poses.length} pose(s) in ${result.server.locate_s.toFixed(3)} s · video ${result.server.session}`);
+    drawMap(url);
+  } catch (error) {
+    setStatus(error.message, true);
+  } finally {
+    $("locate").disabled = false;
   }
 }
 
@@ -195,16 +239,17 @@ function drawMap(url) {
   const layout = state.layout[url] || [];
   const trail = state.history[url] || [];
   const last = trail[trail.length - 1];
-  const xs = layout.map((p) => p[0]).concat(trail.flatMap((p) => [p.x - p.sigma, p.x + p.sigma]));
-  const ys = layout.map((p) => p[1]).concat(trail.flatMap((p) => [p.y - p.sigma, p.y + p.sigma]));
+  const located = (state.located[url] || []).map((p) => ({ x: p.position.x, y: p.position.y, sigma: p.position.sigma, theta: p.orientation.theta_rad }));
+  const xs = layout.map((p) => p[0]).concat([...trail, ...located].flatMap((p) => [p.x - p.sigma, p.x + p.sigma]));
+  const ys = layout.map((p) => p[1]).concat([...trail, ...located].flatMap((p) => [p.y - p.sigma, p.y + p.sigma]));
   if (!xs.length) { xs.push(-2, 2); ys.push(-2, 2); }
   const span = Math.max(Math.max(...xs) - Math.min(...xs), Math.max(...ys) - Math.min(...ys), 1);
   const pad = 0.12 * span;
   const left = Math.min(...xs) - pad, top = -Math.max(...ys) - pad, size = span + 2 * pad;
   $("map").setAttribute("viewBox", `${left} ${top} ${size} ${size}`);
 
-  const grid = $("grid"), layer = $("layout"), path = $("trail"), pose = $("pose"), labels = $("labels");
-  for (const group of [grid, layer, path, pose, labels]) group.replaceChildren();
+  const grid = $("grid"), layer = $("layout"), path = $("trail"), pose = $("pose"), labels = $("labels"), many = $("located");
+  for (const group of [grid, layer, path, pose, labels, many]) group.replaceChildren();
   const raw = size / 6, magnitude = Math.pow(10, Math.floor(Math.log10(raw)));
   const step = magnitude * (raw / magnitude >= 5 ? 5 : raw / magnitude >= 2 ? 2 : 1);  // 1, 2 or 5 x 10^k: about 6 lines
   const font = size / 32, digits = step < 1 ? 1 : 0, metres = (v) => `${(Math.abs(v) < step / 2 ? 0 : v).toFixed(digits)}`;
@@ -229,6 +274,11 @@ function drawMap(url) {
     node("polyline", { points: trail.map((p) => `${p.x},${-p.y}`).join(" "), "stroke-width": size / 400 }, path);
     for (const p of trail.slice(0, -1)) node("circle", { cx: p.x, cy: -p.y, r: size / 120, class: "past" }, path);
   }
+  located.forEach((p, index) => {
+    node("circle", { class: "located-sigma", cx: p.x, cy: -p.y, r: Math.max(p.sigma, 0), "stroke-width": size / 500 }, many);
+    node("polygon", { class: "located-arrow", points: arrow(p.x, p.y, p.theta, Math.max(0.08 * size, p.sigma / 2)) }, many);
+    node("text", { x: p.x, y: -p.y, "font-size": size / 30, class: "located-label" }, many).textContent = String(index + 1);
+  });
   if (!last) return;
   node("circle", { id: "sigma-circle", cx: last.x, cy: -last.y, r: Math.max(last.sigma, 0), "stroke-width": size / 500 }, pose);
   node("circle", { id: "position", cx: last.x, cy: -last.y, r: size / 80 }, pose);
@@ -245,5 +295,6 @@ function arrow(x, y, theta, length) {
 $("videos").addEventListener("change", showVideo);
 $("upload").addEventListener("change", (event) => event.target.files[0] && upload(event.target.files[0]));
 $("ask-form").addEventListener("submit", ask);
+$("locate-form").addEventListener("submit", locate);
 $("api-key").addEventListener("change", () => { sessionStorage.setItem("loc3r-key", $("api-key").value); loadVideos(); });
 loadModel().then(() => loadVideos()).then(() => drawMap($("videos").value)).catch((error) => setStatus(error.message, true));
