@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from loc3r.digest import file_sha256
 from loc3r.errors import InputError
 from loc3r.fileio import (
     MARKER_FORMAT,
@@ -48,8 +49,8 @@ class OwnedFolder:
 
     def claim(self, name: str) -> None:
         """Record ``name``, just written by another writer (e.g. a plot), as loc3r's."""
-        data = (self.path / name).read_bytes()
-        self._record(name, len(data), hashlib.sha256(data).hexdigest())
+        path = self.path / name
+        self._record(name, path.stat().st_size, file_sha256(path))
 
     def check_own(self, name: str) -> None:
         """Refuse to overwrite ``name`` unless loc3r wrote it and it is unchanged."""
@@ -59,15 +60,18 @@ class OwnedFolder:
         entry = self.marker["files"].get(name)
         if entry is None or path.is_symlink() or not path.is_file():
             raise InputError(f"--out {self.path} holds {name}, which loc3r did not write; it would be overwritten", "move it out, or " + _FIX)
-        data = path.read_bytes()
-        if (len(data), hashlib.sha256(data).hexdigest()) != (entry["size"], entry["sha256"]):
+        if path.stat().st_size != entry["size"] or file_sha256(path) != entry["sha256"]:
             raise InputError(f"--out {self.path} holds {name}, which changed since loc3r wrote it; it would be overwritten", "move it out, or " + _FIX)
 
     @contextmanager
     def appender(self, name: str) -> Iterator[IO[str]]:
         """A text stream whose every ``write`` of whole lines is appended, flushed and recorded."""
         path = self.path / name
-        digest = hashlib.sha256(path.read_bytes() if path.exists() else b"")
+        digest = hashlib.sha256()
+        if path.exists():
+            with path.open("rb") as existing:
+                for block in iter(lambda: existing.read(1 << 20), b""):
+                    digest.update(block)
         with path.open("a", encoding="utf-8") as stream:
             yield _RecordingStream(self, name, stream, digest)
 

@@ -1,6 +1,7 @@
 """On-disk cache of a video's encoded frame blocks, so a second run skips decode and encode.
 
-An entry is keyed by the video's content hash and by what produced the blocks: the model
+An entry is keyed by the video's content hash (remembered in the user's digest memo while
+the file's identity, ``loc3r.identity``, is unchanged) and by what produced the blocks: the model
 checksum, the backend and its artifacts' fingerprint (an export's file digests), the dtype,
 the frame count and the resolutions. It is one safetensors file written atomically whose
 metadata holds the entry's description (key, frame indices, timestamps, duration) and a
@@ -27,6 +28,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
+from loc3r.digest import DigestMemo
 from loc3r.fileio import atomic_file
 from loc3r.runtime.session import FrameBlocks
 
@@ -65,7 +67,12 @@ class EncodingCache:
 
     def key(self, video: Path, **producer: object) -> str:
         """Entry name for ``video`` encoded by ``producer`` (model, backend, artifacts, sizes)."""
-        identity = json.dumps({"v": CACHE_VERSION, "video": file_digest(video), **producer}, sort_keys=True)
+        memo = DigestMemo()  # the content digest, remembered while the file's identity holds
+        try:
+            content = memo.remember([video], "blake2b-160", lambda: file_digest(video))
+        finally:
+            memo.save()
+        identity = json.dumps({"v": CACHE_VERSION, "video": content, **producer}, sort_keys=True)
         return hashlib.sha256(identity.encode()).hexdigest()[:40]
 
     def path(self, key: str) -> Path:
