@@ -16,7 +16,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from test_bad_input import FAST, assert_error, run
+from test_bad_input import FAST, run
+from test_eval_cli import ITEMS, ScriptedPipeline, scripted, write_lines  # noqa: F401 - scripted is a fixture
+from test_eval_cli import run as eval_run
 from test_hostile import _tree, cli, export
 
 from loc3r import fileio
@@ -174,10 +176,6 @@ def test_a_bundle_left_aside_by_a_killed_run_is_restored_by_the_next_run(tmp_pat
 
 
 # -- loc3r-eval --out ------------------------------------------------------------------------
-
-from test_eval_cli import ITEMS, ScriptedPipeline, scripted, write_lines  # noqa: E402, F401 - scripted is a fixture
-from test_eval_cli import run as eval_run  # noqa: E402
-
 
 def _users_summary_in_a_fresh_folder(out: Path) -> str:
     out.mkdir()
