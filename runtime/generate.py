@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from loc3r.errors import InputError
+from loc3r.errors import InputError, InternalError
 
 if TYPE_CHECKING:
     import torch
@@ -53,13 +53,25 @@ def _number(value: object) -> bool:
 
 
 def pick_token(logits: Tensor, sampling: SamplingConfig, generator: torch.Generator) -> int:
-    """Choose the next token from logits (vocab,)."""
+    """Choose the next token from logits (vocab,).
+
+    Non-finite logits never reach the sampler: ``+inf`` (an FP16 engine's overflow of a very
+    likely token) makes the tokens that have it the only candidates, sharing the choice; NaN,
+    or every logit ``-inf``, is a broken model: an :class:`InternalError`, not a token.
+    """
     import torch
 
+    logits = logits.double()  # float64: a top_p below float32's smallest number (1e-300) is not 0, and sums stay exact enough
+    if not bool(torch.isfinite(logits).all()):
+        if bool(torch.isnan(logits).any()):
+            raise InternalError("the model's next-token logits hold NaN", "the model or its engine is broken: rebuild it, or run with --backend torch")
+        if bool((logits == float("inf")).any()):
+            logits = torch.where(logits == float("inf"), 0.0, float("-inf"))  # the overflowed tokens alone, equally likely
+        elif bool((logits == float("-inf")).all()):
+            raise InternalError("the model gave every next token probability 0 (all logits -inf)", "the model or its engine is broken")
     if sampling.temperature <= 0.0:
         return int(torch.argmax(logits))
-    # float64: a top_p below float32's smallest number (1e-300) is not 0, and sums stay exact enough
-    probs = torch.softmax(logits.double() / sampling.temperature, dim=-1)
+    probs = torch.softmax(logits / sampling.temperature, dim=-1)
     sorted_probs, order = torch.sort(probs, descending=True)
     keep = torch.cumsum(sorted_probs, dim=-1) - sorted_probs < sampling.top_p
     keep[0] = True  # the most likely token always stays: the nucleus is never empty

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 from importlib import resources
 from pathlib import Path
@@ -45,6 +46,7 @@ from loc3r.serve.settings import ServeSettings
 from loc3r.serve.uploads import UploadStore, video_type
 from loc3r.serve.worker import ModelWorker, Question, Result
 
+log = logging.getLogger(__name__)
 UPLOAD_PATH = "/v1/videos"  # the one route that takes multipart/form-data
 DEFAULT_MAX_TOKENS = 128
 MULTIPART_OVERHEAD = 64 * 1024  # boundaries and headers around the uploaded file
@@ -260,6 +262,9 @@ async def stream_events(question: Question, cid: str, model: str, max_tokens: in
                     yield data({**chunk(cid, model, {}), "choices": [], "usage": usage(result)})
                 yield {"data": "[DONE]"}
                 return
+    except Exception as exc:  # noqa: BLE001 - a chunk that cannot be made after the 200: the stream ends with the error, not cut off
+        log.exception("a streamed answer failed")
+        yield data(error_payload(exc))
     finally:
         question.cancelled.set()  # no effect once answered; stops generation if the client left
 

@@ -3,13 +3,16 @@ thread into a small buffer; the model's worker feeds them to the source's sessio
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
+from urllib.parse import urlsplit, urlunsplit
 
 from loc3r.errors import InternalError, Loc3rError
 from loc3r.runtime.sources import live_frames
 from loc3r.runtime.video import Frame
 
+log = logging.getLogger(__name__)
 BUFFER_FRAMES = 16
 
 
@@ -57,7 +60,20 @@ class LiveFeed:
                     return
         except Loc3rError as exc:
             self.error = exc
-        except Exception as exc:  # noqa: BLE001 - reported to the clients of this source
+        except Exception as exc:  # noqa: BLE001 - clients of this source are told it failed; the log says why
             self.error = InternalError(f"live source {self.name} failed: {type(exc).__name__}: {exc}")
         finally:
+            if self.error is not None:
+                log.warning("live source %s failed: %s", self.name, str(self.error).replace(self.spec, redacted(self.spec)))
             self._ended.set()
+
+
+def redacted(spec: str) -> str:
+    """``spec`` without the password a camera URL may carry (``rtsp://user:***@host/...``)."""
+    try:
+        parts = urlsplit(spec)
+    except ValueError:
+        return spec
+    if parts.password is None:
+        return spec
+    return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{parts.netloc.rpartition('@')[2]}"))

@@ -364,7 +364,12 @@ class ModelWorker:
             if question.ref.live:
                 session = self.pipeline.new_session(question.ref.url, with_bev=True)
             else:
-                progress = (lambda done, total: question.emit("progress", (done, total))) if question.streaming else None
+
+                def progress(done: int, total: int) -> None:  # an encoded frame is progress: /health is not "stuck" while a long video encodes
+                    self._progress_at = time.monotonic()
+                    if question.streaming:
+                        question.emit("progress", (done, total))
+
                 session = self.pipeline.open(question.ref.path, question.frames, with_bev=True, on_frame=progress)
             self.pipeline.forget_video()  # the store, not the pipeline, keeps sessions
             self.metrics.evictions.inc(self.sessions.add(key, session, pinned=self._live_keys()))
@@ -397,8 +402,8 @@ class ModelWorker:
                 session.add_frame(frame)
             if feed.finished and session.num_frames:
                 session.finish()
-        if feed.error is not None and not session.num_frames:
-            raise ApiError(502, f"live source {name}: {feed.error}", "live_source_failed")
+        if feed.error is not None and not session.num_frames:  # the reason (its URL, a network error) stays in the log
+            raise ApiError(502, f"live source {name} could not be read (the server's log says why)", "live_source_failed")
         if not session.num_frames:
             message = f"live source {name} has not delivered a frame yet; ask again shortly"
             raise ApiError(503, message, "live_source_warming_up", headers={"Retry-After": "1"})

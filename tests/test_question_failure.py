@@ -248,3 +248,79 @@ def test_top_p_at_its_extremes_never_reaches_nan(top_p: float, temperature: floa
         assert picks == {0}  # the nucleus is the most likely token alone
     else:
         assert picks <= set(range(len(logits))) - {4}
+
+
+def test_health_is_ok_while_a_long_video_encodes_frame_by_frame(video: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An encoded frame is progress (a question not streamed included): only a question that does
+    not move for stuck_after_s is "stuck", not one whose video takes long to encode."""
+    from loc3r.runtime.session import VideoSession
+
+    frames, per_frame_s, stuck_after_s = 8, 0.25, 0.6  # the encoding lasts 2 s, over three times stuck_after_s
+    real_add, added = VideoSession.add_frame, []
+
+    def slow_add(self: VideoSession, frame: object) -> None:
+        time.sleep(per_frame_s)
+        real_add(self, frame)
+        added.append(frame)
+
+    monkeypatch.setattr(VideoSession, "add_frame", slow_add)
+    pipeline = Pipeline.from_pretrained("tiny")
+    settings = ServeSettings(media_dir=video.parent, upload_dir=tmp_path / "uploads", max_frames=frames, stuck_after_s=stuck_after_s)
+    with running(build_server(pipeline, settings)) as url:
+        body = chat_body("room.mp4", "Where am I?", max_tokens=2, loc3r={"frames": frames})  # not streamed: no progress events
+        with ThreadPoolExecutor(1) as pool:
+            asked = pool.submit(httpx.post, f"{url}/v1/chat/completions", json=body, timeout=60)
+            seen = []
+            while len(added) < frames - 1:  # while the video encodes (what follows its last frame is not under test)
+                seen.append(httpx.get(f"{url}/health", timeout=10).json()["worker"])
+                time.sleep(0.1)
+            assert asked.result().status_code == 200
+    busy = [worker for worker in seen if worker["busy_s"] > 0]
+    assert len(busy) >= 5, seen  # the health checks ran while the video encoded
+    assert all(worker["status"] == "ok" for worker in seen), " ".join(f"{w['status']}:{w['busy_s']}" for w in seen)
+
+
+def test_a_chunk_that_cannot_be_made_ends_the_stream_with_an_error_event(served, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
+    """After the 200, a failure building the last chunk is the stream's last event, not a cut connection."""
+    url, _ = served
+
+    def broken(*_: object) -> None:
+        raise ValueError("cannot build the extension")
+
+    monkeypatch.setattr("loc3r.serve.app.loc3r_extension", broken)
+    body = chat_body("room.mp4", "Where am I?", max_tokens=2, loc3r={"frames": FRAMES}, stream=True)
+    response = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60)
+    assert response.status_code == 200
+    last = json.loads(response.text.strip().rsplit("data:", 1)[1])
+    assert last["error"]["code"] == "internal_error" and last["error"]["message"] == "internal error: ValueError: cannot build the extension"
+    assert post(url, "Where am I?").status_code == 200  # the server goes on
+
+
+INF, NAN = float("inf"), float("nan")
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.01, 1.0, 100.0])
+@pytest.mark.parametrize(
+    ("logits", "picks"),
+    [
+        ([1.0, INF, 2.0, INF], {1, 3}),  # an FP16 engine's overflow: the overflowed tokens alone
+        ([INF, -INF, 5.0], {0}),
+        ([65504.0, 65504.0, -65504.0], {0, 1}),  # FP16's largest: finite, no overflow in float64
+    ],
+)
+def test_infinite_logits_never_reach_nan(logits: list[float], picks: set[int], temperature: float) -> None:
+    generator = torch.Generator().manual_seed(0)
+    sampling = SamplingConfig(temperature=temperature, top_p=0.9)
+    got = {pick_token(torch.tensor(logits, dtype=torch.float16), sampling, generator) for _ in range(40)}
+    assert got <= picks
+    if temperature >= 1.0:
+        assert got == picks  # sampled: every candidate comes up in 40 draws (p = 1/2 each)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+@pytest.mark.parametrize(("logits", "problem"), [([NAN, 1.0, 2.0], "the model's next-token logits hold NaN"), ([-INF, -INF], "every next token probability 0")])
+def test_nan_or_all_impossible_logits_are_an_error_not_a_token(logits: list[float], problem: str, temperature: float) -> None:
+    from loc3r.errors import InternalError
+
+    with pytest.raises(InternalError, match=problem):
+        pick_token(torch.tensor(logits), SamplingConfig(temperature=temperature), torch.Generator().manual_seed(0))

@@ -341,3 +341,30 @@ def test_a_slow_name_server_is_cut_off_by_the_deadline(tmp_path: Path, monkeypat
     error = refused(resolver(tmp_path, timeout_s=DEADLINE_S), "http://slow.test:9/a.mp4")
     assert (error.status, error.code) == (400, "remote_video_timeout")
     assert DEADLINE_S <= time.monotonic() - started < DEADLINE_S + 1.0
+
+
+def test_a_failed_live_source_echoes_neither_its_url_nor_the_network_error(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The operator's camera URL may carry a password; the network error maps the network: both stay in the log."""
+    import httpx
+    from serve_helpers import chat_body, tiny_pipeline
+
+    from loc3r.serve.server import build_server, running
+
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    spec = f"http://admin:s3cret@127.0.0.1:{port}/cam"
+    settings = ServeSettings(upload_dir=tmp_path / "up", max_frames=2, live_sources={"front": spec})
+    with caplog.at_level(logging.WARNING, logger="loc3r.serve.live"), running(build_server(tiny_pipeline(), settings)) as url:
+        deadline = time.monotonic() + 30
+        while True:
+            response = httpx.post(f"{url}/v1/chat/completions", json=chat_body("live:front", "Where am I?", max_tokens=2), timeout=30)
+            if response.status_code != 503 or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+    assert response.status_code == 502, response.text
+    assert response.json()["error"] == {
+        "message": "live source front could not be read (the server's log says why)", "type": "api_error", "code": "live_source_failed", "param": None,
+    }
+    logged = " ".join(record.getMessage() for record in caplog.records)
+    assert "refused" in logged.lower() and f"admin:***@127.0.0.1:{port}" in logged and "s3cret" not in logged

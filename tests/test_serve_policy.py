@@ -83,8 +83,15 @@ def assert_refused(response: httpx.Response, status: int, code: str) -> dict:
     error = response.json()["error"]
     assert error["code"] == code, error
     assert error["type"] and error["message"] and "\n" not in error["message"]
-    assert response.headers["x-content-type-options"] == "nosniff"
+    assert_safety_headers(response)
     return error
+
+
+def assert_safety_headers(response: httpx.Response) -> None:
+    """Every response: no type sniffing, and never shown in another page's frame (clickjacking)."""
+    assert response.headers["x-content-type-options"] == "nosniff"
+    assert response.headers["x-frame-options"] == "DENY"
+    assert response.headers["content-security-policy"] == "frame-ancestors 'none'"
 
 
 VIDEO_FORM = {"file": ("v.mp4", b"\0" * 64, "video/mp4")}
@@ -114,6 +121,21 @@ CROSS_SITE = [
     ("POST", "/v1/chat/completions", {"Content-Type": ""}, {"json_text": WRONG_MODEL}, 415, "unsupported_content_type"),
     ("POST", "/v1/videos", JSON, {"json_text": {"file": "x"}}, 415, "unsupported_content_type"),
     ("PUT", "/v1/videos", {"Content-Type": "text/plain"}, {"json_text": {}}, 415, "unsupported_content_type"),
+    # the page in another site's frame (clickjacking), and header spellings a rule must not miss
+    ("GET", "/", {"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "navigate", "Sec-Fetch-Dest": "iframe"}, {}, 403, "cross_site_refused"),
+    ("GET", "/", {"Sec-Fetch-Site": "same-site", "Sec-Fetch-Mode": "navigate", "Sec-Fetch-Dest": "frame"}, {}, 403, "cross_site_refused"),
+    ("GET", "/v1/videos/content?url=room.mp4", {"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "navigate", "Sec-Fetch-Dest": "embed"}, {}, 403, "cross_site_refused"),
+    ("GET", "/v1/videos", {"Sec-Fetch-Site": "Cross-Site", "Sec-Fetch-Mode": "cors"}, {}, 403, "cross_site_refused"),
+    ("POST", "/v1/chat/completions", {"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "navigate", **JSON}, {"json_text": WRONG_MODEL}, 403, "cross_site_refused"),
+    ("GET", "/v1/videos", {"Host": "[::ffff:127.0.0.1]:{port}"}, {}, 403, "host_not_allowed"),
+    ("GET", "/v1/videos", {"Host": "0.0.0.0:{port}"}, {}, 403, "host_not_allowed"),
+    ("GET", "/v1/videos", {"Host": "2130706433:{port}"}, {}, 403, "host_not_allowed"),
+    ("GET", "/v1/videos", {"Host": "foo.localhost:{port}"}, {}, 403, "host_not_allowed"),
+    ("GET", "/v1/videos", {"Origin": "http://127.0.0.1:{port}/x"}, {}, 403, "origin_not_allowed"),
+    ("GET", "/v1/videos", {"Origin": "http://127.0.0.1:{port}.evil.example"}, {}, 403, "origin_not_allowed"),
+    ("GET", "/v1/videos", {"Origin": ""}, {}, 403, "origin_not_allowed"),
+    ("POST", "/v1/chat/completions", {"Content-Type": "application/json-patch+json"}, {"json_text": WRONG_MODEL}, 415, "unsupported_content_type"),
+    ("POST", "/v1/chat/completions", {"Content-Type": "text/plain; application/json"}, {"json_text": WRONG_MODEL}, 415, "unsupported_content_type"),
 ]
 
 # requests the server's own page, a local client or a followed link send: let through
@@ -124,6 +146,9 @@ SAME_SITE = [
     ("POST", "/v1/chat/completions", {"Host": "[::1]:{port}", "Sec-Fetch-Site": "same-origin", **JSON}, {"json_text": WRONG_MODEL}, 404, "model_not_found"),
     ("GET", "/v1/videos/vid_000000000000000000000000", {"Host": "127.0.0.2"}, {}, 404, "video_not_found"),
     ("GET", "/", {"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "navigate"}, {}, 200, None),  # a link to the page
+    ("GET", "/", {"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "navigate", "Sec-Fetch-Dest": "document"}, {}, 200, None),
+    ("GET", "/v1/videos", {"Host": "LOCALHOST.:{port}", "Origin": "HTTP://localhost.:{port}"}, {}, 200, None),
+    ("POST", "/v1/chat/completions", {"Content-Type": "APPLICATION/JSON ; charset=utf-8"}, {"json_text": WRONG_MODEL}, 404, "model_not_found"),
     ("GET", "/health", {"Host": "localhost"}, {}, 200, None),
     ("DELETE", "/v1/videos", {}, {}, 405, "method_not_allowed"),  # no body: no content type to check
 ]
@@ -143,7 +168,7 @@ def test_cross_site_and_rebinding_requests_are_refused(
     response = send(site, method, path, headers, body)
     if code is None:
         assert response.status_code == status, response.text
-        assert response.headers["x-content-type-options"] == "nosniff"
+        assert_safety_headers(response)
     else:
         assert_refused(response, status, code)
     assert "access-control-allow-origin" not in response.headers  # no --cors-origin: no CORS at all
@@ -202,7 +227,15 @@ BEARER = {"Authorization": f"Bearer {KEY}"}
         ("GET", "/metrics", {}, 401, "invalid_api_key"),
         ("GET", "/v1/any-future-route", {}, 401, "invalid_api_key"),  # every route is keyed unless it is the page's
         ("POST", "/health", {}, 401, "invalid_api_key"),  # only reading /health is public
+        ("GET", "/v1/models?api_key=" + KEY, {}, 401, "invalid_api_key"),  # never in a URL (logs, history, Referer)
+        ("GET", "/v1/models", {"X-Api-Key": KEY}, 401, "invalid_api_key"),
+        ("GET", "/v1/models", {"Authorization": f"Basic {KEY}"}, 401, "invalid_api_key"),
+        ("GET", "/v1/models", {"Authorization": f"Bearer{KEY}"}, 401, "invalid_api_key"),
+        ("HEAD", "/v1/models", {}, 401, None),
+        ("GET", "/health/", {}, 401, "invalid_api_key"),  # public is the exact path only
         ("GET", "/v1/models", BEARER, 200, None),
+        ("GET", "/v1/models", {"Authorization": f"bearer {KEY}"}, 200, None),  # the scheme is case-insensitive (RFC 9110)
+        ("GET", "/v1/models", {"Authorization": f"BEARER  {KEY}"}, 200, None),
         ("GET", "/health", {}, 200, None),
         ("GET", "/", {}, 200, None),
         ("GET", "/app.js", {}, 200, None),
@@ -212,6 +245,8 @@ def test_the_api_key_guards_every_route_but_the_page(keyed: Site, method: str, p
     response = keyed.request(method, path, headers)
     if code is None:
         assert response.status_code == status, response.text
+    elif method == "HEAD":
+        assert response.status_code == status
     else:
         assert_refused(response, status, code)
         assert response.headers["www-authenticate"] == "Bearer"
@@ -234,6 +269,66 @@ def test_cors_preflight_and_answers_for_an_allowed_origin(keyed: Site) -> None:
     assert posted.headers["access-control-allow-origin"] == APP and posted.status_code == 400
     plain = keyed.request("POST", "/v1/chat/completions", {"Origin": APP, **BEARER, "Content-Type": "text/plain"}, content=b"{}")
     assert_refused(plain, 415, "unsupported_content_type")
+
+
+@pytest.mark.parametrize(
+    ("headers", "status", "code", "allowed_origin"),
+    [
+        ({"Access-Control-Request-Method": "DELETE"}, 400, "cors_preflight_refused", None),
+        ({"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "content-type, x-evil"}, 400, "cors_preflight_refused", None),
+        ({"Access-Control-Request-Method": "POST", "Origin": "HTTP://APP.example:5173"}, 200, None, "HTTP://APP.example:5173"),  # the case a browser never sends, let in by the policy: answered alike
+        ({"Access-Control-Request-Method": "POST", "Origin": EVIL}, 403, "origin_not_allowed", None),
+    ],
+)
+def test_cors_preflights_are_answered_or_refused_as_error_objects(keyed: Site, headers: dict, status: int, code: str | None, allowed_origin: str | None) -> None:
+    response = keyed.request("OPTIONS", "/v1/chat/completions", {"Origin": APP, **headers})
+    if code is None:
+        assert response.status_code == status and response.headers["access-control-allow-origin"] == allowed_origin
+    else:
+        error = assert_refused(response, status, code)
+        if code == "cors_preflight_refused":
+            assert error["message"].endswith("which this API does not take (methods: GET, POST, OPTIONS; headers: Authorization, Content-Type)")
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        b"Origin: http://127.0.0.1:{port}\r\nOrigin: http://evil.example\r\n",
+        b"Content-Type: application/json\r\nContent-Type: text/plain\r\n",
+        b"Authorization: Bearer a\r\nAuthorization: Bearer b\r\n",
+        b"Sec-Fetch-Site: same-origin\r\nsec-fetch-site: cross-site\r\n",
+    ],
+)
+def test_a_header_the_policy_reads_sent_twice_is_refused(site: Site, headers: bytes) -> None:
+    """The policy and the route could read different copies: refused, and the connection closed."""
+    body = json.dumps(WRONG_MODEL).encode()
+    request = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n" % site.port + headers.replace(b"{port}", str(site.port).encode())
+        + b"Content-Length: %d\r\n\r\n" % len(body) + body
+    )
+    answered = raw_exchange(site, request)
+    head, _, text = answered.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 ") and b"connection: close" in head.lower()
+    error = json.loads(text)["error"]
+    assert error["code"] == "ambiguous_header" and error["message"].startswith("the request has more than one ")
+
+
+def test_a_key_outside_ascii_is_compared_without_error() -> None:
+    """A key with non-ASCII characters (sent as UTF-8) works; any other bytes are a 401, never a 500."""
+    from starlette.applications import Starlette
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+    from starlette.testclient import TestClient
+
+    from loc3r.serve.policy import RequestPolicy
+
+    key = "clé-ünï-☃"
+    inner = Starlette(routes=[Route("/x", lambda _: PlainTextResponse("ok"))])
+    client = TestClient(RequestPolicy(inner, bound_host="127.0.0.1", allowed_hosts=("testserver",), api_key=key))
+    assert client.get("/x", headers=[(b"Authorization", f"Bearer {key}".encode())]).status_code == 200
+    for wrong in (f"Bearer {key}".encode("latin-1", "replace"), b"Bearer \xff\xfe", "Bearer ☃".encode(), b"Bearer " + b"\x80" * 4096):
+        response = client.get("/x", headers=[(b"Authorization", wrong)])
+        assert response.status_code == 401 and response.json()["error"]["code"] == "invalid_api_key"
 
 
 # -- request smuggling -------------------------------------------------------------------------------
@@ -301,6 +396,17 @@ def test_pipelined_requests_without_ambiguity_are_both_answered(site: Site) -> N
         ("192.168.1.4", (), "192.168.1.5", False),
         ("box.lan", (), "box.lan:8000", True),
         ("127.0.0.1", ("*",), "anything.example", True),
+        ("127.0.0.1", (), "[::ffff:127.0.0.1]:8000", False),  # forms a browser never sends for a loopback server
+        ("127.0.0.1", (), "0.0.0.0:8000", False),
+        ("127.0.0.1", (), "2130706433", False),
+        ("127.0.0.1", (), "127.1", False),
+        ("127.0.0.1", (), "0x7f.0.0.1", False),
+        ("127.0.0.1", (), "[fe80::1%25lo]", False),
+        ("127.0.0.1", (), "foo.localhost", False),
+        ("127.0.0.1", (), "localhost:+80", False),
+        ("127.0.0.1", (), "\uff4cocalhost", False),  # fullwidth l
+        ("127.0.0.1", (), "127.0.0.1.:8000", True),
+        ("127.0.0.1", (), "[0:0:0:0:0:0:0:1]", True),
     ],
 )
 def test_host_rule(bound: str, allowed: tuple[str, ...], host: str, answered: bool) -> None:
