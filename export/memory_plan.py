@@ -40,7 +40,12 @@ from loc3r.models.config import LLMConfig, Loc3rConfig
 from loc3r.models.cut3r import Cut3rConfig
 
 GIB = 2**30
-GPU_OVERHEAD = 1 * GIB  # assumption: CUDA context + cuBLAS/cuDNN/TensorRT/onnxruntime on JetPack
+#: An assumption, not a measurement (no GPU here): one process's CUDA context plus the libraries
+#: the runtime loads on the GPU (cuBLAS/cuDNN through ONNX Runtime's CUDA provider, TensorRT's
+#: runtime). ``loc3r-doctor`` measures the real figure on a device (the memory a second process
+#: takes for a CUDA context and ONNX Runtime's CUDA provider running a MatMul); compare it
+#: there before trusting a plan that fits by less than the difference.
+GPU_OVERHEAD = 1 * GIB
 CPU_OVERHEAD = GIB // 2  # assumption: Python + torch + onnxruntime (~0.4 GiB measured here) and slack
 FLOAT_BYTES = {"fp32": 4, "fp16": 2}
 
@@ -182,7 +187,7 @@ def _encoder_items(config: Loc3rConfig, target: Target, camera_size: tuple[int, 
 
 def _overhead_item(target: Target) -> PlanItem:
     if target.hardware.sm:
-        return PlanItem("runtime overhead", GPU_OVERHEAD, "assumption: CUDA context and libraries")
+        return PlanItem("runtime overhead", GPU_OVERHEAD, "assumption: CUDA context and libraries (loc3r-doctor measures it on the device)")
     return PlanItem("runtime overhead", CPU_OVERHEAD, "assumption: Python, torch, onnxruntime")
 
 

@@ -265,6 +265,64 @@ def check_extras(machine: Machine) -> list[Finding]:
     return findings
 
 
+_OVERHEAD_CHILD = """
+import sys
+import numpy as np
+from onnx import TensorProto, helper
+from loc3r.runtime.cuda import gpu_info
+import onnxruntime as ort
+gpu_info()  # this process's CUDA context
+graph = helper.make_graph([helper.make_node("MatMul", ["a", "b"], ["c"])], "g",
+    [helper.make_tensor_value_info(n, TensorProto.FLOAT, [256, 256]) for n in "ab"], [helper.make_tensor_value_info("c", TensorProto.FLOAT, [256, 256])])
+model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+session = ort.InferenceSession(model.SerializeToString(), providers=["CUDAExecutionProvider"])
+x = np.ones((256, 256), np.float32)
+session.run(None, {"a": x, "b": x})
+print("ready", flush=True)
+sys.stdin.read()
+"""
+
+
+def measure_runtime_overhead() -> int:
+    """Bytes of GPU memory a second process takes for its CUDA context and ONNX Runtime's
+    CUDA provider running a MatMul (cuBLAS loaded): free memory before it starts minus free
+    memory while it holds them. Other programs allocating meanwhile would skew it."""
+    import subprocess
+
+    from loc3r.runtime.cuda import call, import_cudart
+
+    cudart = import_cudart()
+    before, _ = call(cudart, "cudaMemGetInfo")
+    child = subprocess.Popen([sys.executable, "-c", _OVERHEAD_CHILD], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        ready = child.stdout.readline().strip() if child.stdout else ""
+        if ready != "ready":
+            raise Loc3rError("the measuring process could not open a CUDA session")
+        during, _ = call(cudart, "cudaMemGetInfo")
+    finally:
+        if child.stdin:
+            child.stdin.close()
+        child.wait(timeout=60)
+    return max(int(before) - int(during), 0)
+
+
+def check_runtime_overhead(machine: Machine) -> list[Finding]:
+    """The memory plan's assumed GPU runtime overhead against the figure measured here."""
+    from loc3r.export.memory_plan import GPU_OVERHEAD
+
+    if machine.gpu is None or machine.gpu.source != "cuda-python" or "CUDAExecutionProvider" not in machine.providers:
+        return []
+    try:
+        measured = measure_runtime_overhead()
+    except Loc3rError as exc:
+        return [Finding("GPU overhead", f"not measured ({exc.problem}); the memory plan assumes {GPU_OVERHEAD / GIB:.1f} GiB")]
+    verdict = "within" if measured <= GPU_OVERHEAD else "above"
+    value = f"{measured / GIB:.2f} GiB measured (a CUDA context + ONNX Runtime's CUDA provider), {verdict} the memory plan's {GPU_OVERHEAD / GIB:.1f} GiB assumption"
+    if measured > GPU_OVERHEAD:
+        return [Finding("GPU overhead", value, "exports' memory plans assume less runtime overhead than this device takes", "leave that much more memory free, or export with a smaller --context-tokens")]
+    return [Finding("GPU overhead", value)]
+
+
 def check_manifest(machine: Machine, engines: Path) -> list[Finding]:
     """Can this device run the export in ``engines``, and with which backend."""
     from loc3r.export.manifest import load_manifest
@@ -307,6 +365,7 @@ def diagnose(engines: Path | None = None) -> list[Finding]:
     findings = [check_platform(machine), check_python(machine), check_torch(machine)]
     gpu = check_gpu(machine)
     findings += [check_onnxruntime(machine), *check_tensorrt_provider(machine), check_tensorrt(machine), check_cuda_driver(machine), *gpu, *check_extras(machine)]
+    findings += check_runtime_overhead(machine)
     if engines is not None:
         findings += check_manifest(machine, engines)
     return findings

@@ -71,6 +71,7 @@ def trt_provider_options(manifest: Manifest, name: str) -> dict[str, Any]:
     cache = str(manifest.root / TRT_CACHE)
     options: dict[str, Any] = {
         "trt_fp16_enable": plan["precision"] == "fp16",
+        "trt_layer_norm_fp32_fallback": plan["precision"] == "fp16",  # as the engine build keeps norms FP32
         "trt_engine_cache_enable": True,
         "trt_engine_cache_path": cache,
         "trt_timing_cache_enable": True,
@@ -84,11 +85,37 @@ def trt_provider_options(manifest: Manifest, name: str) -> dict[str, Any]:
     return options
 
 
-def warmup_feeds(manifest: Manifest, name: str) -> dict[str, np.ndarray]:
-    """Zeros at the optimal shapes of a graph's first profile (for the placement check)."""
+def warmup_feeds(manifest: Manifest, name: str, seed: int | None = None) -> dict[str, np.ndarray]:
+    """Inputs at the optimal shapes of a graph's first profile: zeros (the placement check),
+    or seeded normal values (the accuracy check)."""
     profile = Profile.from_dict(manifest.data["device_build"]["engines"][name]["profiles"][0])
     shapes = {spec["name"]: profile.shapes[spec["name"]][1] if spec["name"] in profile.shapes else spec["shape"] for spec in manifest.artifacts[name]["inputs"]}
-    return {n: np.zeros(shape, dtype=np.float32) for n, shape in shapes.items()}
+    if seed is None:
+        return {n: np.zeros(shape, dtype=np.float32) for n, shape in shapes.items()}
+    generator = np.random.default_rng(seed)
+    return {n: generator.standard_normal(shape).astype(np.float32) for n, shape in shapes.items()}
+
+
+def checked_trt_session(manifest: Manifest, name: str, session: Any) -> Any:
+    """A TensorRT EP session (FP16) checked against ONNX Runtime FP32 on the CPU on seeded
+    inputs, as ``loc3r-export build`` checks its engines; past the graph's tolerance the
+    graph runs on the CUDA provider (FP32) instead, with a warning."""
+    from loc3r.export.device_build import tolerance
+    from loc3r.export.precision import scaled_error
+
+    path = manifest.artifact_path(name)
+    feeds = warmup_feeds(manifest, name, seed=len(name))
+    reference = open_session(path, CPU)
+    want = reference.run(None, feeds)
+    del reference
+    error = scaled_error(want, session.run(None, feeds), tolerance(manifest, name))
+    if error.within_tolerance:
+        return session
+    warn_once(
+        f"{path.name} on the TensorRT provider (FP16) is {error.relative:.3g} of its output scale away from ONNX Runtime FP32 "
+        f"(tolerance {error.tolerance:g}): it runs on the CUDA provider instead"
+    )
+    return open_gpu_session(path, ["CUDAExecutionProvider"], warmup_feeds(manifest, name))
 
 
 def open_graph(manifest: Manifest, name: str, providers: Sequence[Any] | None) -> Any:
@@ -100,7 +127,11 @@ def open_graph(manifest: Manifest, name: str, providers: Sequence[Any] | None) -
     if not gpu_manifest(manifest):
         return open_session(path, CPU)
     available = import_onnxruntime().get_available_providers()
-    return open_gpu_session(path, gpu_providers(manifest, name, available), warmup_feeds(manifest, name))
+    providers = gpu_providers(manifest, name, available)
+    session = open_gpu_session(path, providers, warmup_feeds(manifest, name))
+    if provider_names(providers)[0] == "TensorrtExecutionProvider" and manifest.data["device_build"]["precision"] == "fp16":
+        return checked_trt_session(manifest, name, session)
+    return session
 
 
 def check_frame_size(image: Tensor, size: tuple[int, int], flag: str) -> None:

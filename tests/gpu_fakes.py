@@ -539,6 +539,8 @@ class FakeGpuOnnxRuntime:
     #: None: libnvinfer loads; else why it does not: the TensorRT EP is listed but a session
     #: asking for it falls back without it (as onnxruntime-gpu does with pip's TensorRT)
     nvinfer_missing: str | None = None
+    #: what the TensorRT EP's FP16 does to a session's float outputs (1.0: nothing)
+    trt_output_scale: float = 1.0
 
     def install(self, monkeypatch: Any) -> FakeGpuOnnxRuntime:
         from loc3r.runtime import ort
@@ -556,6 +558,12 @@ class FakeGpuOnnxRuntime:
 
             def get_providers(self) -> list[str]:
                 return [*self._asked, "CPUExecutionProvider"]
+
+            def run(self, names: Any, feeds: Any, *args: Any) -> list[Any]:
+                outputs = super().run(names, feeds, *args)
+                if "TensorrtExecutionProvider" in self._asked and fake.trt_output_scale != 1.0:
+                    outputs = [o * fake.trt_output_scale if o.dtype.kind == "f" else o for o in outputs]
+                return outputs
 
             def end_profiling(self) -> str:
                 path = super().end_profiling()

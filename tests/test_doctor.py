@@ -43,6 +43,7 @@ def on_a_gpu(
     monkeypatch.setattr(doctor, "distribution", packages.get)
     monkeypatch.setattr(doctor, "installed", lambda: dict(packages))
     monkeypatch.setattr(cuda, "driver_cuda_version", lambda: driver)
+    monkeypatch.setattr(doctor, "measure_runtime_overhead", lambda: 600 << 20)
     if trt:
         monkeypatch.setitem(sys.modules, "tensorrt", FakeTensorRT(trt, cudart))
     return cudart
@@ -107,6 +108,7 @@ def test_a_gpu_machine_with_everything_can_run_the_built_export(
     assert found["tensorrt"] == "10.3.0.30" and found["cuda-python"] == "12.6.0"
     assert found["CUDA driver"] == "CUDA 12.6; installed libraries need CUDA 12.6 (cuda-python)"
     assert found["TensorRT EP"] == "libnvinfer loads: --backend onnxruntime can use it"
+    assert found["GPU overhead"] == "0.59 GiB measured (a CUDA context + ONNX Runtime's CUDA provider), within the memory plan's 1.0 GiB assumption"
     assert found["onnxruntime"].endswith("providers: Tensorrt, CUDA, CPU")
     assert found["tensorrt"] and "engines for TensorRT 10.3.0.30 / sm_87: usable here" in text
     assert "GPU providers present: --backend onnxruntime can run it" in text
@@ -239,3 +241,12 @@ def test_the_export_and_serve_extras_are_checked(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setattr(doctor, "distribution", lambda name: "0.19.1" if name == "onnxruntime-genai" else ort.distribution(name))
     code, text = report(capsys)
     assert code == 1 and "export extra: loc3r's LLM builder is written for onnxruntime-genai 0.18.x" in text
+
+
+def test_a_runtime_overhead_above_the_plans_assumption(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    on_a_gpu(monkeypatch)
+    monkeypatch.setattr(doctor, "measure_runtime_overhead", lambda: 1536 << 20)
+    FakeGpuOnnxRuntime().install(monkeypatch)
+    code, text = report(capsys)
+    assert code == 1 and lines(text)["GPU overhead"].startswith("1.50 GiB measured (a CUDA context + ONNX Runtime's CUDA provider), above the memory plan's 1.0 GiB")
+    assert "- GPU overhead: exports' memory plans assume less runtime overhead than this device takes" in text

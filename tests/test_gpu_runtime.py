@@ -4,6 +4,7 @@ provider set-up and placement check of ONNX Runtime, against the fakes of ``gpu_
 
 from __future__ import annotations
 
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -136,10 +137,12 @@ def test_onnxruntime_gpu_uses_the_tensorrt_provider_with_the_plan_profiles(
     ort = FakeGpuOnnxRuntime().install(monkeypatch)
     pipeline = Pipeline.from_pretrained("tiny", backend="onnxruntime", engines=orin)
     assert_same_answer(pipeline.ask(videos["9:16"], "Where am I?", num_frames=FRAMES, sampling=SAMPLING), reference["9:16"])
-    asked = {Path(path).name: providers for path, providers in ort.sessions}
+    asked = {Path(path).name: providers for path, providers in ort.sessions if providers != ["CPUExecutionProvider"]}
+    checked = sorted(Path(path).name for path, providers in ort.sessions if providers == ["CPUExecutionProvider"])
+    assert checked == sorted(asked), "each TensorRT EP graph is checked against ONNX Runtime FP32 on the CPU"
     name, options = asked["cut3r_encoder.onnx"][0]
     assert name == "TensorrtExecutionProvider" and asked["cut3r_encoder.onnx"][1:] == ["CUDAExecutionProvider"]
-    assert options["trt_fp16_enable"] is True and options["trt_engine_cache_enable"] is True
+    assert options["trt_fp16_enable"] is True and options["trt_layer_norm_fp32_fallback"] is True and options["trt_engine_cache_enable"] is True
     assert options["trt_engine_cache_path"] == options["trt_timing_cache_path"] == str(orin / "ort_trt_cache")
     # one range covering the landscape and the portrait profiles
     assert (options["trt_profile_min_shapes"], options["trt_profile_opt_shapes"], options["trt_profile_max_shapes"]) == (
@@ -164,6 +167,21 @@ def test_a_listed_but_unloadable_tensorrt_provider_is_not_asked_for(
         "ONNX Runtime lists the TensorRT provider but libnvinfer.so.10 does not load (libnvinfer.so.10: cannot open shared object file): "
         "the graphs run on the CUDA provider (loc3r-doctor says how to fix it)"
     ]
+
+
+def test_a_tensorrt_provider_session_past_tolerance_runs_on_cuda_instead(
+    jetson_export: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The TensorRT EP's FP16 is checked as the engine build is (layer norms kept FP32, each
+    graph against ONNX Runtime FP32): a graph 10% off runs on the CUDA provider."""
+    orin = Path(shutil.copytree(jetson_export, tmp_path / "orin"))
+    ort = FakeGpuOnnxRuntime(trt_output_scale=1.1).install(monkeypatch)
+    with caplog.at_level("WARNING"):
+        pipeline = Pipeline.from_pretrained("tiny", backend="onnxruntime", engines=orin)
+    assert pipeline.stages.vision.session.get_providers() == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert any(options["trt_layer_norm_fp32_fallback"] for path, providers in ort.sessions for name, options in [providers[0]] if name == "TensorrtExecutionProvider")
+    warned = [r.getMessage() for r in caplog.records if "on the TensorRT provider (FP16)" in r.getMessage()]
+    assert warned and all(re.search(r"is 0\.(09\d*|1\d*) of its output scale away from ONNX Runtime FP32 \(tolerance 0\.02\): it runs on the CUDA provider instead", w) for w in warned)
 
 
 def test_a_gpu_export_that_would_run_on_the_cpu_is_refused(jetson_export: Path, monkeypatch: pytest.MonkeyPatch) -> None:
