@@ -48,6 +48,7 @@ from loc3r.serve.worker import ModelWorker, Question, Result
 
 log = logging.getLogger(__name__)
 UPLOAD_PATH = "/v1/videos"  # the one route that takes multipart/form-data
+READ = ["GET", "HEAD"]  # every route that is read answers HEAD as GET does (headers, no body)
 DEFAULT_MAX_TOKENS = 128
 MULTIPART_OVERHEAD = 64 * 1024  # boundaries and headers around the uploaded file
 DISCONNECT_POLL_S = 0.2
@@ -69,7 +70,7 @@ def create_app(worker: ModelWorker, settings: ServeSettings, uploads: UploadStor
     app.add_middleware(CountRequests, metrics=metrics)  # outermost: refusals are counted too
     api = APIRouter()
 
-    @app.get("/health")
+    @app.api_route("/health", methods=READ)
     async def health() -> JSONResponse:
         """200 while the model thread serves; 503 when it is stuck or dead (so a supervisor restarts the server)."""
         model_thread = worker.health()
@@ -85,11 +86,11 @@ def create_app(worker: ModelWorker, settings: ServeSettings, uploads: UploadStor
         }
         return JSONResponse(body, status_code=200 if model_thread["status"] == "ok" else 503)
 
-    @api.get("/metrics")
+    @api.api_route("/metrics", methods=READ)
     async def prometheus() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
-    @api.get("/v1/models")
+    @api.api_route("/v1/models", methods=READ)
     async def models() -> dict[str, Any]:
         entry = {"object": "model", "created": 0, "owned_by": "loc3r", "loc3r": {**model_info.to_dict(), "warning": model_info.warning}}
         return {"object": "list", "data": [{"id": model_info.model_id, **entry}]}
@@ -111,7 +112,7 @@ def create_app(worker: ModelWorker, settings: ServeSettings, uploads: UploadStor
             await form.close()
         return {**info.to_dict(), "url": info.id}
 
-    @api.get("/v1/videos")
+    @api.api_route("/v1/videos", methods=READ)
     async def list_videos() -> dict[str, Any]:
         data: list[dict[str, Any]] = [{**info.to_dict(), "url": info.id} for info in uploads.list()]
         listing = await run_in_threadpool(media.media_files)
@@ -119,14 +120,14 @@ def create_app(worker: ModelWorker, settings: ServeSettings, uploads: UploadStor
         data += [{"object": "video", "source": "live", "id": LIVE_PREFIX + name, "url": LIVE_PREFIX + name} for name in settings.live_sources]
         return {"object": "list", "data": data, "media_scan": {"bounded": listing.bounded}}
 
-    @api.get("/v1/videos/content")
+    @api.api_route("/v1/videos/content", methods=READ)
     async def video_content(url: str) -> FileResponse:
         """The bytes of an uploaded or media-folder video (for the page's player)."""
         ref = await run_in_threadpool(media.content, url)
         # the ETag follows the file's identity: a rewrite that keeps size and mtime is another video
         return FileResponse(ref.path, media_type=video_type(ref.path), headers={"etag": f'"{ref.key[-1].token()}"'})
 
-    @api.get("/v1/videos/{video_id}")
+    @api.api_route("/v1/videos/{video_id}", methods=READ)
     async def video_info(video_id: str) -> dict[str, Any]:
         info = uploads.info(video_id)
         return {**info.to_dict(), "url": info.id}
@@ -184,7 +185,7 @@ def create_app(worker: ModelWorker, settings: ServeSettings, uploads: UploadStor
                             min_confidence=body.loc3r.min_confidence, confidence_radius=body.loc3r.confidence_radius)
         return question, max_tokens
 
-    @api.get("/v1/scenes")
+    @api.api_route("/v1/scenes", methods=READ)
     async def list_scenes() -> dict[str, Any]:
         """Scenes named with loc3r-scene add, and which are resident in memory."""
         from loc3r.runtime.scenes import read_scenes

@@ -190,6 +190,14 @@ def test_two_files_in_one_upload_is_invalid_upload(site: Site) -> None:
     assert "one file" in error["message"]
 
 
+@pytest.mark.parametrize("path", ["/health", "/metrics", "/v1/models", "/v1/videos", "/v1/videos/content?url=room.mp4", "/v1/scenes", "/", "/app.js"])
+def test_head_answers_every_read_route_as_get_does(site: Site, path: str) -> None:
+    got, head = site.request("GET", path), site.request("HEAD", path)
+    assert head.status_code == got.status_code == 200 and head.content == b""
+    assert head.headers["content-type"] == got.headers["content-type"]
+    assert_safety_headers(head)
+
+
 def test_media_is_served_with_its_video_type_and_nosniff(site: Site) -> None:
     for name, media_type in (("room.mp4", "video/mp4"), ("clip.webm", "video/webm")):
         response = site.request("GET", "/v1/videos/content", params={"url": name})
