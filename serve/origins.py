@@ -15,7 +15,7 @@ class HostRule:
 
     def __init__(self, bound: str, allowed: Iterable[str]) -> None:
         self.bound = bound.strip("[]").lower()
-        names = {name.strip().lower().rstrip(".") for name in allowed}
+        names = {allowed_name(name) or name for name in allowed}  # settings.check refused what is no name
         self.any_name = "*" in names
         self.suffixes = tuple(name for name in names if name.startswith("."))
         self.names = {name.strip("[]") for name in names if name != "*" and not name.startswith(".")}
@@ -32,7 +32,24 @@ class HostRule:
             address = ipaddress.ip_address(name)
         except ValueError:
             return False  # a DNS name nobody vouched for: a rebinding page's own name
-        return address.is_loopback or self.bound in WILDCARD_BINDS
+        return address.is_loopback or self.bound in WILDCARD_BINDS or str(address) in self.names
+
+
+def allowed_name(name: str) -> str | None:
+    """An ``--allowed-host`` value as the rule compares it (lower case, no port, no trailing
+    dot, an IP address in its short form; ``.suffix`` and ``*`` kept); None if it names no host."""
+    name = name.strip().lower()
+    if name == "*":
+        return name
+    dot, core = (".", name[1:]) if name.startswith(".") else ("", name)
+    try:
+        return dot + str(ipaddress.ip_address(core.strip("[]")))
+    except ValueError:
+        pass
+    host = host_name(core)
+    if host is None or not all(char.isascii() and (char.isalnum() or char in "-_.") for char in host) or not host.strip("."):
+        return None
+    return dot + host
 
 
 def host_name(host: str) -> str | None:

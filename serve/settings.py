@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from loc3r.errors import InputError
-from loc3r.serve.origins import origin_key
+from loc3r.serve.origins import allowed_name, origin_key
 
 MIB = 1 << 20
 
@@ -46,6 +46,17 @@ class ServeSettings:
                 f"--host {self.host} would expose the server beyond this machine without a key",
                 "pass --api-key KEY (clients then send 'Authorization: Bearer KEY'), or bind 127.0.0.1",
             )
+        if self.api_key and (self.api_key != self.api_key.strip() or not self.api_key.isprintable()):
+            raise InputError(
+                "--api-key has spaces at its ends or control characters, which an Authorization header cannot carry",
+                "use a key of printable characters without leading or trailing spaces",
+            )
+        for name in self.allowed_hosts:
+            if allowed_name(name) is None:
+                raise InputError(
+                    f"--allowed-host {name!r} is not a host name",
+                    "give a name or address as clients reach the server, e.g. --allowed-host gpu-box.lan (.example.org: its subdomains)",
+                )
         for origin in self.cors_origins:
             if origin != "*" and origin_key(origin) is None:
                 raise InputError(f"--cors-origin {origin!r} is not an origin", "give scheme://host[:port], e.g. --cors-origin http://localhost:5173")

@@ -415,6 +415,10 @@ def test_pipelined_requests_without_ambiguity_are_both_answered(site: Site) -> N
         ("127.0.0.1", (), "\uff4cocalhost", False),  # fullwidth l
         ("127.0.0.1", (), "127.0.0.1.:8000", True),
         ("127.0.0.1", (), "[0:0:0:0:0:0:0:1]", True),
+        ("0.0.0.0", ("box.lan:8000",), "box.lan:8000", True),  # a port in --allowed-host is not part of the name
+        ("0.0.0.0", ("BOX.LAN.",), "box.lan", True),
+        ("127.0.0.1", ("[2001:db8::7]",), "[2001:db8:0::7]:8000", True),  # an address, in any of its spellings
+        ("127.0.0.1", ("2001:db8::7",), "[2001:db8::8]:8000", False),
     ],
 )
 def test_host_rule(bound: str, allowed: tuple[str, ...], host: str, answered: bool) -> None:
@@ -458,6 +462,14 @@ def test_origin_key(origin: str, key: str | None) -> None:
          "machine without a key: pass --api-key KEY (clients then send 'Authorization: Bearer KEY'), or bind 127.0.0.1"),
         (["--cors-origin", "evil.example"], "loc3r-serve: error: --cors-origin 'evil.example' is not an origin: give "
          "scheme://host[:port], e.g. --cors-origin http://localhost:5173"),
+        (["--allowed-host", "http://box.lan"], "loc3r-serve: error: --allowed-host 'http://box.lan' is not a host name: give a name or "
+         "address as clients reach the server, e.g. --allowed-host gpu-box.lan (.example.org: its subdomains)"),
+        (["--allowed-host", "a b"], "loc3r-serve: error: --allowed-host 'a b' is not a host name: give a name or "
+         "address as clients reach the server, e.g. --allowed-host gpu-box.lan (.example.org: its subdomains)"),
+        (["--api-key", "k3y\n"], "loc3r-serve: error: --api-key has spaces at its ends or control characters, which an Authorization "
+         "header cannot carry: use a key of printable characters without leading or trailing spaces"),
+        (["--api-key", " k3y"], "loc3r-serve: error: --api-key has spaces at its ends or control characters, which an Authorization "
+         "header cannot carry: use a key of printable characters without leading or trailing spaces"),
         (["--allow-private-urls", "10.0.0.0/33"], "loc3r-serve: error: --allow-private-urls '10.0.0.0/33' is not a network: "
          "give addresses or CIDR ranges, e.g. 192.168.1.0/24"),
     ],
