@@ -45,3 +45,14 @@ def announce_loading(prog: str, what: str) -> Callable[[], None]:
     start = time.perf_counter()
     print(f"{prog}: loading {what}: imports and weights...", file=sys.stderr, flush=True)
     return lambda: print(f"{prog}: loaded in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
+
+
+def step_lines(prog: str, stage: str) -> Callable[[int, int], None]:
+    """``on_step(done, total)`` printing ``prog: stage done/total`` on stderr at each quarter:
+    progress for a person reading piped output or a log (a terminal gets a bar instead)."""
+
+    def on_step(done: int, total: int) -> None:
+        if done == total or done % max(1, total // 4) == 0:
+            print(f"{prog}: {stage} {done}/{total}", file=sys.stderr, flush=True)
+
+    return on_step

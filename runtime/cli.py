@@ -16,7 +16,7 @@ from loc3r.errors import InputError, QuestionFailed, one_question
 from loc3r.fileio import check_output_file, finite_json
 from loc3r.models.config import DTYPE_CHOICES
 from loc3r.models.prompt import build_question_suffix, check_text_fits, check_user_text
-from loc3r.progress import announce_loading, terminal_output
+from loc3r.progress import announce_loading, step_lines, terminal_output
 from loc3r.runtime.confidence import check_min_confidence
 from loc3r.runtime.generate import SamplingConfig, TextStream
 
@@ -206,7 +206,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     def body() -> int:
         check_arguments(args)  # before the heavy imports: a usage error answers at once
         sampling = SamplingConfig(args.max_new_tokens, args.temperature, args.top_p, args.seed)
+        fresh = "torch" not in sys.modules  # a person's own run: the waits are said (in-process callers hold torch)
         loaded = announce_loading(PROG, f"model {args.model} ({args.backend} backend)")
+        args.frame_lines = step_lines(PROG, "encoding frames") if fresh and not terminal_output(args.json) else None
         from loc3r.runtime.pipeline import Pipeline, default_cache_dir
         from loc3r.runtime.video import probe_video
 
@@ -226,7 +228,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             given_at = time.perf_counter() if args.questions else None
             check_fit(pipeline, args, args.frames or pipeline.config.num_frames, probe_video(args.video).duration_s)
-            session = pipeline.open(args.video, args.frames, with_bev=bool(args.plot), show_progress=terminal_output(args.json))
+            session = pipeline.open(
+                args.video, args.frames, with_bev=bool(args.plot), show_progress=terminal_output(args.json), on_frame=args.frame_lines
+            )
         for number, question in enumerate(iter_questions(args), start=1):
             live_errors.raise_first()
             printer = None if args.json else TokenPrinter(pipeline.bundle.tokenizer)
@@ -267,7 +271,7 @@ def print_poses(pipeline, args: argparse.Namespace) -> int:  # noqa: ANN001 - Pi
     from loc3r.runtime.confidence import not_localized_reason
     from loc3r.runtime.result import pose_record
 
-    session = pipeline.open(args.video, args.frames, show_progress=terminal_output(args.json))
+    session = pipeline.open(args.video, args.frames, show_progress=terminal_output(args.json), on_frame=args.frame_lines)
     start = time.perf_counter()
     poses = session.locate(args.questions)
     seconds = time.perf_counter() - start

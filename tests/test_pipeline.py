@@ -139,7 +139,7 @@ def test_human_output_says_weights_are_random(demo_video: Path, capsys: pytest.C
 def test_console_script_runs_in_a_fresh_process(demo_video: Path) -> None:
     script = Path(sys.executable).with_name("loc3r-run")
     result = subprocess.run(
-        [str(script), str(demo_video), "Where am I?", "--json", "--frames", "2", "--max-new-tokens", "2"],
+        [str(script), str(demo_video), "Where am I?", "--json", "--frames", "2", "--max-new-tokens", "2", "--no-cache"],
         capture_output=True, text=True, timeout=300, env=os.environ.copy(),
     )
     assert result.returncode == 0, result.stderr
@@ -148,6 +148,7 @@ def test_console_script_runs_in_a_fresh_process(demo_video: Path) -> None:
     said = result.stderr.splitlines()
     assert said[0] == "loc3r-run: loading model tiny (torch backend): imports and weights...", said
     assert said[1].startswith("loc3r-run: loaded in ") and said[1].endswith(" s")
+    assert said[2:] == ["loc3r-run: encoding frames 1/2", "loc3r-run: encoding frames 2/2"], said  # each quarter of the frames
 
 
 @pytest.mark.parametrize(
