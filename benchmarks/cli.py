@@ -45,6 +45,9 @@ def bench_parser() -> argparse.ArgumentParser:
     parser.add_argument("--markdown", help="write the markdown report here")
     parser.add_argument("--plot", help="write the PNG bar chart here")
     parser.add_argument("--plot-size", default="1200x600", help="PNG size in pixels, WxH (default 1200x600)")
+    parser.add_argument("--fresh-process", action="store_true",
+                        help="instead of stages in one process: each side as a user runs it, a fresh process from start "
+                             "to first token (loc3r-run per --backend vs transformers + CUT3R), CPU-seconds, wall, peak RSS")
     parser.add_argument("--debug", action="store_true")
     return parser
 
@@ -158,6 +161,50 @@ def run_bench(args: argparse.Namespace, command: str) -> dict[str, Any]:
                         runs[key].append(values)
     memory = {"phases": sampler.phases, "process_peak_rss_mib": peak_rss_mib()}
     return assemble(args, command, machine, bundle.config, runs, memory, held, formats, size, repeat)
+
+
+def run_fresh_bench(args: argparse.Namespace, command: str) -> dict[str, Any]:
+    """``--fresh-process``: the transformers script and ``loc3r-run`` per backend, each run
+    as a fresh process, in turn (``loc3r.bench.fresh``)."""
+    from loc3r.bench.fresh import loc3r_run, run_fresh, transformers_run
+    from loc3r.bench.presets import resolve_bench_model
+    from loc3r.bench.report import machine_info
+    from loc3r.models.bundle import load_bundle
+
+    repeat = args.repeat or DEFAULT_REPEAT.get(str(args.model), 2)
+    machine = machine_info()
+    model_dir = resolve_bench_model(args.model)
+    bundle = load_bundle(model_dir)
+    question = QUESTIONS[0]
+    with video_for(args) as video, engines_for(args, bundle) as engines:
+        sides = {"transformers": transformers_run(video, question, str(model_dir), args.frames)}
+        for backend in args.backend:
+            sides[f"loc3r-run {backend}"] = loc3r_run(video, question, str(model_dir), args.frames, backend, None if backend == "torch" else engines)
+        fresh = run_fresh(sides, repeat, args.warmup, log=lambda line: print(f"{PROG}: {line}", file=sys.stderr))
+    for name, text in fresh["commands"].items():  # the temporary paths, as the reader would write them
+        fresh["commands"][name] = text.replace(str(video), "VIDEO").replace(str(engines), "ENGINES")
+    return {
+        "command": command,
+        "machine": machine,
+        "model": bundle.config.model_id,
+        "frames": args.frames,
+        "repeat": repeat,
+        "warmup": args.warmup,
+        "engines_llm": llm_format_of(engines) if engines else None,
+        "fresh_process": fresh,
+    }
+
+
+def llm_format_of(engines: Path) -> str:
+    """The exported LLM's form, from the manifest."""
+    from loc3r.export.manifest import load_manifest
+
+    manifest = load_manifest(engines)
+    llm = manifest.data.get("llm")
+    if not llm:
+        return "the manifest has no LLM"
+    quant = llm.get("quantization", {})
+    return f"{quant.get('layers', '?')} layers, {quant.get('lm_head', '?')} lm_head; encoders {manifest.precision}"
 
 
 def llm_format(pipeline: Pipeline, engines: Path | None) -> str:
@@ -276,10 +323,11 @@ def floor_reports(targets: Sequence[str], config: Loc3rConfig, frames: int, cut3
 
 def write_outputs(doc: dict[str, Any], args: argparse.Namespace) -> str:
     """JSON, markdown and plot where asked (atomically); the markdown text."""
+    from loc3r.bench.fresh import render_fresh
     from loc3r.bench.report import render_markdown, write_plot
     from loc3r.fileio import atomic_file, write_json_atomic
 
-    text = render_markdown(doc)
+    text = render_fresh(doc) if "fresh_process" in doc else render_markdown(doc)
     for path in (args.json, args.markdown, args.plot):
         if path:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -288,7 +336,7 @@ def write_outputs(doc: dict[str, Any], args: argparse.Namespace) -> str:
     if args.markdown:
         with atomic_file(args.markdown) as stream:
             stream.write(text)
-    if args.plot:
+    if args.plot and "fresh_process" not in doc:
         write_plot(doc, args.plot, parse_plot_size(args.plot_size))
     return text
 
@@ -299,7 +347,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def body() -> int:
         check_args(args)
-        doc = run_bench(args, shlex.join([PROG, *argv]))
+        doc = (run_fresh_bench if args.fresh_process else run_bench)(args, shlex.join([PROG, *argv]))
         print(write_outputs(doc, args))
         return 0
 

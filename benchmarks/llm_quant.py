@@ -121,7 +121,7 @@ def greedy_agreement(
         candidate.reset()
         logits = candidate.prefill(candidate.embed(list(prompt))).last_logits
         for token in tokens:
-            agree += int(torch.argmax(logits)) == token
+            agree += int(logits.argmax()) == token  # a numpy array or a tensor
             total += 1
             logits = candidate.decode(token)
     return agree / total

@@ -29,6 +29,9 @@ def export_parser() -> argparse.ArgumentParser:
     parser.add_argument("--vggt-size", metavar="HxW", help="VGGT input size (a VGGT bundle): W the model's img_size (518), "
                         "H a multiple of 14 up to W, as the video's aspect gives it (default: 4:3, 392x518)")
     parser.add_argument("--llm", choices=LLM_FORMATS, help="LLM weight format (default: the target's)")
+    parser.add_argument("--encoders", choices=("fp32", "int8"), default="fp32",
+                        help="precision the onnxruntime backend runs the encoders in (CUT3R or VGGT, SigLIP): int8 adds "
+                             "unsigned 8-bit forms, each checked against FP32 at export (CPU targets; default fp32)")
     parser.add_argument(
         "--context-tokens", type=int, metavar="N",
         help="the LLM's context limit: its KV cache is allocated for N tokens (default: the target's max_context_tokens)",
@@ -128,17 +131,18 @@ def run_export(args: argparse.Namespace) -> int:
 
 
 def graph_parity_line(artifact: dict) -> str:
-    """A graph's parity against PyTorch with its tolerance and verdict (and its FP16 graph's)."""
+    """A graph's parity against PyTorch with its tolerance and verdict (and its FP16 / INT8 graph's)."""
     parity, tolerance = artifact["parity"], artifact["tolerance"]
     verdict = "pass" if parity["within_tolerance"] else "FAIL"
     line = (
         f"parity vs PyTorch: max abs {parity['max_abs']:.2e} over {parity['runs']} run(s), "
         f"tolerance atol {tolerance['atol']:g} + rtol {tolerance['rtol']:g}: {verdict}"
     )
-    if "fp16" in artifact:
-        error = artifact["fp16"]["error_vs_fp32"]
-        fp16_verdict = "pass" if error["within_tolerance"] else "FAIL"
-        line += f"; FP16 graph: {error['relative']:.1e} of output scale, tolerance {error['tolerance']:g}: {fp16_verdict}"
+    for kind in ("fp16", "int8"):
+        if kind in artifact:
+            error = artifact[kind]["error_vs_fp32"]
+            reduced_verdict = "pass" if error["within_tolerance"] else "FAIL"
+            line += f"; {kind.upper()} graph: {error['relative']:.1e} of output scale, tolerance {error['tolerance']:g}: {reduced_verdict}"
     return line
 
 

@@ -25,6 +25,7 @@ from loc3r.export.llm import PARITY_TOKENS, LLMForm, LLMSource, export_llm, llm_
 from loc3r.export.llm_io import LLM_DIR
 from loc3r.export.manifest import EXPORT_KIND, FORMAT, MUTABLE_ENTRIES, VERSION, Manifest, load_manifest, write_manifest
 from loc3r.export.memory_plan import MemoryPlan, Weights, check_fits, measured_weights, memory_plan, predicted_weights
+from loc3r.export.int8 import INT8_GRAPHS, INT8_SUFFIX, write_int8
 from loc3r.export.precision import FP16_SUFFIX, ScaledError, merge_scaled, scaled_error, write_fp16
 from loc3r.export.onnx_export import (
     OPSET,
@@ -71,6 +72,7 @@ class ExportRequest:
     vggt_size: tuple[int, int] | None = None  # (height, width) for a VGGT bundle; None: default_vggt_size
     context_tokens: int | None = None  # the LLM's context limit; None: the target's
     builder_python: str | None = None  # the Python that runs the LLM builder; None: this one
+    encoders: str = "fp32"  # "int8": INT8 forms of the encoder graphs too, run by the onnxruntime backend
 
     def parts(self, *names: str) -> Loc3rModel:
         """The bundle with only ``names`` loaded, in float32: each export loads what it traces
@@ -101,6 +103,11 @@ class ExportRequest:
             return self.vggt_size or default_vggt_size(config.img_size, config.patch_size)
         long_side = self.cut3r_sizes.long_side
         return long_side, long_side
+
+    @property
+    def int8(self) -> bool:
+        """The encoder graphs also get INT8 forms (``export/int8.py``), checked here."""
+        return self.encoders == "int8"
 
     @property
     def fp16(self) -> bool:
@@ -206,6 +213,7 @@ def build_manifest(request: ExportRequest, artifacts: dict[str, Any], llm: dict[
         },
         "target": {"name": target.name, "description": target.description, "backends": list(target.backends)},
         "precision": target.build.precision,
+        "encoders": request.encoders,
         "opset": OPSET,
         **({"cut3r_input": request.cut3r_sizes.to_dict()} if request.bundle.config.encoder_3d == "cut3r" else {}),
         "artifacts": artifacts,
@@ -275,12 +283,15 @@ def export_cut3r(request: ExportRequest, out: Path) -> dict[str, Any]:
     )
     save_file({"state": init.state_feat, "memory": init.memory}, str(out / CUT3R_INIT_FILE))
     runners = [TorchRunner(encoder, step), SessionRunner(*(open_session(p) for p in paths))]
+    reduced: dict[str, CameraRunner] = {}
     if request.fp16:
-        runners.append(SessionRunner(*(open_session(write_fp16(p, s)) for p, s in zip(paths, specs))))
+        reduced["fp16"] = SessionRunner(*(open_session(write_fp16(p, s)) for p, s in zip(paths, specs)))
+    if request.int8:
+        reduced["int8"] = SessionRunner(*(open_session(write_int8(p)) for p in paths))
     checks = {}
     for label, ratio in graphs.PARITY_ASPECTS.items():
         height, width = request.cut3r_sizes.aspect(*ratio)
-        checks[f"{height}x{width}"] = camera_checks(runners, specs, init, (height, width), recurrence_frames(label))
+        checks[f"{height}x{width}"] = camera_checks(runners, reduced, specs, init, (height, width), recurrence_frames(label))
     entries = {}
     for spec, path in zip(specs, paths):
         parity = ensure_within(spec, merge([check[spec.name].parity for check in checks.values()]))
@@ -289,8 +300,8 @@ def export_cut3r(request: ExportRequest, out: Path) -> dict[str, Any]:
             for label, (size, check) in zip(graphs.PARITY_ASPECTS, checks.items())
         }
         extra: dict[str, Any] = {"parity_by_aspect": by_aspect}
-        if request.fp16:
-            extra["fp16"] = fp16_entry(spec, path, [check[spec.name].fp16 for check in checks.values()])
+        for kind in reduced:
+            extra[kind] = reduced_entry(kind, spec, path, [check[spec.name].reduced[kind] for check in checks.values()])
         entries[spec.name] = artifact_entry(spec, path, parity, **extra)
     entries["cut3r_step"]["initial_state"] = CUT3R_INIT_FILE
     return entries
@@ -303,51 +314,60 @@ def recurrence_frames(aspect: str) -> int:
 
 @dataclass(frozen=True)
 class GraphCheck:
-    """One graph's ONNX Runtime parity with PyTorch, and its FP16 graph's error (FP16 targets)."""
+    """One graph's ONNX Runtime parity with PyTorch, and its reduced-precision graphs' errors
+    (``fp16`` for FP16 targets, ``int8`` with ``--encoders int8``)."""
 
     parity: ParityResult
-    fp16: ScaledError | None
+    reduced: dict[str, ScaledError]
 
 
 def camera_checks(
     runners: list[CameraRunner],
+    reduced: dict[str, CameraRunner],
     specs: tuple[graphs.GraphSpec, graphs.GraphSpec],
     init: Cut3rState,
     size: tuple[int, int],
     frames: int,
 ) -> dict[str, GraphCheck]:
     """The encoder's and the step's checks over a ``frames``-frame recurrence at ``size``:
-    runners are PyTorch (the reference), ONNX Runtime FP32 and, for FP16 targets, the FP16
-    graphs (on the first ``FP16_CHECK_FRAMES``)."""
+    ``runners`` are PyTorch (the reference) and ONNX Runtime FP32; ``reduced`` the FP16
+    graphs (on the first ``FP16_CHECK_FRAMES``: slow on the CPU provider) and the INT8 ones
+    (the whole recurrence, each on its own carried state, so drift shows)."""
     images = fixed_images(frames, size)
     state, memory = init.state_feat.numpy(), init.memory.numpy()
     reference, exported = (run_recurrence(r, images, state, memory) for r in runners[:2])
-    fp16 = [run_recurrence(r, images[:FP16_CHECK_FRAMES], state, memory) for r in runners[2:]]
     encoder, step = specs
-    checks = {
-        encoder.name: GraphCheck(compare(encoder, reference.encoded, exported.encoded), None),
-        step.name: GraphCheck(merge([compare(step, want, got) for want, got in zip(reference.steps, exported.steps, strict=True)]), None),
+    errors: dict[str, dict[str, ScaledError]] = {encoder.name: {}, step.name: {}}
+    for kind, runner in reduced.items():
+        count = FP16_CHECK_FRAMES if kind == "fp16" else frames
+        got, want = run_recurrence(runner, images[:count], state, memory), reference.first(count)
+        errors[encoder.name][kind] = scaled_error(want.encoded, got.encoded, tolerance(encoder, kind))
+        errors[step.name][kind] = merge_scaled([scaled_error(w, g, tolerance(step, kind)) for w, g in zip(want.steps, got.steps, strict=True)])
+    return {
+        encoder.name: GraphCheck(compare(encoder, reference.encoded, exported.encoded), errors[encoder.name]),
+        step.name: GraphCheck(merge([compare(step, want, got) for want, got in zip(reference.steps, exported.steps, strict=True)]), errors[step.name]),
     }
-    if fp16:
-        short = reference.first(FP16_CHECK_FRAMES)
-        checks[encoder.name] = GraphCheck(checks[encoder.name].parity, scaled_error(short.encoded, fp16[0].encoded, encoder.fp16_tolerance))
-        errors = [scaled_error(want, got, step.fp16_tolerance) for want, got in zip(short.steps, fp16[0].steps, strict=True)]
-        checks[step.name] = GraphCheck(checks[step.name].parity, merge_scaled(errors))
-    return checks
 
 
-def fp16_entry(spec: graphs.GraphSpec, path: Path, errors: list[ScaledError]) -> dict[str, Any]:
-    """The FP16 graph's file and its error against PyTorch FP32 (ONNX Runtime CPU); an FP16
-    graph past the graph's tolerance fails the export (its engines would fail the build)."""
+def tolerance(spec: graphs.GraphSpec, kind: str) -> float:
+    """The graph's tolerance for its ``kind`` (fp16, int8) form, relative to the output scale."""
+    return {"fp16": spec.fp16_tolerance, "int8": spec.int8_tolerance}[kind]
+
+
+def reduced_entry(kind: str, spec: graphs.GraphSpec, path: Path, errors: list[ScaledError]) -> dict[str, Any]:
+    """The ``kind`` (fp16, int8) graph's file and its error against PyTorch FP32 (ONNX Runtime
+    CPU); past the graph's tolerance the export fails (an FP16 graph's engines would fail the
+    build; an INT8 graph would change the answers)."""
     error = merge_scaled(errors)
     if not error.within_tolerance:
+        fix = "export for an fp32 target" if kind == "fp16" else "export without --encoders int8"
         raise InternalError(
-            f"{spec.name}: the FP16 graph is {error.relative:.3g} of the output scale away from FP32 "
-            f"(tolerance {spec.fp16_tolerance:g})",
-            "export for an fp32 target, or report it with --debug",
+            f"{spec.name}: the {kind.upper()} graph is {error.relative:.3g} of the output scale away from FP32 "
+            f"(tolerance {error.tolerance:g})",
+            f"{fix}, or report it with --debug",
         )
-    fp16_path = path.with_name(path.name.removesuffix(".onnx") + FP16_SUFFIX)
-    return {"file": fp16_path.name, "error_vs_fp32": error.to_dict()}
+    suffix = FP16_SUFFIX if kind == "fp16" else INT8_SUFFIX
+    return {"file": path.with_name(path.name.removesuffix(".onnx") + suffix).name, "error_vs_fp32": error.to_dict()}
 
 
 # -- VGGT --------------------------------------------------------------------------------
@@ -367,8 +387,8 @@ def export_vggt(request: ExportRequest, out: Path) -> dict[str, Any]:
 
     path = export_onnx(module, spec, clip(3), out / "vggt_encode.onnx")
     parity = check_parity(module, spec, path, lambda run: clip(2 + 3 * run))
-    fp16 = fp16_variant(request, module, spec, path, lambda run: clip(2 + 3 * run))
-    return {"vggt_encode": artifact_entry(spec, path, parity, **fp16)}
+    reduced = reduced_variants(request, module, spec, path, lambda run: clip(2 + 3 * run))
+    return {"vggt_encode": artifact_entry(spec, path, parity, **reduced)}
 
 
 # -- vision and heads ----------------------------------------------------------------------
@@ -385,7 +405,7 @@ def export_vision(request: ExportRequest, out: Path) -> dict[str, Any]:
     parity = check_parity(module, spec, path, inputs)
     with torch.no_grad():
         save_file({"tokens": module.vision.video_end().detach().float().contiguous()}, str(out / VIDEO_END_FILE))
-    entry = artifact_entry(spec, path, parity, video_end=VIDEO_END_FILE, **fp16_variant(request, module, spec, path, inputs))
+    entry = artifact_entry(spec, path, parity, video_end=VIDEO_END_FILE, **reduced_variants(request, module, spec, path, inputs))
     return {"vision": entry}
 
 
@@ -402,7 +422,7 @@ def export_heads(request: ExportRequest, out: Path) -> dict[str, Any]:
         path = export_onnx(module, spec, graphs.random_inputs(spec, generator, {axis: 2}), out / f"{spec.name}.onnx")
         inputs = sized_inputs(spec, generator, axis, 3)
         parity = check_parity(module, spec, path, inputs)
-        entries[spec.name] = artifact_entry(spec, path, parity, **fp16_variant(request, module, spec, path, inputs))
+        entries[spec.name] = artifact_entry(spec, path, parity, **reduced_variants(request, module, spec, path, inputs))
     return entries
 
 
@@ -411,12 +431,19 @@ def sized_inputs(spec: graphs.GraphSpec, generator: torch.Generator, axis: str, 
     return lambda run: graphs.random_inputs(spec, generator, {axis: 1 + step * run})
 
 
-def fp16_variant(
+def reduced_variants(
     request: ExportRequest, module: torch.nn.Module, spec: graphs.GraphSpec, path: Path, make_inputs: Callable[[int], tuple], runs: int = 3
 ) -> dict[str, Any]:
-    """For FP16 targets, ``{"fp16": ...}``: the FP16 graph checked against PyTorch on fresh inputs."""
-    if not request.fp16:
-        return {}
-    pairs = paired_runs(module, spec, open_session(write_fp16(path, spec)), make_inputs, runs)
-    errors = [scaled_error([t.numpy() for t in expected], actual, spec.fp16_tolerance) for expected, actual in pairs]
-    return {"fp16": fp16_entry(spec, path, errors)}
+    """``{"fp16": ...}`` for FP16 targets, ``{"int8": ...}`` for an encoder graph with
+    ``--encoders int8``: each reduced graph checked against PyTorch on fresh inputs."""
+    writers = {}
+    if request.fp16:
+        writers["fp16"] = lambda: write_fp16(path, spec)
+    if request.int8 and spec.name in INT8_GRAPHS:
+        writers["int8"] = lambda: write_int8(path)
+    entries = {}
+    for kind, write in writers.items():
+        pairs = paired_runs(module, spec, open_session(write()), make_inputs, runs)
+        errors = [scaled_error([t.numpy() for t in expected], actual, tolerance(spec, kind)) for expected, actual in pairs]
+        entries[kind] = reduced_entry(kind, spec, path, errors)
+    return entries

@@ -6,14 +6,13 @@ declarations; nothing else restates a graph's names or shapes.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from loc3r.errors import InputError
+from loc3r.export.image_sizes import ImageSizes  # noqa: F401 - re-exported beside the graphs it sizes
 from loc3r.models.cut3r import Cut3rCameraEncoder
 from loc3r.models.heads import Loc3rHeads
 from loc3r.models.vggt import VggtCameraEncoder
@@ -50,6 +49,8 @@ class GraphSpec:
     axis_multiples: tuple[tuple[str, int], ...] = ()
     # FP16 graphs/engines vs fp32: worst |error| / largest |reference| of each output
     fp16_tolerance: float = 2e-2
+    # INT8 graphs (``loc3r-export --encoders int8``) vs fp32, measured the same way
+    int8_tolerance: float = 5e-2
 
     @property
     def input_names(self) -> list[str]:
@@ -73,47 +74,10 @@ class GraphSpec:
             "outputs": [t.to_dict() for t in self.outputs],
             "tolerance": {"atol": self.atol, "rtol": self.rtol},
             "fp16_tolerance": self.fp16_tolerance,
+            "int8_tolerance": self.int8_tolerance,
             "fp32_ops": list(self.fp32_ops),
             "position_inputs": list(self.position_inputs),
         }
-
-
-@dataclass(frozen=True)
-class ImageSizes:
-    """The CUT3R input sizes an export serves: the long side is the model's (``cut3r_input``
-    resizes every frame to it), the short side anything from ``min_short_side`` to it, both
-    multiples of the patch: landscape, portrait and square frames alike."""
-
-    long_side: int
-    min_short_side: int
-    patch: int
-
-    #: widest aspect ratio served (4:1); TensorRT profiles need a lower bound
-    MAX_ASPECT = 4
-
-    @classmethod
-    def for_model(cls, long_side: int, patch: int) -> ImageSizes:
-        long_side = long_side // patch * patch
-        return cls(long_side, math.ceil(long_side / cls.MAX_ASPECT / patch) * patch, patch)
-
-    def aspect(self, height_ratio: int, width_ratio: int) -> tuple[int, int]:
-        """(height, width) of a height_ratio:width_ratio frame, e.g. 9:16 -> (512, 288)."""
-        short = self.long_side * min(height_ratio, width_ratio) // max(height_ratio, width_ratio)
-        short = max(self.min_short_side, short // self.patch * self.patch)
-        return (short, self.long_side) if width_ratio >= height_ratio else (self.long_side, short)
-
-    def check(self, height: int, width: int) -> None:
-        """Refuse a frame size the exported graphs and engines do not serve."""
-        short, long = sorted((height, width))
-        if height % self.patch or width % self.patch or long != self.long_side or short < self.min_short_side:
-            raise InputError(
-                f"a {height}x{width} CUT3R input is outside what the export serves (multiples of {self.patch}, "
-                f"long side {self.long_side}, short side {self.min_short_side}..{self.long_side})",
-                f"use frames no wider than {self.MAX_ASPECT}:1 (they are resized to a long side of {self.long_side})",
-            )
-
-    def to_dict(self) -> dict[str, int]:
-        return {"long_side": self.long_side, "min_short_side": self.min_short_side, "patch": self.patch}
 
 
 #: aspect ratios (height:width) at which the CUT3R graphs are checked against PyTorch

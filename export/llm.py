@@ -350,9 +350,10 @@ def decoder_parity(source: LLMSource, folder: Path, form: LLMForm, available: in
     total = sum(PARITY_TOKENS)
     llm = OnnxLLM(folder / DECODER, folder / EMBEDDINGS, capacity=total, chunk_tokens=total)
     ids = torch.randint(0, llm.table.shape[0], (total,), generator=torch.Generator().manual_seed(0))
-    embeds = llm.embed(ids.tolist())
+    embeds = torch.from_numpy(llm.embed(ids.tolist()))
     got = [llm.prefill(part) for part in embeds.split(list(PARITY_TOKENS))]
-    hidden_got, logits_got = torch.cat([g.hidden_states for g in got]), got[-1].last_logits
+    hidden_got = torch.cat([torch.from_numpy(g.hidden_states) for g in got])
+    logits_got = torch.from_numpy(got[-1].last_logits)
     del llm, got
     hidden, logits = reference_outputs(source.config, MappedShards(list(source.files)), source.prefix, embeds)
     return {

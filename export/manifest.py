@@ -31,6 +31,7 @@ MANIFEST_FILE = "manifest.json"
 FORMAT = "loc3r-manifest"
 VERSION = 2  # 2: every file listed with its size and SHA-256; the LLM is the model builder's decoder (context limit, prefill chunk, memory plan)
 PRECISIONS = ("fp32", "fp16")  # engines.targets.Precision
+ENCODER_PRECISIONS = ("fp32", "int8")  # loc3r-export --encoders
 EXPORT_KIND = "export"  # the output-folder kind (loc3r.fileio) of exports
 # caches that programs add to a finished export: neither listed in ``files`` nor foreign
 MUTABLE_ENTRIES = ("timing.cache", "ort_trt_cache")
@@ -57,6 +58,20 @@ class Manifest:
     @property
     def precision(self) -> str:
         return self.data["precision"]
+
+    @property
+    def encoders(self) -> str:
+        """What the onnxruntime backend runs the encoder graphs in: ``fp32`` (the graphs
+        themselves; a manifest from before ``--encoders`` existed) or ``int8`` (their INT8 forms)."""
+        return self.data.get("encoders", "fp32")
+
+    def graph_file(self, name: str) -> Path:
+        """The file the onnxruntime backend runs for graph ``name``: its INT8 form when the
+        export's encoders are INT8 and the graph has one, else the graph."""
+        entry = self.artifacts.get(name, {})
+        if self.encoders == "int8" and isinstance(entry.get("int8"), dict):
+            return self.file(entry["int8"].get("file"))
+        return self.artifact_path(name)
 
     @property
     def artifacts(self) -> dict[str, dict[str, Any]]:
@@ -183,6 +198,8 @@ def check_sections(manifest: Manifest) -> None:
     manifest.value("model", "checksum")
     if data["precision"] not in PRECISIONS:
         raise manifest.corrupt(f"precision {data['precision']!r} is not one of {', '.join(PRECISIONS)}")
+    if manifest.encoders not in ENCODER_PRECISIONS:
+        raise manifest.corrupt(f"encoders {manifest.encoders!r} is not one of {', '.join(ENCODER_PRECISIONS)}")
     manifest.value("target", kind=dict)
     files = manifest.value("files", kind=dict)
     for relative, entry in files.items():

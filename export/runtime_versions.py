@@ -12,12 +12,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import onnx
 from packaging.version import Version
 
 from loc3r.errors import InputError
+
+if TYPE_CHECKING:  # read at export time only: a run checks versions from the manifest without onnx
+    import onnx
 
 ORT_FLOOR = "1.20"
 TRT_FLOOR = "10.3"
@@ -50,6 +52,8 @@ def onnx_runtime_version() -> str:
 
 def graph_minimums(path: Path, tensorrt: bool) -> dict[str, Any]:
     """The manifest entry of one graph (its weights are not read)."""
+    import onnx
+
     version, why = minimum_onnxruntime(onnx.load(str(path), load_external_data=False))
     return {"onnxruntime": version, "onnxruntime_why": why, "tensorrt": TRT_FLOOR if tensorrt else None}
 

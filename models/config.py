@@ -41,6 +41,12 @@ NEWLINE_MODES: tuple[str, ...] = typing.get_args(NewlineMode)
 VideoLayout = Literal["llava-video", "onevision"]
 VIDEO_LAYOUTS: tuple[str, ...] = typing.get_args(VideoLayout)
 ONEVISION_VIDEO = ("bilinear", 2, "one_token")  # pool mode, stride, newline position
+#: activation names transformers' ``ACT2FN`` maps (listed here so that reading a config does
+#: not import transformers; a test checks each is still one of ``ACT2FN``'s)
+ACTIVATIONS = frozenset({
+    "gelu", "gelu_10", "gelu_accurate", "gelu_fast", "gelu_new", "gelu_python", "gelu_pytorch_tanh", "hardswish",
+    "laplace", "leaky_relu", "linear", "mish", "quick_gelu", "relu", "relu2", "relu6", "sigmoid", "silu", "swish", "tanh",
+})  # fmt: skip
 # dtypes the PyTorch model can run in (``--dtype``; "auto" chooses, see loc3r.models.precision)
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
 Localization = Literal["trained", "untrained"]
@@ -148,10 +154,8 @@ class Loc3rConfig:
 
     def validate(self) -> None:
         """Reject settings the model cannot run (sections that disagree with each other)."""
-        from transformers.activations import ACT2FN
-
         from loc3r.models.encoder3d import encoder_config
-        from loc3r.models.vision import used_vision_layers
+        from loc3r.models.layout import used_vision_layers
 
         try:
             check_field_types(encoder_config(self), f"{self.encoder_3d}.")
@@ -175,7 +179,7 @@ class Loc3rConfig:
             )
         used_vision_layers(vision, self.vision_select_layer)
         for what, act in (("vision", vision.hidden_act), ("llm", llm.hidden_act)):
-            if act not in ACT2FN:
+            if act not in ACTIVATIONS:
                 raise ModelError(f"config.json: {what}.hidden_act {act!r} is not an activation transformers knows", _FIX)
         if self.spatial_pool_mode not in ("bilinear", "average", "max"):
             raise ModelError(

@@ -14,23 +14,26 @@ import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from loc3r.errors import InputError, ModelError
 from loc3r.fileio import atomic_directory, check_replaceable
-from loc3r.models.bundle import BUNDLE_KIND, expected_shapes
+from loc3r.models.bundle import BUNDLE_KIND
+from loc3r.models.weights import expected_shapes
 from loc3r.models.config import HeadsConfig, Loc3rConfig, VideoLayout
 from loc3r.models.convert_heads import heads_config, load_heads_file, random_heads
 from loc3r.models.convert_llava import LlavaSettings, check_against, map_names, open_llava, read_settings
 from loc3r.models.convert_stream import SourceShards, TensorInfo, write_shards
 from loc3r.models.convert_tokenizer import loc3r_tokenizer
 from loc3r.models.cut3r import load_cut3r
-from loc3r.models.encoder3d import CameraEncoder
 from loc3r.models.vggt import load_vggt
 from loc3r.models.vision import used_vision_layers
+
+if TYPE_CHECKING:
+    from loc3r.models.encoder3d import CameraEncoder
 
 log = logging.getLogger(__name__)
 

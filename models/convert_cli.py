@@ -7,13 +7,11 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
-
 from loc3r.cli_support import ArgumentParser, run_cli
 from loc3r.models.config import VIDEO_LAYOUTS, Loc3rConfig
 
 PROG = "loc3r-convert"
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+DTYPES = ("bfloat16", "float16", "float32")  # torch's names: torch loads only once a conversion starts
 
 
 def build_parser() -> ArgumentParser:
@@ -29,7 +27,7 @@ def build_parser() -> ArgumentParser:
                              "without it the heads are random and the bundle is marked untrained")
     parser.add_argument("--out", type=Path, required=True, help="bundle folder to write (replaced if it exists)")
     parser.add_argument("--model-id", help="name recorded in config.json (default: the LLaVA folder's name)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), help="cast floating tensors (default: keep each tensor's dtype)")
+    parser.add_argument("--dtype", choices=DTYPES, help="cast floating tensors (default: keep each tensor's dtype)")
     parser.add_argument("--video-layout", choices=VIDEO_LAYOUTS,
                         help="video token layout: llava-video (LLaVA-NeXT's code: the checkpoint's mm_* pooling and "
                              "newlines, 210 tokens per frame for LLaVA-Video-7B) or onevision (transformers' "
@@ -58,8 +56,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"{flag} must be positive")
 
     def body() -> int:
+        import torch
+
         from loc3r.models.convert_bundle import ConvertOptions, convert
-        from loc3r.models.vision import layout_summary
+        from loc3r.models.layout import layout_summary
 
         out = convert(ConvertOptions(
             llava=args.llava,
@@ -68,7 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             out=args.out,
             heads=args.loc3r_heads,
             model_id=args.model_id,
-            dtype=DTYPES[args.dtype] if args.dtype else None,
+            dtype=getattr(torch, args.dtype) if args.dtype else None,
             pool_mode=args.pool_mode,
             vision_heads=args.vision_heads,
             vision_image_size=args.vision_image_size,

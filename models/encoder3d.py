@@ -10,12 +10,17 @@ says whether ``step`` exists.
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING
 
 from loc3r.models.config import Loc3rConfig
-from loc3r.models.cut3r import Cut3rCameraEncoder, Cut3rConfig
-from loc3r.models.vggt import VggtCameraEncoder, VggtConfig
+from loc3r.models.cut3r.config import Cut3rConfig
+from loc3r.models.vggt.config import VggtConfig
 
-CameraEncoder = Cut3rCameraEncoder | VggtCameraEncoder
+if TYPE_CHECKING:  # the PyTorch modules load only where a model is built
+    from loc3r.models.cut3r.encoder import Cut3rCameraEncoder
+    from loc3r.models.vggt.encoder import VggtCameraEncoder
+
+    CameraEncoder = Cut3rCameraEncoder | VggtCameraEncoder
 
 
 def encoder_config(config: Loc3rConfig) -> Cut3rConfig | VggtConfig:
@@ -27,6 +32,9 @@ def encoder_config(config: Loc3rConfig) -> Cut3rConfig | VggtConfig:
 
 def build_camera_encoder(config: Loc3rConfig) -> CameraEncoder:
     """An uninitialised camera encoder of the bundle's kind and sizes."""
+    from loc3r.models.cut3r.encoder import Cut3rCameraEncoder
+    from loc3r.models.vggt.encoder import VggtCameraEncoder
+
     sizes = encoder_config(config)
     return VggtCameraEncoder(sizes) if isinstance(sizes, VggtConfig) else Cut3rCameraEncoder(sizes)
 

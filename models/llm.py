@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -12,6 +11,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 from transformers.cache_utils import Cache, DynamicLayer
 
 from loc3r.models.config import LLMConfig
+from loc3r.runtime.stages import PrefillResult
 
 
 def qwen2_config(config: LLMConfig) -> Qwen2Config:
@@ -84,14 +84,6 @@ def reserved_cache() -> Cache:
     return Cache(layer_class_to_replicate=ReservedLayer)
 
 
-@dataclass
-class PrefillResult:
-    """What one prefill chunk returns."""
-
-    hidden_states: Tensor  # (n, width): final-norm hidden states, what lm_head reads
-    last_logits: Tensor  # (vocab,): logits of the chunk's last position
-
-
 DEFAULT_CHUNK_TOKENS = 512
 
 
@@ -124,7 +116,7 @@ class TorchLLM:
         table = self.model.get_input_embeddings().weight
         hidden = [
             self.model.model(inputs_embeds=chunk.unsqueeze(0), cache=self.cache, use_cache=True).last_hidden_state[0]
-            for chunk in embeds.to(table.device, table.dtype).split(self.chunk_tokens)
+            for chunk in torch.as_tensor(embeds).to(table.device, table.dtype).split(self.chunk_tokens)
         ]
         states = torch.cat(hidden)
         return PrefillResult(states, self.model.lm_head(states[-1]).float())

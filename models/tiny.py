@@ -13,15 +13,11 @@ from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 
-import torch
-
-from loc3r.models.bundle import save_bundle
 from loc3r.models.config import HeadsConfig, LLMConfig, Loc3rConfig, VisionConfig
-from loc3r.models.cut3r import Cut3rConfig
+from loc3r.models.cut3r.config import Cut3rConfig
 from loc3r.models.encoder3d import with_vggt
-from loc3r.models.loc3r_model import Loc3rModel
 from loc3r.models.tokenizer import train_tiny_tokenizer
-from loc3r.models.vggt import VggtConfig
+from loc3r.models.vggt.config import VggtConfig
 
 TINY_NAME = "tiny"
 TINY_VGGT_NAME = "tiny-vggt"
@@ -67,6 +63,11 @@ BUILTIN = {TINY_NAME: tiny_config, TINY_VGGT_NAME: tiny_vggt_config}
 
 def build_random_bundle(out_dir: str | Path, make_config: Callable[[int], Loc3rConfig], seed: int) -> Path:
     """Train the tiny tokenizer, initialise ``make_config(vocab)`` from ``seed``, save the bundle."""
+    import torch
+
+    from loc3r.models.loc3r_model import Loc3rModel
+    from loc3r.models.weights import save_bundle
+
     corpus = resources.files("loc3r").joinpath("assets/corpus.txt").read_text(encoding="utf-8")
     tokenizer = train_tiny_tokenizer(corpus.splitlines())
     torch.manual_seed(seed)

@@ -24,9 +24,8 @@ from __future__ import annotations
 from collections import deque
 from typing import Any, Protocol
 
-import torch
-from torch import Tensor
-
+from loc3r.runtime.arrays import Array as Tensor
+from loc3r.runtime.arrays import stack
 from loc3r.runtime.stages import FRAME_BATCH, CameraStage, StreamingCameraStage, step_through
 
 
@@ -88,7 +87,7 @@ class ClipFeed:
     def flush(self) -> list[Tensor]:
         if not self.pending:
             return []
-        tokens = self.stage.encode(torch.stack(list(self.frames)))
+        tokens = self.stage.encode(stack(list(self.frames)))
         new = list(tokens[len(tokens) - self.pending :])
         self.pending = 0
         return new

@@ -206,11 +206,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     def body() -> int:
         check_arguments(args)  # before the heavy imports: a usage error answers at once
         sampling = SamplingConfig(args.max_new_tokens, args.temperature, args.top_p, args.seed)
+        from loc3r.runtime.preflight import preflight
+
+        checked = preflight(args.model, args.backend, args.engines, args.video)  # before torch or any weight loads
         fresh = "torch" not in sys.modules  # a person's own run: the waits are said (in-process callers hold torch)
         loaded = announce_loading(PROG, f"model {args.model} ({args.backend} backend)")
         args.frame_lines = step_lines(PROG, "encoding frames") if fresh and not terminal_output(args.json) else None
         from loc3r.runtime.pipeline import Pipeline, default_cache_dir
-        from loc3r.runtime.video import probe_video
 
         pipeline = Pipeline.from_pretrained(
             args.model, backend=args.backend, engines=args.engines, cache_dir=None if args.no_cache else default_cache_dir(),
@@ -227,7 +229,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             session = open_live(pipeline, args, live_errors)
         else:
             given_at = time.perf_counter() if args.questions else None
-            check_fit(pipeline, args, args.frames or pipeline.config.num_frames, probe_video(args.video).duration_s)
+            check_fit(pipeline, args, args.frames or pipeline.config.num_frames, checked.video.duration_s)
             session = pipeline.open(
                 args.video, args.frames, with_bev=bool(args.plot), show_progress=terminal_output(args.json), on_frame=args.frame_lines
             )

@@ -24,16 +24,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
+import numpy as np
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save
+from safetensors.numpy import save
 
 from loc3r.digest import DigestMemo
 from loc3r.fileio import atomic_file
+from loc3r.runtime.arrays import to_numpy
 from loc3r.runtime.session import FrameBlocks
 
 log = logging.getLogger(__name__)
-CACHE_VERSION = 2
+CACHE_VERSION = 3  # 3: blocks stored through numpy (16-bit PyTorch blocks as float32)
 
 
 @dataclass(frozen=True)
@@ -51,9 +52,9 @@ def file_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
-def entry_digest(blocks: torch.Tensor, description: str) -> str:
-    """SHA-256 over the tensor's bytes and the entry's description (its metadata)."""
-    digest = hashlib.sha256(blocks.contiguous().view(torch.uint8).numpy().tobytes())
+def entry_digest(blocks: np.ndarray, description: str) -> str:
+    """SHA-256 over the array's bytes and the entry's description (its metadata)."""
+    digest = hashlib.sha256(np.ascontiguousarray(blocks).tobytes())
     digest.update(description.encode("utf-8"))
     return digest.hexdigest()
 
@@ -86,7 +87,7 @@ class EncodingCache:
                 return None
             if not path.is_file():
                 raise ValueError("not a file")
-            with safe_open(str(path), "pt") as entry:
+            with safe_open(str(path), "np") as entry:
                 meta = entry.metadata() or {}
                 blocks = entry.get_tensor("blocks")
             if entry_digest(blocks, meta.get("entry", "")) != meta.get("sha256"):
@@ -103,7 +104,7 @@ class EncodingCache:
         """Write the entry atomically; None (and one warning) when the cache cannot be written."""
         if not self.writable:
             return None
-        blocks = encoded.stacked().contiguous().cpu()
+        blocks = np.ascontiguousarray(to_numpy(encoded.stacked()))
         description = json.dumps(
             {"key": key, "indices": encoded.indices, "timestamps_s": encoded.timestamps_s, "duration_s": duration_s}
         )
@@ -119,13 +120,13 @@ class EncodingCache:
         return path
 
 
-def _checked(entry: Any, blocks: torch.Tensor, key: str, block_shape: tuple[int, int]) -> CachedVideo:
+def _checked(entry: Any, blocks: np.ndarray, key: str, block_shape: tuple[int, int]) -> CachedVideo:
     """The cached video, once its description agrees with its key and its tensor."""
     if not isinstance(entry, dict) or entry.get("key") != key:
         raise ValueError("it belongs to another key")
     indices, stamps, duration = entry.get("indices"), entry.get("timestamps_s"), entry.get("duration_s")
     frames = blocks.shape[0] if blocks.ndim == 3 else -1
-    if tuple(blocks.shape[1:]) != tuple(block_shape) or not blocks.is_floating_point() or frames < 1:
+    if tuple(blocks.shape[1:]) != tuple(block_shape) or not np.issubdtype(blocks.dtype, np.floating) or frames < 1:
         raise ValueError(f"blocks of shape {tuple(blocks.shape)}, expected (frames, {block_shape[0]}, {block_shape[1]})")
     if not (isinstance(indices, list) and isinstance(stamps, list) and len(indices) == len(stamps) == frames):
         raise ValueError(f"its frame indices and timestamps do not describe its {frames} blocks")
@@ -133,9 +134,9 @@ def _checked(entry: Any, blocks: torch.Tensor, key: str, block_shape: tuple[int,
         raise ValueError("a frame index is not a whole number >= 0")
     if not all(_finite_number(t) and t >= 0 for t in [*stamps, duration]):
         raise ValueError("a timestamp or the duration is not a finite number >= 0")
-    if not bool(torch.isfinite(blocks).all()):
+    if not bool(np.isfinite(blocks).all()):
         raise ValueError("non-finite values in the blocks")
-    return CachedVideo(FrameBlocks(list(blocks.unbind(0)), indices, [float(t) for t in stamps]), float(duration))
+    return CachedVideo(FrameBlocks(list(blocks), indices, [float(t) for t in stamps]), float(duration))
 
 
 def _finite_number(value: object) -> bool:

@@ -1,7 +1,7 @@
 """Token generation over any LLM that maps the last token to next-token logits.
 
-torch is imported where a token is picked, so the command line's argument parsing (which
-uses ``SamplingConfig`` and ``TextStream``) does not load it.
+Tokens are picked in numpy from either backend's logits, so neither the command line's
+argument parsing nor the exported-graph runtimes load torch.
 """
 
 from __future__ import annotations
@@ -11,16 +11,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from loc3r.errors import InputError, InternalError
+from loc3r.runtime.arrays import Array, to_numpy
 
 if TYPE_CHECKING:
-    import torch
-    from torch import Tensor
-
     from loc3r.models.tokenizer import TextTokenizer
 
 TEMPERATURE_RANGE = (0.01, 100.0)  # besides 0 (greedy): beyond it the softmax under/overflows
-SEED_LIMIT = 2**64  # torch seeds are 64-bit
+SEED_LIMIT = 2**64  # seeds are 64-bit
 
 
 @dataclass(frozen=True)
@@ -52,37 +52,38 @@ def _number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def pick_token(logits: Tensor, sampling: SamplingConfig, generator: torch.Generator) -> int:
-    """Choose the next token from logits (vocab,).
+def pick_token(logits: Array, sampling: SamplingConfig, generator: np.random.Generator) -> int:
+    """Choose the next token from logits (vocab,): the first of the largest when greedy.
 
     Non-finite logits never reach the sampler: ``+inf`` (an FP16 engine's overflow of a very
     likely token) makes the tokens that have it the only candidates, sharing the choice; NaN,
     or every logit ``-inf``, is a broken model: an :class:`InternalError`, not a token.
     """
-    import torch
-
-    logits = logits.double()  # float64: a top_p below float32's smallest number (1e-300) is not 0, and sums stay exact enough
-    if not bool(torch.isfinite(logits).all()):
-        if bool(torch.isnan(logits).any()):
+    # float64: a top_p below float32's smallest number (1e-300) is not 0, and sums stay exact enough
+    values = to_numpy(logits).astype(np.float64).reshape(-1)
+    if not np.isfinite(values).all():
+        if np.isnan(values).any():
             raise InternalError("the model's next-token logits hold NaN", "the model or its engine is broken: rebuild it, or run with --backend torch")
-        if bool((logits == float("inf")).any()):
-            logits = torch.where(logits == float("inf"), 0.0, float("-inf"))  # the overflowed tokens alone, equally likely
-        elif bool((logits == float("-inf")).all()):
+        if (values == np.inf).any():
+            values = np.where(values == np.inf, 0.0, -np.inf)  # the overflowed tokens alone, equally likely
+        elif (values == -np.inf).all():
             raise InternalError("the model gave every next token probability 0 (all logits -inf)", "the model or its engine is broken")
     if sampling.temperature <= 0.0:
-        return int(torch.argmax(logits))
-    probs = torch.softmax(logits / sampling.temperature, dim=-1)
-    sorted_probs, order = torch.sort(probs, descending=True)
-    keep = torch.cumsum(sorted_probs, dim=-1) - sorted_probs < sampling.top_p
+        return int(np.argmax(values))
+    scaled = values / sampling.temperature
+    probs = np.exp(scaled - scaled.max())
+    probs /= probs.sum()
+    order = np.argsort(-probs, kind="stable")
+    sorted_probs = probs[order]
+    keep = np.cumsum(sorted_probs) - sorted_probs < sampling.top_p
     keep[0] = True  # the most likely token always stays: the nucleus is never empty
-    sorted_probs = torch.where(keep, sorted_probs, torch.zeros_like(sorted_probs))
-    choice = torch.multinomial(sorted_probs / sorted_probs.sum(), 1, generator=generator)
-    return int(order[choice])
+    sorted_probs = np.where(keep, sorted_probs, 0.0)
+    return int(order[generator.choice(len(order), p=sorted_probs / sorted_probs.sum())])
 
 
 def generate(
-    first_logits: Tensor,
-    decode_step: Callable[[int], Tensor],
+    first_logits: Array,
+    decode_step: Callable[[int], Array],
     stop_ids: set[int],
     sampling: SamplingConfig,
     on_token: Callable[[int], None] | None = None,
@@ -90,11 +91,10 @@ def generate(
     """Generate from the prompt's last logits until a stop token or ``max_new_tokens``.
 
     The stop token is not returned; ``decode_step(token)`` feeds a token and returns the
-    next logits.
+    next logits (a numpy array or a tensor). Sampling draws from numpy's PCG64 seeded with
+    ``sampling.seed``, the same on every backend.
     """
-    import torch
-
-    generator = torch.Generator().manual_seed(sampling.seed)
+    generator = np.random.default_rng(sampling.seed)
     tokens: list[int] = []
     logits = first_logits
     while len(tokens) < sampling.max_new_tokens:

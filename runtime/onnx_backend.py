@@ -14,18 +14,18 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
-from torch import Tensor
+from safetensors.numpy import load_file
 
 from loc3r.errors import InputError, ModelError
-from loc3r.export.graphs import ImageSizes
+from loc3r.export.image_sizes import ImageSizes
 from loc3r.export.manifest import Manifest, check_manifest_matches
 from loc3r.export.runtime_versions import LLM, check_onnxruntime
 from loc3r.export.tensorrt_build import Profile, bounding_profile
 from loc3r.runtime import ort
-from loc3r.runtime.ort import CPU, import_onnxruntime, open_gpu_session, open_session, provider_names
 from loc3r.models.bundle import Bundle
-from loc3r.models.vision import video_end_tokens, vision_tokens_per_frame
+from loc3r.models.layout import video_end_tokens, vision_tokens_per_frame
+from loc3r.runtime.arrays import Array, to_numpy
+from loc3r.runtime.ort import CPU, import_onnxruntime, open_gpu_session, open_session, provider_names
 from loc3r.runtime.stages import CameraStage, EncodeBySteps, LLMStage
 
 TRT_CACHE = "ort_trt_cache"
@@ -121,7 +121,7 @@ def checked_trt_session(manifest: Manifest, name: str, session: Any) -> Any:
 def open_graph(manifest: Manifest, name: str, providers: Sequence[Any] | None) -> Any:
     """One graph's session: on the providers given, else on the GPU for a GPU export
     (placement verified), else on the CPU."""
-    path = manifest.artifact_path(name)
+    path = manifest.graph_file(name)
     if providers is not None:
         return open_session(path, providers)
     if not gpu_manifest(manifest):
@@ -134,7 +134,7 @@ def open_graph(manifest: Manifest, name: str, providers: Sequence[Any] | None) -
     return session
 
 
-def check_frame_size(image: Tensor, size: tuple[int, int], flag: str) -> None:
+def check_frame_size(image: Array, size: tuple[int, int], flag: str) -> None:
     """Refuse frames of another size than the camera graph was exported for."""
     if tuple(image.shape[-2:]) != size:
         height, width = image.shape[-2:]
@@ -155,12 +155,12 @@ class OrtCamera(EncodeBySteps):
     init_memory: np.ndarray
     sizes: ImageSizes
 
-    def encode_frames(self, images: Tensor) -> list[tuple[np.ndarray, np.ndarray]]:
+    def encode_frames(self, images: Array) -> list[tuple[np.ndarray, np.ndarray]]:
         self.sizes.check(*images.shape[-2:])
-        features, positions = self.encoder.run(["features", "positions"], {"image": images.numpy()})
+        features, positions = self.encoder.run(["features", "positions"], {"image": _float32(images)})
         return [(features[i : i + 1], positions) for i in range(len(features))]
 
-    def step(self, encoded: tuple[np.ndarray, np.ndarray], state: Any | None) -> tuple[Tensor, Any]:
+    def step(self, encoded: tuple[np.ndarray, np.ndarray], state: Any | None) -> tuple[np.ndarray, Any]:
         features, positions = encoded
         prev_state, prev_memory = (self.init_state, self.init_memory) if state is None else state
         first = np.array([1.0 if state is None else 0.0], dtype=np.float32)
@@ -168,7 +168,7 @@ class OrtCamera(EncodeBySteps):
             ["camera", "new_state", "new_memory"],
             {"features": features, "positions": positions, "state": prev_state, "memory": prev_memory, "first_frame": first},
         )
-        return torch.from_numpy(camera[0]), (new_state, new_memory)
+        return camera[0], (new_state, new_memory)
 
 
 @dataclass
@@ -178,22 +178,22 @@ class OrtClipCamera:
     session: Any
     size: tuple[int, int]
 
-    def encode(self, images: Tensor) -> Tensor:
+    def encode(self, images: Array) -> np.ndarray:
         check_frame_size(images, self.size, "--vggt-size")
-        (camera,) = self.session.run(["camera"], {"images": images.numpy()})
-        return torch.from_numpy(camera)
+        (camera,) = self.session.run(["camera"], {"images": _float32(images)})
+        return camera
 
 
 @dataclass
 class OrtVision:
     session: Any
-    end_tokens: Tensor  # (k, width), from the export's video_end file
+    end_tokens: np.ndarray  # (k, width), from the export's video_end file
 
-    def encode(self, pixels: Tensor) -> Tensor:
-        (tokens,) = self.session.run(["tokens"], {"pixels": pixels.numpy()})
-        return torch.from_numpy(tokens)
+    def encode(self, pixels: Array) -> np.ndarray:
+        (tokens,) = self.session.run(["tokens"], {"pixels": _float32(pixels)})
+        return tokens
 
-    def video_end(self) -> Tensor:
+    def video_end(self) -> np.ndarray:
         return self.end_tokens
 
 
@@ -202,16 +202,21 @@ class OrtHeads:
     pose_session: Any
     bev_session: Any
 
-    def pose(self, pos_state: Tensor, ori_state: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def pose(self, pos_state: Array, ori_state: Array) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         xy, sigma, theta = self.pose_session.run(
             ["xy", "sigma", "theta"],
-            {"pos_state": pos_state.reshape(1, -1).float().numpy(), "ori_state": ori_state.reshape(1, -1).float().numpy()},
+            {"pos_state": _float32(pos_state).reshape(1, -1), "ori_state": _float32(ori_state).reshape(1, -1)},
         )
-        return torch.as_tensor(xy[0]), torch.as_tensor(sigma[0]), torch.as_tensor(theta[0])
+        return xy[0], sigma[0], theta[0]
 
-    def bev(self, vision_states: Tensor) -> Tensor:
-        (points,) = self.bev_session.run(["points"], {"states": vision_states.float().numpy()})
-        return torch.from_numpy(points)
+    def bev(self, vision_states: Array) -> np.ndarray:
+        (points,) = self.bev_session.run(["points"], {"states": _float32(vision_states)})
+        return points
+
+
+def _float32(values: Array) -> np.ndarray:
+    """A contiguous float32 numpy array of ``values`` (a graph input)."""
+    return np.ascontiguousarray(to_numpy(values), dtype=np.float32)
 
 
 def expected_shapes(bundle: Bundle) -> dict[str, dict[str, list[int | str]]]:
@@ -250,7 +255,7 @@ def onnx_stages(bundle: Bundle, manifest: Manifest, providers: Sequence[Any] | N
     return ort_camera(bundle, manifest, session), vision, heads, onnx_llm(bundle, manifest, llm_providers)
 
 
-def video_end(bundle: Bundle, manifest: Manifest) -> Tensor:
+def video_end(bundle: Bundle, manifest: Manifest) -> np.ndarray:
     """The video-end tokens the export stored, ``(k, width)``, checked against the bundle's
     layout (``k`` is 1 for a newline after the whole video, else 0)."""
     config = bundle.config
@@ -287,10 +292,10 @@ def ort_camera(bundle: Bundle, manifest: Manifest, session: dict[str, Any]) -> C
     if bundle.config.encoder_3d == "vggt":
         return OrtClipCamera(session["vggt_encode"], clip_size(manifest))
     init = initial_state(manifest)
-    return OrtCamera(session["cut3r_encoder"], session["cut3r_step"], init["state"].numpy(), init["memory"].numpy(), cut3r_sizes(manifest))
+    return OrtCamera(session["cut3r_encoder"], session["cut3r_step"], init["state"], init["memory"], cut3r_sizes(manifest))
 
 
-def initial_state(manifest: Manifest) -> dict[str, Tensor]:
+def initial_state(manifest: Manifest) -> dict[str, np.ndarray]:
     """CUT3R's state and memory before the first frame, as the export saved them."""
     state = manifest.float_tensors(manifest.value("artifacts", "cut3r_step", "initial_state"))
     if set(state) != {"state", "memory"}:
@@ -320,12 +325,14 @@ def onnx_llm(bundle: Bundle, manifest: Manifest, providers: Sequence[Any]) -> LL
     llm = manifest.value("llm", kind=dict)
     # the TensorRT EP has no MatMulNBits / GroupQueryAttention: the decoder runs on CUDA (or CPU)
     names = [p for p in provider_names(providers) if p != "TensorrtExecutionProvider"]
+    sizes = bundle.config.llm
     return OnnxLLM(
         manifest.file(manifest.value("llm", "decoder", "file")),
         manifest.file(manifest.value("llm", "embeddings", "file")),
         capacity=checked_context(manifest, bundle),
         chunk_tokens=llm["prefill_chunk_tokens"],
         providers=names,
+        geometry=(sizes.num_hidden_layers, sizes.num_key_value_heads, sizes.head_dim),
     )
 
 

@@ -13,23 +13,25 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import onnx
 import onnxruntime as ort
-import torch
-from safetensors.torch import load_file
-from torch import Tensor
+from safetensors.numpy import load_file
 
 from loc3r.errors import InputError, ModelError
 from loc3r.export.llm_io import EMBED_TENSOR, EMBEDS, HIDDEN, KV_KINDS, LOGITS, MASK, past_name, present_name
-from loc3r.models.llm import PrefillResult
+from loc3r.runtime.arrays import Array, to_numpy
 from loc3r.runtime.ort import CPU, open_session, provider_names
+from loc3r.runtime.stages import PrefillResult
 
 _GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
 _NUMPY_OF = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
 
 def kv_geometry(decoder: str | Path) -> tuple[int, int, int]:
-    """(layers, kv heads, head dim) from the graph's ``GroupQueryAttention`` nodes."""
+    """(layers, kv heads, head dim) from the graph's ``GroupQueryAttention`` nodes (reads the
+    graph with ``onnx``; the runtime passes the bundle's sizes instead, checked by
+    ``check_kv_geometry``, so that a run does not import it)."""
+    import onnx
+
     graph = onnx.load(str(decoder), load_external_data=False).graph
     attention = [n for n in graph.node if n.op_type == "GroupQueryAttention"]
     if not attention:
@@ -38,6 +40,17 @@ def kv_geometry(decoder: str | Path) -> tuple[int, int, int]:
     (hidden,) = [o for o in graph.output if o.name == HIDDEN]
     width = hidden.type.tensor_type.shape.dim[-1].dim_value
     return len(attention), attrs["kv_num_heads"], width // attrs["num_heads"]
+
+
+def check_kv_geometry(decoder: str | Path, inputs: dict[str, object], layers: int, kv_heads: int) -> None:
+    """Refuse a decoder whose KV inputs are not ``layers`` layers of ``kv_heads`` heads."""
+    found = sum(1 for name in inputs if name.startswith("past_key_values.") and name.endswith(".key"))
+    heads = inputs[past_name(0, "key")].shape[1] if found else None
+    if found != layers or heads != kv_heads:
+        raise ModelError(
+            f"{decoder} has {found} KV layers of {heads} heads, the model has {layers} of {kv_heads}",
+            "re-export the LLM from this model with loc3r-export",
+        )
 
 
 class OnnxLLM:
@@ -51,7 +64,10 @@ class OnnxLLM:
         chunk_tokens: int,
         providers: Sequence[str] = CPU,
         threads: int | None = None,
+        geometry: tuple[int, int, int] | None = None,
     ) -> None:
+        """``geometry``: (layers, kv heads, head dim) when known (the bundle's config), else
+        read from the graph."""
         self.session = open_session(decoder, providers, threads)
         self.table = load_file(str(embeddings))[EMBED_TENSOR]
         if not self.table.is_floating_point():
@@ -60,7 +76,8 @@ class OnnxLLM:
         inputs = {i.name: i for i in self.session.get_inputs()}
         self._float = _NUMPY_OF[inputs[EMBEDS].type]
         self._kv_float = kv_float = _NUMPY_OF[inputs[past_name(0, "key")].type]
-        layers, kv_heads, head_dim = kv_geometry(decoder)
+        layers, kv_heads, head_dim = geometry or kv_geometry(decoder)
+        check_kv_geometry(decoder, inputs, layers, kv_heads)
         self._kv_heads, self._head_dim = kv_heads, head_dim
         on_gpu = provider_names(providers)[0] in _GPU_PROVIDERS
         self._binding = self.session.io_binding()
@@ -83,12 +100,13 @@ class OnnxLLM:
     def context_limit(self) -> int:
         return self.capacity
 
-    def embed(self, ids: list[int] | tuple[int, ...]) -> Tensor:
+    def embed(self, ids: list[int] | tuple[int, ...]) -> np.ndarray:
         """Token embeddings (n, width), float32."""
-        return self.table[torch.tensor(ids, dtype=torch.long)].float()
+        return self.table[np.asarray(ids, dtype=np.int64)].astype(np.float32)
 
-    def prefill(self, embeds: Tensor) -> PrefillResult:
+    def prefill(self, embeds: Array) -> PrefillResult:
         """Append ``embeds`` (n, width) after what the cache holds, ``chunk_tokens`` at a time."""
+        embeds = to_numpy(embeds)
         end = self._length + embeds.shape[0]
         if end > self.capacity:
             raise InputError(
@@ -96,16 +114,16 @@ class OnnxLLM:
                 "use fewer frames or a shorter question, or re-export with a larger --context-tokens",
             )
         hidden, logits = [], None
-        for chunk in embeds.detach().split(self.chunk_tokens):
-            chunk_hidden, logits = self._run(chunk)
+        for start in range(0, embeds.shape[0], self.chunk_tokens):
+            chunk_hidden, logits = self._run(embeds[start : start + self.chunk_tokens])
             hidden.append(chunk_hidden)
-        return PrefillResult(torch.cat(hidden), logits)
+        return PrefillResult(np.concatenate(hidden), logits)
 
-    def decode(self, token_id: int) -> Tensor:
+    def decode(self, token_id: int) -> np.ndarray:
         """Feed one generated token; logits (vocab,) for the next one."""
         return self.prefill(self.embed([token_id])).last_logits
 
-    def prefill_branches(self, suffixes: list[Tensor]) -> list[Tensor]:
+    def prefill_branches(self, suffixes: list[Array]) -> list[np.ndarray]:
         """Hidden states of each suffix prefilled on top of the cache, the cache cut back after
         each: one at a time, since ``GroupQueryAttention`` takes only a padding mask (seqlens),
         so several suffixes cannot share the prefix in one run."""
@@ -159,15 +177,15 @@ class OnnxLLM:
                 buffer.update_inplace(full)
         self._length = length
 
-    def _run(self, chunk: Tensor) -> tuple[Tensor, Tensor]:
+    def _run(self, chunk: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         n = chunk.shape[0]
-        self._binding.bind_cpu_input(EMBEDS, np.ascontiguousarray(chunk.float().numpy()[None], dtype=self._float))
+        self._binding.bind_cpu_input(EMBEDS, np.ascontiguousarray(chunk[None], dtype=self._float))
         self._binding.bind_cpu_input(MASK, np.ones((1, self._length + n), dtype=np.int64))
         self.session.run_with_iobinding(self._binding)
         logits, hidden = self._binding.get_outputs()[:2]
         self._bind_outputs()  # fresh ones: a bound output keeps its shape for the next run
         self._length += n
-        return torch.from_numpy(hidden.numpy()[0]).float(), torch.from_numpy(logits.numpy()).float().reshape(-1)
+        return hidden.numpy()[0].astype(np.float32, copy=False), logits.numpy().astype(np.float32, copy=False).reshape(-1)
 
 
     def _bind_outputs(self) -> None:

@@ -15,32 +15,35 @@ import logging
 import time
 import warnings
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
-import torch
 
 from loc3r.errors import InputError, RandomWeightsWarning, one_question
 from loc3r.export.manifest import Manifest
 from loc3r.identity import FileIdentity, file_identity
 from loc3r.models.bundle import Bundle, load_bundle
-from loc3r.models.precision import Precision
+from loc3r.models.layout import video_end_tokens, vision_tokens_per_frame
 from loc3r.models.prompt import build_video_prefix
 from loc3r.models.tiny import loc3r_home, resolve_model
-from loc3r.models.vision import video_end_tokens, vision_tokens_per_frame
 from loc3r.progress import ProgressBar
+from loc3r.runtime.arrays import cat
 from loc3r.runtime.confidence import Calibration, find_calibration
 from loc3r.runtime.encoding_cache import CachedVideo, EncodingCache
 from loc3r.runtime.generate import SamplingConfig
 from loc3r.runtime.prefetch import prefetched
-from loc3r.runtime.preprocess import camera_input, siglip_input
+from loc3r.runtime.preprocess import camera_pixels, siglip_pixels
 from loc3r.runtime.result import Answer, ModelInfo
 from loc3r.runtime.scene_store import DEFAULT_BUDGET_BYTES, KVLayout, Scene, SceneStore
 from loc3r.runtime.session import VISION_BATCH, FrameBlocks, Stages, VideoSession
 from loc3r.runtime.video import Frame, VideoDecoder, iter_frames
 
 log = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    from loc3r.models.precision import Precision
+
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
 ESTIMATED_DURATION_S = 3600.0  # timestamps of an hour-long video, when the duration is not known
 PREFETCH_FRAMES = 4
@@ -56,7 +59,7 @@ class Pipeline:
         backend: str,
         cache: EncodingCache | None = None,
         artifacts: str | None = None,
-        precision: Precision | None = None,
+        precision: Precision | ExportedPrecision | None = None,
         decoder: VideoDecoder = iter_frames,
         calibration: Calibration | None = None,
         scenes: SceneStore | None = None,
@@ -128,6 +131,10 @@ class Pipeline:
         cls, model: str | Path, backend: str, engines: str | Path | None, cache_dir: str | Path | None, dtype: str, decoder: VideoDecoder,
         calibration: str | Path | None | Literal[False] = None, scenes: SceneStore | None = None,
     ) -> Pipeline:
+        if backend not in BACKENDS:
+            raise InputError(f"unknown backend {backend!r}", f"use one of {', '.join(BACKENDS)}")
+        if backend != "torch" and engines is None:
+            raise InputError(f"--backend {backend} needs --engines DIR", "pass the folder written by loc3r-export --out")
         bundle = load_bundle(resolve_model(model), dtype)
         calibrated = None if calibration is False else find_calibration(bundle.path, bundle.checksum, calibration)
         cache = EncodingCache(Path(cache_dir)) if cache_dir else None
@@ -135,10 +142,6 @@ class Pipeline:
             from loc3r.runtime.torch_backend import torch_stages
 
             return cls(bundle, Stages(*torch_stages(bundle)), backend, cache, decoder=decoder, calibration=calibrated, scenes=scenes)
-        if backend not in BACKENDS:
-            raise InputError(f"unknown backend {backend!r}", f"use one of {', '.join(BACKENDS)}")
-        if engines is None:
-            raise InputError(f"--backend {backend} needs --engines DIR", "pass the folder written by loc3r-export --out")
         from loc3r.export.manifest import load_manifest
 
         manifest = load_manifest(engines)
@@ -151,8 +154,7 @@ class Pipeline:
             from loc3r.runtime.tensorrt_backend import tensorrt_stages
 
             stages, on_cpu = Stages(*tensorrt_stages(bundle, manifest)), False
-        device = torch.device("cpu" if on_cpu else "cuda")
-        precision = exported_precision(manifest, bundle, stages, device)
+        precision = exported_precision(manifest, bundle, "cpu" if on_cpu else "cuda")
         return cls(bundle, stages, backend, cache, manifest.fingerprint, precision, decoder, calibrated, scenes)
 
     # -- sessions -------------------------------------------------------------------------
@@ -277,13 +279,13 @@ class Pipeline:
         """Encode decoded frames without touching the LLM (the reference, whole-video order;
         the encoders take ``VISION_BATCH`` frames at a time, as when streaming)."""
         encoded = FrameBlocks()
-        images = torch.stack([session.timer.measure("preprocess", camera_input, frame, self.config) for frame in frames])
+        images = np.stack([session.timer.measure("preprocess", camera_pixels, frame, self.config) for frame in frames])
         cameras = session.timer.measure("encode_3d", self.stages.camera.encode, images)
-        vision: list[torch.Tensor] = []
+        vision: list[object] = []
         for start in range(0, len(frames), VISION_BATCH):
-            pixels = session.timer.measure("preprocess", siglip_input, frames[start : start + VISION_BATCH], self.config.vision.image_size)
+            pixels = session.timer.measure("preprocess", siglip_pixels, frames[start : start + VISION_BATCH], self.config.vision.image_size)
             vision += session.timer.measure("encode_vision", self.stages.vision.encode, pixels)
-        encoded.blocks = [torch.cat([c[None], v]) for c, v in zip(cameras, vision, strict=True)]
+        encoded.blocks = [cat([c[None], v]) for c, v in zip(cameras, vision, strict=True)]
         encoded.indices = [f.index for f in frames]
         encoded.timestamps_s = [f.timestamp_s for f in frames]
         return encoded
@@ -346,17 +348,26 @@ class Pipeline:
         return self._cache_key(Path(video), num_frames or self.config.num_frames) if self.cache is not None else None
 
 
-def exported_precision(manifest: Manifest, bundle: Bundle, stages: Stages, device: torch.device) -> Precision:
-    """What exported graphs compute in: the manifest's precision, and the LLM's form."""
-    from loc3r.models.llm import TorchLLM
+@dataclass(frozen=True)
+class ExportedPrecision:
+    """What exported graphs compute in, where, and why (as ``Precision`` says it for PyTorch)."""
 
+    dtype_name: str
+    device: str
+    reason: str
+
+
+def exported_precision(manifest: Manifest, bundle: Bundle, device: str) -> ExportedPrecision:
+    """The manifest's precision, and the LLM's form (an export without an LLM runs the
+    bundle's in PyTorch)."""
     llm = manifest.data.get("llm")
-    if isinstance(stages.llm, TorchLLM):
-        llm_part = f"LLM in PyTorch ({bundle.precision.dtype_name}: {bundle.precision.reason})"
+    if llm:
+        llm_part = f"LLM weights {llm['quantization']['layers']}"
     else:
-        llm_part = f"LLM weights {llm['quantization']['layers']}" if llm else "LLM exported"
-    dtype = {"fp32": torch.float32, "fp16": torch.float16}[manifest.precision]
-    return Precision(dtype, device, f"the export's precision ({manifest.precision}, manifest.json); {llm_part}")
+        llm_part = f"LLM in PyTorch ({bundle.precision.dtype_name}: {bundle.precision.reason})"
+    dtype = {"fp32": "float32", "fp16": "float16"}[manifest.precision]
+    encoders = "; encoders INT8 (unsigned 8-bit weights and activations)" if manifest.encoders == "int8" else ""
+    return ExportedPrecision(dtype, device, f"the export's precision ({manifest.precision}, manifest.json){encoders}; {llm_part}")
 
 
 def held_identity(video: str | Path) -> FileIdentity | None:

@@ -2,8 +2,11 @@
 
 ``cut3r_input`` reproduces CUT3R's ``load_images`` (src/dust3r/utils/image.py) on decoded
 RGB frames; ``vggt_input`` VGGT's ``load_and_preprocess_images`` (crop mode,
-vggt/utils/load_fn.py); ``camera_input`` picks the bundle's; ``siglip_input`` uses transformers' PIL SigLIP processor configured as
-LLaVA-Video's ``SigLipImageProcessor`` (squash to size x size, bicubic, mean = std = 0.5).
+vggt/utils/load_fn.py); ``camera_input`` picks the bundle's; ``siglip_input`` computes what transformers' PIL SigLIP
+processor configured as LLaVA-Video's ``SigLipImageProcessor`` gives (squash to size x size, bicubic, mean = std
+= 0.5), bit for bit (tests/test_preprocess.py).
+The ``*_pixels`` functions return numpy arrays (what the runtime feeds every backend, so the exported paths
+never load torch); the ``*_input`` ones the same values as torch tensors.
 Given RGB arrays, all three resize with PIL as the references do; given decoded ``Frame``s,
 the resize happens in the decoder's colour conversion (swscale, same filters), within a
 measured bound of the PIL route (``loc3r.runtime.frame``).
@@ -12,29 +15,38 @@ measured bound of the PIL route (``loc3r.runtime.frame``).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from functools import lru_cache
+
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image
-from transformers import SiglipImageProcessorPil
-from transformers.image_utils import PILImageResampling
 
 from loc3r.errors import InputError
 from loc3r.models.config import Loc3rConfig
 from loc3r.models.encoder3d import encoder_config
-from loc3r.models.vggt import VggtConfig
+from loc3r.models.vggt.config import VggtConfig
 from loc3r.runtime.frame import Frame
 
-__all__ = ["camera_input", "cut3r_crop_box", "cut3r_input", "siglip_input", "vggt_input"]
+if TYPE_CHECKING:
+    import torch
+
+__all__ = [
+    "camera_input", "camera_pixels", "cut3r_crop_box", "cut3r_input", "cut3r_pixels", "siglip_input", "siglip_pixels",
+    "vggt_input", "vggt_pixels",
+]  # fmt: skip
 
 
-def camera_input(image: np.ndarray | Frame, config: Loc3rConfig) -> torch.Tensor:
+def camera_pixels(image: np.ndarray | Frame, config: Loc3rConfig) -> np.ndarray:
     """The bundle's 3D-encoder input for one RGB uint8 frame (H, W, 3) or ``Frame``."""
     sizes = encoder_config(config)
     if isinstance(sizes, VggtConfig):
-        return vggt_input(image, sizes.img_size, sizes.patch_size)
-    return cut3r_input(image, config.cut3r_long_side)
+        return vggt_pixels(image, sizes.img_size, sizes.patch_size)
+    return cut3r_pixels(image, config.cut3r_long_side)
+
+
+def camera_input(image: np.ndarray | Frame, config: Loc3rConfig) -> torch.Tensor:
+    """``camera_pixels`` as a tensor."""
+    return _tensor(camera_pixels(image, config))
 
 
 def cut3r_crop_box(width: int, height: int, patch: int = 16, square_ok: bool = False) -> tuple[int, int, int, int]:
@@ -54,8 +66,13 @@ def cut3r_crop_box(width: int, height: int, patch: int = 16, square_ok: bool = F
 
 
 def cut3r_input(image: np.ndarray | Frame, long_side: int = 512, patch: int = 16, square_ok: bool = False) -> torch.Tensor:
+    """``cut3r_pixels`` as a tensor."""
+    return _tensor(cut3r_pixels(image, long_side, patch, square_ok))
+
+
+def cut3r_pixels(image: np.ndarray | Frame, long_side: int = 512, patch: int = 16, square_ok: bool = False) -> np.ndarray:
     """CUT3R input for one RGB uint8 frame (H, W, 3), or a ``Frame``: a (3, H', W') float32
-    tensor in [-1, 1].
+    array in [-1, 1].
 
     Long side resized to ``long_side`` (LANCZOS when shrinking, BICUBIC otherwise),
     centre-cropped to multiples of ``patch`` (``cut3r_crop_box``), then ``x / 255`` and
@@ -74,13 +91,21 @@ def cut3r_input(image: np.ndarray | Frame, long_side: int = 512, patch: int = 16
             "use a video with an ordinary aspect ratio",
         )
     rgb = frame.resized(*size, resample)[top:bottom, left:right]
-    pixels = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).contiguous()
-    return pixels.to(torch.float32).div(255).sub_(0.5).div_(0.5)
+    pixels = np.ascontiguousarray(rgb.transpose(2, 0, 1), dtype=np.float32)
+    pixels /= np.float32(255)  # float32 x / 255, then (x - 0.5) / 0.5, as ToTensor + Normalize
+    pixels -= np.float32(0.5)
+    pixels /= np.float32(0.5)
+    return pixels
 
 
 def vggt_input(image: np.ndarray | Frame, width: int = 518, patch: int = 14) -> torch.Tensor:
+    """``vggt_pixels`` as a tensor."""
+    return _tensor(vggt_pixels(image, width, patch))
+
+
+def vggt_pixels(image: np.ndarray | Frame, width: int = 518, patch: int = 14) -> np.ndarray:
     """VGGT input for one RGB uint8 frame (H, W, 3) or ``Frame``: a (3, H', width) float32
-    tensor in [0, 1].
+    array in [0, 1].
 
     Width resized to ``width`` and height to the nearest multiple of ``patch`` keeping the
     aspect (BICUBIC), then ``x / 255``; a height above ``width`` (portrait) is
@@ -94,32 +119,37 @@ def vggt_input(image: np.ndarray | Frame, width: int = 518, patch: int = 14) -> 
             f"a {source_width}x{source_height} frame is too flat for {patch}-pixel patches at width {width}",
             "use a video with an ordinary aspect ratio",
         )
-    pixels = torch.from_numpy(np.ascontiguousarray(frame.resized(width, height, Image.Resampling.BICUBIC)))
+    rgb = frame.resized(width, height, Image.Resampling.BICUBIC)
     top = max(height - width, 0) // 2
-    return pixels[top : top + width].permute(2, 0, 1).to(torch.float32).div_(255)
+    pixels = np.ascontiguousarray(rgb[top : top + width].transpose(2, 0, 1), dtype=np.float32)
+    pixels /= np.float32(255)
+    return pixels
 
 
 def siglip_input(images: Sequence[np.ndarray | Frame], size: int = 384) -> torch.Tensor:
+    """``siglip_pixels`` as a tensor."""
+    return _tensor(siglip_pixels(images, size))
+
+
+def siglip_pixels(images: Sequence[np.ndarray | Frame], size: int = 384) -> np.ndarray:
     """SigLIP input for RGB uint8 frames or ``Frame``s: (N, 3, size, size) float32 in
-    [-1, 1] (no aspect-preserving crop: frames are squashed, as LLaVA-Video does)."""
+    [-1, 1] (no aspect-preserving crop: frames are squashed, as LLaVA-Video does).
+
+    As transformers' processor computes it: ``x * (1 / 255)`` in float64 cast to float32,
+    then ``(x - 0.5) / 0.5`` in float32."""
     if len(images) == 0:
         raise ValueError("siglip_input needs at least one frame")
-    rgbs = [_as_frame(image).resized(size, size, Image.Resampling.BICUBIC) for image in images]
-    out = _siglip_processor(size)(images=rgbs, return_tensors="pt", input_data_format="channels_last")
-    return out["pixel_values"]
+    rgbs = np.stack([_as_frame(image).resized(size, size, Image.Resampling.BICUBIC) for image in images])
+    pixels = (rgbs.transpose(0, 3, 1, 2) * (1 / 255)).astype(np.float32)
+    pixels -= np.float32(0.5)
+    pixels /= np.float32(0.5)
+    return pixels
 
 
-@lru_cache(maxsize=4)
-def _siglip_processor(size: int) -> SiglipImageProcessorPil:
-    return SiglipImageProcessorPil(
-        size={"height": size, "width": size},
-        resample=PILImageResampling.BICUBIC,
-        do_rescale=True,
-        rescale_factor=1 / 255,
-        do_normalize=True,
-        image_mean=[0.5, 0.5, 0.5],
-        image_std=[0.5, 0.5, 0.5],
-    )
+def _tensor(pixels: np.ndarray) -> torch.Tensor:
+    import torch
+
+    return torch.from_numpy(pixels)
 
 
 def _as_frame(image: np.ndarray | Frame) -> Frame:

@@ -19,16 +19,16 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
-from torch import Tensor
 
 from loc3r.errors import InputError, one_question
 from loc3r.models.bundle import Bundle
+from loc3r.models.layout import pooled_side, pooled_token_offsets, video_end_tokens, vision_tokens_per_frame
 from loc3r.models.prompt import VideoPrefix, build_question_suffix, build_situation_suffix, build_video_prefix, check_text_fits
-from loc3r.models.vision import pooled_side, pooled_token_offsets, video_end_tokens, vision_tokens_per_frame
-from loc3r.runtime.generate import SamplingConfig, generate
+from loc3r.runtime.arrays import Array as Tensor
+from loc3r.runtime.arrays import cat, like, stack, to_numpy
 from loc3r.runtime.camera_feed import camera_feed
-from loc3r.runtime.preprocess import camera_input, siglip_input
+from loc3r.runtime.generate import SamplingConfig, generate
+from loc3r.runtime.preprocess import camera_pixels, siglip_pixels
 from loc3r.runtime.result import Answer, ModelInfo, Pose
 from loc3r.runtime.scene_store import Scene
 from loc3r.runtime.stages import FRAME_BATCH, CameraStage, HeadsStage, LLMStage, VisionStage
@@ -91,8 +91,8 @@ class PreparedFrame:
 
     index: int
     timestamp_s: float
-    camera: Tensor  # the bundle's 3D-encoder input (``camera_input``)
-    siglip: Tensor  # (3, S, S) in [-1, 1]
+    camera: np.ndarray  # the bundle's 3D-encoder input (``camera_pixels``)
+    siglip: np.ndarray  # (3, S, S) in [-1, 1]
 
 
 @dataclass
@@ -104,7 +104,7 @@ class FrameBlocks:
     timestamps_s: list[float] = field(default_factory=list)
 
     def stacked(self) -> Tensor:
-        return torch.stack(self.blocks)
+        return stack(self.blocks)
 
 
 class VideoSession:
@@ -140,8 +140,8 @@ class VideoSession:
         return PreparedFrame(
             frame.index,
             frame.timestamp_s,
-            camera_input(frame, self.config),
-            siglip_input([frame], self.config.vision.image_size)[0],
+            camera_pixels(frame, self.config),
+            siglip_pixels([frame], self.config.vision.image_size)[0],
         )
 
     def add_frame(self, frame: Frame | PreparedFrame) -> None:
@@ -211,7 +211,7 @@ class VideoSession:
         if not self._unseen:
             return
         frames, self._unseen = self._unseen, []
-        vision = self.timer.measure("encode_vision", self.stages.vision.encode, torch.stack([f.siglip for f in frames]))
+        vision = self.timer.measure("encode_vision", self.stages.vision.encode, np.stack([f.siglip for f in frames]))
         self._seen += [(f.index, f.timestamp_s, tokens) for f, tokens in zip(frames, vision, strict=True)]
 
     def _prefill_ready(self) -> None:
@@ -221,7 +221,7 @@ class VideoSession:
             return
         frames, cameras = self._seen[:ready], self._cameras[:ready]
         self._seen, self._cameras = self._seen[ready:], self._cameras[ready:]
-        blocks = [torch.cat([camera[None], tokens]) for (_, _, tokens), camera in zip(frames, cameras, strict=True)]
+        blocks = [cat([camera[None], tokens]) for (_, _, tokens), camera in zip(frames, cameras, strict=True)]
         self._append_blocks(blocks, [index for index, _, _ in frames], [stamp for _, stamp, _ in frames])
 
     def _append_blocks(self, blocks: list[Tensor], indices: list[int], timestamps: list[float]) -> None:
@@ -249,10 +249,10 @@ class VideoSession:
         group = max(1, self.stages.llm.chunk_tokens // block_tokens)
         for start in range(0, len(blocks), group):
             part = blocks[start : start + group]
-            embeds = torch.cat(part)
+            embeds = cat(part)
             if self.stages.llm.cached_length == 0:
                 head = self.stages.llm.embed(self._head_ids())
-                embeds = torch.cat((head, embeds.to(head.dtype)))
+                embeds = cat((head, like(embeds, head)))
             hidden = self._prefill_embeds("prefill_video", embeds).hidden_states
             yield start, part, hidden[-len(part) * block_tokens :]
 
@@ -419,7 +419,7 @@ class VideoSession:
             self._check_length(self._blocks_end + prefix.end_tokens + len(prefix.tail_ids))
             video_end = self.stages.vision.video_end()
             tail = self.stages.llm.embed(prefix.tail_ids)
-            self._prefill_embeds("prefill_video", torch.cat((video_end.to(tail.dtype), tail)))
+            self._prefill_embeds("prefill_video", cat((like(video_end, tail), tail)))
             self._tail_in_cache = True
         return self.duration_s is None
 
@@ -438,7 +438,7 @@ class VideoSession:
         vision = hidden.reshape(frames, 1 + self._vision_tokens, -1)[:, 1:]
         vision = vision[:, pooled_token_offsets(side, config.newline_position)]
         points = self.stages.heads.bev(vision.reshape(-1, vision.shape[-1]))
-        return points.reshape(frames, side * side, 2).float().cpu().numpy()
+        return to_numpy(points).reshape(frames, side * side, 2).astype(np.float32)
 
     def _check_length(self, length: int, max_new_tokens: int = 0) -> None:
         limit = self.stages.llm.context_limit

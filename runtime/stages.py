@@ -1,16 +1,29 @@
-"""One small interface per stage; each backend (torch, onnxruntime, tensorrt) implements them."""
+"""One small interface per stage; each backend (torch, onnxruntime, tensorrt) implements them.
+
+Stages take numpy arrays or tensors and hand out their own array type (see
+``loc3r.runtime.arrays``): nothing here imports torch.
+"""
 
 from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
-import torch
-from torch import Tensor
 
-from loc3r.models.llm import PrefillResult
+from loc3r.runtime.arrays import Array, stack
+
+Tensor = Array  # numpy arrays from the exported backends, torch tensors from the PyTorch one
+
+
+@dataclass
+class PrefillResult:
+    """What one prefill returns."""
+
+    hidden_states: Array  # (n, width): final-norm hidden states, what lm_head reads
+    last_logits: Array  # (vocab,): logits of the last position
 
 
 # frames the image encoders take at once (the streaming batch): the TensorRT profiles of
@@ -53,7 +66,7 @@ def step_through(stage: StreamingCameraStage, images: Sequence[Tensor], state: A
     for _, run in itertools.groupby(images, key=lambda image: tuple(image.shape)):
         frames = list(run)
         for start in range(0, len(frames), FRAME_BATCH):
-            for encoded in stage.encode_frames(torch.stack(frames[start : start + FRAME_BATCH])):
+            for encoded in stage.encode_frames(stack(frames[start : start + FRAME_BATCH])):
                 token, state = stage.step(encoded, state)
                 tokens.append(token)
     return tokens, state
@@ -63,7 +76,7 @@ class EncodeBySteps:
     """``encode`` for streaming stages: their steps over the clip from the first-frame state."""
 
     def encode(self: StreamingCameraStage, images: Tensor) -> Tensor:
-        return torch.stack(step_through(self, list(images), None)[0])
+        return stack(step_through(self, list(images), None)[0])
 
 
 class VisionStage(Protocol):

@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from torch import Tensor
+from loc3r.runtime.arrays import Array as Tensor
+from loc3r.runtime.arrays import to_numpy
 
 from loc3r.errors import InputError, InternalError, Loc3rError, ModelError
 from loc3r.export.graphs import ImageSizes
@@ -191,7 +191,7 @@ class TrtCamera(EncodeBySteps):
 
     def encode_frames(self, images: Tensor) -> list[EncodedFrame]:
         self.sizes.check(*images.shape[-2:])
-        self._images = np.ascontiguousarray(images.numpy(), dtype=np.float32)
+        self._images = np.ascontiguousarray(to_numpy(images), dtype=np.float32)
         self.encoder.select({"image": self._images.shape})
         self.device.upload(self.encoder.buffer("image"), self._images)
         self.encoder.execute()
@@ -230,7 +230,7 @@ class TrtCamera(EncodeBySteps):
         device.download(camera, engine.buffer("camera"))
         device.synchronize()
         self._steps += 1
-        return torch.from_numpy(camera[0]), DeviceState(self._steps)
+        return camera[0], DeviceState(self._steps)
 
     def _run_step(self, patches: int) -> None:
         """The step and the copy of its new state/memory over its inputs: replayed from a
@@ -268,7 +268,7 @@ class TrtClipCamera:
 
     def encode(self, images: Tensor) -> Tensor:
         check_frame_size(images, self.size, "--vggt-size")
-        return torch.from_numpy(self.session.run({"images": images.numpy()})["camera"])
+        return self.session.run({"images": to_numpy(images)})["camera"]
 
 
 @dataclass
@@ -277,7 +277,7 @@ class TrtVision:
     end_tokens: Tensor  # (k, width), from the export's video_end file
 
     def encode(self, pixels: Tensor) -> Tensor:
-        return torch.from_numpy(run_chunked(self.session, "pixels", pixels.numpy(), "tokens"))
+        return run_chunked(self.session, "pixels", to_numpy(pixels), "tokens")
 
     def video_end(self) -> Tensor:
         return self.end_tokens
@@ -289,12 +289,12 @@ class TrtHeads:
     bev_session: TrtSession
 
     def pose(self, pos_state: Tensor, ori_state: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        feeds = {"pos_state": pos_state.reshape(1, -1).float().numpy(), "ori_state": ori_state.reshape(1, -1).float().numpy()}
+        feeds = {"pos_state": to_numpy(pos_state).reshape(1, -1), "ori_state": to_numpy(ori_state).reshape(1, -1)}
         out = self.pose_session.run(feeds)
-        return torch.as_tensor(out["xy"][0]), torch.as_tensor(out["sigma"][0]), torch.as_tensor(out["theta"][0])
+        return out["xy"][0], out["sigma"][0], out["theta"][0]
 
     def bev(self, vision_states: Tensor) -> Tensor:
-        return torch.from_numpy(run_chunked(self.bev_session, "states", vision_states.float().numpy(), "points"))
+        return run_chunked(self.bev_session, "states", to_numpy(vision_states), "points")
 
 
 def open_engines(manifest: Manifest, device: Device, names: Sequence[str]) -> dict[str, TrtSession]:
@@ -332,8 +332,7 @@ def tensorrt_stages(bundle: Bundle, manifest: Manifest) -> tuple[CameraStage, Tr
     if bundle.config.encoder_3d == "vggt":
         camera: CameraStage = TrtClipCamera(sessions["vggt_encode"], clip_size(manifest))
     else:
-        init = {name: tensor.numpy() for name, tensor in initial_state(manifest).items()}
-        camera = TrtCamera(sessions["cut3r_encoder"], sessions["cut3r_step"], init, cut3r_sizes(manifest))
+        camera = TrtCamera(sessions["cut3r_encoder"], sessions["cut3r_step"], initial_state(manifest), cut3r_sizes(manifest))
     heads = TrtHeads(sessions["pose_head"], sessions["bev_head"])
     llm = onnx_llm(bundle, manifest, ("CUDAExecutionProvider",))
     return camera, TrtVision(sessions["vision"], end_tokens), heads, llm

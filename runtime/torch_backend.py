@@ -15,8 +15,8 @@ from loc3r.runtime.stages import CameraStage, EncodeBySteps
 
 
 def _placed(bundle: Bundle, tensor: Tensor) -> Tensor:
-    """``tensor`` on the model's device, in its dtype."""
-    return tensor.to(bundle.precision.device, bundle.precision.dtype)
+    """``tensor`` (or a numpy array: the session's preprocessed frames) on the model's device, in its dtype."""
+    return torch.as_tensor(tensor).to(bundle.precision.device, bundle.precision.dtype)
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from loc3r.runtime.generate import SamplingConfig, generate, pick_token
@@ -40,7 +41,7 @@ def test_max_new_tokens_bounds_output_and_decode_calls() -> None:
 
 def test_top_p_keeps_only_the_nucleus() -> None:
     logits = torch.log(torch.tensor([0.6, 0.3, 0.05, 0.05]))
-    gen = torch.Generator().manual_seed(0)
+    gen = np.random.default_rng(0)
     picks = {pick_token(logits, SamplingConfig(temperature=1.0, top_p=0.8), gen) for _ in range(300)}
     assert picks == {0, 1}
     picks = {pick_token(logits, SamplingConfig(temperature=1.0, top_p=0.5), gen) for _ in range(100)}

@@ -108,7 +108,7 @@ def test_onnx_vision_graph_and_backend_take_384(real_geometry_bundle, tmp_path: 
     from loc3r.runtime.preprocess import siglip_input
 
     session = open_session(tmp_path / entry["file"])
-    tokens = OrtVision(session, torch.zeros(0, 32)).encode(siglip_input(rgbs, bundle.config.vision.image_size))
+    tokens = torch.from_numpy(OrtVision(session, np.zeros((0, 32), np.float32)).encode(siglip_input(rgbs, bundle.config.vision.image_size)))
     diff = (without_newlines(tokens, 14) - reference_tokens(hf, rgbs, 384)).abs().max().item()
     assert diff < TOL, diff
 

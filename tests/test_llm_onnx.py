@@ -53,8 +53,8 @@ def test_chunked_prefill_matches_transformers(trained_llm: torch.nn.Module, llm:
     got = llm.prefill(embeds)
     assert got.hidden_states.shape == (20, trained_llm.config.hidden_size)
     assert got.last_logits.shape == (trained_llm.config.vocab_size,)
-    torch.testing.assert_close(got.hidden_states, hidden, atol=TOL, rtol=0)
-    torch.testing.assert_close(got.last_logits, logits, atol=TOL, rtol=0)
+    torch.testing.assert_close(torch.as_tensor(got.hidden_states), hidden, atol=TOL, rtol=0)
+    torch.testing.assert_close(torch.as_tensor(got.last_logits), logits, atol=TOL, rtol=0)
 
 
 def test_prefill_on_a_cached_prefix_matches_transformers(trained_llm: torch.nn.Module, llm: OnnxLLM) -> None:
@@ -63,17 +63,17 @@ def test_prefill_on_a_cached_prefix_matches_transformers(trained_llm: torch.nn.M
     first = llm.prefill(embeds[:13])
     second = llm.prefill(embeds[13:])
     assert llm.cached_length == 20
-    torch.testing.assert_close(first.hidden_states, hidden[:13], atol=TOL, rtol=0)
-    torch.testing.assert_close(second.hidden_states, hidden[13:], atol=TOL, rtol=0)
-    torch.testing.assert_close(second.last_logits, logits, atol=TOL, rtol=0)
+    torch.testing.assert_close(torch.as_tensor(first.hidden_states), hidden[:13], atol=TOL, rtol=0)
+    torch.testing.assert_close(torch.as_tensor(second.hidden_states), hidden[13:], atol=TOL, rtol=0)
+    torch.testing.assert_close(torch.as_tensor(second.last_logits), logits, atol=TOL, rtol=0)
 
 
 def test_decode_matches_torch_llm(trained_llm: torch.nn.Module, llm: OnnxLLM) -> None:
     ids = [5, 17, 42, 99, 3, 250, 7, 8, 9, 10, 11]
     reference = TorchLLM(trained_llm, chunk_tokens=4)
-    torch.testing.assert_close(llm.prefill(llm.embed(ids)).last_logits, reference.prefill(reference.embed(ids)).last_logits, atol=TOL, rtol=0)
+    torch.testing.assert_close(torch.as_tensor(llm.prefill(llm.embed(ids)).last_logits), reference.prefill(reference.embed(ids)).last_logits, atol=TOL, rtol=0)
     for token in (7, 300, 1):
-        torch.testing.assert_close(llm.decode(token), reference.decode(token), atol=TOL, rtol=0)
+        torch.testing.assert_close(torch.as_tensor(llm.decode(token)), reference.decode(token), atol=TOL, rtol=0)
 
 
 def test_prefix_reuse_gives_the_tokens_of_a_full_recompute(llm: OnnxLLM) -> None:
@@ -89,7 +89,7 @@ def test_prefix_reuse_gives_the_tokens_of_a_full_recompute(llm: OnnxLLM) -> None
     recomputed = []
     for question in questions:
         llm.reset()
-        first = llm.prefill(torch.cat([video, llm.embed(question)])).last_logits
+        first = llm.prefill(torch.cat([video, torch.from_numpy(llm.embed(question))])).last_logits
         recomputed.append(generate(first, llm.decode, set(), greedy))
     assert reused == recomputed
     assert all(len(tokens) == 12 for tokens in reused)
@@ -176,7 +176,7 @@ def test_missing_provider_is_refused(exported: Export) -> None:
 def test_fp32_export_keeps_the_embedding_table_exact(trained_llm: torch.nn.Module, llm: OnnxLLM, exported: Export) -> None:
     ids = [0, 1, 511]
     expected = trained_llm.get_input_embeddings().weight[ids].detach()
-    np.testing.assert_array_equal(llm.embed(ids).numpy(), expected.numpy())
+    np.testing.assert_array_equal(llm.embed(ids), expected.numpy())
     assert exported[1]["embeddings"]["dtype"] == "float32"
 
 

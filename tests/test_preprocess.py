@@ -291,3 +291,19 @@ def test_decoded_frames_keep_rotation_when_scaled(tmp_path: Path) -> None:
     small = frame.resized(384, 512, Image.Resampling.LANCZOS)  # a halving: the decoder route
     assert small.shape == (512, 384, 3)
     np.testing.assert_allclose(small.astype(float), np.asarray(Image.fromarray(frame.rgb).resize((384, 512), Image.Resampling.LANCZOS)), atol=16)
+
+
+def test_siglip_equals_transformers_processor_bit_for_bit() -> None:
+    """The numpy path (no transformers at run time) gives exactly what LLaVA-Video's processor,
+    configured in transformers, gives on the same resized frames."""
+    from transformers import SiglipImageProcessorPil
+    from transformers.image_utils import PILImageResampling
+
+    processor = SiglipImageProcessorPil(
+        size={"height": 384, "width": 384}, resample=PILImageResampling.BICUBIC, do_rescale=True, rescale_factor=1 / 255,
+        do_normalize=True, image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5],
+    )
+    frames = [_frame(240, 320), _frame(97, 131, seed=3)]
+    resized = [np.asarray(Image.fromarray(f).resize((384, 384), Image.Resampling.BICUBIC)) for f in frames]
+    expected = processor(images=resized, return_tensors="np", input_data_format="channels_last")["pixel_values"]
+    assert np.array_equal(siglip_input(frames).numpy(), expected)

@@ -114,3 +114,13 @@ def test_prompt_ids_equal_one_pass_over_the_chatml_text(
 def test_bad_questions_are_input_errors(tiny_tokenizer: TextTokenizer, question: str, message: str) -> None:
     with pytest.raises(InputError, match=message):
         build_question_suffix(tiny_tokenizer, question)
+
+
+def test_config_activations_are_transformers_activations() -> None:
+    """The activation names a config may hold (listed so that reading a config needs no
+    transformers) are all still activations transformers maps."""
+    from transformers.activations import ACT2FN
+
+    from loc3r.models.config import ACTIVATIONS
+
+    assert ACTIVATIONS <= set(ACT2FN), sorted(ACTIVATIONS - set(ACT2FN))

@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 import torch
 from serve_helpers import chat_body
@@ -241,7 +242,7 @@ def test_loc3r_run_interactive_answers_the_next_question(
 @pytest.mark.parametrize(("top_p", "temperature"), [(1e-300, 2.0), (5e-324, 100.0), (1e-45, 0.01), (1.0, 100.0)])
 def test_top_p_at_its_extremes_never_reaches_nan(top_p: float, temperature: float) -> None:
     logits = torch.tensor([3.0, 2.0, 1.0, -1e4, float("-inf")] + [0.5] * 50)
-    generator = torch.Generator().manual_seed(0)
+    generator = np.random.default_rng(0)
     sampling = SamplingConfig(temperature=temperature, top_p=top_p)
     picks = {pick_token(logits, sampling, generator) for _ in range(50)}
     if top_p < 1e-30:
@@ -309,7 +310,7 @@ INF, NAN = float("inf"), float("nan")
     ],
 )
 def test_infinite_logits_never_reach_nan(logits: list[float], picks: set[int], temperature: float) -> None:
-    generator = torch.Generator().manual_seed(0)
+    generator = np.random.default_rng(0)
     sampling = SamplingConfig(temperature=temperature, top_p=0.9)
     got = {pick_token(torch.tensor(logits, dtype=torch.float16), sampling, generator) for _ in range(40)}
     assert got <= picks
@@ -323,4 +324,4 @@ def test_nan_or_all_impossible_logits_are_an_error_not_a_token(logits: list[floa
     from loc3r.errors import InternalError
 
     with pytest.raises(InternalError, match=problem):
-        pick_token(torch.tensor(logits), SamplingConfig(temperature=temperature), torch.Generator().manual_seed(0))
+        pick_token(torch.tensor(logits), SamplingConfig(temperature=temperature), np.random.default_rng(0))

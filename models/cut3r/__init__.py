@@ -1,17 +1,25 @@
-"""CUT3R camera-token encoder: our PyTorch re-implementation of the reference's camera path."""
+"""CUT3R camera-token encoder: our PyTorch re-implementation of the reference's camera path.
 
-from loc3r.models.cut3r.checkpoint import load_cut3r, official_model_line, save_official_checkpoint
-from loc3r.models.cut3r.config import Cut3rConfig
-from loc3r.models.cut3r.encoder import Cut3rCameraEncoder
-from loc3r.models.cut3r.random_weights import random_state_dict
-from loc3r.models.cut3r.state import Cut3rState
+Names load on first use, so that ``loc3r.models.cut3r.config`` (read by runtimes that never
+run PyTorch) does not import torch.
+"""
 
-__all__ = [
-    "Cut3rCameraEncoder",
-    "Cut3rConfig",
-    "Cut3rState",
-    "load_cut3r",
-    "official_model_line",
-    "random_state_dict",
-    "save_official_checkpoint",
-]
+import importlib
+from typing import Any
+
+_WHERE = {
+    "load_cut3r": "checkpoint",
+    "official_model_line": "checkpoint",
+    "save_official_checkpoint": "checkpoint",
+    "Cut3rConfig": "config",
+    "Cut3rCameraEncoder": "encoder",
+    "random_state_dict": "random_weights",
+    "Cut3rState": "state",
+}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)

@@ -1,8 +1,23 @@
-"""VGGT camera-token encoder: our PyTorch re-implementation of the aggregator's camera path."""
+"""VGGT camera-token encoder: our PyTorch re-implementation of the aggregator's camera path.
 
-from loc3r.models.vggt.checkpoint import load_vggt, save_official_checkpoint
-from loc3r.models.vggt.config import VggtConfig
-from loc3r.models.vggt.encoder import VggtCameraEncoder
-from loc3r.models.vggt.random_weights import random_state_dict
+Names load on first use, so that ``loc3r.models.vggt.config`` (read by runtimes that never
+run PyTorch) does not import torch.
+"""
 
-__all__ = ["VggtCameraEncoder", "VggtConfig", "load_vggt", "random_state_dict", "save_official_checkpoint"]
+import importlib
+from typing import Any
+
+_WHERE = {
+    "load_vggt": "checkpoint",
+    "save_official_checkpoint": "checkpoint",
+    "VggtConfig": "config",
+    "VggtCameraEncoder": "encoder",
+    "random_state_dict": "random_weights",
+}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)

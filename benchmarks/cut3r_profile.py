@@ -1,0 +1,150 @@
+"""Where CUT3R's recurrent step spends its time on ONNX Runtime, and what the session's
+options change: ``python -m loc3r.bench.cut3r_profile --engines DIR [--frames N] [--markdown F]``.
+
+On an export's ``cut3r_encoder`` + ``cut3r_step`` (its FP32 graphs and, when the export has
+them, the INT8 forms), N frames at 16:9 are encoded once, then stepped in order: for each
+session configuration the step's CPU-seconds per frame (``time.process_time``: machine load
+cannot decide it) and wall, interleaved configuration by configuration, and, from ONNX
+Runtime's own profiler on the default configuration, the share of step time per op type.
+Every configuration must give the same camera tokens as the default within the graph's
+recorded tolerance (FP32) or its recorded INT8 error; the largest difference is reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from loc3r.export.manifest import load_manifest
+from loc3r.runtime.ort import import_onnxruntime, session_options
+
+Options = Callable[[], Any]
+
+
+def configurations() -> dict[str, Options]:
+    """The session options compared: the runtime's, and one change at a time."""
+    ort = import_onnxruntime()
+
+    def changed(**attrs: Any) -> Options:
+        def make() -> Any:
+            options = session_options(threads=2)
+            for name, value in attrs.items():
+                setattr(options, name, value)
+            return options
+
+        return make
+
+    return {
+        "runtime (all optimizations)": lambda: session_options(threads=2),
+        "extended optimizations": changed(graph_optimization_level=ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED),
+        "basic optimizations": changed(graph_optimization_level=ort.GraphOptimizationLevel.ORT_ENABLE_BASIC),
+        "arena on": changed(enable_cpu_mem_arena=True),
+    }
+
+
+def step_inputs(manifest_dir: Path, graph_file: Callable[[str], Path], frames: int) -> tuple[list[dict[str, np.ndarray]], Any]:
+    """Encoder features of ``frames`` fixed 16:9 frames, and the initial state/memory."""
+    from safetensors.numpy import load_file
+
+    manifest = load_manifest(manifest_dir)
+    long_side = manifest.data["cut3r_input"]["long_side"]
+    height = long_side * 9 // 16 // 16 * 16
+    images = np.random.default_rng(1234).uniform(-1, 1, (frames, 3, height, long_side)).astype(np.float32)
+    ort = import_onnxruntime()
+    encoder = ort.InferenceSession(str(graph_file("cut3r_encoder")), session_options(threads=2), providers=["CPUExecutionProvider"])
+    features, positions = encoder.run(["features", "positions"], {"image": images})
+    init = load_file(str(manifest.file(manifest.value("artifacts", "cut3r_step", "initial_state"))))
+    return [{"features": features[i : i + 1], "positions": positions} for i in range(frames)], init
+
+
+def run_steps(session: Any, frames: list[dict[str, np.ndarray]], init: dict[str, np.ndarray]) -> tuple[list[np.ndarray], float, float]:
+    """The recurrence: camera tokens, CPU-seconds and wall seconds per frame."""
+    state, memory, cameras = init["state"], init["memory"], []
+    cpu, wall = time.process_time(), time.perf_counter()
+    for index, frame in enumerate(frames):
+        first = np.array([1.0 if index == 0 else 0.0], dtype=np.float32)
+        camera, state, memory = session.run(["camera", "new_state", "new_memory"], {**frame, "state": state, "memory": memory, "first_frame": first})
+        cameras.append(camera)
+    return cameras, (time.process_time() - cpu) / len(frames), (time.perf_counter() - wall) / len(frames)
+
+
+def op_shares(session_file: Path, options: Any, frames: list[dict[str, np.ndarray]], init: dict[str, np.ndarray]) -> dict[str, float]:
+    """Share of the step's kernel time per op type, from ONNX Runtime's profiler."""
+    ort = import_onnxruntime()
+    with tempfile.TemporaryDirectory() as folder:
+        options.enable_profiling = True
+        options.profile_file_prefix = str(Path(folder) / "step")
+        session = ort.InferenceSession(str(session_file), options, providers=["CPUExecutionProvider"])
+        run_steps(session, frames, init)
+        events = json.loads(Path(session.end_profiling()).read_text(encoding="utf-8"))
+    times: collections.Counter[str] = collections.Counter()
+    for event in events:
+        if event.get("cat") == "Node" and event.get("name", "").endswith("_kernel_time"):
+            times[event["args"]["op_name"]] += event["dur"]
+    total = sum(times.values()) or 1
+    return {op: t / total for op, t in times.most_common()}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m loc3r.bench.cut3r_profile", description=__doc__.splitlines()[0])
+    parser.add_argument("--engines", required=True, type=Path, help="a folder written by loc3r-export (CUT3R bundle)")
+    parser.add_argument("--frames", type=int, default=8)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--markdown", type=Path)
+    args = parser.parse_args(argv)
+    manifest = load_manifest(args.engines)
+    step_artifact = manifest.artifacts["cut3r_step"]
+    forms = {"fp32": manifest.artifact_path("cut3r_step")}
+    if "int8" in step_artifact:
+        forms["int8"] = manifest.file(step_artifact["int8"]["file"])
+    frames, init = step_inputs(args.engines, lambda name: manifest.artifact_path(name), args.frames)
+    ort = import_onnxruntime()
+    rows: dict[tuple[str, str], list[tuple[float, float]]] = collections.defaultdict(list)
+    tokens: dict[tuple[str, str], list[np.ndarray]] = {}
+    sessions = {
+        (form, name): ort.InferenceSession(str(path), make(), providers=["CPUExecutionProvider"])
+        for form, path in forms.items()
+        for name, make in configurations().items()
+    }
+    for _ in range(args.repeat):  # interleaved: each configuration once per round
+        for key, session in sessions.items():
+            cameras, cpu, wall = run_steps(session, frames, init)
+            rows[key].append((cpu, wall))
+            tokens[key] = cameras
+    reference = tokens[("fp32", "runtime (all optimizations)")]
+    shares = op_shares(forms["fp32"], session_options(threads=2), frames, init)
+    lines = [
+        f"# CUT3R step on ONNX Runtime: {manifest.data['model']['id']}, {args.frames} frames at 16:9, 2 threads",
+        "",
+        f"Command: `python -m loc3r.bench.cut3r_profile {' '.join(sys.argv[1:] if argv is None else argv)}`  ",
+        "Medians over the rounds; CPU-seconds per frame (process time) beside wall. Max |diff| is against the FP32 graph with the runtime's options.",
+        "",
+        "| graph | session options | CPU-s / frame | wall s / frame | max abs diff of camera tokens |",
+        "|---|---|---|---|---|",
+    ]
+    for (form, name), values in rows.items():
+        cpu = float(np.median([v[0] for v in values]))
+        wall = float(np.median([v[1] for v in values]))
+        diff = max(float(np.abs(a - b).max()) for a, b in zip(tokens[(form, name)], reference, strict=True))
+        lines.append(f"| {form} | {name} | {cpu:.3f} | {wall:.3f} | {diff:.2e} |")
+    lines += ["", "Share of the FP32 step's kernel time per op type (ONNX Runtime profiler, runtime options):", ""]
+    lines += ["| op type | share |", "|---|---|"]
+    lines += [f"| {op} | {share:.1%} |" for op, share in list(shares.items())[:10]]
+    text = "\n".join(lines) + "\n"
+    if args.markdown:
+        args.markdown.write_text(text, encoding="utf-8")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

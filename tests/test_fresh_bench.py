@@ -1,0 +1,59 @@
+"""``loc3r-bench --fresh-process``'s measurement of a process from outside, on a fake
+command whose timing and memory are known."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from loc3r.bench.fresh import run_fresh, run_process
+from loc3r.errors import InputError
+
+FAKE = """
+import sys, time
+buf = bytearray(200 * 2**20)  # touch 200 MiB
+for i in range(0, len(buf), 4096):
+    buf[i] = 1
+end = time.process_time() + 0.3
+while time.process_time() < end:
+    pass
+print("Q: q\\nA: ", end="", flush=True)
+time.sleep(0.4)
+print("tok", flush=True)
+print("first token after 0.250 s", flush=True)
+time.sleep(0.4)
+sys.exit(int(sys.argv[1]))
+"""
+
+
+@pytest.fixture()
+def fake(tmp_path: Path) -> list[str]:
+    script = tmp_path / "fake.py"
+    script.write_text(FAKE, encoding="utf-8")
+    return [sys.executable, str(script)]
+
+
+def test_a_process_is_measured_from_outside(fake: list[str]) -> None:
+    run = run_process([*fake, "0"])
+    assert run.ttft == 0.25  # its own line
+    assert run.peak_rss >= 200  # VmHWM saw the touched buffer
+    assert run.cpu_to_first_token >= 0.3 and run.cpu >= run.cpu_to_first_token
+    assert run.start_to_first_token >= 0.3 + 0.4  # the token, not "A: " (0.4 s before it)
+    assert run.wall - run.start_to_first_token >= 0.4  # ... and 0.4 s before the end
+
+
+def test_a_failed_run_is_an_error(fake: list[str]) -> None:
+    with pytest.raises(InputError, match="failed \\(exit 3\\)"):
+        run_process([*fake, "3"])
+
+
+def test_sides_alternate_and_ratios_are_baseline_over_side(fake: list[str]) -> None:
+    order: list[str] = []
+    doc = run_fresh({"a": [*fake, "0"], "b": [*fake, "0"]}, repeat=2, warmup=1, log=order.append)
+    assert order == ["warm-up 1: a", "warm-up 1: b", "run 2: b", "run 2: a", "run 3: a", "run 3: b"]
+    assert len(doc["runs"]["a"]) == len(doc["runs"]["b"]) == 2
+    medians = doc["medians"]
+    assert doc["ratios"]["b"]["cpu"] == pytest.approx(medians["a"]["cpu"] / medians["b"]["cpu"])
+    assert len(doc["load_average_before"]) == len(doc["load_average_after"]) == 3
