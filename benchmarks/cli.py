@@ -48,6 +48,8 @@ def bench_parser() -> argparse.ArgumentParser:
     parser.add_argument("--fresh-process", action="store_true",
                         help="instead of stages in one process: each side as a user runs it, a fresh process from start "
                              "to first token (loc3r-run per --backend vs transformers + CUT3R), CPU-seconds, wall, peak RSS")
+    parser.add_argument("--also-engines", action="append", default=[], metavar="DIR",
+                        help="--fresh-process: one more loc3r-run onnxruntime side per export (e.g. one with --encoders int8)")
     parser.add_argument("--debug", action="store_true")
     return parser
 
@@ -178,11 +180,19 @@ def run_fresh_bench(args: argparse.Namespace, command: str) -> dict[str, Any]:
     question = QUESTIONS[0]
     with video_for(args) as video, engines_for(args, bundle) as engines:
         sides = {"transformers": transformers_run(video, question, str(model_dir), args.frames)}
+        exports = {}
         for backend in args.backend:
-            sides[f"loc3r-run {backend}"] = loc3r_run(video, question, str(model_dir), args.frames, backend, None if backend == "torch" else engines)
+            name = f"loc3r-run {backend}" + (f" ({encoders_of(engines)} encoders)" if backend != "torch" else "")
+            sides[name] = loc3r_run(video, question, str(model_dir), args.frames, backend, None if backend == "torch" else engines)
+            exports[name] = engines if backend != "torch" else None
+        for extra in map(Path, args.also_engines):
+            name = f"loc3r-run onnxruntime ({encoders_of(extra)} encoders, {extra.name})"
+            sides[name] = loc3r_run(video, question, str(model_dir), args.frames, "onnxruntime", extra)
+            exports[name] = extra
         fresh = run_fresh(sides, repeat, args.warmup, log=lambda line: print(f"{PROG}: {line}", file=sys.stderr))
     for name, text in fresh["commands"].items():  # the temporary paths, as the reader would write them
-        fresh["commands"][name] = text.replace(str(video), "VIDEO").replace(str(engines), "ENGINES")
+        text = text.replace(str(video), "VIDEO").replace(str(model_dir), "MODEL_DIR")
+        fresh["commands"][name] = text.replace(str(Path(sys.executable).with_name("loc3r-run")), "loc3r-run").replace(sys.executable, "python")
     return {
         "command": command,
         "machine": machine,
@@ -190,9 +200,16 @@ def run_fresh_bench(args: argparse.Namespace, command: str) -> dict[str, Any]:
         "frames": args.frames,
         "repeat": repeat,
         "warmup": args.warmup,
-        "engines_llm": llm_format_of(engines) if engines else None,
+        "exports": {name: llm_format_of(path) for name, path in exports.items() if path},
         "fresh_process": fresh,
     }
+
+
+def encoders_of(engines: Path) -> str:
+    """The precision an export's encoder graphs run in (``fp32`` or ``int8``)."""
+    from loc3r.export.manifest import load_manifest
+
+    return load_manifest(engines).encoders
 
 
 def llm_format_of(engines: Path) -> str:
@@ -204,7 +221,7 @@ def llm_format_of(engines: Path) -> str:
     if not llm:
         return "the manifest has no LLM"
     quant = llm.get("quantization", {})
-    return f"{quant.get('layers', '?')} layers, {quant.get('lm_head', '?')} lm_head; encoders {manifest.precision}"
+    return f"LLM {quant.get('layers', '?')} layers, {quant.get('lm_head', '?')} lm_head; graphs {manifest.precision}, encoders {manifest.encoders}"
 
 
 def llm_format(pipeline: Pipeline, engines: Path | None) -> str:

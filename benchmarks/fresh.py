@@ -186,5 +186,8 @@ def render_fresh(doc: dict[str, Any]) -> str:
         lines.append(f"| {label} | " + " | ".join(cells) + " | " + " | ".join(ratios) + " |")
     lines += ["", "Commands (each run as a fresh process):", ""]
     lines += [f"- {name}: `{command}`" for name, command in fresh["commands"].items()]
-    lines += ["", "Medians of the runs; every run is in the JSON. " + __doc__.split("\n\n", 1)[1].replace("\n", " ")]
+    if doc.get("exports"):
+        lines += ["", "Exports:", ""] + [f"- {name}: {form}" for name, form in doc["exports"].items()]
+    lines += ["", f"MODEL_DIR: the {doc['model']} bundle; VIDEO: the benchmark's video. Medians of the runs; every run is in the JSON."]
+    lines += ["", " ".join(__doc__.split("\n\n", 1)[1].split())]
     return "\n".join(lines) + "\n"

@@ -21,16 +21,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from loc3r.runtime.arrays import Array as Tensor
-from loc3r.runtime.arrays import to_numpy
 
 from loc3r.errors import InputError, InternalError, Loc3rError, ModelError
-from loc3r.export.graphs import ImageSizes
+from loc3r.export.image_sizes import ImageSizes
 from loc3r.export.manifest import Manifest
 from loc3r.export.runtime_versions import LLM, check_onnxruntime
 from loc3r.export.tensorrt_build import Profile, check_engine_matches, import_tensorrt
 from loc3r.models.bundle import Bundle
 from loc3r.runtime.cuda import Device, gpu_info
+from loc3r.runtime.arrays import Array as Tensor
+from loc3r.runtime.arrays import to_numpy
 from loc3r.runtime.onnx_backend import check_frame_size
 from loc3r.runtime.ort import import_onnxruntime
 from loc3r.runtime.stages import CameraStage, EncodeBySteps, LLMStage
