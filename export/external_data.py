@@ -13,11 +13,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from pathlib import Path, PurePosixPath
-
-import onnx
-from google.protobuf.message import DecodeError
+from typing import TYPE_CHECKING
 
 from loc3r.errors import ModelError
+
+if TYPE_CHECKING:  # onnx loads when a graph is read (``Manifest.verify`` remembers the verdict)
+    import onnx
 
 _FIX = "re-copy the whole export folder, or re-run loc3r-export"
 
@@ -25,6 +26,9 @@ _FIX = "re-copy the whole export folder, or re-run loc3r-export"
 def external_references(graph_file: Path) -> Iterator[tuple[str, str, int, int | None]]:
     """(tensor name, location, offset, length) of every tensor of ``graph_file`` whose data
     is external, in the main graph, subgraphs and node attributes."""
+    import onnx
+    from google.protobuf.message import DecodeError
+
     try:
         model = onnx.load(str(graph_file), load_external_data=False)
     except (DecodeError, ValueError, RuntimeError, OSError) as exc:

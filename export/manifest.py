@@ -16,6 +16,7 @@ import hashlib
 import json
 import logging
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path, PurePosixPath
@@ -106,10 +107,15 @@ class Manifest:
     def float_tensors(self, relative: object) -> dict[str, Any]:
         """The tensors of a listed safetensors file, each floating point (bytes relabelled
         as integers in the header would be read as something else): else a ModelError."""
-        from safetensors.torch import load_file
+        import numpy as np
+        from safetensors import SafetensorError
+        from safetensors.numpy import load_file
 
-        tensors = load_file(str(self.file(relative)))
-        wrong = sorted(name for name, tensor in tensors.items() if not tensor.is_floating_point())
+        try:
+            tensors = load_file(str(self.file(relative)))
+        except (SafetensorError, TypeError, ValueError) as exc:  # e.g. bfloat16, which numpy cannot hold
+            raise self.corrupt(f"{relative} is not a float32/float16 safetensors file ({exc})") from None
+        wrong = sorted(name for name, tensor in tensors.items() if not np.issubdtype(tensor.dtype, np.floating))
         if wrong:
             raise self.corrupt(f"{relative} stores {wrong[0]!r} as {tensors[wrong[0]].dtype}, not floating point")
         return tensors
@@ -142,14 +148,27 @@ class Manifest:
                     )
                 if memo.sha256(path) != entry["sha256"]:
                     raise ModelError(f"{path} does not match the sha256 in its manifest (damaged or replaced)", _RECOPY)
+            listed = [self.file(relative) for relative in sorted(self.files)]
+            for relative in sorted(self.files):
+                if relative.endswith(".onnx"):  # before ONNX Runtime or TensorRT opens any graph
+                    # remembered while every listed file keeps its identity (the graph is read with
+                    # onnx, which a run that finds the verdict in the memo then never imports)
+                    memo.remember(listed, f"external data of {relative} within the listed files", external_data_ok(self, relative))
         finally:
             memo.save()
-        for relative in sorted(self.files):
-            if relative.endswith(".onnx"):  # before ONNX Runtime or TensorRT opens any graph
-                check_external_data(self.root, relative, self.files)
 
     def corrupt(self, problem: str) -> ModelError:
         return ModelError(f"{self.path} is corrupt: {problem}", _REEXPORT)
+
+
+def external_data_ok(manifest: Manifest, relative: str) -> Callable[[], str]:
+    """``check_external_data`` of one graph as a memo computation (``"ok"`` or an error)."""
+
+    def check() -> str:
+        check_external_data(manifest.root, relative, manifest.files)
+        return "ok"
+
+    return check
 
 
 def contained(root: Path, relative: object, where: Path) -> Path:

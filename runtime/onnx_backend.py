@@ -29,6 +29,7 @@ from loc3r.runtime.ort import CPU, import_onnxruntime, open_gpu_session, open_se
 from loc3r.runtime.stages import CameraStage, EncodeBySteps, LLMStage
 
 TRT_CACHE = "ort_trt_cache"
+GIB = 2**30
 log = logging.getLogger(__name__)
 _warned: set[str] = set()
 
@@ -340,8 +341,6 @@ def checked_context(manifest: Manifest, bundle: Bundle) -> int:
     """``llm.context_tokens``, once it is within the model's positions, the tokens the
     export's memory plan budgeted, and this machine's memory for its KV cache (the runtime
     allocates that cache whole, before the first token)."""
-    from loc3r.export.memory_plan import GIB, kv_bytes_per_token
-
     tokens = manifest.value("llm", "context_tokens", kind=int)
     positions = bundle.config.llm.max_position_embeddings
     if tokens > positions:
@@ -350,7 +349,8 @@ def checked_context(manifest: Manifest, bundle: Bundle) -> int:
     planned = plan.get("context_tokens") if isinstance(plan, dict) else None
     if isinstance(planned, int) and tokens > planned:
         raise manifest.corrupt(f"'llm.context_tokens' is {tokens}, beyond the {planned} tokens its memory plan budgeted")
-    need = tokens * kv_bytes_per_token(bundle.config.llm, "fp16")  # the smallest KV type: a lower bound
+    sizes = bundle.config.llm  # a key and a value per layer, fp16 (the smallest KV type): a lower bound
+    need = tokens * sizes.num_hidden_layers * 2 * sizes.num_key_value_heads * sizes.head_dim * 2
     physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     if need > physical:
         raise ModelError(

@@ -70,7 +70,7 @@ class OnnxLLM:
         read from the graph."""
         self.session = open_session(decoder, providers, threads)
         self.table = load_file(str(embeddings))[EMBED_TENSOR]
-        if not self.table.is_floating_point():
+        if not np.issubdtype(self.table.dtype, np.floating):
             raise ModelError(f"{embeddings} stores the embedding table as {self.table.dtype}, not floating point", "re-run loc3r-export")
         self.capacity, self.chunk_tokens = capacity, chunk_tokens
         inputs = {i.name: i for i in self.session.get_inputs()}
