@@ -4,7 +4,7 @@ process, measured from outside (``loc3r.bench.fresh``), in turn.
 ``python -m loc3r.bench.ort_options --engines DIR --video V [--model M] [--frames N] [--repeat R]``
 
 Variants (each changes what ``loc3r.runtime.ort.session_options`` returns, in the child):
-``runtime`` (what loc3r ships: arena off, no spinning, one shared pool), ``arena on``,
+``runtime`` (what loc3r ships: arena off, no spinning), ``arena on``,
 ``spinning`` (per-session pools that spin), ``per-session pools`` (no spinning) and
 ``ORT defaults`` (what the runtime used before: arena on, per-session spinning pools).
 The child is ``python -m loc3r.bench.ort_options child VARIANT -- LOC3R-RUN ARGS``.

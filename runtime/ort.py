@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import collections
 import ctypes
-import functools
 import importlib.util
 import importlib.metadata
 import json
@@ -94,9 +93,9 @@ def session_options(threads: int | None = None) -> Any:
       with it vs 0.3-0.4 GiB without on the small preset); without it, freed blocks go back.
     - Intra-op threads not spinning between runs: on a shared or loaded machine a spinning
       pool burns CPU that the decoder thread and the other graphs need.
-    - ``threads`` given: that many intra-op threads for this session; else the process-wide
-      pool shared by every session (``shared_thread_pool``), sized to the CPUs this process
-      may use, instead of one pool per graph.
+    - ``threads``: intra-op threads of this session (default: ONNX Runtime's choice). Each
+      session keeps its own pool: ONNX Runtime's process-wide pool would refuse every later
+      session with per-session threads in the same process (tests, benchmarks, a server).
     """
     ort = import_onnxruntime()
     options = ort.SessionOptions()
@@ -104,24 +103,7 @@ def session_options(threads: int | None = None) -> Any:
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if threads:
         options.intra_op_num_threads = threads
-    else:
-        shared_thread_pool()
-        options.use_per_session_threads = False
     return options
-
-
-@functools.cache
-def shared_thread_pool() -> int:
-    """Create ONNX Runtime's process-wide intra-op pool once (one thread per usable CPU);
-    its size. Sessions opt in with ``use_per_session_threads = False``."""
-    ort = import_onnxruntime()
-    threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    try:
-        ort.capi._pybind_state.set_global_thread_pool_sizes(threads, 1)
-    except Exception as exc:  # noqa: BLE001 - created already in this process: sessions share that one
-        if "already been created" not in str(exc):
-            raise
-    return threads
 
 
 def open_session(path: str | Path, providers: Sequence[Any] = CPU, threads: int | None = None, options: Any = None) -> Any:

@@ -71,8 +71,12 @@ def test_an_older_runtime_is_refused_before_any_session(cpu_export: Path, monkey
     with pytest.raises(InputError, match="older than 1.23, which the export's llm graph needs"):
         Pipeline.from_pretrained("tiny", backend="onnxruntime", engines=cpu_export)
     monkeypatch.setattr(onnxruntime, "__version__", "1.19.2")  # older than every graph: the highest need is named
-    code = run_cli.main(["no-video.mp4", "Where am I?", "--backend", "onnxruntime", "--engines", str(cpu_export)])
-    err = capsys.readouterr().err.strip().splitlines()
+    from loc3r.runtime.demo_video import write_demo_video
+
+    video = write_demo_video(tmp_path / "v.mp4", num_frames=4, width=64, height=48)  # a missing video is refused earlier
+    capsys.readouterr()
+    code = run_cli.main([str(video), "Where am I?", "--backend", "onnxruntime", "--engines", str(cpu_export)])
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if "error:" in line]
     assert created == [] and code == 2
     assert err == [
         "loc3r-run: error: ONNX Runtime 1.19.2 is older than 1.23, which the export's llm graph needs (GroupQueryAttention with 12 inputs): "
