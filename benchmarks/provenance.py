@@ -193,9 +193,11 @@ def recorded_commit(doc: dict[str, Any]) -> str | None:
     return machine_section.get("git_commit") or machine_section.get("commit") or doc.get("commit")
 
 
-def staleness(stem: str) -> str | None:
-    """Why ``results/<stem>.json`` is stale (None when it is current): no commit recorded,
-    a commit not in the repository or not on main, or code it measures changed since."""
+def staleness(stem: str, checkout: str = "HEAD") -> str | None:
+    """Why ``results/<stem>.json`` is stale in ``checkout`` (None when it is current): no commit
+    recorded, a commit not in the repository or not in the checkout's history, or code it
+    measures changed since. The checkout, not the ``main`` ref: a clean checkout of main is
+    both, and a branch or an older commit is judged by its own code."""
     path = RESULTS / f"{stem}.json"
     if not path.is_file():
         return None
@@ -204,9 +206,9 @@ def staleness(stem: str) -> str | None:
         return "it records no commit"
     if git("cat-file", "-e", f"{commit}^{{commit}}") is None:
         return f"its commit {commit[:10]} is not in the repository"
-    if not reachable_from_main(commit):
-        return f"its commit {commit[:10]} is not on {MAIN}"
-    last = git("log", "-1", "--format=%H", MAIN, "--", *MEASURES[stem])
+    if git("merge-base", "--is-ancestor", commit, checkout) is None:
+        return f"its commit {commit[:10]} is not in this checkout's history"
+    last = git("log", "-1", "--format=%H", checkout, "--", *MEASURES[stem])
     if last and git("merge-base", "--is-ancestor", last, commit) is None:
         return f"measured at {commit[:10]}; the code it measures changed since ({last[:10]}: {', '.join(MEASURES[stem])})"
     return None

@@ -13,6 +13,7 @@ from llava_checkpoints import next_folder, write_cut3r_file
 from loc3r.errors import InputError
 from loc3r.models.bundle import load_bundle, weight_files
 from loc3r.models.convert_cli import main as convert_main
+import loc3r.models.precision as precision_module
 from loc3r.models.precision import WeightStats, choose_precision, weight_stats
 from loc3r.runtime import cli as run_cli
 from loc3r.runtime.demo_video import write_demo_video
@@ -64,12 +65,17 @@ def floating(model: torch.nn.Module) -> list[torch.Tensor]:
     return [p for p in model.parameters() if p.is_floating_point()]
 
 
-def test_bundle_loads_in_the_chosen_dtype(bf16_bundle: Path) -> None:
+def test_bundle_loads_in_the_chosen_dtype(bf16_bundle: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     stats = weight_stats(weight_files(bf16_bundle), "re-create the bundle")
     assert stats.dtype == torch.bfloat16 and stats.parameters > 0
     as_checkpoint = load_bundle(bf16_bundle, "bfloat16")
     assert {p.dtype for p in floating(as_checkpoint.model)} == {torch.bfloat16}
-    auto = load_bundle(bf16_bundle)  # plenty of memory for a tiny model: float32 on this CPU
+    monkeypatch.setattr(precision_module, "has_cpu_bf16", lambda: True)
+    native = load_bundle(bf16_bundle)  # a CPU with bfloat16 units keeps the checkpoint's bfloat16
+    assert native.precision.dtype == torch.bfloat16 and native.precision.reason.startswith("cpu with bfloat16 units")
+    assert {p.dtype for p in floating(native.model)} == {torch.bfloat16}
+    monkeypatch.setattr(precision_module, "has_cpu_bf16", lambda: False)
+    auto = load_bundle(bf16_bundle)  # without them, plenty of memory for a tiny model: float32
     assert auto.precision.dtype == torch.float32 and auto.precision.reason.startswith("cpu: float32")
     assert {p.dtype for p in floating(auto.model)} == {torch.float32}
     for ours, theirs in zip(floating(as_checkpoint.model), floating(auto.model), strict=True):
