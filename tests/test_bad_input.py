@@ -622,8 +622,8 @@ def test_ctrl_c_during_run(
             raise KeyboardInterrupt
         return real(*args)
 
-    real = session_module.camera_input
-    monkeypatch.setattr(session_module, "camera_input", interrupt)
+    real = session_module.camera_pixels
+    monkeypatch.setattr(session_module, "camera_pixels", interrupt)
     result = run(capsys, video, "Where am I?", "--model", tiny_dir, "--plot", tmp_path / "out" / "map.png", "--frames", "2")
     assert result.code == 130 and result.err == "loc3r-run: interrupted\n"
     assert not (tmp_path / "out").exists()
