@@ -197,7 +197,7 @@ def camera_checks(manifest: Manifest, engines: dict[str, Any], references: dict[
     from loc3r.runtime.onnx_backend import initial_state
 
     sizes = ImageSizes(**manifest.data["cut3r_input"])
-    init = {name: tensor.numpy() for name, tensor in initial_state(manifest).items()}
+    init = initial_state(manifest)
     engine_runner = EngineRunner(engines["cut3r_encoder"], engines["cut3r_step"], manifest)
     reference_runner = SessionRunner(references["cut3r_encoder"], references["cut3r_step"])
     encoder_errors, step_errors = [], []
