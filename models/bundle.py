@@ -110,14 +110,20 @@ def bundle_checksum(bundle_dir: str | Path) -> str:
         memo.save()
 
 
+def load_config(bundle_dir: Path) -> Loc3rConfig:
+    """The bundle's config, after renaming back a bundle that a run killed while replacing it
+    had left aside (``loc3r.fileio.recover_interrupted``)."""
+    restored = recover_interrupted(bundle_dir)
+    if restored is not None:
+        log.warning("restored %s from %s, where a run killed while replacing it had left it", bundle_dir, restored.name)
+    return Loc3rConfig.load(bundle_dir)
+
+
 def load_bundle(bundle_dir: str | Path, dtype: str = "auto") -> Bundle:
     """Open a bundle (config, tokenizer, checksum); weights load when ``model`` is first used,
     in ``dtype`` (``auto``: chosen for this machine, see ``loc3r.models.precision``)."""
     bundle_dir = Path(bundle_dir)
-    restored = recover_interrupted(bundle_dir)
-    if restored is not None:
-        log.warning("restored %s from %s, where a run killed while replacing it had left it", bundle_dir, restored.name)
-    config = Loc3rConfig.load(bundle_dir)
+    config = load_config(bundle_dir)
     tokenizer = TextTokenizer.from_dir(bundle_dir)
     if tokenizer.largest_id >= config.llm.vocab_size:
         raise ModelError(

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from loc3r.errors import InputError
 from loc3r.export.manifest import Manifest, load_manifest
+from loc3r.models.bundle import load_config
 from loc3r.models.config import Loc3rConfig
 from loc3r.models.tiny import BUILTIN
 from loc3r.runtime.video import VideoInfo, probe_video
@@ -32,6 +33,6 @@ def preflight(model: str, backend: str, engines: str | None, video: str | None) 
     (by checksum, still before any session or weight loads)."""
     if backend != "torch" and engines is None:
         raise InputError(f"--backend {backend} needs --engines DIR", "pass the folder written by loc3r-export --out")
-    config = None if model in BUILTIN else Loc3rConfig.load(Path(model))
+    config = None if model in BUILTIN else load_config(Path(model))
     manifest = load_manifest(engines) if engines is not None and backend != "torch" else None
     return Preflight(config, manifest, probe_video(video) if video else None)

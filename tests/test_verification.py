@@ -247,7 +247,7 @@ def test_an_export_tensor_relabelled_as_integers_is_refused(relative: str, engin
     name = relabel(engines / relative)
     manifest = load_manifest(engines)
     write_manifest(engines, {**manifest.data, "files": {k: v for k, v in manifest.files.items() if k != relative}})
-    assert_error(onnx_run(capsys, video, engines), 2, f"{relative} stores {name!r} as torch.int32, not floating point")
+    assert_error(onnx_run(capsys, video, engines), 2, f"{relative} stores {name!r} as int32, not floating point")
 
 
 # -- sizes the manifest states ---------------------------------------------------------------
