@@ -148,7 +148,8 @@ def graph_parity_line(artifact: dict) -> str:
 
 def llm_parity_line(parity: dict) -> str:
     """The LLM probe against transformers: an exact (fp32) form is held to ``tolerance_fp32``;
-    a quantized form differs by design and must pick the same first token."""
+    a quantized form differs by design: whether it picks the same first token is reported, not
+    enforced (the export does not fail on it)."""
     if "skipped" in parity:
         return f"parity vs PyTorch skipped: {parity['skipped']}"
     errors = f"max abs logits {parity['max_abs_logits']:.2e}, hidden {parity['max_abs_hidden']:.2e}"
@@ -156,7 +157,8 @@ def llm_parity_line(parity: dict) -> str:
         tolerance = parity["tolerance_fp32"]
         within = max(parity["max_abs_logits"], parity["max_abs_hidden"]) <= tolerance
         return f"parity vs PyTorch: {errors}, tolerance {tolerance:g} (fp32 form): {'pass' if within else 'FAIL'}"
-    top1 = "same top-1 token: pass" if parity["top1_match"] else "top-1 token differs: FAIL"
+    top1 = "same top-1 token" if parity["top1_match"] else (
+        "top-1 token differs (reported, not a gate: quantization can flip near-tied logits, as random weights' are)")
     return f"parity vs PyTorch: {errors} (quantized: no elementwise tolerance), {top1}"
 
 

@@ -120,8 +120,8 @@ def test_the_llm_parity_line_shows_its_tolerance_and_verdict() -> None:
     assert llm_parity_line(exact) == "parity vs PyTorch: max abs logits 3.00e-05, hidden 2.00e-04, tolerance 0.0001 (fp32 form): FAIL"
     assert llm_parity_line(exact | {"max_abs_hidden": 5e-5}).endswith("tolerance 0.0001 (fp32 form): pass")
     quantized = exact | {"max_abs_hidden": 0.437, "exact_form": False}
-    assert llm_parity_line(quantized).endswith("hidden 4.37e-01 (quantized: no elementwise tolerance), same top-1 token: pass")
-    assert llm_parity_line(quantized | {"top1_match": False}).endswith("top-1 token differs: FAIL")
+    assert llm_parity_line(quantized).endswith("hidden 4.37e-01 (quantized: no elementwise tolerance), same top-1 token")
+    assert llm_parity_line(quantized | {"top1_match": False}).endswith("top-1 token differs (reported, not a gate: quantization can flip near-tied logits, as random weights' are)")
     assert llm_parity_line({"skipped": "too big"}) == "parity vs PyTorch skipped: too big"
 
 
