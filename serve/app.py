@@ -7,14 +7,14 @@ import logging
 from collections.abc import AsyncIterator
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from sse_starlette import EventSourceResponse
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
@@ -45,6 +45,8 @@ from loc3r.serve.openai_api import (
 from loc3r.serve.settings import ServeSettings
 from loc3r.serve.uploads import UploadStore, video_type
 from loc3r.serve.worker import ModelWorker, Question, Result
+
+BodyModel = TypeVar("BodyModel", bound=BaseModel)
 
 log = logging.getLogger(__name__)
 UPLOAD_PATH = "/v1/videos"  # the one route that takes multipart/form-data
@@ -134,11 +136,7 @@ def create_app(worker: ModelWorker, settings: ServeSettings, uploads: UploadStor
 
     @api.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        raw = await limit_body(request, settings.max_body_bytes).body()
-        try:
-            body = ChatRequest.model_validate_json(raw)
-        except ValidationError as exc:
-            raise ApiError(400, validation_message(exc), "invalid_request") from None
+        body = await read_json_body(request, ChatRequest, settings.max_body_bytes)
         question, max_tokens = await build_question(body)
         worker.submit(question)
         cid, model = completion_id(), model_info.model_id
@@ -198,11 +196,7 @@ def create_app(worker: ModelWorker, settings: ServeSettings, uploads: UploadStor
     @api.post("/v1/locate")
     async def locate(request: Request) -> Response:
         """Poses of situations in one scene: each suffix up to <Pos><Ori> over the scene's KV, no answer."""
-        raw = await limit_body(request, settings.max_body_bytes).body()
-        try:
-            body = LocateRequest.model_validate_json(raw)
-        except ValidationError as exc:
-            raise ApiError(400, validation_message(exc), "invalid_request") from None
+        body = await read_json_body(request, LocateRequest, settings.max_body_bytes)
         try:
             for situation in body.situations:
                 check_user_text(situation, "situation")
@@ -303,6 +297,16 @@ def validation_message(exc: ValidationError) -> str:
     first = exc.errors()[0]
     where = ".".join(str(part) for part in first["loc"])
     return f"{where}: {first['msg']}" if where else first["msg"]
+
+
+async def read_json_body(request: Request, model: type[BodyModel], limit: int) -> BodyModel:
+    """The request's JSON body (at most ``limit`` bytes) as ``model``; a 400 invalid_request
+    naming the first field that does not validate."""
+    raw = await limit_body(request, limit).body()
+    try:
+        return model.model_validate_json(raw)
+    except ValidationError as exc:
+        raise ApiError(400, validation_message(exc), "invalid_request") from None
 
 
 def limit_body(request: Request, limit: int) -> Request:
