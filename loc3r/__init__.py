@@ -5,15 +5,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+from loc3r.lazy import lazy_exports
 
 __version__ = "0.1.0"
 __all__ = ["Pipeline", "__version__"]
-
-
-def __getattr__(name: str) -> Any:
-    if name == "Pipeline":
-        from loc3r.runtime.pipeline import Pipeline
-
-        return Pipeline
-    raise AttributeError(f"module 'loc3r' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, {"Pipeline": "runtime.pipeline"})

@@ -4,8 +4,7 @@ Names load on first use, so that ``loc3r.models.vggt.config`` (read by runtimes 
 run PyTorch) does not import torch.
 """
 
-import importlib
-from typing import Any
+from loc3r.lazy import lazy_exports
 
 _WHERE = {
     "load_vggt": "checkpoint",
@@ -16,8 +15,4 @@ _WHERE = {
 }
 __all__ = sorted(_WHERE)
 
-
-def __getattr__(name: str) -> Any:
-    if name not in _WHERE:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
+__getattr__ = lazy_exports(__name__, _WHERE)
