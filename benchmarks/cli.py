@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import shlex
 import sys
 import tempfile
@@ -50,8 +51,23 @@ def bench_parser() -> argparse.ArgumentParser:
                              "to first token (loc3r-run per --backend vs transformers + CUT3R), CPU-seconds, wall, peak RSS")
     parser.add_argument("--also-engines", action="append", default=[], metavar="DIR",
                         help="--fresh-process: one more loc3r-run onnxruntime side per export (e.g. one with --encoders int8)")
+    parser.add_argument("--cpus", type=parse_cpus, metavar="LIST",
+                        help="--fresh-process: pin every side to these CPUs, e.g. 0 or 0,1 (thread pools follow: "
+                             "one CPU is one thread per side; default: all CPUs)")
     parser.add_argument("--debug", action="store_true")
     return parser
+
+
+def parse_cpus(text: str) -> frozenset[int]:
+    """``--cpus 0,2`` -> {0, 2}, each one this process may run on."""
+    allowed = os.sched_getaffinity(0)
+    try:
+        cpus = frozenset(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of CPU numbers (e.g. 0 or 0,1)") from None
+    if not cpus or not cpus <= allowed:
+        raise argparse.ArgumentTypeError(f"CPU(s) {text} not available here; this machine offers {','.join(map(str, sorted(allowed)))}")
+    return cpus
 
 
 def parse_plot_size(text: str) -> tuple[int, int]:
@@ -74,6 +90,9 @@ def check_args(args: argparse.Namespace) -> None:
             raise InputError(f"{flag} must be at least {least}, got {value}", f"pass {flag} {least} or more")
     if "tensorrt" in args.backend and not args.engines:
         raise InputError("--backend tensorrt needs --engines DIR", "build the engines on the device with loc3r-export build")
+    for flag, given in (("--cpus", args.cpus), ("--also-engines", args.also_engines)):
+        if given and not args.fresh_process:
+            raise InputError(f"{flag} applies to --fresh-process runs only", f"add --fresh-process, or drop {flag}")
     parse_plot_size(args.plot_size)
 
 
@@ -189,7 +208,7 @@ def run_fresh_bench(args: argparse.Namespace, command: str) -> dict[str, Any]:
             name = f"loc3r-run onnxruntime ({encoders_of(extra)} encoders, {extra.name})"
             sides[name] = loc3r_run(video, question, str(model_dir), args.frames, "onnxruntime", extra)
             exports[name] = extra
-        fresh = run_fresh(sides, repeat, args.warmup, log=lambda line: print(f"{PROG}: {line}", file=sys.stderr))
+        fresh = run_fresh(sides, repeat, args.warmup, log=lambda line: print(f"{PROG}: {line}", file=sys.stderr), cpus=args.cpus)
     for name, text in fresh["commands"].items():  # the temporary paths, as the reader would write them
         text = text.replace(str(video), "VIDEO").replace(str(model_dir), "MODEL_DIR")
         fresh["commands"][name] = text.replace(str(Path(sys.executable).with_name("loc3r-run")), "loc3r-run").replace(sys.executable, "python")

@@ -14,6 +14,9 @@ turn A B A B. Per run, from outside the process:
 - ``cpu`` and ``wall``: the whole process (``wait4``);
 - ``peak_rss``: the process's own high-water mark (``VmHWM`` of ``/proc/PID/status``,
   sampled every 10 ms until it exits): peak memory from process start.
+
+``--cpus 0`` pins every side to those CPUs before it starts (``sched_setaffinity``): ONNX
+Runtime and torch size their thread pools from the affinity, so one CPU is one thread per side.
 """
 
 from __future__ import annotations
@@ -67,12 +70,13 @@ def peak_rss_mib(pid: int) -> float | None:
     return None
 
 
-def run_process(argv: Sequence[str], env: dict[str, str] | None = None, timeout_s: float = 3600.0) -> ProcessRun:
-    """Run ``argv`` once and measure it (see the module docstring); a failed run is an error
-    carrying its last stderr lines."""
+def run_process(argv: Sequence[str], env: dict[str, str] | None = None, timeout_s: float = 3600.0, cpus: frozenset[int] | None = None) -> ProcessRun:
+    """Run ``argv`` once and measure it (see the module docstring), pinned to ``cpus`` when
+    given; a failed run is an error carrying its last stderr lines."""
+    pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
     with tempfile.TemporaryFile() as stderr:
         start = time.perf_counter()
-        process = subprocess.Popen(list(argv), stdout=subprocess.PIPE, stderr=stderr, env=env)
+        process = subprocess.Popen(list(argv), stdout=subprocess.PIPE, stderr=stderr, env=env, preexec_fn=pin)
         seen: dict[str, float] = {}
         output = bytearray()
 
@@ -123,10 +127,11 @@ def transformers_run(video: Path, question: str, model: str, frames: int) -> lis
     return [sys.executable, "-m", "loc3r.bench.transformers_run", str(video), question, "--model", model, "--frames", str(frames)]
 
 
-def run_fresh(sides: dict[str, list[str]], repeat: int, warmup: int, log: Any = None) -> dict[str, Any]:
+def run_fresh(sides: dict[str, list[str]], repeat: int, warmup: int, log: Any = None, cpus: frozenset[int] | None = None) -> dict[str, Any]:
     """Each side ``warmup + repeat`` times, in turn (A B A B, the order reversed every other
-    round so that drifting load hits all sides alike); every run, the medians, the ratios of
-    the first side (the baseline) to each other side, and the load average before and after."""
+    round so that drifting load hits all sides alike), pinned to ``cpus`` when given; every
+    run, the medians, the ratios of the first side (the baseline) to each other side, and the
+    load average before and after."""
     load_before = list(os.getloadavg())
     runs: dict[str, list[ProcessRun]] = {name: [] for name in sides}
     names = list(sides)
@@ -134,7 +139,7 @@ def run_fresh(sides: dict[str, list[str]], repeat: int, warmup: int, log: Any = 
         for name in names if i % 2 == 0 else names[::-1]:
             if log:
                 log(f"{'warm-up' if i < warmup else 'run'} {i + 1}: {name}")
-            run = run_process(sides[name])
+            run = run_process(sides[name], cpus=cpus)
             if i >= warmup:
                 runs[name].append(run)
     medians = {name: median_run(values) for name, values in runs.items()}
@@ -148,9 +153,17 @@ def run_fresh(sides: dict[str, list[str]], repeat: int, warmup: int, log: Any = 
             for name in names[1:]
         },
         "ratio_definition": f"{baseline} median / this side's median (> 1: this side is faster, or smaller for peak_rss)",
+        "cpus": sorted(cpus) if cpus else None,
         "load_average_before": load_before,
         "load_average_after": list(os.getloadavg()),
     }
+
+
+def pinned(cpus: Sequence[int] | None) -> str:
+    """How the sides' processes were placed, in words."""
+    if not cpus:
+        return "each side on every CPU (default threads)"
+    return f"each side pinned to CPU {', '.join(map(str, cpus))} ({len(cpus)} thread(s) per side)"
 
 
 def render_fresh(doc: dict[str, Any]) -> str:
@@ -171,7 +184,8 @@ def render_fresh(doc: dict[str, Any]) -> str:
         "",
         f"Command: `{doc['command']}`  ",
         f"Code: {machine.get('code_commit')} (dirty: {machine.get('code_dirty')}); machine: {machine.get('cpu')}, "
-        f"{machine.get('cores')} cores; {doc['repeat']} runs per side after {doc['warmup']} warm-up, in turn (A B A B)  ",
+        f"{machine.get('cores')} cores; {doc['repeat']} runs per side after {doc['warmup']} warm-up, in turn (A B A B); "
+        f"{pinned(fresh.get('cpus'))}  ",
         f"Load average before: {', '.join(f'{v:.2f}' for v in fresh['load_average_before'])}; "
         f"after: {', '.join(f'{v:.2f}' for v in fresh['load_average_after'])} (a shared machine: CPU-seconds are the figure load cannot decide)",
         "",

@@ -3,12 +3,13 @@ command whose timing and memory are known."""
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 import pytest
 
-from loc3r.bench.fresh import run_fresh, run_process
+from loc3r.bench.fresh import pinned, run_fresh, run_process
 from loc3r.errors import InputError
 
 FAKE = """
@@ -57,3 +58,46 @@ def test_sides_alternate_and_ratios_are_baseline_over_side(fake: list[str]) -> N
     medians = doc["medians"]
     assert doc["ratios"]["b"]["cpu"] == pytest.approx(medians["a"]["cpu"] / medians["b"]["cpu"])
     assert len(doc["load_average_before"]) == len(doc["load_average_after"]) == 3
+
+
+
+PINNED = """
+import os, sys
+expected = {int(c) for c in sys.argv[1].split(",")}
+print("Q: q\\nA: x", flush=True)
+print("first token after 0.1 s", flush=True)
+sys.exit(0 if os.sched_getaffinity(0) == expected else 5)
+"""
+
+
+def test_cpus_pin_each_side_before_it_starts(tmp_path: Path) -> None:
+    """--cpus: each side's process runs on those CPUs only (thread pools size themselves
+    from its affinity; the child exits 5 otherwise); the report says how sides were placed."""
+    script = tmp_path / "pinned.py"
+    script.write_text(PINNED, encoding="utf-8")
+    first = min(os.sched_getaffinity(0))
+    side = [sys.executable, str(script), str(first)]
+    doc = run_fresh({"a": side, "b": side}, repeat=1, warmup=0, cpus=frozenset({first}))
+    assert doc["cpus"] == [first]
+    if len(os.sched_getaffinity(0)) > 1:  # unpinned, the child sees every CPU and fails
+        with pytest.raises(InputError, match="exit 5"):
+            run_process(side)
+    assert pinned(doc["cpus"]) == f"each side pinned to CPU {first} (1 thread(s) per side)"
+    assert pinned(None) == "each side on every CPU (default threads)"
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--cpus", "0"], "--cpus applies to --fresh-process runs only"),
+    (["--fresh-process", "--cpus", "x"], "is not a comma-separated list of CPU numbers"),
+    (["--fresh-process", "--cpus", "9999"], "CPU(s) 9999 not available here"),
+])
+def test_cpus_refused_with_the_fix(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from loc3r.bench.cli import main
+
+    try:
+        code = main(argv)
+    except SystemExit as exit_:  # argparse's own refusal of a bad value
+        code = exit_.code
+    assert code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) <= 2
