@@ -11,10 +11,14 @@ last written digit, it equals the figure (``1.2x`` matches ``1.2012``; ``23%`` a
 end of a range) or with a second dot (versions). A unit that names a result whose ``.md``
 carries the **Stale:** note must say "stale" itself.
 
-Mutation check: change ``0.99x`` in docs/status.md's cold-start row to ``0.98x`` (or delete
-"stale" from the row naming ``bench_small.md``): ``test_quoted_figures_are_in_their_result_files``
-(or ``test_a_stale_result_is_quoted_as_stale``) fails, naming the figure, the doc line and
-the result file. After re-recording a result, the failures list every figure to update.
+Mutation check (done on 2026-12-07): change ``**0.99x**`` in docs/status.md's cold-start row to
+``**0.98x**``: ``test_quoted_figures_are_in_their_result_files`` fails with
+``docs/status.md:33: '0.98x' is not in benchmarks/results/fresh_small.md/.json``; delete
+", stale: measured at bdca96a ..." from the FP16 row naming ``real_size.md``:
+``test_a_stale_result_is_quoted_as_stale`` fails naming that line and file. The last test below
+runs both mutations on a small copy in CI. After a result is re-recorded, the failures list
+every figure to update (doc line, figure, result file); a result that is no longer stale can
+drop its "stale" words.
 """
 
 from __future__ import annotations
