@@ -7,8 +7,8 @@ skipped). In a unit that names ``benchmarks/results/NAME.md`` (or ``.json``), ev
 result files, ``.md`` or ``.json``: a result number matches when, rounded to the figure's
 last written digit, it equals the figure (``1.2x`` matches ``1.2012``; ``23%`` also matches
 ``0.23``). Not checked: bounds and tolerances (a figure after "within", "tolerance", "under",
-"<", ">=", "~", ...), text in backticks (commands, paths), numbers joined by ``-`` (the upper
-end of a range) or with a second dot (versions). A unit that names a result whose ``.md``
+"<", ">=", "~", ...), text in backticks (commands, paths), numbers with a second dot
+(versions). A unit that names a result whose ``.md``
 carries the **Stale:** note must say "stale" itself.
 
 Mutation check (done on 2026-12-07): change ``**0.99x**`` in docs/status.md's cold-start row to
@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DOCS = ("docs/status.md", "docs/user-guide.md", "docs/architecture.md", "docs/robustness.md", "README.md",
         "benchmarks/README.md")
 RESULT_LINK = re.compile(r"benchmarks/results/([A-Za-z0-9_]+)\.(?:md|json)")
-NUMBER = r"(?<![\w.\-/:#])(\d+(?:\.\d+)?(?:e-\d+)?)(?![\w.]*\d)"
+NUMBER = r"(?<![\w./:#])(?<![A-Za-z]-)(\d+(?:\.\d+)?(?:e-\d+)?)(?![\w.]*\d)"
 UNIT = r"(?:[x×%]|\s?(?:ms|min|minutes|MiB|GiB|GB|MB|KiB|tok/s)|\ss)(?![\w/])"
 FIGURE = re.compile(NUMBER + r"(" + UNIT + r"|(?=\s/\s\d))?")
 BOUND = re.compile(r"(within|tolerance|under|below|above|over|at most|at least|about|<|>|<=|>=|≤|≥|~)\s*$", re.I)
