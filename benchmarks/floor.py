@@ -272,8 +272,8 @@ def render_markdown(reports: Sequence[dict[str, Any]], paper_target: str = "x86-
              "", "### Memory floor, GiB", "", head, rule, *mem_rows]
     paper = next((r for r in reports if r["target"] == paper_target), None)
     if paper is not None:
-        lines += ["", f"### Paper (RTX 4090, PyTorch) against the {paper_target} floor", "",
-                  "| | measured | floor | measured / floor |", "|---|---|---|---|"]
+        lines += ["", f"### The paper's figures (its authors' RTX 4090, PyTorch; not measured here) against the "
+                  f"{paper_target} floor", "", "| | paper | floor | paper / floor |", "|---|---|---|---|"]
         lines += [f"| {what} | {m:g} | {f:.3g} | {m / f:.1f}x |" for what, m, f in paper_comparison(paper)]
     return "\n".join(lines) + "\n"
 

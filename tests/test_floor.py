@@ -144,4 +144,4 @@ def test_markdown_has_every_target_and_the_paper_rows() -> None:
     text = render_markdown(reports)
     for name in list_targets():
         assert name in text
-    assert "measured / floor" in text and "| 1.2 |" in text
+    assert "paper / floor" in text and "not measured here" in text and "| 1.2 |" in text
