@@ -4,8 +4,9 @@
 resized for the encoders in a background thread (bounded queue), each frame's CUT3R step
 runs as soon as it arrives (the state is recurrent; a whole-clip encoder such as VGGT runs
 when the last frame has arrived), SigLIP runs on batches, and every finished frame block
-is prefilled into the LLM's KV cache at once, so when the question comes only its own
-tokens remain. Encoded videos are kept in an on-disk cache; questions on the video the
+is prefilled into the LLM's KV cache at once (on GPU targets on a worker thread, while the
+encoders take the next frames: ``runtime/overlap.py``), so when the question comes only its
+own tokens remain. Encoded videos are kept in an on-disk cache; questions on the video the
 pipeline holds reuse its KV prefix.
 """
 
@@ -153,7 +154,8 @@ class Pipeline:
         else:
             from loc3r.runtime.tensorrt_backend import tensorrt_stages
 
-            stages, on_cpu = Stages(*tensorrt_stages(bundle, manifest)), False
+            # the encoders on the TensorRT stream, the LLM on onnxruntime-gpu's: the video prefill overlaps the encoding
+            stages, on_cpu = Stages(*tensorrt_stages(bundle, manifest), overlap_prefill=True), False
         precision = exported_precision(manifest, bundle, "cpu" if on_cpu else "cuda")
         return cls(bundle, stages, backend, cache, manifest.fingerprint, precision, decoder, calibrated, scenes)
 

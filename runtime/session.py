@@ -28,6 +28,7 @@ from loc3r.runtime.arrays import Array as Tensor
 from loc3r.runtime.arrays import cat, like, stack, to_numpy
 from loc3r.runtime.camera_feed import camera_feed
 from loc3r.runtime.generate import SamplingConfig, generate
+from loc3r.runtime.overlap import OrderedWorker
 from loc3r.runtime.preprocess import camera_pixels, siglip_pixels
 from loc3r.runtime.result import Answer, ModelInfo, Pose
 from loc3r.runtime.scene_store import Scene
@@ -40,12 +41,15 @@ VISION_BATCH = FRAME_BATCH  # SigLIP batches: the frames the 3D encoder takes at
 
 @dataclass
 class Stages:
-    """The four stages of one backend."""
+    """The four stages of one backend. ``overlap_prefill``: finished frame blocks are
+    prefilled on a worker thread while the encoders take the next frames (GPU targets, whose
+    encoders and LLM run on separate streams, ``runtime/overlap.py``); else in line."""
 
     camera: CameraStage
     vision: VisionStage
     heads: HeadsStage
     llm: LLMStage
+    overlap_prefill: bool = False
 
 
 class StageTimer:
@@ -131,6 +135,8 @@ class VideoSession:
         self._blocks_end = 0  # cache length after the last prefilled frame block (the head goes in with the first)
         self._tail_in_cache = False
         self._vision_tokens = vision_tokens_per_frame(self.config)
+        self._prefiller = OrderedWorker(self._prefill_job) if stages.overlap_prefill else None
+        self._handed_over = 0  # frames given to the prefill worker (in flight or done)
         stages.llm.reset()
 
     # -- frames ---------------------------------------------------------------------------
@@ -161,6 +167,7 @@ class VideoSession:
     def add_blocks(self, encoded: FrameBlocks) -> None:
         """Prefill already-encoded frames (from the encoding cache) in one go."""
         with self._lock:
+            self._drain()
             self._drop_tail()
             self._append_blocks(encoded.blocks, encoded.indices, encoded.timestamps_s)
 
@@ -168,6 +175,7 @@ class VideoSession:
         """Take a stored scene's KV as the cache (no prefill) for a complete video whose
         encoded frames are ``encoded`` (the scene describes the same frames)."""
         with self._lock:
+            self._drain()
             self.timer.measure("scene_load", self.stages.llm.write_kv, scene.kv)
             self.encoded = FrameBlocks(list(encoded.blocks), list(encoded.indices), list(encoded.timestamps_s))
             self._blocks_end, self._tail_in_cache, self.duration_s = scene.blocks_end, True, scene.duration_s
@@ -198,14 +206,23 @@ class VideoSession:
 
     @property
     def num_frames(self) -> int:
-        return len(self.encoded.blocks) + len(self._seen) + len(self._unseen)
+        with self._lock:
+            prefilled = self._handed_over if self._prefiller is not None else len(self.encoded.blocks)
+            return prefilled + len(self._seen) + len(self._unseen)
 
     def _flush(self) -> None:
-        """Encode every frame received so far and prefill their blocks."""
+        """Encode every frame received so far and prefill their blocks (waiting for the
+        prefill worker, whose error, if any, is raised here)."""
         if self._camera.pending:
             self._cameras += self.timer.measure("encode_3d", self._camera.flush)
         self._encode_vision()
         self._prefill_ready()
+        self._drain()
+
+    def _drain(self) -> None:
+        """Wait for the blocks handed to the prefill worker (none without one)."""
+        if self._prefiller is not None:
+            self._prefiller.drain()
 
     def _encode_vision(self) -> None:
         if not self._unseen:
@@ -222,7 +239,16 @@ class VideoSession:
         frames, cameras = self._seen[:ready], self._cameras[:ready]
         self._seen, self._cameras = self._seen[ready:], self._cameras[ready:]
         blocks = [cat([camera[None], tokens]) for (_, _, tokens), camera in zip(frames, cameras, strict=True)]
-        self._append_blocks(blocks, [index for index, _, _ in frames], [stamp for _, stamp, _ in frames])
+        job = (blocks, [index for index, _, _ in frames], [stamp for _, stamp, _ in frames])
+        if self._prefiller is None:
+            self._append_blocks(*job)
+            return
+        self._prefiller.submit(job)  # a previous block's prefill error is raised here
+        self._handed_over += len(blocks)
+
+    def _prefill_job(self, job: tuple[list[Tensor], list[int], list[float]]) -> None:
+        """The prefill worker's job: the blocks of one batch of frames, after the earlier ones."""
+        self._append_blocks(*job)
 
     def _append_blocks(self, blocks: list[Tensor], indices: list[int], timestamps: list[float]) -> None:
         if not blocks:
@@ -371,6 +397,7 @@ class VideoSession:
         the video prefix from the encoded frames (no decoding or encoding).
         """
         with self._lock:
+            self._drain()
             llm = self.stages.llm
             if scene is not None:
                 llm.write_kv(scene.kv)

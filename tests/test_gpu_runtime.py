@@ -71,6 +71,7 @@ def test_tensorrt_backend_keeps_the_state_on_the_device_and_replays_the_step(
     trt = gpu(monkeypatch)
     cudart = trt.cudart
     pipeline = Pipeline.from_pretrained("tiny", backend="tensorrt", engines=built)
+    assert pipeline.stages.overlap_prefill  # the video prefill runs beside the encoders (the answers below: the same)
     allocations = cudart.count("cudaMalloc")
     camera = pipeline.stages.camera
     answers = {}
