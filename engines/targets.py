@@ -1,4 +1,4 @@
-"""Target profiles: the hardware, build settings and LLM quantization of each device.
+"""Target profiles: the hardware, build settings, LLM quantization and encoder precision of each device.
 
 One TOML file per target ships in this package (``engines/<name>.toml``). Every hardware
 number carries its source in the file's ``sources`` list; numbers NVIDIA does not publish
@@ -18,6 +18,7 @@ from typing import Any, Literal
 from loc3r.errors import InputError, InternalError
 
 Precision = Literal["fp16", "fp32"]
+EncoderPrecision = Literal["fp32", "int8"]
 WeightFormat = Literal["int4", "int8", "fp16", "fp32"]
 
 #: Short names accepted by :func:`load_target`; ``jetson-orin`` is the AGX Orin 64GB.
@@ -67,6 +68,17 @@ class LLMQuant:
 
 
 @dataclass(frozen=True)
+class Encoders:
+    """The encoders' precision (``loc3r-export --encoders``): the default, what the target
+    offers, whether int8 needs the user's calibration frames (TensorRT), and why."""
+
+    default: EncoderPrecision  # fp32: the graphs as exported (engines at ``build.precision``)
+    available: tuple[EncoderPrecision, ...]
+    int8_needs_calibration: bool  # True: int8 is built from ``--calibration VIDEO...`` (static, QDQ)
+    note: str
+
+
+@dataclass(frozen=True)
 class Target:
     """A deployment target as read from ``engines/<name>.toml``."""
 
@@ -76,6 +88,7 @@ class Target:
     hardware: Hardware
     build: Build
     llm: LLMQuant
+    encoders: Encoders
 
 
 def list_targets() -> list[str]:
@@ -99,7 +112,10 @@ def load_target(name: str) -> Target:
 
 
 def _parse(name: str, data: dict[str, Any]) -> Target:
-    hw, build, llm = data["hardware"], data["build"], data["llm"]
+    hw, build, llm, encoders = data["hardware"], data["build"], data["llm"], data["encoders"]
+    available = tuple(encoders["available"])
+    if encoders["default"] not in available or not set(available) <= {"fp32", "int8"}:
+        raise ValueError(f"encoders: default {encoders['default']!r} must be one of available {available} (fp32, int8)")
     sources = tuple(hw["sources"])
     if not sources:
         raise ValueError("hardware.sources is empty")
@@ -139,5 +155,11 @@ def _parse(name: str, data: dict[str, Any]) -> Target:
             kv_cache=llm["kv_cache"],
             prefill_chunk=int(llm["prefill_chunk"]),
             note=llm["note"],
+        ),
+        encoders=Encoders(
+            default=encoders["default"],
+            available=available,  # type: ignore[arg-type]
+            int8_needs_calibration=bool(encoders["int8_needs_calibration"]),
+            note=encoders["note"],
         ),
     )

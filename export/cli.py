@@ -29,9 +29,9 @@ def export_parser() -> argparse.ArgumentParser:
     parser.add_argument("--vggt-size", metavar="HxW", help="VGGT input size (a VGGT bundle): W the model's img_size (518), "
                         "H a multiple of 14 up to W, as the video's aspect gives it (default: 4:3, 392x518)")
     parser.add_argument("--llm", choices=LLM_FORMATS, help="LLM weight format (default: the target's)")
-    parser.add_argument("--encoders", choices=("fp32", "int8"), default="fp32",
-                        help="precision the onnxruntime backend runs the encoders in (CUT3R or VGGT, SigLIP): int8 adds "
-                             "unsigned 8-bit forms, each checked against FP32 at export (CPU targets; default fp32)")
+    parser.add_argument("--encoders", choices=("fp32", "int8"),
+                        help="precision of the encoders (CUT3R or VGGT, SigLIP): int8 adds 8-bit forms, each checked against "
+                             "FP32 at export (default: the target's, see [encoders] in engines/TARGET.toml; fp32 overrides it)")
     parser.add_argument(
         "--context-tokens", type=int, metavar="N",
         help="the LLM's context limit: its KV cache is allocated for N tokens (default: the target's max_context_tokens)",

@@ -88,7 +88,8 @@ def export_request(args: argparse.Namespace, target, bundle, llm: str):  # noqa:
 
     if llm != "none":
         llm_form(target, llm)
-    if args.encoders == "int8" and "tensorrt" in target.backends:
+    encoders = args.encoders or target.encoders.default
+    if encoders == "int8" and "tensorrt" in target.backends:
         raise InputError(
             f"--encoders int8 is for CPU targets; {target.name} builds TensorRT engines, whose INT8 needs a calibration "
             "set of your own frames, which loc3r-export does not take yet",
@@ -102,7 +103,7 @@ def export_request(args: argparse.Namespace, target, bundle, llm: str):  # noqa:
         vggt_size=parse_vggt_size(args.vggt_size, bundle),
         context_tokens=args.context_tokens,
         builder_python=getattr(args, "builder_python", None),
-        encoders=args.encoders,
+        encoders=encoders,
     )
 
 

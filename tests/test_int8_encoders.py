@@ -27,11 +27,35 @@ from loc3r.runtime.pipeline import Pipeline
 ENCODERS = ("cut3r_encoder", "cut3r_step", "vision")
 
 
+def with_encoders(name: str, default: str):  # noqa: ANN201 - Target
+    """Target ``name`` with its profile's default encoder precision set to ``default``."""
+    target = load_target(name)
+    return dataclasses.replace(target, encoders=dataclasses.replace(target.encoders, default=default))
+
+
 @pytest.fixture(scope="module")
 def int8_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An export whose int8 comes from the target profile (no --encoders): profile -> manifest."""
     out = tmp_path_factory.mktemp("int8") / "cpu"
-    assert export_cli.main(["--target", "cpu", "--out", str(out), "--llm", "fp32", "--encoders", "int8"]) == 0
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("loc3r.engines.targets.load_target", lambda name: with_encoders(name, "int8"))
+        assert export_cli.main(["--target", "cpu", "--out", str(out), "--llm", "fp32"]) == 0
     return out
+
+
+def encoders_asked(argv: list[str], default: str) -> str:
+    """The encoder precision the export request gets from ``argv`` with a profile default."""
+    from loc3r.export.preflight import export_request
+
+    args = export_cli.export_parser().parse_args(["--target", "cpu", "--out", "o", *argv])
+    return export_request(args, with_encoders("cpu", default), load_bundle(resolve_model("tiny")), "none").encoders
+
+
+def test_the_profile_gives_the_encoders_precision_and_the_flag_overrides_it() -> None:
+    assert load_target("cpu").encoders.default == "fp32" and "int8" in load_target("cpu").encoders.available
+    assert encoders_asked([], "int8") == "int8" and encoders_asked([], "fp32") == "fp32"
+    assert encoders_asked(["--encoders", "fp32"], "int8") == "fp32"
+    assert encoders_asked(["--encoders", "int8"], "fp32") == "int8"
 
 
 def test_encoder_graphs_get_unsigned_int8_forms_with_their_error_recorded(int8_export: Path) -> None:

@@ -7,6 +7,7 @@ import re
 import pytest
 
 from loc3r.engines.targets import ALIASES, list_targets, load_target
+from loc3r.engines import targets
 from loc3r.errors import InputError
 from loc3r.runtime.session import VISION_BATCH
 
@@ -71,3 +72,24 @@ def test_unknown_target_lists_valid_names() -> None:
     assert "jetson-xavier" in message
     for name in list_targets() + list(ALIASES):
         assert name in message
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_every_target_names_its_encoder_precision(name: str) -> None:
+    """fp32 by default everywhere (the cpu profile says why, from its measurements); int8 is
+    offered by every target, from the user's calibration frames on the TensorRT ones."""
+    encoders = load_target(name).encoders
+    assert encoders.default == "fp32" and encoders.available == ("fp32", "int8")
+    assert encoders.int8_needs_calibration == (name != "cpu")
+    assert ("--calibration" in encoders.note) == (name != "cpu")
+    if name == "cpu":
+        assert "1.20x" in encoders.note and "0.99x" in encoders.note  # the measurements the choice rests on
+
+
+def test_an_encoder_default_the_target_does_not_offer_is_malformed() -> None:
+    text = targets.resources.files("loc3r.engines").joinpath("cpu.toml").read_text(encoding="utf-8")
+    data = targets.tomllib.loads(text)
+    data["encoders"]["available"] = ["fp32"]
+    data["encoders"]["default"] = "int8"
+    with pytest.raises(ValueError, match=r"^encoders: default 'int8' must be one of available \('fp32',\) \(fp32, int8\)$"):
+        targets._parse("cpu", data)
