@@ -19,6 +19,7 @@ from loc3r.errors import InputError
 from loc3r.progress import announce_loading
 
 if TYPE_CHECKING:
+    from loc3r.bench.provenance import Recording
     from loc3r.models.bundle import Bundle
     from loc3r.models.config import Loc3rConfig
     from loc3r.runtime.pipeline import Pipeline
@@ -54,6 +55,8 @@ def bench_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cpus", type=parse_cpus, metavar="LIST",
                         help="--fresh-process: pin every side to these CPUs, e.g. 0 or 0,1 (thread pools follow: "
                              "one CPU is one thread per side; default: all CPUs)")
+    parser.add_argument("--allow-unreachable", action="store_true",
+                        help="write into benchmarks/results from code not on main (the result says so)")
     parser.add_argument("--debug", action="store_true")
     return parser
 
@@ -377,13 +380,30 @@ def write_outputs(doc: dict[str, Any], args: argparse.Namespace) -> str:
     return text
 
 
+def recording_for(args: argparse.Namespace, argv: Sequence[str]) -> Recording:
+    """The provenance record of this run, named after its ``--json`` (else ``--markdown``)
+    file. Only a result written into ``benchmarks/results`` must come from code on main; a
+    user's own run elsewhere is recorded as it is (the record says when it is not on main)."""
+    from loc3r.bench.provenance import RESULTS, Recording
+
+    outputs = [Path(p).resolve() for p in (args.json, args.markdown, args.plot) if p]
+    stem = outputs[0].stem if outputs else PROG
+    into_results = any(path.parent == RESULTS.resolve() for path in outputs)
+    interleaving = ("sides in turn, each a fresh process, the order reversed every round (A B, B A, ...)" if args.fresh_process
+                    else "baselines and optimized runs alternate which goes first (A B, B A, ...)")
+    repeat = args.repeat or DEFAULT_REPEAT.get(str(args.model), 2)
+    return Recording(stem, [PROG, *argv], interleaving, repeat, args.allow_unreachable or not into_results)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = bench_parser().parse_args(argv)
 
     def body() -> int:
         check_args(args)
+        recording = recording_for(args, argv)
         doc = (run_fresh_bench if args.fresh_process else run_bench)(args, shlex.join([PROG, *argv]))
+        doc["provenance"] = recording.finish()
         print(write_outputs(doc, args))
         return 0
 

@@ -1,6 +1,6 @@
 """3D encoders compared: CUT3R (streams, one step per frame) vs VGGT (attends over the whole clip).
 
-    python -m loc3r.bench.encoders_3d [--frames 32] [--repeats 2] [--scaling 8 16] [--out benchmarks/results]
+    python -m loc3r.bench.encoders_3d [--frames 32] [--repeats 3] [--scaling 8 16 32] [--out benchmarks/results]
 
 Two parts, in one run:
 - Real size, computed: FLOPs and parameters of CUT3R's camera path (512 DPT checkpoint at
@@ -23,6 +23,7 @@ Two parts, in one run:
 from __future__ import annotations
 
 import argparse
+import shlex
 import statistics
 import sys
 import tempfile
@@ -39,7 +40,8 @@ from loc3r.bench.memory import RssSampler
 from loc3r.bench.presets import SMALL_NAME, SMALL_VGGT_NAME, resolve_bench_model, small_cut3r, small_vggt
 from loc3r.bench.report import machine_info
 from loc3r.engines.targets import load_target
-from loc3r.fileio import write_json_atomic
+from loc3r.bench.provenance import header, start
+from loc3r.fileio import atomic_file, write_json_atomic
 from loc3r.models.config import Loc3rConfig
 from loc3r.models.cut3r import Cut3rCameraEncoder, Cut3rConfig
 from loc3r.models.vggt import VggtCameraEncoder, VggtConfig
@@ -139,11 +141,11 @@ def stream_session(pipeline: Pipeline, frames: list[Frame]) -> dict[str, float]:
     return {**{f"{k}_cpu_s": v[0] for k, v in parts.items()}, **{f"{k}_wall_s": v[1] for k, v in parts.items()}}
 
 
-def encode_alone(pipeline: Pipeline, frames: list[Frame]) -> float:
-    """CPU seconds of the encoder (no f_cam) over ``frames``, one clip."""
+def encode_alone(pipeline: Pipeline, frames: list[Frame]) -> tuple[float, float]:
+    """(CPU seconds, wall seconds) of the encoder (no f_cam) over ``frames``, one clip."""
     images = torch.stack([camera_input(f.rgb, pipeline.config) for f in frames])
     with torch.inference_mode():
-        return timed(lambda: pipeline.bundle.model.camera_encoder.encode(images))[0]
+        return timed(lambda: pipeline.bundle.model.camera_encoder.encode(images))
 
 
 def small_flops(frames: int) -> dict[str, float]:
@@ -154,7 +156,8 @@ def small_flops(frames: int) -> dict[str, float]:
 
 
 def measure_small(frames: int, repeats: int, scaling: list[int]) -> dict[str, Any]:
-    """Encoders alone on clips of ``scaling`` lengths, then streamed sessions (alternating order)."""
+    """Encoders alone on clips of ``scaling`` lengths, then streamed sessions; each ``repeats``
+    times, the two encoders alternating which goes first; medians."""
     names = {"cut3r": SMALL_NAME, "vggt": SMALL_VGGT_NAME}
     pipelines = {kind: Pipeline.from_pretrained(resolve_bench_model(name)) for kind, name in names.items()}
     runs: dict[str, list[dict[str, float]]] = {kind: [] for kind in pipelines}
@@ -162,7 +165,13 @@ def measure_small(frames: int, repeats: int, scaling: list[int]) -> dict[str, An
         clip = decoded_frames(max([frames, *scaling]), Path(tmp))
         for pipeline in pipelines.values():
             stream_session(pipeline, clip[:2])  # warm-up: first-call allocations
-        alone = {kind: {n: encode_alone(p, clip[:n]) for n in scaling} for kind, p in pipelines.items()}
+        alone_runs: dict[str, dict[int, list[tuple[float, float]]]] = {kind: {n: [] for n in scaling} for kind in pipelines}
+        for i in range(repeats):
+            for kind in list(pipelines) if i % 2 == 0 else list(pipelines)[::-1]:
+                for n in scaling:
+                    alone_runs[kind][n].append(encode_alone(pipelines[kind], clip[:n]))
+        alone = {kind: {n: statistics.median(c for c, _ in rs) for n, rs in by_n.items()} for kind, by_n in alone_runs.items()}
+        alone_wall = {kind: {n: statistics.median(w for _, w in rs) for n, rs in by_n.items()} for kind, by_n in alone_runs.items()}
         for i in range(repeats):
             order = list(pipelines) if i % 2 == 0 else list(pipelines)[::-1]
             for kind in order:
@@ -178,6 +187,7 @@ def measure_small(frames: int, repeats: int, scaling: list[int]) -> dict[str, An
         "medians": medians,
         "memory": sampler.phases,
         "encode_alone_cpu_s": alone,
+        "encode_alone_wall_s": alone_wall,
         "encode_alone_gflops_per_cpu_s": {k: {n: flops[n][k] / alone[k][n] / GIGA for n in scaling} for k in pipelines},
         "flops": flops,
     }
@@ -187,19 +197,27 @@ def _s(seconds: float) -> str:
     return f"{seconds * 1000:.0f} ms" if seconds < 1 else f"{seconds:.2f} s"
 
 
+def legacy_header(doc: dict[str, Any]) -> list[str]:
+    """The header of a result recorded before the provenance record (its machine section)."""
+    machine = doc["machine"]
+    return [f"Command: `{doc['command']}`  ",
+            f"Machine: {machine['cpu']}, {machine['cores']} cores, torch {machine['versions'].get('torch')} "
+            f"({machine['torch_threads']} threads), load average at start {machine['load_average_at_start']}, "
+            f"commit {machine['git_commit']}. Random weights: costs only."]
+
+
 def markdown(doc: dict[str, Any]) -> str:
     real, small = doc["real_size"], doc["small"]
     m = small["medians"]
     machine = doc["machine"]
+    torch_version = machine["versions"].get("torch")
     caveats = [line for caveat in doc.get("caveats", []) for line in (caveat, "")]
     lines = [
         "# 3D encoders: CUT3R vs VGGT",
         "",
         *caveats,
-        f"Command: `{doc['command']}`  ",
-        f"Machine: {machine['cpu']}, {machine['cores']} cores, torch {machine['versions'].get('torch')} "
-        f"({machine['torch_threads']} threads), load average at start {machine['load_average_at_start']}, "
-        f"commit {machine['git_commit']}. Random weights: costs only.",
+        *(header(doc["provenance"]) + [f"torch {torch_version} ({machine['torch_threads']} threads). Random weights: costs only."]
+          if "provenance" in doc else legacy_header(doc)),
         "",
         "## Real size (computed)",
         "",
@@ -225,7 +243,8 @@ def markdown(doc: dict[str, Any]) -> str:
         "",
         "## Small presets, measured (CPU seconds, one thread)",
         "",
-        "Each encoder alone (no f_cam), one clip:",
+        "Each encoder alone (no f_cam), one clip"
+        + (f"; median of {small['repeats']}, the encoders alternating:" if "provenance" in doc else ":"),
         "",
         "| frames | CUT3R | VGGT | VGGT / CUT3R | FLOP ratio | GFLOP per CPU-second: CUT3R | VGGT |",
         "|---|---|---|---|---|---|---|",
@@ -268,22 +287,28 @@ def markdown(doc: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m loc3r.bench.encoders_3d", description=__doc__.splitlines()[0])
     parser.add_argument("--frames", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=1, help="sessions per encoder (CPU seconds vary little)")
+    parser.add_argument("--repeats", type=int, default=3, help="repeats per encoder, alternating (medians; default 3)")
     parser.add_argument("--scaling", type=int, nargs="+", default=[8, 16, 32], help="clip lengths to time each encoder alone on")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (CPU seconds are comparable only at 1)")
     parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--allow-unreachable", action="store_true", help="measure code not on main (the result says so)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    command = ["python", "-m", "loc3r.bench.encoders_3d", *(argv if argv is not None else sys.argv[1:])]
+    recording = start("encoders_3d", command, "CUT3R and VGGT alternate which runs first (A B, B A, ...)",
+                      args.repeats, args.allow_unreachable)
     doc = {
-        "command": " ".join(["python -m loc3r.bench.encoders_3d", *(argv if argv is not None else sys.argv[1:])]),
+        "command": shlex.join(command),
         "machine": machine_info(),
         "real_size": real_size_costs(),
         "small": measure_small(args.frames, args.repeats, args.scaling),
     }
+    doc["provenance"] = recording.finish()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "encoders_3d.json", doc)
-    (out / "encoders_3d.md").write_text(markdown(doc), encoding="utf-8")
+    with atomic_file(out / "encoders_3d.md") as stream:
+        stream.write(markdown(doc))
     print(markdown(doc))
     return 0
 

@@ -127,11 +127,18 @@ def transformers_run(video: Path, question: str, model: str, frames: int) -> lis
     return [sys.executable, "-m", "loc3r.bench.transformers_run", str(video), question, "--model", model, "--frames", str(frames)]
 
 
+# every side's environment (unless the caller's sets it): the baseline's best setting on a
+# shared machine, where torch's OpenMP threads would otherwise spin-wait between regions
+FAIR_ENVIRONMENT = {"OMP_WAIT_POLICY": "PASSIVE"}
+
+
 def run_fresh(sides: dict[str, list[str]], repeat: int, warmup: int, log: Any = None, cpus: frozenset[int] | None = None) -> dict[str, Any]:
     """Each side ``warmup + repeat`` times, in turn (A B A B, the order reversed every other
-    round so that drifting load hits all sides alike), pinned to ``cpus`` when given; every
-    run, the medians, the ratios of the first side (the baseline) to each other side, and the
-    load average before and after."""
+    round so that drifting load hits all sides alike), in one environment with
+    ``FAIR_ENVIRONMENT``, pinned to ``cpus`` when given; every run, the medians, the ratios of
+    the first side (the baseline) to each other side, and the load average before and after."""
+    environment = {key: os.environ.get(key, value) for key, value in FAIR_ENVIRONMENT.items()}
+    env = {**os.environ, **environment}
     load_before = list(os.getloadavg())
     runs: dict[str, list[ProcessRun]] = {name: [] for name in sides}
     names = list(sides)
@@ -139,13 +146,14 @@ def run_fresh(sides: dict[str, list[str]], repeat: int, warmup: int, log: Any = 
         for name in names if i % 2 == 0 else names[::-1]:
             if log:
                 log(f"{'warm-up' if i < warmup else 'run'} {i + 1}: {name}")
-            run = run_process(sides[name], cpus=cpus)
+            run = run_process(sides[name], env, cpus=cpus)
             if i >= warmup:
                 runs[name].append(run)
     medians = {name: median_run(values) for name, values in runs.items()}
     baseline = names[0]
     return {
         "commands": {name: " ".join(command) for name, command in sides.items()},
+        "environment": environment,
         "runs": {name: [asdict(r) for r in values] for name, values in runs.items()},
         "medians": medians,
         "ratios": {
@@ -178,16 +186,16 @@ def render_fresh(doc: dict[str, Any]) -> str:
         ("wall", "whole process, wall", "s"),
         ("peak_rss", "peak RSS from process start (VmHWM)", "MiB"),
     ]
-    machine = doc["machine"]
+    from loc3r.bench.provenance import header
+
     lines = [
         f"# loc3r-bench --fresh-process: {doc['model']}, {doc['frames']} frames",
         "",
-        f"Command: `{doc['command']}`  ",
-        f"Code: {machine.get('code_commit')} (dirty: {machine.get('code_dirty')}); machine: {machine.get('cpu')}, "
-        f"{machine.get('cores')} cores; {doc['repeat']} runs per side after {doc['warmup']} warm-up, in turn (A B A B); "
-        f"{pinned(fresh.get('cpus'))}  ",
-        f"Load average before: {', '.join(f'{v:.2f}' for v in fresh['load_average_before'])}; "
-        f"after: {', '.join(f'{v:.2f}' for v in fresh['load_average_after'])} (a shared machine: CPU-seconds are the figure load cannot decide)",
+        *header(doc["provenance"]),
+        f"{doc['repeat']} runs per side after {doc['warmup']} warm-up, in turn (A B A B); {pinned(fresh.get('cpus'))}; "
+        "every side's environment: " + ", ".join(f"`{k}={v}`" for k, v in fresh["environment"].items())
+        + " (the baseline's best setting on a shared machine: torch's OpenMP threads otherwise spin-wait and inflate its "
+        "CPU-seconds). A shared machine: CPU-seconds are the figure load cannot decide.",
         "",
         "**The weights are RANDOM: these are timings of the architecture, not of a trained model.**",
         "",

@@ -1,6 +1,6 @@
 """Peak RSS of the LLM export at Qwen2-7B's real widths, with few layers, extrapolated to 28.
 
-    python -m loc3r.bench.llm_export_memory [--out benchmarks/results]
+    python -m loc3r.bench.llm_export_memory [--out benchmarks/results] [--cases 1:32000 ...] [--no-builder]
 
 Each case writes a random bf16 checkpoint with Qwen2-7B's widths (hidden 3584, MLP 18944,
 28/4 heads) and ``layers`` layers and ``vocab`` rows (Hugging Face layout, 2 GB shards),
@@ -12,8 +12,9 @@ then builds the decoder in a fresh process and reads that process's ``VmHWM``:
   (``python -m onnxruntime_genai.models.builder``), for comparison.
 
 Forms: the jetson-orin target's (cuda, int4 block 128, fp16 lm_head) and the cpu target's
-(cpu, fp32). The 28-layer, 152064-vocab figure is extrapolated linearly: per-layer slope from
-1 -> 2 layers, vocabulary term from 32000 -> 152064 rows at 1 layer.
+(cpu, fp32). The 28-layer, 152064-vocab figure is extrapolated linearly, not measured: per-layer
+slope from 1 -> 2 layers, vocabulary term from 32000 -> 152064 rows at 1 layer (only when all
+three cases ran). Peak memory does not depend on load; the record states it anyway.
 """
 
 from __future__ import annotations
@@ -24,11 +25,12 @@ import json
 import subprocess
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from loc3r.bench.report import machine_info
-from loc3r.fileio import write_json_atomic
+from loc3r.bench.provenance import Recording, header, start
+from loc3r.fileio import atomic_file, write_json_atomic
 
 WIDTHS = {"hidden_size": 3584, "intermediate_size": 18944, "num_attention_heads": 28, "num_key_value_heads": 4}
 CASES = ((1, 32000), (2, 32000), (1, 152064))
@@ -95,10 +97,23 @@ def extrapolate(peaks: dict[tuple[int, int], float]) -> float:
     return peaks[(1, REAL_VOCAB)] + (REAL_LAYERS - 1) * per_layer
 
 
-def run(with_builder: bool) -> dict[str, Any]:
+def parse_case(text: str) -> tuple[int, int]:
+    """``LAYERS:VOCAB`` (e.g. ``1:32000``) as a case."""
+    try:
+        layers, vocab = (int(v) for v in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not LAYERS:VOCAB (e.g. 1:32000)") from None
+    if layers < 1 or vocab < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: layers and vocab must be at least 1")
+    return layers, vocab
+
+
+def run(with_builder: bool, cases: Sequence[tuple[int, int]], recording: Recording) -> dict[str, Any]:
+    """Each case's peak per form and exporter, one fresh process each; the 28-layer line
+    when the three cases of ``CASES`` ran."""
     rows: dict[str, dict[str, dict[str, float]]] = {}
     with tempfile.TemporaryDirectory(prefix="loc3r-export-memory-") as tmp:
-        for layers, vocab in CASES:
+        for layers, vocab in cases:
             checkpoint = Path(tmp) / f"ckpt_{layers}_{vocab}"
             write_checkpoint(checkpoint, layers, vocab)
             for name, form in FORMS.items():
@@ -111,19 +126,21 @@ def run(with_builder: bool) -> dict[str, Any]:
                     subprocess.run(["rm", "-rf", str(out), str(out) + ".cache"], check=True)
             subprocess.run(["rm", "-rf", str(checkpoint)], check=True)
     for tools in rows.values():
-        for cases in tools.values():
-            peaks = {(int(k.split()[0]), int(k.split()[-1])): v for k, v in cases.items()}
-            cases[f"{REAL_LAYERS} layers, vocab {REAL_VOCAB} (extrapolated)"] = extrapolate(peaks)
-    return {"machine": machine_info(), "widths": WIDTHS, "peak_rss_gib": rows}
+        for measured in tools.values():
+            peaks = {(int(k.split()[0]), int(k.split()[-1])): v for k, v in measured.items()}
+            if all(case in peaks for case in CASES):
+                measured[f"{REAL_LAYERS} layers, vocab {REAL_VOCAB} (extrapolated)"] = extrapolate(peaks)
+    return {"provenance": recording.finish(), "widths": WIDTHS, "peak_rss_gib": rows}
 
 
 def to_markdown(result: dict[str, Any]) -> str:
     lines = [
         "# LLM export: peak RSS at Qwen2-7B widths",
         "",
-        "Command: `python -m loc3r.bench.llm_export_memory`  ",
-        f"Machine: {result['machine']['cpu']}, {result['machine']['cores']} cores, {result['machine']['ram_gib']:.1f} GiB; "
-        f"commit {result['machine']['git_commit']}; {result['machine']['date_utc']}",
+        *header(result["provenance"]),
+        "",
+        "**Extrapolated, not measured:** every 28-layer row is a straight line through the 1- and 2-layer points "
+        "(the 1-layer full-vocabulary figure + 27 x the 1 -> 2 layer slope); only the 1- and 2-layer rows are measurements.",
         "",
         "| form | exporter | case | peak RSS GiB |",
         "| --- | --- | --- | --- |",
@@ -132,18 +149,42 @@ def to_markdown(result: dict[str, Any]) -> str:
         for tool, cases in tools.items():
             for case, peak in cases.items():
                 lines.append(f"| {form} | {tool} | {case} | {peak:.2f} |")
-    return "\n".join(lines) + "\n"
+    lines += ["", NOTES]
+    return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+NOTES = """\
+Checkpoints: random bf16, Qwen2-7B's widths (hidden 3584, MLP 18944, 28/4 heads), 1 or 2
+layers, 32000 or 152064 vocabulary rows, Hugging Face layout in 2 GB shards. Each export
+ran in a fresh process, one after another (peak memory does not depend on the order or the
+load); peak RSS is that process's own `VmHWM`, read by itself at its end.
+
+- `loc3r`: `loc3r.export.llm_build` as `loc3r-export` runs it: the weights are
+  memory-mapped views of the checkpoint's files whose pages are returned after use, and
+  each weight is quantized on its own with onnxruntime's quantizer.
+- `builder`: onnxruntime-genai's own command line on the same checkpoint and options; it
+  loads the whole model through `AutoModelForCausalLM.from_pretrained`.
+- Not measured at 28 layers: that needs a 15 GB checkpoint and ~40 min on this shared
+  2-core machine (`benchmarks/real_size.py` runs it).
+"""
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m loc3r.bench.llm_export_memory", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--no-builder", action="store_true", help="skip the builder's own command line")
+    parser.add_argument("--cases", nargs="+", type=parse_case, default=list(CASES), metavar="LAYERS:VOCAB",
+                        help="checkpoints to export (default 1:32000 2:32000 1:152064, the three the 28-layer line needs)")
+    parser.add_argument("--allow-unreachable", action="store_true", help="measure code not on main (the result says so)")
     args = parser.parse_args(argv)
-    result = run(not args.no_builder)
+    command = ["python", "-m", "loc3r.bench.llm_export_memory", *(argv if argv is not None else sys.argv[1:])]
+    recording = start("llm_export_memory", command, "one case and exporter at a time, each a fresh process "
+                      "(peak memory: order and load do not change it)", 1, args.allow_unreachable)
+    result = run(not args.no_builder, args.cases, recording)
     args.out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(args.out / "llm_export_memory.json", result)
-    (args.out / "llm_export_memory.md").write_text(to_markdown(result), encoding="utf-8")
+    with atomic_file(args.out / "llm_export_memory.md") as stream:
+        stream.write(to_markdown(result))
     print(to_markdown(result))
 
 

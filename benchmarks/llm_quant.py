@@ -1,13 +1,14 @@
-"""LLM quantization benchmark: weight bytes, peak RSS, prefill/decode speed, top-1 agreement.
+"""LLM quantization benchmark: weight bytes, logit error and top-1 agreement; speed apart.
 
-Run: ``python -m loc3r.bench.llm_quant [--out benchmarks/results]``. Every variant is
-exported from one small Qwen2 with transformers' init (std 0.02) except lm_head, drawn
-with std 0.4 so that the next-token distribution is peaked, not flat (training this size
-on 2 shared cores was too slow; scaling every weight instead makes a chaotic network where
-even fp16 flips tokens), then timed in a fresh subprocess (so that peak RSS is that
-variant's alone; best of ``REPEATS`` runs, as the machine is shared). The tests use
-:func:`peaked_qwen2` (a trained tiny model) instead. The export's own memory at real width
-is measured by :mod:`loc3r.bench.llm_export_memory`.
+Run: ``python -m loc3r.bench.llm_quant [--out benchmarks/results]`` (``llm_quant.md``: every
+variant's bytes and agreement, deterministic, no timing) or ``--speed-only ROUNDS``
+(``llm_quant_speed.md``: the shipped precisions' speed, fresh subprocesses in alternating
+order). Every variant is exported from one small Qwen2 with transformers' init (std 0.02)
+except lm_head, drawn with std 0.4 so that the next-token distribution is peaked, not flat
+(training this size on 2 shared cores was too slow; scaling every weight instead makes a
+chaotic network where even fp16 flips tokens). The tests use :func:`peaked_qwen2` (a
+trained tiny model) instead. The export's own memory at real width is measured by
+:mod:`loc3r.bench.llm_export_memory`.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -172,9 +172,9 @@ def _in_subprocess(function: str, *args: Any) -> dict[str, Any]:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def _variants() -> list[tuple[dict[str, Any], bool]]:
-    """(LLMForm arguments, measure speed): the CPU forms, int8/int4 with fp32 compute
-    (accuracy level 0), then the int4 block size / symmetry / lm_head sweep."""
+def _variants() -> list[dict[str, Any]]:
+    """LLMForm arguments: the CPU forms, int8/int4 with fp32 compute (accuracy level 0),
+    then the int4 block size / symmetry / lm_head sweep."""
     timed = [{"layers": q, "lm_head": q, "accuracy_level": 4} for q in ("fp32", "int8", "int4")]
     timed += [{"layers": q, "lm_head": q, "accuracy_level": 0} for q in ("int8", "int4")]
     sweep = [
@@ -184,7 +184,7 @@ def _variants() -> list[tuple[dict[str, Any], bool]]:
         for head in ("int4", "int8")
         if (block, sym, head) != (32, True, "int4")  # the shipped int4
     ]
-    return [(v, True) for v in timed] + [(v, False) for v in sweep]
+    return timed + sweep
 
 
 def _export(source: Any, folder: Path, probe: bool = True, **form: Any) -> dict[str, Any]:
@@ -230,8 +230,8 @@ def tiny_trained_agreement(prompts: int, new_tokens: int) -> dict[str, float]:
     return {"mean_top1_prob": _mean_top1_prob(model, test_prompts), **agreement}
 
 
-def run(head_std: float, prompts: int, new_tokens: int) -> dict[str, Any]:
-    """Export and measure every variant of the small config."""
+def run(head_std: float, prompts: int, new_tokens: int, recording: Recording) -> dict[str, Any]:
+    """Export every variant of the small config; its bytes, logit error and agreement."""
     from loc3r.export.llm import LLMSource
 
     model = scaled_qwen2(SMALL, head_std)
@@ -240,7 +240,7 @@ def run(head_std: float, prompts: int, new_tokens: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         source = LLMSource.from_model(model, Path(tmp) / "source")
         reference = None
-        for variant, timed in _variants():
+        for variant in _variants():
             name = "-".join(str(v) for v in variant.values())
             folder = Path(tmp) / name
             t0 = time.perf_counter()
@@ -257,8 +257,6 @@ def run(head_std: float, prompts: int, new_tokens: int) -> dict[str, Any]:
                 "max_abs_hidden": fragment["parity"]["max_abs_hidden"],
                 "top1_agreement": greedy_agreement(reference, llm, test_prompts, new_tokens),
             }
-            if timed:
-                row.update(_in_subprocess("_measure_speed", str(folder), 512, 64))
             rows.append(row)
     fp32 = rows[0]["matmul_weight_bytes"]
     for row in rows:
@@ -270,13 +268,9 @@ def run(head_std: float, prompts: int, new_tokens: int) -> dict[str, Any]:
             "mean_top1_prob": _mean_top1_prob(model, test_prompts),
         },
         "agreement": {"prompts": prompts, "prompt_tokens": 12, "new_tokens": new_tokens},
-        "machine": {
-            "cpu": platform.processor() or platform.machine(),
-            "threads": torch.get_num_threads(),
-            "load_average_1m_at_end": os.getloadavg()[0],
-        },
         "variants": rows,
         "tiny_trained_agreement": tiny_trained_agreement(prompts, new_tokens),
+        "provenance": recording.finish(),
     }
 
 
@@ -293,13 +287,9 @@ NOTES = """\
 - top-1 agree: the fp32 decoder generates 16 tokens greedily after each of 8 prompts; the
   variant is teacher-forced along them; share of steps with the same argmax.
 - max abs logits: the export's parity probe (12 + 4 seeded tokens, two prefills) vs torch fp32.
-- Speed: best of 3 on a shared 2-core machine (others' jobs ran too): a previous run gave
-  2-4x lower numbers for the same variants, so read the columns as rough ratios; peak RSS
-  is the timing subprocess's VmHWM (python + torch + onnxruntime alone were ~400 MB).
-- Speed is re-measured by `--speed-only ROUNDS` into `llm_quant_speed.md` (medians of fresh
-  processes, alternating order). The recorded one was measured on the exporter before the
-  builder's: int4 decoded ~1.9x and int8 ~1.6x faster than fp32 on this CPU, prefill about
-  even (int8 slower); an earlier best-of-3 reading of "decode about even" did not reproduce.
+- Bytes, logit error and agreement are deterministic (seeded weights and prompts): they do
+  not depend on the machine's load. Speed is measured apart, by `--speed-only ROUNDS`, into
+  `llm_quant_speed.md` (medians of fresh processes, alternating order).
 - fp16 is the GPU targets' form (the builder's `cuda` form), not measured here: on the CPU
   provider onnxruntime has no fp16 MatMul and widens the weights at load.
 
@@ -311,9 +301,9 @@ NOTES = """\
   (asymmetric block 32 lands on 0.160x); asymmetric is `symmetric=False` away.
 - lm_head in int4 like the layers: an int8 head did not raise agreement here (the layers'
   error dominates) and costs +0.05x bytes on this vocab/width ratio.
-- Accuracy level 4: int8-weight MatMulNBits at level 0 has no fast CPU kernel (decode
-  15-40x slower than level 4 across runs); for int4 level 4 decodes faster (1.2-1.5x) at
-  the same agreement.
+- Accuracy level 4: int8-weight MatMulNBits at level 0 had no fast CPU kernel (decode
+  15-40x slower than level 4) and int4 at level 4 decoded 1.2-1.5x faster, at the same
+  agreement: measured on the earlier hand-written decoder, not re-measured on the builder's.
 - The small model is random apart from its peaked head: int4 RTN agreement on it (~0.47)
   is far below the trained tiny model's (~0.97). Measure on the real checkpoint
   before shipping int4; if it falls short, int8 or a calibrated int4 (ORT's quantizer also
@@ -324,25 +314,20 @@ NOTES = """\
 def to_markdown(result: dict[str, Any]) -> str:
     """The results as tables."""
     lines = [
-        "# LLM quantization benchmark",
+        "# LLM quantization benchmark: bytes and agreement",
         "",
-        f"Config: {result['config']}",
+        *header(result["provenance"]),
+        "",
+        f"Config: {result['config']}  ",
         f"Model: {result['model']}; agreement: {result['agreement']}",
         "",
-        "| variant | lm_head | bytes | vs fp32 | top-1 agree | max abs logits "
-        "| prefill tok/s | decode tok/s | peak RSS MB |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| variant | lm_head | bytes | vs fp32 | top-1 agree | max abs logits |",
+        "| --- | --- | --- | --- | --- | --- |",
     ]
     for r in result["variants"]:
-        speed = (
-            f"{r['prefill_tok_s']:.0f} | {r['decode_tok_s']:.1f} | {r['peak_rss_mb']:.0f}"
-            if "decode_tok_s" in r
-            else "- | - | -"
-        )
         lines.append(
             f"| {r['variant']} | {r['lm_head']} | {r['matmul_weight_bytes']:,} "
-            f"| {r['bytes_vs_fp32']:.3f} | {r['top1_agreement']:.3f} "
-            f"| {r['max_abs_logits']:.4f} | {speed} |"
+            f"| {r['bytes_vs_fp32']:.3f} | {r['top1_agreement']:.3f} | {r['max_abs_logits']:.4f} |"
         )
     tiny = result["tiny_trained_agreement"]
     lines += ["", f"Trained tiny model of the tests ({TINY.hidden_size} wide), top-1 agreement: "]
@@ -426,10 +411,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         with atomic_file(args.out / "llm_quant_speed.md") as stream:
             stream.write(speed_markdown(result))
         return
-    result = run(args.head_std, args.prompts, args.new_tokens)
+    command = ["python", "-m", "loc3r.bench.llm_quant", *(argv if argv is not None else sys.argv[1:])]
+    recording = start("llm_quant", command, "none: one export per variant, bytes and agreement are deterministic (nothing timed)",
+                      1, args.allow_unreachable)
+    result = run(args.head_std, args.prompts, args.new_tokens, recording)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "llm_quant.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.out / "llm_quant.md").write_text(to_markdown(result))
+    write_json_atomic(args.out / "llm_quant.json", result)
+    with atomic_file(args.out / "llm_quant.md") as stream:
+        stream.write(to_markdown(result))
 
 
 if __name__ == "__main__":

@@ -40,6 +40,8 @@ _RUNTIME = ("runtime/pipeline.py", "runtime/session.py", "runtime/stages.py", "r
 MEASURES: dict[str, tuple[str, ...]] = {
     "bench_small": (*_RUNTIME, "runtime/onnx_backend.py", "runtime/onnx_llm.py", "runtime/video.py", "models/cut3r",
                     "models/vision.py", "benchmarks/baseline.py"),
+    "fresh_small": (*_RUNTIME, "runtime/cli.py", "runtime/onnx_backend.py", "runtime/onnx_llm.py", "runtime/video.py",
+                    "models/cut3r", "models/vision.py", "benchmarks/transformers_run.py"),
     "decode": ("runtime/video.py", "runtime/keyframe_reader.py", "runtime/frame_index.py"),
     "encoders_3d": ("models/cut3r", "models/vggt", "models/encoder3d.py"),
     "streaming_small": (*_RUNTIME, "runtime/video.py", "runtime/prefetch.py", "runtime/encoding_cache.py"),
@@ -116,7 +118,7 @@ def _cpu_seconds() -> float:
 class Recording:
     """Provenance of one result: open before measuring, :meth:`finish` after."""
 
-    result: str  # the result file's stem, a key of MEASURES
+    result: str  # the result file's stem: a key of MEASURES for a file in benchmarks/results
     argv: Sequence[str]
     interleaving: str  # e.g. "A B A B (baseline first on even repeats)"
     repeats: int
@@ -124,8 +126,6 @@ class Recording:
     record: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.result not in MEASURES:
-            raise ValueError(f"{self.result!r} is not a result of MEASURES")
         commit = git("rev-parse", "HEAD")
         dirty = dirty_files()
         reachable = commit is not None and reachable_from_main(commit)
@@ -138,7 +138,7 @@ class Recording:
             "commit": commit,
             "reachable_from_main": reachable,
             "dirty_files": dirty,
-            "measures": list(MEASURES[self.result]),
+            "measures": list(MEASURES.get(self.result, ())),
             "command": shlex.join(self.argv),
             "interleaving": self.interleaving,
             "repeats": self.repeats,
@@ -246,7 +246,18 @@ def mark_stale(stem: str, why: str) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m loc3r.bench.provenance", description=__doc__.split("\n\n")[0])
     parser.add_argument("--mark-stale", action="store_true", help="add the stale note to each stale result's .md")
+    parser.add_argument("--header", metavar="JSON", help="print the markdown header of a result's provenance record "
+                        "(for a .md written by hand from a benchmark's JSON) and exit")
     args = parser.parse_args(argv)
+    if args.header:
+        try:
+            lines = header(json.loads(Path(args.header).read_text(encoding="utf-8"))["provenance"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            print(f"{parser.prog}: error: {args.header} holds no complete provenance record (missing {exc}); re-run its benchmark",
+                  file=sys.stderr)
+            return 2
+        print("\n".join(lines))
+        return 0
     missing = 0
     for stem in MEASURES:
         why = staleness(stem)

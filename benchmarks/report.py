@@ -109,14 +109,14 @@ def render_markdown(doc: Mapping[str, Any]) -> str:
     columns = {**doc["baselines"], **doc["optimized"]}
     backends, bases = list(doc["optimized"]), list(doc["baselines"])
     ratio_columns = [(base, b) for b in backends for base in bases]
+    from loc3r.bench.provenance import header
+
     lines = [
         f"# loc3r-bench: {model['model_id']}, {doc['frames']} frames",
         "",
-        f"Command: `{doc['command']}`  ",
-        f"Machine: {m['cpu']}, {m['cores']} cores (torch threads {m['torch_threads']}), {m['ram_gib']} GiB RAM, {m['os']}; "
-        f"GPU: {m['gpu']['name'] if m['gpu'] else 'none'}  ",
-        "Versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items() if v) + f"; {provenance_line(m)}  ",
-        f"Date: {m['date_utc']}; load average at start {m['load_average_at_start']}  ",
+        *header(doc["provenance"]),
+        f"Torch threads {m['torch_threads']}, {m['os']}; GPU: {m['gpu']['name'] if m['gpu'] else 'none'}  ",
+        "Versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items() if v) + "  ",
         f"Repeats: {doc['repeat']} after {doc['warmup']} warm-up; seconds as median (min-max).",
         "",
         f"**{RANDOM_WEIGHTS_NOTE}**" if model["random_weights"] else "",
@@ -151,12 +151,6 @@ def render_markdown(doc: Mapping[str, Any]) -> str:
     if doc.get("floor"):
         lines += ["", *_floor_lines(doc)]
     return "\n".join(lines) + "\n"
-
-
-def provenance_line(machine: Mapping[str, Any]) -> str:
-    """``code <commit> (clean|UNCOMMITTED CHANGES in ...), HEAD <commit>``."""
-    state = "clean" if not machine["code_dirty"] else "UNCOMMITTED CHANGES in " + ", ".join(machine["dirty_files"])
-    return f"code {machine['code_commit']} ({state}), HEAD {machine['git_commit']}"
 
 
 def _cell(summary: Mapping[str, float]) -> str:

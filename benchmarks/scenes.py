@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -171,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--json", dest="json_out")
     parser.add_argument("--child", nargs=3, metavar=("KIND", "VIDEO", "CACHE"))
+    parser.add_argument("--allow-unreachable", action="store_true", help="measure code not on main (the result says so)")
     args = parser.parse_args(argv)
     if args.child:
         from loc3r.bench.presets import resolve_bench_model
@@ -184,19 +184,24 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(result))
         return 0
     from loc3r.bench.presets import resolve_bench_model
+    from loc3r.bench.provenance import start
     from loc3r.bench.report import machine_info
     from loc3r.runtime.demo_video import write_demo_video
 
+    command = ["python", "-m", "loc3r.bench.scenes", *(sys.argv[1:] if argv is None else argv)]
+    stem = Path(args.json_out).stem if args.json_out else f"scenes_{args.model}"
+    recording = start(stem, command, "in one process: stored KV and recompute alternate (A B, B A, ...); fresh processes: "
+                      "reopen and reopen-warm alternate which goes first every round", args.rounds, args.allow_unreachable)
     resolve_bench_model(args.model)  # built once, before any timing
     machine = machine_info()
     with tempfile.TemporaryDirectory(prefix="loc3r-bench-scenes-") as tmp:
         video = str(write_demo_video(Path(tmp) / "scene.mp4", **VIDEO))
         cache = str(Path(tmp) / "cache")
         cold = run_child(["--model", args.model, "--child", "inproc", video, cache, "--rounds", str(args.rounds)])
+        kinds = ("reopen", "reopen-warm")
         reopen = [run_child(["--model", args.model, "--child", kind, video, cache])
-                  for _ in range(args.rounds) for kind in ("reopen", "reopen-warm")]
-    doc = {"command": "python -m loc3r.bench.scenes " + " ".join(sys.argv[1:] if argv is None else argv), "model": args.model,
-           "machine": machine, "load_average_at_end": list(os.getloadavg()), "in_process": cold, "reopen": reopen}
+                  for i in range(args.rounds) for kind in (kinds if i % 2 == 0 else kinds[::-1])]
+    doc = {"provenance": recording.finish(), "model": args.model, "machine": machine, "in_process": cold, "reopen": reopen}
     text = json.dumps(doc, indent=1)
     if args.json_out:
         Path(args.json_out).write_text(text + "\n", encoding="utf-8")

@@ -1,19 +1,21 @@
 """The server with several scenes (``python -m loc3r.bench.scenes_serve``): questions over 4
 videos in a seeded random order, with a scene memory that holds 2 scenes' KV, 1, and none
 without a scene store (each switch a prefill of the prefix, as before scenes); the
-configurations alternate (A B C A B C), all on one pipeline. Reports the hit rate (a
+configurations alternate (A B C, C B A, ...), all on one pipeline. Reports the hit rate (a
 question whose video was resident or whose KV was in memory), where reclaimed prefixes came
-from, and p50/p99 time to first token (max_tokens 1). Random weights: timings only.
+from, p50/p99 time to first token (max_tokens 1), and this process's CPU seconds (server and
+clients) and wall seconds over each configuration's timed questions. Random weights: timings only.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
+import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +30,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m loc3r.bench.scenes_serve")
     parser.add_argument("--model", default="small")
     parser.add_argument("--questions", type=int, default=24, help="per configuration and round")
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--json", dest="json_out")
+    parser.add_argument("--allow-unreachable", action="store_true", help="measure code not on main (the result says so)")
     args = parser.parse_args(argv)
+    from loc3r.bench.provenance import start
+
+    command = ["python", "-m", "loc3r.bench.scenes_serve", *(sys.argv[1:] if argv is None else argv)]
+    stem = Path(args.json_out).stem if args.json_out else f"scenes_serve_{args.model}"
+    recording = start(stem, command, "the three configurations in turn, the order reversed every round (A B C, C B A, ...)",
+                      args.rounds, args.allow_unreachable)
     from loc3r.bench.presets import resolve_bench_model
     from loc3r.bench.report import machine_info
     from loc3r.runtime.demo_video import write_demo_video
@@ -51,15 +60,17 @@ def main(argv: list[str] | None = None) -> int:
             pipeline.open(media / room)  # every scene stored once, before any timing
         pipeline.forget_video()
         order = random.Random(0).choices(rooms, k=args.questions)
-        results: dict[str, Any] = {name: {"ttft_s": [], "hits": 0, "questions": 0, "sources": {}} for name in CONFIGS}
-        for _ in range(args.rounds):
-            for name, scenes in CONFIGS.items():
+        results: dict[str, Any] = {name: {"ttft_s": [], "hits": 0, "questions": 0, "sources": {}, "cpu_s": [], "wall_s": []}
+                                   for name in CONFIGS}
+        for i in range(args.rounds):
+            for name, scenes in list(CONFIGS.items()) if i % 2 == 0 else list(CONFIGS.items())[::-1]:
                 pipeline.scenes = store if scenes else None
                 settings = ServeSettings(media_dir=media, upload_dir=Path(tmp) / "uploads", scene_memory_bytes=int(scenes * scene_bytes),
                                          max_new_tokens=4)
                 with running(build_server(pipeline, settings)) as url:
                     for room in rooms:  # each server opens the 4 videos once (from the encoding cache), untimed
                         ask(url, room)
+                    cpu, wall = time.process_time(), time.perf_counter()
                     for room in order:
                         server = ask(url, room)
                         entry = results[name]
@@ -68,13 +79,15 @@ def main(argv: list[str] | None = None) -> int:
                         source = server.get("scene_source", server["session"])
                         entry["sources"][source] = entry["sources"].get(source, 0) + 1
                         entry["hits"] += source in ("kept", "memory")
+                    results[name]["cpu_s"].append(time.process_time() - cpu)
+                    results[name]["wall_s"].append(time.perf_counter() - wall)
                 pipeline.forget_video()
         pipeline.scenes = store
     summary = {name: {"hit_rate": r["hits"] / r["questions"], "sources": r["sources"], "questions": r["questions"],
-                      "ttft_p50_s": float(np.percentile(r["ttft_s"], 50)), "ttft_p99_s": float(np.percentile(r["ttft_s"], 99))}
+                      "ttft_p50_s": float(np.percentile(r["ttft_s"], 50)), "ttft_p99_s": float(np.percentile(r["ttft_s"], 99)),
+                      "cpu_s_per_round_median": statistics.median(r["cpu_s"]), "wall_s_per_round_median": statistics.median(r["wall_s"])}
                for name, r in results.items()}
-    doc = {"command": "python -m loc3r.bench.scenes_serve " + " ".join(sys.argv[1:] if argv is None else argv), "model": args.model,
-           "scene_kv_bytes": scene_bytes, "machine": machine, "load_average_at_end": list(os.getloadavg()), "order": order,
+    doc = {"provenance": recording.finish(), "model": args.model, "scene_kv_bytes": scene_bytes, "machine": machine, "order": order,
            "summary": summary, "raw": results}
     text = json.dumps(doc, indent=1)
     if args.json_out:

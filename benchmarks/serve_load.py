@@ -1,7 +1,7 @@
 """Load test of ``loc3r-serve`` on 127.0.0.1: many clients, one model, nothing lost.
 
     python -m loc3r.bench.serve_load [--model tiny] [--clients 8] [--questions 20] [--videos 4]
-                                     [--frames 4] [--max-tokens 8] [--queue 16] [--deadline-s 600]
+                                     [--frames 4] [--max-tokens 8] [--queue 16] [--rounds 3] [--deadline-s 900]
 
 A server (in this process, on a free loopback port) answers ``clients`` threads, each asking
 ``questions`` streamed questions with the official ``openai`` client about one of ``videos``
@@ -9,8 +9,10 @@ demo videos (so sessions are shared and the LLM cache moves between videos). Bas
 the same run: one client asking alone, and the same load on a server whose queue is first
 come, first served (no preference for the video in the LLM cache). Recorded: client-side
 TTFT (request sent -> first token received), the server's queue wait and TTFT, p50/p99 of
-each, the ratios, 429s, reclaims, and that every question was answered. The run is bounded:
-it stops asking at ``--deadline-s`` whatever happens.
+each, the ratios, 429s, reclaims, and that every question was answered. ``--rounds`` rounds,
+the two policies alternating which goes first (A B, B A, ...); percentiles pool the rounds'
+questions, and each ratio's range over the rounds is given beside it. The run is bounded: it
+stops asking at ``--deadline-s`` whatever happens.
 """
 
 from __future__ import annotations
@@ -28,8 +30,9 @@ from typing import Any
 import numpy as np
 
 from loc3r.bench.presets import resolve_bench_model
+from loc3r.bench.provenance import header, start
 from loc3r.bench.report import machine_info
-from loc3r.fileio import write_json_atomic
+from loc3r.fileio import atomic_file, write_json_atomic
 from loc3r.runtime.demo_video import write_demo_video
 from loc3r.runtime.pipeline import Pipeline
 from loc3r.serve.server import build_server, running
@@ -151,6 +154,23 @@ class Phase:
         }
 
 
+def pooled(phases: list[Phase]) -> Phase:
+    """The rounds of one phase as one: every question, every loss, the summed wall time."""
+    return Phase([o for p in phases for o in p.outcomes], [e for p in phases for e in p.lost], sum(p.wall_s for p in phases))
+
+
+def phase_ratios(summaries: dict[str, dict[str, Any]]) -> dict[str, float | None]:
+    """The same-run ratios of one round's (or the pooled) phase summaries."""
+    p50 = {name: summary["client_ttft_s"]["p50"] for name, summary in summaries.items()}
+    return {
+        "follow_up_over_first": ratio(summaries["alone"]["server_ttft_s"]["p50"], summaries["first"]["server_ttft_s"]["p50"]),
+        "loaded_over_alone_p50": ratio(p50["cached_first"], p50["alone"]),
+        "loaded_over_alone_p99": ratio(summaries["cached_first"]["client_ttft_s"]["p99"], summaries["alone"]["client_ttft_s"]["p99"]),
+        "fifo_over_cached_first_p50": ratio(p50["fifo"], p50["cached_first"]),
+        "throughput_cached_first_over_fifo": ratio(summaries["cached_first"]["questions_per_s"], summaries["fifo"]["questions_per_s"]),
+    }
+
+
 def measure(url: str, clients: int, questions: int, videos: list[str], args: argparse.Namespace, deadline: float) -> Phase:
     start = time.perf_counter()
     outcomes, lost = run_clients(url, clients, questions, videos, args.frames, args.max_tokens, deadline)
@@ -159,8 +179,7 @@ def measure(url: str, clients: int, questions: int, videos: list[str], args: arg
 
 def first_questions(url: str, videos: list[str], args: argparse.Namespace, deadline: float) -> Phase:
     """One question per video, one after another: each opens (decodes, encodes) its video."""
-    phases = [measure(url, 1, 1, [video], args, deadline) for video in videos]
-    return Phase([o for p in phases for o in p.outcomes], [e for p in phases for e in p.lost], sum(p.wall_s for p in phases))
+    return pooled([measure(url, 1, 1, [video], args, deadline) for video in videos])
 
 
 COLUMNS = ("first", "alone", "cached_first", "fifo")
@@ -185,17 +204,20 @@ def markdown(result: dict[str, Any]) -> str:
     def fmt(value: float | None) -> str:
         return "n/a" if value is None else f"{value:.3f}"
 
+    def spread(key: str) -> str:
+        values = [v for v in result["ratios_per_round"][key] if v is not None]
+        return f"{fmt(r[key])} ({fmt(min(values))}-{fmt(max(values))})" if values else fmt(r[key])
+
     heads = [HEADINGS[c].format(clients=s["clients"]) for c in COLUMNS]
-    machine = result["machine"]
     lines = [
         "# loc3r-serve load test (127.0.0.1)",
         "",
-        f"Command: `{result['command']}`  ",
-        f"Machine: {machine['cpu']}, {machine['cores']} cores, torch threads {machine['torch_threads']}, load average at start "
-        f"{', '.join(f'{v:.1f}' for v in machine['load_average_at_start'] or [])}; model `{result['model']}` (RANDOM weights: "
+        *header(result["provenance"]),
+        f"Torch threads {result['machine']['torch_threads']}; model `{result['model']}` (RANDOM weights: "
         f"timings only); {s['videos']} videos, {s['frames']} frames, {s['max_tokens']} tokens per answer, queue {s['queue']}.",
         "",
-        "Method: one server per queue policy, in this process. Each first asks one question per video "
+        f"Method: {s['rounds']} rounds; in each, one server per queue policy, in this process, the policies alternating "
+        "which goes first. Each server first asks one question per video "
         f"(opening it), then, with the cached-video-first policy only, one client asks {s['questions']} questions alone "
         f"(the baseline), then {s['clients']} clients ask {s['questions']} streamed questions each with the `openai` "
         f"client, client i about video i mod {s['videos']}. TTFT on the client: request sent -> first token received.",
@@ -212,13 +234,15 @@ def markdown(result: dict[str, Any]) -> str:
         row("queue wait", "queue_wait_s"),
         row("whole answer", "total_s"),
         "",
-        "| ratio (same run) | value |",
+        "Percentiles pool every round's questions.",
+        "",
+        "| ratio (same run) | pooled (range over rounds) |",
         "|---|---:|",
-        f"| server TTFT p50, follow-up (1 client) / first question | {fmt(r['follow_up_over_first'])} |",
-        f"| client TTFT p50, {s['clients']} clients / 1 client | {fmt(r['loaded_over_alone_p50'])} |",
-        f"| client TTFT p99, {s['clients']} clients / 1 client | {fmt(r['loaded_over_alone_p99'])} |",
-        f"| client TTFT p50, first come first served / cached video first | {fmt(r['fifo_over_cached_first_p50'])} |",
-        f"| questions per second, cached video first / first come first served | {fmt(r['throughput_cached_first_over_fifo'])} |",
+        f"| server TTFT p50, follow-up (1 client) / first question | {spread('follow_up_over_first')} |",
+        f"| client TTFT p50, {s['clients']} clients / 1 client | {spread('loaded_over_alone_p50')} |",
+        f"| client TTFT p99, {s['clients']} clients / 1 client | {spread('loaded_over_alone_p99')} |",
+        f"| client TTFT p50, first come first served / cached video first | {spread('fifo_over_cached_first_p50')} |",
+        f"| questions per second, cached video first / first come first served | {spread('throughput_cached_first_over_fifo')} |",
         "",
         f"Lost questions: {sum(len(phases[c]['lost']) for c in COLUMNS)}; retries after a 429: "
         f"{sum(phases[c]['retries_after_429'] for c in COLUMNS)}.",
@@ -237,45 +261,52 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=8)
     parser.add_argument("--queue", type=int, default=16)
     parser.add_argument("--deadline-s", type=float, default=900, help="stop asking after this many seconds, answered or not")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds, the policies alternating which goes first (default 3)")
     parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--allow-unreachable", action="store_true", help="measure code not on main (the result says so)")
     args = parser.parse_args(argv)
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
+    stem = f"serve_load_{args.model}" if args.model in ("tiny", "small") else "serve_load"
+    command = ["python", "-m", "loc3r.bench.serve_load", *(argv if argv is not None else sys.argv[1:])]
+    recording = start(stem, command, "the two queue policies alternate which goes first every round (A B, B A, ...)",
+                      args.rounds, args.allow_unreachable)
     deadline = time.monotonic() + args.deadline_s
     pipeline = Pipeline.from_pretrained(resolve_bench_model(args.model))
-    phases: dict[str, Phase] = {}
+    rounds: list[dict[str, Phase]] = []
     with tempfile.TemporaryDirectory() as tmp:
         media = Path(tmp) / "media"
         videos = [write_demo_video(media / f"scene{i}.mp4", num_frames=24 + 4 * i, width=320, height=240).name for i in range(args.videos)]
         settings = ServeSettings(media_dir=media, upload_dir=Path(tmp) / "uploads", max_frames=args.frames, queue_size=args.queue)
-        for policy, passes in (("cached_first", settings.max_passes), ("fifo", 0)):
-            with running(build_server(pipeline, replace(settings, max_passes=passes))) as url:
-                opened = first_questions(url, videos, args, deadline)
-                if policy == "cached_first":
-                    phases["first"] = opened
-                    phases["alone"] = measure(url, 1, args.questions, videos[:1], args, deadline)
-                phases[policy] = measure(url, args.clients, args.questions, videos, args, deadline)
-    summaries = {name: phase.summary() for name, phase in phases.items()}
-    p50 = {name: summary["client_ttft_s"]["p50"] for name, summary in summaries.items()}
+        policies = [("cached_first", settings.max_passes), ("fifo", 0)]
+        for i in range(args.rounds):
+            phases: dict[str, Phase] = {}
+            for policy, passes in policies if i % 2 == 0 else policies[::-1]:
+                with running(build_server(pipeline, replace(settings, max_passes=passes))) as url:
+                    opened = first_questions(url, videos, args, deadline)
+                    if policy == "cached_first":
+                        phases["first"] = opened
+                        phases["alone"] = measure(url, 1, args.questions, videos[:1], args, deadline)
+                    phases[policy] = measure(url, args.clients, args.questions, videos, args, deadline)
+            rounds.append(phases)
+    summaries = {name: pooled([r[name] for r in rounds]).summary() for name in COLUMNS}
+    per_round = [phase_ratios({name: phase.summary() for name, phase in r.items()}) for r in rounds]
     result = {
-        "command": " ".join(["python -m loc3r.bench.serve_load", *(argv if argv is not None else sys.argv[1:])]),
+        "provenance": recording.finish(),
         "machine": machine_info(),
         "model": args.model,
-        "settings": {k: getattr(args, k) for k in ("clients", "questions", "videos", "frames", "max_tokens", "queue", "deadline_s")},
+        "settings": {k: getattr(args, k) for k in ("clients", "questions", "videos", "frames", "max_tokens", "queue", "rounds", "deadline_s")},
         "phases": summaries,
-        "ratios": {
-            "follow_up_over_first": ratio(summaries["alone"]["server_ttft_s"]["p50"], summaries["first"]["server_ttft_s"]["p50"]),
-            "loaded_over_alone_p50": ratio(p50["cached_first"], p50["alone"]),
-            "loaded_over_alone_p99": ratio(summaries["cached_first"]["client_ttft_s"]["p99"], summaries["alone"]["client_ttft_s"]["p99"]),
-            "fifo_over_cached_first_p50": ratio(p50["fifo"], p50["cached_first"]),
-            "throughput_cached_first_over_fifo": ratio(summaries["cached_first"]["questions_per_s"], summaries["fifo"]["questions_per_s"]),
-        },
+        "ratios": phase_ratios(summaries),
+        "ratios_per_round": {key: [r[key] for r in per_round] for key in per_round[0]},
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"serve_load_{args.model}" if args.model in ("tiny", "small") else "serve_load"
     write_json_atomic(out / f"{stem}.json", result)
-    (out / f"{stem}.md").write_text(markdown(result), encoding="utf-8")
+    with atomic_file(out / f"{stem}.md") as stream:
+        stream.write(markdown(result))
     print(markdown(result))
-    return 1 if any(phase.lost for phase in phases.values()) else 0
+    return 1 if any(phase["lost"] for phase in summaries.values()) else 0
 
 
 if __name__ == "__main__":

@@ -2,7 +2,9 @@
 
     python -m loc3r.bench.streaming [--model tiny|small] [--frames 32] [--repeats 3] [--out benchmarks/results]
 
-Every TTFT is ``Answer.timings["ttft_s"]``: from the question being given to the first token.
+Every TTFT is ``Answer.timings["ttft_s"]``: from the question being given to the first token;
+beside it ``cpu_s``, the CPU seconds of this process (all its threads) over the same call.
+Each repeat runs every scenario in turn, so load drift hits all of them; medians.
 - cold: ``Pipeline.ask(video, question)`` on a video it does not hold: decode, encode and
   prefill of the video (streamed: each frame encoded and prefilled as it is decoded), then
   the question;
@@ -20,6 +22,7 @@ Every TTFT is ``Answer.timings["ttft_s"]``: from the question being given to the
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -31,7 +34,8 @@ from typing import Any
 from loc3r.bench.decode import write_long_video
 from loc3r.bench.memory import child_peak_rss
 from loc3r.bench.presets import resolve_bench_model
-from loc3r.bench.report import machine_info, provenance_line
+from loc3r.bench.provenance import header, start
+from loc3r.bench.report import machine_info
 from loc3r.fileio import atomic_file, write_json_atomic
 from loc3r.models.config import LLMConfig
 from loc3r.runtime.demo_video import write_demo_video
@@ -41,7 +45,7 @@ from loc3r.runtime.pipeline import Pipeline
 
 SAMPLING = SamplingConfig(max_new_tokens=8)
 SCENARIOS = ("cold", "reference_order", "follow_up", "streamed_then_asked", "cached_reopen")
-SHOWN = ("ttft_s", "video_s", "question_to_first_token_s", "cache_read", "decode", "preprocess", "encode_3d",
+SHOWN = ("ttft_s", "cpu_s", "video_s", "question_to_first_token_s", "cache_read", "decode", "preprocess", "encode_3d",
          "encode_vision", "prefill_video", "prefill_question")
 
 
@@ -53,22 +57,27 @@ def ttft_runs(model_dir: Path, video: Path, frames: int, cache_dir: Path, repeat
     pipeline.ask(video, "warm up", sampling=SAMPLING, num_frames=2)  # first-call allocations
     cached.ask(video, "fill the cache", sampling=SAMPLING, num_frames=frames)
     runs: dict[str, list[dict[str, float]]] = {name: [] for name in SCENARIOS}
+
+    def record(name: str, cpu_from: float, answer: Any) -> Any:
+        runs[name].append({**answer.timings, "cpu_s": time.process_time() - cpu_from})
+        return answer
+
     for i in range(repeats):
         pipeline.forget_video()
-        runs["cold"].append(pipeline.ask(video, f"Where am I? ({i})", sampling=SAMPLING, num_frames=frames).timings)
-        runs["follow_up"].append(pipeline.ask(video, f"What is in front of me? ({i})", sampling=SAMPLING, num_frames=frames).timings)
+        record("cold", time.process_time(), pipeline.ask(video, f"Where am I? ({i})", sampling=SAMPLING, num_frames=frames))
+        record("follow_up", time.process_time(),
+               pipeline.ask(video, f"What is in front of me? ({i})", sampling=SAMPLING, num_frames=frames))
         pipeline.forget_video()
         session = pipeline.open(video, frames)  # streamed in before the question comes
-        runs["streamed_then_asked"].append(session.ask(f"Where am I? ({i})", sampling=SAMPLING).timings)
+        record("streamed_then_asked", time.process_time(), session.ask(f"Where am I? ({i})", sampling=SAMPLING))
         pipeline.forget_video()
-        given_at = time.perf_counter()
+        given_at, cpu_from = time.perf_counter(), time.process_time()
         session = pipeline.open(video, frames, streaming=False)
-        runs["reference_order"].append(session.ask(f"Where am I? ({i})", sampling=SAMPLING, given_at=given_at).timings)
+        record("reference_order", cpu_from, session.ask(f"Where am I? ({i})", sampling=SAMPLING, given_at=given_at))
         cached.forget_video()
-        hit = cached.ask(video, f"Where am I? ({i})", sampling=SAMPLING, num_frames=frames)
+        hit = record("cached_reopen", time.process_time(), cached.ask(video, f"Where am I? ({i})", sampling=SAMPLING, num_frames=frames))
         if hit.video.get("encoding_cache") != "hit":
             raise RuntimeError("the cached re-open did not hit the encoding cache")
-        runs["cached_reopen"].append(hit.timings)
     medians = {name: {key: statistics.median(r.get(key, 0.0) for r in values) for key in SHOWN} for name, values in runs.items()}
     return medians | {"prefix_tokens": pipeline.stages.llm.cached_length}
 
@@ -89,29 +98,36 @@ def memory_runs(workdir: Path, frames: int, long_minutes: float) -> dict[str, An
     long = write_long_video(workdir / "long.mp4", long_minutes, 250, workdir)
     out = {}
     for name, path, seconds in (("short", short, 10), ("long", long, int(60 * long_minutes))):
+        cpu_from = _children_cpu_s()
         peak, wall = child_peak_rss(SAMPLE, [str(path), str(frames)])
-        out[name] = {"seconds": seconds, "resolution": "1920x1080", "fps": 30, "peak_rss_mib": peak / 2**20, "wall_s": wall}
+        out[name] = {"seconds": seconds, "resolution": "1920x1080", "fps": 30, "peak_rss_mib": peak / 2**20, "wall_s": wall,
+                     "cpu_s": _children_cpu_s() - cpu_from}
     return out
+
+
+def _children_cpu_s() -> float:
+    """CPU seconds of the child processes waited for so far."""
+    times = os.times()
+    return times.children_user + times.children_system
 
 
 def markdown(result: dict[str, Any]) -> str:
     t, m, r = result["ttft"], result["memory"], result["ratios"]
-    machine = result["machine"]
     lines = [
         "# Streaming runtime benchmark: time to first token as the user waits for it",
         "",
-        f"Command: `{result['command']}`  ",
-        f"Machine: {machine['cpu']}, {machine['cores']} cores, torch threads {machine['torch_threads']}; "
-        f"load average at start {machine['load_average_at_start']}; {provenance_line(machine)}; {machine['date_utc']}  ",
-        f"Model `{result['model']}` (RANDOM weights: timings only), {result['frames']} frames; medians of {result['repeats']} repeats.",
+        *header(result["provenance"]),
+        f"Model `{result['model']}` (RANDOM weights: timings only), {result['frames']} frames, torch threads "
+        f"{result['machine']['torch_threads']}; medians of {result['repeats']} repeats, every scenario in each repeat. "
+        "cpu_s: this process's CPU seconds over the same span as ttft_s (streamed_then_asked: the question only).",
         "",
-        "| scenario | ttft_s | video_s | question_to_first_token_s | cache_read | decode | encode_3d | encode_vision | prefill_video | prefill_question |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| scenario | ttft_s | cpu_s | video_s | question_to_first_token_s | cache_read | decode | encode_3d | encode_vision | prefill_video | prefill_question |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name in SCENARIOS:
         v = t[name]
         lines.append(f"| {name} | " + " | ".join(f"{v[k]:.3f}" for k in (
-            "ttft_s", "video_s", "question_to_first_token_s", "cache_read", "decode", "encode_3d", "encode_vision",
+            "ttft_s", "cpu_s", "video_s", "question_to_first_token_s", "cache_read", "decode", "encode_3d", "encode_vision",
             "prefill_video", "prefill_question")) + " |")
     lines += [
         "",
@@ -125,9 +141,9 @@ def markdown(result: dict[str, Any]) -> str:
         f"{result['kv_cache']['benchmarked_mb']:.0f} MB per video for this model, {result['kv_cache']['real_7b_fp16_mb']:.0f} MB "
         "(fp16) for the real Qwen2-7B prefix; not done here (see the note below).",
         "",
-        "| memory, sampling 32 frames in a fresh process | peak RSS (VmHWM) | wall |",
-        "|---|---|---|",
-        *(f"| {v['seconds']} s of 1080p30 | {v['peak_rss_mib']:.0f} MiB | {v['wall_s']:.1f} s |" for v in m.values()),
+        "| memory, sampling 32 frames in a fresh process | peak RSS (VmHWM) | wall | CPU |",
+        "|---|---|---|---|",
+        *(f"| {v['seconds']} s of 1080p30 | {v['peak_rss_mib']:.0f} MiB | {v['wall_s']:.1f} s | {v['cpu_s']:.1f} s |" for v in m.values()),
         "",
     ]
     return "\n".join(lines)
@@ -140,8 +156,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--long-minutes", type=float, default=10.0)
     parser.add_argument("--repeats", type=int, default=3, help="repeats per scenario (medians)")
     parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--allow-unreachable", action="store_true", help="measure code not on main (the result says so)")
     args = parser.parse_args(argv)
-    command = "python -m loc3r.bench.streaming " + " ".join(argv if argv is not None else sys.argv[1:])
+    stem = f"streaming_{args.model}" if args.model in ("tiny", "small") else "streaming"
+    command = ["python", "-m", "loc3r.bench.streaming", *(argv if argv is not None else sys.argv[1:])]
+    recording = start(stem, command, "every scenario in turn within each repeat (cold, follow-up, streamed, reference, cached)",
+                      args.repeats, args.allow_unreachable)
     machine = machine_info()
     model_dir = resolve_bench_model(args.model)
     with tempfile.TemporaryDirectory() as tmp:
@@ -152,7 +172,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = Pipeline.from_pretrained(model_dir).config.llm
     prefix_tokens = ttft.pop("prefix_tokens")
     result = {
-        "command": command.strip(),
+        "provenance": recording.finish(),
         "machine": machine,
         "model": args.model,
         "frames": args.frames,
@@ -174,7 +194,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"streaming_{args.model}" if args.model in ("tiny", "small") else "streaming"
     write_json_atomic(out / f"{stem}.json", result)
     with atomic_file(out / f"{stem}.md") as stream:
         stream.write(markdown(result))

@@ -19,6 +19,7 @@ from loc3r.bench.cli import BASELINES, assemble, main
 from loc3r.bench.measure import STAGES
 from loc3r.bench.memory import RssSampler, current_rss_mib, peak_rss_mib
 from loc3r.bench.presets import small_config, small_cut3r
+from loc3r.bench.provenance import Recording
 from loc3r.bench.report import machine_info, render_markdown, write_plot
 from loc3r.bench.stats import ratio, ratios, summarize, summarize_runs
 from loc3r.models.cut3r import Cut3rConfig
@@ -49,7 +50,9 @@ def doc(tiny_tokenizer: TextTokenizer) -> dict:
         "torch": "torch fp32",
         "onnxruntime": "onnxruntime int4 layers",
     }
-    return assemble(args, "loc3r-bench --model tiny", machine_info(), config, runs, memory, 28.0, formats, (384, 512), 3)
+    doc = assemble(args, "loc3r-bench --model tiny", machine_info(), config, runs, memory, 28.0, formats, (384, 512), 3)
+    doc["provenance"] = Recording("bench_tiny", ["loc3r-bench", "--model", "tiny"], "A B A B", 3, allow_unreachable=True).finish()
+    return doc
 
 
 def test_summarize_known_values() -> None:
@@ -94,15 +97,12 @@ def test_result_schema_and_ratios(doc: dict) -> None:
     assert "RANDOM" in text and "loc3r onnxruntime vs transformers + prefix cache" in text
     assert "**loc3r onnxruntime**: onnxruntime int4 layers" in text and "stand-in" not in text.lower()
     assert all(f"| {stage} |" in text for stage in STAGES)
+    assert "Command: `loc3r-bench --model tiny`" in text and "load average (1, 5, 15 min) before" in text and "CPU-s" in text
 
 
-def test_provenance_names_the_code_commit_and_uncommitted_changes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_code_provenance_outside_a_checkout_is_none(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from loc3r.bench import report
 
-    clean = {"git_commit": "a" * 40, "code_commit": "b" * 40, "code_dirty": False, "dirty_files": []}
-    assert report.provenance_line(clean) == f"code {'b' * 40} (clean), HEAD {'a' * 40}"
-    dirty = clean | {"code_dirty": True, "dirty_files": ["runtime/video.py"]}
-    assert "UNCOMMITTED CHANGES in runtime/video.py" in report.provenance_line(dirty)
     monkeypatch.setattr(report, "_git", lambda *args: None)  # not a checkout (an installed wheel)
     assert report.code_provenance() == {"git_commit": None, "code_commit": None, "code_dirty": None, "dirty_files": []}
 
@@ -199,6 +199,9 @@ def test_cli_end_to_end_writes_every_output(tmp_path: Path, monkeypatch: pytest.
         assert set(side["stages"]) == set(STAGES)
         assert all(0 < v < math.inf for v in (side["decode_tokens_per_s"], *(run["decode_token"] for run in side["runs"])))
     assert result["command"].startswith("loc3r-bench --model tiny")
+    record = result["provenance"]
+    assert record["command"] == result["command"] and record["result"] == "b" and record["repeats"] == 1
+    assert record["cpu_s"] > 0 and len(record["load_before"]) == len(record["load_after"]) == 3
     assert result["memory"]["phases"]["baseline"]["peak_rss_mib"] > 0
     assert png_size(out / "b.png") == (400, 300)
     assert "RANDOM" in (out / "b.md").read_text()

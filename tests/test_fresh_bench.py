@@ -101,3 +101,24 @@ def test_cpus_refused_with_the_fix(argv: list[str], message: str, capsys: pytest
     assert code == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and len(err.strip().splitlines()) <= 2
+
+
+def test_every_side_runs_with_the_baselines_best_setting(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """OMP_WAIT_POLICY=PASSIVE reaches every side (torch's threads would spin-wait otherwise),
+    unless the caller's environment sets its own value."""
+    script = tmp_path / "env.py"
+    script.write_text("import os\nprint('A: ' + os.environ.get('OMP_WAIT_POLICY', 'unset'), flush=True)\n"
+                      "print('first token after 0.1 s')\n", encoding="utf-8")
+    seen: list[str] = []
+    real = run_process
+
+    def spy(argv, env=None, timeout_s=3600.0, cpus=None):  # noqa: ANN001, ANN202
+        seen.append(env.get("OMP_WAIT_POLICY"))
+        return real(argv, env, timeout_s, cpus)
+
+    monkeypatch.setattr("loc3r.bench.fresh.run_process", spy)
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    doc = run_fresh({"a": [sys.executable, str(script)], "b": [sys.executable, str(script)]}, repeat=1, warmup=0)
+    assert seen == ["PASSIVE", "PASSIVE"] and doc["environment"] == {"OMP_WAIT_POLICY": "PASSIVE"}
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    assert run_fresh({"a": [sys.executable, str(script)]}, repeat=1, warmup=0)["environment"] == {"OMP_WAIT_POLICY": "ACTIVE"}

@@ -3,6 +3,7 @@ every result older than the code it measures says so at the top of its .md."""
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -83,3 +84,53 @@ def test_mark_stale_puts_the_note_under_the_title(tmp_path, monkeypatch: pytest.
     text = (tmp_path / "decode.md").read_text()
     assert text.startswith("# Decoding\n\n**Stale:** measured at def.") and text.count("**Stale:**") == 1
     assert provenance.says_stale("decode")
+
+
+def test_every_result_file_has_a_measures_entry() -> None:
+    """A result in benchmarks/results that MEASURES does not name could never be found stale."""
+    stems = {path.stem for path in provenance.RESULTS.iterdir() if path.suffix in (".md", ".json")}
+    assert stems and not stems - set(provenance.MEASURES), sorted(stems - set(provenance.MEASURES))
+
+
+def _allow_this_checkout(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(provenance, "reachable_from_main", lambda commit: True)
+    monkeypatch.setattr(provenance, "dirty_files", lambda: [])
+
+
+def test_llm_export_memory_writes_the_record_and_labels_the_extrapolation(monkeypatch: pytest.MonkeyPatch) -> None:
+    from loc3r.bench import llm_export_memory as bench
+
+    _allow_this_checkout(monkeypatch)
+    recording = provenance.start("llm_export_memory", ["python", "-m", "loc3r.bench.llm_export_memory"], "one at a time", 1)
+    peaks = {(1, 32000): 1.5, (2, 32000): 1.7, (1, 152064): 2.6}
+    monkeypatch.setattr(bench, "write_checkpoint", lambda folder, layers, vocab: None)
+    monkeypatch.setattr(bench, "loc3r_peak", lambda checkpoint, out, layers, vocab, form: peaks[(layers, vocab)])
+    result = bench.run(False, list(bench.CASES), recording)
+    record = result["provenance"]
+    assert {"commit", "command", "load_before", "load_after", "wall_s", "cpu_s", "machine"} <= set(record)
+    loc3r = result["peak_rss_gib"]["cpu (fp32)"]["loc3r"]
+    assert loc3r["28 layers, vocab 152064 (extrapolated)"] == pytest.approx(2.6 + 27 * 0.2)
+    text = bench.to_markdown(result)
+    assert "Extrapolated, not measured" in text and record["commit"] in text and "CPU-s" in text
+    one = bench.run(False, [(1, 32000)], provenance.start("llm_export_memory", ["x"], "one at a time", 1))
+    assert list(one["peak_rss_gib"]["cpu (fp32)"]["loc3r"]) == ["1 layers, vocab 32000"]  # no line through one point
+
+
+@pytest.mark.parametrize("text, message", [("1x32000", "is not LAYERS:VOCAB"), ("0:32000", "at least 1")])
+def test_llm_export_memory_refuses_a_bad_case(text: str, message: str) -> None:
+    from loc3r.bench.llm_export_memory import parse_case
+
+    with pytest.raises(Exception, match=message):
+        parse_case(text)
+
+
+def test_header_prints_a_records_lines_or_refuses_in_one_line(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:  # noqa: ANN001
+    """For a .md written by hand from a benchmark's JSON (scenes, scenes_serve)."""
+    record = provenance.Recording("scenes_small", ["python", "-m", "loc3r.bench.scenes"], "A B A B", 3, allow_unreachable=True).finish()
+    (tmp_path / "r.json").write_text(json.dumps({"provenance": record}))
+    assert provenance.main(["--header", str(tmp_path / "r.json")]) == 0
+    assert capsys.readouterr().out.splitlines() == provenance.header(record)
+    (tmp_path / "old.json").write_text(json.dumps({"provenance": {"commit": "abc"}}))
+    assert provenance.main(["--header", str(tmp_path / "old.json")]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert "holds no complete provenance record" in line and "re-run its benchmark" in line
