@@ -384,15 +384,14 @@ def recording_for(args: argparse.Namespace, argv: Sequence[str]) -> Recording:
     """The provenance record of this run, named after its ``--json`` (else ``--markdown``)
     file. Only a result written into ``benchmarks/results`` must come from code on main; a
     user's own run elsewhere is recorded as it is (the record says when it is not on main)."""
-    from loc3r.bench.provenance import RESULTS, Recording
+    from loc3r.bench.provenance import Recording, outside_results
 
-    outputs = [Path(p).resolve() for p in (args.json, args.markdown, args.plot) if p]
+    outputs = [Path(p) for p in (args.json, args.markdown, args.plot) if p]
     stem = outputs[0].stem if outputs else PROG
-    into_results = any(path.parent == RESULTS.resolve() for path in outputs)
     interleaving = ("sides in turn, each a fresh process, the order reversed every round (A B, B A, ...)" if args.fresh_process
                     else "baselines and optimized runs alternate which goes first (A B, B A, ...)")
     repeat = args.repeat or DEFAULT_REPEAT.get(str(args.model), 2)
-    return Recording(stem, [PROG, *argv], interleaving, repeat, args.allow_unreachable or not into_results)
+    return Recording(stem, [PROG, *argv], interleaving, repeat, args.allow_unreachable or outside_results(*outputs))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -158,6 +158,12 @@ class Recording:
         return self.record
 
 
+def outside_results(*paths: str | Path) -> bool:
+    """None of ``paths`` is in ``benchmarks/results``: a user's or a test's run, whose record
+    may name code that is not on main (it says so) instead of being refused."""
+    return all(Path(path).resolve().parent != RESULTS.resolve() for path in paths)
+
+
 def start(result: str, argv: Sequence[str], interleaving: str, repeats: int, allow_unreachable: bool = False) -> Recording:
     """A :class:`Recording`, or one line naming the problem and its fix (exit 2), no traceback."""
     try:
