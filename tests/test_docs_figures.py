@@ -3,8 +3,8 @@
 A *unit* of a document is one table row, one list item or one paragraph (code blocks are
 skipped). In a unit that names ``benchmarks/results/NAME.md`` (or ``.json``), every figure
 (a number with a decimal point or an exponent, or followed by a unit: ``x``, ``s``, ``ms``,
-``min``, ``MiB``, ``GiB``, ``GB``, ``MB``, ``tok/s``, ``%``) must appear in one of the named
-result files, ``.md`` or ``.json``: a result number matches when, rounded to the figure's
+``min``, ``MiB``, ``GiB``, ``GB``, ``MB``, ``tok/s``, ``TFLOP``, ``CPU-s``, ``%``) must appear
+in one of the named result files, ``.md`` or ``.json``: a result number matches when, rounded to the figure's
 last written digit, it equals the figure (``1.2x`` matches ``1.2012``; ``23%`` also matches
 ``0.23``). Not checked: bounds and tolerances (a figure after "within", "tolerance", "under",
 "<", ">=", "~", ...), text in backticks (commands, paths), numbers with a second dot
@@ -40,7 +40,7 @@ DOCS = ("docs/status.md", "docs/user-guide.md", "docs/architecture.md", "docs/ro
         "benchmarks/README.md")
 RESULT_LINK = re.compile(r"benchmarks/results/([A-Za-z0-9_]+)\.(?:md|json)")
 NUMBER = r"(?<![\w./:#])(?<![A-Za-z]-)(\d+(?:\.\d+)?(?:e-\d+)?)(?![\w.]*\d)"
-UNIT = r"(?:[x×%]|\s?(?:ms|min|minutes|MiB|GiB|GB|MB|KiB|tok/s)|\ss)(?![\w/])"
+UNIT = r"(?:[x×%]|\s?(?:ms|min|minutes|MiB|GiB|GB|MB|KiB|tok/s|TFLOP|GFLOP|CPU-s)|\ss)(?![\w/])"
 FIGURE = re.compile(NUMBER + r"(" + UNIT + r"|(?=\s/\s\d))?")
 BOUND = re.compile(r"(within|tolerance|under|below|above|over|at most|at least|about|<|>|<=|>=|≤|≥|~)\s*$", re.I)
 RESULT_NUMBER = re.compile(r"-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?")
