@@ -134,3 +134,45 @@ def test_header_prints_a_records_lines_or_refuses_in_one_line(tmp_path, capsys: 
     assert provenance.main(["--header", str(tmp_path / "old.json")]) == 2
     (line,) = capsys.readouterr().err.splitlines()
     assert "holds no complete provenance record" in line and "re-run its benchmark" in line
+
+
+def test_serve_load_pools_rounds_and_reports_each_ratios_range(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rounds pool into one phase (every question, summed wall); the report gives the pooled
+    ratio and its range over the rounds, under the provenance header."""
+    from loc3r.bench import serve_load as bench
+
+    def phase(ttft: float, wall: float, session: str = "kept") -> bench.Phase:
+        return bench.Phase([bench.Outcome(0, "v", ttft, ttft, 0.0, ttft, session, 0) for _ in range(4)], [], wall)
+
+    rounds = [{"first": phase(2.0, 2.0, "opened"), "alone": phase(0.5, 2.0), "cached_first": phase(1.0, 4.0), "fifo": phase(f, 4.0)}
+              for f in (1.5, 2.5)]
+    pooled = bench.pooled([r["fifo"] for r in rounds])
+    assert len(pooled.outcomes) == 8 and pooled.wall_s == 8.0
+    summaries = {name: bench.pooled([r[name] for r in rounds]).summary() for name in bench.COLUMNS}
+    per_round = [bench.phase_ratios({n: p.summary() for n, p in r.items()}) for r in rounds]
+    assert [r["fifo_over_cached_first_p50"] for r in per_round] == [1.5, 2.5]
+    _allow_this_checkout(monkeypatch)
+    record = provenance.start("serve_load_tiny", ["python", "-m", "loc3r.bench.serve_load"], "A B, B A", 2).finish()
+    result = {"provenance": record, "machine": {"torch_threads": 2}, "model": "tiny", "phases": summaries,
+              "settings": {"clients": 8, "questions": 4, "videos": 1, "frames": 2, "max_tokens": 2, "queue": 16, "rounds": 2},
+              "ratios": bench.phase_ratios(summaries),
+              "ratios_per_round": {key: [r[key] for r in per_round] for key in per_round[0]}}
+    text = bench.markdown(result)
+    assert "| client TTFT p50, first come first served / cached video first | 2.000 (1.500-2.500) |" in text
+    assert "\n".join(provenance.header(record)) in text and "2 rounds" in text
+
+
+def test_loc3r_bench_refuses_dirty_code_only_for_a_result_file(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Writing into benchmarks/results needs code on main; a user's run elsewhere is recorded
+    as it is (its header says the code is not on main)."""
+    from loc3r.bench.cli import bench_parser, recording_for
+
+    monkeypatch.setattr(provenance, "reachable_from_main", lambda commit: True)
+    monkeypatch.setattr(provenance, "dirty_files", lambda: ["runtime/session.py"])
+    into = ["--model", "small", "--json", str(provenance.RESULTS / "bench_small.json")]
+    with pytest.raises(InputError, match="uncommitted changes in runtime/session.py"):
+        recording_for(bench_parser().parse_args(into), into)
+    elsewhere = ["--model", "small", "--fresh-process", "--json", "/tmp/mine.json"]
+    record = recording_for(bench_parser().parse_args(elsewhere), elsewhere).finish()
+    assert record["result"] == "mine" and record["repeats"] == 2 and "fresh process" in record["interleaving"]
+    assert "NOT reachable from main" in "\n".join(provenance.header(record))
