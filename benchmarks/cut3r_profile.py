@@ -36,7 +36,7 @@ def configurations() -> dict[str, Options]:
 
     def changed(**attrs: Any) -> Options:
         def make() -> Any:
-            options = session_options(threads=2)
+            options = session_options(threads=2, arena=True)
             for name, value in attrs.items():
                 setattr(options, name, value)
             return options
@@ -44,10 +44,10 @@ def configurations() -> dict[str, Options]:
         return make
 
     return {
-        "runtime (all optimizations)": lambda: session_options(threads=2),
+        "runtime (all optimizations, arena on)": lambda: session_options(threads=2, arena=True),
         "extended optimizations": changed(graph_optimization_level=ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED),
         "basic optimizations": changed(graph_optimization_level=ort.GraphOptimizationLevel.ORT_ENABLE_BASIC),
-        "arena on": changed(enable_cpu_mem_arena=True),
+        "arena off": changed(enable_cpu_mem_arena=False),
     }
 
 
@@ -120,7 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             cameras, cpu, wall = run_steps(session, frames, init)
             rows[key].append((cpu, wall))
             tokens[key] = cameras
-    reference = tokens[("fp32", "runtime (all optimizations)")]
+    reference = tokens[("fp32", "runtime (all optimizations, arena on)")]
     shares = op_shares(forms["fp32"], session_options(threads=2), frames, init)
     lines = [
         f"# CUT3R step on ONNX Runtime: {manifest.data['model']['id']}, {args.frames} frames at 16:9, 2 threads",

@@ -4,9 +4,10 @@ process, measured from outside (``loc3r.bench.fresh``), in turn.
 ``python -m loc3r.bench.ort_options --engines DIR --video V [--model M] [--frames N] [--repeat R]``
 
 Variants (each changes what ``loc3r.runtime.ort.session_options`` returns, in the child):
-``runtime`` (what loc3r ships: arena off, no spinning), ``arena on``,
-``spinning`` (per-session pools that spin), ``per-session pools`` (no spinning) and
-``ORT defaults`` (what the runtime used before: arena on, per-session spinning pools).
+``runtime`` (what loc3r ships: no spinning, the arena on for the per-frame graphs and off
+for the LLM), ``arena on`` (every session), ``arena off`` (every session), ``spinning``
+(per-session pools that spin, arena off), ``per-session pools`` (no spinning, arena off) and
+``ORT defaults`` (arena on, per-session spinning pools).
 The child is ``python -m loc3r.bench.ort_options child VARIANT -- LOC3R-RUN ARGS``.
 """
 
@@ -18,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-VARIANTS = ("runtime", "arena on", "spinning", "per-session pools", "ORT defaults")
+VARIANTS = ("runtime", "arena on", "arena off", "spinning", "per-session pools", "ORT defaults")
 
 
 def variant_options(variant: str) -> Any:
@@ -27,13 +28,11 @@ def variant_options(variant: str) -> Any:
 
     shipped = ort_module.session_options
 
-    def options(threads: int | None = None) -> Any:
+    def options(threads: int | None = None, arena: bool = False) -> Any:
         if variant == "runtime":
-            return shipped(threads)
-        if variant == "arena on":
-            made = shipped(threads)
-            made.enable_cpu_mem_arena = True
-            return made
+            return shipped(threads, arena)
+        if variant in ("arena on", "arena off"):
+            return shipped(threads, arena=variant == "arena on")
         made = ort_module.import_onnxruntime().SessionOptions()  # per-session pools from here on
         made.intra_op_num_threads = threads or (0 if variant == "ORT defaults" else cpu_count())  # 0: ORT picks
         if variant != "ORT defaults":

@@ -121,12 +121,13 @@ def checked_trt_session(manifest: Manifest, name: str, session: Any) -> Any:
 
 def open_graph(manifest: Manifest, name: str, providers: Sequence[Any] | None) -> Any:
     """One graph's session: on the providers given, else on the GPU for a GPU export
-    (placement verified), else on the CPU."""
+    (placement verified), else on the CPU. The graphs opened here run once per frame (or
+    question) at one shape: their CPU memory arena stays on (see ``session_options``)."""
     path = manifest.graph_file(name)
     if providers is not None:
-        return open_session(path, providers)
+        return open_session(path, providers, arena=True)
     if not gpu_manifest(manifest):
-        return open_session(path, CPU)
+        return open_session(path, CPU, arena=True)
     available = import_onnxruntime().get_available_providers()
     providers = gpu_providers(manifest, name, available)
     session = open_gpu_session(path, providers, warmup_feeds(manifest, name))

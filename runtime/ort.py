@@ -85,12 +85,17 @@ def provider_names(providers: Sequence[Any]) -> list[str]:
     return [p if isinstance(p, str) else p[0] for p in providers]
 
 
-def session_options(threads: int | None = None) -> Any:
+def session_options(threads: int | None = None, arena: bool = False) -> Any:
     """Session options for a process that opens its graphs once and runs them for one user.
 
-    - CPU memory arena off: the arena keeps every block a run grew, so a fresh process's
-      peak RSS grows with the largest activations ever seen (issue 26 measured 1.1-1.3 GiB
-      with it vs 0.3-0.4 GiB without on the small preset); without it, freed blocks go back.
+    - CPU memory arena off unless ``arena``: the arena keeps every block a run grew, so a
+      fresh process's peak RSS grows with the largest activations ever seen (issue 26
+      measured 1.1-1.3 GiB with it vs 0.3-0.4 GiB without on the small preset, the LLM's
+      prefill the largest); without it, freed blocks go back. A graph run many times at
+      one shape (the camera and vision graphs, once per frame) keeps its arena: its blocks
+      are reused frame after frame instead of being mapped and faulted in again (CUT3R's
+      step, small preset, 2 threads on one CPU: 0.280 vs 0.347 CPU-s per frame, measured
+      with ``python -m loc3r.bench.cut3r_profile`` at fddfae2).
     - Intra-op threads not spinning between runs: on a shared or loaded machine a spinning
       pool burns CPU that the decoder thread and the other graphs need.
     - ``threads``: intra-op threads of this session (default: ONNX Runtime's choice). Each
@@ -99,22 +104,24 @@ def session_options(threads: int | None = None) -> Any:
     """
     ort = import_onnxruntime()
     options = ort.SessionOptions()
-    options.enable_cpu_mem_arena = False
+    options.enable_cpu_mem_arena = arena
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if threads:
         options.intra_op_num_threads = threads
     return options
 
 
-def open_session(path: str | Path, providers: Sequence[Any] = CPU, threads: int | None = None, options: Any = None) -> Any:
+def open_session(
+    path: str | Path, providers: Sequence[Any] = CPU, threads: int | None = None, options: Any = None, arena: bool = False
+) -> Any:
     """An ``InferenceSession`` on every provider asked for, or a clear error.
 
-    ``options`` default to :func:`session_options` (``threads`` applies to those).
+    ``options`` default to :func:`session_options` (``threads`` and ``arena`` apply to those).
     onnxruntime-gpu falls back to the CPU silently when CUDA or TensorRT is missing;
     this refuses that instead.
     """
     ort = import_onnxruntime()
-    options = options or session_options(threads)
+    options = options or session_options(threads, arena)
     session = ort.InferenceSession(str(path), options, providers=list(providers))
     missing = [p for p in provider_names(providers) if p not in session.get_providers()]
     if missing:

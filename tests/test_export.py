@@ -102,6 +102,24 @@ def test_cut3r_graphs_match_torch_at_every_aspect_ratio(cpu_export: Path) -> Non
     assert dims == [["frames", 3, "height", "width"], ["frames", "patches", 128], ["patches", 2]]
 
 
+def test_per_frame_graphs_keep_their_arena_and_the_llm_does_not(cpu_export: Path) -> None:
+    """The graphs run once per frame at one shape (CUT3R's encoder and step, the vision
+    tower, the heads) keep ONNX Runtime's CPU arena, so their blocks are reused frame after
+    frame; the LLM's session, whose prefill is the largest and varies, runs without it, so a
+    fresh process does not keep its peak (``runtime.ort.session_options``)."""
+    stages = Pipeline.from_pretrained("tiny", backend="onnxruntime", engines=cpu_export).stages
+    per_frame = {
+        "cut3r_encoder": stages.camera.encoder,
+        "cut3r_step": stages.camera.step_session,
+        "vision": stages.vision.session,
+        "pose_head": stages.heads.pose_session,
+    }
+    assert {name: s.get_session_options().enable_cpu_mem_arena for name, s in per_frame.items()} == dict.fromkeys(per_frame, True)
+    assert stages.llm.session.get_session_options().enable_cpu_mem_arena is False
+    spinning = [s.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") for s in (*per_frame.values(), stages.llm.session)]
+    assert spinning == ["0"] * 5
+
+
 @pytest.mark.parametrize("width, height", [(160, 120), (320, 180), (180, 320)], ids=["4:3", "16:9", "9:16"])
 def test_onnxruntime_backend_matches_torch(
     cpu_export: Path, tmp_path: Path, width: int, height: int, monkeypatch: pytest.MonkeyPatch
