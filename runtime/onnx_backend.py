@@ -97,6 +97,10 @@ def warmup_feeds(manifest: Manifest, name: str, seed: int | None = None) -> dict
     return {n: generator.standard_normal(shape).astype(np.float32) for n, shape in shapes.items()}
 
 
+# graphs run once per frame at one shape, whose arena blocks are reused frame after frame
+ARENA_GRAPHS = frozenset({"cut3r_step"})
+
+
 def checked_trt_session(manifest: Manifest, name: str, session: Any) -> Any:
     """A TensorRT EP session (FP16) checked against ONNX Runtime FP32 on the CPU on seeded
     inputs, as ``loc3r-export build`` checks its engines; past the graph's tolerance the
@@ -121,13 +125,14 @@ def checked_trt_session(manifest: Manifest, name: str, session: Any) -> Any:
 
 def open_graph(manifest: Manifest, name: str, providers: Sequence[Any] | None) -> Any:
     """One graph's session: on the providers given, else on the GPU for a GPU export
-    (placement verified), else on the CPU. The graphs opened here run once per frame (or
-    question) at one shape: their CPU memory arena stays on (see ``session_options``)."""
+    (placement verified), else on the CPU. CUT3R's step, run once per frame at one shape,
+    keeps its CPU memory arena; the batched graphs do not (see ``session_options``)."""
     path = manifest.graph_file(name)
+    arena = name in ARENA_GRAPHS
     if providers is not None:
-        return open_session(path, providers, arena=True)
+        return open_session(path, providers, arena=arena)
     if not gpu_manifest(manifest):
-        return open_session(path, CPU, arena=True)
+        return open_session(path, CPU, arena=arena)
     available = import_onnxruntime().get_available_providers()
     providers = gpu_providers(manifest, name, available)
     session = open_gpu_session(path, providers, warmup_feeds(manifest, name))

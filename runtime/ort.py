@@ -91,11 +91,13 @@ def session_options(threads: int | None = None, arena: bool = False) -> Any:
     - CPU memory arena off unless ``arena``: the arena keeps every block a run grew, so a
       fresh process's peak RSS grows with the largest activations ever seen (issue 26
       measured 1.1-1.3 GiB with it vs 0.3-0.4 GiB without on the small preset, the LLM's
-      prefill the largest); without it, freed blocks go back. A graph run many times at
-      one shape (the camera and vision graphs, once per frame) keeps its arena: its blocks
-      are reused frame after frame instead of being mapped and faulted in again (CUT3R's
-      step, small preset, 2 threads on one CPU: 0.280 vs 0.347 CPU-s per frame, measured
-      with ``python -m loc3r.bench.cut3r_profile`` at fddfae2).
+      prefill the largest); without it, freed blocks go back. CUT3R's step, run once per
+      frame at one shape, keeps its arena: its blocks are reused frame after frame instead
+      of being mapped and faulted in again (small preset, 2 threads on one CPU: 0.280 vs
+      0.347 CPU-s per frame, ``python -m loc3r.bench.cut3r_profile`` at fddfae2). The
+      batched graphs (CUT3R's encoder, the vision tower) would keep a whole batch's
+      activations: with their arenas on too, a fresh ``loc3r-run`` peaked at 1634 MiB
+      instead of 729 MiB for no further speed.
     - Intra-op threads not spinning between runs: on a shared or loaded machine a spinning
       pool burns CPU that the decoder thread and the other graphs need.
     - ``threads``: intra-op threads of this session (default: ONNX Runtime's choice). Each

@@ -102,21 +102,23 @@ def test_cut3r_graphs_match_torch_at_every_aspect_ratio(cpu_export: Path) -> Non
     assert dims == [["frames", 3, "height", "width"], ["frames", "patches", 128], ["patches", 2]]
 
 
-def test_per_frame_graphs_keep_their_arena_and_the_llm_does_not(cpu_export: Path) -> None:
-    """The graphs run once per frame at one shape (CUT3R's encoder and step, the vision
-    tower, the heads) keep ONNX Runtime's CPU arena, so their blocks are reused frame after
-    frame; the LLM's session, whose prefill is the largest and varies, runs without it, so a
-    fresh process does not keep its peak (``runtime.ort.session_options``)."""
+def test_only_the_step_keeps_its_arena(cpu_export: Path) -> None:
+    """CUT3R's step, run once per frame at one shape, keeps ONNX Runtime's CPU arena, so its
+    blocks are reused frame after frame; the batched graphs (CUT3R's encoder, the vision
+    tower), the heads and the LLM run without it, so a fresh process does not keep a whole
+    batch's or a prefill's activations (``runtime.ort.session_options``). Every session
+    has spinning off."""
     stages = Pipeline.from_pretrained("tiny", backend="onnxruntime", engines=cpu_export).stages
-    per_frame = {
+    sessions = {
         "cut3r_encoder": stages.camera.encoder,
         "cut3r_step": stages.camera.step_session,
         "vision": stages.vision.session,
         "pose_head": stages.heads.pose_session,
+        "llm": stages.llm.session,
     }
-    assert {name: s.get_session_options().enable_cpu_mem_arena for name, s in per_frame.items()} == dict.fromkeys(per_frame, True)
-    assert stages.llm.session.get_session_options().enable_cpu_mem_arena is False
-    spinning = [s.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") for s in (*per_frame.values(), stages.llm.session)]
+    arena = {name: s.get_session_options().enable_cpu_mem_arena for name, s in sessions.items()}
+    assert arena == {"cut3r_encoder": False, "cut3r_step": True, "vision": False, "pose_head": False, "llm": False}
+    spinning = [s.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") for s in sessions.values()]
     assert spinning == ["0"] * 5
 
 
