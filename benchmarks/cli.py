@@ -28,7 +28,7 @@ PROG = "loc3r-bench"
 BACKEND_CHOICES = ("torch", "onnxruntime", "tensorrt")
 QUESTIONS = ("Where am I standing?", "What is in front of me?")
 BASELINES = {"transformers": "transformers", "transformers_prefix_cache": "transformers + prefix cache"}
-DEFAULT_REPEAT = {"tiny": 3}  # other models: 2
+DEFAULT_REPEAT = {"tiny": 3, "small": 3}  # medians of 3 where a run is under a minute; other models (minutes a run): 2
 DEMO_VIDEO = {"num_frames": 96, "width": 640, "height": 480, "fps": 8}
 
 
@@ -39,7 +39,7 @@ def bench_parser() -> argparse.ArgumentParser:
     parser.add_argument("--engines", help="folder written by loc3r-export (default for onnxruntime on tiny/small: export one into a temp folder)")
     parser.add_argument("--video", help="video to run on (default: a generated 640x480 demo video, 96 frames)")
     parser.add_argument("--frames", type=int, default=32, help="frames sampled from the video (default 32)")
-    parser.add_argument("--repeat", type=int, help="measured repeats (default 3 for tiny, 2 otherwise)")
+    parser.add_argument("--repeat", type=int, help="measured repeats (default 3 for tiny and small, 2 otherwise)")
     parser.add_argument("--warmup", type=int, default=1, help="unmeasured runs first (default 1)")
     parser.add_argument("--decode-tokens", type=int, default=16, help="greedy tokens timed for decode tok/s (default 16)")
     parser.add_argument("--target", action="append", help="target profile for the roofline floor (repeatable; default cpu)")

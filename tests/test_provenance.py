@@ -174,5 +174,5 @@ def test_loc3r_bench_refuses_dirty_code_only_for_a_result_file(monkeypatch: pyte
         recording_for(bench_parser().parse_args(into), into)
     elsewhere = ["--model", "small", "--fresh-process", "--json", "/tmp/mine.json"]
     record = recording_for(bench_parser().parse_args(elsewhere), elsewhere).finish()
-    assert record["result"] == "mine" and record["repeats"] == 2 and "fresh process" in record["interleaving"]
+    assert record["result"] == "mine" and record["repeats"] == 3 and "fresh process" in record["interleaving"]
     assert "NOT reachable from main" in "\n".join(provenance.header(record))
