@@ -4,9 +4,9 @@ A *unit* of a document is one table row, one list item or one paragraph (code bl
 skipped). In a unit that names ``benchmarks/results/NAME.md`` (or ``.json``), every figure
 (a number with a decimal point or an exponent, or followed by a unit: ``x``, ``s``, ``ms``,
 ``min``, ``MiB``, ``GiB``, ``GB``, ``MB``, ``tok/s``, ``TFLOP``, ``CPU-s``, ``%``) must appear
-in one of the named result files, ``.md`` or ``.json``: a result number matches when, rounded to the figure's
-last written digit, it equals the figure (``1.2x`` matches ``1.2012``; ``23%`` also matches
-``0.23``). Not checked: bounds and tolerances (a figure after "within", "tolerance", "under",
+in one of the named result files, ``.md`` or ``.json``: a result number matches when, rounded
+to the figure's last written digit, it equals the figure (``1.2x`` matches ``1.2012``; ``23%``
+also matches ``0.23``). Not checked: bounds and tolerances (a figure after "within", "tolerance", "under",
 "<", ">=", "~", ...), text in backticks (commands, paths), numbers with a second dot
 (versions). A unit that names a result whose ``.md`` carries the **Stale:** note must say
 "stale" itself. Every result file prints the command that made it near its top, so a quoted
