@@ -174,3 +174,53 @@ def test_tensor_first_frame_flag_selects_the_same_path_as_the_bool() -> None:
         first, _, _ = encoder.step_tensors(image, state, memory, torch.tensor([1.0]))
         later, _, _ = encoder.step_tensors(image, state, memory, torch.tensor([0.0]))
     assert not torch.allclose(first, later)
+
+
+@pytest.mark.parametrize("rope", [True, False], ids=["rope", "no-rope"])
+def test_a_block_computes_only_the_query_rows_asked_for(rope: bool) -> None:
+    """``DecoderBlock(..., queries=k)`` returns the first k rows of the full block's output:
+    every row still serves as a key and value of its self-attention (1e-6 absolute: only the
+    matrix products' shapes differ)."""
+    from loc3r.models.cut3r.blocks import DecoderBlock
+
+    torch.manual_seed(0)
+    block = DecoderBlock(32, 4, 4.0, 1e-6).eval()
+    x, y = torch.randn(2, 9, 32), torch.randn(2, 7, 32)
+    tables = (rope_tables(torch.randn(9, 2), 8, 100.0, torch.float32), rope_tables(torch.randn(7, 2), 8, 100.0, torch.float32))
+    ropes = tables if rope else (None, None)
+    with torch.no_grad():
+        full = block(x, y, *ropes)
+        for k in (1, 3):
+            part = block(x, y, *ropes, queries=k)
+            assert part.shape == (2, k, 32)
+            torch.testing.assert_close(part, full[:, :k], atol=1e-6, rtol=0)
+
+
+def test_the_last_image_block_computes_the_camera_token_alone(tiny: Cut3rCameraEncoder) -> None:
+    """Only the camera token of the image stream is used, so the decoder's last image block
+    runs on that row alone (the image rows' queries, cross-attention and MLP of that block
+    are skipped): the camera token and state equal the full decoder's.
+
+    Mutation checked: dropping ``queries=1`` in ``_decode`` returns every image row (the shape
+    assertion fails)."""
+    from loc3r.models.cut3r.rope import patch_positions as grid
+
+    c = tiny.config
+    torch.manual_seed(1)
+    feat, pos = torch.randn(1, 12, c.enc_embed_dim), grid(3, 4)
+    state = tiny.init_state(1)
+    pose = tiny.pose_token
+    with torch.no_grad():
+        camera, new_state = tiny._decode(feat, pos, pose, state.state_feat)
+        tiny_blocks = tiny.dec_blocks
+        full_img = torch.cat([pose, tiny.decoder_embed(feat)], dim=1)
+        assert camera.shape == (1, 1, c.dec_embed_dim)
+        last = tiny_blocks[-1].forward
+        try:  # the same decoder with its last block computing every row
+            tiny_blocks[-1].forward = lambda *a, queries=None: last(*a)
+            everything, same_state = tiny._decode(feat, pos, pose, state.state_feat)
+        finally:
+            del tiny_blocks[-1].forward
+    assert everything.shape == (1, full_img.shape[1], c.dec_embed_dim)
+    torch.testing.assert_close(camera, everything[:, :1], atol=1e-6, rtol=0)
+    torch.testing.assert_close(new_state, same_state, atol=0, rtol=0)

@@ -30,6 +30,12 @@ def _heads(x: Tensor, num_heads: int) -> Tensor:
     return x.reshape(b, n, num_heads, c // num_heads).transpose(1, 2)
 
 
+def first_rows(rope: RopeTables, rows: int) -> RopeTables:
+    """The tables of the first ``rows`` positions (the tables are (..., 1, N, head_dim))."""
+    cos, sin = rope
+    return cos[..., :rows, :], sin[..., :rows, :]
+
+
 def _attend(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     b, h, n, d = q.shape
     out = F.scaled_dot_product_attention(q, k, v, scale=d**-0.5)
@@ -45,10 +51,18 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: Tensor, rope: RopeTables | None) -> Tensor:
-        q, k, v = (_heads(t, self.num_heads) for t in self.qkv(x).chunk(3, dim=-1))
+    def forward(self, x: Tensor, rope: RopeTables | None, queries: int | None = None) -> Tensor:
+        """All rows of ``x`` attend to all rows; with ``queries``, only the first ``queries``
+        rows are computed (keys and values still come from every row)."""
+        if queries is None:
+            q, k, v = (_heads(t, self.num_heads) for t in self.qkv(x).chunk(3, dim=-1))
+        else:
+            w_q, w_kv = self.qkv.weight.split([x.shape[-1], 2 * x.shape[-1]])
+            b_q, b_kv = self.qkv.bias.split([x.shape[-1], 2 * x.shape[-1]])
+            q = _heads(F.linear(x[:, :queries], w_q, b_q), self.num_heads)
+            k, v = (_heads(t, self.num_heads) for t in F.linear(x, w_kv, b_kv).chunk(2, dim=-1))
         if rope is not None:
-            q, k = apply_rope(q, rope), apply_rope(k, rope)
+            q, k = apply_rope(q, first_rows(rope, q.shape[-2])), apply_rope(k, rope)
         return self.proj(_attend(q, k, v))
 
 
@@ -110,10 +124,16 @@ class DecoderBlock(nn.Module):
         y: Tensor,
         rope_x: RopeTables | None = None,
         rope_y: RopeTables | None = None,
+        queries: int | None = None,
     ) -> Tensor:
-        x = x + self.attn(self.norm1(x), rope_x)
-        x = x + self.cross_attn(self.norm2(x), self.norm_y(y), rope_x, rope_y)
-        return x + self.mlp(self.norm3(x))
+        """The block's output for every row of ``x``, or only for its first ``queries`` rows
+        (the same values: every other row still serves as a key and value of the self-attention)."""
+        rows = x if queries is None else x[:, :queries]
+        out = rows + self.attn(self.norm1(x), rope_x, queries)
+        if queries is not None and rope_x is not None:
+            rope_x = first_rows(rope_x, queries)
+        out = out + self.cross_attn(self.norm2(out), self.norm_y(y), rope_x, rope_y)
+        return out + self.mlp(self.norm3(out))
 
 
 class PatchEmbed(nn.Module):

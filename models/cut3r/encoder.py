@@ -135,15 +135,19 @@ class Cut3rCameraEncoder(nn.Module):
             pose = first_pose
         else:
             pose = self.pose_retriever.read(mean_feat, memory)
-        img, new_state = self._decode(feat, pos, pose, state_feat)
-        camera = img[:, :1]
+        camera, new_state = self._decode(feat, pos, pose, state_feat)
         new_memory = self.pose_retriever.write(memory, mean_feat, camera)
         return camera[:, 0], new_state, new_memory
 
     def _decode(
         self, feat: Tensor, pos: Tensor, pose: Tensor, state: Tensor
     ) -> tuple[Tensor, Tensor]:
-        """Two-stream decoder -> (dec_norm(image stream), dec_norm_state(state stream))."""
+        """Two-stream decoder -> (dec_norm(pose token) (B, 1, dim), dec_norm_state(state stream)).
+
+        Only the camera token of the image stream is used (the point-map heads are not run),
+        so its last block computes the pose token's row alone: the same value, without the
+        image rows' queries, cross-attention and MLP of that block.
+        """
         c = self.config
         img = torch.cat([pose, self.decoder_embed(feat)], dim=1)
         img_pos = torch.cat([torch.full_like(pos[:1], -1.0), pos])
@@ -155,9 +159,10 @@ class Cut3rCameraEncoder(nn.Module):
         rope_state_in_img = rope_tables(state_pos, img_dim, c.rope_freq, f32)
         rope_state = rope_tables(state_pos, state_dim, c.rope_freq, f32)
         rope_img_in_state = rope_tables(img_pos, state_dim, c.rope_freq, f32)
-        for blk_state, blk_img in zip(self.dec_blocks_state, self.dec_blocks):
+        last = len(self.dec_blocks) - 1
+        for depth, (blk_state, blk_img) in enumerate(zip(self.dec_blocks_state, self.dec_blocks)):
             state, img = (
                 blk_state(state, img, rope_state, rope_img_in_state),
-                blk_img(img, state, rope_img, rope_state_in_img),
+                blk_img(img, state, rope_img, rope_state_in_img, queries=1 if depth == last else None),
             )
         return self.dec_norm(img), self.dec_norm_state(state)
