@@ -53,6 +53,8 @@ MEASURES: dict[str, tuple[str, ...]] = {
     "real_size": ("export", "models", "runtime", "benchmarks/real_size.py", "benchmarks/child.py", "benchmarks/fabricate.py"),
     "serve_load_tiny": ("serve", *_RUNTIME),
     "convert_memory": ("models/convert_llava.py", "models/convert_bundle.py", "models/convert_stream.py"),
+    "cut3r_step": ("export/onnx_export.py", "export/exporter.py", "export/int8.py", "runtime/ort.py", "runtime/onnx_backend.py",
+                   "models/cut3r"),
     "floor": ("benchmarks/floor.py", "benchmarks/flops.py", "engines"),
     "scenes_small": (*_RUNTIME, "runtime/scene_store.py", "runtime/encoding_cache.py", "benchmarks/scenes.py"),
     "scenes_serve_small": ("serve/sessions.py", "serve/worker.py", *_RUNTIME, "runtime/scene_store.py", "benchmarks/scenes_serve.py"),

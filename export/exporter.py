@@ -28,6 +28,7 @@ from loc3r.export.memory_plan import MemoryPlan, Weights, check_fits, measured_w
 from loc3r.export.int8 import INT8_GRAPHS, INT8_SUFFIX, write_int8
 from loc3r.export.precision import FP16_SUFFIX, ScaledError, merge_scaled, scaled_error, write_fp16
 from loc3r.export.onnx_export import (
+    FUSED_ATTENTION_OPSET,
     OPSET,
     ParityResult,
     check_parity,
@@ -35,6 +36,7 @@ from loc3r.export.onnx_export import (
     ensure_within,
     export_onnx,
     external_data_file,
+    fused_attention_nodes,
     merge,
     paired_runs,
 )
@@ -108,6 +110,13 @@ class ExportRequest:
     def int8(self) -> bool:
         """The encoder graphs also get INT8 forms (``export/int8.py``), checked here."""
         return self.encoders == "int8"
+
+    @property
+    def opset(self) -> int:
+        """The graphs' opset: ``FUSED_ATTENTION_OPSET`` (fused ``Attention`` nodes) for targets
+        without TensorRT, ``OPSET`` for the rest. Each graph's parity against PyTorch is
+        measured on the graph as written, fused attention included, and gates the export."""
+        return OPSET if "tensorrt" in self.target.backends else FUSED_ATTENTION_OPSET
 
     @property
     def fp16(self) -> bool:
@@ -214,7 +223,7 @@ def build_manifest(request: ExportRequest, artifacts: dict[str, Any], llm: dict[
         "target": {"name": target.name, "description": target.description, "backends": list(target.backends)},
         "precision": target.build.precision,
         "encoders": request.encoders,
-        "opset": OPSET,
+        "opset": request.opset,
         **({"cut3r_input": request.cut3r_sizes.to_dict()} if request.bundle.config.encoder_3d == "cut3r" else {}),
         "artifacts": artifacts,
         "llm": llm,
@@ -241,7 +250,7 @@ def tool_versions() -> dict[str, str]:
 def artifact_entry(spec: graphs.GraphSpec, path: Path, parity: ParityResult, **extra: Any) -> dict[str, Any]:
     """The manifest entry of one graph: its file and its external data file (both hashed in
     the manifest's ``files`` section)."""
-    entry: dict[str, Any] = {"file": path.name}
+    entry: dict[str, Any] = {"file": path.name, "fused_attention": fused_attention_nodes(path)}
     data = external_data_file(path)
     if data is not None:
         entry["external_data"] = data.name
@@ -278,8 +287,8 @@ def export_cut3r(request: ExportRequest, out: Path) -> dict[str, Any]:
     with torch.no_grad():
         features, positions = encoder(images)
     paths = (
-        export_onnx(encoder, specs[0], (images,), out / "cut3r_encoder.onnx"),
-        export_onnx(step, specs[1], (features[:1], positions, init.state_feat, init.memory, torch.ones(1)), out / "cut3r_step.onnx"),
+        export_onnx(encoder, specs[0], (images,), out / "cut3r_encoder.onnx", request.opset),
+        export_onnx(step, specs[1], (features[:1], positions, init.state_feat, init.memory, torch.ones(1)), out / "cut3r_step.onnx", request.opset),
     )
     save_file({"state": init.state_feat, "memory": init.memory}, str(out / CUT3R_INIT_FILE))
     runners = [TorchRunner(encoder, step), SessionRunner(*(open_session(p) for p in paths))]
@@ -385,7 +394,7 @@ def export_vggt(request: ExportRequest, out: Path) -> dict[str, Any]:
     def clip(frames: int) -> tuple[torch.Tensor]:
         return (torch.rand(frames, 3, height, width, generator=generator),)
 
-    path = export_onnx(module, spec, clip(3), out / "vggt_encode.onnx")
+    path = export_onnx(module, spec, clip(3), out / "vggt_encode.onnx", request.opset)
     parity = check_parity(module, spec, path, lambda run: clip(2 + 3 * run))
     reduced = reduced_variants(request, module, spec, path, lambda run: clip(2 + 3 * run))
     return {"vggt_encode": artifact_entry(spec, path, parity, **reduced)}
@@ -400,7 +409,7 @@ def export_vision(request: ExportRequest, out: Path) -> dict[str, Any]:
     module = graphs.VisionGraph(request.parts("vision").vision)
     spec = graphs.vision_spec(config.vision.image_size, module.vision.tokens_per_frame, config.llm.hidden_size)
     generator = torch.Generator().manual_seed(7)
-    path = export_onnx(module, spec, graphs.random_inputs(spec, generator, {"frames": 2}), out / "vision.onnx")
+    path = export_onnx(module, spec, graphs.random_inputs(spec, generator, {"frames": 2}), out / "vision.onnx", request.opset)
     inputs = sized_inputs(spec, generator, "frames", 1)
     parity = check_parity(module, spec, path, inputs)
     with torch.no_grad():
@@ -419,7 +428,7 @@ def export_heads(request: ExportRequest, out: Path) -> dict[str, Any]:
         (graphs.PoseHeadGraph(heads), graphs.pose_head_spec(width), "batch"),
         (graphs.BevHeadGraph(heads), graphs.bev_head_spec(width), "tokens"),
     ):
-        path = export_onnx(module, spec, graphs.random_inputs(spec, generator, {axis: 2}), out / f"{spec.name}.onnx")
+        path = export_onnx(module, spec, graphs.random_inputs(spec, generator, {axis: 2}), out / f"{spec.name}.onnx", request.opset)
         inputs = sized_inputs(spec, generator, axis, 3)
         parity = check_parity(module, spec, path, inputs)
         entries[spec.name] = artifact_entry(spec, path, parity, **reduced_variants(request, module, spec, path, inputs))

@@ -21,6 +21,10 @@ from loc3r.export.graphs import GraphSpec
 from loc3r.runtime.ort import open_session
 
 OPSET = 18
+#: CPU targets' opset: torch's exporter writes ``scaled_dot_product_attention`` as one ONNX
+#: ``Attention`` node from opset 23 (one ONNX Runtime kernel instead of MatMul, Softmax,
+#: MatMul); TensorRT targets keep OPSET (JetPack 6's TensorRT 10.3 predates opset 23)
+FUSED_ATTENTION_OPSET = 23
 
 
 @dataclass(frozen=True)
@@ -43,8 +47,8 @@ class ParityResult:
         return {"max_abs": self.max_abs, "max_rel": self.max_rel, "runs": self.runs, "within_tolerance": self.within_tolerance}
 
 
-def export_onnx(module: nn.Module, spec: GraphSpec, example: Sequence[Tensor], path: Path) -> Path:
-    """Export ``module`` at opset 18 with ``spec``'s names and dynamic axes; check the model.
+def export_onnx(module: nn.Module, spec: GraphSpec, example: Sequence[Tensor], path: Path, opset: int = OPSET) -> Path:
+    """Export ``module`` at ``opset`` with ``spec``'s names and dynamic axes; check the model.
 
     Weights go to ``<file>.data`` beside the graph (ONNX external data): a protobuf file
     cannot exceed 2 GB, and CUT3R's step at 512 DPT size holds ~2.2 GB of float32 weights.
@@ -58,7 +62,7 @@ def export_onnx(module: nn.Module, spec: GraphSpec, example: Sequence[Tensor], p
             input_names=spec.input_names,
             output_names=spec.output_names,
             dynamic_shapes=dynamic_shapes(spec),
-            opset_version=OPSET,
+            opset_version=opset,
             dynamo=True,
             external_data=True,
             verbose=False,
@@ -66,6 +70,12 @@ def export_onnx(module: nn.Module, spec: GraphSpec, example: Sequence[Tensor], p
     name_dynamic_axes(path, spec)
     onnx.checker.check_model(str(path))
     return path
+
+
+def fused_attention_nodes(path: Path) -> int:
+    """How many ONNX ``Attention`` nodes (fused attention, opset 23) ``path``'s graph holds."""
+    model = onnx.load(str(path), load_external_data=False)
+    return sum(node.op_type == "Attention" and node.domain in ("", "ai.onnx") for node in model.graph.node)
 
 
 def external_data_file(path: Path) -> Path | None:

@@ -71,6 +71,7 @@ def test_encoder_graphs_get_unsigned_int8_forms_with_their_error_recorded(int8_e
         model = onnx.load(str(int8_export / int8["file"]), load_external_data=False)
         ops = {node.op_type for node in model.graph.node}
         assert "MatMulInteger" in ops and "DynamicQuantizeLinear" in ops
+        assert "Attention" in ops and artifact["fused_attention"] > 0  # quantized on top of the fused graph
         weights = [i for i in model.graph.initializer if i.name.endswith("_quantized")]
         assert weights and all(w.data_type == onnx.TensorProto.UINT8 for w in weights)  # unsigned, not QInt8
     for name in ("pose_head", "bev_head"):

@@ -28,7 +28,8 @@ def model(opset: int, gqa_inputs: int = 0) -> onnx.ModelProto:
 
 @pytest.mark.parametrize(
     "opset, gqa, expected",
-    [(18, 0, ("1.20", "loc3r's floor (opset <= 21)")), (22, 0, ("1.21", "opset 22")), (22, 11, ("1.21", "opset 22")), (22, 12, ("1.23", "GroupQueryAttention with 12 inputs"))],
+    [(18, 0, ("1.20", "loc3r's floor (opset <= 21)")), (22, 0, ("1.21", "opset 22")), (22, 11, ("1.21", "opset 22")), (22, 12, ("1.23", "GroupQueryAttention with 12 inputs")),
+     (23, 0, ("1.23", "opset 23"))],
 )
 def test_minimum_follows_opset_and_attention_inputs(opset: int, gqa: int, expected: tuple[str, str]) -> None:
     assert minimum_onnxruntime(model(opset, gqa)) == expected
@@ -38,7 +39,8 @@ def test_the_export_records_each_graphs_minimum(cpu_export: Path) -> None:
     section = load_manifest(cpu_export).data["runtime_minimums"]
     assert section["llm"]["onnxruntime"] == "1.23" and section["llm"]["onnxruntime_why"] == "GroupQueryAttention with 12 inputs"
     assert section["llm"]["tensorrt"] is None
-    assert {section[n]["onnxruntime"] for n in ("cut3r_encoder", "cut3r_step", "vision", "pose_head", "bev_head")} == {"1.20"}
+    graphs = ("cut3r_encoder", "cut3r_step", "vision", "pose_head", "bev_head")  # opset 23 on CPU targets (fused attention)
+    assert {(section[n]["onnxruntime"], section[n]["onnxruntime_why"]) for n in graphs} == {("1.23", "opset 23")}
     assert section["vision"]["tensorrt"] is None  # a CPU target builds no engine
 
 
@@ -68,7 +70,7 @@ def test_an_older_runtime_is_refused_before_any_session(cpu_export: Path, monkey
 
     monkeypatch.setattr(onnxruntime, "InferenceSession", counting)
     monkeypatch.setattr(onnxruntime, "__version__", "1.22.0")
-    with pytest.raises(InputError, match="older than 1.23, which the export's llm graph needs"):
+    with pytest.raises(InputError, match=r"older than 1\.23, which the export's vision graph needs \(opset 23\)"):  # every graph needs 1.23 on CPU
         Pipeline.from_pretrained("tiny", backend="onnxruntime", engines=cpu_export)
     monkeypatch.setattr(onnxruntime, "__version__", "1.19.2")  # older than every graph: the highest need is named
     from loc3r.runtime.demo_video import write_demo_video
@@ -79,6 +81,6 @@ def test_an_older_runtime_is_refused_before_any_session(cpu_export: Path, monkey
     err = [line for line in capsys.readouterr().err.strip().splitlines() if "error:" in line]
     assert created == [] and code == 2
     assert err == [
-        "loc3r-run: error: ONNX Runtime 1.19.2 is older than 1.23, which the export's llm graph needs (GroupQueryAttention with 12 inputs): "
+        "loc3r-run: error: ONNX Runtime 1.19.2 is older than 1.23, which the export's vision graph needs (opset 23): "
         "pip install 'onnxruntime>=1.23' (or onnxruntime-gpu>=1.23; see loc3r-doctor)"
     ]
