@@ -34,6 +34,7 @@ from loc3r.fileio import write_json_atomic, write_text_atomic
 from loc3r.runtime.ort import import_onnxruntime, session_options
 
 Options = Callable[[], Any]
+RUNTIME = "runtime (all optimizations, arena on)"  # what loc3r ships for the step
 
 
 def configurations() -> dict[str, Options]:
@@ -50,7 +51,7 @@ def configurations() -> dict[str, Options]:
         return make
 
     return {
-        "runtime (all optimizations, arena on)": lambda: session_options(threads=2, arena=True),
+        RUNTIME: lambda: session_options(threads=2, arena=True),
         "extended optimizations": changed(graph_optimization_level=ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED),
         "basic optimizations": changed(graph_optimization_level=ort.GraphOptimizationLevel.ORT_ENABLE_BASIC),
         "arena off": changed(enable_cpu_mem_arena=False),
@@ -156,10 +157,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     for form, path in forms.items():
         for name, make in configurations().items():
             cases[(form, name)] = (path, make, run_steps)
-        cases[(form, "runtime + I/O binding")] = (path, lambda: session_options(threads=2), run_bound)
+        cases[(form, "runtime + I/O binding")] = (path, configurations()[RUNTIME], run_bound)
     if args.baseline:
         for form, path in step_forms(args.baseline, " (baseline)").items():
-            cases[(form, "runtime (all optimizations)")] = (path, lambda: session_options(threads=2), run_steps)
+            cases[(form, RUNTIME)] = (path, configurations()[RUNTIME], run_steps)
     sessions, created = {}, {}
     for key, (path, make, _) in cases.items():
         cpu = time.process_time()
@@ -172,8 +173,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             cameras, cpu, wall = cases[key][2](session, frames, init)
             rows[key].append((cpu, wall))
             tokens[key] = cameras
-    reference = tokens[("fp32", "runtime (all optimizations, arena on)")]
-    shares = op_shares(forms["fp32"], session_options(threads=2), frames, init)
+    reference = tokens[("fp32", RUNTIME)]
+    shares = op_shares(forms["fp32"], configurations()[RUNTIME](), frames, init)
     record = recording.finish()
     results = []
     for key, values in rows.items():
