@@ -299,12 +299,12 @@ NOTES = """\
   +0.023x bytes. Symmetric: the evidence is split (better on the small model, worse on
   the trained tiny one) and it has no zero points, which keeps int4 under 0.16x
   (asymmetric block 32 lands on 0.160x); asymmetric is `symmetric=False` away.
-- lm_head in int4 like the layers: an int8 head did not raise agreement here (the layers'
-  error dominates) and costs +0.05x bytes on this vocab/width ratio.
+- lm_head in int4 like the layers: an int8 head raised agreement by one step in 128 at
+  most here (the layers' error dominates) and costs +0.05x bytes on this vocab/width ratio.
 - Accuracy level 4: int8-weight MatMulNBits at level 0 had no fast CPU kernel (decode
   15-40x slower than level 4) and int4 at level 4 decoded 1.2-1.5x faster, at the same
   agreement: measured on the earlier hand-written decoder, not re-measured on the builder's.
-- The small model is random apart from its peaked head: int4 RTN agreement on it (~0.47)
+- The small model is random apart from its peaked head: int4 RTN agreement on it (~0.46)
   is far below the trained tiny model's (~0.97). Measure on the real checkpoint
   before shipping int4; if it falls short, int8 or a calibrated int4 (ORT's quantizer also
   runs GPTQ/HQQ) are the next steps.
