@@ -10,6 +10,7 @@ from pathlib import Path
 
 from loc3r.cli_support import ArgumentParser, run_cli
 from loc3r.errors import InputError
+from loc3r.export.int8 import CALIBRATION_FRAMES_PER_VIDEO
 from loc3r.export.manifest import Manifest
 
 PROG = "loc3r-export"
@@ -32,6 +33,9 @@ def export_parser() -> argparse.ArgumentParser:
     parser.add_argument("--encoders", choices=("fp32", "int8"),
                         help="precision of the encoders (CUT3R or VGGT, SigLIP): int8 adds 8-bit forms, each checked against "
                              "FP32 at export (default: the target's, see [encoders] in engines/TARGET.toml; fp32 overrides it)")
+    parser.add_argument("--calibration", nargs="+", metavar="VIDEO",
+                        help="with --encoders int8 on a TensorRT target: videos like the ones you will ask about; "
+                             f"{CALIBRATION_FRAMES_PER_VIDEO} frames of each calibrate the INT8 (QDQ) graphs, every 4th is held out to check them")
     parser.add_argument(
         "--context-tokens", type=int, metavar="N",
         help="the LLM's context limit: its KV cache is allocated for N tokens (default: the target's max_context_tokens)",

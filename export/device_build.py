@@ -20,6 +20,7 @@ import numpy as np
 from loc3r.errors import InputError, ModelError
 from loc3r.export.camera_parity import fixed_images, run_recurrence
 from loc3r.export.graphs import ImageSizes
+from loc3r.export.qdq import QDQ_FORM
 from loc3r.export.manifest import MANIFEST_FILE, Manifest, contained, load_manifest, write_manifest
 from loc3r.export.precision import ScaledError, fp32_tensor_names, merge_scaled, scaled_error
 from loc3r.export.tensorrt_build import (
@@ -132,6 +133,8 @@ def build_request(manifest: Manifest, name: str, profiles: list[dict[str, Any]],
     if mode == PrecisionMode.FP16_STRONG and "fp16" not in artifact:
         raise ModelError(f"{manifest.root} has no FP16 graph for {name}", "export for an fp16 target, or build with --precision fp32")
     onnx_file = manifest.file(manifest.value("artifacts", name, "fp16", "file") if mode == PrecisionMode.FP16_STRONG else artifact["file"])
+    if calibrated_int8(manifest, name):  # explicit quantization: the QDQ graph, in either mode
+        onnx_file = manifest.graph_file(name)
     try:
         shapes = [Profile.from_dict(p) for p in profiles]
     except (TypeError, ValueError, AttributeError):
@@ -178,7 +181,8 @@ def check_group(manifest: Manifest, files: dict[str, str]) -> dict[str, ScaledEr
     try:
         engines = {name: TrtSession(trt, manifest.root / file, device) for name, file in files.items()}
         share_activation_memory(list(engines.values()), device)
-        references = {name: open_session(manifest.artifact_path(name)) for name in files}
+        # a calibrated INT8 engine is checked against its QDQ graph (the same scales), at the INT8 tolerance
+        references = {name: open_session(manifest.graph_file(name) if calibrated_int8(manifest, name) else manifest.artifact_path(name)) for name in files}
         if "cut3r_encoder" in files:
             return camera_checks(manifest, engines, references)
         (name,) = files
@@ -238,4 +242,13 @@ def fixed_feeds(profile: Profile, seed: int, rows: int = 4) -> dict[str, np.ndar
 
 
 def tolerance(manifest: Manifest, name: str) -> float:
+    if calibrated_int8(manifest, name):
+        return float(manifest.artifacts[name]["int8_tolerance"])
     return float(manifest.artifacts[name].get("fp16_tolerance", 2e-2))
+
+
+def calibrated_int8(manifest: Manifest, name: str) -> bool:
+    """The export's encoders are INT8 and graph ``name`` has a calibrated QDQ form
+    (``export/qdq.py``): its engine is built from that graph (unverified on hardware)."""
+    entry = manifest.artifacts[name].get("int8")
+    return manifest.encoders == "int8" and isinstance(entry, dict) and entry.get("form") == QDQ_FORM

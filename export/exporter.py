@@ -26,6 +26,7 @@ from loc3r.export.llm_io import LLM_DIR
 from loc3r.export.manifest import EXPORT_KIND, FORMAT, MUTABLE_ENTRIES, VERSION, Manifest, load_manifest, write_manifest
 from loc3r.export.memory_plan import MemoryPlan, Weights, check_fits, measured_weights, memory_plan, predicted_weights
 from loc3r.export.int8 import INT8_GRAPHS, INT8_SUFFIX, write_int8
+from loc3r.export.qdq import CalibrationSet, calibrate_cut3r, calibrate_vision
 from loc3r.export.precision import FP16_SUFFIX, ScaledError, merge_scaled, scaled_error, write_fp16
 from loc3r.export.onnx_export import (
     FUSED_ATTENTION_OPSET,
@@ -75,6 +76,7 @@ class ExportRequest:
     context_tokens: int | None = None  # the LLM's context limit; None: the target's
     builder_python: str | None = None  # the Python that runs the LLM builder; None: this one
     encoders: str = "fp32"  # "int8": INT8 forms of the encoder graphs too, run by the onnxruntime backend
+    calibration: CalibrationSet | None = None  # TensorRT targets' int8: the user's frames (QDQ graphs, ``export/qdq.py``)
 
     def parts(self, *names: str) -> Loc3rModel:
         """The bundle with only ``names`` loaded, in float32: each export loads what it traces
@@ -108,8 +110,9 @@ class ExportRequest:
 
     @property
     def int8(self) -> bool:
-        """The encoder graphs also get INT8 forms (``export/int8.py``), checked here."""
-        return self.encoders == "int8"
+        """The encoder graphs also get dynamic INT8 forms (``export/int8.py``), checked here;
+        with a calibration set, calibrated QDQ forms instead (``export/qdq.py``)."""
+        return self.encoders == "int8" and self.calibration is None
 
     @property
     def opset(self) -> int:
@@ -313,6 +316,11 @@ def export_cut3r(request: ExportRequest, out: Path) -> dict[str, Any]:
             extra[kind] = reduced_entry(kind, spec, path, [check[spec.name].reduced[kind] for check in checks.values()])
         entries[spec.name] = artifact_entry(spec, path, parity, **extra)
     entries["cut3r_step"]["initial_state"] = CUT3R_INIT_FILE
+    if request.calibration is not None:
+        state = (init.state_feat.numpy(), init.memory.numpy())
+        calibrated = calibrate_cut3r(paths, request.calibration, state, tuple(tolerance(spec, "int8") for spec in specs))
+        for spec, entry in zip(specs, calibrated, strict=True):
+            entries[spec.name]["int8"] = entry
     return entries
 
 
@@ -415,6 +423,8 @@ def export_vision(request: ExportRequest, out: Path) -> dict[str, Any]:
     with torch.no_grad():
         save_file({"tokens": module.vision.video_end().detach().float().contiguous()}, str(out / VIDEO_END_FILE))
     entry = artifact_entry(spec, path, parity, video_end=VIDEO_END_FILE, **reduced_variants(request, module, spec, path, inputs))
+    if request.calibration is not None:
+        entry["int8"] = calibrate_vision(path, request.calibration, tolerance(spec, "int8"))
     return {"vision": entry}
 
 

@@ -15,6 +15,8 @@ import logging
 from pathlib import Path
 
 INT8_SUFFIX = ".int8.onnx"
+#: frames sampled from each ``--calibration`` video (TensorRT targets' calibrated int8, ``export/qdq.py``)
+CALIBRATION_FRAMES_PER_VIDEO = 16
 #: the encoder graphs that get an INT8 form (the heads are a few small MatMuls)
 INT8_GRAPHS = ("cut3r_encoder", "cut3r_step", "vggt_encode", "vision")
 

@@ -89,12 +89,7 @@ def export_request(args: argparse.Namespace, target, bundle, llm: str):  # noqa:
     if llm != "none":
         llm_form(target, llm)
     encoders = args.encoders or target.encoders.default
-    if encoders == "int8" and "tensorrt" in target.backends:
-        raise InputError(
-            f"--encoders int8 is for CPU targets; {target.name} builds TensorRT engines, whose INT8 needs a calibration "
-            "set of your own frames, which loc3r-export does not take yet",
-            "export without --encoders int8 (FP16 engines), or use --target cpu",
-        )
+    calibration = export_calibration(args, target, bundle, encoders)
     return ExportRequest(
         bundle=bundle,
         target=target,
@@ -104,7 +99,30 @@ def export_request(args: argparse.Namespace, target, bundle, llm: str):  # noqa:
         context_tokens=args.context_tokens,
         builder_python=getattr(args, "builder_python", None),
         encoders=encoders,
+        calibration=calibration,
     )
+
+
+def export_calibration(args: argparse.Namespace, target, bundle, encoders: str):  # noqa: ANN001, ANN201 - Target, Bundle, CalibrationSet
+    """The calibration frames of ``--calibration`` (TensorRT targets' int8), decoded and
+    preprocessed now; None where the export needs none. Each misuse is a one-line error."""
+    videos = getattr(args, "calibration", None) or []
+    calibrated = encoders == "int8" and target.encoders.int8_needs_calibration
+    if videos and not calibrated:
+        where = "without --encoders int8" if encoders != "int8" else f"on {target.name}, whose int8 is calibration-free"
+        raise InputError(f"--calibration is for --encoders int8 on TensorRT targets, not {where}", "drop --calibration")
+    if not calibrated:
+        return None
+    if not videos:
+        raise InputError(
+            f"--encoders int8 on {target.name} builds INT8 TensorRT engines from frames of your own videos, and no --calibration was given",
+            "add --calibration VIDEO [VIDEO...] (videos like the ones you will ask about), or export without --encoders int8 (FP16 engines)",
+        )
+    if bundle.config.encoder_3d != "cut3r":
+        raise InputError(f"--calibration calibrates CUT3R and SigLIP; {bundle.config.model_id} uses {bundle.config.encoder_3d}", "export without --encoders int8")
+    from loc3r.export.qdq import read_calibration
+
+    return read_calibration(videos, bundle.config)
 
 
 def check_resources(request, out: Path) -> str:  # noqa: ANN001 - ExportRequest

@@ -368,7 +368,9 @@ def exported_precision(manifest: Manifest, bundle: Bundle, device: str) -> Expor
     else:
         llm_part = f"LLM in PyTorch ({bundle.precision.dtype_name}: {bundle.precision.reason})"
     dtype = {"fp32": "float32", "fp16": "float16"}[manifest.precision]
-    encoders = "; encoders INT8 (unsigned 8-bit weights and activations)" if manifest.encoders == "int8" else ""
+    calibrated = any(isinstance(a.get("int8"), dict) and "calibration" in a["int8"] for a in manifest.artifacts.values())
+    int8 = "calibrated QDQ, signed 8-bit from your frames" if calibrated else "unsigned 8-bit weights and activations"
+    encoders = f"; encoders INT8 ({int8})" if manifest.encoders == "int8" else ""
     return ExportedPrecision(dtype, device, f"the export's precision ({manifest.precision}, manifest.json){encoders}; {llm_part}")
 
 

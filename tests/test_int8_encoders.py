@@ -118,13 +118,6 @@ def test_an_int8_graph_past_its_tolerance_fails_the_export(monkeypatch: pytest.M
         export_vision(request, tmp_path)
 
 
-def test_int8_on_a_tensorrt_target_is_refused_before_any_work(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert export_cli.main(["--target", "jetson-orin", "--out", str(tmp_path / "o"), "--encoders", "int8"]) == 2
-    err = capsys.readouterr().err
-    assert "--encoders int8 is for CPU targets" in err and "calibration set" in err
-    assert not (tmp_path / "o").exists()
-
-
 def test_the_int8_error_is_the_scaled_error() -> None:
     """What the manifest records: max |error| / max |FP32 value| over the outputs."""
     from loc3r.export.precision import scaled_error
