@@ -43,10 +43,18 @@ def calibration(videos: dict[str, Path]) -> qdq.CalibrationSet:
 
 
 @pytest.fixture(scope="module")
-def calibrated(cpu_export: Path, calibration: qdq.CalibrationSet, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+def trt_graphs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model's FP32 graphs as a TensorRT target gets them (its opset), no LLM."""
+    out = tmp_path_factory.mktemp("orin") / "orin"
+    assert export_cli.main(["--target", "jetson-orin", "--out", str(out), "--llm", "none"]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def calibrated(trt_graphs: Path, calibration: qdq.CalibrationSet, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     """The tiny FP32 graphs with their calibrated QDQ forms beside them, and the entries."""
     work = tmp_path_factory.mktemp("qdq") / "graphs"
-    shutil.copytree(cpu_export, work, ignore=shutil.ignore_patterns("llm"))
+    shutil.copytree(trt_graphs, work)
     init = load_file(str(work / "cut3r_init.safetensors"))
     paths = (work / "cut3r_encoder.onnx", work / "cut3r_step.onnx")
     encoder, step = qdq.calibrate_cut3r(paths, calibration, (init["state"], init["memory"]), (LOOSE, LOOSE))
@@ -90,9 +98,9 @@ def test_the_recorded_error_is_the_held_out_frames_error(calibrated: tuple[Path,
     assert entries["vision"]["error_vs_fp32"]["relative"] == pytest.approx(worst, rel=1e-6)
 
 
-def test_a_calibrated_graph_past_its_tolerance_fails_the_export(cpu_export: Path, calibration: qdq.CalibrationSet, tmp_path: Path) -> None:
-    shutil.copy(cpu_export / "vision.onnx", tmp_path / "vision.onnx")
-    shutil.copy(cpu_export / "vision.onnx.data", tmp_path / "vision.onnx.data")
+def test_a_calibrated_graph_past_its_tolerance_fails_the_export(trt_graphs: Path, calibration: qdq.CalibrationSet, tmp_path: Path) -> None:
+    shutil.copy(trt_graphs / "vision.onnx", tmp_path / "vision.onnx")
+    shutil.copy(trt_graphs / "vision.onnx.data", tmp_path / "vision.onnx.data")
     with pytest.raises(InternalError) as failure:
         qdq.calibrate_vision(tmp_path / "vision.onnx", calibration, 1e-6)
     message = str(failure.value)
