@@ -98,10 +98,19 @@ def cpu_flags() -> list[str]:
 
 
 def machine() -> dict[str, Any]:
-    """CPU model, cores, SIMD flags, RAM."""
+    """CPU model, cores, the CPUs this process may run on (``taskset``), SIMD flags, RAM."""
     model = next((line.split(":", 1)[1].strip() for line in _lines("/proc/cpuinfo") if line.startswith("model name")), None)
     ram = next((int(line.split()[1]) / 2**20 for line in _lines("/proc/meminfo") if line.startswith("MemTotal:")), None)
-    return {"cpu": model, "cores": os.cpu_count(), "simd": cpu_flags(), "ram_gib": None if ram is None else round(ram, 2)}
+    return {"cpu": model, "cores": os.cpu_count(), "cpus_allowed": sorted(os.sched_getaffinity(0)), "simd": cpu_flags(),
+            "ram_gib": None if ram is None else round(ram, 2)}
+
+
+def placement(machine_record: dict[str, Any]) -> str:
+    """", pinned to CPU 1" when the run was restricted to some of the machine's CPUs, else ""."""
+    allowed = machine_record.get("cpus_allowed")
+    if not allowed or len(allowed) >= (machine_record.get("cores") or 0):
+        return ""
+    return f" (this run pinned to CPU {','.join(map(str, allowed))}: its thread pools had {len(allowed)})"
 
 
 def _lines(path: str) -> list[str]:
@@ -183,7 +192,7 @@ def header(record: dict[str, Any]) -> list[str]:
     return [
         f"Command: `{record['command']}`  ",
         f"Commit: {record['commit']}{state}; {record['date_utc']}  ",
-        f"Machine: {m['cpu']}, {m['cores']} cores, {m['ram_gib']} GiB, SIMD {' '.join(m['simd'])}; shared with other "
+        f"Machine: {m['cpu']}, {m['cores']} cores{placement(m)}, {m['ram_gib']} GiB, SIMD {' '.join(m['simd'])}; shared with other "
         f"engineers' work: load average (1, 5, 15 min) before {record['load_before']}, after {record['load_after']}  ",
         f"Run: {record['wall_s']} s wall, {record['cpu_s']} CPU-s (this process and its children); "
         f"{record['repeats']} repeats, {record['interleaving']}",
