@@ -15,7 +15,7 @@ a test, ``tests/x.py::test_name``) exists.
 
 Mutation check (done on 2026-12-07): change ``**0.99x**`` in docs/status.md's cold-start row to
 ``**0.98x**``: ``test_quoted_figures_are_in_their_result_files`` fails with
-``docs/status.md:33: '0.98x' is not in benchmarks/results/fresh_small.md/.json``; delete
+``docs/status.md:LINE: '0.98x' is not in benchmarks/results/fresh_small.md/.json``; delete
 ", stale: measured at bdca96a ..." from the FP16 row naming ``real_size.md``:
 ``test_a_stale_result_is_quoted_as_stale`` fails naming that line and file. The last test below
 runs both mutations on a small copy in CI. After a result is re-recorded, the failures list
