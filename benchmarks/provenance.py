@@ -38,9 +38,9 @@ _RUNTIME = ("runtime/pipeline.py", "runtime/session.py", "runtime/stages.py", "r
 # runtime, export and model code, and a baseline that is itself measured; not the scripts
 # that drive and report a benchmark (a change there that alters a figure re-records it)
 MEASURES: dict[str, tuple[str, ...]] = {
-    "bench_small": (*_RUNTIME, "runtime/onnx_backend.py", "runtime/onnx_llm.py", "runtime/video.py", "models/cut3r",
+    "bench_small": (*_RUNTIME, "runtime/ort.py", "runtime/onnx_backend.py", "runtime/onnx_llm.py", "runtime/video.py", "models/cut3r",
                     "models/vision.py", "benchmarks/baseline.py"),
-    "fresh_small": (*_RUNTIME, "runtime/cli.py", "runtime/onnx_backend.py", "runtime/onnx_llm.py", "runtime/video.py",
+    "fresh_small": (*_RUNTIME, "runtime/cli.py", "runtime/ort.py", "runtime/onnx_backend.py", "runtime/onnx_llm.py", "runtime/video.py",
                     "models/cut3r", "models/vision.py", "benchmarks/transformers_run.py"),
     "decode": ("runtime/video.py", "runtime/keyframe_reader.py", "runtime/frame_index.py"),
     "encoders_3d": ("models/cut3r", "models/vggt", "models/encoder3d.py"),

@@ -100,17 +100,28 @@ def session_options(threads: int | None = None, arena: bool = False) -> Any:
       instead of 729 MiB for no further speed.
     - Intra-op threads not spinning between runs: on a shared or loaded machine a spinning
       pool burns CPU that the decoder thread and the other graphs need.
-    - ``threads``: intra-op threads of this session (default: ONNX Runtime's choice). Each
-      session keeps its own pool: ONNX Runtime's process-wide pool would refuse every later
+    - ``threads``: intra-op threads of this session. By default ONNX Runtime's choice, except
+      in a process confined to fewer CPUs than the machine has (``taskset``, a container's
+      cpuset): ONNX Runtime then still sizes its pool by the machine and pins the pool's
+      threads to CPUs outside the process's set, so the pool gets one thread per allowed
+      CPU instead (``confined_threads``). Each session keeps its own pool: ONNX Runtime's process-wide pool would refuse every later
       session with per-session threads in the same process (tests, benchmarks, a server).
     """
     ort = import_onnxruntime()
     options = ort.SessionOptions()
     options.enable_cpu_mem_arena = arena
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    threads = threads or confined_threads()
     if threads:
         options.intra_op_num_threads = threads
     return options
+
+
+def confined_threads() -> int | None:
+    """The number of CPUs this process may run on when it is fewer than the machine has,
+    else None (ONNX Runtime's own choice is right)."""
+    allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+    return allowed if allowed and allowed < (os.cpu_count() or allowed) else None
 
 
 def open_session(
