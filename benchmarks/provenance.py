@@ -106,11 +106,12 @@ def machine() -> dict[str, Any]:
 
 
 def placement(machine_record: dict[str, Any]) -> str:
-    """", pinned to CPU 1" when the run was restricted to some of the machine's CPUs, else ""."""
+    """" (this run confined to CPU 1)" when the run was restricted to some of the machine's
+    CPUs, else "" (how many threads each pool had is the benchmark's own statement)."""
     allowed = machine_record.get("cpus_allowed")
     if not allowed or len(allowed) >= (machine_record.get("cores") or 0):
         return ""
-    return f" (this run pinned to CPU {','.join(map(str, allowed))}: its thread pools had {len(allowed)})"
+    return f" (this run confined to CPU {','.join(map(str, allowed))})"
 
 
 def _lines(path: str) -> list[str]:

@@ -47,7 +47,7 @@ def test_a_record_holds_commit_command_load_before_and_after_and_cpu_seconds(mon
 def test_a_pinned_run_says_which_cpus_its_pools_had() -> None:
     """A run under ``taskset`` (fewer CPUs than the machine has) says so in its header."""
     machine = {"cpu": "x", "cores": 4, "cpus_allowed": [1], "ram_gib": 8, "simd": ["avx2"]}
-    assert provenance.placement(machine) == " (this run pinned to CPU 1: its thread pools had 1)"
+    assert provenance.placement(machine) == " (this run confined to CPU 1)"
     assert provenance.placement(machine | {"cpus_allowed": [0, 1, 2, 3]}) == ""
     assert provenance.placement({"cores": 2}) == ""  # an older record
 
