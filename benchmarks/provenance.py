@@ -42,6 +42,8 @@ MEASURES: dict[str, tuple[str, ...]] = {
                     "models/vision.py", "benchmarks/baseline.py"),
     "fresh_small": (*_RUNTIME, "runtime/cli.py", "runtime/ort.py", "runtime/onnx_backend.py", "runtime/onnx_llm.py", "runtime/video.py",
                     "models/cut3r", "models/vision.py", "benchmarks/transformers_run.py"),
+    "fresh_small_2cpu": (*_RUNTIME, "runtime/cli.py", "runtime/ort.py", "runtime/onnx_backend.py", "runtime/onnx_llm.py",
+                         "runtime/video.py", "models/cut3r", "models/vision.py", "benchmarks/transformers_run.py"),
     "decode": ("runtime/video.py", "runtime/keyframe_reader.py", "runtime/frame_index.py"),
     "encoders_3d": ("models/cut3r", "models/vggt", "models/encoder3d.py"),
     "streaming_small": (*_RUNTIME, "runtime/video.py", "runtime/prefetch.py", "runtime/encoding_cache.py"),
