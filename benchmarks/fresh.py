@@ -15,8 +15,9 @@ turn A B A B. Per run, from outside the process:
 - ``peak_rss``: the process's own high-water mark (``VmHWM`` of ``/proc/PID/status``,
   sampled every 10 ms until it exits): peak memory from process start.
 
-``--cpus 0`` pins every side to those CPUs before it starts (``sched_setaffinity``): ONNX
-Runtime and torch size their thread pools from the affinity, so one CPU is one thread per side.
+``--cpus 0`` pins every side to those CPUs before it starts (``sched_setaffinity``): torch
+sizes its thread pool from the affinity and loc3r sizes ONNX Runtime's from it
+(``runtime.ort.confined_threads``), so one CPU is one thread per side.
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@ command whose timing and memory are known."""
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -122,3 +123,13 @@ def test_every_side_runs_with_the_baselines_best_setting(tmp_path: Path, monkeyp
     assert seen == ["PASSIVE", "PASSIVE"] and doc["environment"] == {"OMP_WAIT_POLICY": "PASSIVE"}
     monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
     assert run_fresh({"a": [sys.executable, str(script)]}, repeat=1, warmup=0)["environment"] == {"OMP_WAIT_POLICY": "ACTIVE"}
+
+
+@pytest.mark.parametrize("stem", ["fresh_small", "fresh_small_2cpu"])
+def test_the_recorded_report_is_what_its_json_renders_to(stem: str) -> None:
+    """A recorded ``.md`` is ``render_fresh`` of its JSON (no figure edited by hand)."""
+    from loc3r.bench.fresh import render_fresh
+    from loc3r.bench.provenance import RESULTS, without_stale_note
+
+    doc = json.loads((RESULTS / f"{stem}.json").read_text(encoding="utf-8"))
+    assert without_stale_note((RESULTS / f"{stem}.md").read_text(encoding="utf-8")) == render_fresh(doc)
