@@ -14,6 +14,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from loc3r.export.root_logger import kept_root_logger
+
 INT8_SUFFIX = ".int8.onnx"
 #: frames sampled from each ``--calibration`` video (TensorRT targets' calibrated int8, ``export/qdq.py``)
 CALIBRATION_FRAMES_PER_VIDEO = 16
@@ -28,15 +30,10 @@ def int8_path(onnx_file: Path) -> Path:
 def write_int8(onnx_file: Path) -> Path:
     """``graph.int8.onnx`` (+ ``.data``) beside ``graph.onnx``: MatMul weights and activations
     in unsigned 8 bits (dynamic, per tensor), FP32 inputs and outputs."""
-    # the quantizer logs to the root logger (a warning per call): keep the root as it was
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
     path = int8_path(onnx_file)
-    quiet = logging.getLogger()
-    quiet.setLevel(logging.ERROR)
-    try:
+    with kept_root_logger(logging.ERROR):  # the quantizer configures and logs to the root logger
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
         quantize_dynamic(
             onnx_file,
             path,
@@ -45,7 +42,4 @@ def write_int8(onnx_file: Path) -> Path:
             use_external_data_format=True,
             extra_options={"MatMulConstBOnly": True},
         )
-    finally:
-        root.handlers[:] = handlers
-        root.setLevel(level)
     return path

@@ -26,6 +26,7 @@ import numpy as np
 from loc3r.errors import InputError, InternalError
 from loc3r.export.int8 import CALIBRATION_FRAMES_PER_VIDEO, int8_path
 from loc3r.export.precision import ScaledError, merge_scaled, scaled_error
+from loc3r.export.root_logger import kept_root_logger
 from loc3r.models.config import Loc3rConfig
 from loc3r.runtime.ort import open_session
 
@@ -118,13 +119,10 @@ def write_qdq(onnx_file: Path, feeds: list[Feeds]) -> Path:
     """``graph.int8.onnx`` beside ``graph.onnx``: the QDQ graph TensorRT's explicit
     quantization takes (symmetric signed int8 activations and weights, weights per output
     channel; MatMuls with a constant weight, Gemm and Conv), ranges from ``feeds``."""
-    root = logging.getLogger()  # the quantizer configures the root logger: keep it as it was
-    handlers, level = list(root.handlers), root.level
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-
     path = int8_path(onnx_file)
-    root.setLevel(logging.ERROR)
-    try:
+    with kept_root_logger(logging.ERROR):  # the quantizer configures and logs to the root logger
+        from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
         quantize_static(
             onnx_file,
             path,
@@ -138,9 +136,6 @@ def write_qdq(onnx_file: Path, feeds: list[Feeds]) -> Path:
             use_external_data_format=True,
             extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "MatMulConstBOnly": True},
         )
-    finally:
-        root.handlers[:] = handlers
-        root.setLevel(level)
     return path
 
 

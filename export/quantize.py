@@ -19,13 +19,10 @@ import numpy as np
 import onnx_ir as ir
 from onnx import helper, numpy_helper
 
-# That module calls logging.basicConfig(level=INFO) on import: keep the root logger as it was.
-_root = logging.getLogger()
-_handlers, _level = list(_root.handlers), _root.level
-from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer  # noqa: E402
+from loc3r.export.root_logger import kept_root_logger
 
-_root.handlers[:] = _handlers
-_root.setLevel(_level)
+with kept_root_logger():  # that module calls logging.basicConfig(level=INFO) on import
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
 Quant = Literal["fp32", "fp16", "int8", "int4"]
 MS_DOMAIN = "com.microsoft"
